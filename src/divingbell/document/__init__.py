@@ -1,0 +1,1 @@
+"""The node document: loading, schema, validation with paths, override resolution."""

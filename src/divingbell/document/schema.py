@@ -1,0 +1,588 @@
+"""The document schema: Divingbell's documented YAML, unchanged, plus divingbell's extensions.
+
+Every module key under `conf:` is modelled here, whether or not its host module is implemented
+yet, so a document is validated whole before anything touches a host. Values keep YAML 1.1
+meanings where the seeds rely on them (`tx-tcp-segmentation: off` is the NIC setting "off").
+Unions are avoided (or tagged `<...>`, stripped from error paths) so each problem is reported
+once, at its own path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    RootModel,
+    SecretStr,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+MODULE_NAMES: tuple[str, ...] = (
+    "sysctl", "limits", "mounts", "ethtool", "apt", "uamlite", "perm", "apparmor", "exec",
+)
+"""Every host module, in the order divingbell applies them (packages before users that need
+them, mounts before permissions on what they mount, one-off scripts last)."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# Scalars --------------------------------------------------------------------------------------
+
+def _scalar_text(value: Any) -> str:
+    """A YAML scalar as text: bools in the kernel's 1/0, numbers as written."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float | str):
+        return str(value)
+    raise ValueError(f"must be a number or a string, not {_kind(value)}")
+
+
+def _plain_text(value: Any) -> str:
+    """Text fields that YAML may have typed: `values: [true]` is the label value "true"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return str(value)
+    raise ValueError(f"must be a string, not {_kind(value)}")
+
+
+def _switch(value: Any) -> bool:
+    """on/off, true/false, yes/no; YAML 1.1 already turned unquoted ones into bools."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _SWITCH_WORDS:
+        return _SWITCH_WORDS[value.strip().lower()]
+    raise ValueError(f"must be on or off (true/false), not {value!r}")
+
+
+_SWITCH_WORDS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "empty"
+    return type(value).__name__
+
+
+Text = Annotated[str, BeforeValidator(_plain_text, json_schema_input_type=str | int | float | bool)]
+Switch = Annotated[bool, BeforeValidator(_switch, json_schema_input_type=bool | str)]
+
+
+def _absolute_path(value: Any) -> str:
+    text = _plain_text(value)
+    if not text.startswith("/"):
+        raise ValueError(f"must be an absolute path, not {text!r}")
+    if "\0" in text or "\n" in text:
+        raise ValueError("must not contain NUL or newline characters")
+    return text
+
+
+AbsPath = Annotated[str, BeforeValidator(_absolute_path, json_schema_input_type=str)]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
+
+
+def _file_name(value: Any) -> str:
+    text = _plain_text(value)
+    if not _NAME.match(text) or ".." in text:
+        raise ValueError(
+            f"{text!r} cannot name a file: use letters, digits and . _ - @ + (not starting "
+            "with . and without ..)"
+        )
+    return text
+
+
+FileName = Annotated[str, BeforeValidator(_file_name, json_schema_input_type=str)]
+
+
+def _check_name_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        for key in value:
+            _file_name(key)
+    return value
+
+
+# sysctl ---------------------------------------------------------------------------------------
+
+def sysctl_components(key: str) -> list[str]:
+    """The /proc/sys path components of a key in dot or slash form.
+
+    As in sysctl.d(5): if the first separator is a slash, slashes separate and dots are literal
+    (`net/ipv4/conf/eth0.100/forwarding`); otherwise dots separate and a slash stands for a
+    literal dot (`net.ipv4.conf.eth0/100.forwarding`).
+    """
+    first_dot, first_slash = key.find("."), key.find("/")
+    if first_slash != -1 and (first_dot == -1 or first_slash < first_dot):
+        return key.split("/")
+    return [part.replace("/", ".") for part in key.split(".")]
+
+
+def canonical_sysctl_key(key: str) -> str:
+    """Dot form, as sysctl(8) prints it: `net.ipv4.conf.eth0/100.forwarding`."""
+    return ".".join(part.replace(".", "/") for part in sysctl_components(key))
+
+
+def _sysctl_key_problem(key: str) -> str | None:
+    parts = sysctl_components(key)
+    if not key or any(not part for part in parts):
+        return f"{key!r} is not a sysctl key (empty component)"
+    if any(part in (".", "..") for part in parts) or re.search(r"\s", key):
+        return f"{key!r} is not a sysctl key"
+    return None
+
+
+SysctlValue = Annotated[
+    str, BeforeValidator(_scalar_text, json_schema_input_type=int | float | str | bool)
+]
+
+
+class SysctlConf(RootModel[dict[str, SysctlValue]]):
+    """Kernel tunables: `net.ipv4.ip_forward: 1` or `net/ipv4/ip_forward: 1`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_keys(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        seen: dict[str, str] = {}
+        problems = []
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            problem = _sysctl_key_problem(str(key))
+            if problem:
+                problems.append(problem)
+                continue
+            canonical = canonical_sysctl_key(str(key))
+            if canonical in seen:
+                problems.append(f"{key!r} and {seen[canonical]!r} name the same sysctl")
+            seen[canonical] = str(key)
+            out[canonical] = item
+        if problems:
+            raise ValueError("; ".join(problems))
+        return out
+
+
+# mounts ---------------------------------------------------------------------------------------
+
+class Mount(StrictModel):
+    """A mount persisted as a systemd .mount unit (never /etc/fstab)."""
+
+    mnt_tgt: AbsPath
+    device: Text
+    type: Text
+    options: Text = "defaults"
+    before: Text = "docker.service"
+    after: Text = "network-online.target"
+
+
+class MountsConf(RootModel[Annotated[dict[str, Mount], BeforeValidator(_check_name_keys)]]):
+    pass
+
+
+# ethtool --------------------------------------------------------------------------------------
+
+def _ethtool_number(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"must be a whole number, not {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"must be a whole number, not {value!r}") from None
+    if number < 0:
+        raise ValueError(f"must not be negative, got {number}")
+    return number
+
+
+def _coalesce_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.lower() in _SWITCH_WORDS:
+        return "on" if _SWITCH_WORDS[value.lower()] else "off"
+    return str(_ethtool_number(value))
+
+
+EthtoolNumber = Annotated[int, BeforeValidator(_ethtool_number, json_schema_input_type=int)]
+CoalesceValue = Annotated[
+    str, BeforeValidator(_coalesce_value, json_schema_input_type=int | bool | str)
+]
+
+
+class EthtoolInterface(BaseModel):
+    """Offload features by ethtool name (`tx-tcp-segmentation: off`), plus divingbell's ring
+    sizes, channels and interrupt coalescing (`ring: {rx: 4096}`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, Switch] = Field(init=False)  # type: ignore[assignment]
+
+    ring: dict[str, EthtoolNumber] | None = None
+    channels: dict[str, EthtoolNumber] | None = None
+    coalesce: dict[str, CoalesceValue] | None = None
+
+    @property
+    def features(self) -> dict[str, bool]:
+        return dict(self.__pydantic_extra__ or {})
+
+
+def _interface_name(value: Any) -> Any:
+    if isinstance(value, dict):
+        for key in value:
+            if not re.match(r"^[^/\s:]{1,15}$", str(key)) or str(key) in (".", ".."):
+                raise ValueError(f"{key!r} is not a network interface name")
+    return value
+
+
+class EthtoolConf(
+    RootModel[Annotated[dict[str, EthtoolInterface], BeforeValidator(_interface_name)]]
+):
+    pass
+
+
+# limits ---------------------------------------------------------------------------------------
+
+LIMIT_ITEMS = (
+    "core", "data", "fsize", "memlock", "nofile", "rss", "stack", "cpu", "nproc", "as",
+    "maxlogins", "maxsyslogins", "nonewprivs", "priority", "locks", "sigpending", "msgqueue",
+    "nice", "rtprio", "chroot",
+)
+
+
+def _limit_value(value: Any) -> str:
+    text = _plain_text(value).strip()
+    if text in ("unlimited", "infinity", "-1") or re.match(r"^-?[0-9]+$", text):
+        return text
+    raise ValueError(f"{text!r} is not a limit: use a whole number, unlimited or infinity")
+
+
+def _limit_domain(value: Any) -> str:
+    text = _plain_text(value).strip()
+    if not text or re.search(r"\s", text):
+        raise ValueError(f"{text!r} is not a pam_limits domain (user, @group, uid:uid, *)")
+    return text
+
+
+class Limit(StrictModel):
+    """One pam_limits line, written to /etc/security/limits.d/60-divingbell-<name>.conf."""
+
+    domain: Annotated[str, BeforeValidator(_limit_domain, json_schema_input_type=str | int)]
+    type: Literal["soft", "hard", "-"]
+    item: Literal[LIMIT_ITEMS]  # type: ignore[valid-type]
+    value: Annotated[str, BeforeValidator(_limit_value, json_schema_input_type=str | int)]
+
+    @model_validator(mode="after")
+    def _value_fits_item(self) -> Limit:
+        if self.item in ("nice", "priority"):
+            return self
+        if self.value.startswith("-") and self.value != "-1":
+            raise ValueError(f"{self.item} cannot be negative (got {self.value})")
+        return self
+
+
+class LimitsConf(RootModel[Annotated[dict[str, Limit], BeforeValidator(_check_name_keys)]]):
+    pass
+
+
+# perm -----------------------------------------------------------------------------------------
+
+def _mode(value: Any) -> str:
+    text = _plain_text(value).strip()
+    if not re.match(r"^0?[0-7]{3,4}$", text):
+        raise ValueError(f"{text!r} is not an octal mode (like '0644')")
+    return f"{int(text, 8):04o}"
+
+
+def _interval(value: Any) -> int | Literal["infinite"]:
+    if value == "infinite":
+        return "infinite"
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number of seconds or 'infinite', not {value!r}")
+    try:
+        seconds = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number of seconds or 'infinite', not {value!r}") from None
+    if seconds < 60:
+        raise ValueError(f"must be at least 60 seconds (got {seconds})")
+    return seconds
+
+
+FileMode = Annotated[str, BeforeValidator(_mode, json_schema_input_type=str | int)]
+Interval = Annotated[
+    int | Literal["infinite"], BeforeValidator(_interval, json_schema_input_type=int | str)
+]
+RerunPolicy = Literal["always", "never", "once_successfully"]
+
+
+class PermPath(StrictModel):
+    """Owner, group and mode for every path matching a glob."""
+
+    path: AbsPath
+    owner: Text
+    group: Text
+    permissions: FileMode
+
+
+class PermConf(StrictModel):
+    paths: list[PermPath] = []
+    ignore_missing: bool = False
+    rerun_policy: RerunPolicy | None = None
+    rerun_interval: Interval | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_list(cls, value: Any) -> Any:
+        # Early Divingbell took the list of paths directly under `perm:`.
+        return {"paths": value} if isinstance(value, list) else value
+
+
+# uamlite --------------------------------------------------------------------------------------
+
+SSH_KEY_TYPES = (
+    "ssh-rsa", "ssh-dss", "ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+CRYPT_PREFIXES = ("$1$", "$5$", "$6$", "$y$", "$2b$")
+
+
+def _ssh_key(value: Any) -> str:
+    text = _plain_text(value).strip()
+    parts = text.split(None, 2)
+    if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
+        raise ValueError(f"not an SSH public key: must start with one of {', '.join(SSH_KEY_TYPES)}")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"the {parts[0]} key's body is not valid base64") from None
+    name_length = int.from_bytes(blob[:4], "big") if len(blob) >= 4 else -1
+    if blob[4 : 4 + name_length].decode(errors="replace") != parts[0]:
+        raise ValueError(f"the key's body does not encode a {parts[0]} key")
+    return text
+
+
+def _ssh_keys(value: Any) -> Any:
+    if value == ["Unmanaged"] or value == "Unmanaged":
+        return None
+    return value
+
+
+def _crypt(value: Any) -> Any:
+    text = value.get_secret_value() if isinstance(value, SecretStr) else _plain_text(value)
+    if not text.startswith(CRYPT_PREFIXES) or len(text.split("$")) < 4 or ":" in text:
+        raise ValueError(
+            "must be a crypt(3) hash in one of the formats " + " ".join(CRYPT_PREFIXES)
+            + " (not a plain password)"
+        )
+    return text
+
+
+class User(StrictModel):
+    user_name: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,30}[$]?$")]
+    user_sudo: bool = False
+    user_sshkeys: Annotated[
+        list[Annotated[str, BeforeValidator(_ssh_key)]] | None,
+        BeforeValidator(_ssh_keys),
+        Field(description="Public keys for authorized_keys; [Unmanaged] leaves the file alone."),
+    ] = []
+    user_crypt_passwd: Annotated[
+        SecretStr | None, BeforeValidator(lambda v: None if v is None else _crypt(v))
+    ] = None
+
+
+class UamliteConf(StrictModel):
+    purge_expired_users: bool = False
+    users: list[User] = []
+    allow_lockout: bool = Field(
+        False,
+        description="Apply even if the document would remove the host's last key+sudo login.",
+    )
+
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, users: list[User]) -> list[User]:
+        names = [user.user_name for user in users]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"users listed more than once: {', '.join(duplicates)}")
+        return users
+
+
+# apt ------------------------------------------------------------------------------------------
+
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?$")
+
+
+def _package_name(value: Any) -> str:
+    if isinstance(value, dict) and set(value) == {"name"}:
+        value = value["name"]  # Divingbell's docs also wrote `- name: telnetd`
+    text = _plain_text(value)
+    if not _PACKAGE.match(text):
+        raise ValueError(f"{text!r} is not a Debian package name")
+    return text
+
+
+PackageName = Annotated[str, BeforeValidator(_package_name, json_schema_input_type=str)]
+
+
+class DebconfAnswer(StrictModel):
+    question: Text
+    question_type: Literal[
+        "boolean", "string", "select", "multiselect", "note", "text", "password", "title"
+    ]
+    answer: Text
+
+
+class Package(StrictModel):
+    name: PackageName
+    version: Text | None = None
+    allow_downgrade: bool | None = None
+    debconf: list[DebconfAnswer] = []
+
+
+PackageList = list[Package]
+PackageGroups = dict[str, list[Package]]
+
+
+def _package_shape(value: Any) -> str:
+    return "<map>" if isinstance(value, dict) else "<list>"
+
+
+class Repository(StrictModel):
+    url: Text
+    distributions: list[Text]
+    components: list[Text] = []
+    architectures: list[Text] = []
+    gpgkey: Text | None = None
+
+
+class AptConf(StrictModel):
+    packages: Annotated[
+        Annotated[PackageList, Tag("<list>")] | Annotated[PackageGroups, Tag("<map>")],
+        Discriminator(_package_shape),
+    ] = []
+    repositories: dict[str, Repository] = {}
+    upgrade: bool = False
+    allow_downgrade: bool = False
+    strict: bool = False
+    exclusive_sources: bool = False
+    blacklistpkgs: list[PackageName] = []
+    whitelistpkgs: list[PackageName] = []
+
+    @property
+    def all_packages(self) -> list[Package]:
+        if isinstance(self.packages, dict):
+            return [pkg for group in self.packages.values() for pkg in group]
+        return list(self.packages)
+
+
+# apparmor -------------------------------------------------------------------------------------
+
+class AppArmorConf(StrictModel):
+    complain_mode: Switch = False  # Divingbell wrote "true"/"false" strings; both mean what they say
+    profiles: Annotated[dict[str, str], BeforeValidator(_check_name_keys)] = {}
+
+
+# exec -----------------------------------------------------------------------------------------
+
+class Script(StrictModel):
+    data: str
+    args: list[Text] = []
+    env: dict[str, Text] = {}
+    rerun_policy: RerunPolicy = "always"
+    rerun_interval: Interval = "infinite"
+    retry_interval: Interval | None = None
+    timeout: Annotated[int, Field(ge=1, validation_alias=AliasChoices("timeout", "script_timeout"))] = 1800
+    blocking_policy: Literal["foreground", "foreground_halt_pod_on_failure"] = "foreground"
+
+
+class ExecConf(RootModel[Annotated[dict[str, Script], BeforeValidator(_check_name_keys)]]):
+    pass
+
+
+# overrides ------------------------------------------------------------------------------------
+
+class LabelSelector(StrictModel):
+    key: Text
+    values: list[Text]
+
+
+class LabelOverride(StrictModel):
+    label: LabelSelector
+    conf: dict[str, Any]
+
+
+class HostOverride(StrictModel):
+    name: Text
+    conf: dict[str, Any]
+
+
+class ModuleOverrides(StrictModel):
+    labels: list[LabelOverride] = []
+    hosts: list[HostOverride] = []
+
+
+class Overrides(StrictModel):
+    divingbell_sysctl: ModuleOverrides | None = None
+    divingbell_limits: ModuleOverrides | None = None
+    divingbell_mounts: ModuleOverrides | None = None
+    divingbell_ethtool: ModuleOverrides | None = None
+    divingbell_apt: ModuleOverrides | None = None
+    divingbell_uamlite: ModuleOverrides | None = None
+    divingbell_perm: ModuleOverrides | None = None
+    divingbell_apparmor: ModuleOverrides | None = None
+    divingbell_exec: ModuleOverrides | None = None
+
+
+# the document ---------------------------------------------------------------------------------
+
+class Conf(StrictModel):
+    sysctl: SysctlConf | None = None
+    limits: LimitsConf | None = None
+    mounts: MountsConf | None = None
+    ethtool: EthtoolConf | None = None
+    apt: AptConf | None = None
+    uamlite: UamliteConf | None = None
+    perm: PermConf | None = None
+    apparmor: AppArmorConf | None = None
+    exec: ExecConf | None = None
+    overrides: Overrides | None = None
+    # Divingbell chart settings, accepted so its values files load unchanged; they have no
+    # meaning for an agent on the node and `validate` says so.
+    chroot_mnt_path: str | None = None
+    log_colors: bool | None = None
+
+
+class Document(StrictModel):
+    """A divingbell document: everything under `conf:`, for every node."""
+
+    conf: Conf = Conf()
+
+
+MODULE_MODELS: dict[str, type[BaseModel]] = {
+    "sysctl": SysctlConf,
+    "limits": LimitsConf,
+    "mounts": MountsConf,
+    "ethtool": EthtoolConf,
+    "apt": AptConf,
+    "uamlite": UamliteConf,
+    "perm": PermConf,
+    "apparmor": AppArmorConf,
+    "exec": ExecConf,
+}
+
+MERGE_KEY_CANONICALIZERS = {"sysctl": canonical_sysctl_key}
+"""Modules whose mapping keys have several spellings: overrides merge by the canonical one."""

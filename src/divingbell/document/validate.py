@@ -1,0 +1,301 @@
+"""Validate a loaded document whole, and resolve it for one node.
+
+Every problem is reported with its path in the document and, where known, file:line; unknown
+keys suggest the closest valid name. Each override is validated as it will be used: merged over
+the base conf of its module.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, RootModel, ValidationError
+
+from divingbell.document.loader import Loaded
+from divingbell.document.overrides import Applied, merge_module, select_override
+from divingbell.document.paths import PathKey, format_path
+from divingbell.document.schema import MODULE_MODELS, MODULE_NAMES, Document
+from divingbell.errors import DocumentError, Problem
+
+
+@dataclass(frozen=True)
+class ValidDocument:
+    loaded: Loaded
+    model: Document
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def raw_conf(self) -> Mapping[str, Any]:
+        conf = self.loaded.data.get("conf") or {}
+        return conf if isinstance(conf, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The effective configuration of one node: one validated model per module present."""
+
+    node: str
+    labels: Mapping[str, str]
+    modules: dict[str, BaseModel]
+    overrides: dict[str, Applied]
+
+    def dump(self) -> dict[str, Any]:
+        """In the document's own shape, one key per module (secrets masked)."""
+        return {
+            name: model.model_dump(mode="json", exclude_none=True, by_alias=False)
+            for name, model in self.modules.items()
+        }
+
+
+def validate(loaded: Loaded) -> ValidDocument:
+    problems: list[Problem] = []
+    try:
+        model = Document.model_validate(loaded.data)
+    except ValidationError as exc:
+        problems.extend(_problems(exc, loaded, ()))
+        model = None
+    raw_conf = loaded.data.get("conf") if isinstance(loaded.data.get("conf"), Mapping) else {}
+    overrides = (raw_conf or {}).get("overrides")
+    if isinstance(overrides, Mapping):
+        for module in MODULE_NAMES:
+            problems.extend(_check_module_overrides(loaded, raw_conf or {}, module))
+    if problems:
+        raise DocumentError(_unique(problems))
+    assert model is not None
+    notes = [
+        f"conf.{key} is a Divingbell chart setting with no effect on the node agent; ignored"
+        for key in ("chroot_mnt_path", "log_colors")
+        if getattr(model.conf, key) is not None
+    ]
+    return ValidDocument(loaded, model, notes)
+
+
+def resolve(document: ValidDocument, node: str, labels: Mapping[str, str]) -> NodeConfig:
+    """The effective configuration for `node` with `labels`."""
+    raw_conf = document.raw_conf
+    overrides = raw_conf.get("overrides") or {}
+    modules: dict[str, BaseModel] = {}
+    applied: dict[str, Applied] = {}
+    for module in MODULE_NAMES:
+        base = raw_conf.get(module)
+        chosen = select_override(overrides.get(f"divingbell_{module}") or {}, node, labels, module)
+        if chosen is not None:
+            applied[module] = chosen[0]
+            override_conf = chosen[1].get(module)
+            if override_conf is not None:
+                base = merge_module(module, base if base is not None else {}, override_conf)
+        if base is None:
+            continue
+        # Validated already (base and every override merged); this cannot fail for a valid doc.
+        modules[module] = MODULE_MODELS[module].model_validate(base)
+    return NodeConfig(node, dict(labels), modules, applied)
+
+
+def _check_module_overrides(
+    loaded: Loaded, raw_conf: Mapping[str, Any], module: str
+) -> list[Problem]:
+    section = (raw_conf.get("overrides") or {}).get(f"divingbell_{module}")
+    if not isinstance(section, Mapping):
+        return []
+    problems: list[Problem] = []
+    entries: list[tuple[PathKey, Mapping[str, Any]]] = []
+    for kind in ("hosts", "labels"):
+        listed = section.get(kind)
+        for index, entry in enumerate(listed if isinstance(listed, list) else []):
+            conf = entry.get("conf") if isinstance(entry, Mapping) else None
+            if isinstance(conf, Mapping):
+                path: PathKey = ("conf", "overrides", f"divingbell_{module}", kind, index, "conf")
+                entries.append((path, conf))
+    base_errors = _error_locs(MODULE_MODELS[module], raw_conf.get(module) or {})
+    for path, conf in entries:
+        for key in conf:
+            if key != module:
+                hint = (
+                    f"; put it under conf.overrides.divingbell_{key}"
+                    if key in MODULE_MODELS else ""
+                )
+                problems.append(Problem(
+                    format_path((*path, key)),
+                    f"an override of divingbell_{module} may only set `{module}`{hint}",
+                    loaded.location((*path, key)),
+                ))
+        if module not in conf:
+            continue
+        merged = merge_module(module, raw_conf.get(module) or {}, conf[module])
+        try:
+            MODULE_MODELS[module].model_validate(merged)
+        except ValidationError as exc:
+            # A problem the base conf has on its own is reported once, at the base.
+            own = [
+                error for error in exc.errors(include_url=False)
+                if _clean_loc(error["loc"]) not in base_errors
+                or _has_path(conf[module], _clean_loc(error["loc"]))
+            ]
+            problems.extend(_problems_from(own, loaded, (*path, module)))
+    return problems
+
+
+def _error_locs(model: type[BaseModel], value: Any) -> set[tuple[Any, ...]]:
+    try:
+        model.model_validate(value)
+    except ValidationError as exc:
+        return {_clean_loc(error["loc"]) for error in exc.errors(include_url=False)}
+    return set()
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(part for part in loc if not _is_tag(part))
+
+
+def _has_path(value: Any, loc: tuple[Any, ...]) -> bool:
+    for part in loc:
+        if isinstance(value, Mapping) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+            value = value[part]
+        else:
+            return False
+    return True
+
+
+# Error formatting -------------------------------------------------------------------------------
+
+_MESSAGES = {
+    "missing": "field required",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "list_type": "must be a list",
+    "model_type": "must be a mapping",
+}
+
+
+# Fields whose values are secrets: never echoed back in an error.
+SENSITIVE_FIELDS = frozenset({"user_crypt_passwd", "answer"})
+
+
+def _problems(exc: ValidationError, loaded: Loaded, prefix: PathKey) -> list[Problem]:
+    return _problems_from(exc.errors(include_url=False), loaded, prefix)
+
+
+def _problems_from(errors: Any, loaded: Loaded, prefix: PathKey) -> list[Problem]:
+    problems = []
+    for error in errors:
+        loc = _clean_loc(error["loc"])
+        sensitive = any(part in SENSITIVE_FIELDS for part in loc)
+        path = (*prefix, *loc)
+        if error["type"] == "extra_forbidden":
+            key = str(loc[-1]) if loc else ""
+            message = f"unknown key {key!r}"
+            suggestion = _closest(key, _allowed_keys(prefix, loc[:-1]))
+            if suggestion:
+                message += f"; did you mean {suggestion!r}?"
+        elif error["type"] == "literal_error" and not sensitive:
+            message = f"{error['input']!r} is not allowed: " + _expected(error)
+        else:
+            message = _MESSAGES.get(error["type"]) or _clean(error["msg"])
+            shown = repr(error.get("input"))
+            if (
+                not sensitive
+                and error["type"] != "missing"
+                and _is_scalar(error.get("input"))
+                and shown not in message
+            ):
+                message += f" (got {shown})"
+        problems.append(Problem(format_path(path), message, loaded.location(path)))
+    return problems
+
+
+def _is_tag(part: Any) -> bool:
+    return isinstance(part, str) and (
+        (part.startswith("<") and part.endswith(">")) or part.startswith("function-")
+    )
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
+
+
+def _clean(message: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message[:1].lower() + message[1:] if message else message
+
+
+def _expected(error: Mapping[str, Any]) -> str:
+    ctx = error.get("ctx") or {}
+    return f"expected {ctx.get('expected', 'one of the documented values')}"
+
+
+def _closest(key: str, allowed: list[str]) -> str | None:
+    matches = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _allowed_keys(prefix: PathKey, loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at `loc` (relative to the model `prefix` is validated with)."""
+    if prefix:
+        module = str(prefix[-1])
+        current: Any = MODULE_MODELS.get(module)
+    else:
+        current = Document
+    for part in loc:
+        current = _step(current, part)
+        if current is None:
+            return []
+    model = _as_model(current)
+    return list(model.model_fields) if model is not None else []
+
+
+def _step(annotation: Any, part: Any) -> Any:
+    """The annotation one path element below `annotation`."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    model = _as_model(annotation)
+    if model is not None:
+        if issubclass(model, RootModel):
+            return _step(model.model_fields["root"].annotation, part)
+        info = model.model_fields.get(str(part))
+        return info.annotation if info is not None else None
+    origin = typing.get_origin(annotation)
+    if origin in (list, dict):
+        return typing.get_args(annotation)[-1]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                found = _step(arg, part)
+                if found is not None:
+                    return found
+    return None
+
+
+def _as_model(annotation: Any) -> type[BaseModel] | None:
+    """The model behind `X`, `Annotated[X, ...]` or `X | None`; None for other types."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            model = _as_model(arg)
+            if model is not None:
+                return model
+    return None
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    seen: set[str] = set()
+    out = []
+    for problem in problems:
+        if str(problem) not in seen:
+            seen.add(str(problem))
+            out.append(problem)
+    return out

@@ -1,0 +1,142 @@
+"""The host: the one place that runs commands and touches files on a (possibly chrooted) root.
+
+Every path a module names is a path *on the host* ("/etc/sysctl.d/x.conf"); `Host.path` maps it
+under the root divingbell works on. Every command goes through `Host.run`: an argv list (never a
+shell string), stdin closed, a fixed environment so output parses the same everywhere, and the
+captured output carried into the error when it fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from divingbell.errors import CommandError
+
+CLEAN_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LC_ALL": "C",
+    "LANG": "C",
+}
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass(frozen=True)
+class Host:
+    """A host root filesystem plus the kernel interfaces divingbell reads and writes.
+
+    root: the host's "/" (a pod mounts it at /host). Commands run chrooted into it unless it is "/".
+    proc_sys: where kernel tunables live. Always the running kernel's /proc/sys in production
+    (sysctls belong to the kernel, not to a root filesystem); tests point it at a scratch tree.
+    """
+
+    root: Path = Path("/")
+    proc_sys: Path = Path("/proc/sys")
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def chrooted(self) -> bool:
+        return self.root.resolve() != Path("/")
+
+    def path(self, host_path: str | PurePosixPath) -> Path:
+        """Map an absolute path on the host to this process's view of it under `root`.
+
+        `Path("/host") / "/etc"` is "/etc", a classic trap: the leading slash is stripped.
+        """
+        text = str(host_path)
+        if not text.startswith("/"):
+            raise ValueError(f"host paths are absolute, got {text!r}")
+        return self.root / text.lstrip("/")
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        ok_codes: Sequence[int] = (0,),
+        input_text: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Completed:
+        """Run a command on the host (chrooted into `root` when it is not "/")."""
+        full = ["chroot", str(self.root), *argv] if self.chrooted else list(argv)
+        run_env = {**CLEAN_ENV, **self.extra_env, **(env or {})}
+        try:
+            proc = subprocess.run(  # noqa: PLW1510 - the check below is ours, with stderr in the error
+                full,
+                input=input_text,
+                stdin=None if input_text is not None else subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=run_env,
+                timeout=timeout,
+            )
+        except FileNotFoundError:
+            raise CommandError(list(argv), 127, "", "") from None
+        except subprocess.TimeoutExpired as exc:
+            raise CommandError(list(argv), -9, "", f"timed out after {timeout}s") from exc
+        done = Completed(list(argv), proc.returncode, proc.stdout, proc.stderr)
+        if check and proc.returncode not in ok_codes:
+            raise CommandError(list(argv), proc.returncode, proc.stdout, proc.stderr)
+        return done
+
+    # Files -----------------------------------------------------------------------------------
+
+    def read_text(self, host_path: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+        try:
+            return self.path(host_path).read_text()
+        except FileNotFoundError:
+            return None
+
+    def write_atomic(self, host_path: str, content: str | bytes, mode: int = 0o644) -> None:
+        """Write a file so readers see the old or the new content, never a torn one.
+
+        Temp file in the same directory, fsync, rename, fsync the directory.
+        """
+        target = self.path(host_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = content.encode() if isinstance(content, str) else content
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        try:
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(target.parent)
+
+    def remove(self, host_path: str) -> bool:
+        """Remove a file; False when it was already gone."""
+        target = self.path(host_path)
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        fsync_dir(target.parent)
+        return True
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
