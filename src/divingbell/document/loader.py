@@ -18,7 +18,7 @@ from divingbell.document.paths import PathKey, format_path
 from divingbell.errors import DocumentError, Problem
 
 try:  # libyaml's parser is several times faster; the constructor stays ours either way
-    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment,misc]
+    _Loader: type[yaml.SafeLoader] = yaml.CSafeLoader  # type: ignore[assignment]
 except AttributeError:  # pragma: no cover - PyYAML built without libyaml
     _Loader = yaml.SafeLoader
 

@@ -229,7 +229,7 @@ class EthtoolInterface(BaseModel):
     sizes, channels and interrupt coalescing (`ring: {rx: 4096}`)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    __pydantic_extra__: dict[str, Switch] = Field(init=False)  # type: ignore[assignment]
+    __pydantic_extra__: dict[str, Switch] = Field(init=False)
 
     ring: dict[str, EthtoolNumber] | None = None
     channels: dict[str, EthtoolNumber] | None = None
@@ -282,7 +282,7 @@ class Limit(StrictModel):
 
     domain: Annotated[str, BeforeValidator(_limit_domain, json_schema_input_type=str | int)]
     type: Literal["soft", "hard", "-"]
-    item: Literal[LIMIT_ITEMS]  # type: ignore[valid-type]
+    item: Literal[LIMIT_ITEMS]  # type: ignore[valid-type]  # noqa: RUF100
     value: Annotated[str, BeforeValidator(_limit_value, json_schema_input_type=str | int)]
 
     @model_validator(mode="after")
@@ -363,7 +363,9 @@ def _ssh_key(value: Any) -> str:
     text = _plain_text(value).strip()
     parts = text.split(None, 2)
     if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
-        raise ValueError(f"not an SSH public key: must start with one of {', '.join(SSH_KEY_TYPES)}")
+        raise ValueError(
+            f"not an SSH public key: must start with one of {', '.join(SSH_KEY_TYPES)}"
+        )
     try:
         blob = base64.b64decode(parts[1], validate=True)
     except (binascii.Error, ValueError):
@@ -375,7 +377,7 @@ def _ssh_key(value: Any) -> str:
 
 
 def _ssh_keys(value: Any) -> Any:
-    if value == ["Unmanaged"] or value == "Unmanaged":
+    if value in (["Unmanaged"], "Unmanaged"):
         return None
     return value
 
@@ -492,7 +494,8 @@ class AptConf(StrictModel):
 # apparmor -------------------------------------------------------------------------------------
 
 class AppArmorConf(StrictModel):
-    complain_mode: Switch = False  # Divingbell wrote "true"/"false" strings; both mean what they say
+    # Divingbell wrote "true"/"false" strings (and took "false" as true): both mean what they say.
+    complain_mode: Switch = False
     profiles: Annotated[dict[str, str], BeforeValidator(_check_name_keys)] = {}
 
 
@@ -505,7 +508,9 @@ class Script(StrictModel):
     rerun_policy: RerunPolicy = "always"
     rerun_interval: Interval = "infinite"
     retry_interval: Interval | None = None
-    timeout: Annotated[int, Field(ge=1, validation_alias=AliasChoices("timeout", "script_timeout"))] = 1800
+    timeout: Annotated[
+        int, Field(ge=1, validation_alias=AliasChoices("timeout", "script_timeout"))
+    ] = 1800
     blocking_policy: Literal["foreground", "foreground_halt_pod_on_failure"] = "foreground"
 
 

@@ -154,9 +154,9 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def _has_path(value: Any, loc: tuple[Any, ...]) -> bool:
     for part in loc:
-        if isinstance(value, Mapping) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and isinstance(part, int) and part < len(value):
+        in_mapping = isinstance(value, Mapping) and part in value
+        in_list = isinstance(value, list) and isinstance(part, int) and part < len(value)
+        if in_mapping or in_list:
             value = value[part]
         else:
             return False

@@ -1,0 +1,3 @@
+from divingbell.cli import main
+
+main()

@@ -1,0 +1,295 @@
+"""The `divingbell` command. Parsing and printing only: the work is in document and engine.
+
+Imports of the heavier parts happen inside each command so `divingbell --help` stays instant.
+Exit codes: 0 success; 1 apply or plan failed on the host; 2 invalid document or usage;
+3 another run holds the host lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from divingbell import __version__
+
+if TYPE_CHECKING:
+    from divingbell.document.validate import NodeConfig, ValidDocument
+    from divingbell.host import Host
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED = 1, 2, 3
+
+
+def _files_argument(func: F) -> F:
+    return click.argument(
+        "files", nargs=-1, required=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    )(func)
+
+
+def _node_options(func: F) -> F:
+    func = click.option(
+        "--label", "labels", multiple=True, metavar="KEY=VALUE",
+        help="A label of the node, for label overrides. Repeat for several.",
+    )(func)
+    return click.option(
+        "--node", metavar="NAME",
+        help="The node's name, for host overrides. Default: $NODE_NAME, else this host's name.",
+    )(func)
+
+
+def _host_options(func: F) -> F:
+    func = click.option(
+        "--proc-sys", type=click.Path(file_okay=False, path_type=Path), default="/proc/sys",
+        show_default=True, envvar="DIVINGBELL_PROC_SYS",
+        help="Where kernel tunables are read and written. Only tests and sandboxes change it.",
+    )(func)
+    return click.option(
+        "--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default="/",
+        show_default=True, envvar="DIVINGBELL_ROOT",
+        help="The host's root filesystem (a privileged pod mounts it at /host). Every file "
+        "path and command acts on it.",
+    )(func)
+
+
+def _format_option(*choices: str) -> Callable[[F], F]:
+    return click.option(
+        "--format", "output_format", type=click.Choice(choices), default=choices[0],
+        show_default=True, help="Output for people or for scripts.",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="divingbell")
+def cli() -> None:
+    """Declarative host configuration for bare-metal Kubernetes nodes.
+
+    One YAML document (Divingbell's `conf:` layout) describes every node; overrides by node
+    label and hostname pick what each node gets. divingbell plans and applies it idempotently,
+    keeps what it owns in its own files, and restores a setting's original value when the
+    setting leaves the document.
+
+    \b
+    Typical use:
+      divingbell validate site.yaml
+      divingbell render site.yaml --node node1 --label role=compute
+      divingbell plan site.yaml            # what would change here; touches nothing
+      divingbell apply site.yaml           # converge this host
+      divingbell status                    # what divingbell owns here, last outcome
+    """
+
+
+@cli.command()
+@_files_argument
+@_format_option("text", "json")
+def validate(files: tuple[Path, ...], output_format: str) -> None:
+    """Check documents; report every problem with its path and file:line.
+
+    Later FILES deep-merge over earlier ones (mappings merge, lists are replaced), like
+    layered values files. Exits 0 when valid, 2 when not.
+    """
+    from divingbell.errors import DocumentError
+
+    try:
+        document = _load(files)
+    except DocumentError as exc:
+        if output_format == "json":
+            _print_json({"valid": False, "problems": [vars(p) for p in exc.problems]})
+        else:
+            click.echo(f"{len(exc.problems)} problem(s) in {', '.join(map(str, files))}:",
+                       err=True)
+            for problem in exc.problems:
+                click.echo(f"  {problem}", err=True)
+        sys.exit(EXIT_INVALID)
+    if output_format == "json":
+        _print_json({"valid": True, "problems": [], "notes": document.notes})
+    else:
+        for note in document.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"valid: {', '.join(map(str, files))}")
+
+
+@cli.command()
+@_files_argument
+@_node_options
+@_format_option("yaml", "json")
+def render(
+    files: tuple[Path, ...], node: str | None, labels: tuple[str, ...], output_format: str
+) -> None:
+    """Print the effective configuration of a node, after overrides.
+
+    One key per module, in the document's own shape, defaults filled in; secrets masked.
+    """
+    config = _node_config(_load_or_exit(files), node, labels)
+    data = config.dump()
+    if output_format == "json":
+        _print_json(data)
+    else:
+        import yaml
+
+        for module, applied in config.overrides.items():
+            click.echo(f"# {module}: {applied.description}")
+        click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip()
+                   if data else "{}")
+
+
+@cli.command()
+@_files_argument
+@_node_options
+@_host_options
+@_format_option("text", "json")
+@click.option("-v", "--verbose", is_flag=True, help="Also list what is already right, and why.")
+def plan(
+    files: tuple[Path, ...], node: str | None, labels: tuple[str, ...], root: Path,
+    proc_sys: Path, output_format: str, verbose: bool,
+) -> None:
+    """Show what apply would change on this host, touching nothing.
+
+    Each change shows the value before and after. Exits 1 if some module cannot be applied.
+    """
+    from divingbell.engine.runner import plan_node
+    from divingbell.output import plan_text
+
+    config = _node_config(_load_or_exit(files), node, labels)
+    result = plan_node(_host(root, proc_sys), config)
+    if output_format == "json":
+        _print_json(result.as_dict())
+    else:
+        click.echo(plan_text(result, verbose=verbose))
+    sys.exit(EXIT_FAILED if result.errors else 0)
+
+
+@cli.command()
+@_files_argument
+@_node_options
+@_host_options
+@_format_option("text", "json")
+@click.option("--lock-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
+              help="How long to wait for another divingbell run on this host to finish.")
+def apply(
+    files: tuple[Path, ...], node: str | None, labels: tuple[str, ...], root: Path,
+    proc_sys: Path, output_format: str, lock_timeout: float,
+) -> None:
+    """Converge this host to the document, printing each change as it is made.
+
+    Settings that left the document get their original values back. If a module fails
+    midway, what this run changed in that module is rolled back. Exits 0 when the host
+    matches the document, 1 on failure, 3 if another run holds the lock.
+    """
+    from divingbell.document.api import revision
+    from divingbell.engine.change import Change
+    from divingbell.engine.runner import apply_node
+    from divingbell.errors import LockTimeout
+    from divingbell.output import applied_line, report_tail
+
+    document = _load_or_exit(files)
+    config = _node_config(document, node, labels)
+
+    def progress(change: Change, status: str) -> None:
+        if output_format == "text":
+            click.echo(applied_line(change, status))
+
+    if output_format == "text":
+        click.echo(f"Applying revision {revision(document)} to node {config.node}:")
+    try:
+        report = apply_node(_host(root, proc_sys), config, revision(document),
+                            lock_timeout=lock_timeout, listener=progress)
+    except LockTimeout as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
+    if output_format == "json":
+        _print_json(report.as_dict())
+    else:
+        click.echo(report_tail(report))
+    sys.exit(0 if report.ok else EXIT_FAILED)
+
+
+@cli.command()
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default="/", show_default=True, envvar="DIVINGBELL_ROOT",
+              help="The host's root filesystem.")
+@_format_option("text", "json")
+def status(root: Path, output_format: str) -> None:
+    """Show what divingbell owns on this host and the outcome of the last apply."""
+    from divingbell.engine.journal import FileJournalStore
+    from divingbell.host import Host
+    from divingbell.output import status_text
+
+    store = FileJournalStore(Host(root=root))
+    journal = store.load().as_dict()
+    last_run = store.load_last_run()
+    if output_format == "json":
+        _print_json({"root": str(root), "journal": journal, "last_run": last_run})
+    else:
+        click.echo(status_text(str(root), journal, last_run))
+
+
+@cli.command()
+def schema() -> None:
+    """Print the document's JSON Schema, for editors and CI checks."""
+    from divingbell.document.schema import Document
+
+    schema_doc = Document.model_json_schema(mode="validation")
+    schema_doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema_doc["title"] = "divingbell document"
+    _print_json(schema_doc)
+
+
+# helpers ------------------------------------------------------------------------------------
+
+def _load(files: tuple[Path, ...]) -> ValidDocument:
+    from divingbell.document.api import load_document
+
+    return load_document(files)
+
+
+def _load_or_exit(files: tuple[Path, ...]) -> ValidDocument:
+    from divingbell.errors import DocumentError
+
+    try:
+        return _load(files)
+    except DocumentError as exc:
+        click.echo(f"error: the document is invalid ({len(exc.problems)} problem(s)); nothing "
+                   "was changed:", err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(EXIT_INVALID)
+
+
+def _node_config(document: ValidDocument, node: str | None, labels: tuple[str, ...]) -> NodeConfig:
+    from divingbell.document.api import node_config
+
+    name = node or os.environ.get("NODE_NAME") or socket.gethostname()
+    return node_config(document, name, _parse_labels(labels))
+
+
+def _parse_labels(labels: tuple[str, ...]) -> Mapping[str, str]:
+    parsed = {}
+    for label in labels:
+        key, sep, value = label.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{label!r} is not KEY=VALUE", param_hint="--label")
+        parsed[key] = value
+    return parsed
+
+
+def _host(root: Path, proc_sys: Path) -> Host:
+    from divingbell.host import Host
+
+    return Host(root=root, proc_sys=proc_sys)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def main() -> None:
+    cli(prog_name="divingbell")

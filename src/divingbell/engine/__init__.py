@@ -1,0 +1,1 @@
+"""The engine: observe -> plan -> apply, the journal of owned things and originals, locking."""

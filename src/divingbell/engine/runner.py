@@ -1,0 +1,239 @@
+"""Plan every module, then apply module by module.
+
+Planning observes the host and decides; it touches nothing. If any module cannot be planned
+(an unknown sysctl, a module not implemented yet) apply refuses before changing anything.
+Within a module, changes apply in plan order; if one fails, the ones already applied are undone
+in reverse and the journal is put back as it was, so host and journal stay consistent. Other
+modules still apply: they do not depend on each other's success.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from divingbell.document.validate import NodeConfig
+from divingbell.engine.change import Action, Change
+from divingbell.engine.files import original_of
+from divingbell.engine.journal import FileJournalStore, Journal, JournalStore
+from divingbell.engine.lock import host_lock
+from divingbell.errors import CommandError, ModuleError
+from divingbell.host import Host
+from divingbell.modules import MODULE_NAMES, get
+
+ChangeListener = Callable[[Change, str], None]
+
+
+@dataclass
+class ModulePlan:
+    module: str
+    changes: list[Change] = field(default_factory=list)
+    error: str | None = None
+    override: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "override": self.override,
+            "error": self.error,
+            "changes": [change.as_dict() for change in self.changes],
+        }
+
+
+@dataclass
+class Plan:
+    node: str
+    modules: list[ModulePlan]
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"{m.module}: {m.error}" for m in self.modules if m.error]
+
+    @property
+    def changes(self) -> list[Change]:
+        return [change for module in self.modules for change in module.changes]
+
+    def summary(self) -> dict[str, int]:
+        return summarise(self.changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "modules": [module.as_dict() for module in self.modules],
+            "summary": self.summary(),
+            "errors": self.errors,
+        }
+
+
+def summarise(changes: list[Change]) -> dict[str, int]:
+    counts = {"change": 0, "restore": 0, "remove": 0, "unchanged": 0}
+    key = {Action.SET: "change", Action.WRITE: "change", Action.RESTORE: "restore",
+           Action.DELETE: "remove", Action.NOOP: "unchanged"}
+    for change in changes:
+        counts[key[change.action]] += 1
+    return counts
+
+
+@dataclass
+class ModuleResult:
+    module: str
+    applied: list[Change] = field(default_factory=list)
+    error: str | None = None
+    rolled_back: list[Change] = field(default_factory=list)
+    rollback_errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "error": self.error,
+            "applied": [c.as_dict() for c in self.applied if c.changes_host],
+            "rolled_back": [c.as_dict() for c in self.rolled_back],
+            "rollback_errors": self.rollback_errors,
+        }
+
+
+@dataclass
+class ApplyReport:
+    node: str
+    revision: str
+    plan: Plan
+    results: list[ModuleResult]
+    started: float
+    finished: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.plan.errors and not any(result.error for result in self.results)
+
+    @property
+    def applied(self) -> list[Change]:
+        return [c for result in self.results for c in result.applied if c.changes_host]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "revision": self.revision,
+            "result": "ok" if self.ok else "failed",
+            "started": self.started,
+            "finished": self.finished,
+            "duration_seconds": round(self.finished - self.started, 4),
+            "summary": summarise(self.applied),
+            "plan_errors": self.plan.errors,
+            "modules": [result.as_dict() for result in self.results],
+        }
+
+
+def make_plan(host: Host, config: NodeConfig, journal: Journal) -> Plan:
+    """Observe and decide for every module the document or the journal mentions."""
+    modules = []
+    for name in MODULE_NAMES:
+        desired = config.modules.get(name)
+        record = journal.modules.get(name)
+        if desired is None and (record is None or record.empty):
+            continue
+        applied = config.overrides.get(name)
+        plan = ModulePlan(name, override=applied.description if applied else None)
+        module = get(name)
+        if module is None:
+            plan.error = (
+                f"module {name!r} is not implemented in this version of divingbell; "
+                f"remove conf.{name} (and its overrides) to apply the rest"
+            )
+        else:
+            try:
+                record = record if record is not None else journal.record(name)
+                observed = module.observe(host, desired, record)
+                plan.changes = module.plan(desired, observed, record)
+            except (ModuleError, CommandError) as exc:
+                plan.error = str(exc)
+        modules.append(plan)
+    return Plan(config.node, modules)
+
+
+def apply_plan(
+    host: Host,
+    plan: Plan,
+    journal: Journal,
+    store: JournalStore,
+    listener: ChangeListener | None = None,
+) -> list[ModuleResult]:
+    """Carry out a plan that has no errors. Returns one result per module."""
+    if plan.errors:
+        raise ValueError("refusing to apply a plan with errors")
+    results = []
+    for module_plan in plan.modules:
+        results.append(_apply_module(host, module_plan, journal, store, listener))
+    return results
+
+
+def _apply_module(
+    host: Host,
+    module_plan: ModulePlan,
+    journal: Journal,
+    store: JournalStore,
+    listener: ChangeListener | None,
+) -> ModuleResult:
+    module = get(module_plan.module)
+    assert module is not None
+    result = ModuleResult(module_plan.module)
+    record = journal.record(module_plan.module)
+    snapshot = record.copy()
+    # Originals reach the disk before the host changes: a crash in between leaves a journal
+    # that still knows what to restore.
+    for change in module_plan.changes:
+        if change.capture_original and change.target not in record.originals:
+            record.originals[change.target] = original_of(change)
+    store.save(journal)
+    try:
+        for change in module_plan.changes:
+            module.apply(host, change, record)
+            if change.forget:
+                record.originals.pop(change.target, None)
+            result.applied.append(change)
+            if listener is not None and change.changes_host:
+                listener(change, "done")
+    except (ModuleError, CommandError, OSError) as exc:
+        result.error = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
+        for change in reversed(result.applied):
+            if not change.changes_host:
+                continue
+            try:
+                module.undo(host, change)
+                result.rolled_back.append(change)
+                if listener is not None:
+                    listener(change, "rolled back")
+            except (ModuleError, CommandError, OSError) as undo_exc:
+                result.rollback_errors.append(f"{change.target}: {undo_exc}")
+        if not result.rollback_errors:
+            # The host is as it was before this run: so is the journal.
+            journal.modules[module_plan.module] = snapshot
+        result.applied = []
+    store.save(journal)
+    return result
+
+
+def apply_node(
+    host: Host,
+    config: NodeConfig,
+    revision: str,
+    *,
+    lock_timeout: float = 10.0,
+    listener: ChangeListener | None = None,
+) -> ApplyReport:
+    """Converge the host to `config` under the host lock, and record the outcome."""
+    with host_lock(host, lock_timeout):
+        started = time.time()
+        store = FileJournalStore(host)
+        journal = store.load()
+        plan = make_plan(host, config, journal)
+        results = [] if plan.errors else apply_plan(host, plan, journal, store, listener)
+        report = ApplyReport(config.node, revision, plan, results, started, time.time())
+        store.save_last_run(report.as_dict())
+        return report
+
+
+def plan_node(host: Host, config: NodeConfig) -> Plan:
+    """What apply would do, touching nothing."""
+    return make_plan(host, config, FileJournalStore(host).load())

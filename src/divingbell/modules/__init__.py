@@ -1,0 +1,22 @@
+"""Host modules, one file each, all with the interface in `base`. The registry is explicit and
+ordered: modules are planned and applied in `MODULE_NAMES` order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from divingbell.document.schema import MODULE_NAMES
+from divingbell.modules.base import HostModule
+from divingbell.modules.sysctl import Sysctl
+
+IMPLEMENTED: dict[str, HostModule[Any, Any]] = {
+    module.name: module for module in (Sysctl(),)
+}
+
+
+def get(name: str) -> HostModule[Any, Any] | None:
+    """The module, or None while it is modelled in the schema but not implemented yet."""
+    return IMPLEMENTED.get(name)
+
+
+__all__ = ["IMPLEMENTED", "MODULE_NAMES", "HostModule", "get"]

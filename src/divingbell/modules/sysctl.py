@@ -1,0 +1,133 @@
+"""sysctl: kernel tunables, live under /proc/sys and persisted in one owned sysctl.d drop-in."""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from divingbell.document.schema import SysctlConf, sysctl_components
+from divingbell.engine.change import Action, Change
+from divingbell.engine.files import FileSpec, plan_file
+from divingbell.engine.journal import ModuleRecord
+from divingbell.errors import ModuleError
+from divingbell.host import Host
+from divingbell.modules.base import HostModule
+
+DROPIN = "/etc/sysctl.d/60-divingbell.conf"
+HEADER = (
+    "# Managed by divingbell; edits here are overwritten on its next apply.\n"
+    "# Change the divingbell document instead. Loaded at boot by systemd-sysctl.\n"
+)
+
+
+@dataclass(frozen=True)
+class SysctlObserved:
+    live: dict[str, str | None]  # canonical key -> whitespace-normalised value (None: absent)
+    dropin: str | None
+
+
+def normalise(value: str) -> str:
+    """'4096\t87380   6291456\n' and '4096 87380 6291456' are the same setting."""
+    return " ".join(value.split())
+
+
+def _describe(content: str) -> str:
+    count = sum(1 for line in content.splitlines() if line.strip() and not line.startswith("#"))
+    return f"{count} setting{'s' if count != 1 else ''}"
+
+
+def render_dropin(settings: dict[str, str]) -> str:
+    return HEADER + "".join(f"{key} = {settings[key]}\n" for key in sorted(settings))
+
+
+class Sysctl(HostModule[SysctlConf, SysctlObserved]):
+    name = "sysctl"
+
+    def observe(
+        self, host: Host, desired: SysctlConf | None, record: ModuleRecord
+    ) -> SysctlObserved:
+        wanted = desired.root if desired is not None else {}
+        keys = sorted(set(wanted) | {key for key in record.originals if not key.startswith("/")})
+        live: dict[str, str | None] = {}
+        problems = []
+        for key in keys:
+            path = self._path(host, key)
+            try:
+                live[key] = normalise(path.read_text())
+            except FileNotFoundError:
+                live[key] = None
+                if key in wanted:
+                    problems.append(f"{key}: no such sysctl on this kernel ({path} does not exist)")
+                continue
+            except OSError as exc:
+                problems.append(f"{key}: cannot read {path}: {exc.strerror}")
+                continue
+            if key in wanted and not path.stat().st_mode & 0o222:
+                problems.append(f"{key}: is read-only on this kernel")
+        if problems:
+            raise ModuleError(self.name, problems)
+        return SysctlObserved(live, host.read_text(DROPIN))
+
+    def plan(
+        self, desired: SysctlConf | None, observed: SysctlObserved, record: ModuleRecord
+    ) -> list[Change]:
+        wanted = {key: normalise(value) for key, value in (desired.root if desired else {}).items()}
+        changes = []
+        for key in sorted(wanted):
+            before, after = observed.live[key], wanted[key]
+            capture = key not in record.originals
+            if before == after:
+                changes.append(Change(self.name, key, Action.NOOP, before, after,
+                                      f"{key} is already {after}", capture_original=capture))
+            else:
+                changes.append(Change(self.name, key, Action.SET, before, after,
+                                      "set by the document", capture_original=capture))
+        for key in sorted(k for k in record.originals if not k.startswith("/") and k not in wanted):
+            original, current = record.originals[key], observed.live.get(key)
+            if current is None or original is None:
+                changes.append(Change(self.name, key, Action.NOOP, current, original,
+                                      f"{key} no longer exists; forgetting it", forget=True))
+            elif current == original:
+                changes.append(Change(self.name, key, Action.NOOP, current, original,
+                                      f"left the document; already at its original {original}",
+                                      forget=True))
+            else:
+                changes.append(Change(self.name, key, Action.RESTORE, current, original,
+                                      "left the document; restoring its original value",
+                                      forget=True))
+        dropin = FileSpec(render_dropin(wanted)) if wanted else None
+        file_change = plan_file(self.name, DROPIN, dropin, observed.dropin, record, _describe)
+        if file_change is not None:
+            changes.append(file_change)
+        return changes
+
+    def apply_setting(self, host: Host, change: Change) -> None:
+        assert change.after is not None
+        self._write(host, change.target, change.after)
+
+    def undo_setting(self, host: Host, change: Change) -> None:
+        if change.before is not None:
+            self._write(host, change.target, change.before)
+
+    def _write(self, host: Host, key: str, value: str) -> None:
+        path = self._path(host, key)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+            try:
+                os.write(fd, value.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            why = "the kernel rejected the value" if exc.errno == errno.EINVAL else exc.strerror
+            raise ModuleError(self.name, [f"{key}: cannot set {value!r}: {why}"]) from None
+        reported = normalise(path.read_text())
+        if reported != value:
+            raise ModuleError(self.name, [
+                f"{key}: wrote {value!r} but the kernel reports {reported!r}"
+            ])
+
+    @staticmethod
+    def _path(host: Host, key: str) -> Path:
+        return host.proc_sys.joinpath(*sysctl_components(key))
