@@ -133,34 +133,22 @@ def _check_module_overrides(
             # A problem the base conf has on its own is reported once, at the base.
             own = [
                 error for error in exc.errors(include_url=False)
-                if _clean_loc(error["loc"]) not in base_errors
-                or _has_path(conf[module], _clean_loc(error["loc"]))
+                if (_clean_loc(error["loc"]), error["msg"]) not in base_errors
             ]
             problems.extend(_problems_from(own, loaded, (*path, module)))
     return problems
 
 
-def _error_locs(model: type[BaseModel], value: Any) -> set[tuple[Any, ...]]:
+def _error_locs(model: type[BaseModel], value: Any) -> set[tuple[tuple[Any, ...], str]]:
     try:
         model.model_validate(value)
     except ValidationError as exc:
-        return {_clean_loc(error["loc"]) for error in exc.errors(include_url=False)}
+        return {(_clean_loc(error["loc"]), error["msg"]) for error in exc.errors(include_url=False)}
     return set()
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(part for part in loc if not _is_tag(part))
-
-
-def _has_path(value: Any, loc: tuple[Any, ...]) -> bool:
-    for part in loc:
-        in_mapping = isinstance(value, Mapping) and part in value
-        in_list = isinstance(value, list) and isinstance(part, int) and part < len(value)
-        if in_mapping or in_list:
-            value = value[part]
-        else:
-            return False
-    return True
 
 
 # Error formatting -------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ def plan_file(
             capture_original=not record.owns(path), payload=data,
         )
     if not record.owns(path):
+        if path in record.originals:
+            # Captured before a write that never happened (a crash or a rollback in between).
+            return Change(module, path, Action.NOOP, None, None,
+                          f"{path} was never written; forgetting it", forget=True)
         return None
     original = record.originals.get(path)
     if original is not None:

@@ -125,10 +125,15 @@ class FileJournalStore:
         return None
 
     def _ensure_state_dir(self) -> None:
-        directory = self.host.path(STATE_DIR)
-        if not directory.is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
-            directory.chmod(0o700)
+        ensure_state_dir(self.host)
+
+
+def ensure_state_dir(host: Host) -> None:
+    """divingbell's state directory, readable by root only."""
+    directory = host.path(STATE_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    if directory.stat().st_mode & 0o777 != 0o700:
+        directory.chmod(0o700)
 
 
 class JournalCorrupt(Exception):

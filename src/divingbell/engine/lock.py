@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from divingbell.engine.journal import STATE_DIR
+from divingbell.engine.journal import STATE_DIR, ensure_state_dir
 from divingbell.errors import LockTimeout
 from divingbell.host import Host
 
@@ -19,7 +19,7 @@ LOCK_FILE = f"{STATE_DIR}/apply.lock"
 def host_lock(host: Host, timeout: float = 10.0, poll: float = 0.05) -> Iterator[None]:
     """Hold the host's apply lock; wait up to `timeout` seconds, then fail naming the holder."""
     path = host.path(LOCK_FILE)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_state_dir(host)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout
