@@ -150,7 +150,8 @@ def main() -> None:
           f"{inproc['document_load_validate_resolve_ms']:8.2f} ms")
     print(f"process     first `divingbell apply`      {whole['first_apply_ms']:8.2f} ms")
     print(f"process     no-op `divingbell apply`      {whole['noop_apply_ms']:8.2f} ms")
-    print(f"            (of which `ip netns exec`     {whole['ip_netns_exec_overhead_ms']:8.2f} ms)")
+    overhead = whole["ip_netns_exec_overhead_ms"]
+    print(f"            (of which `ip netns exec`     {overhead:8.2f} ms)")
 
 
 if __name__ == "__main__":
