@@ -7,6 +7,7 @@ tests point the host's /proc/sys at a scratch directory.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import shutil
@@ -22,6 +23,19 @@ from divingbell.host import Host
 
 REPO = Path(__file__).resolve().parent.parent
 _names = itertools.count()
+CLONE_NEWNS = 0x00020000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the whole session in a private mount namespace: every mount a test makes (overlay
+    roots, tmpfs mounts under test) lives and dies with this process and its children, and
+    none can ever reach this machine's own mount table."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
 
 
 def require_root_tools(*tools: str) -> None:
@@ -94,6 +108,29 @@ def root(tmp_path: Path) -> Path:
     path = tmp_path / "root"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def overlay_root(tmp_path: Path) -> Iterator[Path]:
+    """A host root that is this machine's own userland seen through an overlay: real binaries
+    (ethtool, mount, systemd-escape) for chrooted commands, every write kept in a tmpfs that
+    disappears after the test. /proc, /dev and /sys are bound in for the tools that need them."""
+    require_root_tools("mount", "umount", "chroot")
+    base = tmp_path / "overlay"
+    base.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", base], check=True)
+    for name in ("upper", "work", "merged"):
+        (base / name).mkdir()
+    merged = base / "merged"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir=/,upperdir={base}/upper,workdir={base}/work", merged], check=True)
+    for name in ("proc", "dev", "sys"):
+        subprocess.run(["mount", "--rbind", f"/{name}", merged / name], check=True)
+    try:
+        yield merged
+    finally:
+        subprocess.run(["umount", "-R", "-l", merged], check=False)
+        subprocess.run(["umount", "-l", base], check=False)
 
 
 def make_proc_sys(base: Path, values: Mapping[str, str], read_only: tuple[str, ...] = ()) -> Path:

@@ -134,6 +134,34 @@ class Host:
         return True
 
 
+    def lstat(self, host_path: str) -> os.stat_result | None:
+        try:
+            return self.path(host_path).lstat()
+        except FileNotFoundError:
+            return None
+
+    def set_owner_mode(self, host_path: str, uid: int, gid: int, mode: int) -> None:
+        """chown and chmod without following a symlink out of the root."""
+        target = self.path(host_path)
+        os.chown(target, uid, gid, follow_symlinks=False)
+        if not target.is_symlink():
+            os.chmod(target, mode)
+
+    def symlink(self, link_target: str, host_path: str) -> None:
+        """Create (or replace) a symlink at `host_path` pointing to `link_target` as written."""
+        link = self.path(host_path)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() and os.readlink(link) == link_target:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to(link_target)
+
+    def is_systemd_running(self) -> bool:
+        """Whether systemd is PID 1 of the host (sd_booted(3): /run/systemd/system exists)."""
+        return self.path("/run/systemd/system").is_dir()
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -74,6 +74,7 @@ def report_tail(report: ApplyReport) -> str:
         lines.append(plan_text(report.plan))
         return "\n".join(lines)
     for result in report.results:
+        lines.extend(f"{result.module}: note: {note}" for note in result.notes)
         if result.error:
             lines.append(f"{result.module}: FAILED: {result.error}")
             if result.rolled_back:

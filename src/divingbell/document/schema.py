@@ -187,7 +187,7 @@ class Mount(StrictModel):
     mnt_tgt: AbsPath
     device: Text
     type: Text
-    options: Text = "defaults"
+    options: Text | None = None  # as Divingbell: no Options= line unless given
     before: Text = "docker.service"
     after: Text = "network-online.target"
 

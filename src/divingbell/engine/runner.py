@@ -83,11 +83,13 @@ class ModuleResult:
     error: str | None = None
     rolled_back: list[Change] = field(default_factory=list)
     rollback_errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "module": self.module,
             "error": self.error,
+            "notes": self.notes,
             "applied": [c.as_dict() for c in self.applied if c.changes_host],
             "rolled_back": [c.as_dict() for c in self.rolled_back],
             "rollback_errors": self.rollback_errors,
@@ -188,7 +190,7 @@ def _apply_module(
     store.save(journal)
     try:
         for change in module_plan.changes:
-            module.apply(host, change, record)
+            result.notes.extend(module.apply(host, change, record))
             if change.forget:
                 record.originals.pop(change.target, None)
             result.applied.append(change)

@@ -7,10 +7,14 @@ from typing import Any
 
 from divingbell.document.schema import MODULE_NAMES
 from divingbell.modules.base import HostModule
+from divingbell.modules.ethtool import Ethtool
+from divingbell.modules.limits import Limits
+from divingbell.modules.mounts import Mounts
+from divingbell.modules.perm import Perm
 from divingbell.modules.sysctl import Sysctl
 
 IMPLEMENTED: dict[str, HostModule[Any, Any]] = {
-    module.name: module for module in (Sysctl(),)
+    module.name: module for module in (Sysctl(), Limits(), Mounts(), Ethtool(), Perm())
 }
 
 

@@ -2,7 +2,7 @@
 
     observe(host, desired, record) -> observed    read the host; raise ModuleError for problems
     plan(desired, observed, record) -> [Change]   pure: decide, touch nothing
-    apply(host, change, record)                   carry out one change
+    apply(host, change, record) -> notes          carry out one change
     undo(host, change)                            put back what `apply` changed, for rollback
 
 `desired` is the module's validated conf for this node, or None when the document no longer has
@@ -38,11 +38,13 @@ class HostModule(ABC, Generic[ConfT, ObservedT]):
         self, desired: ConfT | None, observed: ObservedT, record: ModuleRecord
     ) -> list[Change]: ...
 
-    def apply(self, host: Host, change: Change, record: ModuleRecord) -> None:
+    def apply(self, host: Host, change: Change, record: ModuleRecord) -> list[str]:
+        """Carry out one change. Returns notes worth telling the operator (may be empty)."""
         if is_file_change(change):
             apply_file(host, change, record)
         elif change.changes_host:
-            self.apply_setting(host, change)
+            return self.apply_setting(host, change, record) or []
+        return []
 
     def undo(self, host: Host, change: Change) -> None:
         if is_file_change(change):
@@ -50,7 +52,7 @@ class HostModule(ABC, Generic[ConfT, ObservedT]):
         elif change.changes_host:
             self.undo_setting(host, change)
 
-    def apply_setting(self, host: Host, change: Change) -> None:
+    def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> list[str] | None:
         raise NotImplementedError(f"{self.name} has no live settings")
 
     def undo_setting(self, host: Host, change: Change) -> None:

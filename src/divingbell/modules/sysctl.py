@@ -103,7 +103,7 @@ class Sysctl(HostModule[SysctlConf, SysctlObserved]):
             changes.append(file_change)
         return changes
 
-    def apply_setting(self, host: Host, change: Change) -> None:
+    def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> None:
         assert change.after is not None
         self._write(host, change.target, change.after)
 

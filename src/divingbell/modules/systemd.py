@@ -1,0 +1,88 @@
+"""systemd units owned by divingbell: names, enablement, and talking to a running systemd.
+
+Unit files themselves are owned files (engine.files). Enabling is a wants/ symlink, created
+directly so it works the same on a booted host and in a bare chroot; when systemd runs the
+host, it is told (daemon-reload) and units are started and stopped through it.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass
+
+from divingbell.engine.change import Action, Change
+from divingbell.host import Host
+
+UNIT_DIR = "/etc/systemd/system"
+_SAFE = set(string.ascii_letters + string.digits + ":_.")
+
+
+def escape_path(path: str) -> str:
+    """`systemd-escape --path`: /mnt/a-b -> mnt-a\\x2db."""
+    trimmed = "/".join(part for part in path.split("/") if part)
+    if not trimmed:
+        return "-"
+    out = []
+    for index, char in enumerate(trimmed):
+        if char == "/":
+            out.append("-")
+        elif char in _SAFE and not (index == 0 and char == "."):
+            out.append(char)
+        else:
+            out.extend(f"\\x{byte:02x}" for byte in char.encode())
+    return "".join(out)
+
+
+def unit_file(unit: str) -> str:
+    return f"{UNIT_DIR}/{unit}"
+
+
+def wants_link(unit: str, wanted_by: str) -> str:
+    return f"{UNIT_DIR}/{wanted_by}.wants/{unit}"
+
+
+def is_enabled(host: Host, unit: str, wanted_by: str) -> bool:
+    return os.path.lexists(host.path(wants_link(unit, wanted_by)))
+
+
+@dataclass(frozen=True)
+class Enablement:
+    """Payload of a change that enables or disables a unit."""
+
+    unit: str
+    wanted_by: str
+    start: bool  # also start/stop it now where systemd runs the host
+
+
+def plan_enablement(
+    module: str, unit: str, wanted_by: str, want: bool, enabled: bool, *, start: bool
+) -> Change | None:
+    if want == enabled:
+        return None
+    return Change(
+        module, unit, Action.SET, "enabled" if enabled else "disabled",
+        "enabled" if want else "disabled",
+        f"{'enable' if want else 'disable'} for boot (WantedBy={wanted_by})",
+        payload=Enablement(unit, wanted_by, start),
+    )
+
+
+def apply_enablement(host: Host, change: Change, *, undo: bool = False) -> None:
+    target: Enablement = change.payload
+    want = (change.before if undo else change.after) == "enabled"
+    if want:
+        host.symlink(f"../{target.unit}", wants_link(target.unit, target.wanted_by))
+    else:
+        if target.start:
+            systemctl(host, "stop", target.unit)
+        host.remove(wants_link(target.unit, target.wanted_by))
+    systemctl(host, "daemon-reload")
+    if want and target.start:
+        systemctl(host, "start", target.unit)
+
+
+def systemctl(host: Host, *args: str) -> None:
+    """Run systemctl when systemd runs the host; a bare chroot has nothing to tell."""
+    if host.is_systemd_running():
+        host.run(["systemctl", *args])
