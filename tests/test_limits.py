@@ -7,7 +7,7 @@ from pathlib import Path
 from divingbell.document.loader import load_text
 from divingbell.document.validate import resolve, validate
 from divingbell.engine.change import Action
-from divingbell.engine.runner import apply_node, plan_node
+from divingbell.engine.runner import ApplyReport, apply_node, plan_node
 from divingbell.host import Host
 from divingbell.modules.limits import limit_file
 from tests.conftest import write
@@ -28,7 +28,7 @@ conf:
 """
 
 
-def apply(host: Host, text: str):  # type: ignore[no-untyped-def]
+def apply(host: Host, text: str) -> ApplyReport:
     return apply_node(host, resolve(validate(load_text(text)), "n1", {}), "r")
 
 
@@ -58,7 +58,7 @@ def test_apply_noop_change_revert(root: Path) -> None:
 def test_removing_one_entry_removes_only_its_file(root: Path) -> None:
     host = Host(root=root)
     apply(host, DOC)
-    only_nofile = DOC.split("    core_dump:")[0]
+    only_nofile = DOC.split("    core_dump:", maxsplit=1)[0]
     report = apply(host, only_nofile)
     assert [(c.target, c.action) for c in report.applied] == [
         (limit_file("core_dump"), Action.DELETE)]

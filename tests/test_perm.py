@@ -71,7 +71,7 @@ def test_apply_noop_change_and_restore_when_perm_is_removed(host: Host) -> None:
 
 def test_a_path_leaving_the_list_is_restored(host: Host) -> None:
     apply(host, DOC)
-    apply(host, DOC.split("      - {path: '/var")[0])
+    apply(host, DOC.split("      - {path: '/var", maxsplit=1)[0])
     assert owner_mode(host, "/var/log/a.log")[2] == "0644"
     assert owner_mode(host, "/etc/shadow") == (0, 42, "0640")
 
