@@ -157,7 +157,7 @@ def render_unit(iface: str, conf: EthtoolInterface, ethtool: str) -> str:
         "# Managed by divingbell; edits here are overwritten on its next apply.",
         "[Unit]",
         f"Description=divingbell: NIC settings for {iface}",
-        f"BindsTo=sys-subsystem-net-devices-{iface}.device",
+        # Ordering only: BindsTo= would never start where udev does not run (containers).
         f"After=sys-subsystem-net-devices-{iface}.device",
         "Before=network-pre.target",
         "Wants=network-pre.target",
