@@ -1,29 +1,35 @@
-"""Print apply timings for a profile of 40 net.* sysctls, inside a throwaway network namespace.
+"""Print apply timings for divingbell's bench profiles, inside a throwaway sandbox.
 
     sudo .venv/bin/python bench/apply_profile.py [--runs N]
 
-Figures: first apply (values change, drop-in written) and no-op apply (nothing to do), measured
-in-process (engine only, and document load+validate+resolve) and as whole `divingbell apply`
-processes. Medians of N runs; the first-apply runs each get a fresh namespace and root.
-Nothing on this machine changes: every write happens in the namespace or a temp directory.
+Profiles:
+  sysctl  40 net.* sysctls
+  full    the sysctls, plus 4 tmpfs mounts, 2 veth interfaces x 5 offload features,
+          5 limits and 10 perm paths
+For each: first apply (everything changes) and no-op apply (nothing to do), in-process (the
+engine, with the document already validated) and as whole `divingbell apply` processes.
+Medians of N runs. Between first-apply runs the sandbox is reset by applying an empty
+document, which restores every original: each first apply starts from a clean host.
+
+The sandbox: a network namespace (sysctls, veths), a private mount namespace and an overlay
+of / as the host root (mounts, files, units, journal). Nothing on this machine changes.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-PROFILE = {
+SYSCTLS: dict[str, Any] = {
     "net.ipv4.ip_forward": 1, "net.ipv4.tcp_syncookies": 0, "net.ipv4.tcp_timestamps": 0,
     "net.ipv4.tcp_sack": 0, "net.ipv4.tcp_window_scaling": 0, "net.ipv4.tcp_fin_timeout": 30,
     "net.ipv4.tcp_keepalive_time": 600, "net.ipv4.tcp_keepalive_intvl": 30,
@@ -43,115 +49,149 @@ PROFILE = {
     "net.ipv4.tcp_min_snd_mss": 64, "net.core.somaxconn": 8192,
     "net.ipv6.conf.all.forwarding": 1,
 }
-assert len(PROFILE) == 40
+assert len(SYSCTLS) == 40
 
-DOCUMENT = {"conf": {"sysctl": PROFILE}}
+FEATURES = {"tx-tcp-segmentation": False, "generic-receive-offload": False,
+            "tx-checksum-ip-generic": False, "scatter-gather": False,
+            "rx-checksumming": False}
+PERM_FILES = [f"/srv/dbbench/file{i}" for i in range(10)]
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "sysctl": {"conf": {"sysctl": SYSCTLS}},
+    "full": {"conf": {
+        "sysctl": SYSCTLS,
+        "mounts": {f"m{i}": {"mnt_tgt": f"/mnt/dbbench{i}", "device": "tmpfs", "type": "tmpfs",
+                             "options": "defaults,noatime,size=8M"} for i in range(4)},
+        "ethtool": {iface: dict(FEATURES) for iface in ("va0", "va1")},
+        "limits": {f"l{i}": {"domain": f"user{i}", "type": "soft", "item": "nofile",
+                             "value": 1024 * (i + 1)} for i in range(5)},
+        "perm": {"paths": [{"path": p, "owner": "root", "group": "root",
+                            "permissions": "0600"} for p in PERM_FILES]},
+    }},
+}
 
 
-@contextlib.contextmanager
-def namespace() -> Iterator[str]:
-    name = f"dbbench-{os.getpid()}-{time.monotonic_ns()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+def median_ms(action: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        action()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
 
 
-def in_process(doc_path: Path, runs: int) -> dict[str, float]:
-    """Runs inside the namespace (re-executed there by main)."""
-    from divingbell.document.api import load_document, node_config, revision
-    from divingbell.engine.runner import apply_node
+def inside(runs: int) -> dict[str, dict[str, float]]:
+    """Runs in the sandbox namespaces (main re-executes itself there)."""
     from divingbell.host import Host
 
-    started = time.perf_counter()
-    document = load_document([doc_path])
-    config = node_config(document, "bench", {})
-    load_ms = (time.perf_counter() - started) * 1000
-    root = Path(tempfile.mkdtemp(prefix="dbbench-root-"))
-    try:
-        host = Host(root=root)
-        started = time.perf_counter()
-        report = apply_node(host, config, revision(document))
-        first_ms = (time.perf_counter() - started) * 1000
-        assert report.ok and len(report.applied) == 41, report.as_dict()
-        noop = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            again = apply_node(host, config, revision(document))
-            noop.append((time.perf_counter() - started) * 1000)
-            assert again.ok and not again.applied
-        loads = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            node_config(load_document([doc_path]), "bench", {})
-            loads.append((time.perf_counter() - started) * 1000)
-    finally:
-        shutil.rmtree(root)
-    return {"first_apply_ms": first_ms, "noop_apply_ms": statistics.median(noop),
-            "document_load_validate_resolve_ms": statistics.median(loads),
-            "first_document_load_ms": load_ms}
-
-
-def whole_process(doc_path: Path, runs: int) -> dict[str, float]:
+    root = overlay_of_slash()
+    for path in PERM_FILES:
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("x\n")
+        target.chmod(0o644)
+    host = Host(root=root)
+    figures = {name: measure(host, name, document, runs) for name, document in PROFILES.items()}
     divingbell = str(Path(sys.executable).with_name("divingbell"))
-    first, noop = [], []
+    figures["startup"] = {"help_cli": median_ms(lambda: subprocess.run(
+        [divingbell, "--help"], check=True, capture_output=True), runs)}
+    return figures
+
+
+def measure(host: Any, name: str, document: dict[str, Any], runs: int) -> dict[str, float]:
+    from divingbell.document.api import node_config, revision
+    from divingbell.document.loader import load_text
+    from divingbell.document.validate import validate
+    from divingbell.engine.runner import apply_node
+
+    doc_path = host.root / f"tmp/dbbench-{name}.yaml"
+    doc_path.write_text(json.dumps(document))
+    valid = validate(load_text(doc_path.read_text()))
+    config = node_config(valid, "bench", {})
+    reset = node_config(validate(load_text("conf: {}\n")), "bench", {})
+    rev = revision(valid)
+    divingbell = str(Path(sys.executable).with_name("divingbell"))
+    argv = [divingbell, "apply", str(doc_path), "--root", str(host.root), "--node", "bench"]
+
+    def first_inproc() -> None:
+        report = apply_node(host, config, rev)
+        assert report.ok and report.applied, report.as_dict()
+
+    def noop_inproc() -> None:
+        report = apply_node(host, config, rev)
+        assert report.ok and not report.applied, report.as_dict()
+
+    def process() -> None:
+        subprocess.run(argv, check=True, capture_output=True, text=True)
+
+    def validate_again() -> None:
+        node_config(validate(load_text(doc_path.read_text())), "bench", {})
+
+    first, first_cli = [], []
     for _ in range(max(3, runs // 4)):
-        with namespace() as ns:
-            root = tempfile.mkdtemp(prefix="dbbench-root-")
-            argv = ["ip", "netns", "exec", ns, divingbell, "apply", str(doc_path),
-                    "--root", root, "--node", "bench"]
-            started = time.perf_counter()
-            subprocess.run(argv, check=True, capture_output=True)
-            first.append((time.perf_counter() - started) * 1000)
-            for _ in range(runs):
-                started = time.perf_counter()
-                out = subprocess.run(argv, check=True, capture_output=True, text=True)
-                noop.append((time.perf_counter() - started) * 1000)
-                assert "No changes" in out.stdout
-            shutil.rmtree(root)
-    # `ip netns exec` itself costs a few ms; measure it so the figure can be read either way.
-    with namespace() as ns:
-        overhead = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            subprocess.run(["ip", "netns", "exec", ns, "true"], check=True)
-            overhead.append((time.perf_counter() - started) * 1000)
-    return {"first_apply_ms": statistics.median(first), "noop_apply_ms": statistics.median(noop),
-            "ip_netns_exec_overhead_ms": statistics.median(overhead)}
+        apply_node(host, reset, "reset")
+        first.append(median_ms(first_inproc, 1))
+        apply_node(host, reset, "reset")
+        first_cli.append(median_ms(process, 1))
+    figures = {
+        "first_inproc": statistics.median(first),
+        "noop_inproc": median_ms(noop_inproc, runs),
+        "validate": median_ms(validate_again, runs),
+        "first_cli": statistics.median(first_cli),
+        "noop_cli": median_ms(process, runs),
+    }
+    restored = apply_node(host, reset, "reset")
+    assert restored.ok, restored.as_dict()
+    return figures
+
+
+def overlay_of_slash() -> Path:
+    base = Path(tempfile.mkdtemp(prefix="dbbench-"))
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(base)], check=True)
+    for name in ("upper", "work", "merged"):
+        (base / name).mkdir()
+    merged = base / "merged"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir=/,upperdir={base}/upper,workdir={base}/work", str(merged)],
+                   check=True)
+    for name in ("proc", "dev", "sys"):
+        subprocess.run(["mount", "--rbind", f"/{name}", str(merged / name)], check=True)
+    return merged
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--inside", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inside:
-        print(json.dumps(in_process(args.inside, args.runs)))
+        print(json.dumps(inside(args.runs)))
         return
     if os.geteuid() != 0:
-        sys.exit("run as root: the bench creates network namespaces")
-    with tempfile.TemporaryDirectory() as tmp:
-        doc = Path(tmp) / "profile.yaml"
-        doc.write_text(json.dumps(DOCUMENT))  # JSON is YAML
-        with namespace() as ns:
-            out = subprocess.run(
-                ["ip", "netns", "exec", ns, sys.executable, __file__, "--inside", str(doc),
-                 "--runs", str(args.runs)], check=True, capture_output=True, text=True)
-        inproc = json.loads(out.stdout)
-        whole = whole_process(doc, args.runs)
-    print(f"profile: {len(PROFILE)} net.* sysctls in a network namespace; medians of "
-          f"{args.runs} runs")
-    print(f"in-process  first apply (engine)          {inproc['first_apply_ms']:8.2f} ms")
-    print(f"in-process  no-op apply (engine)          {inproc['noop_apply_ms']:8.2f} ms")
-    print(f"in-process  load+validate+resolve         "
-          f"{inproc['document_load_validate_resolve_ms']:8.2f} ms")
-    print(f"process     first `divingbell apply`      {whole['first_apply_ms']:8.2f} ms")
-    print(f"process     no-op `divingbell apply`      {whole['noop_apply_ms']:8.2f} ms")
-    overhead = whole["ip_netns_exec_overhead_ms"]
-    print(f"            (of which `ip netns exec`     {overhead:8.2f} ms)")
+        sys.exit("run as root: the bench creates network and mount namespaces")
+    ns = f"dbbench-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        for i in range(2):
+            subprocess.run(["ip", "-n", ns, "link", "add", f"va{i}", "type", "veth", "peer",
+                            "name", f"vb{i}"], check=True)
+        out = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "ip", "netns", "exec", ns,
+             sys.executable, __file__, "--inside", "--runs", str(args.runs)],
+            check=True, capture_output=True, text=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    figures = json.loads(out.stdout)
+    print(f"medians of {args.runs} runs (first apply: {max(3, args.runs // 4)} runs)")
+    print(f"{'profile':8} {'first(engine)':>14} {'no-op(engine)':>14} {'validate':>9} "
+          f"{'first(process)':>15} {'no-op(process)':>15}")
+    for name in PROFILES:
+        f = figures[name]
+        print(f"{name:8} {f['first_inproc']:11.2f} ms {f['noop_inproc']:11.2f} ms "
+              f"{f['validate']:6.2f} ms {f['first_cli']:12.2f} ms {f['noop_cli']:12.2f} ms")
+    print(f"`divingbell --help` process: {figures['startup']['help_cli']:.2f} ms")
 
 
 if __name__ == "__main__":

@@ -139,3 +139,23 @@ def test_slash_form_with_a_literal_dot_reaches_the_right_file(
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
     assert "net.ipv4.conf.v/100.forwarding = 1" in (root / DROPIN.lstrip("/")).read_text()
+
+
+def test_sysctls_that_constrain_each_other_apply_and_restore_in_any_order(
+    netns: NetNs, ns_cli: Cli, root: Path, tmp_path: Path
+) -> None:
+    # ipfrag_low_thresh must stay below ipfrag_high_thresh. Raising both above the current high
+    # needs high first; restoring needs low first. Key order gives the wrong one for restore.
+    low, high = netns.sysctl("net.ipv4.ipfrag_low_thresh"), netns.sysctl("net.ipv4.ipfrag_high_thresh")
+    big_low, big_high = int(high) + 1_000_000, int(high) + 2_000_000
+    doc = write(tmp_path / "doc.yaml",
+                f"conf:\n  sysctl:\n    net.ipv4.ipfrag_high_thresh: {big_high}\n"
+                f"    net.ipv4.ipfrag_low_thresh: {big_low}\n")
+    applied = ns_cli("apply", doc, "--root", root)
+    assert applied.returncode == 0, applied.stdout
+    assert netns.sysctl("net.ipv4.ipfrag_low_thresh") == str(big_low)
+    write(doc, "conf: {}\n")
+    restored = ns_cli("apply", doc, "--root", root)
+    assert restored.returncode == 0, restored.stdout
+    assert netns.sysctl("net.ipv4.ipfrag_low_thresh") == low
+    assert netns.sysctl("net.ipv4.ipfrag_high_thresh") == high

@@ -54,11 +54,16 @@ class CommandError(DivingbellError):
 
 
 class ModuleError(DivingbellError):
-    """A module cannot observe, plan or apply; the message names the setting concerned."""
+    """A module cannot observe, plan or apply; the message names the setting concerned.
 
-    def __init__(self, module: str, problems: Sequence[str]) -> None:
+    `retryable`: the change may succeed once the module's other changes are in (sysctls that
+    constrain each other, like ipfrag_high_thresh > ipfrag_low_thresh).
+    """
+
+    def __init__(self, module: str, problems: Sequence[str], *, retryable: bool = False) -> None:
         self.module = module
         self.problems = list(problems)
+        self.retryable = retryable
         super().__init__("; ".join(self.problems))
 
 

@@ -189,13 +189,28 @@ def _apply_module(
             record.originals[change.target] = original_of(change)
     store.save(journal)
     try:
-        for change in module_plan.changes:
-            result.notes.extend(module.apply(host, change, record))
-            if change.forget:
-                record.originals.pop(change.target, None)
-            result.applied.append(change)
-            if listener is not None and change.changes_host:
-                listener(change, "done")
+        pending = list(module_plan.changes)
+        while pending:
+            # A change the kernel refuses now may be accepted once its siblings are in
+            # (ipfrag_low_thresh must stay below ipfrag_high_thresh): retry such changes after
+            # the rest, for as long as each pass makes progress.
+            deferred: list[tuple[Change, ModuleError]] = []
+            for change in pending:
+                try:
+                    result.notes.extend(module.apply(host, change, record))
+                except ModuleError as exc:
+                    if exc.retryable and len(pending) > 1:
+                        deferred.append((change, exc))
+                        continue
+                    raise
+                if change.forget:
+                    record.originals.pop(change.target, None)
+                result.applied.append(change)
+                if listener is not None and change.changes_host:
+                    listener(change, "done")
+            if len(deferred) == len(pending):
+                raise deferred[0][1]
+            pending = [change for change, _ in deferred]
     except (ModuleError, CommandError, OSError) as exc:
         result.error = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
         for change in reversed(result.applied):

@@ -120,8 +120,10 @@ class Sysctl(HostModule[SysctlConf, SysctlObserved]):
             finally:
                 os.close(fd)
         except OSError as exc:
-            why = "the kernel rejected the value" if exc.errno == errno.EINVAL else exc.strerror
-            raise ModuleError(self.name, [f"{key}: cannot set {value!r}: {why}"]) from None
+            rejected = exc.errno == errno.EINVAL
+            why = "the kernel rejected the value" if rejected else exc.strerror
+            raise ModuleError(self.name, [f"{key}: cannot set {value!r}: {why}"],
+                              retryable=rejected) from None
         reported = normalise(path.read_text())
         if reported != value:
             raise ModuleError(self.name, [
