@@ -161,3 +161,27 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def debian_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A minimal Debian root (debootstrap, cached as a tarball), never modified: tests use
+    overlays of it."""
+    from tests.booted import debian_tarball, extract
+
+    require_root_tools("systemd-nspawn", "nsenter", "tar", "chroot")
+    return extract(debian_tarball(), tmp_path_factory.mktemp("debian") / "root")
+
+
+@pytest.fixture
+def debian_host(debian_root: Path, tmp_path: Path) -> Iterator[Host]:
+    """A throwaway Debian host root: an overlay of the cached root, entered with chroot."""
+    from tests.booted import overlay
+
+    merged = overlay(debian_root, tmp_path / "debian")
+    for name in ("proc", "dev"):
+        subprocess.run(["mount", "--rbind", f"/{name}", merged / name], check=True)
+    try:
+        yield Host(root=merged)
+    finally:
+        subprocess.run(["umount", "-R", "-l", tmp_path / "debian"], check=False)

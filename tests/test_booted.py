@@ -11,18 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.booted import BootedHost, debian_tarball, extract, overlay
-from tests.conftest import NetNs, require_root_tools, write
+from tests.booted import BootedHost, overlay
+from tests.conftest import NetNs, write
 from tests.test_ethtool import features
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def debian_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_root_tools("systemd-nspawn", "nsenter", "tar")
-    return extract(debian_tarball(), tmp_path_factory.mktemp("debian") / "root")
 
 
 @pytest.fixture

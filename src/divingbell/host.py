@@ -101,16 +101,31 @@ class Host:
         except FileNotFoundError:
             return None
 
-    def write_atomic(self, host_path: str, content: str | bytes, mode: int = 0o644) -> None:
+    def write_atomic(
+        self,
+        host_path: str,
+        content: str | bytes,
+        mode: int = 0o644,
+        owner: tuple[int, int] | None = None,
+        dir_mode: int | None = None,
+    ) -> None:
         """Write a file so readers see the old or the new content, never a torn one.
 
-        Temp file in the same directory, fsync, rename, fsync the directory.
+        Temp file in the same directory, fsync, rename, fsync the directory. `owner` (uid, gid)
+        owns the file and, with `dir_mode`, its directory when that has to be created.
         """
         target = self.path(host_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.parent.exists():
+            target.parent.mkdir(parents=True)
+            if dir_mode is not None:
+                target.parent.chmod(dir_mode)
+            if owner is not None:
+                os.chown(target.parent, *owner)
         data = content.encode() if isinstance(content, str) else content
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -156,6 +171,14 @@ class Host:
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
         link.symlink_to(link_target)
+
+    def user_ids(self, user: str) -> tuple[int, int]:
+        """uid and gid of a user in the host's own /etc/passwd (not this process's NSS)."""
+        for line in (self.read_text("/etc/passwd") or "").splitlines():
+            fields = line.split(":")
+            if len(fields) >= 4 and fields[0] == user:
+                return int(fields[2]), int(fields[3])
+        raise KeyError(f"no user {user!r} in {self.path('/etc/passwd')}")
 
     def is_systemd_running(self) -> bool:
         """Whether systemd is PID 1 of the host (sd_booted(3): /run/systemd/system exists)."""

@@ -7,7 +7,7 @@ content is kept as the original and put back when divingbell lets the file go.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from divingbell.engine.change import Action, Change
 from divingbell.engine.journal import ModuleRecord
@@ -18,6 +18,9 @@ from divingbell.host import Host
 class FileSpec:
     content: str
     mode: int = 0o644
+    owner: tuple[int, int] | None = None  # uid, gid; None: root
+    dir_mode: int | None = None           # for the directory, if it must be created
+    owner_user: str | None = None         # owner by name, resolved on the host when written
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,12 @@ def plan_file(
     current: str | None,
     record: ModuleRecord,
     describe: Callable[[str], str] | None = None,
+    restore_as: FileSpec | None = None,
 ) -> Change | None:
     """The change that makes `path` hold `desired` (None: divingbell no longer wants it).
 
     `describe` summarises a content for the plan ("3 settings"); by default, its line count.
+    `restore_as` gives the mode and owner an original content is put back with.
     """
     summary = describe or _line_count
 
@@ -69,7 +74,9 @@ def plan_file(
     if original is not None:
         return Change(module, path, Action.DELETE, what(current), "original content",
                       "no longer wanted; putting back what was there before divingbell",
-                      forget=True, payload=FileChange(FileSpec(original), current, own=False))
+                      forget=True, payload=FileChange(
+                          replace(restore_as, content=original) if restore_as
+                          else FileSpec(original), current, own=False))
     if current is None:
         return Change(module, path, Action.NOOP, None, None,
                       f"{path} is already gone; forgetting it", forget=True,
@@ -81,16 +88,23 @@ def plan_file(
 def apply_file(host: Host, change: Change, record: ModuleRecord) -> None:
     data: FileChange = change.payload
     if change.action is Action.WRITE and data.write is not None:
-        host.write_atomic(change.target, data.write.content, data.write.mode)
+        _write(host, change.target, data.write)
     elif change.action is Action.DELETE:
         if data.write is not None:
-            host.write_atomic(change.target, data.write.content, data.write.mode)
+            _write(host, change.target, data.write)
         else:
             host.remove(change.target)
     if data is not None and data.own:
         record.own(change.target)
     elif data is not None:
         record.disown(change.target)
+
+
+def _write(host: Host, path: str, spec: FileSpec) -> None:
+    owner = spec.owner
+    if spec.owner_user is not None:
+        owner = host.user_ids(spec.owner_user)
+    host.write_atomic(path, spec.content, spec.mode, owner=owner, dir_mode=spec.dir_mode)
 
 
 def undo_file(host: Host, change: Change) -> None:

@@ -12,9 +12,10 @@ from divingbell.modules.limits import Limits
 from divingbell.modules.mounts import Mounts
 from divingbell.modules.perm import Perm
 from divingbell.modules.sysctl import Sysctl
+from divingbell.modules.uamlite import Uamlite
 
 IMPLEMENTED: dict[str, HostModule[Any, Any]] = {
-    module.name: module for module in (Sysctl(), Limits(), Mounts(), Ethtool(), Perm())
+    module.name: module for module in (Sysctl(), Limits(), Mounts(), Ethtool(), Perm(), Uamlite())
 }
 
 

@@ -1,0 +1,303 @@
+"""uamlite: local accounts, their SSH keys and sudo, without locking anyone out.
+
+- Missing users are created with a home and a login shell. A user removed from the document is
+  expired (no login; files and UID kept, so re-adding it gives the same account back) and loses
+  its sudoers file; with purge_expired_users it is deleted with its home.
+- Accounts divingbell did not create (root, the image's own users) are never expired or
+  deleted; if the document names them, their keys and sudo are managed and restored when they
+  leave the document.
+- A sudoers file is checked with `visudo -c` before it is installed.
+- A document that would leave the host with no way in (no account with an SSH key plus sudo,
+  or root with a key) that it had before is refused unless `allow_lockout: true`.
+- Password hashes go to chpasswd on stdin, never argv; plans show them as (sensitive).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from divingbell.document.schema import UamliteConf, User
+from divingbell.engine.change import Action, Change
+from divingbell.engine.files import FileChange, FileSpec, plan_file
+from divingbell.engine.journal import ModuleRecord
+from divingbell.errors import CommandError, ModuleError
+from divingbell.host import Host
+from divingbell.modules.base import HostModule
+
+SUDOERS_DIR = "/etc/sudoers.d"
+SUDO_GROUPS = ("sudo", "admin", "wheel")
+HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
+
+
+def sudoers_file(user: str) -> str:
+    return f"{SUDOERS_DIR}/divingbell-{user}"
+
+
+def sudoers_content(user: str) -> str:
+    return f"{HEADER}{user} ALL=(ALL:ALL) NOPASSWD: ALL\n"
+
+
+def keys_content(keys: list[str]) -> str:
+    return HEADER + "".join(f"{key}\n" for key in keys)
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+    home: str
+    expired: bool
+    password_digest: str  # sha256 of the hash field: compared, never shown or stored raw
+
+
+@dataclass
+class UamliteObserved:
+    accounts: dict[str, Account]
+    groups: dict[str, set[str]]           # group -> members
+    files: dict[str, str | None]          # sudoers and authorized_keys paths -> content
+    keys_owner: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AccountStep:
+    """Payload of a change to an account itself."""
+
+    user: str
+    op: str  # create | unexpire | expire | purge | password
+    secret: str | None = None
+
+
+def parse_passwd(text: str | None) -> dict[str, tuple[int, int, str]]:
+    out = {}
+    for line in (text or "").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 7 and fields[2].isdigit() and fields[3].isdigit():
+            out[fields[0]] = (int(fields[2]), int(fields[3]), fields[5])
+    return out
+
+
+def parse_shadow(text: str | None, today: int) -> dict[str, tuple[bool, str]]:
+    """user -> (expired, sha256 of the password field)."""
+    out = {}
+    for line in (text or "").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 8:
+            expire = fields[7]
+            expired = expire.isdigit() and int(expire) <= today
+            out[fields[0]] = (expired, hashlib.sha256(fields[1].encode()).hexdigest())
+    return out
+
+
+def parse_groups(text: str | None) -> dict[str, set[str]]:
+    out = {}
+    for line in (text or "").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4:
+            out[fields[0]] = {m for m in fields[3].split(",") if m}
+    return out
+
+
+class Uamlite(HostModule[UamliteConf, UamliteObserved]):
+    name = "uamlite"
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._now = clock
+
+    def observe(self, host: Host, desired: UamliteConf | None, record: ModuleRecord
+                ) -> UamliteObserved:
+        today = int(self._now() // 86400)
+        passwd = parse_passwd(host.read_text("/etc/passwd"))
+        shadow = parse_shadow(host.read_text("/etc/shadow"), today)
+        accounts = {
+            name: Account(name, uid, gid, home, *shadow.get(name, (False, "")))
+            for name, (uid, gid, home) in passwd.items()
+        }
+        files: dict[str, str | None] = {}
+        keys_owner: dict[str, tuple[int, int]] = {}
+        for name, account in accounts.items():
+            keys = f"{account.home.rstrip('/')}/.ssh/authorized_keys"
+            files[keys] = host.read_text(keys)
+            keys_owner[keys] = (account.uid, account.gid)
+            files[sudoers_file(name)] = host.read_text(sudoers_file(name))
+        for path in record.owned_files:
+            files.setdefault(path, host.read_text(path))
+        if desired is not None:
+            problems = []
+            for user in desired.users:
+                if user.user_sudo:
+                    try:
+                        host.run(["visudo", "-c", "-q", "-f", "-"],
+                                 input_text=sudoers_content(user.user_name))
+                    except CommandError as exc:
+                        problems.append(f"{user.user_name}: visudo rejects its sudoers entry: "
+                                        f"{exc.stderr.strip() or exc}")
+            if problems:
+                raise ModuleError(self.name, problems)
+        return UamliteObserved(accounts, parse_groups(host.read_text("/etc/group")), files,
+                               keys_owner)
+
+    def plan(self, desired: UamliteConf | None, observed: UamliteObserved, record: ModuleRecord
+             ) -> list[Change]:
+        users = {u.user_name: u for u in (desired.users if desired else [])}
+        created = set(record.state.get("created", []))
+        changes: list[Change] = []
+        for _, user in sorted(users.items()):
+            changes.extend(self._plan_user(user, observed, record, created))
+        for name in sorted(created - set(users)):
+            account = observed.accounts.get(name)
+            if account is None:
+                continue
+            if desired is not None and desired.purge_expired_users:
+                changes.append(Change(self.name, f"user {name}", Action.DELETE, "exists", None,
+                                      "left the document; purge_expired_users deletes it and "
+                                      "its home", payload=AccountStep(name, "purge")))
+            elif not account.expired:
+                changes.append(Change(self.name, f"user {name}", Action.SET, "active", "expired",
+                                      "left the document; expired (files and UID kept)",
+                                      payload=AccountStep(name, "expire")))
+        managed = {p for p in record.owned_files}
+        wanted_files = self._wanted_files(users, observed)
+        unmanaged = {keys_file(observed, u.user_name) for u in users.values()
+                     if u.user_sshkeys is None}
+        for path in sorted((managed - set(wanted_files)) & unmanaged):
+            changes.append(Change(self.name, path, Action.NOOP, None, None,
+                                  "keys are [Unmanaged] now: left as they are, no longer owned",
+                                  forget=True, payload=FileChange(None, None, own=False)))
+        for path in sorted(managed - set(wanted_files) - unmanaged):
+            owner = observed.keys_owner.get(path)
+            restore = FileSpec("", 0o600, owner) if owner else FileSpec("", 0o440)
+            change = plan_file(self.name, path, None, observed.files.get(path), record,
+                               restore_as=restore)
+            if change is not None:
+                changes.append(change)
+        self._check_lockout(desired, observed, changes)
+        return changes
+
+    def _plan_user(self, user: User, observed: UamliteObserved, record: ModuleRecord,
+                   created: set[str]) -> list[Change]:
+        name = user.user_name
+        account = observed.accounts.get(name)
+        changes = []
+        if account is None:
+            changes.append(Change(self.name, f"user {name}", Action.SET, "absent", "active",
+                                  "create with a home and /bin/bash",
+                                  payload=AccountStep(name, "create")))
+        elif account.expired and name in created:
+            changes.append(Change(self.name, f"user {name}", Action.SET, "expired", "active",
+                                  "back in the document; unexpire (same UID and home)",
+                                  payload=AccountStep(name, "unexpire")))
+        secret = user.user_crypt_passwd.get_secret_value() if user.user_crypt_passwd else None
+        if secret is not None:
+            digest = hashlib.sha256(secret.encode()).hexdigest()
+            if account is None or account.password_digest != digest:
+                changes.append(Change(self.name, f"user {name} password", Action.SET,
+                                      "other", "set", "set the password hash", sensitive=True,
+                                      payload=AccountStep(name, "password", secret)))
+        for path, spec in self._files_for(user, observed).items():
+            change = plan_file(self.name, path, spec, observed.files.get(path), record,
+                               _describe, restore_as=replace(spec, content=""))
+            if change is not None:
+                changes.append(change)
+        return changes
+
+    def _wanted_files(self, users: dict[str, User], observed: UamliteObserved
+                      ) -> dict[str, FileSpec]:
+        wanted: dict[str, FileSpec] = {}
+        for user in users.values():
+            wanted.update(self._files_for(user, observed))
+        return wanted
+
+    @staticmethod
+    def _files_for(user: User, observed: UamliteObserved) -> dict[str, FileSpec]:
+        name = user.user_name
+        files: dict[str, FileSpec] = {}
+        if user.user_sudo:
+            files[sudoers_file(name)] = FileSpec(sudoers_content(name), 0o440)
+        if user.user_sshkeys is not None:  # None: [Unmanaged]
+            files[keys_file(observed, name)] = FileSpec(
+                keys_content(user.user_sshkeys), 0o600, dir_mode=0o700, owner_user=name)
+        return files
+
+    def _check_lockout(self, desired: UamliteConf | None, observed: UamliteObserved,
+                       changes: list[Change]) -> None:
+        if desired is not None and desired.allow_lockout:
+            return
+        before = ways_in(observed, {})
+        after = ways_in(observed, {c.target: c for c in changes})
+        if before and not after:
+            raise ModuleError(self.name, [
+                "this document would leave no way in: no account would keep both an SSH key "
+                f"and sudo (today: {', '.join(sorted(before))}). Add one, or set "
+                "uamlite.allow_lockout: true if that is really intended"])
+
+    def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> None:
+        step: AccountStep = change.payload
+        if step.op == "create":
+            host.run(["useradd", "--create-home", "--shell", "/bin/bash", step.user])
+            record.state["created"] = sorted({*record.state.get("created", []), step.user})
+        elif step.op == "unexpire":
+            host.run(["usermod", "--expiredate", "", step.user])
+        elif step.op == "expire":
+            host.run(["usermod", "--expiredate", "1", step.user])
+        elif step.op == "purge":
+            host.run(["userdel", "--remove", step.user], ok_codes=(0, 12))
+            record.state["created"] = [u for u in record.state.get("created", [])
+                                       if u != step.user]
+        elif step.op == "password":
+            host.run(["chpasswd", "--encrypted"], input_text=f"{step.user}:{step.secret}\n")
+
+    def undo_setting(self, host: Host, change: Change) -> None:
+        step: AccountStep = change.payload
+        if step.op == "create":
+            host.run(["userdel", "--remove", step.user], ok_codes=(0, 12))
+        elif step.op == "expire":
+            host.run(["usermod", "--expiredate", "", step.user])
+        elif step.op == "unexpire":
+            host.run(["usermod", "--expiredate", "1", step.user])
+
+
+def _describe(content: str) -> str:
+    lines = [line for line in content.splitlines() if line and not line.startswith("#")]
+    return f"{len(lines)} line{'s' if len(lines) != 1 else ''}"
+
+
+def keys_file(observed: UamliteObserved, user: str) -> str:
+    account = observed.accounts.get(user)
+    home = account.home if account else f"/home/{user}"
+    return f"{home.rstrip('/')}/.ssh/authorized_keys"
+
+
+def ways_in(observed: UamliteObserved, planned: dict[str, Change]) -> set[str]:
+    """Accounts that can log in with a key and become root, once `planned` is applied."""
+    created = {c.payload.user for c in planned.values()
+               if isinstance(c.payload, AccountStep) and c.payload.op == "create"}
+    ways = set()
+    for name in set(observed.accounts) | created:
+        account = observed.accounts.get(name)
+        expired = account.expired if account else False
+        step = planned.get(f"user {name}")
+        if step is not None and isinstance(step.payload, AccountStep):
+            expired = {"expire": True, "purge": True, "unexpire": False}.get(
+                step.payload.op, expired)
+        if expired:
+            continue
+        keys = _after(observed, planned, keys_file(observed, name)) or ""
+        has_key = any(line.strip() and not line.startswith("#") for line in keys.splitlines())
+        sudo = (name == "root" or any(name in observed.groups.get(g, set()) for g in SUDO_GROUPS)
+                or bool(_after(observed, planned, sudoers_file(name))))
+        if has_key and sudo:
+            ways.add(name)
+    return ways
+
+
+def _after(observed: UamliteObserved, planned: dict[str, Change], path: str) -> str | None:
+    """A file's content once `planned` is applied."""
+    change = planned.get(path)
+    write = getattr(change.payload, "write", None) if change is not None else None
+    if change is None or change.action is Action.NOOP:
+        return observed.files.get(path)
+    return write.content if write is not None else None
