@@ -85,3 +85,42 @@ def test_units_survive_a_restart_and_leave_with_the_document(node: BootedHost,
     assert features(netns)["tx-tcp-segmentation"] is True, "original restored"
     assert node.run("test", "-e", "/etc/systemd/system/divingbell-ethtool-va.service",
                     check=False).returncode == 1
+
+
+def test_managed_users_log_in_with_their_key_and_sudo_until_expired(
+    node: BootedHost, tmp_path: Path
+) -> None:
+    docs = tmp_path / "docs"
+    public = []
+    for name in ("ops", "dev"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                        str(docs / f"id_{name}")], check=True)
+        public.append((docs / f"id_{name}.pub").read_text().strip())
+    both = ("conf:\n  uamlite:\n    users:\n"
+            f"      - {{user_name: ops, user_sudo: true, user_sshkeys: ['{public[0]}']}}\n"
+            f"      - {{user_name: dev, user_sshkeys: ['{public[1]}']}}\n")
+    write(docs / "users.yaml", both)
+    applied = node.divingbell("apply", "/docs/users.yaml", "--node", "n1")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+
+    def ssh(user: str, *command: str) -> subprocess.CompletedProcess[str]:
+        return node.run("ssh", "-i", f"/docs/id_{user}", "-o", "BatchMode=yes",
+                        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                        f"{user}@127.0.0.1", *command, check=False)
+
+    for _ in range(50):  # sshd may still be starting right after boot
+        if node.run("systemctl", "is-active", "ssh", check=False).stdout.strip() == "active":
+            break
+        node.run("sleep", "0.1")
+    as_root = ssh("ops", "sudo", "-n", "id", "-u")
+    assert as_root.returncode == 0, as_root.stderr
+    assert as_root.stdout.strip() == "0"
+    assert ssh("dev", "true").returncode == 0
+    assert ssh("dev", "sudo", "-n", "true").returncode != 0, "dev has no sudo"
+
+    write(docs / "users.yaml", both.split("      - {user_name: dev", 1)[0])
+    expired = node.divingbell("apply", "/docs/users.yaml", "--node", "n1")
+    assert expired.returncode == 0, expired.stdout + expired.stderr
+    refused = ssh("dev", "true")
+    assert refused.returncode == 255, "an expired account cannot log in"
+    assert ssh("ops", "true").returncode == 0
