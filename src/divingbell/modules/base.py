@@ -8,7 +8,8 @@
 `desired` is the module's validated conf for this node, or None when the document no longer has
 the module (then plan restores originals and removes owned files). The engine does the journal
 bookkeeping every module shares (originals captured once, forgotten after restore); owned files
-are handled by `engine.files` so no module writes its own.
+are handled by `engine.files`, and unit enablement by `modules.systemd`, so no module writes its
+own.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from divingbell.engine.change import Change
 from divingbell.engine.files import apply_file, is_file_change, undo_file
 from divingbell.engine.journal import ModuleRecord
 from divingbell.host import Host
+from divingbell.modules.systemd import Enablement, apply_enablement
 
 ConfT = TypeVar("ConfT", bound=BaseModel)
 ObservedT = TypeVar("ObservedT")
@@ -42,6 +44,8 @@ class HostModule(ABC, Generic[ConfT, ObservedT]):
         """Carry out one change. Returns notes worth telling the operator (may be empty)."""
         if is_file_change(change):
             apply_file(host, change, record)
+        elif isinstance(change.payload, Enablement):
+            apply_enablement(host, change)
         elif change.changes_host:
             return self.apply_setting(host, change, record) or []
         return []
@@ -49,6 +53,8 @@ class HostModule(ABC, Generic[ConfT, ObservedT]):
     def undo(self, host: Host, change: Change) -> None:
         if is_file_change(change):
             undo_file(host, change)
+        elif isinstance(change.payload, Enablement):
+            apply_enablement(host, change, undo=True)
         elif change.changes_host:
             self.undo_setting(host, change)
 

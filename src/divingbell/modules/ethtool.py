@@ -13,17 +13,15 @@ import re
 from dataclasses import dataclass, field
 
 from divingbell.document.schema import EthtoolConf, EthtoolInterface
-from divingbell.engine.change import Action, Change
-from divingbell.engine.files import FileSpec, plan_file
+from divingbell.engine.change import Change
 from divingbell.engine.journal import ModuleRecord
+from divingbell.engine.settings import converge, restore
 from divingbell.errors import CommandError, ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
 from divingbell.modules.systemd import (
-    Enablement,
-    apply_enablement,
     is_enabled,
-    plan_enablement,
+    plan_unit,
     unit_file,
 )
 
@@ -236,69 +234,35 @@ class Ethtool(HostModule[EthtoolConf, EthtoolObserved]):
                                                key=lambda kv: (kv[0][0] or "", kv[0][1])):
                 key = target(iface, group, name)
                 wanted_targets.add(key)
-                before = self._current(nic, group, name)
-                capture = key not in record.originals
-                payload = Setting(iface, group, name)
-                if before == after:
-                    changes.append(Change(self.name, key, Action.NOOP, before, after,
-                                          f"{key} is already {after}", capture_original=capture,
-                                          payload=payload))
-                else:
-                    changes.append(Change(self.name, key, Action.SET, before, after,
-                                          "set by the document", capture_original=capture,
-                                          payload=payload))
+                changes.append(converge(self.name, key, self._current(nic, group, name), after,
+                                        record, payload=Setting(iface, group, name)))
         for key in sorted(t for t in record.originals if t not in wanted_targets):
             setting = parse_target(key)
             if setting is None:
                 continue
-            original = record.originals[key]
-            gone_or_nic = observed.nics.get(setting.iface)
-            current = self._current(gone_or_nic, setting.group, setting.name)
-            if current is None or original is None:
-                changes.append(Change(self.name, key, Action.NOOP, current, original,
-                                      f"{setting.iface} is gone; forgetting {key}", forget=True))
-            elif current == original:
-                changes.append(Change(self.name, key, Action.NOOP, current, original,
-                                      f"left the document; already at its original {original}",
-                                      forget=True))
-            else:
-                changes.append(Change(self.name, key, Action.RESTORE, current, original,
-                                      "left the document; restoring its original value",
-                                      forget=True, payload=setting))
+            nic_or_gone = observed.nics.get(setting.iface)
+            current = self._current(nic_or_gone, setting.group, setting.name)
+            changes.append(restore(self.name, key, current, record.originals[key],
+                                   payload=setting))
+        wanted_units = set()
         for iface, conf in sorted(wanted_ifaces.items()):
-            path = unit_file(unit_name(iface))
-            spec = FileSpec(render_unit(iface, conf, observed.ethtool_path))
-            file_change = plan_file(self.name, path, spec, observed.units.get(path), record,
-                                    lambda c: "boot-time unit")
-            if file_change is not None:
-                changes.append(file_change)
-            enable = plan_enablement(self.name, unit_name(iface), WANTED_BY, True,
-                                     observed.enabled.get(unit_name(iface), False), start=False)
-            if enable is not None:
-                changes.append(enable)
-        for path in sorted(p for p in observed.units if p not in {
-                unit_file(unit_name(i)) for i in wanted_ifaces}):
+            wanted_units.add(unit_name(iface))
+            changes.extend(plan_unit(
+                self.name, unit_name(iface), render_unit(iface, conf, observed.ethtool_path),
+                observed.units, observed.enabled, WANTED_BY, record))
+        for path in sorted(observed.units):
             unit = path.rsplit("/", 1)[-1]
-            disable = plan_enablement(self.name, unit, WANTED_BY, False,
-                                      observed.enabled.get(unit, False), start=False)
-            if disable is not None:
-                changes.append(disable)
-            file_change = plan_file(self.name, path, None, observed.units.get(path), record)
-            if file_change is not None:
-                changes.append(file_change)
+            if unit not in wanted_units:
+                changes.extend(plan_unit(self.name, unit, None, observed.units,
+                                         observed.enabled, WANTED_BY, record))
         return changes
 
     def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> list[str]:
-        if isinstance(change.payload, Enablement):
-            apply_enablement(host, change)
-            return []
         assert change.after is not None
         return self._set(host, change.payload, change.after)
 
     def undo_setting(self, host: Host, change: Change) -> None:
-        if isinstance(change.payload, Enablement):
-            apply_enablement(host, change, undo=True)
-        elif change.before is not None:
+        if change.before is not None:
             self._set(host, change.payload, change.before)
 
     # -----------------------------------------------------------------------------------------

@@ -16,17 +16,14 @@ from pathlib import Path
 
 from divingbell.document.schema import Mount, MountsConf
 from divingbell.engine.change import Action, Change
-from divingbell.engine.files import FileSpec, plan_file
 from divingbell.engine.journal import ModuleRecord
 from divingbell.errors import CommandError, ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
 from divingbell.modules.systemd import (
-    Enablement,
-    apply_enablement,
     escape_path,
     is_enabled,
-    plan_enablement,
+    plan_unit,
     systemctl,
     unit_file,
 )
@@ -190,15 +187,8 @@ class Mounts(HostModule[MountsConf, MountsObserved]):
         for name, mount in sorted(mounts.items()):
             unit = unit_name(mount)
             wanted_units.add(unit_file(unit))
-            file_change = plan_file(self.name, unit_file(unit), FileSpec(render_unit(name, mount)),
-                                    observed.units.get(unit_file(unit)), record,
-                                    lambda c: "mount unit")
-            if file_change is not None:
-                changes.append(file_change)
-            enable = plan_enablement(self.name, unit, WANTED_BY, True,
-                                     observed.enabled.get(unit, False), start=False)
-            if enable is not None:
-                changes.append(enable)
+            changes.extend(plan_unit(self.name, unit, render_unit(name, mount), observed.units,
+                                     observed.enabled, WANTED_BY, record))
             live = observed.live.get(mount.mnt_tgt)
             before = live.show() if live else NOT_MOUNTED
             capture = mount.mnt_tgt not in record.originals
@@ -232,14 +222,8 @@ class Mounts(HostModule[MountsConf, MountsObserved]):
                                       forget=True,
                                       payload=MountStep(target, unit, None, live, original)))
         for path in sorted(p for p in observed.units if p not in wanted_units):
-            unit = path.rsplit("/", 1)[-1]
-            disable = plan_enablement(self.name, unit, WANTED_BY, False,
-                                      observed.enabled.get(unit, False), start=False)
-            if disable is not None:
-                changes.append(disable)
-            file_change = plan_file(self.name, path, None, observed.units.get(path), record)
-            if file_change is not None:
-                changes.append(file_change)
+            changes.extend(plan_unit(self.name, path.rsplit("/", 1)[-1], None, observed.units,
+                                     observed.enabled, WANTED_BY, record))
         return changes
 
     def apply(self, host: Host, change: Change, record: ModuleRecord) -> list[str]:
@@ -266,9 +250,6 @@ class Mounts(HostModule[MountsConf, MountsObserved]):
         return notes
 
     def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> None:
-        if isinstance(change.payload, Enablement):
-            apply_enablement(host, change)
-            return
         step: MountStep = change.payload
         if step.want is not None:
             if not host.path(step.target).exists():
@@ -279,9 +260,6 @@ class Mounts(HostModule[MountsConf, MountsObserved]):
             self._unmount_or_restore(host, step)
 
     def undo_setting(self, host: Host, change: Change) -> None:
-        if isinstance(change.payload, Enablement):
-            apply_enablement(host, change, undo=True)
-            return
         step: MountStep = change.payload
         if step.want is not None:
             if step.had is None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from divingbell.document.schema import PermConf
 from divingbell.engine.change import Action, Change
 from divingbell.engine.journal import ModuleRecord
+from divingbell.engine.settings import converge, restore
 from divingbell.errors import ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
@@ -127,31 +128,15 @@ class Perm(HostModule[PermConf, PermObserved]):
         for path, want in sorted(observed.wanted.items()):
             have = observed.current[path]
             assert have is not None
-            capture = path not in record.originals
-            if have == want:
-                changes.append(Change(self.name, path, Action.NOOP, have.show(ids), want.show(ids),
-                                      f"{path} is already {want.show(ids)}",
-                                      capture_original=capture))
-            else:
-                changes.append(Change(self.name, path, Action.SET, have.show(ids), want.show(ids),
-                                      "set by the document", capture_original=capture,
-                                      payload=(have, want)))
+            changes.append(converge(self.name, path, have.show(ids), want.show(ids), record,
+                                    payload=(have, want)))
         for path in sorted(p for p in record.originals if p not in observed.wanted):
             have = observed.current.get(path)
             original_text = record.originals[path]
             original = parse_shown(original_text, ids) if original_text else None
-            if have is None or original is None:
-                changes.append(Change(self.name, path, Action.NOOP, None, original_text,
-                                      f"{path} is gone or its original is unknown; forgetting it",
-                                      forget=True))
-            elif have == original:
-                changes.append(Change(self.name, path, Action.NOOP, have.show(ids), original_text,
-                                      "left the document; already at its original", forget=True))
-            else:
-                changes.append(Change(self.name, path, Action.RESTORE, have.show(ids),
-                                      original.show(ids),
-                                      "left the document; restoring its original owner and mode",
-                                      forget=True, payload=(have, original)))
+            changes.append(restore(
+                self.name, path, have.show(ids) if have else None,
+                original.show(ids) if original else None, payload=(have, original)))
         return changes
 
     def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> None:

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from divingbell.document.schema import SysctlConf, sysctl_components
-from divingbell.engine.change import Action, Change
+from divingbell.engine.change import Change
 from divingbell.engine.files import FileSpec, plan_file
 from divingbell.engine.journal import ModuleRecord
+from divingbell.engine.settings import converge, left_the_document, restore
 from divingbell.errors import ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
@@ -76,27 +77,10 @@ class Sysctl(HostModule[SysctlConf, SysctlObserved]):
         wanted = {key: normalise(value) for key, value in (desired.root if desired else {}).items()}
         changes = []
         for key in sorted(wanted):
-            before, after = observed.live[key], wanted[key]
-            capture = key not in record.originals
-            if before == after:
-                changes.append(Change(self.name, key, Action.NOOP, before, after,
-                                      f"{key} is already {after}", capture_original=capture))
-            else:
-                changes.append(Change(self.name, key, Action.SET, before, after,
-                                      "set by the document", capture_original=capture))
-        for key in sorted(k for k in record.originals if not k.startswith("/") and k not in wanted):
-            original, current = record.originals[key], observed.live.get(key)
-            if current is None or original is None:
-                changes.append(Change(self.name, key, Action.NOOP, current, original,
-                                      f"{key} no longer exists; forgetting it", forget=True))
-            elif current == original:
-                changes.append(Change(self.name, key, Action.NOOP, current, original,
-                                      f"left the document; already at its original {original}",
-                                      forget=True))
-            else:
-                changes.append(Change(self.name, key, Action.RESTORE, current, original,
-                                      "left the document; restoring its original value",
-                                      forget=True))
+            changes.append(converge(self.name, key, observed.live[key], wanted[key], record))
+        for key in left_the_document(record, wanted):
+            changes.append(restore(self.name, key, observed.live.get(key),
+                                   record.originals[key]))
         dropin = FileSpec(render_dropin(wanted)) if wanted else None
         file_change = plan_file(self.name, DROPIN, dropin, observed.dropin, record, _describe)
         if file_change is not None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from divingbell.engine.change import Action, Change
+from divingbell.engine.files import FileSpec, plan_file
+from divingbell.engine.journal import ModuleRecord
 from divingbell.host import Host
 
 UNIT_DIR = "/etc/systemd/system"
@@ -66,6 +69,27 @@ def plan_enablement(
         f"{'enable' if want else 'disable'} for boot (WantedBy={wanted_by})",
         payload=Enablement(unit, wanted_by, start),
     )
+
+
+def plan_unit(
+    module: str,
+    unit: str,
+    content: str | None,
+    observed: Mapping[str, str | None],
+    enabled: Mapping[str, bool],
+    wanted_by: str,
+    record: ModuleRecord,
+) -> list[Change]:
+    """An owned unit and its enablement: write then enable it, or (content None) disable then
+    delete it. `observed` maps unit paths to their current content."""
+    path = unit_file(unit)
+    spec = FileSpec(content) if content is not None else None
+    file_change = plan_file(module, path, spec, observed.get(path), record,
+                            lambda _: "unit file")
+    toggle = plan_enablement(module, unit, wanted_by, content is not None,
+                             enabled.get(unit, False), start=False)
+    ordered = [file_change, toggle] if content is not None else [toggle, file_change]
+    return [change for change in ordered if change is not None]
 
 
 def apply_enablement(host: Host, change: Change, *, undo: bool = False) -> None:
