@@ -226,38 +226,25 @@ class Mounts(HostModule[MountsConf, MountsObserved]):
                                      observed.enabled, WANTED_BY, record))
         return changes
 
-    def apply(self, host: Host, change: Change, record: ModuleRecord) -> list[str]:
-        notes = super().apply(host, change, record)
-        step = change.payload
-        if isinstance(step, MountStep) and step.want is None:
-            # The mount point goes too, if divingbell made it and nothing else is in it.
-            created = record.state.get("created_dirs", [])
-            if step.target in created:
-                try:
-                    host.path(step.target).rmdir()
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    notes.append(f"left {step.target} in place: {exc.strerror}")
-                record.state["created_dirs"] = [d for d in created if d != step.target]
-                if not record.state["created_dirs"]:
-                    record.state.pop("created_dirs")
-        elif isinstance(step, MountStep) and step.want is not None:
-            created = record.state.pop("_just_created", None)
-            if created:
-                record.state["created_dirs"] = sorted(
-                    {*record.state.get("created_dirs", []), created})
-        return notes
-
     def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> None:
         step: MountStep = change.payload
+        created = set(record.state.get("created_dirs", []))
         if step.want is not None:
             if not host.path(step.target).exists():
                 host.path(step.target).mkdir(parents=True)
-                record.state["_just_created"] = step.target
+                created.add(step.target)
             self._mount(host, step, step.want)
         else:
             self._unmount_or_restore(host, step)
+            if step.target in created:
+                # The mount point goes too, since divingbell made it (only if it is empty).
+                created.discard(step.target)
+                with contextlib.suppress(OSError):
+                    host.path(step.target).rmdir()
+        if created:
+            record.state["created_dirs"] = sorted(created)
+        else:
+            record.state.pop("created_dirs", None)
 
     def undo_setting(self, host: Host, change: Change) -> None:
         step: MountStep = change.payload
