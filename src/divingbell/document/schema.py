@@ -448,9 +448,22 @@ class DebconfAnswer(StrictModel):
     answer: Text
 
 
+_VERSION = re.compile(r"^(\d+:)?[0-9][A-Za-z0-9.+~:-]*$")
+
+
+def _package_version(value: Any) -> str:
+    text = _plain_text(value)
+    if not _VERSION.match(text):
+        raise ValueError(f"{text!r} is not a Debian version (like 1:9.2p1-2+deb12u3)")
+    return text
+
+
+PackageVersion = Annotated[str, BeforeValidator(_package_version, json_schema_input_type=str)]
+
+
 class Package(StrictModel):
     name: PackageName
-    version: Text | None = None
+    version: PackageVersion | None = None
     allow_downgrade: bool | None = None
     debconf: list[DebconfAnswer] = []
 
@@ -465,10 +478,27 @@ def _package_shape(value: Any) -> str:
 
 class Repository(StrictModel):
     url: Text
-    distributions: list[Text]
+    distributions: Annotated[list[Text], Field(min_length=1)]
     components: list[Text] = []
     architectures: list[Text] = []
     gpgkey: Text | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Repository:
+        if not re.match(r"^(https?|file|cdrom|mirror\+\w+|tor\+\w+):", self.url):
+            raise ValueError(f"url {self.url!r} is not an apt URI (http://, https://, file:...)")
+        flat = [d for d in self.distributions if d.endswith("/")]
+        if flat and len(flat) != len(self.distributions):
+            raise ValueError("distributions mixes flat paths (ending in /) with suites")
+        if flat and self.components:
+            raise ValueError("a flat repository (distribution ending in /) has no components")
+        if not flat and not self.components:
+            raise ValueError("components are required (e.g. [main]) unless the distribution "
+                             "is a flat path ending in /")
+        if self.gpgkey is not None and "-----BEGIN PGP PUBLIC KEY BLOCK-----" not in self.gpgkey:
+            raise ValueError("gpgkey must be an ASCII-armored public key "
+                             "(-----BEGIN PGP PUBLIC KEY BLOCK-----)")
+        return self
 
 
 class AptConf(StrictModel):
@@ -481,6 +511,7 @@ class AptConf(StrictModel):
     allow_downgrade: bool = False
     strict: bool = False
     exclusive_sources: bool = False
+    dpkg_lock_timeout: Annotated[int, Field(ge=0, le=3600)] = 300
     blacklistpkgs: list[PackageName] = []
     whitelistpkgs: list[PackageName] = []
 
@@ -489,6 +520,21 @@ class AptConf(StrictModel):
         if isinstance(self.packages, dict):
             return [pkg for group in self.packages.values() for pkg in group]
         return list(self.packages)
+
+    @model_validator(mode="after")
+    def _check(self) -> AptConf:
+        seen: set[str] = set()
+        problems = []
+        for pkg in self.all_packages:
+            if pkg.name in seen:
+                problems.append(f"package {pkg.name} is listed twice")
+            seen.add(pkg.name)
+        both = sorted(seen & set(self.blacklistpkgs))
+        if both:
+            problems.append(f"requested and blacklisted at once: {', '.join(both)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 # apparmor -------------------------------------------------------------------------------------

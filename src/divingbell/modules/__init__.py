@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from divingbell.document.schema import MODULE_NAMES
+from divingbell.modules.apt import Apt
 from divingbell.modules.base import HostModule
 from divingbell.modules.ethtool import Ethtool
 from divingbell.modules.limits import Limits
@@ -15,7 +16,8 @@ from divingbell.modules.sysctl import Sysctl
 from divingbell.modules.uamlite import Uamlite
 
 IMPLEMENTED: dict[str, HostModule[Any, Any]] = {
-    module.name: module for module in (Sysctl(), Limits(), Mounts(), Ethtool(), Perm(), Uamlite())
+    module.name: module for module in (
+        Sysctl(), Limits(), Mounts(), Ethtool(), Apt(), Uamlite(), Perm())
 }
 
 
