@@ -5,11 +5,12 @@
 Profiles:
   sysctl  40 net.* sysctls
   full    the sysctls, plus 4 tmpfs mounts, 2 veth interfaces x 5 offload features,
-          5 limits and 10 perm paths
+          5 limits, 10 perm paths, 20 users (keys; half with sudo) and 10 packages that
+          are already installed (the settled dpkg check; no download is measured)
 For each: first apply (everything changes) and no-op apply (nothing to do), in-process (the
 engine, with the document already validated) and as whole `divingbell apply` processes.
-Medians of N runs. Between first-apply runs the sandbox is reset by applying an empty
-document, which restores every original: each first apply starts from a clean host.
+Medians of N runs. Between first-apply runs the sandbox is reset by a document that restores
+every original and deletes the users: each first apply starts from a clean host.
 
 The sandbox: a network namespace (sysctls, veths), a private mount namespace and an overlay
 of / as the host root (mounts, files, units, journal). Nothing on this machine changes.
@@ -55,6 +56,12 @@ FEATURES = {"tx-tcp-segmentation": False, "generic-receive-offload": False,
             "tx-checksum-ip-generic": False, "scatter-gather": False,
             "rx-checksumming": False}
 PERM_FILES = [f"/srv/dbbench/file{i}" for i in range(10)]
+BENCH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIF2bE1q62MELbuEAkqo2A527FrQdC95PpU9jOMAeVMsC bench"
+USERS = [{"user_name": f"dbbench{i}", "user_sudo": i % 2 == 0, "user_sshkeys": [BENCH_KEY]}
+         for i in range(20)]
+# Installed on any Debian host: the profile measures the settled check, not a download.
+PACKAGES = [{"name": name} for name in ("bash", "coreutils", "grep", "sed", "tar", "gzip",
+                                        "findutils", "util-linux", "procps", "iproute2")]
 
 PROFILES: dict[str, dict[str, Any]] = {
     "sysctl": {"conf": {"sysctl": SYSCTLS}},
@@ -67,8 +74,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                              "value": 1024 * (i + 1)} for i in range(5)},
         "perm": {"paths": [{"path": p, "owner": "root", "group": "root",
                             "permissions": "0600"} for p in PERM_FILES]},
+        "uamlite": {"purge_expired_users": True, "users": USERS},
+        "apt": {"packages": PACKAGES},
     }},
 }
+# Between first-apply runs: users created by the last run are deleted, so each run creates them.
+RESET = {"conf": {"uamlite": {"purge_expired_users": True, "allow_lockout": True, "users": []}}}
 
 
 def median_ms(action: Callable[[], object], runs: int) -> float:
@@ -108,7 +119,7 @@ def measure(host: Any, name: str, document: dict[str, Any], runs: int) -> dict[s
     doc_path.write_text(json.dumps(document))
     valid = validate(load_text(doc_path.read_text()))
     config = node_config(valid, "bench", {})
-    reset = node_config(validate(load_text("conf: {}\n")), "bench", {})
+    reset = node_config(validate(load_text(json.dumps(RESET))), "bench", {})
     rev = revision(valid)
     divingbell = str(Path(sys.executable).with_name("divingbell"))
     argv = [divingbell, "apply", str(doc_path), "--root", str(host.root), "--node", "bench"]
@@ -141,6 +152,9 @@ def measure(host: Any, name: str, document: dict[str, Any], runs: int) -> dict[s
         "noop_cli": median_ms(process, runs),
     }
     restored = apply_node(host, reset, "reset")
+    assert restored.ok, restored.as_dict()
+    restored = apply_node(host, node_config(validate(load_text("conf: {}\n")), "bench", {}),
+                          "reset")
     assert restored.ok, restored.as_dict()
     return figures
 

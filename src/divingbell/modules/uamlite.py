@@ -128,10 +128,11 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
         if desired is not None:
             problems = []
             for user in desired.users:
-                if user.user_sudo:
+                # A file already installed with this content passed visudo when it was written.
+                content = sudoers_content(user.user_name)
+                if user.user_sudo and files.get(sudoers_file(user.user_name)) != content:
                     try:
-                        host.run(["visudo", "-c", "-q", "-f", "-"],
-                                 input_text=sudoers_content(user.user_name))
+                        host.run(["visudo", "-c", "-q", "-f", "-"], input_text=content)
                     except CommandError as exc:
                         problems.append(f"{user.user_name}: visudo rejects its sudoers entry: "
                                         f"{exc.stderr.strip() or exc}")
