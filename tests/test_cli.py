@@ -101,11 +101,3 @@ def test_status_on_a_fresh_host(cli: Cli, root: Path) -> None:
     assert text.returncode == 0
     assert "Owns nothing on this host." in text.stdout
     assert "Last apply: never" in text.stdout
-
-
-def test_plan_of_an_unimplemented_module_fails_clearly(cli: Cli, tmp_path: Path, root: Path
-                                                       ) -> None:
-    doc = write(tmp_path / "d.yaml", "conf:\n  exec:\n    a.sh: {data: 'true'}\n")
-    result = cli("plan", doc, "--root", root)
-    assert result.returncode == 1
-    assert "module 'exec' is not implemented" in result.stdout

@@ -100,11 +100,12 @@ def journal_or_empty(host: Host) -> dict[str, Any]:
     return modules
 
 
-def test_modules_not_implemented_yet_are_refused_not_ignored(scratch_host: Host) -> None:
-    doc = DOC + "  apparmor:\n    profiles: {}\n"
+def test_one_module_that_cannot_plan_stops_every_module(scratch_host: Host) -> None:
+    # The scratch root has no apparmor_parser: apparmor cannot check its profile.
+    doc = DOC + "  apparmor:\n    profiles:\n      p1: '/usr/bin/x { }'\n"
     report = apply_node(scratch_host, config(doc), "r1")
     assert not report.ok
-    assert any("'apparmor' is not implemented" in e for e in report.plan.errors)
+    assert any("apparmor_parser not found" in e for e in report.plan.errors), report.plan.errors
     assert live(scratch_host, "net.ipv4.ip_forward") == "0", "refused before any change"
 
 

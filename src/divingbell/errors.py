@@ -67,5 +67,14 @@ class ModuleError(DivingbellError):
         super().__init__("; ".join(self.problems))
 
 
+class OutcomeFailed(ModuleError):
+    """A change was carried out and recorded, and its outcome is a failure (a script exited
+    non-zero). There is nothing to roll back. `halt`: skip the module's remaining changes."""
+
+    def __init__(self, module: str, problems: Sequence[str], *, halt: bool = False) -> None:
+        super().__init__(module, problems)
+        self.halt = halt
+
+
 class LockTimeout(DivingbellError):
     """Another divingbell run holds the host lock."""

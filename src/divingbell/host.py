@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -31,6 +33,8 @@ class Completed:
     returncode: int
     stdout: str
     stderr: str
+    timed_out: bool = False
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,42 @@ class Host:
         if check and proc.returncode not in ok_codes:
             raise CommandError(list(argv), proc.returncode, proc.stdout, proc.stderr)
         return done
+
+    def run_script(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        timeout: float,
+        grace: float = 10.0,
+    ) -> Completed:
+        """Run an operator's script in its own process group and return however it ended.
+
+        On timeout the whole group gets SIGTERM, then SIGKILL after `grace` seconds: a script's
+        children (`sleep`, a daemon it forked by mistake) die with it. A non-zero exit is a
+        result here, not an error.
+        """
+        full = ["chroot", str(self.root), *argv] if self.chrooted else list(argv)
+        started = time.monotonic()
+        proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**CLEAN_ENV, **self.extra_env, **env})
+        timed_out = False
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                stdout, stderr = proc.communicate(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                stdout, stderr = proc.communicate()
+        # Stragglers that ignored TERM while the leader exited still share the group.
+        if timed_out:
+            _signal_group(proc.pid, signal.SIGKILL)
+        return Completed(list(argv), proc.returncode, stdout, stderr, timed_out,
+                         time.monotonic() - started)
 
     # Files -----------------------------------------------------------------------------------
 
@@ -183,6 +223,11 @@ class Host:
     def is_systemd_running(self) -> bool:
         """Whether systemd is PID 1 of the host (sd_booted(3): /run/systemd/system exists)."""
         return self.path("/run/systemd/system").is_dir()
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signum)
 
 
 def fsync_dir(directory: Path) -> None:

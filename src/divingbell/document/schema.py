@@ -1,10 +1,9 @@
 """The document schema: Divingbell's documented YAML, unchanged, plus divingbell's extensions.
 
-Every module key under `conf:` is modelled here, whether or not its host module is implemented
-yet, so a document is validated whole before anything touches a host. Values keep YAML 1.1
-meanings where the seeds rely on them (`tx-tcp-segmentation: off` is the NIC setting "off").
-Unions are avoided (or tagged `<...>`, stripped from error paths) so each problem is reported
-once, at its own path.
+Every module key under `conf:` is modelled here, so a document is validated whole before
+anything touches a host. Values keep YAML 1.1 meanings where the seeds rely on them
+(`tx-tcp-segmentation: off` is the NIC setting "off"). Unions are avoided (or tagged `<...>`,
+stripped from error paths) so each problem is reported once, at its own path.
 """
 
 from __future__ import annotations
@@ -543,6 +542,9 @@ class AppArmorConf(StrictModel):
     # Divingbell wrote "true"/"false" strings (and took "false" as true): both mean what they say.
     complain_mode: Switch = False
     profiles: Annotated[dict[str, str], BeforeValidator(_check_name_keys)] = {}
+    # An extension: false writes (and syntax-checks) profiles without loading them, for hosts
+    # whose AppArmor is enabled at a later boot.
+    load: Switch = True
 
 
 # exec -----------------------------------------------------------------------------------------
@@ -552,7 +554,9 @@ class Script(StrictModel):
     args: list[Text] = []
     env: dict[str, Text] = {}
     rerun_policy: RerunPolicy = "always"
-    rerun_interval: Interval = "infinite"
+    # always: None reruns on every apply; N at most every N seconds; infinite: never again.
+    rerun_interval: Interval | None = None
+    # once_successfully: None retries on every apply; N at most every N seconds.
     retry_interval: Interval | None = None
     timeout: Annotated[
         int, Field(ge=1, validation_alias=AliasChoices("timeout", "script_timeout"))

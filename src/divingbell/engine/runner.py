@@ -1,7 +1,7 @@
 """Plan every module, then apply module by module.
 
 Planning observes the host and decides; it touches nothing. If any module cannot be planned
-(an unknown sysctl, a module not implemented yet) apply refuses before changing anything.
+(an unknown sysctl, a profile the parser rejects) apply refuses before changing anything.
 Within a module, changes apply in plan order; if one fails, the ones already applied are undone
 in reverse and the journal is put back as it was, so host and journal stay consistent. Other
 modules still apply: they do not depend on each other's success.
@@ -19,7 +19,7 @@ from divingbell.engine.change import Action, Change
 from divingbell.engine.files import original_of
 from divingbell.engine.journal import FileJournalStore, Journal, JournalStore
 from divingbell.engine.lock import host_lock
-from divingbell.errors import CommandError, ModuleError
+from divingbell.errors import CommandError, ModuleError, OutcomeFailed
 from divingbell.host import Host
 from divingbell.modules import MODULE_NAMES, get
 
@@ -113,6 +113,11 @@ class ApplyReport:
     def applied(self) -> list[Change]:
         return [c for result in self.results for c in result.applied if c.changes_host]
 
+    @property
+    def errors(self) -> list[str]:
+        """Every reason this run failed: plan errors, then each module's apply error."""
+        return self.plan.errors + [f"{r.module}: {r.error}" for r in self.results if r.error]
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "node": self.node,
@@ -138,18 +143,12 @@ def make_plan(host: Host, config: NodeConfig, journal: Journal) -> Plan:
         applied = config.overrides.get(name)
         plan = ModulePlan(name, override=applied.description if applied else None)
         module = get(name)
-        if module is None:
-            plan.error = (
-                f"module {name!r} is not implemented in this version of divingbell; "
-                f"remove conf.{name} (and its overrides) to apply the rest"
-            )
-        else:
-            try:
-                record = record if record is not None else journal.record(name)
-                observed = module.observe(host, desired, record)
-                plan.changes = module.plan(desired, observed, record)
-            except (ModuleError, CommandError) as exc:
-                plan.error = str(exc)
+        try:
+            record = record if record is not None else journal.record(name)
+            observed = module.observe(host, desired, record)
+            plan.changes = module.plan(desired, observed, record)
+        except (ModuleError, CommandError) as exc:
+            plan.error = str(exc)
         modules.append(plan)
     return Plan(config.node, modules)
 
@@ -178,7 +177,6 @@ def _apply_module(
     listener: ChangeListener | None,
 ) -> ModuleResult:
     module = get(module_plan.module)
-    assert module is not None
     result = ModuleResult(module_plan.module)
     record = journal.record(module_plan.module)
     snapshot = record.copy()
@@ -188,6 +186,8 @@ def _apply_module(
         if change.capture_original and change.target not in record.originals:
             record.originals[change.target] = original_of(change)
     store.save(journal)
+    failures: list[str] = []  # changes done and recorded whose outcome failed
+    halted = False
     try:
         pending = list(module_plan.changes)
         while pending:
@@ -196,8 +196,13 @@ def _apply_module(
             # the rest, for as long as each pass makes progress.
             deferred: list[tuple[Change, ModuleError]] = []
             for change in pending:
+                if halted:
+                    break
                 try:
                     result.notes.extend(module.apply(host, change, record))
+                except OutcomeFailed as exc:
+                    failures.append(str(exc))
+                    halted = exc.halt
                 except ModuleError as exc:
                     if exc.retryable and len(pending) > 1:
                         deferred.append((change, exc))
@@ -208,9 +213,9 @@ def _apply_module(
                 result.applied.append(change)
                 if listener is not None and change.changes_host:
                     listener(change, "done")
-            if len(deferred) == len(pending):
+            if len(deferred) == len(pending) and not halted:
                 raise deferred[0][1]
-            pending = [change for change, _ in deferred]
+            pending = [] if halted else [change for change, _ in deferred]
     except (ModuleError, CommandError, OSError) as exc:
         result.error = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
         for change in reversed(result.applied):
@@ -227,6 +232,8 @@ def _apply_module(
             # The host is as it was before this run: so is the journal.
             journal.modules[module_plan.module] = snapshot
         result.applied = []
+    if failures and result.error is None:
+        result.error = "; ".join(failures)
     store.save(journal)
     return result
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from divingbell.document.schema import MODULE_NAMES
+from divingbell.modules.apparmor import AppArmor
 from divingbell.modules.apt import Apt
 from divingbell.modules.base import HostModule
 from divingbell.modules.ethtool import Ethtool
+from divingbell.modules.exec import Exec
 from divingbell.modules.limits import Limits
 from divingbell.modules.mounts import Mounts
 from divingbell.modules.perm import Perm
@@ -17,13 +19,12 @@ from divingbell.modules.uamlite import Uamlite
 
 IMPLEMENTED: dict[str, HostModule[Any, Any]] = {
     module.name: module for module in (
-        Sysctl(), Limits(), Mounts(), Ethtool(), Apt(), Uamlite(), Perm())
+        Sysctl(), Limits(), Mounts(), Ethtool(), Apt(), Uamlite(), Perm(), AppArmor(), Exec())
 }
 
 
-def get(name: str) -> HostModule[Any, Any] | None:
-    """The module, or None while it is modelled in the schema but not implemented yet."""
-    return IMPLEMENTED.get(name)
+def get(name: str) -> HostModule[Any, Any]:
+    return IMPLEMENTED[name]
 
 
 __all__ = ["IMPLEMENTED", "MODULE_NAMES", "HostModule", "get"]

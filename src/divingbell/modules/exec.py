@@ -1,0 +1,169 @@
+"""exec: operators' one-off host fixes, run in name order with a memory of what ran.
+
+- Each script is stored under /var/lib/divingbell/exec (directory 0700, script 0700, env 0600)
+  and run from there, chrooted into the host root, with its args and env; stdout and stderr go
+  into the run's report.
+- The journal keeps, per script, its content hash, last exit and last run time. A changed script
+  (data, args or env) is a new script. `never` runs once ever; `once_successfully` retries
+  (every `retry_interval`, or every apply) until it exits 0; `always` reruns on every apply, or
+  every `rerun_interval` seconds, and `rerun_interval: infinite` means never again.
+- A timeout kills the script's whole process group: TERM, then KILL after a grace period.
+- A failing script fails the run; the run is not rolled back (a script's effects are its own).
+  `foreground_halt_pod_on_failure` also skips the scripts after it.
+- A script that leaves the document is forgotten and its stored copy deleted; nothing it did is
+  reverted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from divingbell.document.schema import ExecConf, Script
+from divingbell.engine.change import Action, Change
+from divingbell.engine.journal import ModuleRecord
+from divingbell.errors import OutcomeFailed
+from divingbell.host import Host
+from divingbell.modules.base import HostModule
+
+STORE = "/var/lib/divingbell/exec"
+OUTPUT_TAIL = 2000  # characters of each stream kept in the report
+
+
+def script_hash(script: Script) -> str:
+    material = json.dumps({"data": script.data, "args": script.args, "env": script.env},
+                          sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def decide(name: str, script: Script, last: dict[str, Any] | None, now: float
+           ) -> tuple[bool, str]:
+    """Whether `script` runs now, and why (or why not). Pure: the clock comes in as `now`."""
+    digest = script_hash(script)
+    if last is None:
+        return True, "new script"
+    if last.get("hash") != digest:
+        return True, "the script changed (data, args or env): a new script"
+    ran = float(last.get("ran_at", 0))
+    ended = "timed out" if last.get("timed_out") else f"exit {last.get('exit')}"
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ran))
+    if script.rerun_policy == "never":
+        return False, f"rerun_policy never: ran once at {when} ({ended})"
+    if script.rerun_policy == "once_successfully":
+        if last.get("exit") == 0 and not last.get("timed_out"):
+            return False, f"once_successfully: succeeded at {when}"
+        return _due(script.retry_interval, ran, now, f"once_successfully: last try {ended}",
+                    "retry")
+    return _due(script.rerun_interval, ran, now, "always", "rerun")
+
+
+def _due(interval: int | str | None, ran: float, now: float, what: str, verb: str
+         ) -> tuple[bool, str]:
+    if interval is None:
+        return True, f"{what}: {verb} on every apply"
+    if interval == "infinite":
+        return False, f"{what}: {verb}_interval is infinite, so never again"
+    assert isinstance(interval, int)
+    if now - ran >= interval:
+        return True, f"{what}: {interval}s since the last run have passed"
+    return False, f"{what}: next {verb} in {int(interval - (now - ran))}s"
+
+
+@dataclass(frozen=True)
+class RunScript:
+    name: str
+    script: Script
+    digest: str
+
+
+@dataclass(frozen=True)
+class ForgetScript:
+    name: str
+
+
+@dataclass(frozen=True)
+class ExecObserved:
+    now: float
+
+
+class Exec(HostModule[ExecConf, ExecObserved]):
+    name = "exec"
+
+    def __init__(self, clock: Callable[[], float] = time.time, grace: float = 10.0) -> None:
+        self._clock = clock
+        self._grace = grace
+
+    def observe(self, host: Host, desired: ExecConf | None, record: ModuleRecord
+                ) -> ExecObserved:
+        return ExecObserved(self._clock())
+
+    def plan(self, desired: ExecConf | None, observed: ExecObserved, record: ModuleRecord
+             ) -> list[Change]:
+        scripts = desired.root if desired else {}
+        state: dict[str, Any] = record.state.get("scripts", {})
+        changes = []
+        for name in sorted(scripts):
+            script = scripts[name]
+            last = state.get(name)
+            run, why = decide(name, script, last, observed.now)
+            before = None if last is None else (
+                "timed out" if last.get("timed_out") else f"exit {last.get('exit')}")
+            changes.append(Change(self.name, f"script {name}", Action.SET if run else Action.NOOP,
+                                  before, "run" if run else None, why,
+                                  payload=RunScript(name, script, script_hash(script))))
+        for name in sorted(set(state) - set(scripts)):
+            changes.append(Change(
+                self.name, f"script {name}", Action.DELETE, "stored", None,
+                "left the document: forgotten and its stored copy deleted; what it did on "
+                "the host stays (scripts are not reverted)", payload=ForgetScript(name)))
+        return changes
+
+    def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> list[str]:
+        if isinstance(change.payload, ForgetScript):
+            name = change.payload.name
+            host.remove(f"{STORE}/{name}")
+            host.remove(f"{STORE}/{name}.env")
+            record.state["scripts"] = {k: v for k, v in record.state.get("scripts", {}).items()
+                                       if k != name}
+            return []
+        step: RunScript = change.payload
+        return self._run(host, step, record)
+
+    def _run(self, host: Host, step: RunScript, record: ModuleRecord) -> list[str]:
+        script = step.script
+        path = f"{STORE}/{step.name}"
+        host.write_atomic(path, script.data, 0o700, dir_mode=0o700)
+        host.write_atomic(f"{path}.env", "".join(f"{k}={v}\n" for k, v in script.env.items()),
+                          0o600, dir_mode=0o700)
+        argv = [path, *script.args] if script.data.startswith("#!") else ["/bin/sh", path,
+                                                                           *script.args]
+        started = self._clock()
+        done = host.run_script(argv, env=script.env, timeout=script.timeout, grace=self._grace)
+        scripts = dict(record.state.get("scripts", {}))
+        scripts[step.name] = {"hash": step.digest, "exit": done.returncode, "ran_at": started,
+                              "timed_out": done.timed_out, "seconds": round(done.seconds, 3)}
+        record.state["scripts"] = scripts
+        outcome = (f"timed out after {script.timeout}s (process group killed)" if done.timed_out
+                   else f"exit {done.returncode}")
+        note = f"script {step.name}: {outcome} in {done.seconds:.2f}s"
+        for label, text in (("stdout", done.stdout), ("stderr", done.stderr)):
+            if text.strip():
+                note += f"\n  {label}: {_tail(text)}"
+        if done.timed_out or done.returncode != 0:
+            raise OutcomeFailed(self.name, [note], halt=(
+                script.blocking_policy == "foreground_halt_pod_on_failure"))
+        return [note]
+
+    def undo_setting(self, host: Host, change: Change) -> None:
+        """A script's effects are its own: nothing to undo."""
+
+
+def _tail(text: str) -> str:
+    text = text.rstrip("\n")
+    if len(text) > OUTPUT_TAIL:
+        text = "…" + text[-OUTPUT_TAIL:]
+    return text.replace("\n", "\n    ")

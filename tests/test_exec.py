@@ -1,0 +1,167 @@
+"""exec with real processes, chrooted into an overlay of this machine's root: order, args and
+env, each rerun policy across applies on an injected clock, a timeout that kills a whole process
+tree, failures, storage modes, and forgetting a script that left the document."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import textwrap
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from divingbell.document.loader import load_text
+from divingbell.document.validate import resolve, validate
+from divingbell.engine.runner import ApplyReport, apply_node, plan_node
+from divingbell.host import Host
+from divingbell.modules import IMPLEMENTED
+from divingbell.modules.exec import STORE, Exec
+from divingbell.output import plan_text
+
+pytestmark = pytest.mark.kernel
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setitem(IMPLEMENTED, "exec", Exec(clock=fake, grace=0.5))
+    return fake
+
+
+@pytest.fixture
+def host(overlay_root: Path) -> Iterator[Host]:
+    yield Host(root=overlay_root)
+
+
+def doc(scripts: Mapping[str, Mapping[str, object]]) -> str:
+    return "conf:\n  exec:\n" + textwrap.indent(json.dumps(scripts), "    ") + "\n"
+
+
+def apply(host: Host, text: str) -> ApplyReport:
+    return apply_node(host, resolve(validate(load_text(text)), "n1", {}), "r")
+
+
+def ran(report: ApplyReport) -> list[str]:
+    return [c.target.removeprefix("script ") for c in report.applied if c.action == "set"]
+
+
+LOG = "/tmp/exec-log"
+
+
+def logger(tag: str, **extra: object) -> dict[str, object]:
+    return {"data": f'#!/bin/sh\necho "{tag} $* $GREETING" >> {LOG}\necho out-{tag}\n',
+            **extra}
+
+
+def test_scripts_run_in_name_order_with_args_env_and_output(host: Host, clock: Clock) -> None:
+    report = apply(host, doc({
+        "020-second": logger("b"),
+        "010-first": logger("a", args=["x", "y"], env={"GREETING": "hello"}),
+    }))
+    assert report.ok, report.as_dict()
+    assert host.read_text(LOG) == "a x y hello\nb  \n"
+    notes = "\n".join(n for r in report.results for n in r.notes)
+    assert "script 010-first: exit 0" in notes and "stdout: out-a" in notes
+    store = host.path(STORE)
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+    assert stat.S_IMODE((store / "010-first").stat().st_mode) == 0o700
+    env_file = store / "010-first.env"
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+    assert env_file.read_text() == "GREETING=hello\n"
+
+
+def test_rerun_policies_across_applies(host: Host, clock: Clock) -> None:
+    fail_once = ('#!/bin/sh\nif [ -e /tmp/ok ]; then exit 0; fi\ntouch /tmp/ok\n'
+                 'echo not yet >&2\nexit 3\n')
+    scripts = {
+        "a-never": logger("never", rerun_policy="never"),
+        "b-once": {"data": fail_once, "rerun_policy": "once_successfully",
+                   "retry_interval": 600},
+        "c-always": logger("always"),
+        "d-hourly": logger("hourly", rerun_interval=3600),
+        "e-infinite": logger("infinite", rerun_interval="infinite"),
+    }
+    first = apply(host, doc(scripts))
+    assert ran(first) == ["a-never", "b-once", "c-always", "d-hourly", "e-infinite"]
+    assert not first.ok and "script b-once: exit 3" in " ".join(first.errors)
+    assert "stderr: not yet" in " ".join(first.errors)
+
+    clock.now += 60
+    assert ran(apply(host, doc(scripts))) == ["c-always"]  # b-once waits for retry_interval
+
+    clock.now += 600
+    second = apply(host, doc(scripts))
+    assert ran(second) == ["b-once", "c-always"] and second.ok
+
+    clock.now += 3600 * 24 * 365
+    plan = plan_node(host, resolve(validate(load_text(doc(scripts))), "n1", {}))
+    assert [c.target for c in plan.changes if c.changes_host] == [
+        "script c-always", "script d-hourly"]
+    reasons = {c.target: c.reason for c in plan.changes}
+    assert "never again" in reasons["script e-infinite"]
+    assert "succeeded at" in reasons["script b-once"]
+    assert "ran once at" in reasons["script a-never"]
+    assert "would run" not in plan_text(plan)
+
+    changed = dict(scripts, **{"a-never": logger("never", rerun_policy="never", args=["v2"])})
+    assert "a-never" in ran(apply(host, doc(changed))), "a changed script is a new script"
+
+
+def test_timeout_kills_the_whole_process_group(host: Host, clock: Clock) -> None:
+    marker = "divingbell-exec-timeout-test"
+    script = (f"#!/bin/bash\ntrap '' TERM\n(exec -a {marker} sleep 300) &\n"
+              f"exec -a {marker} sleep 300\n")
+    report = apply(host, doc({"slow": {"data": script, "timeout": 1}}))
+    assert not report.ok
+    assert "timed out after 1s (process group killed)" in " ".join(report.errors)
+    left = subprocess.run(["pgrep", "-f", marker], check=False, capture_output=True, text=True)
+    assert left.stdout == "", f"left running: {left.stdout}"
+    state = json.loads(host.read_text("/var/lib/divingbell/journal.json") or "{}")
+    assert state["modules"]["exec"]["state"]["scripts"]["slow"]["timed_out"] is True
+
+
+def test_halt_on_failure_skips_later_scripts(host: Host, clock: Clock) -> None:
+    halting: dict[str, object] = {"data": "#!/bin/sh\nexit 1\n",
+                                  "blocking_policy": "foreground_halt_pod_on_failure"}
+    report = apply(host, doc({"1-fails": halting, "2-later": logger("later")}))
+    assert not report.ok and ran(report) == ["1-fails"]
+    assert host.read_text(LOG) is None
+    going_on = dict(halting, blocking_policy="foreground")
+    report = apply(host, doc({"1-fails": going_on, "2-later": logger("later")}))
+    assert not report.ok and ran(report) == ["1-fails", "2-later"]
+
+
+def test_removed_script_is_forgotten_not_reverted(host: Host, clock: Clock) -> None:
+    assert apply(host, doc({"fix": logger("fix", rerun_interval="infinite")})).ok
+    plan = plan_node(host, resolve(validate(load_text("conf: {}\n")), "n1", {}))
+    (change,) = plan.changes
+    assert "not reverted" in change.reason
+    assert apply(host, "conf: {}\n").ok
+    assert not host.path(f"{STORE}/fix").exists()
+    assert host.read_text(LOG) == "fix  \n", "what it did stays"
+    again = apply(host, doc({"fix": logger("fix", rerun_interval="infinite")}))
+    assert ran(again) == ["fix"], "forgotten: it is a new script again"
+
+
+def test_bad_input(host: Host) -> None:
+    from divingbell.errors import DocumentError
+
+    for bad, message in ((
+        {"a.sh": {"data": "x", "rerun_policy": "sometimes"}}, "rerun_policy"),
+        ({"a.sh": {"data": "x", "rerun_interval": 5}}, "at least 60"),
+        ({"../a": {"data": "x"}}, "cannot name a file"),
+    ):
+        with pytest.raises(DocumentError) as err:
+            validate(load_text(doc(bad)))
+        assert message in str(err.value)
