@@ -216,9 +216,20 @@ def apply(
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default="/", show_default=True, envvar="DIVINGBELL_ROOT",
               help="The host's root filesystem.")
+@click.option("--kube", is_flag=True,
+              help="Instead: every node's revision, state and reason, from the cluster.")
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False), envvar="KUBECONFIG",
+              help="For --kube: which cluster. Default: in-cluster, else ~/.kube/config.")
 @_format_option("text", "json")
-def status(root: Path, output_format: str) -> None:
-    """Show what divingbell owns on this host and the outcome of the last apply."""
+def status(root: Path, kube: bool, kubeconfig: str | None, output_format: str) -> None:
+    """Show what divingbell owns on this host and the outcome of the last apply.
+
+    With --kube, show the fleet instead: one line per node from its divingbell.io/
+    annotations, which every agent keeps current.
+    """
+    if kube:
+        _kube_status(kubeconfig, output_format)
+        return
     from divingbell.engine.journal import FileJournalStore
     from divingbell.host import Host
     from divingbell.output import status_text
@@ -230,6 +241,142 @@ def status(root: Path, output_format: str) -> None:
         _print_json({"root": str(root), "journal": journal, "last_run": last_run})
     else:
         click.echo(status_text(str(root), journal, last_run))
+
+
+def _kube_status(kubeconfig: str | None, output_format: str) -> None:
+    from divingbell.kube import KubeError, LightkubeApi
+
+    try:
+        nodes = LightkubeApi(kubeconfig).nodes()
+    except KubeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    rows = [{"node": n.name, "revision": n.status.get("revision", ""),
+             "state": n.status.get("state", "(no agent)"), "reason": n.status.get("reason", "")}
+            for n in nodes]
+    if output_format == "json":
+        _print_json(rows)
+        return
+    from divingbell.output import table
+
+    click.echo(table(["NODE", "REVISION", "STATE", "REASON"],
+                     [[r["node"], r["revision"], r["state"], r["reason"]] for r in rows]))
+    degraded = sum(1 for r in rows if r["state"] == "Degraded")
+    click.echo(f"{len(rows)} node(s), {degraded} degraded.")
+    sys.exit(EXIT_FAILED if degraded else 0)
+
+
+@cli.command()
+@_files_argument
+@_host_options
+@_node_options
+@click.option("--labels-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Node labels as KEY=VALUE lines, re-read as they change (hosts without "
+              "Kubernetes).")
+@click.option("--kube/--no-kube", "use_kube", default=None,
+              help="Read node labels from, and report status to, the Kubernetes API. Default: "
+              "on inside a pod (KUBERNETES_SERVICE_HOST set), off elsewhere.")
+@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False), envvar="KUBECONFIG",
+              help="Which cluster, outside a pod.")
+@click.option("--listen", default="0.0.0.0:9114", show_default=True, metavar="ADDR:PORT",
+              help="Where /healthz, /readyz and /metrics are served.")
+@click.option("--poll-interval", type=float, default=2.0, show_default=True, metavar="SECONDS",
+              help="How often the document files are checked for a change.")
+@click.option("--label-interval", type=float, default=30.0, show_default=True,
+              metavar="SECONDS", help="How often node labels are re-read.")
+@click.option("--drift-interval", type=float, default=300.0, show_default=True,
+              metavar="SECONDS", help="How often the host is checked for drift.")
+@click.option("--backoff-max", type=float, default=300.0, show_default=True, metavar="SECONDS",
+              help="Longest wait between retries of a failed converge (doubling from 10s).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
+          labels: tuple[str, ...], labels_file: Path | None, use_kube: bool | None,
+          kubeconfig: str | None, listen: str, poll_interval: float, label_interval: float,
+          drift_interval: float, backoff_max: float, log_level: str) -> None:
+    """Keep this node converged: the process a DaemonSet pod or a systemd unit runs.
+
+    Converges at start, then again whenever the document files change (a ConfigMap volume
+    update), the node's labels change, or drift is found (every --drift-interval; only
+    reported if the document says `drift: report`). A failure never ends the process: it
+    backs off and retries. /readyz answers 200 only once the current document revision has
+    converged here, which is what gates a DaemonSet rollout.
+
+    \b
+    In a pod:      divingbell agent /etc/divingbell/site.yaml --root /host
+    Without k8s:   divingbell agent /etc/divingbell/site.yaml --labels-file /etc/divingbell/labels
+    """
+    import logging
+    import signal
+    import threading
+
+    from divingbell.agent import Agent, AgentSettings, serve
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    address, _, port_text = listen.rpartition(":")
+    if not port_text.isdigit():
+        raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
+    name = node or os.environ.get("NODE_NAME") or socket.gethostname()
+    if use_kube is None:
+        use_kube = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or kubeconfig is not None
+    kube = None
+    if use_kube:
+        from divingbell.kube import LightkubeApi
+
+        kube = LightkubeApi(kubeconfig)
+    settings = AgentSettings(
+        documents=list(files), node=name, host=_host(root, proc_sys),
+        static_labels=dict(_parse_labels(labels)), labels_file=labels_file,
+        poll_interval=poll_interval, label_interval=label_interval,
+        drift_interval=drift_interval, backoff_max=backoff_max)
+    runner = Agent(settings, kube)
+    server = serve(runner, address or "0.0.0.0", int(port_text))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    logging.getLogger("divingbell.agent").info(
+        "agent for node %s on %s, serving %s", name, root, listen)
+    runner.run(stop)
+    server.shutdown()
+
+
+@cli.command()
+@_files_argument
+@click.option("--namespace", default="divingbell", show_default=True)
+@click.option("--image", default=None, metavar="IMAGE",
+              help="The agent image. Default: divingbell:<this version> (see deploy/).")
+@click.option("--max-unavailable", default="1", show_default=True, metavar="N|P%",
+              help="Nodes converging a new document at once; a failing node holds the rest.")
+def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
+              max_unavailable: str) -> None:
+    """Print the Kubernetes objects that run the agent on every node, as YAML.
+
+    The document files are validated first and go into a ConfigMap. The DaemonSet's pod
+    template carries the document's digest, so `kubectl apply` of a changed document rolls
+    it out node by node, gated by each node's readiness (= converged without error).
+
+    \b
+      divingbell manifests site.yaml --image registry.example/divingbell:1.0 \\
+          | kubectl apply -f -
+      kubectl -n divingbell rollout status daemonset/divingbell
+    """
+    import yaml
+
+    from divingbell.manifests import DEFAULT_IMAGE, build, parse_max_unavailable
+
+    _load_or_exit(files)
+    try:
+        limit = parse_max_unavailable(max_unavailable)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-unavailable") from None
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise click.BadParameter("document files need distinct names (they become ConfigMap "
+                                 "keys)", param_hint="FILES")
+    objects = build({f.name: f.read_text() for f in files}, namespace=namespace,
+                    image=image or DEFAULT_IMAGE, max_unavailable=limit)
+    click.echo(yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False), nl=False)
 
 
 @cli.command()

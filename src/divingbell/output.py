@@ -120,3 +120,11 @@ def status_text(root: str, journal: dict[str, Any], last_run: dict[str, Any] | N
         ]
         lines.extend(f"  ! {error}" for error in errors)
     return "\n".join(lines)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns, like kubectl's."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("   ".join(str(cell).ljust(width) for cell, width in zip(row, widths,
+                                                                          strict=True)).rstrip()
+                     for row in [header, *rows])

@@ -625,6 +625,9 @@ class Document(StrictModel):
     """A divingbell document: everything under `conf:`, for every node."""
 
     conf: Conf = Conf()
+    # What the agent does when the host drifts from the document between applies: put it
+    # back (correct) or only report it (report: metrics, a node event, the status annotation).
+    drift: Literal["correct", "report"] = "correct"
 
 
 MODULE_MODELS: dict[str, type[BaseModel]] = {

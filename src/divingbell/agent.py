@@ -1,0 +1,363 @@
+"""`divingbell agent`: the long-running converger for a DaemonSet pod or a systemd service.
+
+One loop, thin over the engine. Each tick it fingerprints the document files (a ConfigMap
+volume swaps its `..data` symlink; reading through it sees the new bytes) and, every
+`label_interval`, the node's labels. It converges when either changed, retries a failed
+converge with exponential backoff, and every `drift_interval` plans against the host to find
+drift: reported always, corrected unless the document says `drift: report`.
+
+Readiness is the rollout gate: `/readyz` is 200 only while the current document revision (and
+labels) converged without error on this node, so a DaemonSet rolling update stops at the first
+node a bad document fails on. A failure never ends the process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from divingbell.document.api import load_document, node_config, revision
+from divingbell.engine.runner import ApplyReport, apply_node, plan_node
+from divingbell.errors import DivingbellError, DocumentError
+from divingbell.host import Host
+from divingbell.kube import KubeApi, KubeError
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger("divingbell.agent")
+
+DONE, WORKING, DEGRADED = "Done", "Working", "Degraded"
+
+
+@dataclass
+class AgentSettings:
+    documents: list[Path]
+    node: str
+    host: Host
+    static_labels: dict[str, str] = field(default_factory=dict)
+    labels_file: Path | None = None
+    poll_interval: float = 2.0
+    label_interval: float = 30.0
+    drift_interval: float = 300.0
+    backoff_initial: float = 10.0
+    backoff_max: float = 300.0
+    lock_timeout: float = 60.0
+
+
+def read_labels_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE per line; blank lines and # comments ignored (for hosts without Kubernetes)."""
+    labels = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry: CollectorRegistry = CollectorRegistry()
+        r = self.registry
+        self.duration = Histogram("divingbell_converge_duration_seconds",
+                                  "Time to converge the node (plan and apply)", registry=r,
+                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.changes = Counter("divingbell_changes_total", "Host changes applied",
+                               ["module"], registry=r)
+        self.failures = Counter("divingbell_failures_total",
+                                "Converge failures, by module (document: invalid document)",
+                                ["module"], registry=r)
+        self.drift = Counter("divingbell_drift_total", "Settings found drifted from the document",
+                             ["module"], registry=r)
+        self.revision = Gauge("divingbell_document_revision_info",
+                              "The document revision this agent is working on", ["revision"],
+                              registry=r)
+        self.last_success = Gauge("divingbell_last_success_timestamp_seconds",
+                                  "When the node last converged without error", registry=r)
+        self.ready = Gauge("divingbell_ready", "1 when the current revision has converged",
+                           registry=r)
+        self._shown_revision: str | None = None
+
+    def set_revision(self, rev: str) -> None:
+        if self._shown_revision is not None and self._shown_revision != rev:
+            self.revision.remove(self._shown_revision)
+        self.revision.labels(rev).set(1)
+        self._shown_revision = rev
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, kube: KubeApi | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.clock = clock
+        self.metrics = Metrics()
+        self.ready = False
+        self.state = WORKING
+        self.reason = "starting"
+        self.revision: str | None = None
+        self.labels: dict[str, str] | None = None
+        self._converged: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        self._fingerprint: str | None = None
+        self._labels_checked = float("-inf")
+        self._last_drift_check = 0.0
+        self._next_attempt = 0.0
+        self._failures = 0
+        self._failed_target: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        self._published: dict[str, str] = {}
+        self.last_tick = clock()
+
+    # The loop -------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.tick()
+            stop.wait(self.settings.poll_interval)
+
+    def tick(self) -> None:
+        """One pass: never raises, whatever the document, the host or the API server do."""
+        now = self.clock()
+        self.last_tick = now
+        try:
+            self._tick(now)
+        except Exception as exc:  # the loop must outlive any bug in one pass
+            log.exception("agent pass failed")
+            self._set(DEGRADED, f"internal error: {exc}", ready=False)
+            self._schedule_retry(now)
+
+    def _tick(self, now: float) -> None:
+        fingerprint = self._document_fingerprint()
+        if fingerprint is None:
+            return
+        if now - self._labels_checked >= self.settings.label_interval or self.labels is None:
+            labels = self._read_labels()
+            if labels is None:
+                return
+            self._labels_checked = now
+            if labels != self.labels:
+                if self.labels is not None:
+                    log.info("node labels changed: %s", labels)
+                self.labels = labels
+        target = (fingerprint, tuple(sorted((self.labels or {}).items())))
+        if target != self._converged:
+            if target != self._failed_target or now >= self._next_attempt:
+                self.converge(target, now)
+        elif now - self._last_drift_check >= self.settings.drift_interval:
+            self.check_drift(now)
+
+    def _document_fingerprint(self) -> str | None:
+        digest = hashlib.sha256()
+        try:
+            for path in self.settings.documents:
+                digest.update(path.read_bytes())
+                digest.update(b"\0")
+        except OSError as exc:
+            self._set(DEGRADED, f"cannot read the document: {exc}", ready=False)
+            return None
+        fingerprint = digest.hexdigest()
+        if fingerprint != self._fingerprint and self._fingerprint is not None:
+            log.info("document changed")
+        self._fingerprint = fingerprint
+        return fingerprint
+
+    def _read_labels(self) -> dict[str, str] | None:
+        labels = dict(self.settings.static_labels)
+        try:
+            if self.settings.labels_file is not None:
+                labels.update(read_labels_file(self.settings.labels_file))
+            if self.kube is not None:
+                labels.update(self.kube.node_labels(self.settings.node))
+        except (OSError, ValueError, KubeError) as exc:
+            # Without the labels, overrides cannot be resolved: converging now could apply
+            # another role's settings. Wait instead.
+            self._set(DEGRADED, f"cannot read node labels: {exc}", ready=False)
+            return None
+        return labels
+
+    # Converge and drift ---------------------------------------------------------------------
+
+    def converge(self, target: tuple[str, tuple[tuple[str, str], ...]], now: float) -> None:
+        started = time.perf_counter()
+        try:
+            document = load_document(self.settings.documents)
+        except DocumentError as exc:
+            self.metrics.failures.labels("document").inc()
+            self._fail(target, now, "InvalidDocument",
+                       f"invalid document: {'; '.join(str(p) for p in exc.problems[:3])}"
+                       + (f" (+{len(exc.problems) - 3} more)" if len(exc.problems) > 3 else ""))
+            return
+        rev = revision(document)
+        self.revision = rev
+        self.metrics.set_revision(rev)
+        self._set(WORKING, f"converging revision {rev}", ready=False)
+        config = node_config(document, self.settings.node, self.labels or {})
+        try:
+            report = apply_node(self.settings.host, config, rev,
+                                lock_timeout=self.settings.lock_timeout)
+        except DivingbellError as exc:
+            self.metrics.failures.labels("engine").inc()
+            self._fail(target, now, "ConvergeFailed", str(exc))
+            return
+        finally:
+            self.metrics.duration.observe(time.perf_counter() - started)
+        self._count(report)
+        if not report.ok:
+            self._fail(target, now, "ConvergeFailed", "; ".join(report.errors))
+            return
+        self._converged = target
+        self._failed_target = None
+        self._failures = 0
+        self._last_drift_check = now
+        self.metrics.last_success.set(now)
+        changed = len(report.applied)
+        self._set(DONE, f"revision {rev} converged" + (f": {changed} change(s)" if changed
+                                                       else ", nothing to change"), ready=True)
+        if changed:
+            self._event("Applied", f"revision {rev}: {self._summary(report)}")
+
+    def check_drift(self, now: float) -> None:
+        self._last_drift_check = now
+        try:
+            document = load_document(self.settings.documents)
+            config = node_config(document, self.settings.node, self.labels or {})
+            plan = plan_node(self.settings.host, config)
+        except DivingbellError as exc:
+            log.warning("drift check failed: %s", exc)
+            return
+        drifted: dict[str, list[str]] = {}
+        for module in plan.modules:
+            targets = [c.target for c in module.changes if c.changes_host]
+            if targets:
+                drifted[module.module] = targets
+                self.metrics.drift.labels(module.module).inc(len(targets))
+        if not drifted:
+            return
+        what = "; ".join(f"{m}: {', '.join(t[:5])}" for m, t in sorted(drifted.items()))
+        mode = document.model.drift
+        log.warning("drift (%s): %s", mode, what)
+        self._event("Drift", f"drift ({'correcting' if mode == 'correct' else 'report only'})"
+                    f": {what}", warning=True)
+        if mode == "correct":
+            self._converged = None
+            fingerprint = self._fingerprint or ""
+            self.converge((fingerprint, tuple(sorted((self.labels or {}).items()))), now)
+        else:
+            self._set(DONE, f"revision {self.revision} converged; drift reported: {what}",
+                      ready=True)
+
+    def _fail(self, target: tuple[str, tuple[tuple[str, str], ...]], now: float, reason: str,
+              message: str) -> None:
+        log.error("%s: %s", reason, message)
+        self._failed_target = target
+        self._schedule_retry(now)
+        self._set(DEGRADED, message, ready=False)
+        self._event(reason, message, warning=True)
+
+    def _schedule_retry(self, now: float) -> None:
+        delay = min(self.settings.backoff_max,
+                    self.settings.backoff_initial * 2 ** min(self._failures, 16))
+        self._failures += 1
+        self._next_attempt = now + delay
+        log.info("retrying in %.0fs", delay)
+
+    def _count(self, report: ApplyReport) -> None:
+        for result in report.results:
+            applied = [c for c in result.applied if c.changes_host]
+            if applied:
+                self.metrics.changes.labels(result.module).inc(len(applied))
+            if result.error:
+                self.metrics.failures.labels(result.module).inc()
+        for module in report.plan.modules:
+            if module.error:
+                self.metrics.failures.labels(module.module).inc()
+
+    @staticmethod
+    def _summary(report: ApplyReport) -> str:
+        counts: dict[str, int] = {}
+        for change in report.applied:
+            counts[change.module] = counts.get(change.module, 0) + 1
+        return ", ".join(f"{module} {n}" for module, n in sorted(counts.items()))
+
+    # Publishing -----------------------------------------------------------------------------
+
+    def _set(self, state: str, reason: str, *, ready: bool) -> None:
+        self.state, self.reason, self.ready = state, reason, ready
+        self.metrics.ready.set(1 if ready else 0)
+        self._publish({"state": state, "reason": reason[:512],
+                       "revision": self.revision or ""})
+
+    def _publish(self, status: Mapping[str, str]) -> None:
+        changed = {k: v for k, v in status.items() if self._published.get(k) != v}
+        if not changed or self.kube is None:
+            return
+        try:
+            self.kube.annotate_node(self.settings.node, changed)
+            self._published.update(changed)
+        except KubeError as exc:
+            log.warning("cannot annotate node %s: %s", self.settings.node, exc)
+
+    def _event(self, reason: str, message: str, *, warning: bool = False) -> None:
+        if self.kube is None:
+            return
+        try:
+            self.kube.node_event(self.settings.node, reason, message, warning=warning)
+        except KubeError as exc:
+            log.warning("cannot record event %s: %s", reason, exc)
+
+    def health(self) -> dict[str, Any]:
+        return {"node": self.settings.node, "state": self.state, "reason": self.reason,
+                "revision": self.revision, "ready": self.ready}
+
+
+# HTTP: /healthz, /readyz, /metrics --------------------------------------------------------------
+
+def serve(agent: Agent, address: str, port: int) -> ThreadingHTTPServer:
+    """Start the probe and metrics endpoints in a daemon thread; returns the server."""
+    import json
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
+                self._send(200, b"ok\n", "text/plain")
+            elif path == "/readyz":
+                body = (json.dumps(agent.health()) + "\n").encode()
+                self._send(200 if agent.ready else 503, body, "application/json")
+            elif path == "/metrics":
+                self._send(200, agent.metrics.render(),
+                           "text/plain; version=0.0.4; charset=utf-8")
+            else:
+                self._send(404, b"not found: try /healthz, /readyz, /metrics\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            log.debug("http: " + format, *args)
+
+    server = ThreadingHTTPServer((address, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="divingbell-http", daemon=True).start()
+    return server

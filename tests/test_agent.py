@@ -1,0 +1,317 @@
+"""The agent loop: readiness as the rollout gate, document swaps the way a ConfigMap volume does
+them, label changes, backoff, drift, per-node status and events, probes and metrics over real
+HTTP. In-process on a scratch host with the fake API server (there is none here), and once as
+the real `divingbell agent` process converging real sysctls in a network namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from divingbell.agent import Agent, AgentSettings, read_labels_file, serve
+from divingbell.host import Host
+from divingbell.kube import FakeKube
+from tests.conftest import NetNs
+
+
+class ConfigMapVolume:
+    """A directory laid out like a kubelet ConfigMap volume: `doc.yaml -> ..data/doc.yaml`,
+    `..data -> ..<timestamp>`; an update writes a new timestamped dir and swaps `..data`."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.generation = 0
+        base.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def document(self) -> Path:
+        return self.base / "doc.yaml"
+
+    def publish(self, text: str) -> None:
+        self.generation += 1
+        data = self.base / f"..2026_11_22_{self.generation:04d}"
+        data.mkdir()
+        (data / "doc.yaml").write_text(text)
+        tmp = self.base / "..data_tmp"
+        tmp.symlink_to(data.name)
+        os.replace(tmp, self.base / "..data")  # atomic, as the kubelet does it
+        if not self.document.is_symlink():
+            self.document.symlink_to("..data/doc.yaml")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+DOC = "conf:\n  sysctl:\n    net.ipv4.ip_forward: 1\n"
+OVERRIDE = """\
+conf:
+  sysctl:
+    vm.swappiness: 10
+  overrides:
+    divingbell_sysctl:
+      labels:
+        - label: {key: role, values: [storage]}
+          conf:
+            sysctl:
+              vm.swappiness: 1
+"""
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> ConfigMapVolume:
+    return ConfigMapVolume(tmp_path / "configmap")
+
+
+@pytest.fixture
+def kube() -> FakeKube:
+    fake = FakeKube()
+    fake.add_node("n1", {"role": "compute"})
+    return fake
+
+
+def make_agent(host: Host, volume: ConfigMapVolume, kube: FakeKube | None, clock: Clock,
+               **settings: float) -> Agent:
+    config = AgentSettings([volume.document], "n1", host, lock_timeout=1.0)
+    for name, value in settings.items():
+        setattr(config, name, value)
+    return Agent(config, kube, clock)
+
+
+def live(host: Host, key: str) -> str:
+    return host.proc_sys.joinpath(*key.split(".")).read_text().strip()
+
+
+def status(kube: FakeKube) -> dict[str, str]:
+    return kube.node_objects["n1"].status
+
+
+def test_ready_only_once_the_current_revision_converged(scratch_host: Host,
+                                                        volume: ConfigMapVolume, kube: FakeKube
+                                                        ) -> None:
+    clock = Clock()
+    volume.publish(DOC)
+    agent = make_agent(scratch_host, volume, kube, clock)
+    assert not agent.ready
+    agent.tick()
+    assert agent.ready and live(scratch_host, "net.ipv4.ip_forward") == "1"
+    first = agent.revision
+    assert status(kube) == {"state": "Done", "revision": first,
+                            "reason": f"revision {first} converged: 2 change(s)"}
+    assert [e["reason"] for e in kube.events("n1")] == ["Applied"]
+
+    volume.publish(DOC.replace(": 1", ": 0"))
+    clock.now += 2
+    agent.tick()
+    assert agent.ready and agent.revision != first
+    assert live(scratch_host, "net.ipv4.ip_forward") == "0"
+    assert status(kube)["revision"] == agent.revision
+
+    sent = len(kube.sent)
+    clock.now += 2
+    agent.tick()
+    assert len(kube.sent) == sent, "a settled node sends nothing"
+
+
+def test_bad_document_degrades_without_changing_the_host_then_recovers(
+        scratch_host: Host, volume: ConfigMapVolume, kube: FakeKube) -> None:
+    clock = Clock()
+    volume.publish(DOC)
+    agent = make_agent(scratch_host, volume, kube, clock)
+    agent.tick()
+    volume.publish("conf:\n  sysctl:\n    net.ipv4.ip_forward: 0\n  bogus: 1\n")
+    clock.now += 2
+    agent.tick()
+    assert not agent.ready
+    assert status(kube)["state"] == "Degraded"
+    assert "invalid document" in status(kube)["reason"] and "bogus" in status(kube)["reason"]
+    assert live(scratch_host, "net.ipv4.ip_forward") == "1", "nothing applied from a bad doc"
+    warning = kube.events("n1")[-1]
+    assert (warning["reason"], warning["type"]) == ("InvalidDocument", "Warning")
+    assert b'divingbell_failures_total{module="document"} 1.0' in agent.metrics.render()
+
+    volume.publish(DOC.replace(": 1", ": 0"))  # the fix: retried at once, not after backoff
+    clock.now += 2
+    agent.tick()
+    assert agent.ready and status(kube)["state"] == "Done"
+
+
+def test_a_failing_apply_backs_off_and_retries(scratch_host: Host, volume: ConfigMapVolume,
+                                               kube: FakeKube) -> None:
+    clock = Clock()
+    volume.publish("conf:\n  sysctl:\n    kernel.osrelease: x\n")  # read-only: apply fails
+    agent = make_agent(scratch_host, volume, kube, clock)
+    agent.tick()
+    assert not agent.ready and status(kube)["state"] == "Degraded"
+    def attempts() -> int:
+        return sum(1 for e in kube.events("n1") if e["reason"] == "ConvergeFailed")
+
+    assert attempts() == 1
+    for step, expected in ((5, 1), (6, 2), (19, 2), (2, 3)):  # waits 10 s, then 20 s
+        clock.now += step
+        agent.tick()
+        assert attempts() == expected, (step, expected)
+
+
+def test_label_change_reconverges_with_the_label_override(scratch_host: Host,
+                                                          volume: ConfigMapVolume,
+                                                          kube: FakeKube) -> None:
+    clock = Clock()
+    volume.publish(OVERRIDE)
+    agent = make_agent(scratch_host, volume, kube, clock)
+    agent.tick()
+    assert live(scratch_host, "vm.swappiness") == "10"
+    kube.set_labels("n1", {"role": "storage"})
+    clock.now += 10
+    agent.tick()
+    assert live(scratch_host, "vm.swappiness") == "10", "labels are re-read every 30 s"
+    clock.now += 25
+    agent.tick()
+    assert live(scratch_host, "vm.swappiness") == "1"
+
+
+def test_labels_unreadable_means_wait_not_guess(scratch_host: Host, volume: ConfigMapVolume
+                                                ) -> None:
+    clock = Clock()
+    volume.publish(OVERRIDE)
+    agent = make_agent(scratch_host, volume, FakeKube(), clock)  # the node is unknown: 404
+    agent.tick()
+    assert not agent.ready and "cannot read node labels" in agent.reason
+    assert live(scratch_host, "vm.swappiness") == "60"
+
+
+@pytest.mark.parametrize("mode", ["correct", "report"])
+def test_drift_is_reported_and_corrected_unless_report_only(
+        scratch_host: Host, volume: ConfigMapVolume, kube: FakeKube, mode: str) -> None:
+    clock = Clock()
+    volume.publish(f"drift: {mode}\n{DOC}")
+    agent = make_agent(scratch_host, volume, kube, clock)
+    agent.tick()
+    scratch_host.proc_sys.joinpath("net/ipv4/ip_forward").write_text("0\n")  # someone's edit
+    clock.now += 299
+    agent.tick()
+    assert live(scratch_host, "net.ipv4.ip_forward") == "0", "not checked before the interval"
+    clock.now += 2
+    agent.tick()
+    drift = [e for e in kube.events("n1") if e["reason"] == "Drift"]
+    assert len(drift) == 1 and "sysctl: net.ipv4.ip_forward" in drift[0]["message"]
+    assert b'divingbell_drift_total{module="sysctl"} 1.0' in agent.metrics.render()
+    assert live(scratch_host, "net.ipv4.ip_forward") == ("1" if mode == "correct" else "0")
+    assert agent.ready
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_probes_and_metrics_over_http_with_the_loop_running(
+        scratch_host: Host, volume: ConfigMapVolume, kube: FakeKube) -> None:
+    volume.publish("conf:\n  sysctl:\n    kernel.osrelease: x\n")
+    agent = make_agent(scratch_host, volume, kube, Clock(), poll_interval=0.05,
+                       backoff_initial=3600)
+    server = serve(agent, "127.0.0.1", 0)
+    port = server.server_address[1]
+    stop = threading.Event()
+    loop = threading.Thread(target=agent.run, args=(stop,))
+    loop.start()
+    try:
+        wait_for(lambda: agent.state == "Degraded")
+        assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+        code, body = get(f"http://127.0.0.1:{port}/readyz")
+        assert code == 503 and json.loads(body)["state"] == "Degraded"
+        volume.publish(DOC)
+        wait_for(lambda: agent.ready)
+        code, body = get(f"http://127.0.0.1:{port}/readyz")
+        assert code == 200 and json.loads(body)["revision"] == agent.revision
+        code, metrics = get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200
+        assert f'divingbell_document_revision_info{{revision="{agent.revision}"}} 1.0' in metrics
+        assert 'divingbell_changes_total{module="sysctl"} 2.0' in metrics
+        assert 'divingbell_failures_total{module="sysctl"} 1.0' in metrics
+        assert "divingbell_converge_duration_seconds_count 2.0" in metrics
+        assert "divingbell_ready 1.0" in metrics
+        assert get(f"http://127.0.0.1:{port}/nope")[0] == 404
+    finally:
+        stop.set()
+        loop.join(5)
+        server.shutdown()
+
+
+def wait_for(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not reached in time")
+
+
+def test_labels_file_format(tmp_path: Path) -> None:
+    path = tmp_path / "labels"
+    path.write_text("# roles\nrole = storage\n\nrack=r1\n")
+    assert read_labels_file(path) == {"role": "storage", "rack": "r1"}
+    path.write_text("role storage\n")
+    with pytest.raises(ValueError, match="labels:1: expected KEY=VALUE"):
+        read_labels_file(path)
+
+
+@pytest.mark.kernel
+def test_the_agent_process_converges_real_sysctls_in_a_namespace(
+        netns: NetNs, tmp_path: Path, root: Path) -> None:
+    volume = ConfigMapVolume(tmp_path / "configmap")
+    volume.publish(OVERRIDE.replace("vm.swappiness", "net.ipv4.tcp_fin_timeout"))
+    labels = tmp_path / "labels"
+    labels.write_text("role=compute\n")
+    agent = subprocess.Popen(
+        ["ip", "netns", "exec", netns.name, sys.executable, "-m", "divingbell", "agent",
+         str(volume.document), "--root", str(root), "--node", "n1", "--no-kube",
+         "--labels-file", str(labels), "--listen", "127.0.0.1:9114", "--poll-interval", "0.1",
+         "--label-interval", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def probe(path: str) -> tuple[int, str]:
+        code = ("import sys,urllib.request,urllib.error\ntry:\n r=urllib.request.urlopen("
+                f"'http://127.0.0.1:9114{path}',timeout=2); print(r.status); print(r.read()."
+                "decode())\nexcept urllib.error.HTTPError as e: print(e.code); print(e.read()."
+                "decode())\nexcept OSError: print(0)")
+        out = subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, "-c", code],
+                             capture_output=True, text=True, check=True).stdout
+        status_line, _, body = out.partition("\n")
+        return int(status_line), body
+
+    try:
+        wait_for(lambda: probe("/readyz")[0] == 200, timeout=20)
+        assert netns.sysctl("net.ipv4.tcp_fin_timeout") == "10"
+        labels.write_text("role=storage\n")
+        wait_for(lambda: netns.sysctl("net.ipv4.tcp_fin_timeout") == "1", timeout=20)
+        volume.publish("conf:\n  sysctl:\n    net.ipv4.tcp_fin_timeout: 33\n")
+        wait_for(lambda: netns.sysctl("net.ipv4.tcp_fin_timeout") == "33", timeout=20)
+        wait_for(lambda: probe("/readyz")[0] == 200, timeout=20)
+        assert "divingbell_ready 1.0" in probe("/metrics")[1]
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            output, _ = agent.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            output, _ = agent.communicate()
+    assert agent.returncode == 0, output
+    assert "document changed" in output and "node labels changed" in output
