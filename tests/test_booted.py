@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,60 @@ def test_managed_users_log_in_with_their_key_and_sudo_until_expired(
     refused = ssh("dev", "true")
     assert refused.returncode == 255, "an expired account cannot log in"
     assert ssh("ops", "true").returncode == 0
+
+
+AGENT_DOC = """\
+conf:
+  limits:
+    nofile: {{domain: '*', type: soft, item: nofile, value: {value}}}
+"""
+LIMIT = "etc/security/limits.d/60-divingbell-nofile.conf"
+
+
+def agent_ready(node: BootedHost) -> bool:
+    probe = ("import urllib.request\ntry:\n print(urllib.request.urlopen("
+             "'http://127.0.0.1:9114/readyz', timeout=2).status)\nexcept Exception as e:\n"
+             " print(getattr(e, 'code', 0))")
+    return node.run(sys.executable, "-c", probe, check=False).stdout.strip() == "200"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError("not reached in time")
+
+
+def limit_is(node: BootedHost, value: int) -> Callable[[], bool]:
+    def check() -> bool:
+        path = node.root / LIMIT
+        return path.exists() and f"nofile {value}" in path.read_text()
+    return check
+
+
+def test_the_systemd_unit_converges_survives_a_restart_and_follows_the_document(
+        node: BootedHost) -> None:
+    unit = (REPO / "deploy/divingbell-agent.service").read_text()
+    # The test node runs divingbell from this checkout (bound in) instead of a pip install.
+    unit = unit.replace("/usr/local/bin/divingbell", str(Path(sys.executable).with_name(
+        "divingbell")))
+    write(node.root / "etc/systemd/system/divingbell-agent.service", unit)
+    write(node.root / "etc/divingbell/site.yaml", AGENT_DOC.format(value=4096))
+    node.run("systemctl", "daemon-reload")
+    node.run("systemctl", "enable", "--now", "divingbell-agent.service")
+    wait_until(limit_is(node, 4096))
+    wait_until(lambda: agent_ready(node))
+
+    node.poweroff()
+    (node.root / LIMIT).unlink()  # drifted while the node was down
+    node.boot()
+    wait_until(limit_is(node, 4096))
+    assert node.run("systemctl", "is-active", "divingbell-agent").stdout.strip() == "active"
+    wait_until(lambda: agent_ready(node))
+
+    write(node.root / "etc/divingbell/site.yaml", AGENT_DOC.format(value=8192))
+    wait_until(limit_is(node, 8192))
+    log = node.run("journalctl", "-u", "divingbell-agent", "--no-pager", check=False).stdout
+    assert "document changed" in log
