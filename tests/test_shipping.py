@@ -30,7 +30,7 @@ def test_the_wheel_prints_the_version_from_one_place(tmp_path: Path) -> None:
                          env={**os.environ, "PYTHONPATH": str(wheel)}, capture_output=True,
                          text=True, check=True)
     assert run.stdout.strip() == f"divingbell, version {__version__}"
-    assert DEFAULT_IMAGE == f"divingbell:{__version__}"
+    assert f"divingbell:{__version__}" == DEFAULT_IMAGE
 
 
 @pytest.mark.kernel
