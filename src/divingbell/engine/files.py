@@ -6,7 +6,7 @@ content is kept as the original and put back when divingbell lets the file go.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from divingbell.engine.change import Action, Change
@@ -83,6 +83,22 @@ def plan_file(
                       payload=FileChange(None, None, own=False))
     return Change(module, path, Action.DELETE, what(current), None, "no longer wanted",
                   forget=True, payload=FileChange(None, current, own=False))
+
+
+def plan_files(
+    module: str,
+    wanted: Mapping[str, FileSpec],
+    current: Mapping[str, str | None],
+    record: ModuleRecord,
+    describe: Callable[[str], str] | None = None,
+) -> list[Change]:
+    """`plan_file` for every path wanted now or seen (owned) before, in path order."""
+    changes = []
+    for path in sorted(set(wanted) | set(current)):
+        change = plan_file(module, path, wanted.get(path), current.get(path), record, describe)
+        if change is not None:
+            changes.append(change)
+    return changes
 
 
 def apply_file(host: Host, change: Change, record: ModuleRecord) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from divingbell.document.schema import AptConf, Package, Repository
 from divingbell.engine.change import Action, Change
-from divingbell.engine.files import FileSpec, plan_file
+from divingbell.engine.files import FileSpec, plan_files
 from divingbell.engine.journal import ModuleRecord
 from divingbell.engine.settings import converge, left_the_document, restore
 from divingbell.errors import CommandError, ModuleError
@@ -429,14 +429,8 @@ class Apt(HostModule[AptConf, AptObserved]):
 
     def _plan_files(self, desired: AptConf | None, observed: AptObserved, record: ModuleRecord
                     ) -> list[Change]:
-        wanted = wanted_files(desired, observed.foreign_sources)
-        changes = []
-        for path in sorted(set(wanted) | set(observed.files)):
-            change = plan_file(self.name, path, wanted.get(path), observed.files.get(path),
-                               record, _describe)
-            if change is not None:
-                changes.append(change)
-        return changes
+        return plan_files(self.name, wanted_files(desired, observed.foreign_sources),
+                          observed.files, record, _describe)
 
     def _plan_debconf(self, desired: AptConf | None, observed: AptObserved,
                       record: ModuleRecord) -> list[Change]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from divingbell.document.schema import Limit, LimitsConf
 from divingbell.engine.change import Change
-from divingbell.engine.files import FileSpec, plan_file
+from divingbell.engine.files import FileSpec, plan_files
 from divingbell.engine.journal import ModuleRecord
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
@@ -51,10 +51,4 @@ class Limits(HostModule[LimitsConf, LimitsObserved]):
             limit_file(name): FileSpec(render_limit(limit))
             for name, limit in (desired.root if desired else {}).items()
         }
-        changes = []
-        for path in sorted(set(wanted) | set(observed.files)):
-            change = plan_file(self.name, path, wanted.get(path), observed.files.get(path),
-                               record, _describe)
-            if change is not None:
-                changes.append(change)
-        return changes
+        return plan_files(self.name, wanted, observed.files, record, _describe)
