@@ -123,7 +123,6 @@ class Agent:
         self._failures = 0
         self._failed_target: tuple[str, tuple[tuple[str, str], ...]] | None = None
         self._published: dict[str, str] = {}
-        self.last_tick = clock()
 
     # The loop -------------------------------------------------------------------------------
 
@@ -135,7 +134,6 @@ class Agent:
     def tick(self) -> None:
         """One pass: never raises, whatever the document, the host or the API server do."""
         now = self.clock()
-        self.last_tick = now
         try:
             self._tick(now)
         except Exception as exc:  # the loop must outlive any bug in one pass

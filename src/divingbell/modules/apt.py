@@ -259,7 +259,7 @@ class Apt(HostModule[AptConf, AptObserved]):
                       if entry.suffix in (".list", ".sources")
                       and not entry.name.startswith("divingbell-")]
         # A source divingbell blanked stays foreign: it has an original to give back.
-        return [p for p in paths if host.read_text(p) is not None or record.owns(p)]
+        return [p for p in paths if host.path(p).exists() or record.owns(p)]
 
     def _plan_transactions(self, host: Host, desired: AptConf | None, record: ModuleRecord,
                            observed: AptObserved, sources_change: bool) -> None:

@@ -40,8 +40,7 @@ def script_hash(script: Script) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
-def decide(name: str, script: Script, last: dict[str, Any] | None, now: float
-           ) -> tuple[bool, str]:
+def decide(script: Script, last: dict[str, Any] | None, now: float) -> tuple[bool, str]:
     """Whether `script` runs now, and why (or why not). Pure: the clock comes in as `now`."""
     digest = script_hash(script)
     if last is None:
@@ -109,7 +108,7 @@ class Exec(HostModule[ExecConf, ExecObserved]):
         for name in sorted(scripts):
             script = scripts[name]
             last = state.get(name)
-            run, why = decide(name, script, last, observed.now)
+            run, why = decide(script, last, observed.now)
             before = None if last is None else (
                 "timed out" if last.get("timed_out") else f"exit {last.get('exit')}")
             changes.append(Change(self.name, f"script {name}", Action.SET if run else Action.NOOP,
