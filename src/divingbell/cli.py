@@ -67,7 +67,55 @@ def _format_option(*choices: str) -> Callable[[F], F]:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# Command groups that live in their own files under divingbell/commands/, imported only when
+# used: the node agent's commands stay fast and need none of the service's dependencies. A group
+# whose module is absent (an optional part not installed) is simply not listed.
+LAZY_COMMANDS: dict[str, str] = {
+    "serve": "divingbell.commands.fleet:serve",
+    "fleet": "divingbell.commands.fleet:fleet",
+    "discover": "divingbell.commands.discover:discover",
+    "image": "divingbell.commands.image:image",
+    "node": "divingbell.commands.node:node",
+    "pki": "divingbell.commands.pki:pki",
+    "bootstrap": "divingbell.commands.bootstrap:bootstrap",
+    "policy": "divingbell.commands.policy:policy",
+    "tenants": "divingbell.commands.tenants:tenants",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose extra commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        import importlib.util
+
+        lazy = [name for name, target in LAZY_COMMANDS.items()
+                if importlib.util.find_spec(target.partition(":")[0]) is not None]
+        return sorted({*super().list_commands(ctx), *lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in LAZY_COMMANDS:
+            return command
+        import importlib
+
+        module_name, _, attr = LAZY_COMMANDS[cmd_name].partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                return None
+            raise click.ClickException(
+                f"'divingbell {cmd_name}' needs {exc.name}, which is not installed: "
+                "install divingbell with its extras, e.g. pip install 'divingbell[fleet]'"
+            ) from exc
+        loaded = getattr(module, attr)
+        assert isinstance(loaded, click.Command)
+        return loaded
+
+
+@click.group(cls=LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "-V", "--version", prog_name="divingbell")
 def cli() -> None:
     """Declarative host configuration for bare-metal Kubernetes nodes.
