@@ -74,14 +74,14 @@ class AgentSettings:
 
 
 def configure_logging(level: str) -> None:
-    """Agent logs for `kubectl logs`: one line per converge at INFO, API requests at DEBUG."""
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+    """Agent logs for `kubectl logs`: one line per converge at INFO; every library below it
+    (the HTTP client under lightkube logs each API request at INFO, every 30 s per node:
+    drown-out noise) only at WARNING, or everything with `debug`."""
+    debug = level.lower() == "debug"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx (under lightkube) logs every request at INFO: every 30 s per node, drowning the
-    # story. Those lines appear only with --log-level debug.
-    quiet = logging.DEBUG if level.lower() == "debug" else logging.WARNING
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(quiet)
+    logging.getLogger().setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("divingbell").setLevel(level.upper())
 
 
 def converge_budget(config: NodeConfig, settings: AgentSettings) -> float:

@@ -401,7 +401,9 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     logging.getLogger("divingbell.agent").info(
-        "agent for node %s on %s, serving %s", name, root, listen)
+        "agent for node %s on %s, serving %s; %s", name, root, listen,
+        "following document changes" if follow_document_changes
+        else "the document read at start is kept until the agent restarts")
     runner.run(stop)
     server.shutdown()
 
