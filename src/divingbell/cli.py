@@ -80,6 +80,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "bootstrap": "divingbell.commands.bootstrap:bootstrap",
     "policy": "divingbell.commands.policy:policy",
     "tenants": "divingbell.commands.tenants:tenants",
+    "documents": "divingbell.commands.documents:documents",
 }
 
 

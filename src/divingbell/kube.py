@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -163,6 +163,75 @@ class EventSeries:
             self._counts.popitem(last=False)
 
 
+# Document Secrets (`divingbell documents`): which ones the DaemonSet can still go back to. ------
+
+DOCUMENT_SELECTOR = "divingbell.io/document=true"
+DOCUMENT_VOLUME = "document"
+
+
+@dataclass(frozen=True)
+class DocumentSecret:
+    name: str
+    digest: str
+    created: str
+    used_by: tuple[str, ...] = ()  # "current", "revision 3", ...
+
+
+def secrets_list_request(namespace: str) -> Request:
+    return Request("GET", f"/api/v1/namespaces/{namespace}/secrets?labelSelector="
+                   + DOCUMENT_SELECTOR.replace("/", "%2F").replace("=", "%3D"))
+
+
+def daemonset_request(namespace: str, name: str) -> Request:
+    return Request("GET", f"/apis/apps/v1/namespaces/{namespace}/daemonsets/{name}")
+
+
+def revisions_list_request(namespace: str) -> Request:
+    return Request("GET", f"/apis/apps/v1/namespaces/{namespace}/controllerrevisions")
+
+
+def secret_delete_request(namespace: str, name: str) -> Request:
+    return Request("DELETE", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+
+
+def template_document(template: Mapping[str, Any] | None) -> str | None:
+    """The Secret a pod template mounts as its document, if any."""
+    for volume in ((template or {}).get("spec") or {}).get("volumes") or []:
+        if volume.get("name") == DOCUMENT_VOLUME and "secret" in volume:
+            return str(volume["secret"].get("secretName"))
+    return None
+
+
+def document_usage(secrets: Sequence[Mapping[str, Any]], daemonset: Mapping[str, Any] | None,
+                   revisions: Sequence[Mapping[str, Any]], daemonset_name: str
+                   ) -> list[DocumentSecret]:
+    """Each document Secret with what still uses it: the DaemonSet's current template, or one
+    of the ControllerRevisions it keeps (what `kubectl rollout undo` can return to)."""
+    users: dict[str, list[str]] = {}
+    if daemonset is not None:
+        current = template_document((daemonset.get("spec") or {}).get("template"))
+        if current:
+            users.setdefault(current, []).append("current")
+    for rev in sorted(revisions, key=lambda r: int(r.get("revision") or 0)):
+        owners = (rev.get("metadata") or {}).get("ownerReferences") or []
+        if not any(o.get("kind") == "DaemonSet" and o.get("name") == daemonset_name
+                   for o in owners):
+            continue
+        # A DaemonSet's ControllerRevision holds its template as a patch of `spec`.
+        template = ((rev.get("data") or {}).get("spec") or {}).get("template")
+        name = template_document(template)
+        if name:
+            users.setdefault(name, []).append(f"revision {rev.get('revision')}")
+    found = []
+    for secret in secrets:
+        meta = secret.get("metadata") or {}
+        name = str(meta.get("name"))
+        found.append(DocumentSecret(name, str((meta.get("labels") or {}).get(
+            "divingbell.io/document-digest", "")), str(meta.get("creationTimestamp") or ""),
+            tuple(users.get(name, ()))))
+    return sorted(found, key=lambda d: (d.created, d.name))
+
+
 # The fake. --------------------------------------------------------------------------------
 
 @dataclass
@@ -174,6 +243,8 @@ class FakeKube:
     clock: Callable[[], float] = time.time
     event_objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     series: EventSeries = field(default_factory=EventSeries)
+    # (namespace, kind, name) -> object: Secrets, DaemonSets and ControllerRevisions.
+    objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
 
     def add_node(self, name: str, labels: Mapping[str, str] | None = None) -> None:
         self.node_objects[name] = NodeView(name, dict(labels or {}), {})
@@ -229,6 +300,30 @@ class FakeKube:
         """The Event objects about `node`, oldest first (creation order)."""
         return [e for e in self.event_objects.values()
                 if e["involvedObject"]["name"] == node]
+
+    def put(self, obj: Mapping[str, Any]) -> None:
+        """Store a namespaced object as `kubectl apply` would."""
+        meta = obj["metadata"]
+        self.objects[meta["namespace"], obj["kind"], meta["name"]] = dict(obj)
+
+    def document_secrets(self, namespace: str, daemonset: str) -> list[DocumentSecret]:
+        self.sent.append(secrets_list_request(namespace))
+        key, value = DOCUMENT_SELECTOR.split("=")
+        secrets = [o for (ns, kind, _), o in sorted(self.objects.items()) if ns == namespace
+                   and kind == "Secret" and o["metadata"].get("labels", {}).get(key) == value]
+        self.sent.append(daemonset_request(namespace, daemonset))
+        found = self.objects.get((namespace, "DaemonSet", daemonset))
+        if found is None:
+            raise KubeError(f"API server: 404 daemonsets {daemonset!r} not found", code=404)
+        self.sent.append(revisions_list_request(namespace))
+        revisions = [o for (ns, kind, _), o in sorted(self.objects.items())
+                     if ns == namespace and kind == "ControllerRevision"]
+        return document_usage(secrets, found, revisions, daemonset)
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        self.sent.append(secret_delete_request(namespace, name))
+        if self.objects.pop((namespace, "Secret", name), None) is None:
+            raise KubeError(f"API server: 404 secrets {name!r} not found", code=404)
 
     def _node(self, node: str) -> NodeView:
         if node not in self.node_objects:
@@ -298,6 +393,24 @@ class LightkubeApi:
                     Event, name, request.body or {}, namespace=EVENTS_NAMESPACE,
                     patch_type=PatchType.MERGE))
         return dict(result.to_dict())
+
+    def document_secrets(self, namespace: str, daemonset: str) -> list[DocumentSecret]:
+        from lightkube.resources.apps_v1 import ControllerRevision, DaemonSet
+        from lightkube.resources.core_v1 import Secret
+
+        key, value = DOCUMENT_SELECTOR.split("=")
+        secrets = self._call(lambda: [s.to_dict() for s in self._client.list(
+            Secret, namespace=namespace, labels={key: value})])
+        found = self._call(lambda: self._client.get(DaemonSet, daemonset,
+                                                    namespace=namespace)).to_dict()
+        revisions = self._call(lambda: [r.to_dict() for r in self._client.list(
+            ControllerRevision, namespace=namespace)])
+        return document_usage(secrets, found, revisions, daemonset)
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        from lightkube.resources.core_v1 import Secret
+
+        self._call(lambda: self._client.delete(Secret, name, namespace=namespace))
 
     def nodes(self) -> list[NodeView]:
         from lightkube.resources.core_v1 import Node
