@@ -198,25 +198,48 @@ POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Events: only about the agent's own Node (the Role already limits them to `default`).
+EVENT_POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
+    ("object.involvedObject.kind == 'Node'"
+     " && object.involvedObject.name in variables.nodeNames",
+     "the divingbell agent may record Events only about the node its pod runs on"),
+)
+
+
 def admission_policy(namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
-    """A ValidatingAdmissionPolicy and its binding that confine the agent's Node patches."""
-    name = f"{APP}-agent-own-node"
+    """ValidatingAdmissionPolicies (and bindings) that confine the agent's ServiceAccount: Node
+    updates to divingbell.io/ annotations of its own node; Events to ones about that node."""
+    node_names = [{"name": n, "expression": e} for n, e in POLICY_VARIABLES[:1]]
+    return [
+        *_policy(f"{APP}-agent-own-node", namespace, labels,
+                 {"apiGroups": [""], "apiVersions": ["v1"],
+                  "operations": ["UPDATE"],  # a PATCH is admitted as an UPDATE
+                  "resources": ["nodes", "nodes/status"]},
+                 [{"name": n, "expression": e} for n, e in POLICY_VARIABLES],
+                 POLICY_VALIDATIONS),
+        *_policy(f"{APP}-agent-own-events", namespace, labels,
+                 {"apiGroups": [""], "apiVersions": ["v1"],
+                  "operations": ["CREATE", "UPDATE"], "resources": ["events"]},
+                 node_names, EVENT_POLICY_VALIDATIONS),
+    ]
+
+
+def _policy(name: str, namespace: str, labels: Mapping[str, str], rule: dict[str, Any],
+            variables: list[dict[str, str]], validations: tuple[tuple[str, str], ...]
+            ) -> list[dict[str, Any]]:
     return [
         {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
          "metadata": {"name": name, "labels": dict(labels)},
          "spec": {
              "failurePolicy": "Fail",
-             "matchConstraints": {"resourceRules": [{
-                 "apiGroups": [""], "apiVersions": ["v1"],
-                 "operations": ["UPDATE"],  # a PATCH is admitted as an UPDATE
-                 "resources": ["nodes", "nodes/status"]}]},
+             "matchConstraints": {"resourceRules": [rule]},
              "matchConditions": [{
                  "name": "divingbell-agent",
                  "expression": f"request.userInfo.username == "
                                f"'{service_account_user(namespace)}'"}],
-             "variables": [{"name": n, "expression": e} for n, e in POLICY_VARIABLES],
+             "variables": variables,
              "validations": [{"expression": e, "message": m, "reason": "Forbidden"}
-                             for e, m in POLICY_VALIDATIONS],
+                             for e, m in validations],
          }},
         {"apiVersion": "admissionregistration.k8s.io/v1",
          "kind": "ValidatingAdmissionPolicyBinding",

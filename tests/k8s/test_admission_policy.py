@@ -10,8 +10,6 @@ from typing import Any
 
 import pytest
 
-from tests.k8s.conftest import kind
-
 pytest.importorskip("celpy", reason="cel-python evaluates the policy (pip install cel-python)")
 
 from tests.k8s.admission import admit
@@ -50,13 +48,27 @@ def old(node: str = "node-1") -> dict[str, Any]:
     return previous
 
 
+def policy_named(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (found,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"
+                and o["metadata"]["name"] == name]
+    (binding,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicyBinding"
+                  and o["spec"]["policyName"] == name]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert found["spec"]["failurePolicy"] == "Fail"
+    return found
+
+
 @pytest.fixture
 def policy(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    binding = kind(objects, "ValidatingAdmissionPolicyBinding")
-    found = kind(objects, "ValidatingAdmissionPolicy")
-    assert binding["spec"] == {"policyName": found["metadata"]["name"],
-                               "validationActions": ["Deny"]}
-    assert found["spec"]["failurePolicy"] == "Fail"
+    found = policy_named(objects, "divingbell-agent-own-node")
+    assert found["spec"]["matchConstraints"]["resourceRules"][0]["resources"][0] == "nodes"
+    return found
+
+
+@pytest.fixture
+def event_policy(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    found = policy_named(objects, "divingbell-agent-own-events")
+    assert found["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["events"]
     return found
 
 
@@ -105,3 +117,23 @@ def test_other_users_are_not_affected(policy: dict[str, Any]) -> None:
                  "system:node:node-1"):
         assert admit(policy, request(user), changed("node-2",
                                                     metadata__labels={"role": "x"}), old()) == []
+
+
+def event(node: str, kind: str = "Node") -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{node}.divingbell.abc", "namespace": "default"},
+            "involvedObject": {"apiVersion": "v1", "kind": kind, "name": node},
+            "reason": "Applied", "message": "m", "type": "Normal", "count": 1}
+
+
+def test_the_agent_records_events_only_about_its_own_node(
+        event_policy: dict[str, Any]) -> None:
+    mine = request(node_names=["node-1"])
+    assert admit(event_policy, mine, event("node-1"), None) == []
+    repeat = {**event("node-1"), "count": 2}
+    assert admit(event_policy, mine, repeat, event("node-1")) == []
+    for denied in (event("node-2"), event("node-1", kind="Pod")):
+        assert admit(event_policy, mine, denied, None) == [
+            "the divingbell agent may record Events only about the node its pod runs on"]
+    assert admit(event_policy, request(), event("node-1"), None) != []
+    assert admit(event_policy, request("kubelet"), event("node-2"), None) == []

@@ -38,6 +38,7 @@ def test_every_object_is_valid_kubernetes(existing_secret: str | None) -> None:
     kinds = [o["kind"] for o in objects]
     assert kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
                      "RoleBinding", "ValidatingAdmissionPolicy",
+                     "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicy",
                      "ValidatingAdmissionPolicyBinding",
                      *(["Secret"] if existing_secret is None else []), "DaemonSet"]
     for obj in objects:
