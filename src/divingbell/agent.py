@@ -160,10 +160,12 @@ class Metrics:
 
 class Agent:
     def __init__(self, settings: AgentSettings, kube: KubeApi | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.kube = kube
         self.clock = clock
+        self.monotonic = monotonic  # for how long things run (liveness)
         self.metrics = Metrics()
         self.ready = False
         self.state = WORKING
@@ -175,7 +177,7 @@ class Agent:
         self._document: ValidDocument | DocumentError | None = None
         self._ignored_fingerprint: str | None = None
         self._busy: tuple[str, float, float] | None = None  # what, since (monotonic), budget
-        self._heartbeat = time.monotonic()
+        self._heartbeat = monotonic()
         self._labels_checked = float("-inf")
         self._last_drift_check = 0.0
         self._next_attempt = 0.0
@@ -192,7 +194,7 @@ class Agent:
 
     def stuck(self) -> str | None:
         """Why the loop counts as stuck (for /healthz), or None."""
-        now = time.monotonic()
+        now = self.monotonic()
         busy = self._busy
         if busy is not None:
             what, since, budget = busy
@@ -216,7 +218,7 @@ class Agent:
             self._schedule_retry(now)
         finally:
             self._busy = None
-            self._heartbeat = time.monotonic()
+            self._heartbeat = self.monotonic()
 
     def _tick(self, now: float) -> None:
         fingerprint = self._document_fingerprint()
@@ -330,7 +332,7 @@ class Agent:
         self.metrics.set_revision(rev)
         self._set(WORKING, f"converging revision {rev}", ready=False)
         config = node_config(document, self.settings.node, self.labels or {})
-        self._busy = (f"converge of revision {rev}", time.monotonic(),
+        self._busy = (f"converge of revision {rev}", self.monotonic(),
                       converge_budget(config, self.settings))
         try:
             report = apply_node(self.settings.host, config, rev,
@@ -366,7 +368,8 @@ class Agent:
             return
         try:
             config = node_config(document, self.settings.node, self.labels or {})
-            self._busy = ("drift check", time.monotonic(), converge_budget(config, self.settings))
+            self._busy = ("drift check", self.monotonic(),
+                          converge_budget(config, self.settings))
             plan = plan_node(self.settings.host, config)
         except DivingbellError as exc:
             log.warning("drift check failed: %s", exc)

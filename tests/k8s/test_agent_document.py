@@ -143,6 +143,42 @@ def test_healthz_fails_while_a_converge_is_stuck_past_its_budget(
         server.shutdown()
 
 
+def test_healthz_fails_when_no_pass_finished_for_five_minutes(
+        scratch_host: Host, volume: ConfigMapVolume) -> None:
+    volume.publish(DOC)
+    elapsed = Clock()
+    agent = Agent(AgentSettings([volume.document], "n1", scratch_host), None, Clock(),
+                  monotonic=elapsed)
+    server = serve(agent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.server_address[1]}/healthz"
+    try:
+        agent.tick()
+        elapsed.now += 299
+        assert get(url) == (200, "ok\n")
+        elapsed.now += 2
+        assert get(url) == (503, "stuck: no agent pass for 301s\n")
+        agent.tick()
+        assert get(url) == (200, "ok\n")
+    finally:
+        server.shutdown()
+
+
+def test_converge_budget_counts_the_documents_own_waits(scratch_host: Host) -> None:
+    from divingbell.agent import converge_budget
+    from divingbell.document.api import node_config
+    from divingbell.document.loader import load_text
+    from divingbell.document.validate import validate
+
+    document = validate(load_text(
+        "conf:\n  exec:\n    a.sh: {data: 'x', timeout: 100}\n    b.sh: {data: 'x', "
+        "timeout: 200}\n  apt:\n    dpkg_lock_timeout: 50\n"))
+    config = node_config(document, "n1", {})
+    settings = AgentSettings([], "n1", scratch_host, lock_timeout=60, stuck_margin=1000)
+    assert converge_budget(config, settings) == 1000 + 60 + 100 + 200 + 50
+    settings.converge_timeout = 7
+    assert converge_budget(config, settings) == 7
+
+
 def test_kubernetes_requests_are_logged_only_at_debug(caplog: pytest.LogCaptureFixture) -> None:
     from tests.test_kube import ApiStub
 
