@@ -462,6 +462,14 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
                         existing_secret=document_secret)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--document-secret") from None
+    if document_secret is None:
+        from divingbell.manifests import unreadable_reason
+
+        for f in files:
+            reason = unreadable_reason(f.read_text())
+            if reason:
+                click.echo(f"note: {f}: {reason}, so the Secret shows it as one quoted "
+                           "string; remove that for a readable block", err=True)
     click.echo(to_yaml(objects), nl=False)
 
 

@@ -20,6 +20,7 @@ so the agent gets a Role for events in `default` alone, never a ClusterRole.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from collections.abc import Mapping
 from pathlib import PurePosixPath
@@ -332,6 +333,14 @@ class _ManifestDumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True
 
+    def analyze_scalar(self, scalar: str) -> Any:
+        # PyYAML refuses block styles for any tab, though YAML allows tabs in a literal
+        # block's content (only its indentation must be spaces): judge as if they were spaces.
+        analysis = super().analyze_scalar(scalar)
+        if "\t" in scalar and not analysis.allow_block:
+            analysis.allow_block = super().analyze_scalar(scalar.replace("\t", " ")).allow_block
+        return analysis
+
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
     style = "|" if "\n" in value else None
@@ -339,6 +348,19 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 
 
 _ManifestDumper.add_representer(str, _str)
+
+
+def unreadable_reason(text: str) -> str | None:
+    """Why a multi-line `text` cannot be shown as a literal block (it is then one quoted,
+    escaped string), or None. A literal block cannot keep spaces at a line's end."""
+    if "\n" not in text:
+        return None
+    for number, line in enumerate(text.split("\n"), 1):
+        if line != line.rstrip(" "):
+            return f"line {number} ends in spaces"
+    if not _ManifestDumper(io.StringIO()).analyze_scalar(text).allow_block:
+        return "it holds control characters"
+    return None
 
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:

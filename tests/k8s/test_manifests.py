@@ -20,6 +20,7 @@ from divingbell.manifests import (
     document_digest,
     parse_max_unavailable,
     to_yaml,
+    unreadable_reason,
 )
 from tests.k8s.conftest import kind
 from tests.k8s.podsecurity import violations
@@ -141,6 +142,18 @@ def test_the_yaml_has_no_anchors_and_the_document_reads_as_written(
     assert list(yaml.safe_load_all(text)) == objects
 
 
+def test_scripts_with_tabs_stay_readable_and_what_cannot_is_named() -> None:
+    tabbed = "conf:\n  exec:\n    make.sh:\n      data: |\n        all:\n        \techo hi\n"
+    text = to_yaml(build({"site.yaml": tabbed}))
+    assert "  site.yaml: |\n" in text and "\t" in text
+    assert unreadable_reason(tabbed) is None
+    assert unreadable_reason("conf:  \n  sysctl: {}\n") == "line 1 ends in spaces"
+    assert unreadable_reason("conf:\n  a: \x07\n") == "it holds control characters"
+    for document in (tabbed, "conf:  \n  sysctl: {}\n"):
+        objects = build({"site.yaml": document})
+        assert list(yaml.safe_load_all(to_yaml(objects))) == objects
+
+
 def test_the_command_validates_the_document_and_the_namespace(tmp_path: Path) -> None:
     good = tmp_path / "site.yaml"
     good.write_text(SITE)
@@ -159,6 +172,10 @@ def test_the_command_validates_the_document_and_the_namespace(tmp_path: Path) ->
         run = manifests(str(good), "--namespace", bad_namespace)
         assert run.returncode == 2 and run.stdout == ""
         assert "--namespace" in run.stderr and "not a namespace name" in run.stderr
+    spaced = tmp_path / "spaced.yaml"
+    spaced.write_text(SITE.replace("sysctl:", "sysctl:  "))
+    run = manifests(str(spaced))
+    assert run.returncode == 0 and "line 2 ends in spaces" in run.stderr
     run = manifests(str(good), "--document-secret", "site-v7")
     assert run.returncode == 0 and "net.ipv4.ip_forward" not in run.stdout
     bad = tmp_path / "bad.yaml"
