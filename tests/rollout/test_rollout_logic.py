@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from divingbell.fleet.rollout import (
+    Decision,
     Member,
     Policy,
     Progress,
+    Rollout,
     RolloutError,
     Status,
     act,
@@ -23,10 +25,9 @@ from divingbell.fleet.rollout import (
 def fleet(*specs: str) -> dict[str, Member]:
     """'cp1', 'w3@r2' (rack r2), 'w4!' (unavailable): compact member specs."""
     members = {}
-    for spec in specs:
-        available = not spec.endswith("!")
-        spec = spec.rstrip("!")
-        name, _, rack = spec.partition("@")
+    for raw in specs:
+        available = not raw.endswith("!")
+        name, _, rack = raw.rstrip("!").partition("@")
         members[name] = Member(id=name, name=name, control_plane=name.startswith("cp"),
                                rack=rack or None, available=available)
     return members
@@ -66,7 +67,8 @@ def test_waves_are_deterministic_whatever_the_input_order():
     assert plan_waves(members, Policy()) == plan_waves(reversed(members), Policy())
 
 
-def run(rollout, members, now=0.0):
+def run(rollout: Rollout, members: dict[str, Member],
+        now: float = 0.0) -> tuple[Rollout, Decision]:
     decision = step(rollout, members, now)
     return decision.rollout, decision
 
