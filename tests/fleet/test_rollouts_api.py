@@ -3,6 +3,8 @@ waves advance, the halt on the first failure, the operator's verbs and the plan.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import yaml
 
@@ -40,8 +42,9 @@ def fleet_of(fleet: ThreadServer, count: int) -> dict[str, FleetClient]:
     return machines
 
 
-def current(fleet: ThreadServer) -> dict:
-    return fleet.reader.call("GET", "/v1/rollouts/current")
+def current(fleet: ThreadServer) -> dict[str, Any]:
+    result: dict[str, Any] = fleet.reader.call("GET", "/v1/rollouts/current")
+    return result
 
 
 def test_waves_advance_with_reports_and_a_failure_halts_the_rollout(fleet: ThreadServer):
