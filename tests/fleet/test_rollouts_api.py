@@ -184,3 +184,18 @@ def test_config_yaml_is_the_served_revision(fleet: ThreadServer):
     text = machines[worker].config(worker).text
     assert text is not None
     assert yaml.safe_load(text)["conf"]["sysctl"]["net.ipv4.tcp_fin_timeout"] == "30"
+
+
+def test_a_revision_pushed_after_a_halt_waits_for_resume(fleet: ThreadServer):
+    machines = fleet_of(fleet, 2)
+    second = fleet.admin.push_document(DOC.format(value=24).encode())["revision"]
+    control = current(fleet)["waves"][0][0]["id"]
+    converge(machines[control], control, ok=False, error="broken")
+    assert current(fleet)["status"] == "halted"
+    third = fleet.admin.push_document(DOC.format(value=25).encode())["revision"]
+    rollout = current(fleet)
+    assert rollout["revision"] == third and rollout["status"] == "paused"
+    assert "resume" in rollout["reason"]
+    assert served(machines[control], control) == second  # nothing moved yet
+    fleet.admin.call("POST", "/v1/rollouts/current/resume")
+    assert served(machines[control], control) == third

@@ -228,3 +228,10 @@ def test_machines_already_on_the_revision_are_done_and_reports_of_other_revision
     assert decision.start == ("w2",)
     stale = record_report(rollout, "w2", 1, converged=False, error="old")
     assert stale == rollout
+
+
+def test_a_degraded_control_plane_machine_may_itself_be_updated():
+    members = fleet("cp1!", "w1")
+    rollout = start(2, members.values(), dict.fromkeys(members, 1), Policy())
+    rollout, decision = run(rollout, members)
+    assert decision.start == ("cp1",)

@@ -249,7 +249,8 @@ def step(rollout: Rollout, members: Mapping[str, Member], now: float) -> Decisio
     unavailable = {m for m, member in members.items() if not member.available}
     unavailable |= {m for m, p in rollout.progress.items() if p is Progress.UPDATING}
     if control:
-        others_down = [m for m in unavailable if m in members and members[m].control_plane]
+        others_down = [m for m in unavailable if m in members and members[m].control_plane
+                       and m not in wave]
         if others_down:
             return Decision(rollout, reason="control plane: waiting until "
                             f"{', '.join(sorted(members[m].name for m in others_down))} "

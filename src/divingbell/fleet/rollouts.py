@@ -146,6 +146,7 @@ def start(session: Session, revision: int, from_revision: int | None, who: str) 
     now = utcnow()
     previous = current_row(session, lock=True)
     served: dict[str, int | None] = {}
+    after_halt = previous is not None and previous.status == logic.Status.HALTED.value
     if previous is not None:
         old = _load(previous, _members(session, previous))
         served = {m: logic.served_revision(old, m) for m in old.progress}
@@ -157,11 +158,15 @@ def start(session: Session, revision: int, from_revision: int | None, who: str) 
     served = {m: served.get(m, from_revision) for m in members}
     policy = get_policy(session)
     planned = logic.start(revision, members.values(), served, policy)
-    row = RolloutRow(revision=revision, from_revision=from_revision,
-                     status=logic.Status.RUNNING.value, policy=policy_dict(policy),
-                     waves=[list(w) for w in planned.waves], gate=None, failures=[],
-                     rollback=False, reason="started", started_by=who, started_at=now,
-                     updated_at=now)
+    # After a halt, the fix is not trusted blindly: the new rollout waits for `resume`, so the
+    # operator can check its plan first.
+    status = logic.Status.PAUSED if after_halt else logic.Status.RUNNING
+    reason = ("started paused: it replaces a halted rollout; check `rollout plan`, then resume"
+              if after_halt else "started")
+    row = RolloutRow(revision=revision, from_revision=from_revision, status=status.value,
+                     policy=policy_dict(policy), waves=[list(w) for w in planned.waves],
+                     gate=None, failures=[], rollback=False, reason=reason, started_by=who,
+                     started_at=now, updated_at=now)
     session.add(row)
     session.flush()
     wave_of = {m: i for i, wave in enumerate(planned.waves) for m in wave}
@@ -173,7 +178,8 @@ def start(session: Session, revision: int, from_revision: int | None, who: str) 
     session.flush()
     log.info("rollout %d of revision %d started by %s over %d machine(s) in %d wave(s)",
              row.id, revision, who, len(rows), len(planned.waves))
-    _step(session, row, rows, now)
+    if status is logic.Status.RUNNING:
+        _step(session, row, rows, now)
     return row
 
 
