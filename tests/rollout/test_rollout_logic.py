@@ -111,8 +111,10 @@ def test_machines_already_unavailable_count_against_max_unavailable():
     members = fleet("w1", "w2", "w3", "w4!", "w5")
     rollout = start(2, members.values(), dict.fromkeys(members, 1), Policy(max_unavailable=2))
     rollout, decision = run(rollout, members)
-    # waves [w1 w2] [w3 w4] [w5]: w4 is down, so only one of the first wave may start
-    assert decision.start == ("w1",)
+    # waves [w1 w2] [w3 w4] [w5]: w4 is down, so only one of the first wave may start (and
+    # w4 itself is updated now: it is down anyway)
+    assert decision.start == ("w1", "w4")
+    assert rollout.progress["w2"] is Progress.PENDING
 
 
 def test_an_unavailable_machine_in_the_wave_starts_without_using_the_budget():
@@ -235,3 +237,18 @@ def test_a_degraded_control_plane_machine_may_itself_be_updated():
     rollout = start(2, members.values(), dict.fromkeys(members, 1), Policy())
     rollout, decision = run(rollout, members)
     assert decision.start == ("cp1",)
+
+
+def test_a_degraded_worker_does_not_hold_back_the_control_plane():
+    members = fleet("cp1", "w1!", "w2")
+    rollout = start(2, members.values(), dict.fromkeys(members, 1), Policy())
+    rollout, decision = run(rollout, members)
+    assert decision.start == ("cp1",)
+
+
+def test_a_worker_already_down_in_a_later_wave_is_updated_now_instead_of_blocking():
+    members = fleet("w1", "w2", "w3!")
+    rollout = start(2, members.values(), dict.fromkeys(members, 1), Policy(max_unavailable=1))
+    rollout, decision = run(rollout, members)
+    # w3 is down and holds the whole budget of 1: without pulling it forward, nothing could move
+    assert decision.start == ("w3",)

@@ -147,11 +147,16 @@ class Rollout:
 
     @property
     def halt_reason(self) -> str | None:
+        return self.describe_halt({})
+
+    def describe_halt(self, names: Mapping[str, str]) -> str | None:
+        """Why the rollout halted, naming the machine (by name, when known) and its error."""
         if self.status is not Status.HALTED or not self.failures:
             return None
         first = self.failures[min(self.policy.max_failures, len(self.failures) - 1)]
-        return (f"halted: {first.machine} failed to converge revision {self.revision}: "
-                f"{first.error}")
+        who = f"{names[first.machine]} ({first.machine})" if first.machine in names else \
+            first.machine
+        return f"halted: {who} failed to converge revision {self.revision}: {first.error}"
 
 
 @dataclass(frozen=True)
@@ -256,11 +261,19 @@ def step(rollout: Rollout, members: Mapping[str, Member], now: float) -> Decisio
                             f"{', '.join(sorted(members[m].name for m in others_down))} "
                             "is available again")
         limit = 1
+        unavailable = {m for m in unavailable if m in members and members[m].control_plane}
     else:
         workers = sum(1 for member in members.values() if not member.control_plane)
         limit = wave_size(rollout.policy.max_unavailable, workers)
         unavailable = {m for m in unavailable if m in members and not members[m].control_plane}
 
+    if not control:
+        # Workers already down that wait in a later wave go now: updating them costs nothing
+        # (they count against the budget either way) and may repair them; otherwise one broken
+        # machine would hold the budget and block the rollout that could fix it.
+        later = [m for w in rollout.waves[wave_index + 1:] for m in w
+                 if rollout.progress[m] is Progress.PENDING and m in unavailable]
+        pending = pending + later
     to_start: list[str] = []
     for member in pending:
         if member in unavailable:  # already down: updating it costs nothing more

@@ -275,7 +275,7 @@ def view(session: Session, row: RolloutRow) -> dict[str, Any]:
                             "duration_seconds": duration})
         waves.append(entries)
     return {**summary_view(row), "policy": row.policy, "waves": waves,
-            "summary": logic.summary(rollout), "halt_reason": rollout.halt_reason,
+            "summary": logic.summary(rollout), "halt_reason": rollout.describe_halt(names),
             "failures": row.failures, "reason": row.reason, "rollback": row.rollback}
 
 
