@@ -4,6 +4,7 @@ machines after it are untouched on their hosts; the fixed revision, once resumed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -172,10 +173,8 @@ def test_a_failing_revision_halts_at_the_third_machine_and_the_fix_completes(
         assert [r["status"] for r in history[:3]] == ["completed", "aborted", "completed"]
     finally:
         for agent in agents:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(agent.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for agent in agents:
             try:
                 agent.wait(timeout=15)
