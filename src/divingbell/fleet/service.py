@@ -198,6 +198,8 @@ def machine_summary(machine: Machine, active: int | None) -> dict[str, Any]:
         "up_to_date": up_to_date(machine, active),
         "last_report_at": iso(machine.last_report_at),
         "macs": [i["mac"] for i in machine.interfaces or [] if i.get("mac")],
+        "ips": [a["address"] for i in machine.interfaces or [] for a in i.get("addresses") or []
+                if not str(a.get("address", "")).startswith("fe80:")],
     }
 
 

@@ -65,11 +65,13 @@ function status(text, isError) {
 function replaceRows(tbody, rows) { tbody.replaceChildren(...rows); }
 
 function machineRow(m) {
-  const ipv4 = [];
-  const macs = [];
-  for (const iface of m.interfaces || []) {
-    if (iface.mac) macs.push(iface.mac);
-    for (const a of iface.addresses || []) if (!String(a.address).startsWith("fe80")) ipv4.push(a.address);
+  const ipv4 = (m.ips || []).slice();
+  const macs = (m.macs || []).slice();
+  if (!m.macs) {
+    for (const iface of m.interfaces || []) {
+      if (iface.mac) macs.push(iface.mac);
+      for (const a of iface.addresses || []) if (!String(a.address).startsWith("fe80")) ipv4.push(a.address);
+    }
   }
   return {
     id: m.id, name: m.hostname || m.name || m.id, role: (m.roles || []).join(", ") || "–",
@@ -236,7 +238,7 @@ async function renderDiff() {
   const pre = document.getElementById("diff");
   const lines = (body.diff || "").split("\n");
   pre.replaceChildren(...(lines.length && body.diff ? lines.map((line) => el("span", {
-    class: line.startsWith("+") ? "add" : line.startsWith("-") ? "del" : line.startsWith("@@") ? "hunk" : "" }, line + "\n"))
+    class: /^(\+\+\+|---|@@)/.test(line) ? "hunk" : line.startsWith("+") ? "add" : line.startsWith("-") ? "del" : "" }, line + "\n"))
     : ["The two revisions are the same."]));
 }
 
