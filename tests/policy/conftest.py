@@ -85,3 +85,15 @@ def webhook(ca: ScratchCa, tls_files: tuple[Path, Path]) -> Iterator[RunningWebh
     running.client.close()
     running.server.shutdown()
     running.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.policy import slapd as slapd_server
+
+    why = slapd_server.available()
+    if why:
+        pytest.skip(why)
+    server = slapd_server.start(tmp_path_factory.mktemp("slapd"))
+    yield server
+    server.stop()

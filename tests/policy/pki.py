@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -65,3 +68,25 @@ class ScratchCa:
                                                serialization.NoEncryption()))
         key_path.chmod(0o600)
         return cert_path, key_path
+
+
+def csr_signer(ca: ScratchCa, now: Callable[[], datetime.datetime]) -> Callable[[dict[str, Any]], str]:
+    """What kube-controller-manager's kubernetes.io/kube-apiserver-client signer does with an
+    approved CSR: a client certificate for the CSR's subject, for expirationSeconds."""
+
+    def sign(csr_object: dict[str, Any]) -> str:
+        spec = csr_object["spec"]
+        csr = x509.load_pem_x509_csr(base64.b64decode(spec["request"]))
+        issued = now()
+        seconds = spec.get("expirationSeconds") or 365 * 86400
+        cert = (x509.CertificateBuilder().subject_name(csr.subject)
+                .issuer_name(ca.cert.subject).public_key(csr.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(issued - datetime.timedelta(minutes=5))
+                .not_valid_after(issued + datetime.timedelta(seconds=seconds))
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                               critical=False)
+                .sign(ca.key, hashes.SHA256()))
+        return base64.b64encode(cert.public_bytes(serialization.Encoding.PEM)).decode()
+
+    return sign
