@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import datetime
 import ipaddress
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
