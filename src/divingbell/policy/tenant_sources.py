@@ -215,7 +215,8 @@ class LdapSource:
                                   use_ssl=self.url.scheme == "ldaps",
                                   connect_timeout=s.timeout_seconds, get_info=ldap3.NONE)
             with ldap3.Connection(server, user=s.bind_dn, password=password, auto_bind=True,
-                                  read_only=True, receive_timeout=s.timeout_seconds,
+                                  read_only=True,
+                                  receive_timeout=max(1, round(s.timeout_seconds)),
                                   raise_exceptions=True) as connection:
                 entries = connection.extend.standard.paged_search(
                     self.url.base, search_filter, scope, attributes=attributes,

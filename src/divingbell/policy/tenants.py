@@ -91,6 +91,8 @@ class CredentialsConf(_Strict):
 class HomeConf(_Strict):
     pattern: str = "/home/{name}"
     create: bool = False
+    # Use the source's home (YAML `home:`, LDAP homeDirectory) when it has one.
+    from_source: bool = True
 
     @model_validator(mode="after")
     def _pattern(self) -> HomeConf:
@@ -265,7 +267,8 @@ class Controller:
     # -- one tenant --
     def _reconcile(self, tenant: Tenant) -> TenantStatus:
         namespace = self.config.namespace_prefix + tenant.name
-        home = tenant.home or self.config.home.pattern.format(name=tenant.name)
+        home = (tenant.home if tenant.home and self.config.home.from_source
+                else self.config.home.pattern.format(name=tenant.name))
         status = TenantStatus(tenant.name, DISABLED if tenant.disabled else ACTIVE, namespace,
                               tenant.uid, home)
         try:
@@ -454,17 +457,25 @@ class Controller:
         return False
 
     def _disable(self, tenant: Tenant, namespace: str, status: TenantStatus) -> None:
-        try:
-            self.api.delete("RoleBinding", BINDING_NAME, namespace)
+        if self._delete_if_present("RoleBinding", BINDING_NAME, namespace):
             status.actions.append("removed RoleBinding")
             self.metrics.accounts.labels("disabled").inc()
-        except ClusterError as exc:
-            if exc.code != 404:
-                raise
         home = status.home or ""
         if kubeconfig.remove(home, tenant.uid, tenant.gid,
                              self._entries(tenant.name, namespace)):
             status.actions.append("removed kubeconfig credentials")
+
+    def _delete_if_present(self, kind: str, name: str, namespace: str) -> bool:
+        """Read first: a disabled tenant is looked at every run, and a GET is cheaper for
+        the API server (and its audit log) than a DELETE that finds nothing."""
+        try:
+            self.api.get(kind, name, namespace)
+            self.api.delete(kind, name, namespace)
+        except ClusterError as exc:
+            if exc.code != 404:
+                raise
+            return False
+        return True
 
     # -- tenants gone from the source --
     def _remove_absent(self, wanted: set[str], previous: Mapping[str, Any],
@@ -489,11 +500,7 @@ class Controller:
             known = previous.get(name) or {}
             try:
                 if self.config.removal.keep_namespace:
-                    try:
-                        self.api.delete("RoleBinding", BINDING_NAME, namespace)
-                    except ClusterError as exc:
-                        if exc.code != 404:
-                            raise
+                    self._delete_if_present("RoleBinding", BINDING_NAME, namespace)
                     self.api.merge_patch("Namespace", namespace,
                                          {"metadata": {"labels": {REMOVED_LABEL: "true"}}})
                     status.actions.append("removed RoleBinding; namespace kept")
