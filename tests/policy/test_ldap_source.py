@@ -43,7 +43,7 @@ def account(connection: ldap3.Connection, base: str, name: str, uid: int | None,
         attributes.update(uidNumber=uid, gidNumber=extra.pop("gid", uid),
                           homeDirectory=extra.pop("home", f"/home/{name}"))
     attributes.update(extra)
-    connection.add(f"uid={name},{base}", classes, attributes)
+    connection.add(f"uid={name},{base}", classes, attributes)  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def directory(slapd: slapd_server.Slapd) -> tuple[slapd_server.Slapd, str]:
     """A fresh organizational unit per test, filled with accounts."""
     base = f"ou=tools{next(_ous)},{slapd_server.SUFFIX}"
     with admin(slapd) as connection:
-        connection.add(base, ["organizationalUnit"])
+        connection.add(base, ["organizationalUnit"])  # type: ignore[no-untyped-call]
         account(connection, base, "alice", 52001, home="/data/project/alice")
         account(connection, base, "bob", 52002, gid=600)
         account(connection, base, "eve", 52005, shadowExpire=DAYS - 1)  # expired yesterday
@@ -59,7 +59,7 @@ def directory(slapd: slapd_server.Slapd) -> tuple[slapd_server.Slapd, str]:
         account(connection, base, "Not_A_Label", 52007)
         account(connection, base, "zero", 0)
         account(connection, base, "plainperson", None)  # no posixAccount: not a tenant
-        connection.add(f"ou=nested,{base}", ["organizationalUnit"])
+        connection.add(f"ou=nested,{base}", ["organizationalUnit"])  # type: ignore[no-untyped-call]
         account(connection, f"ou=nested,{base}", "gina", 52008)
     return slapd, base
 
@@ -142,7 +142,7 @@ def test_the_controller_provisions_ldap_tenants(directory: tuple[slapd_server.Sl
                                                                   "RunAsGroup": "600"}
     # eve's account expires no more: she is enabled on the next run
     with admin(server) as connection:
-        connection.modify(f"uid=eve,{base}", {"shadowExpire": [(ldap3.MODIFY_REPLACE,
+        connection.modify(f"uid=eve,{base}", {"shadowExpire": [(ldap3.MODIFY_REPLACE,  # type: ignore[no-untyped-call]
                                                                 [DAYS + 100])]})
     world.controller(source=ldap).run()
     assert world.cluster.find("RoleBinding", "tenant", "tool-eve") is not None

@@ -267,7 +267,7 @@ def test_a_concurrent_change_is_a_conflict_and_retried(world: World) -> None:
     world.controller().run()
     world.settings["quota"] = {"pods": "99"}
     racer = ConcurrentWriter(world.cluster)
-    report = world.controller(api=racer).run()  # type: ignore[arg-type]
+    report = world.controller(api=racer).run()
     assert racer.raced and report.ok, report.as_dict()
     conflicts = [r for r in world.cluster.sent if r.method == "PUT" and "resourcequotas" in r.path]
     assert len(conflicts) >= 4  # the refused PUT and the retry, then the other tenants
