@@ -53,7 +53,7 @@ def stub(ca: ScratchCa, tmp_path: Path) -> Iterator[tuple[ApiStub, World]]:
 
 def reset_homes(world: World) -> None:
     for tenant in TENANTS:
-        shutil.rmtree(world.home(tenant["name"]) / ".kube", ignore_errors=True)
+        shutil.rmtree(world.home(str(tenant["name"])) / ".kube", ignore_errors=True)
 
 
 def scenario(world: World, api: Any) -> list[Any]:
