@@ -129,3 +129,28 @@ def test_tenants_against_a_real_cluster(tmp_path: Path, ca: ScratchCa) -> None:
         world.write_tenants([])
         world.settings["removal"] = {"max_per_run": 10}
         world.controller(api=api).run()
+
+
+@pytest.mark.skipif(not os.environ.get("DIVINGBELL_TEST_KUBECONFIG"),
+                    reason="set DIVINGBELL_TEST_KUBECONFIG to run against a real cluster")
+def test_webhook_namespace_lookups_against_a_real_cluster() -> None:
+    """The webhook's decisions with namespaces read from a real API server."""
+    import json
+
+    from divingbell.policy.config import PolicyConfig
+    from divingbell.policy.server import NamespaceCache, Reviewer, parse_review, routes
+    from tests.policy.conftest import POLICY
+    from tests.policy.reviews import pod, review
+
+    api = LightkubeCluster(os.environ["DIVINGBELL_TEST_KUBECONFIG"])
+    name = "dbtest-webhook"
+    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": name, "labels": {"tenancy": "tool"}, "annotations": {"RunAsUser": "52001"}}})
+    try:
+        reviewer = Reviewer(routes(PolicyConfig.model_validate(POLICY)),
+                            NamespaceCache(ClusterNamespaces(api)))
+        request = parse_review(json.dumps(review(pod(), namespace=name)).encode())
+        verdict = reviewer.decide(reviewer.routes["/mutate/uid"], request)
+        assert verdict.allowed and verdict.patch
+    finally:
+        api.delete("Namespace", name)
