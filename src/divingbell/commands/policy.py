@@ -114,12 +114,15 @@ def serve(config_path: Path, tls_cert: Path, tls_key: Path, listen: str,
     config = _load(config_path)
     host, port = _address(listen)
     from divingbell.policy.kube import ClusterNamespaces, LightkubeCluster
+    from divingbell.policy.server import routes
 
-    try:
-        namespaces = ClusterNamespaces(LightkubeCluster(kubeconfig))
-    except Exception as exc:  # lightkube's config errors share no base class
-        click.echo(f"error: cannot configure the Kubernetes client: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+    namespaces = None
+    if any(route.needs_namespace for route in routes(config).values()):
+        try:
+            namespaces = ClusterNamespaces(LightkubeCluster(kubeconfig))
+        except Exception as exc:  # lightkube's config errors share no base class
+            click.echo(f"error: cannot configure the Kubernetes client: {exc}", err=True)
+            sys.exit(EXIT_FAILED)
     try:
         server = make_server(config, namespaces, cert=tls_cert, key=tls_key, host=host,
                              port=port)

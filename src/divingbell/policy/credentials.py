@@ -20,7 +20,8 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from divingbell.errors import DivingbellError
@@ -91,7 +92,7 @@ class Signer(Protocol):
 @dataclass
 class LocalCaSigner:
     ca_cert: x509.Certificate
-    ca_key: ec.EllipticCurvePrivateKey | object
+    ca_key: CertificateIssuerPrivateKeyTypes
     groups: Sequence[str] = ()
     validity: datetime.timedelta = datetime.timedelta(days=365)
     clock: Clock = utcnow
@@ -102,6 +103,9 @@ class LocalCaSigner:
         try:
             ca_cert = x509.load_pem_x509_certificate(cert.read_bytes())
             ca_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
+            if not isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+                              | ed25519.Ed25519PrivateKey):
+                raise ValueError(f"unsupported key type {type(ca_key).__name__}")
         except OSError as exc:
             raise CredentialError(f"cannot read the tenant CA: {exc}") from None
         except ValueError as exc:
@@ -125,7 +129,8 @@ class LocalCaSigner:
                                              decipher_only=False), critical=True)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
                                critical=False)
-                .sign(self.ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+                .sign(self.ca_key, None if isinstance(self.ca_key, ed25519.Ed25519PrivateKey)
+                      else hashes.SHA256()))
         return cert.public_bytes(serialization.Encoding.PEM)
 
 

@@ -36,8 +36,7 @@ def _labels(component: str) -> dict[str, str]:
             "app.kubernetes.io/managed-by": "divingbell"}
 
 
-def namespace_selector(config: PolicyConfig, selector: LabelSelector | None,
-                       own_namespace: str) -> dict[str, Any]:
+def namespace_selector(selector: LabelSelector | None, own_namespace: str) -> dict[str, Any]:
     out = selector.as_kubernetes() if selector is not None else {}
     expressions = list(out.get("matchExpressions") or [])  # type: ignore[call-overload]
     expressions.append({"key": "kubernetes.io/metadata.name", "operator": "NotIn",
@@ -78,22 +77,22 @@ def webhook_configurations(config: PolicyConfig, namespace: str, ca_bundle: byte
             "uid", "/mutate/uid",
             [*_rules(POD_KINDS, ["CREATE"]),
              *_rules([("", "v1", ["pods/ephemeralcontainers"])], ["UPDATE"])],
-            namespace_selector(config, config.selector_for(config.uid_enforcer), namespace),
+            namespace_selector(config.selector_for(config.uid_enforcer), namespace),
             namespace, ca_bundle, timeout))
     if config.host_auto_mounter.enabled:
         mutating.append(_webhook(
             "automount", "/mutate/automount", _rules(POD_KINDS, ["CREATE"]),
-            namespace_selector(config, config.selector_for(config.host_auto_mounter),
+            namespace_selector(config.selector_for(config.host_auto_mounter),
                                namespace), namespace, ca_bundle, timeout))
     if config.registry_enforcer.enabled:
         validating.append(_webhook(
             "registry", "/validate/registry", _rules(WORKLOAD_KINDS, ["CREATE", "UPDATE"]),
-            namespace_selector(config, config.selector_for(config.registry_enforcer),
+            namespace_selector(config.selector_for(config.registry_enforcer),
                                namespace), namespace, ca_bundle, timeout))
     if config.host_path_enforcer.enabled:
         validating.append(_webhook(
             "hostpath", "/validate/hostpath", _rules(WORKLOAD_KINDS, ["CREATE", "UPDATE"]),
-            namespace_selector(config, config.selector_for(config.host_path_enforcer),
+            namespace_selector(config.selector_for(config.host_path_enforcer),
                                namespace), namespace, ca_bundle, timeout))
     out = []
     if mutating:
