@@ -309,3 +309,14 @@ def test_homes_are_created_when_configured(world: World) -> None:
     world.settings["home"] = {"create": True}
     assert world.controller().run().ok
     assert world.home("dave").stat().st_uid == 52004
+
+
+def test_tenants_sharing_a_uid_are_held_back_not_removed(world: World) -> None:
+    controller = world.controller()
+    controller.run()
+    world.write_tenants([TENANTS[0], {**TENANTS[1], "uid": 52001}, TENANTS[2]])
+    report = controller.run()
+    assert any("alice, bob: share uid 52001" in s for s in report.skipped)
+    assert {t.name for t in report.tenants} == {"carol"}
+    assert world.cluster.find("Namespace", "tool-alice") is not None
+    assert world.cluster.find("Namespace", "tool-bob") is not None

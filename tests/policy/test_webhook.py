@@ -368,3 +368,10 @@ def test_json_pointer_escaping() -> None:
         "/spec/containers/0/volumeMounts/-")
     # ~01 must decode to ~1, not to /: the order of the two replacements matters
     assert pointer_token("~1") == "~01"
+
+
+def test_host_namespaces_are_refused(webhook: RunningWebhook) -> None:
+    response = webhook.client.post("/mutate/uid", review(pod(hostPID=True, hostNetwork=True)))
+    assert not response["allowed"]
+    assert "remove hostNetwork, hostPID" in response["status"]["message"]
+    assert webhook.client.post("/mutate/uid", review(pod(hostNetwork=False)))["allowed"]

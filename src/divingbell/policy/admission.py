@@ -327,6 +327,10 @@ class UidEnforcer:
             return refuse(f"{request.what}: pods in namespace {namespace.name!r} run as uid "
                           f"{uid} without privileges; remove privileged/SYS_ADMIN from "
                           f"{', '.join(privileged)}")
+        shared = [key for key in ("hostNetwork", "hostPID", "hostIPC") if spec.get(key) is True]
+        if shared and not self.conf.allow_host_namespaces:
+            return refuse(f"{request.what}: pods in namespace {namespace.name!r} may not share "
+                          f"the node's namespaces; remove {', '.join(shared)}")
         ops: list[dict[str, Any]] = []
         if not only_ephemeral:
             pod_context = _mapping(spec.get("securityContext"), (*spec_path, "securityContext"))

@@ -87,6 +87,9 @@ class _Scoped(_Strict):
 class UidEnforcerConf(_Scoped):
     annotation: str = "RunAsUser"
     group_annotation: str = "RunAsGroup"
+    # hostNetwork/hostPID/hostIPC let a pod see and signal the node's processes and sockets,
+    # whatever its uid: refused unless allowed here.
+    allow_host_namespaces: bool = False
 
 
 class RegistryEnforcerConf(_Scoped):

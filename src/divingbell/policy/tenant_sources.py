@@ -42,6 +42,22 @@ class Tenant:
 class SourceRead:
     tenants: list[Tenant]
     skipped: list[str] = field(default_factory=list)  # why each unusable entry was skipped
+    # Names of skipped entries: the controller leaves their namespaces alone (a broken entry
+    # is not a removal).
+    held: set[str] = field(default_factory=set)
+
+    def without_shared_uids(self) -> SourceRead:
+        """Two tenants with one uid could read each other's files: both are held back."""
+        owners: dict[int, list[str]] = {}
+        for tenant in self.tenants:
+            owners.setdefault(tenant.uid, []).append(tenant.name)
+        shared = {uid: names for uid, names in owners.items() if len(names) > 1}
+        if not shared:
+            return self
+        skipped = [*self.skipped, *(f"{', '.join(names)}: share uid {uid}; all held back"
+                                    for uid, names in sorted(shared.items()))]
+        held = self.held | {n for names in shared.values() for n in names}
+        return SourceRead([t for t in self.tenants if t.uid not in shared], skipped, held)
 
 
 class TenantSource(Protocol):
@@ -117,10 +133,12 @@ class YamlSource:
                 str(p) for p in exc.problems)) from None
         seen: dict[str, int] = {}
         tenants, skipped = [], []
+        held: set[str] = set()
         for entry in document.tenants:
             problem = check_name(entry.name, self.prefix)
             if entry.name in seen:
                 problem = f"{entry.name!r} is listed twice"
+                held.add(entry.name)
             if problem:
                 skipped.append(problem)
                 continue
@@ -128,7 +146,7 @@ class YamlSource:
             tenants.append(Tenant(entry.name, entry.uid, entry.gid or entry.uid, entry.home,
                                   entry.disabled, _quantities(entry.quota),
                                   {k: _quantities(v) for k, v in entry.limits.items()}))
-        return SourceRead(tenants, skipped)
+        return SourceRead(tenants, skipped, held).without_shared_uids()
 
 
 # LDAP -------------------------------------------------------------------------------------
@@ -229,6 +247,7 @@ class LdapSource:
         s = self.settings
         tenants, skipped = [], []
         seen: set[str] = set()
+        held: set[str] = set()
         today = (self.today() - datetime.date(1970, 1, 1)).days
         for entry in entries:
             attrs = entry.get("attributes") or {}
@@ -241,8 +260,10 @@ class LdapSource:
             problem = check_name(str(name), self.prefix)
             if problem is None and (uid is None or uid <= 0):
                 problem = f"{s.uid_attribute} is not a positive number"
+                held.add(str(name))
             if problem is None and name in seen:
                 problem = f"{name!r} appears twice"
+                held.add(str(name))
             if problem:
                 skipped.append(f"{dn}: {problem}")
                 continue
@@ -253,7 +274,8 @@ class LdapSource:
             expire = _number(attrs.get(s.expire_attribute))
             tenants.append(Tenant(str(name), uid, gid, str(home) if home else None,
                                   disabled=expire is not None and 0 <= expire <= today))
-        return SourceRead(sorted(tenants, key=lambda t: t.name), skipped)
+        return SourceRead(sorted(tenants, key=lambda t: t.name), skipped,
+                          held).without_shared_uids()
 
 
 def _first(value: Any) -> Any:

@@ -240,7 +240,7 @@ class Controller:
             return self._finish(report, started, write_status=False)
         report.skipped = read.skipped
         previous = self._previous_status()
-        wanted = {t.name for t in read.tenants}
+        wanted = {t.name for t in read.tenants} | read.held
         for tenant in read.tenants:
             report.tenants.append(self._reconcile(tenant))
         try:
