@@ -62,13 +62,13 @@ def test_pod_gets_the_namespace_uid_everywhere(webhook: RunningWebhook) -> None:
 
 def test_existing_security_context_members_are_replaced_and_others_kept(
         webhook: RunningWebhook) -> None:
-    submitted = pod(securityContext={"runAsUser": 0, "supplementalGroups": [4]},
+    submitted = pod(securityContext={"runAsUser": 0, "supplementalGroups": [52001]},
                     containers=[{"name": "a", "image": f"{REGISTRY}/a",
                                  "securityContext": {"runAsUser": 0, "readOnlyRootFilesystem": True,
                                                      "capabilities": {"drop": ["ALL"]}}}])
     submitted["metadata"]["annotations"] = {"team": "x"}
     result, _ = mutate(webhook, submitted)
-    assert result["spec"]["securityContext"]["supplementalGroups"] == [4]
+    assert result["spec"]["securityContext"]["supplementalGroups"] == [52001]
     assert result["spec"]["securityContext"]["runAsUser"] == 52001
     context = result["spec"]["containers"][0]["securityContext"]
     assert context["readOnlyRootFilesystem"] is True and context["runAsUser"] == 52001
@@ -375,3 +375,39 @@ def test_host_namespaces_are_refused(webhook: RunningWebhook) -> None:
     assert not response["allowed"]
     assert "remove hostNetwork, hostPID" in response["status"]["message"]
     assert webhook.client.post("/mutate/uid", review(pod(hostNetwork=False)))["allowed"]
+
+
+def test_other_groups_are_refused(webhook: RunningWebhook) -> None:
+    response = webhook.client.post("/mutate/uid", review(
+        pod(securityContext={"supplementalGroups": [52001, 52002]})))
+    assert not response["allowed"]
+    assert "remove supplementalGroups [52002]" in response["status"]["message"]
+    own = pod(securityContext={"supplementalGroups": [52001]})
+    assert webhook.client.post("/mutate/uid", review(own))["allowed"]
+
+
+def test_a_stalled_client_does_not_stall_the_server(webhook: RunningWebhook) -> None:
+    """The TLS handshake runs in the connection's thread: a client that connects and says
+    nothing (or speaks plain HTTP) holds only its own thread."""
+    import socket
+
+    silent = socket.create_connection(("127.0.0.1", webhook.server.port))
+    plain = socket.create_connection(("127.0.0.1", webhook.server.port))
+    plain.sendall(b"POST /mutate/uid HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        assert webhook.client.post("/mutate/uid", review(pod()))["allowed"]
+        assert webhook.client.raw("GET", "/healthz")[0] == 200
+    finally:
+        silent.close()
+        plain.close()
+
+
+def test_a_review_without_content_length_is_411(webhook: RunningWebhook, ca: ScratchCa) -> None:
+    import socket
+
+    context = ssl.create_default_context(cadata=ca.pem.decode())
+    with socket.create_connection(("127.0.0.1", webhook.server.port)) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"POST /mutate/uid HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        answer = tls.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 411") and "Content-Length" in answer

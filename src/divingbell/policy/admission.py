@@ -327,6 +327,14 @@ class UidEnforcer:
             return refuse(f"{request.what}: pods in namespace {namespace.name!r} run as uid "
                           f"{uid} without privileges; remove privileged/SYS_ADMIN from "
                           f"{', '.join(privileged)}")
+        pod_context_now = _mapping(spec.get("securityContext"),
+                                   (*spec_path, "securityContext")) or {}
+        extra_groups = [g for g in _list(pod_context_now.get("supplementalGroups"),
+                                         (*spec_path, "securityContext", "supplementalGroups"))
+                        or [] if g != gid]
+        if extra_groups and not only_ephemeral:
+            return refuse(f"{request.what}: pods in namespace {namespace.name!r} run with group "
+                          f"{gid} only; remove supplementalGroups {extra_groups}")
         shared = [key for key in ("hostNetwork", "hostPID", "hostIPC") if spec.get(key) is True]
         if shared and not self.conf.allow_host_namespaces:
             return refuse(f"{request.what}: pods in namespace {namespace.name!r} may not share "
