@@ -320,3 +320,5 @@ def test_tenants_sharing_a_uid_are_held_back_not_removed(world: World) -> None:
     assert {t.name for t in report.tenants} == {"carol"}
     assert world.cluster.find("Namespace", "tool-alice") is not None
     assert world.cluster.find("Namespace", "tool-bob") is not None
+    held = status(world)["bob"]
+    assert held["held"] and held["home"] == str(world.home("bob")) and held["gid"] == 600

@@ -163,6 +163,7 @@ class TenantStatus:
     state: str
     namespace: str
     uid: int | None = None
+    gid: int | None = None
     home: str | None = None
     certificate_expires: str | None = None
     messages: list[str] = field(default_factory=list)
@@ -247,13 +248,15 @@ class Controller:
             report.tenants.extend(self._remove_absent(wanted, previous, report))
         except ClusterError as exc:
             report.errors.append(f"cannot list tenant namespaces: {exc}")
-        return self._finish(report, started, write_status=True)
+        kept = {name: previous[name] for name in read.held if name in previous}
+        return self._finish(report, started, write_status=True, kept=kept)
 
-    def _finish(self, report: RunReport, started: float, *, write_status: bool) -> RunReport:
+    def _finish(self, report: RunReport, started: float, *, write_status: bool,
+                kept: Mapping[str, Any] | None = None) -> RunReport:
         report.seconds = time.monotonic() - started
         if write_status:
             try:
-                self._write_status(report)
+                self._write_status(report, kept or {})
             except ClusterError as exc:
                 report.errors.append(f"cannot write the status ConfigMap: {exc}")
         self.metrics.run_seconds.observe(report.seconds)
@@ -270,7 +273,7 @@ class Controller:
         home = (tenant.home if tenant.home and self.config.home.from_source
                 else self.config.home.pattern.format(name=tenant.name))
         status = TenantStatus(tenant.name, DISABLED if tenant.disabled else ACTIVE, namespace,
-                              tenant.uid, home)
+                              tenant.uid, tenant.gid, home)
         try:
             self._ensure_namespace(tenant, namespace, status)
             self._ensure(self._quota(tenant, namespace), status)
@@ -509,7 +512,8 @@ class Controller:
                     status.actions.append("deleted namespace")
                 if isinstance(known.get("home"), str) and isinstance(known.get("uid"), int):
                     uid = known["uid"]
-                    if kubeconfig.remove(known["home"], uid, uid,
+                    gid = known["gid"] if isinstance(known.get("gid"), int) else uid
+                    if kubeconfig.remove(known["home"], uid, gid,
                                          self._entries(name, namespace)):
                         status.actions.append("removed kubeconfig credentials")
                 self.metrics.accounts.labels("removed").inc()
@@ -534,10 +538,14 @@ class Controller:
                 continue
         return out
 
-    def _write_status(self, report: RunReport) -> None:
+    def _write_status(self, report: RunReport, kept: Mapping[str, Any]) -> None:
+        """One key per tenant; held-back tenants keep their last entry (the home and uid a
+        later removal needs), marked held."""
         stamp = datetime.datetime.fromtimestamp(report.started, datetime.UTC).isoformat()
-        data = {t.name: json.dumps({**t.as_dict(), "updated": stamp}, sort_keys=True)
-                for t in report.tenants if t.state != REMOVED or t.messages}
+        data = {name: json.dumps({**entry, "held": True}, sort_keys=True)
+                for name, entry in kept.items()}
+        data.update({t.name: json.dumps({**t.as_dict(), "updated": stamp}, sort_keys=True)
+                     for t in report.tenants if t.state != REMOVED or t.messages})
         desired = {"apiVersion": "v1", "kind": "ConfigMap",
                    "metadata": {"name": self.config.status.configmap,
                                 "namespace": self.config.status.namespace,
