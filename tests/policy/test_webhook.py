@@ -280,6 +280,7 @@ def test_malformed_objects_are_refused_naming_the_field(webhook: RunningWebhook)
 @pytest.mark.parametrize(("body", "field"), [
     (b"not json", ""),
     (b"[]", ""),
+    (b"[" * 200_000 + b"]" * 200_000, ""),
     (json.dumps({"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",
                  "request": {}}).encode(), "apiVersion"),
     (json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(),

@@ -136,6 +136,8 @@ def parse_review(body: bytes) -> ReviewRequest:
         review = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadReview("", f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadReview("", "the body nests too deeply to be an AdmissionReview") from None
     if not isinstance(review, dict):
         raise BadReview("", "the body must be a JSON object (an AdmissionReview)")
     if review.get("apiVersion") != API_VERSION or review.get("kind") != "AdmissionReview":
