@@ -204,3 +204,42 @@ def test_tenants_sync_once(tmp_path: Path, ca: ScratchCa) -> None:
         assert missing.returncode == 1 and "nothing was changed" in missing.stderr
     finally:
         stub.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown tenant homes")
+def test_tenants_sync_loop_serves_metrics_and_stops_on_sigterm(tmp_path: Path,
+                                                                ca: ScratchCa) -> None:
+    import urllib.request
+
+    world = World(tmp_path, ca)
+    backend = FakeCluster(signer=csr_signer(ca, lambda: world.now[0]))
+    backend.put(namespace("divingbell-policy"))
+    stub = ApiStub(backend)
+    port = _free_port()
+    config = tmp_path / "tenants-config.yaml"
+    config.write_text(yaml.safe_dump({"home": {"pattern": str(tmp_path / "home" / "{name}")}}))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "divingbell", "tenants", "sync", "--source",
+         str(world.source_file), "--config", str(config), "--kubeconfig",
+         str(kubeconfig_for(stub.url, tmp_path / "kubeconfig")), "--listen",
+         f"127.0.0.1:{port}", "--interval", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        text = ""
+        while 'divingbell_tenants{state="active"} 2.0' not in text:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.2)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as answer:
+                    text = answer.read().decode()
+            except OSError:
+                continue
+        assert 'divingbell_tenants_accounts_total{event="created"} 3.0' in text
+        assert "divingbell_tenants_run_seconds_count 1.0" in text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        stub.close()
+    assert process.returncode == 0, stderr
+    assert "alice" in stderr and "2 active, 1 disabled" in stderr
