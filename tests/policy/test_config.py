@@ -79,3 +79,9 @@ def test_selectors_match_like_kubernetes() -> None:
 def test_normal_path() -> None:
     assert normal_path("//etc/./x/../y/") == "/etc/y"
     assert normal_path("/data/project/../../etc") == "/etc"
+
+
+def test_paths_are_normalised_and_deduplicated(tmp_path: Path) -> None:
+    config = load_policy(write(tmp_path, "host_auto_mounter:\n  enabled: true\n"
+                                         "  paths: [/etc/ldap.conf, /etc/ldap.conf/]\n"))
+    assert config.host_auto_mounter.paths == ["/etc/ldap.conf"]

@@ -118,7 +118,7 @@ class HostPathEnforcerConf(_Scoped):
     @field_validator("paths")
     @classmethod
     def _paths(cls, value: list[str]) -> list[str]:
-        return [_absolute_normal(p, "path") for p in value]
+        return list(dict.fromkeys(_absolute_normal(p, "path") for p in value))
 
     @field_validator("prefixes")
     @classmethod
@@ -142,7 +142,7 @@ class HostAutoMounterConf(_Scoped):
     @field_validator("paths")
     @classmethod
     def _paths(cls, value: list[str]) -> list[str]:
-        return [_absolute_normal(p, "path") for p in value]
+        return list(dict.fromkeys(_absolute_normal(p, "path") for p in value))
 
 
 class PolicyConfig(_Strict):
