@@ -120,6 +120,10 @@ class TenantsConfig(_Strict):
     namespace_prefix: str = "tool-"
     namespace_labels: dict[str, str] = Field(default_factory=lambda: {"tenancy": "tool"})
     cluster_role: str = "divingbell-tenant"
+    # The namespace annotations the webhook's uid_enforcer reads (its `annotation` and
+    # `group_annotation`).
+    uid_annotation: str = "RunAsUser"
+    gid_annotation: str = "RunAsGroup"
     quota: dict[str, Quantity] = Field(default_factory=lambda: {  # type: ignore[arg-type]
         "pods": "16", "requests.cpu": "2", "requests.memory": "6Gi", "limits.cpu": "4",
         "limits.memory": "8Gi", "persistentvolumeclaims": "0"})
@@ -292,7 +296,8 @@ class Controller:
 
     def _ensure_namespace(self, tenant: Tenant, name: str, status: TenantStatus) -> None:
         labels = {**self.config.namespace_labels, TENANT_LABEL: tenant.name, MANAGED_BY: MANAGER}
-        annotations = {"RunAsUser": str(tenant.uid), "RunAsGroup": str(tenant.gid)}
+        annotations = {self.config.uid_annotation: str(tenant.uid),
+                       self.config.gid_annotation: str(tenant.gid)}
         try:
             current = self.api.get("Namespace", name)
         except ClusterError as exc:
