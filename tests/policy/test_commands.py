@@ -243,3 +243,18 @@ def test_tenants_sync_loop_serves_metrics_and_stops_on_sigterm(tmp_path: Path,
         stub.close()
     assert process.returncode == 0, stderr
     assert "alice" in stderr and "2 active, 1 disabled" in stderr
+
+
+def test_tenants_check_reads_the_source_without_a_cluster(tmp_path: Path) -> None:
+    source = tmp_path / "tenants.yaml"
+    source.write_text("tenants:\n  - {name: alice, uid: 52001}\n  - {name: bob, uid: 52001}\n"
+                      "  - {name: carol, uid: 52003, disabled: true}\n")
+    run = divingbell("tenants", "check", "--source", str(source), check=True)
+    lines = run.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "NAMESPACE", "UID", "GID", "HOME", "STATE"]
+    assert lines[1].split() == ["carol", "tool-carol", "52003", "52003", "/home/carol",
+                                "disabled"]
+    assert "skipped: alice, bob: share uid 52001; all held back" in run.stdout
+    assert lines[-1] == "1 tenant(s), 1 skipped"
+    bad = divingbell("tenants", "check", "--source", "ldap://127.0.0.1:9/ou=x,dc=example")
+    assert bad.returncode == 1 and "error: LDAP" in bad.stderr and "Traceback" not in bad.stderr

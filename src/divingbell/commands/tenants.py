@@ -139,3 +139,55 @@ def _print(report: RunReport, output_format: str) -> None:
         click.echo(line)
     for error in report.errors:
         click.echo(f"error: {error}", err=True)
+
+
+@tenants.command()
+@click.option("--source", required=True, metavar="FILE|ldap://HOST/BASE-DN[??SCOPE?FILTER]",
+              help="As for sync.")
+@click.option("--config", "config_path",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="As for sync.")
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]),
+              default="text", show_default=True)
+def check(source: str, config_path: Path | None, output_format: str) -> None:
+    """Validate the config and read the source, touching no cluster: every tenant with its
+    namespace, uid, gid, home and state, and every entry that would be skipped.
+
+    Exits 0 when both are usable, 1 when the source cannot be read, 2 when the config is
+    invalid.
+    """
+    from divingbell.errors import DivingbellError, DocumentError
+    from divingbell.policy.tenant_sources import open_source
+    from divingbell.policy.tenants import load_config
+
+    try:
+        config = load_config(config_path)
+    except DocumentError as exc:
+        click.echo(f"error: the tenants config is invalid ({len(exc.problems)} problem(s)):",
+                   err=True)
+        for problem in exc.problems:
+            click.echo(f"  {problem}", err=True)
+        sys.exit(EXIT_INVALID)
+    try:
+        read = open_source(source, config.ldap, config.namespace_prefix).read()
+    except DivingbellError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    rows = []
+    for tenant in read.tenants:
+        home = (tenant.home if tenant.home and config.home.from_source
+                else config.home.pattern.format(name=tenant.name))
+        rows.append({"name": tenant.name, "namespace": config.namespace_prefix + tenant.name,
+                     "uid": tenant.uid, "gid": tenant.gid, "home": home,
+                     "state": "disabled" if tenant.disabled else "active"})
+    if output_format == "json":
+        click.echo(json.dumps({"tenants": rows, "skipped": read.skipped}, indent=2))
+        return
+    from divingbell.output import table
+
+    click.echo(table(["NAME", "NAMESPACE", "UID", "GID", "HOME", "STATE"],
+                     [[r["name"], r["namespace"], str(r["uid"]), str(r["gid"]), r["home"],
+                       r["state"]] for r in rows]))
+    for skipped in read.skipped:
+        click.echo(f"skipped: {skipped}")
+    click.echo(f"{len(rows)} tenant(s), {len(read.skipped)} skipped")
