@@ -173,7 +173,7 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
     except DivingbellError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
-    rows = []
+    rows: list[dict[str, object]] = []
     for tenant in read.tenants:
         home = (tenant.home if tenant.home and config.home.from_source
                 else config.home.pattern.format(name=tenant.name))
@@ -186,8 +186,8 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
     from divingbell.output import table
 
     click.echo(table(["NAME", "NAMESPACE", "UID", "GID", "HOME", "STATE"],
-                     [[r["name"], r["namespace"], str(r["uid"]), str(r["gid"]), r["home"],
-                       r["state"]] for r in rows]))
+                     [[str(r[k]) for k in ("name", "namespace", "uid", "gid", "home", "state")]
+                      for r in rows]))
     for skipped in read.skipped:
         click.echo(f"skipped: {skipped}")
     click.echo(f"{len(rows)} tenant(s), {len(read.skipped)} skipped")
