@@ -322,3 +322,33 @@ def test_tenants_sharing_a_uid_are_held_back_not_removed(world: World) -> None:
     assert world.cluster.find("Namespace", "tool-bob") is not None
     held = status(world)["bob"]
     assert held["held"] and held["home"] == str(world.home("bob")) and held["gid"] == 600
+
+
+def test_the_webhook_pins_pods_to_the_uid_the_controller_set(world: World) -> None:
+    """The two parts meet at the namespace annotation: after a run, a pod in bob's namespace
+    is mutated to bob's uid and gid; after bob is removed, his pods are refused."""
+    from divingbell.policy.config import PolicyConfig
+    from divingbell.policy.server import NamespaceCache, Reviewer, parse_review, routes
+    from tests.policy.conftest import POLICY
+    from tests.policy.reviews import patched, pod, review
+
+    world.controller().run()
+    now = [0.0]
+    reviewer = Reviewer(routes(PolicyConfig.model_validate(POLICY)),
+                        NamespaceCache(ClusterNamespaces(world.cluster), 10, lambda: now[0]))
+
+    def decide(ns: str) -> Any:
+        body = review(pod(), namespace=ns)
+        return reviewer.decide(reviewer.routes["/mutate/uid"],
+                               parse_review(json.dumps(body).encode())), body
+
+    verdict, body = decide("tool-bob")
+    response = {"patchType": "JSONPatch",
+                "patch": base64.b64encode(json.dumps(list(verdict.patch)).encode()).decode()}
+    context = patched(body["request"]["object"], response)["spec"]["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"]) == (52002, 600)
+    world.write_tenants([TENANTS[0], TENANTS[2]])
+    world.controller().run()
+    now[0] += 11
+    verdict, _ = decide("tool-bob")
+    assert not verdict.allowed and "does not exist" in verdict.message
