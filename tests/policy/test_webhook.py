@@ -55,9 +55,9 @@ def test_pod_gets_the_namespace_uid_everywhere(webhook: RunningWebhook) -> None:
             "runAsUser": 52001, "runAsGroup": 52001, "runAsNonRoot": True,
             "allowPrivilegeEscalation": False}
     assert result["metadata"]["annotations"]["policy.divingbell.io/run-as-user"] == "52001"
-    # the annotation key holds a '/', escaped in the pointer
-    assert any(op["path"] == "/metadata/annotations" or "~1" in op["path"]
-               for op in patch_of(response))
+    # no annotations yet: the map is created whole
+    assert {"op": "add", "path": "/metadata/annotations", "value": {
+        "policy.divingbell.io/run-as-user": "52001"}} in patch_of(response)
 
 
 def test_existing_security_context_members_are_replaced_and_others_kept(
@@ -67,7 +67,10 @@ def test_existing_security_context_members_are_replaced_and_others_kept(
                                  "securityContext": {"runAsUser": 0, "readOnlyRootFilesystem": True,
                                                      "capabilities": {"drop": ["ALL"]}}}])
     submitted["metadata"]["annotations"] = {"team": "x"}
-    result, _ = mutate(webhook, submitted)
+    result, response = mutate(webhook, submitted)
+    # the key holds a '/', escaped as ~1 in the pointer
+    assert {"op": "add", "path": "/metadata/annotations/policy.divingbell.io~1run-as-user",
+            "value": "52001"} in patch_of(response)
     assert result["spec"]["securityContext"]["supplementalGroups"] == [52001]
     assert result["spec"]["securityContext"]["runAsUser"] == 52001
     context = result["spec"]["containers"][0]["securityContext"]
