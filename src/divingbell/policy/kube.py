@@ -61,9 +61,9 @@ class ClusterError(KubeError):
     """The API server refused (`code`, `reason` as it said) or could not be reached (code 0)."""
 
     def __init__(self, message: str, code: int = 0, reason: str = "") -> None:
-        self.code = code
-        self.reason = reason
         super().__init__(message)
+        self.code = code  # 0, not None: not reached
+        self.reason = reason
 
 
 def not_found(what: str) -> ClusterError:
