@@ -336,6 +336,12 @@ class Host:
             finally:
                 os.close(parent_fd)
 
+    def missing_dirs(self, host_dir: str) -> list[str]:
+        """The directories `makedirs(host_dir)` would create, outermost first."""
+        parts = [p for p in host_dir.split("/") if p]
+        prefixes = ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return [p for p in prefixes if self.lstat(p, follow=True) is None]
+
     def rmdir_if_empty(self, host_dir: str) -> bool:
         """Remove a directory divingbell made, if nothing else lives in it now."""
         try:

@@ -23,7 +23,7 @@ RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_IN_ROOT = 0x10
 MAX_SYMLINKS = 40  # as the kernel's own limit
 
-_SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437, "riscv64": 437, "ppc64le": 437,
+_SYS_OPENAT2: int | None = {"x86_64": 437, "aarch64": 437, "riscv64": 437, "ppc64le": 437,
                 "s390x": 437}.get(platform.machine())
 
 
@@ -39,6 +39,7 @@ openat2_available: bool | None = None if _SYS_OPENAT2 is not None else False
 
 
 def _openat2(dir_fd: int, path: str, flags: int, mode: int, resolve: int) -> int:
+    assert _SYS_OPENAT2 is not None
     how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & (os.O_CREAT | os.O_TMPFILE) else 0,
                    resolve)
     encoded = os.fsencode(path)

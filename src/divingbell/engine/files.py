@@ -115,7 +115,10 @@ def plan_files(
 def user_dir_of(host: Host, data: FileChange | None) -> UserDir | None:
     if data is None or data.user is None:
         return None
-    uid, gid = host.user_ids(data.user[0])
+    try:
+        uid, gid = host.user_ids(data.user[0])
+    except KeyError:  # the account is gone (purged): only root's directories are trusted
+        uid, gid = -1, -1
     return UserDir(data.user[1], uid, gid)
 
 

@@ -7,7 +7,6 @@ Divingbell's rerun_policy/rerun_interval are accepted; divingbell enforces on ev
 
 from __future__ import annotations
 
-import glob
 import stat
 from dataclasses import dataclass
 
@@ -149,6 +148,4 @@ class Perm(HostModule[PermConf, PermObserved]):
 
     @staticmethod
     def _glob(host: Host, pattern: str) -> list[str]:
-        root = str(host.root).rstrip("/")
-        found = glob.glob(str(host.path(pattern)))
-        return sorted("/" + path[len(root):].lstrip("/") for path in found)
+        return host.glob(pattern)
