@@ -41,6 +41,7 @@ class Completed:
     stderr: str
     timed_out: bool = False
     seconds: float = 0.0
+    interrupted: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,22 +122,34 @@ class Host:
         proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**CLEAN_ENV, **self.extra_env, **env})
-        timed_out = False
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        timed_out = interrupted = False
+        deadline = started + timeout
+        while True:
+            try:
+                # Short waits, so a SIGTERM/SIGINT to divingbell reaches the script's group
+                # (it has its own session: a terminal's Ctrl-C does not).
+                stdout, stderr = proc.communicate(
+                    timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if interrupt.is_set():
+                    interrupted = True
+                elif time.monotonic() < deadline:
+                    continue
+                else:
+                    timed_out = True
             _signal_group(proc.pid, signal.SIGTERM)
             try:
                 stdout, stderr = proc.communicate(timeout=grace)
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
                 stdout, stderr = proc.communicate()
+            break
         # Stragglers that ignored TERM while the leader exited still share the group.
-        if timed_out:
+        if timed_out or interrupted:
             _signal_group(proc.pid, signal.SIGKILL)
         return Completed(list(argv), proc.returncode, stdout, stderr, timed_out,
-                         time.monotonic() - started)
+                         time.monotonic() - started, interrupted)
 
     # Files -----------------------------------------------------------------------------------
     #

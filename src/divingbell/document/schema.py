@@ -259,6 +259,14 @@ def _interface_name(value: Any) -> Any:
         for key in value:
             if not re.match(r"^[A-Za-z0-9_.@+-]{1,15}$", str(key)) or str(key) in (".", ".."):
                 raise ValueError(f"{key!r} is not a network interface name")
+            settings = value[key]
+            groups = [settings] + [settings.get(g) for g in ("ring", "channels", "coalesce")
+                                   if isinstance(settings, dict)]
+            for group in groups:
+                for name in group if isinstance(group, dict) else ():
+                    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", str(name)):
+                        # These names land in a unit's ExecStart= line.
+                        raise ValueError(f"{key}: {name!r} is not an ethtool setting name")
     return value
 
 

@@ -249,8 +249,12 @@ class FileJournalStore:
 
 def ensure_state_dir(host: Host) -> None:
     """divingbell's state directory, readable by root only."""
-    host.makedirs(STATE_DIR, 0o700)
-    info = host.lstat(STATE_DIR, follow=True)
+    try:
+        host.makedirs(STATE_DIR, 0o700)
+        info = host.lstat(STATE_DIR, follow=True)
+    except OSError as exc:
+        raise JournalCorrupt(f"{host.path(STATE_DIR)}: {exc.strerror or exc}; divingbell keeps "
+                             "its journal there (see docs/hardening.md)") from None
     if info is not None and not stat.S_ISDIR(info.st_mode):
         raise JournalCorrupt(f"{host.path(STATE_DIR)} is not a directory")
     if info is not None and info.st_mode & 0o777 != 0o700:

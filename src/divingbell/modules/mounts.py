@@ -117,7 +117,16 @@ def unit_name(mount: Mount) -> str:
     return f"{escape_path(mount.mnt_tgt)}.mount"
 
 
+def _unit_text(value: str) -> str:
+    """A value in a unit file: `%` starts a systemd specifier (%h is a home), so it is doubled
+    to mean itself. Newlines and trailing backslashes never get here (document/types.py)."""
+    return value.replace("%", "%%")
+
+
 def render_unit(name: str, mount: Mount) -> str:
+    mount = mount.model_copy(update={
+        field: _unit_text(getattr(mount, field)) for field in
+        ("device", "type", "before", "after", "options") if getattr(mount, field) is not None})
     lines = [
         "# Managed by divingbell; edits here are overwritten on its next apply.",
         "[Unit]",
