@@ -144,6 +144,8 @@ def apply_file(host: Host, change: Change, record: ModuleRecord) -> None:
         # Owned before it is written: a crash in between leaves a journal that knows the file
         # may be divingbell's, and its original (captured before) to put back.
         record.own(change.target)
+    if data is not None and data.write is not None and change.changes_host:
+        note_dirs_to_create(host, change.target, record)
     created: list[str] = []
     try:
         if change.action is Action.WRITE and data.write is not None:
@@ -164,6 +166,16 @@ def apply_file(host: Host, change: Change, record: ModuleRecord) -> None:
         record.disown(change.target)
         record.file_modes.pop(change.target, None)
         prune_created_dirs(host, change.target, record)
+
+
+def note_dirs_to_create(host: Host, path: str, record: ModuleRecord) -> None:
+    """Directories a write of `path` will create, in the journal before they exist: killed
+    right after the mkdir, the journal still knows to remove them."""
+    missing = host.missing_dirs(path.rstrip("/").rpartition("/")[0] or "/")
+    if missing:
+        for directory in missing:
+            record.note_created_dir(directory)
+        record.save_intent()
 
 
 def prune_created_dirs(host: Host, path: str, record: ModuleRecord) -> None:

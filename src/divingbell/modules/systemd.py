@@ -12,7 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from divingbell.engine.change import Action, Change
-from divingbell.engine.files import FileSpec, plan_file, prune_created_dirs
+from divingbell.engine.files import (
+    FileSpec,
+    note_dirs_to_create,
+    plan_file,
+    prune_created_dirs,
+)
 from divingbell.engine.journal import ModuleRecord
 from divingbell.host import Host
 
@@ -97,6 +102,8 @@ def apply_enablement(host: Host, change: Change, *, undo: bool = False,
     want = (change.before if undo else change.after) == "enabled"
     link = wants_link(target.unit, target.wanted_by)
     if want:
+        if record is not None:
+            note_dirs_to_create(host, link, record)
         created: list[str] = []
         try:
             host.symlink(f"../{target.unit}", link, created=created)
