@@ -246,6 +246,8 @@ class Host:
                 fd = self._open(host_path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except UnsafePath:
+            raise
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise UnsafePath(host_path, "is a symlink in a directory its user controls"
@@ -288,7 +290,7 @@ class Host:
         """Names in a directory (empty when it does not exist)."""
         try:
             fd = self._open(host_path, os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:  # absent, not a directory, a symlink loop: nothing to list
             return []
         try:
             return sorted(os.listdir(fd))
@@ -306,8 +308,11 @@ class Host:
                     continue
                 if not _has_magic(part):
                     candidate = f"{base}/{part}"
-                    if self.lstat(candidate) is not None:
-                        nxt.append(candidate)
+                    try:
+                        if self.lstat(candidate) is not None:
+                            nxt.append(candidate)
+                    except OSError:  # a loop, a permission: matches nothing, as glob(3)
+                        pass
                     continue
                 for name in self.listdir(base or "/"):
                     if name.startswith(".") and not part.startswith("."):
@@ -333,7 +338,12 @@ class Host:
             parent_fd = self._open("/" + "/".join(parts[: index - 1]),
                                    os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.mkdir(parts[index - 1], 0o755 if mode is None else mode, dir_fd=parent_fd)
+                try:
+                    os.mkdir(parts[index - 1], 0o755 if mode is None else mode,
+                             dir_fd=parent_fd)
+                except FileExistsError:
+                    raise UnsafePath(prefix, "is not a directory that can be used (a symlink "
+                                     "to a path missing inside the root?)") from None
                 child = os.open(parts[index - 1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                 | os.O_CLOEXEC, dir_fd=parent_fd)
                 try:
@@ -457,6 +467,14 @@ class Host:
             through = f"/proc/self/fd/{fd}"
             os.chown(through, uid, gid)
             os.chmod(through, mode)
+        finally:
+            os.close(fd)
+
+    def chmod_dir(self, host_dir: str, mode: int) -> None:
+        """chmod a directory found inside the root (symlinks followed inside it)."""
+        fd = self._open(host_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fchmod(fd, mode)
         finally:
             os.close(fd)
 

@@ -252,13 +252,13 @@ def ensure_state_dir(host: Host) -> None:
     try:
         host.makedirs(STATE_DIR, 0o700)
         info = host.lstat(STATE_DIR, follow=True)
+        if info is not None and not stat.S_ISDIR(info.st_mode):
+            raise JournalCorrupt(f"{host.path(STATE_DIR)} is not a directory")
+        if info is not None and info.st_mode & 0o777 != 0o700:
+            host.chmod_dir(STATE_DIR, 0o700)
     except OSError as exc:
         raise JournalCorrupt(f"{host.path(STATE_DIR)}: {exc.strerror or exc}; divingbell keeps "
                              "its journal there (see docs/hardening.md)") from None
-    if info is not None and not stat.S_ISDIR(info.st_mode):
-        raise JournalCorrupt(f"{host.path(STATE_DIR)} is not a directory")
-    if info is not None and info.st_mode & 0o777 != 0o700:
-        host.set_owner_mode(STATE_DIR, info.st_uid, info.st_gid, 0o700)
 
 
 # Where each module's owned files live, and how divingbell names them: with the header every
