@@ -50,7 +50,7 @@ class Loaded:
 # fail fast with a clear error, never hang, exhaust memory or overflow the stack.
 MAX_BYTES = 4 * 1024 * 1024      # a ConfigMap holds at most 1 MiB
 MAX_DEPTH = 64                   # nesting; real documents need about 10
-MAX_NODES = 200_000              # values after alias expansion (billion laughs)
+MAX_NODES = 50_000               # values after alias expansion (billion laughs)
 MAX_SCALAR_DIGITS = 40           # an integer longer than this cannot be any host setting
 _STANDARD_TAGS = {f"tag:yaml.org,2002:{t}" for t in (
     "str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge")}
