@@ -41,8 +41,9 @@ def host_lock(host: Host, timeout: float = 10.0, poll: float = 0.05) -> Iterator
                         f"waited {timeout:g}s. Try again when it finishes."
                     ) from None
                 time.sleep(poll)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is for the message only (a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing releases the flock
