@@ -8,7 +8,7 @@ import errno
 import json
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,9 +30,9 @@ DOC = "conf:\n  sysctl:\n    vm.swappiness: 10\n"
 DROPIN = "etc/sysctl.d/60-divingbell.conf"
 
 
-def apply(host: Host, text: str, **options: bool) -> ApplyReport:
+def apply(host: Host, text: str, *, adopt: bool = False) -> ApplyReport:
     return apply_node(host, resolve(validate(load_text(text)), "n1", {}), "r", lock_timeout=1,
-                      **options)
+                      adopt=adopt)
 
 
 def swappiness(host: Host) -> str:
@@ -53,7 +53,7 @@ def test_a_missing_journal_with_divingbell_files_is_a_loud_error(host: Host, los
         (state / "journal.json").unlink()
     else:
         subprocess.run(["rm", "-rf", str(state)], check=True)
-    with pytest.raises(JournalMissing, match="60-divingbell.conf") as caught:
+    with pytest.raises(JournalMissing, match=r"60-divingbell\.conf") as caught:
         apply(host, "conf: {}\n")
     assert "--adopt" in str(caught.value)
     assert swappiness(host) == "10" and (host.root / DROPIN).exists()  # nothing changed
@@ -69,7 +69,7 @@ def test_adopt_owns_the_files_so_they_are_removed_not_kept_as_originals(host: Ho
     assert not (host.root / DROPIN).exists()  # divingbell's own drop-in is not an "original"
 
 
-DAMAGE = {
+DAMAGE: dict[str, Callable[[str], str]] = {
     "truncated": lambda text: text[: len(text) // 2],
     "empty": lambda text: "",
     "garbled": lambda text: "\x00\xff{{{",
@@ -100,7 +100,7 @@ def test_a_directory_in_place_of_the_journal_or_the_state_dir(host: Host) -> Non
         apply(host, DOC)
     subprocess.run(["rm", "-rf", str(journal.parent)], check=True)
     journal.parent.write_text("not a directory\n")
-    with pytest.raises(JournalCorrupt, match="(?i)not a directory"):
+    with pytest.raises(JournalCorrupt, match=r"(?i)not a directory"):
         apply(host, DOC)
 
 
