@@ -538,4 +538,9 @@ def _print_json(data: Any) -> None:
 
 
 def main() -> None:
+    import signal
+
+    # Ctrl-C anywhere outside apply (which stops between changes instead) ends quietly with
+    # the shell's code for it, never a KeyboardInterrupt traceback or click's "Aborted!".
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     cli(prog_name="divingbell")
