@@ -263,3 +263,23 @@ def test_apt_sources_stay_inside_the_root(debian_host: Host, outside: Path) -> N
     assert report.ok, report.errors
     inside = debian_host.root / str(outside).lstrip("/")
     assert [p.name for p in inside.iterdir()] == ["divingbell-local.sources"]
+
+
+def test_ethtool_units_stay_inside_the_root(netns: object, ns_cli: object, overlay_root: Path,
+                                            outside: Path, tmp_path: Path) -> None:
+    from tests.conftest import Cli, NetNs, require_root_tools
+
+    assert isinstance(netns, NetNs) and isinstance(ns_cli, Cli)
+    require_root_tools("ethtool")
+    subprocess.run(["ip", "-n", netns.name, "link", "add", "va", "type", "veth", "peer",
+                    "name", "vb"], check=True)
+    units = overlay_root / "etc/systemd/system"
+    subprocess.run(["rm", "-rf", str(units)], check=True)
+    units.symlink_to(outside)
+    (overlay_root / str(outside).lstrip("/")).mkdir(parents=True, exist_ok=True)
+    doc = write(tmp_path / "doc.yaml", "conf:\n  ethtool:\n    va:\n"
+                "      tx-tcp-segmentation: off\n")
+    result = ns_cli("apply", doc, "--root", overlay_root, "--node", "n1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    inside = overlay_root / str(outside).lstrip("/")
+    assert any(p.name.startswith("divingbell-ethtool-") for p in inside.iterdir())

@@ -172,7 +172,9 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
                                         f"{exc.stderr.strip() or exc}")
             for user in desired.users:
                 path = keys_file_of(accounts.get(user.user_name), user.user_name)
-                if path in unsafe and (user.user_sshkeys is not None or record.owns(path)):
+                managed = (user.user_sshkeys is not None
+                           and "user_sshkeys" in user.model_fields_set)
+                if path in unsafe and (managed or record.owns(path)):
                     problems.append(f"{user.user_name}: {unsafe[path]}")
             if problems:
                 raise ModuleError(self.name, problems)
