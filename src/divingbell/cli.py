@@ -431,9 +431,16 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
         drift_interval=drift_interval, backoff_max=backoff_max)
     runner = Agent(settings, kube)
     server = serve(runner, address or "0.0.0.0", int(port_text))
+    from divingbell.host import interrupt
+
     stop = threading.Event()
+
+    def stop_now(*_: object) -> None:
+        stop.set()
+        interrupt.set()  # a converge in progress stops between two changes, as `apply` does
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, stop_now)
     logging.getLogger("divingbell.agent").info(
         "agent for node %s on %s, serving %s", name, root, listen)
     runner.run(stop)
