@@ -72,6 +72,7 @@ def test_a_signal_during_a_script_kills_its_group_and_records_it(
     assert proc.returncode == code, out + err
     assert "interrupted: 1 of 2 changes applied; run apply again" in err
     assert "Traceback" not in err and "Aborted" not in err
+    assert "Stopped by a signal between two changes" in out
     for _ in range(100):  # the group got SIGTERM then SIGKILL; give the kernel a moment
         if not alive(child):
             break
