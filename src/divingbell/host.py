@@ -163,12 +163,12 @@ class Host:
         return os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def _open(self, host_path: str, flags: int, mode: int = 0, *, follow: bool = True,
-              no_symlinks: bool = False) -> int:
+              no_symlinks: bool = False, root_links_only: bool = False) -> int:
         root_fd = self.open_root()
         try:
             return safepath.open_in_root(root_fd, _relative(host_path), flags, mode,
                                          follow=follow, no_symlinks=no_symlinks,
-                                         shown=host_path)
+                                         root_links_only=root_links_only, shown=host_path)
         finally:
             os.close(root_fd)
 
@@ -275,10 +275,11 @@ class Host:
         info = self.lstat(host_path, follow=True)
         return info is not None and stat.S_ISDIR(info.st_mode)
 
-    def lstat(self, host_path: str, *, follow: bool = False) -> os.stat_result | None:
+    def lstat(self, host_path: str, *, follow: bool = False, root_links_only: bool = False
+              ) -> os.stat_result | None:
         """stat of the path inside the root (of a final symlink itself unless `follow`)."""
         try:
-            fd = self._open(host_path, os.O_PATH, follow=follow)
+            fd = self._open(host_path, os.O_PATH, follow=follow, root_links_only=root_links_only)
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
@@ -457,8 +458,9 @@ class Host:
         return stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid
 
     def set_owner_mode(self, host_path: str, uid: int, gid: int, mode: int) -> None:
-        """chown and chmod the path inside the root; a symlink is refused, never followed."""
-        fd = self._open(host_path, os.O_PATH, follow=False)
+        """chown and chmod the path inside the root; a symlink is refused, never followed, and
+        on the way only root's own symlinks are (a user cannot redirect the chown)."""
+        fd = self._open(host_path, os.O_PATH, follow=False, root_links_only=True)
         try:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise UnsafePath(host_path, "is a symlink; name the file it points to")

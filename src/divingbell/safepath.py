@@ -56,12 +56,15 @@ def _openat2(dir_fd: int, path: str, flags: int, mode: int, resolve: int) -> int
 
 
 def open_in_root(root_fd: int, path: str, flags: int, mode: int = 0, *, follow: bool = True,
-                 no_symlinks: bool = False, shown: str | None = None) -> int:
+                 no_symlinks: bool = False, root_links_only: bool = False,
+                 shown: str | None = None) -> int:
     """A descriptor for `path` (relative to the root) opened with `flags`.
 
     `follow`: a symlink as the last component is followed (inside the root); otherwise it is
     opened itself with O_PATH, or refused with ELOOP. Raises UnsafePath for a symlink when
-    `no_symlinks`, FileNotFoundError and friends as open(2) would.
+    `no_symlinks`, FileNotFoundError and friends as open(2) would. `root_links_only`: follow
+    only symlinks owned by root (fs.protected_symlinks for any directory): a path through a
+    directory a user can write into cannot be redirected by that user (always the walk).
     """
     global openat2_available
     shown = shown or "/" + path
@@ -69,7 +72,7 @@ def open_in_root(root_fd: int, path: str, flags: int, mode: int = 0, *, follow: 
         flags |= os.O_NOFOLLOW
     resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | (RESOLVE_NO_SYMLINKS if no_symlinks
                                                          else 0)
-    if openat2_available is not False:
+    if openat2_available is not False and not root_links_only:
         try:
             fd = _openat2(root_fd, path, flags, mode, resolve)
             openat2_available = True
@@ -82,11 +85,12 @@ def open_in_root(root_fd: int, path: str, flags: int, mode: int = 0, *, follow: 
                                  ) from None
             else:
                 raise OSError(exc.errno, exc.strerror, shown) from None
-    return _walk(root_fd, path, flags, mode, no_symlinks=no_symlinks, shown=shown)
+    return _walk(root_fd, path, flags, mode, no_symlinks=no_symlinks,
+                 root_links_only=root_links_only, shown=shown)
 
 
 def _walk(root_fd: int, path: str, flags: int, mode: int, *, no_symlinks: bool,
-          shown: str) -> int:
+          shown: str, root_links_only: bool = False) -> int:
     """RESOLVE_IN_ROOT by hand: one component at a time, never following a symlink with the
     kernel; each link's text is spliced into the remaining path and resolved the same way."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
@@ -114,6 +118,9 @@ def _walk(root_fd: int, path: str, flags: int, mode: int, *, no_symlinks: bool,
             if stat.S_ISLNK(info.st_mode) and not (last and flags & os.O_NOFOLLOW):
                 if no_symlinks:
                     raise UnsafePath(shown, "has a symlink in its path; refusing to follow it")
+                if root_links_only and info.st_uid != 0:
+                    raise UnsafePath(shown, f"passes a symlink ({name}) owned by uid "
+                                     f"{info.st_uid}; only root's symlinks are followed here")
                 links += 1
                 if links > MAX_SYMLINKS:
                     raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), shown)

@@ -283,3 +283,29 @@ def test_ethtool_units_stay_inside_the_root(netns: object, ns_cli: object, overl
     assert result.returncode == 0, result.stdout + result.stderr
     inside = overlay_root / str(outside).lstrip("/")
     assert any(p.name.startswith("divingbell-ethtool-") for p in inside.iterdir())
+
+
+def test_perm_follows_no_symlink_a_user_planted(maze_host: Host) -> None:
+    """perm may name paths under a user's directory; the user must not be able to redirect
+    the chown (to /etc/shadow) with a symlink of their own, planted before or after plan."""
+    root = maze_host.root
+    write(root / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\nbob:x:1000:1000::/home/bob:/bin/sh\n")
+    write(root / "etc/group", "root:x:0:\nbob:x:1000:\n")
+    shadow = write(root / "etc/shadow", "root:*:1::::::\n")
+    shadow.chmod(0o640)
+    write(root / "home/bob/data/shadow", "bob's own file\n")
+    doc = ("conf:\n  perm:\n    paths:\n      - {path: /home/bob/data/shadow, owner: bob, "
+           "group: bob, permissions: '0666'}\n")
+    subprocess.run(["rm", "-rf", str(root / "home/bob/data")], check=True)
+    plant(root, "/home/bob/data", "/etc")
+    os.lchown(root / "home/bob/data", 1000, 1000)
+    report = apply(maze_host, doc)
+    assert not report.ok and "owned by uid 1000" in " ".join(report.errors)
+    with pytest.raises(UnsafePath):
+        maze_host.set_owner_mode("/home/bob/data/shadow", 1000, 1000, 0o666)
+    info = shadow.stat()
+    assert (oct(info.st_mode & 0o777), info.st_uid) == ("0o640", 0)
+    # root's own symlinks (/var/run -> /run, /lib -> usr/lib) are followed as before.
+    (root / "home/bob/data").unlink()
+    plant(root, "/home/bob/data", "/etc")
+    assert maze_host.lstat("/home/bob/data/shadow", root_links_only=True) is not None
