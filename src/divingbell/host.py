@@ -427,12 +427,16 @@ class Host:
 
     def clean_temp_files(self, host_path: str) -> list[str]:
         """Remove temp files a killed write of `host_path` left behind (`.name.XXXXXXXX`)."""
+        directory, name = _split(host_path)
         try:
-            with self._parent(host_path) as (parent, name):
-                directory = _split(host_path)[0].rstrip("/")
-                return [f"{directory}/{n}" for n in _clean_temp(parent, name)]
-        except (FileNotFoundError, NotADirectoryError, UnsafePath):
+            # Only through root's own symlinks: ~/.ssh may be a user's link to elsewhere.
+            parent = self._open(directory, os.O_RDONLY | os.O_DIRECTORY, root_links_only=True)
+        except OSError:
             return []
+        try:
+            return [f"{directory.rstrip('/')}/{n}" for n in _clean_temp(parent, name)]
+        finally:
+            os.close(parent)
 
     def remove(self, host_path: str, *, user_dir: UserDir | None = None) -> bool:
         """Remove a file (or symlink) inside the root; False when it was already gone."""
