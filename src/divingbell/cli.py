@@ -204,21 +204,30 @@ def plan(
 
     Each change shows the value before and after. Exits 1 if some module cannot be applied.
     """
-    from divingbell.engine.runner import plan_node
+    from divingbell.document.api import allows_mass_removal
+    from divingbell.engine.runner import MassRemoval, check_mass_removal, plan_node
     from divingbell.errors import DivingbellError
     from divingbell.output import plan_text
 
-    config = _node_config(_load_or_exit(files), node, labels)
+    document = _load_or_exit(files)
+    config = _node_config(document, node, labels)
     try:
         result = plan_node(_host(root, proc_sys), config)
     except (DivingbellError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
+    refusal = None
+    try:
+        check_mass_removal(result, allows_mass_removal(document))
+    except MassRemoval as exc:
+        refusal = str(exc).replace("refusing to apply", "apply would refuse this plan")
     if output_format == "json":
-        _print_json(result.as_dict())
+        _print_json({**result.as_dict(), "refused": refusal})
     else:
         click.echo(plan_text(result, verbose=verbose))
-    sys.exit(EXIT_FAILED if result.errors else 0)
+        if refusal:
+            click.echo(f"warning: {refusal}", err=True)
+    sys.exit(EXIT_FAILED if result.errors or refusal else 0)
 
 
 @cli.command()

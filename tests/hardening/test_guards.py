@@ -55,6 +55,8 @@ def test_the_cli_refuses_an_empty_file_unless_allow_empty(scratch_host: Host, cl
     truncated = cli("apply", *args, write(tmp_path / "cut.yaml", "conf:\n  sysctl:\n"))
     assert truncated.returncode == 1 and "refusing to apply" in truncated.stderr
     assert (scratch_host.proc_sys / "vm/swappiness").read_text().strip() == "10"
+    planned = cli("plan", *args, tmp_path / "cut.yaml")
+    assert planned.returncode == 1 and "apply would refuse this plan" in planned.stderr
     done = cli("apply", *args, "--allow-empty", empty)
     assert done.returncode == 0, done.stderr
     assert (scratch_host.proc_sys / "vm/swappiness").read_text().strip() == "60"
