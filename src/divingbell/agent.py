@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from divingbell.document.api import load_document, node_config, revision
+from divingbell.document.api import allows_mass_removal, load_document, node_config, revision
 from divingbell.engine.runner import ApplyReport, apply_node, plan_node
 from divingbell.errors import DivingbellError, DocumentError
 from divingbell.host import Host
@@ -336,7 +336,8 @@ class Agent:
                       converge_budget(config, self.settings))
         try:
             report = apply_node(self.settings.host, config, rev,
-                                lock_timeout=self.settings.lock_timeout)
+                                lock_timeout=self.settings.lock_timeout, removal_guard=True,
+                                allow_mass_removal=allows_mass_removal(document))
         except DivingbellError as exc:
             self.metrics.failures.labels("engine").inc()
             self._fail(target, now, "ConvergeFailed", str(exc))

@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -25,6 +26,16 @@ from pydantic import (
     Tag,
     field_validator,
     model_validator,
+)
+
+from divingbell.document.types import (
+    MAX_SECONDS,
+    EnvName,
+    IdName,
+    SingleLine,
+    UnitValue,
+    single_line,
+    whole_seconds,
 )
 
 MODULE_NAMES: tuple[str, ...] = (
@@ -90,6 +101,9 @@ def _absolute_path(value: Any) -> str:
         raise ValueError(f"must be an absolute path, not {text!r}")
     if "\0" in text or "\n" in text:
         raise ValueError("must not contain NUL or newline characters")
+    if ".." in text.split("/"):
+        raise ValueError(f"{text!r} must not contain `..` (every path stays inside the host "
+                         "root)")
     return text
 
 
@@ -142,13 +156,14 @@ def _sysctl_key_problem(key: str) -> str | None:
     parts = sysctl_components(key)
     if not key or any(not part for part in parts):
         return f"{key!r} is not a sysctl key (empty component)"
-    if any(part in (".", "..") for part in parts) or re.search(r"\s", key):
+    if any(part in (".", "..") for part in parts) or re.search(r"[\s\0]", key):
         return f"{key!r} is not a sysctl key"
     return None
 
 
 SysctlValue = Annotated[
-    str, BeforeValidator(_scalar_text, json_schema_input_type=int | float | str | bool)
+    str, BeforeValidator(_scalar_text, json_schema_input_type=int | float | str | bool),
+    AfterValidator(single_line),
 ]
 
 
@@ -184,11 +199,11 @@ class Mount(StrictModel):
     """A mount persisted as a systemd .mount unit (never /etc/fstab)."""
 
     mnt_tgt: AbsPath
-    device: Text
-    type: Text
-    options: Text | None = None  # as Divingbell: no Options= line unless given
-    before: Text = "docker.service"
-    after: Text = "network-online.target"
+    device: UnitValue
+    type: UnitValue
+    options: UnitValue | None = None  # as Divingbell: no Options= line unless given
+    before: UnitValue = "docker.service"
+    after: UnitValue = "network-online.target"
 
 
 class MountsConf(RootModel[Annotated[dict[str, Mount], BeforeValidator(_check_name_keys)]]):
@@ -242,8 +257,16 @@ class EthtoolInterface(BaseModel):
 def _interface_name(value: Any) -> Any:
     if isinstance(value, dict):
         for key in value:
-            if not re.match(r"^[^/\s:]{1,15}$", str(key)) or str(key) in (".", ".."):
+            if not re.match(r"^[A-Za-z0-9_.@+-]{1,15}$", str(key)) or str(key) in (".", ".."):
                 raise ValueError(f"{key!r} is not a network interface name")
+            settings = value[key]
+            groups = [settings] + [settings.get(g) for g in ("ring", "channels", "coalesce")
+                                   if isinstance(settings, dict)]
+            for group in groups:
+                for name in group if isinstance(group, dict) else ():
+                    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", str(name)):
+                        # These names land in a unit's ExecStart= line.
+                        raise ValueError(f"{key}: {name!r} is not an ethtool setting name")
     return value
 
 
@@ -264,7 +287,7 @@ LIMIT_ITEMS = (
 
 def _limit_value(value: Any) -> str:
     text = _plain_text(value).strip()
-    if text in ("unlimited", "infinity", "-1") or re.match(r"^-?[0-9]+$", text):
+    if text in ("unlimited", "infinity", "-1") or re.match(r"^-?[0-9]{1,19}$", text):
         return text
     raise ValueError(f"{text!r} is not a limit: use a whole number, unlimited or infinity")
 
@@ -309,6 +332,7 @@ def _mode(value: Any) -> str:
 def _interval(value: Any) -> int | Literal["infinite"]:
     if value == "infinite":
         return "infinite"
+    value = whole_seconds(value)
     if isinstance(value, bool):
         raise ValueError(f"must be a number of seconds or 'infinite', not {value!r}")
     try:
@@ -331,8 +355,8 @@ class PermPath(StrictModel):
     """Owner, group and mode for every path matching a glob."""
 
     path: AbsPath
-    owner: Text
-    group: Text
+    owner: IdName
+    group: IdName
     permissions: FileMode
 
 
@@ -359,7 +383,7 @@ CRYPT_PREFIXES = ("$1$", "$5$", "$6$", "$y$", "$2b$")
 
 
 def _ssh_key(value: Any) -> str:
-    text = _plain_text(value).strip()
+    text = single_line(_plain_text(value).strip())
     parts = text.split(None, 2)
     if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
         raise ValueError(
@@ -383,7 +407,8 @@ def _ssh_keys(value: Any) -> Any:
 
 def _crypt(value: Any) -> Any:
     text = value.get_secret_value() if isinstance(value, SecretStr) else _plain_text(value)
-    if not text.startswith(CRYPT_PREFIXES) or len(text.split("$")) < 4 or ":" in text:
+    if not text.startswith(CRYPT_PREFIXES) or len(text.split("$")) < 4 or not re.match(
+            r"^[A-Za-z0-9./$=,+-]+$", text):
         raise ValueError(
             "must be a crypt(3) hash in one of the formats " + " ".join(CRYPT_PREFIXES)
             + " (not a plain password)"
@@ -440,11 +465,11 @@ PackageName = Annotated[str, BeforeValidator(_package_name, json_schema_input_ty
 
 
 class DebconfAnswer(StrictModel):
-    question: Text
+    question: SingleLine
     question_type: Literal[
         "boolean", "string", "select", "multiselect", "note", "text", "password", "title"
     ]
-    answer: Text
+    answer: SingleLine
 
 
 _VERSION = re.compile(r"^(\d+:)?[0-9][A-Za-z0-9.+~:-]*$")
@@ -476,10 +501,10 @@ def _package_shape(value: Any) -> str:
 
 
 class Repository(StrictModel):
-    url: Text
-    distributions: Annotated[list[Text], Field(min_length=1)]
-    components: list[Text] = []
-    architectures: list[Text] = []
+    url: SingleLine
+    distributions: Annotated[list[SingleLine], Field(min_length=1)]
+    components: list[SingleLine] = []
+    architectures: list[SingleLine] = []
     gpgkey: Text | None = None
 
     @model_validator(mode="after")
@@ -552,14 +577,15 @@ class AppArmorConf(StrictModel):
 class Script(StrictModel):
     data: str
     args: list[Text] = []
-    env: dict[str, Text] = {}
+    env: dict[EnvName, Text] = {}
     rerun_policy: RerunPolicy = "always"
     # always: None reruns on every apply; N at most every N seconds; infinite: never again.
     rerun_interval: Interval | None = None
     # once_successfully: None retries on every apply; N at most every N seconds.
     retry_interval: Interval | None = None
     timeout: Annotated[
-        int, Field(ge=1, validation_alias=AliasChoices("timeout", "script_timeout"))
+        int, BeforeValidator(whole_seconds),
+        Field(ge=1, le=MAX_SECONDS, validation_alias=AliasChoices("timeout", "script_timeout"))
     ] = 1800
     blocking_policy: Literal["foreground", "foreground_halt_pod_on_failure"] = "foreground"
 
@@ -628,6 +654,9 @@ class Document(StrictModel):
     # What the agent does when the host drifts from the document between applies: put it
     # back (correct) or only report it (report: metrics, a node event, the status annotation).
     drift: Literal["correct", "report"] = "correct"
+    # A document that would remove more than it keeps on a node is refused (an empty or
+    # truncated document must never roll a node back) unless it says so here.
+    allow_mass_removal: bool = False
 
 
 MODULE_MODELS: dict[str, type[BaseModel]] = {

@@ -20,6 +20,7 @@ from divingbell.document.loader import Loaded
 from divingbell.document.overrides import Applied, merge_module, select_override
 from divingbell.document.paths import PathKey, format_path
 from divingbell.document.schema import MODULE_MODELS, MODULE_NAMES, Document
+from divingbell.document.types import strings_with_nul
 from divingbell.errors import DocumentError, Problem
 
 
@@ -55,8 +56,21 @@ class NodeConfig:
         }
 
 
-def validate(loaded: Loaded) -> ValidDocument:
-    problems: list[Problem] = []
+def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
+    """`allow_empty`: a document without `conf:` (an empty file) means "nothing on this node"
+    instead of an error; removing everything must be asked for."""
+    problems: list[Problem] = [
+        Problem(format_path(path), "must not contain a NUL character", loaded.location(path))
+        for path in strings_with_nul(loaded.data)
+    ]
+    if "conf" not in loaded.data and not allow_empty:
+        where = loaded.sources[0] if loaded.sources else None
+        problems.append(Problem(
+            "conf", "the document has no `conf:` (an empty or truncated file?). divingbell "
+            "never takes a missing document to mean \"remove everything\": write `conf: {}` "
+            "or run `divingbell apply --allow-empty` if that is what you want", where))
+    if problems:
+        raise DocumentError(problems)
     try:
         model = Document.model_validate(loaded.data)
     except ValidationError as exc:
