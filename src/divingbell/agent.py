@@ -123,6 +123,11 @@ class Agent:
         self._failures = 0
         self._failed_target: tuple[str, tuple[tuple[str, str], ...]] | None = None
         self._published: dict[str, str] = {}
+        # Node maintenance (issue 15): stepped after every pass; see divingbell.maintenance.
+        from divingbell.maintenance.sequence import AgentMaintenance, hook_for
+
+        self.maintenance: AgentMaintenance | None = hook_for(settings, kube,
+                                                             self.metrics.registry, clock)
 
     # The loop -------------------------------------------------------------------------------
 
@@ -140,6 +145,8 @@ class Agent:
             log.exception("agent pass failed")
             self._set(DEGRADED, f"internal error: {exc}", ready=False)
             self._schedule_retry(now)
+        if self.maintenance is not None:
+            self.maintenance.tick(self)
 
     def _tick(self, now: float) -> None:
         fingerprint = self._document_fingerprint()
