@@ -626,7 +626,7 @@ class FakeKube(_FakeMaintenance):
 
     def events(self, node: str) -> list[dict[str, Any]]:
         return [r.body for r in self.sent if r.method == "POST" and r.body is not None
-                and r.body["involvedObject"]["name"] == node]
+                and r.path.endswith("/events") and r.body["involvedObject"]["name"] == node]
 
     def _node(self, node: str) -> NodeView:
         if node not in self.node_objects:

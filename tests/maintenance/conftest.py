@@ -58,3 +58,11 @@ def api_stub(clock: Clock) -> Iterator[MaintenanceApiStub]:
     stub = MaintenanceApiStub(cluster(clock))
     yield stub
     stub.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from .prometheus import prometheus_server
+
+    with prometheus_server(tmp_path_factory.mktemp("prometheus")) as url:
+        yield url

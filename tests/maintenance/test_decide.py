@@ -208,6 +208,8 @@ def test_drain_timeout_names_pods_and_budgets() -> None:
     (decide.CORDONING, decide.DRAINING, True), (decide.DRAINING, decide.REBOOTING, True),
     (decide.REBOOTING, decide.VERIFYING, True), (decide.VERIFYING, decide.IDLE, True),
     (decide.VERIFYING, decide.FAILED, True), (decide.FAILED, decide.IDLE, True),
+    (decide.IDLE, decide.CORDONING, True), (decide.DRAINING, decide.WAITING, True),
+    (decide.REBOOTING, decide.WAITING, True), (decide.REBOOTING, decide.FAILED, False),
     (decide.IDLE, decide.REBOOTING, False), (decide.WAITING, decide.DRAINING, False),
     (decide.REBOOTING, decide.IDLE, False), (decide.FAILED, decide.WAITING, False),
 ])

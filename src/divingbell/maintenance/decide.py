@@ -37,11 +37,11 @@ FAILED = "failed"
 rollout stops here until it recovers or an operator releases the slot."""
 
 TRANSITIONS: dict[str, frozenset[str]] = {
-    IDLE: frozenset({WAITING}),
+    IDLE: frozenset({WAITING, CORDONING}),
     WAITING: frozenset({IDLE, CORDONING}),
     CORDONING: frozenset({DRAINING, WAITING}),
-    DRAINING: frozenset({REBOOTING, WAITING}),
-    REBOOTING: frozenset({VERIFYING, FAILED}),
+    DRAINING: frozenset({REBOOTING, WAITING}),  # waiting again: the drain was aborted
+    REBOOTING: frozenset({VERIFYING, WAITING}),  # waiting again: the host did not reboot
     VERIFYING: frozenset({IDLE, FAILED}),
     FAILED: frozenset({IDLE}),
 }

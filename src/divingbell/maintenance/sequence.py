@@ -390,9 +390,7 @@ class Sequence:
         record.slot = None
         record.retry_at = self.clock() + reboot.retry_after
         record.outcome = f"aborted: {why}"
-        record.phase = WAITING  # an abort may come from any phase: straight back to waiting
-        record.reason = (f"aborted, retrying after {_stamp(record.retry_at)}: {why}")
-        self.save(record)
+        self._move(record, WAITING, f"aborted, retrying after {_stamp(record.retry_at)}: {why}")
 
     def _uncordon_if_ours(self, record: Record) -> None:
         if not record.cordoned or self.kube is None:
