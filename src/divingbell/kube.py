@@ -159,6 +159,8 @@ class MaintenanceKube(KubeApi, Protocol):
 
     def node_state(self, node: str) -> NodeState: ...
 
+    def node_states(self) -> list[NodeState]: ...
+
     def patch_node(self, node: str, *, unschedulable: bool | None = None,
                    annotations: Mapping[str, str | None] | None = None) -> None:
         """Cordon (True) / uncordon (False) and set or (None) remove annotations, in one patch;
@@ -387,6 +389,11 @@ class _FakeMaintenance:
         with state.lock:
             self.sent.append(Request("GET", f"/api/v1/nodes/{node}"))
             return node_state_from(self._node_body(node))
+
+    def node_states(self) -> list[NodeState]:
+        with self._maint().lock:
+            self.sent.append(Request("GET", "/api/v1/nodes"))
+            return [node_state_from(self._node_body(n)) for n in sorted(self.node_objects)]
 
     def patch_node(self, node: str, *, unschedulable: bool | None = None,
                    annotations: Mapping[str, str | None] | None = None) -> None:
@@ -670,6 +677,12 @@ class _LightkubeMaintenance:
 
         obj = self._maintenance_call(lambda: self._client.get(Node, node))
         return node_state_from(obj.to_dict())
+
+    def node_states(self) -> list[NodeState]:
+        from lightkube.resources.core_v1 import Node
+
+        items = self._maintenance_call(lambda: list(self._client.list(Node)))
+        return sorted((node_state_from(n.to_dict()) for n in items), key=lambda n: n.name)
 
     def patch_node(self, node: str, *, unschedulable: bool | None = None,
                    annotations: Mapping[str, str | None] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -24,13 +24,13 @@ class Clock:
         self.now += seconds
 
 
-def cluster(clock: Clock) -> FakeKube:
+def cluster(clock: Callable[[], float], stop: float = 5.0) -> FakeKube:
     """Two nodes; on n1 a web Deployment's two pods under a budget allowing one disruption,
     a DaemonSet pod, a mirror (static) pod and a finished Job pod."""
     kube = FakeKube(clock=clock)
     kube.add_node("n1", {"divingbell.io/rack": "r1"})
     kube.add_node("n2", {"divingbell.io/rack": "r1"})
-    for name, stop in (("web-1", 5.0), ("web-2", 5.0)):
+    for name in ("web-1", "web-2"):
         kube.add_pod(FakePod("shop", name, "n1", {"app": "web"}, stop_seconds=stop))
     kube.add_pod(FakePod("shop", "web-3", "n2", {"app": "web"}))
     kube.add_pod(FakePod("kube-system", "proxy-n1", "n1", {"app": "proxy"},

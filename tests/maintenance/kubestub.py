@@ -84,6 +84,10 @@ class MaintenanceApiStub:
             items = [p.body(fake.clock()) for _, p in sorted(state.pods.items())
                      if p.node == node]
             return 200, listing("PodList", "v1", items)
+        if method == "GET" and route == "/api/v1/nodes":
+            items = [{"apiVersion": "v1", "kind": "Node", **fake._node_body(n)}
+                     for n in sorted(fake.node_objects)]
+            return 200, listing("NodeList", "v1", items)
         if method == "GET" and route == "/apis/policy/v1/poddisruptionbudgets":
             items = [fake._budget_body(ns, n) for ns, n in sorted(state.budgets)]
             return 200, listing("PodDisruptionBudgetList", "policy/v1", items)
@@ -99,6 +103,9 @@ class MaintenanceApiStub:
                 return 200, {"apiVersion": "v1", "kind": "Node", **fake._node_body(node)}
             fake.delete_node(node)
             return 200, status(200, "", "deleted")
+        if method == "POST" and re.match(r"^/api/v1/namespaces/[^/]+/events$", route):
+            fake.sent.append(Request(method, route, body))  # so fake.events() lists it
+            return 201, {**body, "metadata": {**body["metadata"], "name": "ev1"}}
         if (match := EVICTION.match(route)) is not None:
             fake.evict(match.group(1), match.group(2),
                        body["deleteOptions"]["gracePeriodSeconds"])

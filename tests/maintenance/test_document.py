@@ -143,12 +143,13 @@ def test_an_override_is_checked_merged_over_the_base() -> None:
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("15m", 900), ("1h30m", 5400),
-                                               ("2h", 7200), (45, 45), ("120", 120)])
+                                               ("2h", 7200), (45, 45), ("120", 120),
+                                               ("0.5s", 0.5), ("1m2.5s", 62.5)])
 def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "15 m", "1d", "m", "-5", True])
+@pytest.mark.parametrize("text", ["", "15 m", "1d", "m", "-5", True, ".5s", "0s"])
 def test_bad_durations(text: str | bool) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)

@@ -60,6 +60,7 @@ def exercise(api: Any, clock: Clock) -> list[Any]:
         api.patch_node("n1", unschedulable=False,
                        annotations={"divingbell.io/cordoned-by": None}),
         api.node_state("n1"),
+        api.node_states(),
         api.delete_node("n2"),
         attempt(lambda: api.node_state("n2")),
     ]

@@ -572,7 +572,7 @@ class ExecConf(RootModel[Annotated[dict[str, Script], BeforeValidator(_check_nam
 # Not a host module: the agent's maintenance sequence reads it (divingbell.maintenance), with
 # the same override rules as the modules (conf.overrides.divingbell_maintenance).
 
-_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
 
 
 def parse_duration(value: Any) -> float:
@@ -589,8 +589,8 @@ def parse_duration(value: Any) -> float:
         elif not text or match is None:
             raise ValueError(f"{text!r} is not a duration: use e.g. 90s, 15m or 1h30m")
         else:
-            hours, minutes, secs = (int(g or 0) for g in match.groups())
-            seconds = float(hours * 3600 + minutes * 60 + secs)
+            hours, minutes, secs = (float(g or 0) for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
     if seconds <= 0:
         raise ValueError(f"must be longer than zero (got {value!r})")
     return seconds
