@@ -294,15 +294,16 @@ def _kube(kubeconfig: str | None) -> MaintenanceKube:
 
 def _slots(kube: MaintenanceKube | None, namespace: str, server: str | None,
            token_file: str | None) -> SlotBackend:
-    from divingbell.maintenance.fleet_client import FleetClient
+    from divingbell.fleet.client import FleetApiError, FleetClient, read_token
     from divingbell.maintenance.slots import FleetSlots, LeaseSlots
 
     if server:
-        token = None
-        if token_file:
-            with open(token_file) as handle:
-                token = handle.read().strip()
-        return FleetSlots(FleetClient(server, token or os.environ.get("DIVINGBELL_FLEET_TOKEN")))
+        try:
+            token = (read_token(token_file) if token_file
+                     else os.environ.get("DIVINGBELL_FLEET_TOKEN"))
+            return FleetSlots(FleetClient(server, token))
+        except (FleetApiError, OSError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
     assert kube is not None
     return LeaseSlots(kube, namespace)
 

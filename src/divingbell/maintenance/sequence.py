@@ -518,6 +518,8 @@ class AgentMaintenance:
 
         if agent.revision is None:
             return  # no valid document yet: nothing says what maintenance may do
+        if self.sequence.slots is None:
+            self._wire_fleet(agent)
         labels = agent.labels or {}
         key = (agent.revision, tuple(sorted(labels.items())))
         try:
@@ -533,33 +535,35 @@ class AgentMaintenance:
             log.exception("maintenance step failed")
 
 
+    def _wire_fleet(self, agent: Agent) -> None:
+        """Fleet mode: the agent's fleet client and machine id (the slot holder)."""
+        source = getattr(agent, "source", None)
+        client = getattr(source, "client", None)
+        machine_id = getattr(source, "machine_id", None)
+        if client is None or machine_id is None:
+            return
+        from divingbell.maintenance.slots import FleetSlots
+
+        self.sequence.slots = FleetSlots(client)
+        self.sequence.holder = str(machine_id)
+
+
 def hook_for(settings: AgentSettings, kube: KubeApi | None, registry: CollectorRegistry,
              clock: Callable[[], float] = time.time,
              environ: Mapping[str, str] | None = None) -> AgentMaintenance:
-    """The agent's maintenance, with the slot backend its environment says:
-    DIVINGBELL_FLEET_URL (+ DIVINGBELL_FLEET_TOKEN_FILE, DIVINGBELL_MACHINE_ID): the fleet
-    service's slots; otherwise, with Kubernetes, Leases in $POD_NAMESPACE (default divingbell)."""
-    from divingbell.maintenance.fleet_client import FleetClient
-    from divingbell.maintenance.slots import FleetSlots, LeaseSlots
+    """The agent's maintenance. With Kubernetes, the slots are Leases in $POD_NAMESPACE
+    (default divingbell); in fleet mode (`divingbell agent --server`), the fleet service's
+    slots, wired on the first tick from the agent's own fleet client."""
+    from divingbell.maintenance.slots import LeaseSlots
 
     env = os.environ if environ is None else environ
     maintenance_kube = cast("MaintenanceKube | None", kube if hasattr(kube, "pods_on_node")
                             else None)
     slots: SlotBackend | None = None
-    holder = settings.node
-    if env.get("DIVINGBELL_FLEET_URL"):
-        token = env.get("DIVINGBELL_FLEET_TOKEN")
-        token_file = env.get("DIVINGBELL_FLEET_TOKEN_FILE")
-        if token_file:
-            with open(token_file) as handle:
-                token = handle.read().strip()
-        slots = FleetSlots(FleetClient(env["DIVINGBELL_FLEET_URL"], token))
-        holder = env.get("DIVINGBELL_MACHINE_ID") or settings.node
-    elif maintenance_kube is not None:
+    if maintenance_kube is not None:
         slots = LeaseSlots(maintenance_kube, env.get("POD_NAMESPACE") or "divingbell", clock)
     return AgentMaintenance(Sequence(settings.node, settings.host, maintenance_kube, slots,
-                                     holder=holder, metrics=MaintenanceMetrics(registry),
-                                     clock=clock))
+                                     metrics=MaintenanceMetrics(registry), clock=clock))
 
 
 __all__ = ["AgentMaintenance", "Record", "Sequence", "hook_for"]

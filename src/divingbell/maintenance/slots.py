@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from divingbell.fleet.client import FleetApiError, FleetClient
 from divingbell.kube import KubeConflict, LeaseView, MaintenanceKube
 from divingbell.maintenance.decide import SlotState, lease_name, plan_claim
-from divingbell.maintenance.fleet_client import FleetClient, FleetError
 
 log = logging.getLogger("divingbell.maintenance")
 
@@ -184,15 +184,15 @@ def _label_value(group: str) -> str:
 # The fleet service ---------------------------------------------------------------------------
 
 class FleetSlots:
-    """`/v1/slots` of the fleet service (see docs/fleet.md)."""
+    """`/v1/slots` of the fleet service (docs/fleet.md), through its stdlib-only client."""
 
     def __init__(self, client: FleetClient) -> None:
         self.client = client
 
     def claim(self, group: str, holder: str, slots: int, ttl: float) -> ClaimResult:
         status, body = self._ask("POST", "/v1/slots/claim", {
-            "group": group, "holder": holder, "slots": slots, "ttl_seconds": round(ttl)},
-            ok=(200, 409))
+            "group": group, "holder": holder, "slots": slots, "ttl_seconds": round(ttl, 3)},
+            ok=(409,))
         if status == 409:
             detail = body.get("detail") if isinstance(body, dict) else None
             holders = detail.get("holders", []) if isinstance(detail, dict) else []
@@ -201,33 +201,35 @@ class FleetSlots:
 
     def renew(self, slot: str, holder: str, ttl: float) -> bool:
         status, _ = self._ask("POST", f"/v1/slots/{_path(slot)}/renew",
-                              {"holder": holder, "ttl_seconds": round(ttl)}, ok=(200, 404, 409))
+                              {"holder": holder, "ttl_seconds": round(ttl, 3)}, ok=(404, 409))
         return status == 200
 
     def release(self, slot: str, holder: str) -> bool:
         status, _ = self._ask("POST", f"/v1/slots/{_path(slot)}/release", {"holder": holder},
-                              ok=(200, 404, 409))
+                              ok=(404, 409))
         return status == 200
 
     def list(self) -> list[Slot]:
-        _, body = self._ask("GET", "/v1/slots", None, ok=(200,))
+        _, body = self._ask("GET", "/v1/slots", None, ok=())
         items = body if isinstance(body, list) else body.get("slots", [])
         return [_fleet_slot(item) for item in items]
 
     def force_release(self, slot: str) -> Slot | None:
         before = next((s for s in self.list() if s.name == slot), None)
-        self._ask("DELETE", f"/v1/slots/{_path(slot)}", None, ok=(200, 204, 404))
+        self._ask("DELETE", f"/v1/slots/{_path(slot)}", None, ok=(404,))
         return before
 
     def _ask(self, method: str, path: str, body: object, ok: tuple[int, ...]
              ) -> tuple[int, Any]:
         try:
-            status, answer = self.client.request(method, path, body)
-        except FleetError as exc:
+            answer = self.client.request(method, path, body, ok=ok)
+        except FleetApiError as exc:
             raise SlotError(str(exc)) from None
-        if status not in ok:
-            raise SlotError(f"fleet service: {method} {path} answered {status}: {answer}")
-        return status, answer if isinstance(answer, dict | list) else {}
+        try:
+            data = answer.json()
+        except ValueError:
+            data = {}
+        return answer.status, data if isinstance(data, dict | list) else {}
 
 
 def _path(slot: str) -> str:
