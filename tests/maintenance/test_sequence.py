@@ -22,7 +22,7 @@ from divingbell.maintenance.sequence import (
     Record,
     Sequence,
 )
-from divingbell.maintenance.slots import LeaseSlots
+from divingbell.maintenance.slots import LeaseSlots, SlotBackend
 
 from .conftest import Clock
 
@@ -35,7 +35,7 @@ class Node:
     record on the host."""
 
     def __init__(self, name: str, base: Path, kube: MaintenanceKube | None, clock: Clock,
-                 slots: LeaseSlots, **kwargs: Any) -> None:
+                 slots: SlotBackend, **kwargs: Any) -> None:
         self.name, self.kube, self.clock, self.slots = name, kube, clock, slots
         self.host = Host(root=base / name / "root", proc_sys=base / name / "proc_sys")
         (self.host.proc_sys / "kernel/random").mkdir(parents=True)
