@@ -72,6 +72,8 @@ class Record:
     forced: bool = False
     reboot_at: float | None = None
     booted_at: float | None = None
+    finished_at: float | None = None
+    taken_over_from: str | None = None  # the slot's previous holder, when it had expired
     retry_at: float = 0.0
     outcome: str = ""
 
@@ -221,7 +223,9 @@ class Sequence:
             return
         record.slot, record.trigger, record.started_at = claim.slot.name, gate.reason, now
         record.cordoned, record.forced, record.drain_seconds = False, False, None
-        record.outcome = ""
+        record.outcome, record.finished_at = "", None
+        record.reboot_at = record.booted_at = None
+        record.taken_over_from = claim.taken_over_from
         self._last_renew = now
         taken = (f", taken over from {claim.taken_over_from} (expired)"
                  if claim.taken_over_from else "")
@@ -378,6 +382,9 @@ class Sequence:
         record.outcome = (f"rebooted ({reboot.strategy}) at {_stamp(record.reboot_at)}: "
                           + ", ".join(parts) + ("" if released else "; the slot was no longer "
                                                  "ours (expired while down)"))
+        if record.taken_over_from:
+            record.outcome += f"; the slot was taken over from {record.taken_over_from}"
+        record.finished_at = now
         if self.metrics is not None:
             self.metrics.reboots.inc()
         record.slot, record.retry_at = None, 0.0
