@@ -165,7 +165,7 @@ def test_manifests_are_valid_kubernetes_objects() -> None:
                     max_unavailable="10%")
     kinds = [o["kind"] for o in objects]
     assert kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                     "ConfigMap", "DaemonSet"]
+                     "Role", "RoleBinding", "ConfigMap", "DaemonSet"]
     for obj in objects:
         kubernetes_validate.validate(obj, "1.31", strict=True)
 
@@ -194,7 +194,13 @@ def test_rbac_is_least_privilege() -> None:
     granted = {(r, v) for rule in role["rules"] for r in rule["resources"]
                for v in rule["verbs"]}
     assert granted == {("nodes", "get"), ("nodes", "list"), ("nodes", "watch"),
-                       ("nodes", "patch"), ("events", "create"), ("events", "patch")}
+                       ("nodes", "patch"), ("events", "create"), ("events", "patch"),
+                       ("pods", "list"), ("pods", "delete"), ("pods/eviction", "create"),
+                       ("poddisruptionbudgets", "list")}
+    slots = next(o for o in build({"a.yaml": ""}) if o["kind"] == "Role")
+    assert slots["metadata"]["namespace"] == "divingbell"  # Leases only in its namespace
+    assert slots["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                               "verbs": ["get", "list", "create", "update"]}]
 
 
 def test_manifests_command_validates_first_and_prints_yaml(tmp_path: Path) -> None:
@@ -205,7 +211,7 @@ def test_manifests_command_validates_first_and_prints_yaml(tmp_path: Path) -> No
                          check=True)
     docs = list(yaml.safe_load_all(run.stdout))
     assert docs[-1]["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
-    assert docs[4]["data"]["site.yaml"] == good.read_text()
+    assert docs[6]["data"]["site.yaml"] == good.read_text()
     bad = tmp_path / "bad.yaml"
     bad.write_text("conf:\n  sysctl: 3\n")
     run = subprocess.run([sys.executable, "-m", "divingbell", "manifests", str(bad)],

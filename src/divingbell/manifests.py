@@ -29,7 +29,8 @@ def document_digest(files: Mapping[str, str]) -> str:
 
 def build(files: Mapping[str, str], *, namespace: str = APP, image: str = DEFAULT_IMAGE,
           max_unavailable: int | str = 1) -> list[dict[str, Any]]:
-    """Namespace, ServiceAccount, ClusterRole(+Binding), ConfigMap and DaemonSet, in order."""
+    """Namespace, ServiceAccount, ClusterRole(+Binding), Role(+Binding) for the maintenance
+    slots, ConfigMap and DaemonSet, in order."""
     labels = {"app.kubernetes.io/name": APP}
     meta = {"namespace": namespace, "labels": labels}
     digest = document_digest(files)
@@ -46,11 +47,27 @@ def build(files: Mapping[str, str], *, namespace: str = APP, image: str = DEFAUL
              {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch",
                                                                    "patch"]},
              {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+             # Maintenance (docs/maintenance.md): drain the node through the Eviction API;
+             # delete only what a drain with on_timeout: force leaves behind.
+             {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
+             {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
+             {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
+              "verbs": ["list"]},
          ]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
          "metadata": {"name": APP, "labels": labels},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                      "name": APP},
+         "subjects": [{"kind": "ServiceAccount", "name": APP, "namespace": namespace}]},
+        # The maintenance slots: Leases in the agent's own namespace only.
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": f"{APP}-slots", **meta},
+         "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                    "verbs": ["get", "list", "create", "update"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": f"{APP}-slots", **meta},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": f"{APP}-slots"},
          "subjects": [{"kind": "ServiceAccount", "name": APP, "namespace": namespace}]},
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": APP, **meta},
          "data": {PurePosixPath(name).name: text for name, text in files.items()}},
@@ -71,7 +88,9 @@ def _daemonset(meta: dict[str, Any], labels: dict[str, str], names: list[str], d
         "args": ["agent", *(f"{CONFIG_DIR}/{n}" for n in names), "--root", "/host",
                  "--listen", f"0.0.0.0:{PORT}"],
         "env": [{"name": "NODE_NAME",
-                 "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                 "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "POD_NAMESPACE",  # where the maintenance slot Leases live
+                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
         "ports": [{"name": "metrics", "containerPort": PORT, "protocol": "TCP"}],
         "securityContext": {"privileged": True},
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
