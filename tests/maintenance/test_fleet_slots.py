@@ -104,5 +104,7 @@ def test_a_fleet_host_without_kubernetes_reboots_through_the_sequence(
     first.boot()
     assert first.step(config, converged=False).phase == decide.VERIFYING
     assert first.step(config, converged=True).phase == decide.IDLE
+    assert second.step(config).phase == decide.WAITING  # asked the service a moment ago
+    clock.advance(15)
     assert second.step(config).phase == decide.REBOOTING
     assert [s.holder for s in FleetSlots(fleet.admin).list()] == [b]

@@ -204,6 +204,10 @@ def test_blockers_are_checked_before_any_lock(node: Node, kube: FakeKube,
                                              "blocked by pod ops/etcd-backup-1")
     assert not [r for r in kube.sent if "leases" in r.path]
     kube.delete_pod("ops", "etcd-backup-1", 0)
+    kube.sent.clear()
+    assert node.step(config).phase == decide.WAITING  # asked a moment ago: not again yet
+    assert not [r for r in kube.sent if "pods" in r.path]
+    clock.advance(15)
     assert node.step(config).phase == decide.DRAINING
 
 
@@ -236,6 +240,7 @@ def test_one_slot_two_nodes_the_second_waits(kube: FakeKube, clock: Clock,
                                     "since ")
     first.boot()
     assert first.step(config).phase == decide.IDLE
+    clock.advance(15)
     assert second.step(config).phase == decide.REBOOTING
     assert second.reboots == ["reboot"]
 
@@ -300,7 +305,7 @@ def test_strategy_none_and_no_section_do_nothing(node: Node, kube: FakeKube) -> 
     assert node.step(conf(strategy="none")).phase == decide.IDLE
 
 
-def test_firing_alerts_block_before_any_lock(node: Node, kube: FakeKube,
+def test_firing_alerts_block_before_any_lock(node: Node, kube: FakeKube, clock: Clock,
                                              prometheus: str) -> None:
     assert alert_blockers(prometheus, "^Node") == ["alert NodeAlwaysFiring firing"]
     assert alert_blockers(prometheus, "NeverFiring") == []
@@ -310,6 +315,7 @@ def test_firing_alerts_block_before_any_lock(node: Node, kube: FakeKube,
     assert record.reason == "blocked by alert NodeAlwaysFiring firing"
     assert not [r for r in kube.sent if "leases" in r.path]
     quiet = conf(blockers={"alerts": {"prometheus": prometheus, "match": "^Etcd"}})
+    clock.advance(15)
     assert node.step(quiet).phase == decide.DRAINING
 
 
@@ -320,3 +326,28 @@ def test_an_unreachable_prometheus_blocks(node: Node) -> None:
     assert record.phase == decide.WAITING
     assert record.reason.startswith("blocked by unknown alerts (cannot read alerts from "
                                     "http://127.0.0.1:9/api/v1/alerts")
+
+
+def test_maintenance_turned_off_mid_drain_undoes_the_cordon(node: Node, kube: FakeKube,
+                                                            clock: Clock) -> None:
+    kube.add_budget("shop", "web", {"matchLabels": {"app": "web"}}, min_available=3)
+    node.needs_reboot()
+    assert node.step(conf()).phase == decide.DRAINING
+    record = node.step(conf(strategy="none"))
+    assert record.phase == decide.WAITING
+    assert record.outcome == ("aborted: maintenance is no longer enabled for this node in "
+                              "the document")
+    assert not kube.node_state("n1").unschedulable and node.reboots == []
+    assert node.step(conf(strategy="none")).phase == decide.IDLE
+
+
+def test_an_unreadable_record_starts_from_idle(node: Node) -> None:
+    node.host.write_atomic("/var/lib/divingbell/maintenance.json", '{"phase": "exploding"}')
+    assert node.sequence.load() == Record()
+    node.host.write_atomic("/var/lib/divingbell/maintenance.json", "{not json")
+    assert node.sequence.load() == Record()
+    node.host.remove("/var/lib/divingbell/maintenance.json")
+    node.needs_reboot()
+    node.step(conf())
+    saved = node.host.path("/var/lib/divingbell/maintenance.json")
+    assert saved.stat().st_mode & 0o777 == 0o600  # the record is the node's own business

@@ -117,13 +117,18 @@ class Sequence:
                  metrics: MaintenanceMetrics | None = None,
                  clock: Callable[[], float] = time.time,
                  reboot: Callable[[str], None] | None = None,
-                 alerts: Callable[[str, str, float], list[str]] = alert_blockers) -> None:
+                 alerts: Callable[[str, str, float], list[str]] = alert_blockers,
+                 recheck_interval: float = 15.0) -> None:
         self.node, self.host, self.kube, self.slots = node, host, kube, slots
         self.holder = holder or node
         self.metrics, self.clock, self.alerts = metrics, clock, alerts
         self._reboot = reboot or self._run_strategy
         self._published: dict[str, str] = {}
         self._last_renew = float("-inf")
+        # While waiting on blockers or a slot, Prometheus, the pods and the slots are asked at
+        # most this often (a fleet of waiting agents must not hammer them).
+        self.recheck_interval = recheck_interval
+        self._next_check = float("-inf")
 
     # The record ------------------------------------------------------------------------------
 
@@ -134,7 +139,10 @@ class Sequence:
         try:
             data = json.loads(text)
             known = {f.name for f in dataclasses.fields(Record)}
-            return Record(**{k: v for k, v in data.items() if k in known})
+            record = Record(**{k: v for k, v in data.items() if k in known})
+            if record.phase not in decide.PHASES:
+                raise ValueError(f"unknown phase {record.phase!r}")
+            return record
         except (ValueError, TypeError) as exc:
             log.error("unreadable %s (%s): starting from idle", STATE_FILE, exc)
             return Record()
@@ -161,9 +169,13 @@ class Sequence:
             before = record.phase
             if record.phase in (IDLE, WAITING):
                 self._idle_or_waiting(record, reboot, labels)
-            elif reboot is None:
-                # Mid-sequence and the section left the document: finish what is safe.
-                reboot = Reboot()
+            elif reboot is None or reboot.strategy == "none":
+                if record.phase in (CORDONING, DRAINING):
+                    # Not rebooted yet and no longer wanted: undo the cordon, free the slot.
+                    self._abort(record, reboot or Reboot(), "maintenance is no longer enabled "
+                                "for this node in the document")
+                    break
+                reboot = Reboot()  # already rebooted: finish with the defaults
                 continue
             elif record.phase == CORDONING:
                 self._cordon(record, reboot)
@@ -198,7 +210,10 @@ class Sequence:
         window = decide.describe_window(reboot.window)
         gate = decide.may_start(found, window_open=window_open, window=window, blockers=[],
                                 retry_at=record.retry_at, now=now)
+        if gate.go and now < self._next_check:
+            return  # asked recently; the reason shown is still the last answer
         if gate.go:
+            self._next_check = now + self.recheck_interval
             gate = decide.may_start(found, window_open=True, window=window,
                                     blockers=self._blockers(reboot), retry_at=0, now=now)
         if not gate.go:
@@ -275,10 +290,10 @@ class Sequence:
         else:
             remaining = []
         if not remaining:
-            record.drain_seconds = now - started
-            if self.metrics is not None:
-                self.metrics.drain_duration.observe(record.drain_seconds)
-            if self.kube is not None:
+            if self.kube is not None:  # without Kubernetes there is nothing to drain
+                record.drain_seconds = now - started
+                if self.metrics is not None:
+                    self.metrics.drain_duration.observe(record.drain_seconds)
                 self._event("Drained", f"drained in {decide.describe_duration(now - started)}")
             self._start_reboot(record, reboot)
             return
