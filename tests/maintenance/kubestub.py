@@ -71,7 +71,7 @@ class MaintenanceApiStub:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -134,6 +134,11 @@ class MaintenanceApiStub:
             fake.create_lease if method == "POST" else fake.replace_lease)
         stored = act(namespace, wanted)
         return (201 if method == "POST" else 200), state.leases[(namespace, stored.name)]
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # agents racing connect at once; 5 would drop SYNs for a second
+    daemon_threads = True
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
