@@ -241,6 +241,8 @@ def test_two_hosts_reboot_one_at_a_time_through_the_fleet_service(
 
         settle(hosts, both_done, 300)
         records = [h.record() for h in hosts]
+        for host, record in zip(hosts, records, strict=True):
+            print(f"{host.machine_id}: {record['outcome']}")  # the figures, with -s
         first, second = sorted(records, key=lambda r: r["started_at"])
         assert first["finished_at"] <= second["started_at"]  # the second went only then
         waiter = hosts[records.index(second)].machine_id

@@ -351,3 +351,26 @@ def test_an_unreadable_record_starts_from_idle(node: Node) -> None:
     node.step(conf())
     saved = node.host.path("/var/lib/divingbell/maintenance.json")
     assert saved.stat().st_mode & 0o777 == 0o600  # the record is the node's own business
+
+
+@pytest.mark.parametrize(("returncode", "phase"), [(-15, decide.REBOOTING),
+                                                   (1, decide.WAITING), (127, decide.WAITING)])
+def test_a_reboot_command_killed_by_its_own_shutdown_is_not_a_failure(
+        kube: FakeKube, clock: Clock, tmp_path: Path, returncode: int, phase: str) -> None:
+    from divingbell.errors import CommandError
+
+    def reboot(strategy: str) -> None:
+        raise CommandError(["systemctl", strategy, "--no-block"], returncode, "",
+                           "Failed to connect to bus" if returncode == 1 else "")
+
+    for pod in ("web-1", "web-2"):
+        kube.delete_pod("shop", pod, 0)
+    node = Node("n1", tmp_path, kube, clock, LeaseSlots(kube, NS, clock))
+    node.sequence._reboot = reboot
+    node.needs_reboot()
+    record = node.step(conf())
+    assert record.phase == phase
+    if phase == decide.WAITING:
+        assert record.outcome.startswith("aborted: the reboot command failed: ")
+        assert "systemctl" in record.outcome
+        assert not kube.node_state("n1").unschedulable

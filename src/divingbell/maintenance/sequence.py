@@ -52,8 +52,9 @@ REBOOT_REQUIRED = "/run/reboot-required"
 SENTINELS = (REBOOT_REQUIRED, "/run/reboot-required.pkgs")
 REQUEST_ANNOTATION = f"{ANNOTATION_PREFIX}reboot-requested"
 PHASE_ANNOTATION = f"{ANNOTATION_PREFIX}maintenance"
-STRATEGY_COMMANDS = {"reboot": ["systemctl", "reboot"], "kexec": ["systemctl", "kexec"],
-                     "poweroff": ["systemctl", "poweroff"]}
+# --no-block: queue the job and return, rather than wait while the shutdown kills this agent.
+STRATEGY_COMMANDS = {strategy: ["systemctl", strategy, "--no-block"]
+                     for strategy in ("reboot", "kexec", "poweroff")}
 
 
 @dataclass
@@ -335,11 +336,21 @@ class Sequence:
         self._event("Rebooting", f"rebooting by {reboot.strategy}")
         try:
             self._reboot(reboot.strategy)
-        except (CommandError, OSError) as exc:
-            self._event("RebootFailed", f"the reboot command failed: {exc}", warning=True)
-            if self.metrics is not None:
-                self.metrics.reboots_failed.inc()
-            self._abort(record, reboot, f"the reboot command failed: {exc}")
+        except CommandError as exc:
+            if exc.returncode < 0:
+                # Killed by the shutdown it started: the host is going down. The boot id says
+                # after the boot (or `health.timeout` without one) whether it really rebooted.
+                log.info("the reboot command was stopped by the shutdown: %s", exc)
+                return
+            self._reboot_failed(record, reboot, exc)
+        except OSError as exc:
+            self._reboot_failed(record, reboot, exc)
+
+    def _reboot_failed(self, record: Record, reboot: Reboot, exc: Exception) -> None:
+        self._event("RebootFailed", f"the reboot command failed: {exc}", warning=True)
+        if self.metrics is not None:
+            self.metrics.reboots_failed.inc()
+        self._abort(record, reboot, f"the reboot command failed: {exc}")
 
     def _run_strategy(self, strategy: str) -> None:
         self.host.run(STRATEGY_COMMANDS[strategy])
