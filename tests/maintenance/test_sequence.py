@@ -285,11 +285,17 @@ def test_a_node_that_does_not_come_back_healthy_keeps_its_slot(
     assert not kube.node_state("n1").unschedulable
 
 
-def test_an_operator_request_triggers_and_is_cleared(node: Node, kube: FakeKube) -> None:
+def test_an_operator_request_triggers_and_is_cleared(node: Node, kube: FakeKube,
+                                                    clock: Clock) -> None:
     for pod in ("web-1", "web-2"):
         kube.delete_pod("shop", pod, 0)
     config = conf()
+    assert node.step(config).phase == decide.IDLE
     kube.patch_node("n1", annotations={REQUEST_ANNOTATION: "alice: firmware"})
+    kube.sent.clear()
+    assert node.step(config).phase == decide.IDLE  # the Node is read at most every 15s
+    assert kube.sent == []
+    clock.advance(15)
     record = node.step(config)
     assert record.trigger == "requested (alice: firmware)"
     node.boot()

@@ -130,6 +130,8 @@ class Sequence:
         # most this often (a fleet of waiting agents must not hammer them).
         self.recheck_interval = recheck_interval
         self._next_check = float("-inf")
+        self._request: str | None = None
+        self._request_checked = float("-inf")
 
     # The record ------------------------------------------------------------------------------
 
@@ -199,8 +201,9 @@ class Sequence:
         if reboot is None or reboot.strategy == "none":
             found: list[str] = []
         else:
-            found = decide.triggers(reboot.when, reboot_required=self.host.path(
-                REBOOT_REQUIRED).exists(), requested=self._requested())
+            found = decide.triggers(
+                reboot.when, reboot_required=self.host.path(REBOOT_REQUIRED).exists(),
+                requested=self._requested() if "requested" in reboot.when else None)
         if self.metrics is not None:
             self.metrics.reboot_required.set(1 if found else 0)
         if reboot is None or not found:
@@ -478,16 +481,24 @@ class Sequence:
             # A sentinel written after the reboot asks for a new one; older ones are done.
             if stat is not None and stat.st_mtime <= (record.reboot_at or 0):
                 self.host.remove(sentinel)
-        if self.kube is not None and self._requested():
+        if self.kube is not None and self._requested(fresh=True):
             self.kube.patch_node(self.node, annotations={REQUEST_ANNOTATION: None})
+            self._request = None
 
-    def _requested(self) -> str | None:
+    def _requested(self, *, fresh: bool = False) -> str | None:
+        """An operator's request (`divingbell node reboot`), read from the Node at most every
+        `recheck_interval`: idle agents must not poll the API server every tick."""
         if self.kube is None:
             return None
-        try:
-            return self.kube.node_state(self.node).annotations.get(REQUEST_ANNOTATION)
-        except KubeError:
-            return None
+        now = self.clock()
+        if fresh or now >= self._request_checked + self.recheck_interval:
+            try:
+                self._request = self.kube.node_state(self.node).annotations.get(
+                    REQUEST_ANNOTATION)
+                self._request_checked = now
+            except KubeError as exc:
+                log.warning("cannot read the node's reboot request: %s", exc)
+        return self._request
 
     # Publishing ------------------------------------------------------------------------------
 
