@@ -184,6 +184,11 @@ class Agent:
         self._failures = 0
         self._failed_target: tuple[str, tuple[tuple[str, str], ...]] | None = None
         self._published: dict[str, str] = {}
+        # Node maintenance (issue 15): stepped after every pass; see divingbell.maintenance.
+        from divingbell.maintenance.sequence import AgentMaintenance, hook_for
+
+        self.maintenance: AgentMaintenance | None = hook_for(settings, kube,
+                                                             self.metrics.registry, clock)
 
     # The loop -------------------------------------------------------------------------------
 
@@ -219,6 +224,8 @@ class Agent:
         finally:
             self._busy = None
             self._heartbeat = self.monotonic()
+        if self.maintenance is not None:
+            self.maintenance.tick(self)
 
     def _tick(self, now: float) -> None:
         fingerprint = self._document_fingerprint()

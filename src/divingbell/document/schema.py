@@ -594,6 +594,163 @@ class ExecConf(RootModel[Annotated[dict[str, Script], BeforeValidator(_check_nam
     pass
 
 
+# maintenance (issue 15: reboots and drains, a few nodes at a time) ---------------------------
+# Not a host module: the agent's maintenance sequence reads it (divingbell.maintenance), with
+# the same override rules as the modules (conf.overrides.divingbell_maintenance).
+
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(value: Any) -> float:
+    """`15m`, `1h30m`, `90s`, or a plain number of seconds, as seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a duration like 90s, 15m or 1h30m, not {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = _plain_text(value).strip()
+        match = _DURATION.match(text)
+        if text.isdigit():
+            seconds = float(text)
+        elif not text or match is None:
+            raise ValueError(f"{text!r} is not a duration: use e.g. 90s, 15m or 1h30m")
+        else:
+            hours, minutes, secs = (float(g or 0) for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+    if seconds <= 0:
+        raise ValueError(f"must be longer than zero (got {value!r})")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=str | int)]
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _clock_time(value: Any) -> str:
+    text = _plain_text(value).strip()
+    match = re.match(r"^([01]?\d|2[0-3]):([0-5]\d)$", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a time of day: use HH:MM (24-hour), like \"02:00\"")
+    return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+
+def _time_zone(value: Any) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    text = _plain_text(value).strip()
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{text!r} is not a time zone known to this host's tzdata "
+                         "(use an IANA name like Europe/Paris or UTC)") from None
+    return text
+
+
+def _weekday(value: Any) -> str:
+    text = _plain_text(value).strip().lower()[:3]
+    if text not in WEEKDAYS:
+        raise ValueError(f"{value!r} is not a day: use {', '.join(WEEKDAYS)}")
+    return text
+
+
+def _label_selector(value: Any) -> str:
+    from divingbell.maintenance.selectors import parse_selector
+
+    text = _plain_text(value).strip()
+    parse_selector(text)  # raises ValueError naming the bad requirement
+    return text
+
+
+def _regex(value: Any) -> str:
+    text = _plain_text(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"{text!r} is not a regular expression: {exc}") from None
+    return text
+
+
+ClockTime = Annotated[str, BeforeValidator(_clock_time, json_schema_input_type=str)]
+TimeZone = Annotated[str, BeforeValidator(_time_zone, json_schema_input_type=str)]
+Weekday = Annotated[str, BeforeValidator(_weekday, json_schema_input_type=str)]
+Selector = Annotated[str, BeforeValidator(_label_selector, json_schema_input_type=str)]
+Regex = Annotated[str, BeforeValidator(_regex, json_schema_input_type=str)]
+
+
+class MaintenanceWindow(StrictModel):
+    """When maintenance may *start*, in local time; `days` are the days a window opens (a
+    window from 22:00 to 04:00 opened on a Friday ends on Saturday morning)."""
+
+    days: list[Weekday] = list(WEEKDAYS)
+    start: ClockTime
+    end: ClockTime
+    timezone: TimeZone = "UTC"
+
+    @model_validator(mode="after")
+    def _check(self) -> MaintenanceWindow:
+        if self.start == self.end:
+            raise ValueError("start and end are equal: a window needs a length (leave "
+                             "`window` out to allow maintenance at any time)")
+        if not self.days:
+            raise ValueError("days is empty: the window would never open")
+        return self
+
+
+class PodBlocker(StrictModel):
+    selector: Selector
+
+
+class AlertBlocker(StrictModel):
+    prometheus: Text
+    match: Regex = ".*"
+    timeout: Duration = 10.0
+
+    @field_validator("prometheus")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL of a Prometheus server")
+        return value.rstrip("/")
+
+
+class Blockers(StrictModel):
+    pods: PodBlocker | None = None
+    alerts: AlertBlocker | None = None
+
+
+class Drain(StrictModel):
+    timeout: Duration = 900.0
+    grace_period: Duration = 60.0
+    on_timeout: Literal["abort", "force"] = "abort"
+    pod_selector: Selector = ""
+
+
+class Health(StrictModel):
+    timeout: Duration = 1200.0
+
+
+REBOOT_TRIGGERS = ("reboot-required", "requested")
+
+
+class Reboot(StrictModel):
+    strategy: Literal["reboot", "kexec", "poweroff", "none"] = "reboot"
+    when: list[Literal[REBOOT_TRIGGERS]] = list(REBOOT_TRIGGERS)  # type: ignore[valid-type]  # noqa: RUF100
+    concurrency: Annotated[int, Field(ge=1, le=1000)] = 1
+    group_by: Text | None = None
+    window: MaintenanceWindow | None = None
+    blockers: Blockers = Blockers()
+    drain: Drain = Drain()
+    health: Health = Health()
+    # Extensions: how long a slot outlives its holder's last renewal (longer than a reboot
+    # takes), and how long to wait after an aborted attempt.
+    slot_ttl: Duration = 1800.0
+    retry_after: Duration = 1800.0
+
+
+class MaintenanceConf(StrictModel):
+    reboot: Reboot = Reboot()
+
+
 # overrides ------------------------------------------------------------------------------------
 
 class LabelSelector(StrictModel):
@@ -626,6 +783,7 @@ class Overrides(StrictModel):
     divingbell_perm: ModuleOverrides | None = None
     divingbell_apparmor: ModuleOverrides | None = None
     divingbell_exec: ModuleOverrides | None = None
+    divingbell_maintenance: ModuleOverrides | None = None
 
 
 # the document ---------------------------------------------------------------------------------
@@ -640,6 +798,7 @@ class Conf(StrictModel):
     perm: PermConf | None = None
     apparmor: AppArmorConf | None = None
     exec: ExecConf | None = None
+    maintenance: MaintenanceConf | None = None
     overrides: Overrides | None = None
     # Divingbell chart settings, accepted so its values files load unchanged; they have no
     # meaning for an agent on the node and `validate` says so.
@@ -670,6 +829,9 @@ MODULE_MODELS: dict[str, type[BaseModel]] = {
     "apparmor": AppArmorConf,
     "exec": ExecConf,
 }
+
+SECTION_MODELS: dict[str, type[BaseModel]] = {**MODULE_MODELS, "maintenance": MaintenanceConf}
+"""Every section with overrides: the host modules, then the agent's maintenance section."""
 
 MERGE_KEY_CANONICALIZERS = {"sysctl": canonical_sysctl_key}
 """Modules whose mapping keys have several spellings: overrides merge by the canonical one."""
