@@ -481,6 +481,14 @@ class Repository(StrictModel):
     components: list[Text] = []
     architectures: list[Text] = []
     gpgkey: Text | None = None
+    # Divingbell's shorthand: `subrepos: [backports, updates]` adds `<distribution>-<subrepo>`
+    # suites for every distribution.
+    subrepos: list[Text] = []
+
+    @property
+    def suites(self) -> list[str]:
+        return [*self.distributions,
+                *(f"{dist}-{sub}" for dist in self.distributions for sub in self.subrepos)]
 
     @model_validator(mode="after")
     def _check(self) -> Repository:
@@ -491,6 +499,8 @@ class Repository(StrictModel):
             raise ValueError("distributions mixes flat paths (ending in /) with suites")
         if flat and self.components:
             raise ValueError("a flat repository (distribution ending in /) has no components")
+        if flat and self.subrepos:
+            raise ValueError("a flat repository (distribution ending in /) has no subrepos")
         if not flat and not self.components:
             raise ValueError("components are required (e.g. [main]) unless the distribution "
                              "is a flat path ending in /")
@@ -619,6 +629,7 @@ class Conf(StrictModel):
     # meaning for an agent on the node and `validate` says so.
     chroot_mnt_path: str | None = None
     log_colors: bool | None = None
+    extra_verbose: bool | None = None
 
 
 class Document(StrictModel):

@@ -66,7 +66,7 @@ def keyring_file(name: str) -> str:
 
 def render_source(name: str, repo: Repository) -> str:
     lines = [HEADER.rstrip("\n"), "Types: deb", f"URIs: {repo.url}",
-             f"Suites: {' '.join(repo.distributions)}"]
+             f"Suites: {' '.join(repo.suites)}"]
     if repo.components:
         lines.append(f"Components: {' '.join(repo.components)}")
     if repo.architectures:
