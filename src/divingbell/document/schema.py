@@ -27,11 +27,13 @@ from pydantic import (
     model_validator,
 )
 
-MODULE_NAMES: tuple[str, ...] = (
-    "sysctl", "limits", "mounts", "ethtool", "apt", "uamlite", "perm", "apparmor", "exec",
+from divingbell.document.keys import (  # re-exported: the schema's names
+    MERGE_KEY_CANONICALIZERS as MERGE_KEY_CANONICALIZERS,  # noqa: PLC0414
 )
-"""Every host module, in the order divingbell applies them (packages before users that need
-them, mounts before permissions on what they mount, one-off scripts last)."""
+from divingbell.document.keys import MODULE_NAMES as MODULE_NAMES  # noqa: PLC0414
+from divingbell.document.keys import canonical_sysctl_key as canonical_sysctl_key  # noqa: PLC0414
+from divingbell.document.keys import sysctl_components as sysctl_components  # noqa: PLC0414
+from divingbell.document.views import AptConfViews, EthtoolInterfaceViews, RepositoryViews
 
 
 class StrictModel(BaseModel):
@@ -120,24 +122,6 @@ def _check_name_keys(value: Any) -> Any:
 
 # sysctl ---------------------------------------------------------------------------------------
 
-def sysctl_components(key: str) -> list[str]:
-    """The /proc/sys path components of a key in dot or slash form.
-
-    As in sysctl.d(5): if the first separator is a slash, slashes separate and dots are literal
-    (`net/ipv4/conf/eth0.100/forwarding`); otherwise dots separate and a slash stands for a
-    literal dot (`net.ipv4.conf.eth0/100.forwarding`).
-    """
-    first_dot, first_slash = key.find("."), key.find("/")
-    if first_slash != -1 and (first_dot == -1 or first_slash < first_dot):
-        return key.split("/")
-    return [part.replace("/", ".") for part in key.split(".")]
-
-
-def canonical_sysctl_key(key: str) -> str:
-    """Dot form, as sysctl(8) prints it: `net.ipv4.conf.eth0/100.forwarding`."""
-    return ".".join(part.replace(".", "/") for part in sysctl_components(key))
-
-
 def _sysctl_key_problem(key: str) -> str | None:
     parts = sysctl_components(key)
     if not key or any(not part for part in parts):
@@ -223,7 +207,7 @@ CoalesceValue = Annotated[
 ]
 
 
-class EthtoolInterface(BaseModel):
+class EthtoolInterface(EthtoolInterfaceViews, BaseModel):
     """Offload features by ethtool name (`tx-tcp-segmentation: off`), plus divingbell's ring
     sizes, channels and interrupt coalescing (`ring: {rx: 4096}`)."""
 
@@ -233,10 +217,6 @@ class EthtoolInterface(BaseModel):
     ring: dict[str, EthtoolNumber] | None = None
     channels: dict[str, EthtoolNumber] | None = None
     coalesce: dict[str, CoalesceValue] | None = None
-
-    @property
-    def features(self) -> dict[str, bool]:
-        return dict(self.__pydantic_extra__ or {})
 
 
 def _interface_name(value: Any) -> Any:
@@ -475,7 +455,7 @@ def _package_shape(value: Any) -> str:
     return "<map>" if isinstance(value, dict) else "<list>"
 
 
-class Repository(StrictModel):
+class Repository(RepositoryViews, StrictModel):
     url: Text
     distributions: Annotated[list[Text], Field(min_length=1)]
     components: list[Text] = []
@@ -484,11 +464,6 @@ class Repository(StrictModel):
     # Divingbell's shorthand: `subrepos: [backports, updates]` adds `<distribution>-<subrepo>`
     # suites for every distribution.
     subrepos: list[Text] = []
-
-    @property
-    def suites(self) -> list[str]:
-        return [*self.distributions,
-                *(f"{dist}-{sub}" for dist in self.distributions for sub in self.subrepos)]
 
     @model_validator(mode="after")
     def _check(self) -> Repository:
@@ -510,7 +485,7 @@ class Repository(StrictModel):
         return self
 
 
-class AptConf(StrictModel):
+class AptConf(AptConfViews, StrictModel):
     packages: Annotated[
         Annotated[PackageList, Tag("<list>")] | Annotated[PackageGroups, Tag("<map>")],
         Discriminator(_package_shape),
@@ -523,12 +498,6 @@ class AptConf(StrictModel):
     dpkg_lock_timeout: Annotated[int, Field(ge=0, le=3600)] = 300
     blacklistpkgs: list[PackageName] = []
     whitelistpkgs: list[PackageName] = []
-
-    @property
-    def all_packages(self) -> list[Package]:
-        if isinstance(self.packages, dict):
-            return [pkg for group in self.packages.values() for pkg in group]
-        return list(self.packages)
 
     @model_validator(mode="after")
     def _check(self) -> AptConf:
@@ -652,6 +621,3 @@ MODULE_MODELS: dict[str, type[BaseModel]] = {
     "apparmor": AppArmorConf,
     "exec": ExecConf,
 }
-
-MERGE_KEY_CANONICALIZERS = {"sysctl": canonical_sysctl_key}
-"""Modules whose mapping keys have several spellings: overrides merge by the canonical one."""

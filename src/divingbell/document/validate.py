@@ -17,7 +17,9 @@ from typing import Any
 from pydantic import BaseModel, RootModel, ValidationError
 
 from divingbell.document.loader import Loaded
-from divingbell.document.overrides import Applied, merge_module, select_override
+from divingbell.document.nodeconfig import Applied
+from divingbell.document.nodeconfig import NodeConfig as NodeConfig  # noqa: PLC0414
+from divingbell.document.overrides import merge_module, select_override
 from divingbell.document.paths import PathKey, format_path
 from divingbell.document.schema import MODULE_MODELS, MODULE_NAMES, Document
 from divingbell.errors import DocumentError, Problem
@@ -33,23 +35,6 @@ class ValidDocument:
     def raw_conf(self) -> Mapping[str, Any]:
         conf = self.loaded.data.get("conf") or {}
         return conf if isinstance(conf, Mapping) else {}
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    """The effective configuration of one node: one validated model per module present."""
-
-    node: str
-    labels: Mapping[str, str]
-    modules: dict[str, BaseModel]
-    overrides: dict[str, Applied]
-
-    def dump(self) -> dict[str, Any]:
-        """In the document's own shape, one key per module (secrets masked)."""
-        return {
-            name: model.model_dump(mode="json", exclude_none=True, by_alias=False)
-            for name, model in self.modules.items()
-        }
 
 
 # Top-level keys of Divingbell's Helm chart values that configure the chart, not the node

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import AptConf, Package, Repository
 from divingbell.engine.change import Action, Change
 from divingbell.engine.files import FileSpec, plan_files
 from divingbell.engine.journal import ModuleRecord
@@ -30,6 +30,9 @@ from divingbell.engine.settings import converge, left_the_document, restore
 from divingbell.errors import CommandError, ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import AptConf, Package, Repository
 
 SOURCES_DIR = "/etc/apt/sources.list.d"
 SOURCES_LIST = "/etc/apt/sources.list"
@@ -215,7 +218,7 @@ def apt_errors(exc: CommandError) -> str:
     return "; ".join(lines) or str(exc)
 
 
-class Apt(HostModule[AptConf, AptObserved]):
+class Apt(HostModule["AptConf", AptObserved]):
     name = "apt"
 
     # observe --------------------------------------------------------------------------------

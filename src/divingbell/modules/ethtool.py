@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import EthtoolConf, EthtoolInterface
 from divingbell.engine.change import Change
 from divingbell.engine.journal import ModuleRecord
 from divingbell.engine.settings import converge, restore
@@ -24,6 +24,9 @@ from divingbell.modules.systemd import (
     plan_unit,
     unit_file,
 )
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import EthtoolConf, EthtoolInterface
 
 WANTED_BY = "multi-user.target"
 
@@ -177,7 +180,7 @@ def render_unit(iface: str, conf: EthtoolInterface, ethtool: str) -> str:
     return "\n".join(lines)
 
 
-class Ethtool(HostModule[EthtoolConf, EthtoolObserved]):
+class Ethtool(HostModule["EthtoolConf", EthtoolObserved]):
     name = "ethtool"
 
     def observe(self, host: Host, desired: EthtoolConf | None, record: ModuleRecord

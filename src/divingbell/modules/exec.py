@@ -21,14 +21,16 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from divingbell.document.schema import ExecConf, Script
 from divingbell.engine.change import Action, Change
 from divingbell.engine.journal import ModuleRecord
 from divingbell.errors import OutcomeFailed
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import ExecConf, Script
 
 STORE = "/var/lib/divingbell/exec"
 OUTPUT_TAIL = 2000  # characters of each stream kept in the report
@@ -89,7 +91,7 @@ class ExecObserved:
     now: float
 
 
-class Exec(HostModule[ExecConf, ExecObserved]):
+class Exec(HostModule["ExecConf", ExecObserved]):
     name = "exec"
 
     def __init__(self, clock: Callable[[], float] = time.time, grace: float = 10.0) -> None:

@@ -13,8 +13,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import Mount, MountsConf
 from divingbell.engine.change import Action, Change
 from divingbell.engine.journal import ModuleRecord
 from divingbell.errors import CommandError, ModuleError
@@ -27,6 +27,9 @@ from divingbell.modules.systemd import (
     systemctl,
     unit_file,
 )
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import Mount, MountsConf
 
 WANTED_BY = "local-fs.target"
 NOT_MOUNTED = "not mounted"
@@ -154,7 +157,7 @@ class MountStep:
     original: str | None = None
 
 
-class Mounts(HostModule[MountsConf, MountsObserved]):
+class Mounts(HostModule["MountsConf", MountsObserved]):
     name = "mounts"
 
     def observe(self, host: Host, desired: MountsConf | None, record: ModuleRecord

@@ -9,7 +9,9 @@
 - A sudoers file is checked with `visudo -c` before it is installed.
 - A document that would leave the host with no way in (no account with an SSH key plus sudo,
   or root with a key) that it had before is refused unless `allow_lockout: true`.
-- Password hashes go to chpasswd on stdin, never argv; plans show them as (sensitive).
+- Password hashes go to chpasswd on stdin, never argv; plans show them as (sensitive). A
+  password divingbell set that leaves the document is locked (the hash is replaced by `!`),
+  so password login stops; the plan says so.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import UamliteConf, User
 from divingbell.engine.change import Action, Change
 from divingbell.engine.files import FileChange, FileSpec, plan_file
 from divingbell.engine.journal import ModuleRecord
 from divingbell.errors import CommandError, ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import UamliteConf, User
 
 SUDOERS_DIR = "/etc/sudoers.d"
 SUDO_GROUPS = ("sudo", "admin", "wheel")
@@ -52,6 +57,7 @@ class Account:
     home: str
     expired: bool
     password_digest: str  # sha256 of the hash field: compared, never shown or stored raw
+    password_usable: bool = False  # a hash is set (not empty, not locked with ! or *)
 
 
 @dataclass
@@ -67,7 +73,7 @@ class AccountStep:
     """Payload of a change to an account itself."""
 
     user: str
-    op: str  # create | unexpire | expire | purge | password
+    op: str  # create | unexpire | expire | purge | password | lock
     secret: str | None = None
 
 
@@ -80,15 +86,16 @@ def parse_passwd(text: str | None) -> dict[str, tuple[int, int, str]]:
     return out
 
 
-def parse_shadow(text: str | None, today: int) -> dict[str, tuple[bool, str]]:
-    """user -> (expired, sha256 of the password field)."""
+def parse_shadow(text: str | None, today: int) -> dict[str, tuple[bool, str, bool]]:
+    """user -> (expired, sha256 of the password field, whether that field is a usable hash)."""
     out = {}
     for line in (text or "").splitlines():
         fields = line.split(":")
         if len(fields) >= 8:
             expire = fields[7]
             expired = expire.isdigit() and int(expire) <= today
-            out[fields[0]] = (expired, hashlib.sha256(fields[1].encode()).hexdigest())
+            usable = bool(fields[1]) and not fields[1].startswith(("!", "*"))
+            out[fields[0]] = (expired, hashlib.sha256(fields[1].encode()).hexdigest(), usable)
     return out
 
 
@@ -101,7 +108,7 @@ def parse_groups(text: str | None) -> dict[str, set[str]]:
     return out
 
 
-class Uamlite(HostModule[UamliteConf, UamliteObserved]):
+class Uamlite(HostModule["UamliteConf", UamliteObserved]):
     name = "uamlite"
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -113,7 +120,7 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
         passwd = parse_passwd(host.read_text("/etc/passwd"))
         shadow = parse_shadow(host.read_text("/etc/shadow"), today)
         accounts = {
-            name: Account(name, uid, gid, home, *shadow.get(name, (False, "")))
+            name: Account(name, uid, gid, home, *shadow.get(name, (False, "", False)))
             for name, (uid, gid, home) in passwd.items()
         }
         files: dict[str, str | None] = {}
@@ -198,6 +205,12 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
                 changes.append(Change(self.name, f"user {name} password", Action.SET,
                                       "other", "set", "set the password hash", sensitive=True,
                                       payload=AccountStep(name, "password", secret)))
+        elif (account is not None and account.password_usable
+              and name in record.state.get("passwords", [])):
+            changes.append(Change(self.name, f"user {name} password", Action.SET, "set",
+                                  "locked", "user_crypt_passwd left the document: the password "
+                                  "is locked (hash replaced by !), password login stops",
+                                  payload=AccountStep(name, "lock")))
         for path, spec in self._files_for(user, observed).items():
             change = plan_file(self.name, path, spec, observed.files.get(path), record,
                                _describe, restore_as=replace(spec, content=""))
@@ -250,6 +263,11 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
                                        if u != step.user]
         elif step.op == "password":
             host.run(["chpasswd", "--encrypted"], input_text=f"{step.user}:{step.secret}\n")
+            record.state["passwords"] = sorted({*record.state.get("passwords", []), step.user})
+        elif step.op == "lock":
+            host.run(["usermod", "--password", "!", step.user])
+            record.state["passwords"] = [u for u in record.state.get("passwords", [])
+                                         if u != step.user]
 
     def undo_setting(self, host: Host, change: Change) -> None:
         step: AccountStep = change.payload
