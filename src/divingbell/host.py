@@ -103,6 +103,7 @@ class Host:
         env: Mapping[str, str],
         timeout: float,
         grace: float = 10.0,
+        cwd: str | None = None,
     ) -> Completed:
         """Run an operator's script in its own process group and return however it ended.
 
@@ -111,10 +112,13 @@ class Host:
         result here, not an error.
         """
         full = ["chroot", str(self.root), *argv] if self.chrooted else list(argv)
+        if cwd is not None and self.chrooted:  # chroot(8) starts in the new "/"
+            full = ["chroot", str(self.root), "env", f"--chdir={cwd}", *argv]
         started = time.monotonic()
         proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                env={**CLEAN_ENV, **self.extra_env, **env})
+                                env={**CLEAN_ENV, **self.extra_env, **env},
+                                cwd=None if cwd is None or self.chrooted else self.path(cwd))
         timed_out = False
         try:
             stdout, stderr = proc.communicate(timeout=timeout)

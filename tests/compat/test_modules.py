@@ -3,10 +3,21 @@ root (chroot into a per-test overlay) for accounts and packages, veth in a names
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from divingbell.document.loader import load_text
+from divingbell.document.validate import resolve, validate
+from divingbell.engine.runner import plan_node
+from divingbell.errors import DocumentError
 from divingbell.host import Host
+from divingbell.modules import IMPLEMENTED
+from divingbell.modules.exec import STORE, Exec
 from divingbell.output import plan_text
+from tests.test_exec import Clock
+from tests.test_exec import apply as exec_apply
+from tests.test_exec import doc as exec_doc
 from tests.test_uamlite import apply, doc, user
 
 pytestmark = pytest.mark.kernel
@@ -22,10 +33,6 @@ def shadow_field(host: Host, name: str) -> str:
 
 
 def test_removing_a_password_locks_it_and_the_plan_says_so(debian_host: Host) -> None:
-    from divingbell.document.loader import load_text
-    from divingbell.document.validate import resolve, validate
-    from divingbell.engine.runner import plan_node
-
     with_password = doc(user("ops", None, sudo=False,
                              extra=f"        user_crypt_passwd: '{SECRET}'\n"))
     assert apply(debian_host, with_password).ok
@@ -46,3 +53,57 @@ def test_a_password_divingbell_never_set_is_left_alone(debian_host: Host) -> Non
     before = shadow_field(debian_host, "root")
     assert apply(debian_host, doc(user("root", None, sudo=False))).ok
     assert shadow_field(debian_host, "root") == before
+
+
+# exec -----------------------------------------------------------------------------------------
+
+def test_retry_interval_paces_a_failing_script_under_the_default_policy(
+        overlay_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setitem(IMPLEMENTED, "exec", Exec(clock=clock, grace=0.5))
+    host = Host(root=overlay_root)
+    text = exec_doc({"fails": {"data": "#!/bin/sh\necho again >> /tmp/fails-log\nexit 1\n",
+                               "retry_interval": 600}})
+    assert not exec_apply(host, text).ok
+    clock.now += 60
+    waiting = exec_apply(host, text)
+    assert waiting.ok and waiting.applied == [], "within retry_interval: not rerun"
+    plan = plan_node(host, resolve(validate(load_text(text)), "n1", {}))
+    assert "always: last run exit 1: next retry in 540s" in plan_text(plan, verbose=True)
+    clock.now += 600
+    assert not exec_apply(host, text).ok
+    assert (host.read_text("/tmp/fails-log") or "").count("again") == 2
+
+
+def test_a_script_runs_from_its_stored_directory(overlay_root: Path) -> None:
+    host = Host(root=overlay_root)
+    script = "#!/bin/sh\npwd > /tmp/where\necho hello > ./made-here\n"
+    report = exec_apply(host, exec_doc({"relative": {"data": script}}))
+    assert report.ok, report.as_dict()
+    assert (host.read_text("/tmp/where") or "").strip() == STORE
+    assert host.read_text(f"{STORE}/made-here") == "hello\n"
+
+
+@pytest.mark.parametrize(("conf", "message"), [
+    ({"rerun_policy": "once_successfully", "rerun_interval": 3600},
+     "rerun_interval does nothing with rerun_policy once_successfully"),
+    ({"rerun_policy": "never", "retry_interval": 3600},
+     "retry_interval does nothing with rerun_policy never"),
+    ({"rerun_policy": "never", "rerun_interval": 3600},
+     "rerun_interval does nothing with rerun_policy never"),
+])
+def test_contradictory_exec_settings_are_refused_with_the_reason(
+        conf: dict[str, object], message: str) -> None:
+    with pytest.raises(DocumentError) as caught:
+        validate(load_text(exec_doc({"s": {"data": "true", **conf}}), "d.yaml"))
+    problems = [str(p) for p in caught.value.problems]
+    assert len(problems) == 1 and problems[0].startswith("conf.exec.s: " + message), problems
+
+
+def test_contradictory_perm_settings_are_refused_with_the_reason() -> None:
+    text = ("conf:\n  perm:\n    rerun_policy: once_successfully\n    rerun_interval: 600\n"
+            "    paths: []\n")
+    with pytest.raises(DocumentError) as caught:
+        validate(load_text(text, "d.yaml"))
+    assert "conf.perm: rerun_interval does nothing with rerun_policy once_successfully" in str(
+        caught.value)

@@ -307,6 +307,23 @@ Interval = Annotated[
 RerunPolicy = Literal["always", "never", "once_successfully"]
 
 
+def _check_policy(policy: str | None, rerun: Any, retry: Any) -> None:
+    """Refuse interval settings the rerun policy would silently ignore."""
+    problems = []
+    if rerun is not None and policy == "once_successfully":
+        problems.append("rerun_interval does nothing with rerun_policy once_successfully (after "
+                        "a success it never runs again): remove it, or use retry_interval to "
+                        "pace retries after failures")
+    if rerun is not None and policy == "never":
+        problems.append("rerun_interval does nothing with rerun_policy never (it runs once): "
+                        "remove it, or use rerun_policy always")
+    if retry is not None and policy == "never":
+        problems.append("retry_interval does nothing with rerun_policy never (it runs once, "
+                        "failed or not): remove it, or use rerun_policy once_successfully")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 class PermPath(StrictModel):
     """Owner, group and mode for every path matching a glob."""
 
@@ -321,6 +338,11 @@ class PermConf(StrictModel):
     ignore_missing: bool = False
     rerun_policy: RerunPolicy | None = None
     rerun_interval: Interval | None = None
+
+    @model_validator(mode="after")
+    def _consistent_policy(self) -> PermConf:
+        _check_policy(self.rerun_policy, self.rerun_interval, None)
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -535,12 +557,18 @@ class Script(StrictModel):
     rerun_policy: RerunPolicy = "always"
     # always: None reruns on every apply; N at most every N seconds; infinite: never again.
     rerun_interval: Interval | None = None
-    # once_successfully: None retries on every apply; N at most every N seconds.
+    # After a failure (once_successfully, always): None retries on every apply; N at most
+    # every N seconds.
     retry_interval: Interval | None = None
     timeout: Annotated[
         int, Field(ge=1, validation_alias=AliasChoices("timeout", "script_timeout"))
     ] = 1800
     blocking_policy: Literal["foreground", "foreground_halt_pod_on_failure"] = "foreground"
+
+    @model_validator(mode="after")
+    def _consistent_policy(self) -> Script:
+        _check_policy(self.rerun_policy, self.rerun_interval, self.retry_interval)
+        return self
 
 
 class ExecConf(RootModel[Annotated[dict[str, Script], BeforeValidator(_check_name_keys)]]):
