@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -267,7 +266,6 @@ def apply(
 
     resolved = _resolve_or_exit(files, node, labels, root, output_format, EXIT_INVALID)
     config = resolved.config
-    _warn_live_kernel(root, proc_sys, output_format)
     shown = {"header": False, "module": ""}
 
     def header() -> None:
@@ -411,7 +409,7 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
     address, _, port_text = listen.rpartition(":")
     if not port_text.isdigit():
         raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
-    name = node or os.environ.get("NODE_NAME") or socket.gethostname()
+    name = _node_name(node)
     if use_kube is None:
         use_kube = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or kubeconfig is not None
     kube = None
@@ -582,7 +580,7 @@ def _plan_json(plan: Plan, revision: str, notes: list[str], diff: bool) -> dict[
 
 
 def _node_name(node: str | None) -> str:
-    name = node if node is not None else os.environ.get("NODE_NAME") or socket.gethostname()
+    name = node if node is not None else os.environ.get("NODE_NAME") or os.uname().nodename
     if not name.strip() or name != name.strip() or any(c.isspace() for c in name):
         raise click.BadParameter(f"{name!r} is not a node name (empty or with spaces)",
                                  param_hint="--node")

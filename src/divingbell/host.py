@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -166,7 +165,7 @@ class Host:
             if owner is not None:
                 os.chown(target.parent, *owner)
         data = content.encode() if isinstance(content, str) else content
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        fd, tmp = _create_temp(target)
         try:
             if owner is not None:
                 os.fchown(fd, *owner)
@@ -227,6 +226,19 @@ class Host:
     def is_systemd_running(self) -> bool:
         """Whether systemd is PID 1 of the host (sd_booted(3): /run/systemd/system exists)."""
         return self.path("/run/systemd/system").is_dir()
+
+
+def _create_temp(target: Path) -> tuple[int, str]:
+    """A new 0600 file next to `target` (what tempfile.mkstemp does, without importing
+    tempfile and its dependencies into every run)."""
+    for attempt in range(1000):
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{attempt}"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            return os.open(tmp, flags, 0o600), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name next to {target}")
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:

@@ -3,6 +3,7 @@ root (chroot into a per-test overlay) for accounts and packages, veth in a names
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from divingbell.engine.runner import plan_node
 from divingbell.errors import DocumentError
 from divingbell.host import Host
 from divingbell.modules import IMPLEMENTED
+from divingbell.modules.ethtool import parse_features
 from divingbell.modules.exec import STORE, Exec
 from divingbell.output import plan_text
+from tests.conftest import Cli, NetNs, require_root_tools, write
 from tests.test_exec import Clock
 from tests.test_exec import apply as exec_apply
 from tests.test_exec import doc as exec_doc
@@ -107,3 +110,30 @@ def test_contradictory_perm_settings_are_refused_with_the_reason() -> None:
         validate(load_text(text, "d.yaml"))
     assert "conf.perm: rerun_interval does nothing with rerun_policy once_successfully" in str(
         caught.value)
+
+
+# ethtool --------------------------------------------------------------------------------------
+
+def test_ethtool_settings_the_kernel_cannot_both_honour_fail_naming_both(
+        netns: NetNs, ns_cli: Cli, overlay_root: Path, tmp_path: Path) -> None:
+    require_root_tools("ethtool")
+    subprocess.run(["ip", "-n", netns.name, "link", "add", "va", "type", "veth", "peer", "name",
+                    "vb"], check=True)
+    before = veth_features(netns)
+    assert before["tx-tcp-segmentation"] and before["tx-checksum-ip-generic"]
+    doc = write(tmp_path / "d.yaml", "conf:\n  ethtool:\n    va:\n"
+                "      tx-tcp-segmentation: on\n      tx-checksum-ip-generic: off\n")
+    result = ns_cli("apply", doc, "--root", overlay_root)
+    assert result.returncode == 1, result.stdout
+    assert "the document's settings conflict: tx-checksum-ip-generic off made the kernel turn " \
+        "tx-tcp-segmentation off (the document requests on)" in result.stdout
+    assert "The host matches the document" not in result.stdout
+    after = veth_features(netns)
+    assert (after["tx-tcp-segmentation"], after["tx-checksum-ip-generic"]) == (True, True), \
+        result.stdout
+
+
+def veth_features(ns: NetNs) -> dict[str, bool]:
+    out = subprocess.run(["ip", "netns", "exec", ns.name, "ethtool", "--json", "-k", "va"],
+                         check=True, capture_output=True, text=True).stdout
+    return {name: f.active for name, f in parse_features(out).items()}
