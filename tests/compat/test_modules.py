@@ -14,10 +14,16 @@ from divingbell.engine.runner import plan_node
 from divingbell.errors import DocumentError
 from divingbell.host import Host
 from divingbell.modules import IMPLEMENTED
+from divingbell.modules.apt import APT_ENV
 from divingbell.modules.ethtool import parse_features
 from divingbell.modules.exec import STORE, Exec
 from divingbell.output import plan_text
+from tests.aptrepo import Repo
 from tests.conftest import Cli, NetNs, require_root_tools, write
+from tests.test_apt import apply as apt_apply
+from tests.test_apt import config as apt_config
+from tests.test_apt import doc as apt_doc
+from tests.test_apt import installed
 from tests.test_exec import Clock
 from tests.test_exec import apply as exec_apply
 from tests.test_exec import doc as exec_doc
@@ -137,3 +143,36 @@ def veth_features(ns: NetNs) -> dict[str, bool]:
     out = subprocess.run(["ip", "netns", "exec", ns.name, "ethtool", "--json", "-k", "va"],
                          check=True, capture_output=True, text=True).stdout
     return {name: f.active for name, f in parse_features(out).items()}
+
+
+# apt ------------------------------------------------------------------------------------------
+
+def test_apt_removal_takes_only_the_dependencies_it_orphans(apt_host: Host, repo: Repo) -> None:
+    """dbt-tool pulls in dbt-lib (auto); dbt-extra is old garbage (auto, needed by nothing) and
+    dbt-needs-extra... is not installed: removing dbt-tool takes dbt-lib, never dbt-extra."""
+    assert apt_apply(apt_host, apt_doc(repo, "packages: []")).ok  # the repository, lists
+    apt_host.run(["apt-get", "-q", "-y", "install", "dbt-extra"], env=APT_ENV)
+    apt_host.run(["apt-mark", "auto", "dbt-extra"])
+    assert apt_apply(apt_host, apt_doc(repo, "packages: [{name: dbt-tool}]")).ok
+    assert {"dbt-tool", "dbt-lib", "dbt-extra"} <= set(installed(apt_host))
+
+    plan = plan_node(apt_host, apt_config(apt_doc(repo, "packages: []")))
+    text = plan_text(plan)
+    assert "  - package dbt-tool: 1.0 -> (absent)" in text
+    assert "  - package dbt-lib: 1.0 -> (absent)" in text
+    assert "dbt-extra" not in text
+    report = apt_apply(apt_host, apt_doc(repo, "packages: []"))
+    assert report.ok, report.as_dict()
+    have = installed(apt_host)
+    assert "dbt-tool" not in have and "dbt-lib" not in have
+    assert "dbt-extra" in have, "garbage from before is the operator's, not this removal's"
+
+
+def test_apt_removal_keeps_a_dependency_the_operator_installed_by_hand(
+        apt_host: Host, repo: Repo) -> None:
+    assert apt_apply(apt_host, apt_doc(repo, "packages: []")).ok
+    apt_host.run(["apt-get", "-q", "-y", "install", "dbt-lib"], env=APT_ENV)  # manual
+    assert apt_apply(apt_host, apt_doc(repo, "packages: [{name: dbt-tool}]")).ok
+    assert apt_apply(apt_host, apt_doc(repo, "packages: []")).ok
+    have = installed(apt_host)
+    assert "dbt-tool" not in have and "dbt-lib" in have
