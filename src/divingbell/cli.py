@@ -227,7 +227,8 @@ def plan(
 
     invalid_exit = EXIT_FAILED if detailed_exitcode else EXIT_INVALID
     resolved = _resolve_or_exit(files, node, labels, root, output_format, invalid_exit)
-    _warn_live_kernel(root, proc_sys, output_format)
+    if "sysctl" in resolved.config.modules:
+        _warn_live_kernel(root, proc_sys, output_format)
     result = _guarded(lambda: plan_node(_host(root, proc_sys), resolved.config), output_format,
                       resolved.config.node)
     if output_format == "json":
@@ -289,7 +290,7 @@ def apply(
             _host(root, proc_sys), config, resolved.revision, lock_timeout=lock_timeout,
             listener=progress), output_format, config.node)
     except LockTimeout as exc:
-        _fail(f"{exc}; nothing was changed. Wait for that run, or raise --lock-timeout.",
+        _fail(f"{exc} Nothing was changed (--lock-timeout waits longer).",
               output_format, EXIT_LOCKED, node=config.node, result="locked")
     if output_format == "json":
         _print_json({**report.as_dict(), "notes": resolved.notes})

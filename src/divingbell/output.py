@@ -175,8 +175,9 @@ def _state_lines(state: dict[str, Any]) -> list[str]:
         if isinstance(value, dict):
             for item, detail in sorted(value.items()):
                 if isinstance(detail, dict):
-                    facts = ", ".join(f"{k} {_one_line(v)}" for k, v in sorted(detail.items())
-                                      if k not in ("hash",) and not isinstance(v, dict | list))
+                    facts = ", ".join(_fact(k, v) for k, v in sorted(detail.items())
+                                      if k != "hash" and v is not False
+                                      and not isinstance(v, dict | list))
                     lines.append(f"{key} {item}: {facts}" if facts else f"{key} {item}")
                 else:
                     lines.append(f"{key} {item}: {_one_line(detail)}")
@@ -185,6 +186,12 @@ def _state_lines(state: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"{key}: {_one_line(value)}")
     return lines
+
+
+def _fact(key: str, value: Any) -> str:
+    if key.endswith("_at") and isinstance(value, int | float):
+        value = f"{dt.datetime.fromtimestamp(value, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+    return f"{key.replace('_', ' ')} {_one_line(value)}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

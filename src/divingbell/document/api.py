@@ -44,8 +44,9 @@ def load_contents(contents: Sequence[tuple[str, bytes]]) -> ValidDocument:
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            problems.append(Problem("", f"not UTF-8 text (byte {data[exc.start]:#04x} at offset "
-                                    f"{exc.start}): save the file as UTF-8", name))
+            line = data[:exc.start].count(b"\n") + 1
+            problems.append(Problem("", f"not UTF-8 text (byte {data[exc.start]:#04x}): save "
+                                    "the file as UTF-8", f"{name}:{line}"))
             continue
         try:
             layers.append(load_text(text, name))

@@ -52,7 +52,7 @@ def load_text(text: str, source: str = "<string>") -> Loaded:
         node = loader.get_single_node()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
         reason = getattr(exc, "problem", None) or str(exc)
         raise DocumentError([Problem("", f"not valid YAML: {reason}", where)]) from None
     finally:
