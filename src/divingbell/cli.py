@@ -555,8 +555,9 @@ def _guarded(action: Callable[[], T], output_format: str, node: str | None = Non
 def _warn_live_kernel(root: Path, proc_sys: Path, output_format: str) -> None:
     if output_format == "text" and root.resolve() != Path("/") and \
             proc_sys == Path("/proc/sys"):
-        click.echo(f"note: files act on {root}, but sysctls on this machine's running kernel "
-                   "(/proc/sys): --root does not move them; see --proc-sys", err=True)
+        click.echo(f"note: files act on {root}, but sysctls on the running kernel's /proc/sys "
+                   "(net.* within this network namespace): --root does not move them; "
+                   "--proc-sys does", err=True)
 
 
 def _print_notes(notes: list[str]) -> None:

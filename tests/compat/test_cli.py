@@ -173,8 +173,8 @@ def test_root_says_sysctls_are_the_live_kernels(ns_cli: Cli, cli: Cli, tmp_path:
                                                 root: Path) -> None:
     doc = write(tmp_path / "d.yaml", SYSCTL_DOC)
     result = ns_cli("plan", doc, "--root", root)
-    assert "sysctls on this machine's running kernel (/proc/sys): --root does not move them" \
-        in result.stderr
+    assert "sysctls on the running kernel's /proc/sys (net.* within this network namespace): " \
+        "--root does not move them; --proc-sys does" in result.stderr
     help_text = " ".join(cli("plan", "--help").stdout.split())
     assert "Kernel state is not: sysctls follow --proc-sys" in help_text
     assert "--root never moves them" in help_text
