@@ -509,7 +509,13 @@ def _resolve_or_exit(files: tuple[Path, ...], node: str | None, labels: tuple[st
     from divingbell.document.cache import CACHE_FILE
     from divingbell.errors import DocumentError
 
-    name, parsed = _node_name(node), _parse_labels(labels)
+    try:
+        name, parsed = _node_name(node), _parse_labels(labels)
+    except click.BadParameter as exc:
+        if output_format != "json":
+            raise
+        _fail(f"{exc.param_hint}: {exc.format_message()}", output_format, EXIT_INVALID,
+              result="invalid")
     try:
         resolved = resolve_files(files, name, parsed,
                                  root / CACHE_FILE.lstrip("/"))

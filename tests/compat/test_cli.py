@@ -235,6 +235,15 @@ def test_bad_labels_and_node_names_are_refused(cli: Cli, tmp_path: Path,
     assert message in result.stderr, result.stderr
 
 
+def test_bad_labels_in_json_mode_are_json(cli: Cli, tmp_path: Path, root: Path) -> None:
+    doc = write(tmp_path / "d.yaml", "conf: {}\n")
+    result = cli("plan", doc, "--root", root, "--label", "a b=c", "--format", "json")
+    assert result.returncode == 2
+    data = json.loads(result.stdout)
+    assert data["result"] == "invalid" and "'a b' is not a Kubernetes label key" in data[
+        "errors"][0]
+
+
 def test_good_labels_are_accepted(cli: Cli, tmp_path: Path) -> None:
     doc = write(tmp_path / "d.yaml", "conf: {}\n")
     result = cli("render", doc, "--node", "n1", "--label", "example.com/role=compute",
