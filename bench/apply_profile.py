@@ -100,12 +100,12 @@ def inside(runs: int) -> dict[str, dict[str, float]]:
     """Runs in the sandbox namespaces (main re-executes itself there)."""
     import compileall
 
-    import divingbell
+    import divingbell as package
     from divingbell.host import Host
 
     # As installed (pip writes .pyc files): even under PYTHONDONTWRITEBYTECODE=1 no process
     # measured here spends its time compiling divingbell's sources.
-    compileall.compile_dir(Path(divingbell.__file__).parent, quiet=1)
+    compileall.compile_dir(Path(package.__file__).parent, quiet=1)
 
     root = overlay_of_slash()
     for path in PERM_FILES:

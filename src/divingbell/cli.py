@@ -603,8 +603,9 @@ def _node_config(document: ValidDocument, node: str | None, labels: tuple[str, .
 
 # Kubernetes label syntax: an optional DNS-subdomain prefix and "/", a name of at most 63
 # characters; values likewise (or empty).
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# (Patterns, not compiled objects: compiled on first use, not on every start.)
+_LABEL_NAME = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+_LABEL_PREFIX = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 def _parse_labels(labels: tuple[str, ...]) -> Mapping[str, str]:
@@ -614,12 +615,12 @@ def _parse_labels(labels: tuple[str, ...]) -> Mapping[str, str]:
         if not sep or not key:
             raise click.BadParameter(f"{label!r} is not KEY=VALUE", param_hint="--label")
         prefix, slash, name = key.rpartition("/")
-        if not _LABEL_NAME.match(name) or (slash and (
-                len(prefix) > 253 or not _LABEL_PREFIX.match(prefix))):
+        if not re.match(_LABEL_NAME, name) or (slash and (
+                len(prefix) > 253 or not re.match(_LABEL_PREFIX, prefix))):
             raise click.BadParameter(
                 f"{key!r} is not a Kubernetes label key (letters, digits, - _ . up to 63, "
                 "optionally prefix/)", param_hint="--label")
-        if value and not _LABEL_NAME.match(value):
+        if value and not re.match(_LABEL_NAME, value):
             raise click.BadParameter(
                 f"{value!r} is not a Kubernetes label value (letters, digits, - _ . up to 63)",
                 param_hint="--label")

@@ -151,11 +151,13 @@ class Host:
         mode: int = 0o644,
         owner: tuple[int, int] | None = None,
         dir_mode: int | None = None,
+        durable: bool = True,
     ) -> None:
         """Write a file so readers see the old or the new content, never a torn one.
 
         Temp file in the same directory, fsync, rename, fsync the directory. `owner` (uid, gid)
         owns the file and, with `dir_mode`, its directory when that has to be created.
+        `durable=False` skips the fsyncs, for reports that the next run rewrites anyway.
         """
         target = self.path(host_path)
         if not target.parent.exists():
@@ -173,13 +175,15 @@ class Host:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        fsync_dir(target.parent)
+        if durable:
+            fsync_dir(target.parent)
 
     def remove(self, host_path: str) -> bool:
         """Remove a file; False when it was already gone."""

@@ -33,6 +33,8 @@ def test_deploy_install_then_the_unit_verifies(overlay_root: Path) -> None:
         pytest.skip(f"deploy/install needs PyPI (or a pip cache): {install.stderr[-300:]}")
     assert install.returncode == 0, install.stdout + install.stderr
     assert f"installed: divingbell, version {__version__} in /opt/divingbell" in install.stdout
+    site = next((overlay_root / "opt/divingbell/lib").glob("python3*/site-packages"))
+    assert not (site / "distutils-precedence.pth").exists(), "no setuptools hook at start-up"
     link = overlay_root / "usr/local/sbin/divingbell"
     assert link.is_symlink() and str(link.readlink()) == "/opt/divingbell/bin/divingbell"
     version = subprocess.run(["chroot", str(overlay_root), "divingbell", "--version"],
