@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from divingbell.engine.change import Action, Change
@@ -139,7 +138,7 @@ def status_text(root: str, journal: dict[str, Any], last_run: dict[str, Any] | N
     if last_run is None:
         lines.append("Last apply: never")
     else:
-        when = dt.datetime.fromtimestamp(last_run.get("finished", 0), dt.UTC)
+        when = _utc(last_run.get("finished", 0))
         counts = last_run.get("summary") or {"change": 0, "restore": 0, "remove": 0}
         lines.append(
             f"Last apply: {last_run.get('result')} at {when:%Y-%m-%d %H:%M:%S} UTC, node "
@@ -188,9 +187,15 @@ def _state_lines(state: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _utc(timestamp: float) -> Any:
+    import datetime as dt  # only status shows times: not imported by every run
+
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
+
+
 def _fact(key: str, value: Any) -> str:
     if key.endswith("_at") and isinstance(value, int | float):
-        value = f"{dt.datetime.fromtimestamp(value, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+        value = f"{_utc(value):%Y-%m-%d %H:%M:%S} UTC"
     return f"{key.replace('_', ' ')} {_one_line(value)}"
 
 
