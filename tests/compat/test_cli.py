@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from divingbell.host import Host
 from tests.conftest import Cli, NetNs, write
 
 pytestmark = pytest.mark.kernel
@@ -249,3 +250,18 @@ def test_good_labels_are_accepted(cli: Cli, tmp_path: Path) -> None:
     result = cli("render", doc, "--node", "n1", "--label", "example.com/role=compute",
                  "--label", "empty=")
     assert result.returncode == 0, result.stderr
+
+
+def test_plan_diff_shows_a_sudoers_file_and_never_a_password(
+        cli: Cli, debian_host: Host, tmp_path: Path) -> None:
+    secret = "$6$saltsalt$" + "q" * 86
+    doc = write(tmp_path / "u.yaml", "conf:\n  uamlite:\n    users:\n      - user_name: ops\n"
+                f"        user_sudo: true\n        user_crypt_passwd: '{secret}'\n")
+    result = cli("plan", doc, "--root", debian_host.root, "--node", "n1", "--diff")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "      +++ /etc/sudoers.d/divingbell-ops (planned)" in result.stdout
+    assert "      +ops ALL=(ALL:ALL) NOPASSWD: ALL" in result.stdout
+    assert "qqqq" not in result.stdout + result.stderr
+    as_json = cli("plan", doc, "--root", debian_host.root, "--node", "n1", "--diff",
+                  "--format", "json")
+    assert "qqqq" not in as_json.stdout
