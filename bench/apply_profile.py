@@ -87,6 +87,11 @@ PROFILES: dict[str, dict[str, Any]] = {
 RESET = {"conf": {"uamlite": {"purge_expired_users": True, "allow_lockout": True, "users": []}}}
 
 
+# As deploy/install leaves a host: its virtualenv has no setuptools, so no distutils hook runs
+# at every interpreter start (the development .venv has one; this switches it off).
+PROCESS_ENV = {**os.environ, "SETUPTOOLS_USE_DISTUTILS": "stdlib"}
+
+
 def median_ms(action: Callable[[], object], runs: int) -> float:
     times = []
     for _ in range(runs):
@@ -145,7 +150,7 @@ def measure(host: Any, name: str, document: dict[str, Any], runs: int) -> dict[s
         assert report.ok and not report.applied, report.as_dict()
 
     def process() -> None:
-        subprocess.run(argv, check=True, capture_output=True, text=True)
+        subprocess.run(argv, check=True, capture_output=True, text=True, env=PROCESS_ENV)
 
     cpu: list[float] = []
 

@@ -7,6 +7,8 @@ Exit codes: 0 success; 1 apply or plan failed on the host; 2 invalid document or
 
 from __future__ import annotations
 
+import functools
+import gettext
 import json
 import os
 import re
@@ -18,6 +20,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from divingbell import __version__
+
+# click translates its own help texts through gettext as the commands below are declared: with
+# no catalogue for the locale, every call searches the locale directories again (about 10 ms
+# for this module). Remember the answer while this module is imported; put gettext back at the
+# end of the module.
+_gettext_find = gettext.find
+gettext.find = functools.lru_cache(maxsize=64)(_gettext_find)  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from divingbell.document.cache import Resolved
@@ -636,6 +645,9 @@ def _host(root: Path, proc_sys: Path) -> Host:
 
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+gettext.find = _gettext_find  # see the top of the module
 
 
 def main() -> None:
