@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from divingbell.host import Host
+from tests.skip_summary import pytest_terminal_summary  # noqa: F401  (the skip summary hook)
 
 REPO = Path(__file__).resolve().parent.parent
 _names = itertools.count()
@@ -43,7 +44,7 @@ def require_root_tools(*tools: str) -> None:
         pytest.skip("needs root (kernel namespaces)")
     missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (install with .ci/run)")
+        pytest.skip(f"needs {', '.join(missing)} (install with scripts/test-deps)")
 
 
 @dataclass

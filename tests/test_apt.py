@@ -109,7 +109,9 @@ def test_install_pin_noop_and_removal(host: Host, repo: Repo) -> None:
     assert changes["package dbt-hello"][1] is None and changes["package dbt-tool"][1] is None
     have = installed(host)
     assert "dbt-hello" not in have and "dbt-tool" not in have
-    assert "dbt-lib" in have, "dependencies are left to apt autoremove, never removed blindly"
+    assert "dbt-lib" not in have, "its automatic dependency, needed by nothing else, goes too"
+    assert changes["package dbt-lib"][2].startswith("installed automatically for dbt-hello, "
+                                                    "dbt-tool; no longer needed")
     assert host.read_text(PREFERENCES) is None
 
     final = apply(host, "conf: {}\n")

@@ -162,7 +162,7 @@ def test_the_systemd_unit_converges_survives_a_restart_and_follows_the_document(
         node: BootedHost) -> None:
     unit = (REPO / "deploy/divingbell-agent.service").read_text()
     # The test node runs divingbell from this checkout (bound in) instead of a pip install.
-    unit = unit.replace("/usr/local/bin/divingbell", str(Path(sys.executable).with_name(
+    unit = unit.replace("/opt/divingbell/bin/divingbell", str(Path(sys.executable).with_name(
         "divingbell")))
     write(node.root / "etc/systemd/system/divingbell-agent.service", unit)
     write(node.root / "etc/divingbell/site.yaml", AGENT_DOC.format(value=4096))

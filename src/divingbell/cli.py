@@ -2,31 +2,46 @@
 
 Imports of the heavier parts happen inside each command so `divingbell --help` stays instant.
 Exit codes: 0 success; 1 apply or plan failed on the host; 2 invalid document or usage;
-3 another run holds the host lock.
+3 another run holds the host lock. `plan --detailed-exitcode`: 0 no changes, 2 changes, 1 error.
 """
 
 from __future__ import annotations
 
+import functools
+import gettext
 import json
 import os
-import socket
+import re
 import sys
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from divingbell import __version__
 
+# click translates its own help texts through gettext as the commands below are declared: with
+# no catalogue for the locale, every call searches the locale directories again (about 10 ms
+# for this module). Remember the answer while this module is imported; put gettext back at the
+# end of the module.
+_gettext_find = gettext.find
+gettext.find = functools.lru_cache(maxsize=64)(_gettext_find)  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from divingbell.agent import Agent
-    from divingbell.document.validate import NodeConfig, ValidDocument
+    from divingbell.document.cache import Resolved
+    from divingbell.document.nodeconfig import NodeConfig
+    from divingbell.document.validate import ValidDocument
+    from divingbell.engine.runner import Plan
+    from divingbell.errors import DocumentError
     from divingbell.host import Host
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 EXIT_FAILED, EXIT_INVALID, EXIT_LOCKED = 1, 2, 3
+EXIT_CHANGES = 2  # plan --detailed-exitcode: there are changes
 
 
 def _files_argument(func: F) -> F:
@@ -51,13 +66,17 @@ def _host_options(func: F) -> F:
     func = click.option(
         "--proc-sys", type=click.Path(file_okay=False, path_type=Path), default="/proc/sys",
         show_default=True, envvar="DIVINGBELL_PROC_SYS",
-        help="Where kernel tunables are read and written. Only tests and sandboxes change it.",
+        help="Where kernel tunables (sysctls) are read and written. --root never moves them: "
+        "sysctls belong to the running kernel, so plan and apply read and set the live "
+        "kernel's /proc/sys unless this names another tree (a sandbox or a test).",
     )(func)
     return click.option(
         "--root", type=click.Path(exists=True, file_okay=False, path_type=Path), default="/",
         show_default=True, envvar="DIVINGBELL_ROOT",
-        help="The host's root filesystem (a privileged pod mounts it at /host). Every file "
-        "path and command acts on it.",
+        help="The host's root filesystem (a privileged pod mounts it at /host). Files "
+        "(/etc/..., units, divingbell's state in /var/lib/divingbell) are under it and "
+        "commands (apt, useradd, systemctl, ethtool) run chrooted into it. Kernel state is "
+        "not: sysctls follow --proc-sys, NICs and mounts are the running kernel's.",
     )(func)
 
 
@@ -163,8 +182,7 @@ def validate(files: tuple[Path, ...], output_format: str) -> None:
     if output_format == "json":
         _print_json({"valid": True, "problems": [], "notes": document.notes})
     else:
-        for note in document.notes:
-            click.echo(f"note: {note}", err=True)
+        _print_notes(document.notes)
         click.echo(f"valid: {', '.join(map(str, files))}")
 
 
@@ -179,7 +197,9 @@ def render(
 
     One key per module, in the document's own shape, defaults filled in; secrets masked.
     """
-    config = _node_config(_load_or_exit(files), node, labels)
+    document = _load_or_exit(files, output_format)
+    _print_notes(document.notes)
+    config = _node_config(document, node, labels)
     data = config.dump()
     if output_format == "json":
         _print_json(data)
@@ -188,8 +208,9 @@ def render(
 
         for module, applied in config.overrides.items():
             click.echo(f"# {module}: {applied.description}")
-        click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False).rstrip()
-                   if data else "{}")
+        # width: long keys and values stay on one line (no folding).
+        click.echo(yaml.safe_dump(data, sort_keys=False, default_flow_style=False,
+                                  width=float("inf")).rstrip() if data else "{}")
 
 
 @cli.command()
@@ -198,38 +219,47 @@ def render(
 @_host_options
 @_format_option("text", "json")
 @click.option("-v", "--verbose", is_flag=True, help="Also list what is already right, and why.")
+@click.option("--diff", is_flag=True,
+              help="Show each file's content change line by line (units, drop-ins, sudoers, "
+              "sources). Files that are not world-readable are never shown.")
+@click.option("--detailed-exitcode", is_flag=True,
+              help="Exit 0 when nothing would change, 2 when something would, 1 on any error "
+              "(an invalid document included): for scripts and CI.")
 def plan(
     files: tuple[Path, ...], node: str | None, labels: tuple[str, ...], root: Path,
-    proc_sys: Path, output_format: str, verbose: bool,
+    proc_sys: Path, output_format: str, verbose: bool, diff: bool, detailed_exitcode: bool,
 ) -> None:
     """Show what apply would change on this host, touching nothing.
 
-    Each change shows the value before and after. Exits 1 if some module cannot be applied.
+    Each change shows the value before and after. Exits 1 if some module cannot be applied,
+    2 if the document is invalid (with --detailed-exitcode: 0 / 2 / 1, see below).
     """
-    from divingbell.document.api import allows_mass_removal
     from divingbell.engine.runner import MassRemoval, check_mass_removal, plan_node
-    from divingbell.errors import DivingbellError
     from divingbell.output import plan_text
 
-    document = _load_or_exit(files)
-    config = _node_config(document, node, labels)
-    try:
-        result = plan_node(_host(root, proc_sys), config)
-    except (DivingbellError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+    invalid_exit = EXIT_FAILED if detailed_exitcode else EXIT_INVALID
+    resolved = _resolve_or_exit(files, node, labels, root, output_format, invalid_exit)
+    if "sysctl" in resolved.config.modules:
+        _warn_live_kernel(root, proc_sys, output_format)
+    result = _guarded(lambda: plan_node(_host(root, proc_sys), resolved.config), output_format,
+                      resolved.config.node)
     refusal = None
     try:
-        check_mass_removal(result, allows_mass_removal(document))
+        check_mass_removal(result, resolved.allow_mass_removal)
     except MassRemoval as exc:
         refusal = str(exc).replace("refusing to apply", "apply would refuse this plan")
     if output_format == "json":
-        _print_json({**result.as_dict(), "refused": refusal})
+        _print_json({**_plan_json(result, resolved.revision, resolved.notes, diff),
+                     "refused": refusal})
     else:
-        click.echo(plan_text(result, verbose=verbose))
+        click.echo(plan_text(result, verbose=verbose, diff=diff))
         if refusal:
             click.echo(f"warning: {refusal}", err=True)
-    sys.exit(EXIT_FAILED if result.errors or refusal else 0)
+    if result.errors or refusal:
+        sys.exit(EXIT_FAILED)
+    if detailed_exitcode and any(c.changes_host for c in result.changes):
+        sys.exit(EXIT_CHANGES)
+    sys.exit(0)
 
 
 @cli.command()
@@ -259,35 +289,45 @@ def apply(
     invalid document, 3 if another run holds the lock.
     """
     received = _stop_between_changes()
-    from divingbell.document.api import allows_mass_removal, revision
     from divingbell.engine.change import Change
     from divingbell.engine.runner import apply_node
-    from divingbell.errors import DivingbellError, LockTimeout
+    from divingbell.errors import LockTimeout
     from divingbell.output import applied_line, report_tail
 
-    document = _load_or_exit(files, allow_empty=allow_empty)
-    config = _node_config(document, node, labels)
+    resolved = _resolve_or_exit(files, node, labels, root, output_format, EXIT_INVALID,
+                                allow_empty=allow_empty)
+    config = resolved.config
+    shown = {"header": False, "module": ""}
+
+    def header() -> None:
+        # Printed once the lock is held (with the first change, or the summary), so a run
+        # that never starts never says it did.
+        if output_format == "text" and not shown["header"]:
+            click.echo(f"Applying revision {resolved.revision} to node {config.node}:")
+            shown["header"] = True
 
     def progress(change: Change, status: str) -> None:
-        if output_format == "text":
-            click.echo(applied_line(change, status))
+        if output_format != "text":
+            return
+        header()
+        if change.module != shown["module"]:
+            click.echo(f"{change.module}:")
+            shown["module"] = change.module
+        click.echo(applied_line(change, status))
 
-    if output_format == "text":
-        click.echo(f"Applying revision {revision(document)} to node {config.node}:")
     try:
-        report = apply_node(_host(root, proc_sys), config, revision(document),
-                            lock_timeout=lock_timeout, listener=progress, adopt=adopt,
-                            removal_guard=True,
-                            allow_mass_removal=allow_empty or allows_mass_removal(document))
+        report = _guarded(lambda: apply_node(
+            _host(root, proc_sys), config, resolved.revision, lock_timeout=lock_timeout,
+            listener=progress, adopt=adopt, removal_guard=True,
+            allow_mass_removal=allow_empty or resolved.allow_mass_removal),
+            output_format, config.node)
     except LockTimeout as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_LOCKED)
-    except (DivingbellError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail(f"{exc} Nothing was changed (--lock-timeout waits longer).",
+              output_format, EXIT_LOCKED, node=config.node, result="locked")
     if output_format == "json":
-        _print_json(report.as_dict())
+        _print_json({**report.as_dict(), "notes": resolved.notes})
     else:
+        header()
         click.echo(report_tail(report))
     for warning in report.warnings:
         click.echo(f"warning: {warning}", err=True)
@@ -320,7 +360,7 @@ def _stop_between_changes() -> list[int]:
 @cli.command()
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default="/", show_default=True, envvar="DIVINGBELL_ROOT",
-              help="The host's root filesystem.")
+              help="The host's root filesystem (divingbell's state is in its /var/lib/divingbell).")
 @click.option("--kube", is_flag=True,
               help="Instead: every node's revision, state and reason, from the cluster.")
 @click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False), envvar="KUBECONFIG",
@@ -329,24 +369,20 @@ def _stop_between_changes() -> list[int]:
 def status(root: Path, kube: bool, kubeconfig: str | None, output_format: str) -> None:
     """Show what divingbell owns on this host and the outcome of the last apply.
 
-    With --kube, show the fleet instead: one line per node from its divingbell.io/
+    Every setting, file, user, package and script divingbell owns, with the original it puts
+    back. With --kube, show the fleet instead: one line per node from its divingbell.io/
     annotations, which every agent keeps current.
     """
     if kube:
         _kube_status(kubeconfig, output_format)
         return
     from divingbell.engine.journal import FileJournalStore
-    from divingbell.errors import DivingbellError
     from divingbell.host import Host
     from divingbell.output import status_text
 
     store = FileJournalStore(Host(root=root))
-    try:
-        journal = store.load().as_dict()
-    except (DivingbellError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
-    last_run = store.load_last_run()
+    journal = _guarded(lambda: store.load().as_dict(), output_format)
+    last_run = _guarded(store.load_last_run, output_format)
     if output_format == "json":
         _print_json({"root": str(root), "journal": journal, "last_run": last_run})
     else:
@@ -359,8 +395,12 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
     try:
         nodes = LightkubeApi(kubeconfig).nodes()
     except KubeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail(str(exc), output_format, EXIT_FAILED)
+    except Exception as exc:  # lightkube's ConfigError: no in-cluster config and no kubeconfig
+        if type(exc).__name__ != "ConfigError":
+            raise
+        _fail("no Kubernetes configuration found: pass --kubeconfig FILE or set KUBECONFIG "
+              "(inside a pod the service account is used)", output_format, EXIT_FAILED)
     rows = [{"node": n.name, "revision": n.status.get("revision", ""),
              "state": n.status.get("state", "(no agent)"), "reason": n.status.get("reason", "")}
             for n in nodes]
@@ -458,14 +498,19 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
                                      poll_interval, fleet_interval, drift_interval, backoff_max)
         server_http = serve(runner, address or "0.0.0.0", int(port_text))
         stop_fleet = threading.Event()
+
+        def stop_fleet_now(*_: object) -> None:
+            stop_fleet.set()
+            interrupt.set()  # a converge in progress stops between two changes
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop_fleet.set())
+            signal.signal(signum, stop_fleet_now)
         logging.getLogger("divingbell.agent").info("agent in fleet mode (%s), serving %s",
                                                    fleet_server, listen)
         runner.run(stop_fleet)
         server_http.shutdown()
         return
-    name = node or os.environ.get("NODE_NAME") or socket.gethostname()
+    name = _node_name(node)
     if use_kube is None:
         use_kube = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or kubeconfig is not None
     kube = None
@@ -601,24 +646,138 @@ def _load(files: tuple[Path, ...], allow_empty: bool = False) -> ValidDocument:
     return load_document(files, allow_empty=allow_empty)
 
 
-def _load_or_exit(files: tuple[Path, ...], allow_empty: bool = False) -> ValidDocument:
+def _load_or_exit(files: tuple[Path, ...], output_format: str = "text",
+                  exit_code: int = EXIT_INVALID, allow_empty: bool = False) -> ValidDocument:
     from divingbell.errors import DocumentError
 
     try:
         return _load(files, allow_empty)
     except DocumentError as exc:
+        _document_error(exc, output_format, exit_code)
+
+
+def _cache_file(root: Path) -> Path | None:
+    """Where the validated-document cache lives under `root`, or None (no cache) when a
+    directory on the way is a symlink: the cache is written with plain file calls, so it is
+    only used where they cannot be led outside the root."""
+    from divingbell.document.cache import CACHE_FILE
+
+    path = root
+    for part in PurePosixPath(CACHE_FILE).parent.parts[1:]:
+        path = path / part
+        try:
+            if path.is_symlink():
+                return None
+        except OSError:
+            return None
+    return root / CACHE_FILE.lstrip("/")
+
+
+def _resolve_or_exit(files: tuple[Path, ...], node: str | None, labels: tuple[str, ...],
+                     root: Path, output_format: str, exit_code: int, *,
+                     allow_empty: bool = False) -> Resolved:
+    """The node's configuration, from the validated-document cache when the document bytes,
+    node and labels are unchanged (see divingbell.document.cache)."""
+    from divingbell.document.api import resolve_files
+    from divingbell.errors import DocumentError
+
+    try:
+        name, parsed = _node_name(node), _parse_labels(labels)
+    except click.BadParameter as exc:
+        if output_format != "json":
+            raise
+        _fail(f"{exc.param_hint}: {exc.format_message()}", output_format, EXIT_INVALID,
+              result="invalid")
+    try:
+        resolved = resolve_files(files, name, parsed, _cache_file(root),
+                                 allow_empty=allow_empty)
+    except DocumentError as exc:
+        _document_error(exc, output_format, exit_code)
+    if output_format == "text":
+        _print_notes(resolved.notes)
+    return resolved
+
+
+def _document_error(exc: DocumentError, output_format: str, exit_code: int) -> NoReturn:
+    if output_format == "json":
+        _print_json({"result": "invalid", "errors": [str(p) for p in exc.problems],
+                     "problems": [vars(p) for p in exc.problems]})
+    else:
         click.echo(f"error: the document is invalid ({len(exc.problems)} problem(s)); nothing "
                    "was changed:", err=True)
         for problem in exc.problems:
             click.echo(f"  {problem}", err=True)
-        sys.exit(EXIT_INVALID)
+    sys.exit(exit_code)
+
+
+def _fail(message: str, output_format: str, exit_code: int, **fields: Any) -> NoReturn:
+    """One line for people, or a JSON object with `errors` for scripts; then exit."""
+    if output_format == "json":
+        _print_json({**fields, "result": fields.get("result", "failed"), "errors": [message]})
+    else:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(exit_code)
+
+
+def _guarded(action: Callable[[], T], output_format: str, node: str | None = None) -> T:
+    """Run `action`, turning the host refusing access into one line saying what to do."""
+    try:
+        return action()
+    except PermissionError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail(f"permission denied{where}: divingbell reads and changes host state "
+              "(/var/lib/divingbell, /etc, /proc/sys); run it as root", output_format,
+              EXIT_FAILED, node=node)
+
+
+def _warn_live_kernel(root: Path, proc_sys: Path, output_format: str) -> None:
+    if output_format == "text" and root.resolve() != Path("/") and \
+            proc_sys == Path("/proc/sys"):
+        click.echo(f"note: files act on {root}, but sysctls on the running kernel's /proc/sys "
+                   "(net.* within this network namespace): --root does not move them; "
+                   "--proc-sys does", err=True)
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        click.echo(f"note: {note}", err=True)
+
+
+def _plan_json(plan: Plan, revision: str, notes: list[str], diff: bool) -> dict[str, Any]:
+    from divingbell.output import file_diff
+
+    data = {"node": plan.node, "revision": revision,
+            "result": "failed" if plan.errors else (
+                "changes" if any(c.changes_host for c in plan.changes) else "ok"),
+            **plan.as_dict(), "notes": notes}
+    if diff:
+        for module, module_plan in zip(data["modules"], plan.modules, strict=True):
+            for shown, change in zip(module["changes"], module_plan.changes, strict=True):
+                text = file_diff(change)
+                if text is not None:
+                    shown["diff"] = text
+    return data
+
+
+def _node_name(node: str | None) -> str:
+    name = node if node is not None else os.environ.get("NODE_NAME") or os.uname().nodename
+    if not name.strip() or name != name.strip() or any(c.isspace() for c in name):
+        raise click.BadParameter(f"{name!r} is not a node name (empty or with spaces)",
+                                 param_hint="--node")
+    return name
 
 
 def _node_config(document: ValidDocument, node: str | None, labels: tuple[str, ...]) -> NodeConfig:
     from divingbell.document.api import node_config
 
-    name = node or os.environ.get("NODE_NAME") or socket.gethostname()
-    return node_config(document, name, _parse_labels(labels))
+    return node_config(document, _node_name(node), _parse_labels(labels))
+
+
+# Kubernetes label syntax: an optional DNS-subdomain prefix and "/", a name of at most 63
+# characters; values likewise (or empty).
+# (Patterns, not compiled objects: compiled on first use, not on every start.)
+_LABEL_NAME = r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+_LABEL_PREFIX = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
 def _parse_labels(labels: tuple[str, ...]) -> Mapping[str, str]:
@@ -627,6 +786,16 @@ def _parse_labels(labels: tuple[str, ...]) -> Mapping[str, str]:
         key, sep, value = label.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{label!r} is not KEY=VALUE", param_hint="--label")
+        prefix, slash, name = key.rpartition("/")
+        if not re.match(_LABEL_NAME, name) or (slash and (
+                len(prefix) > 253 or not re.match(_LABEL_PREFIX, prefix))):
+            raise click.BadParameter(
+                f"{key!r} is not a Kubernetes label key (letters, digits, - _ . up to 63, "
+                "optionally prefix/)", param_hint="--label")
+        if value and not re.match(_LABEL_NAME, value):
+            raise click.BadParameter(
+                f"{value!r} is not a Kubernetes label value (letters, digits, - _ . up to 63)",
+                param_hint="--label")
         parsed[key] = value
     return parsed
 
@@ -639,6 +808,9 @@ def _host(root: Path, proc_sys: Path) -> Host:
 
 def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+gettext.find = _gettext_find  # see the top of the module
 
 
 def main() -> None:

@@ -110,6 +110,7 @@ class Host:
         env: Mapping[str, str],
         timeout: float,
         grace: float = 10.0,
+        cwd: str | None = None,
     ) -> Completed:
         """Run an operator's script in its own process group and return however it ended.
 
@@ -118,10 +119,13 @@ class Host:
         result here, not an error.
         """
         full = ["chroot", str(self.root), *argv] if self.chrooted else list(argv)
+        if cwd is not None and self.chrooted:  # chroot(8) starts in the new "/"
+            full = ["chroot", str(self.root), "env", f"--chdir={cwd}", *argv]
         started = time.monotonic()
         proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                env={**CLEAN_ENV, **self.extra_env, **env})
+                                env={**CLEAN_ENV, **self.extra_env, **env},
+                                cwd=None if cwd is None or self.chrooted else self.path(cwd))
         timed_out = interrupted = False
         deadline = started + timeout
         while True:
@@ -393,12 +397,14 @@ class Host:
         *,
         user_dir: UserDir | None = None,
         created: list[str] | None = None,
+        durable: bool = True,
     ) -> None:
         """Write a file so readers see the old or the new content, never a torn one.
 
         Temp file in the same directory (opened through the directory's descriptor), fsync,
         rename, fsync the directory. `owner` (uid, gid) owns the file and, with `dir_mode`,
-        the directories that have to be created (listed in `created`).
+        the directories that have to be created (listed in `created`). `durable=False` skips
+        the fsyncs, for reports that the next run rewrites anyway.
         """
         data = content.encode(errors="surrogateescape") if isinstance(content, str) else content
         with self._parent(host_path, create=True, dir_mode=dir_mode, owner=owner,
@@ -412,7 +418,8 @@ class Host:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
                 os.close(fd)
                 fd = -1
                 fault_point("write")
@@ -423,7 +430,8 @@ class Host:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=parent)
                 raise
-            fsync_fd(parent)
+            if durable:
+                fsync_fd(parent)
 
     def clean_temp_files(self, host_path: str) -> list[str]:
         """Remove temp files a killed write of `host_path` left behind (`.name.XXXXXXXX`)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from divingbell.engine.change import Action, Change
@@ -38,7 +37,28 @@ def summary_line(counts: dict[str, int], *, past: bool = False) -> str:
             f"{counts['remove']} to remove, {counts['unchanged']} unchanged")
 
 
-def plan_text(plan: Plan, *, verbose: bool = False) -> str:
+def file_diff(change: Change) -> str | None:
+    """A unified diff of an owned file's content for `plan --diff`, or None when the change
+    is not a file's content. Sensitive changes show no content, only that they are hidden."""
+    from divingbell.engine.files import FileChange
+
+    payload = change.payload
+    if not isinstance(payload, FileChange) or not change.changes_host:
+        return None
+    if change.sensitive:
+        return "(content not shown: it holds secrets)"
+    import difflib
+
+    before = payload.previous
+    after = payload.write.content if payload.write is not None else None
+    lines = difflib.unified_diff(
+        (before or "").splitlines(keepends=True), (after or "").splitlines(keepends=True),
+        fromfile="/dev/null" if before is None else f"{change.target} (now)",
+        tofile="/dev/null" if after is None else f"{change.target} (planned)")
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines).rstrip("\n")
+
+
+def plan_text(plan: Plan, *, verbose: bool = False, diff: bool = False) -> str:
     lines = [f"Plan for node {plan.node}:"]
     if not plan.modules:
         lines.append("  (the document configures nothing for this node, and divingbell owns "
@@ -52,7 +72,11 @@ def plan_text(plan: Plan, *, verbose: bool = False) -> str:
             lines.extend(f"  ! {part}" for part in module.error.split("; "))
             continue
         shown = [c for c in module.changes if verbose or c.changes_host]
-        lines.extend(change_line(change) for change in shown)
+        for change in shown:
+            lines.append(change_line(change))
+            text = file_diff(change) if diff else None
+            if text:
+                lines.extend(f"      {line}" for line in text.splitlines())
         if not shown:
             lines.append(f"  = nothing to do ({len(module.changes)} settled)")
     if plan.errors:
@@ -102,27 +126,80 @@ def status_text(root: str, journal: dict[str, Any], last_run: dict[str, Any] | N
         lines.append("Owns nothing on this host.")
     for name, record in modules.items():
         lines.append(f"{name}:")
-        for target, original in sorted(record.get("originals", {}).items()):
-            if target.startswith("/"):
-                continue
-            lines.append(f"  {target} (original: {_value(original)})")
-        for path in record.get("owned_files", []):
-            lines.append(f"  {path} (owned file)")
+        originals = dict(record.get("originals", {}))
+        owned = list(record.get("owned_files", []))
+        for path in owned:
+            original = originals.pop(path, None)
+            kept = (f"; the original ({_size(original)}) is put back when released"
+                    if original is not None else "")
+            lines.append(f"  {path} (owned file{kept})")
+        for target, original in sorted(originals.items()):
+            lines.append(f"  {target} (original: {_one_line(original)})")
+        lines.extend(f"  {line}" for line in _state_lines(record.get("state", {})))
+        if not owned and not originals and not record.get("state"):
+            lines.append("  (nothing owned)")
     if last_run is None:
         lines.append("Last apply: never")
     else:
-        when = dt.datetime.fromtimestamp(last_run.get("finished", 0), dt.UTC)
+        when = _utc(last_run.get("finished", 0))
         counts = last_run.get("summary") or {"change": 0, "restore": 0, "remove": 0}
         lines.append(
             f"Last apply: {last_run.get('result')} at {when:%Y-%m-%d %H:%M:%S} UTC, node "
             f"{last_run.get('node')}, revision {last_run.get('revision')}, "
             f"{summary_line(counts, past=True)}"
         )
-        errors = list(last_run.get("plan_errors") or []) + [
-            f"{m['module']}: {m['error']}" for m in last_run.get("modules", []) if m.get("error")
-        ]
+        errors = list(last_run.get("errors") or [])
+        if "errors" not in last_run:  # written by a divingbell before 0.x named it `errors`
+            errors = list(last_run.get("plan_errors") or []) + [
+                f"{m['module']}: {m['error']}" for m in last_run.get("modules", [])
+                if m.get("error")]
         lines.extend(f"  ! {error}" for error in errors)
     return "\n".join(lines)
+
+
+def _size(content: str) -> str:
+    count = len(content.splitlines())
+    return f"{count} line{'s' if count != 1 else ''}"
+
+
+def _one_line(value: Any) -> str:
+    if value is None:
+        return "(absent)"
+    text = str(value)
+    return f"{_size(text)} of content" if "\n" in text.rstrip("\n") else text.rstrip("\n")
+
+
+def _state_lines(state: dict[str, Any]) -> list[str]:
+    """A module's own memory (scripts run, users created, packages installed), one line per
+    item, without secrets."""
+    lines = []
+    for key, value in sorted(state.items()):
+        if isinstance(value, dict):
+            for item, detail in sorted(value.items()):
+                if isinstance(detail, dict):
+                    facts = ", ".join(_fact(k, v) for k, v in sorted(detail.items())
+                                      if k != "hash" and v is not False
+                                      and not isinstance(v, dict | list))
+                    lines.append(f"{key} {item}: {facts}" if facts else f"{key} {item}")
+                else:
+                    lines.append(f"{key} {item}: {_one_line(detail)}")
+        elif isinstance(value, list):
+            lines.append(f"{key}: {', '.join(map(str, value)) or '(none)'}")
+        else:
+            lines.append(f"{key}: {_one_line(value)}")
+    return lines
+
+
+def _utc(timestamp: float) -> Any:
+    import datetime as dt  # only status shows times: not imported by every run
+
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC)
+
+
+def _fact(key: str, value: Any) -> str:
+    if key.endswith("_at") and isinstance(value, int | float):
+        value = f"{_utc(value):%Y-%m-%d %H:%M:%S} UTC"
+    return f"{key.replace('_', ' ')} {_one_line(value)}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,47 +1,98 @@
-"""The document entry points the CLI and the agent share."""
+"""The document entry points the CLI and the agent share.
+
+Imports of YAML, pydantic and the schema happen inside the functions that need them: a run
+whose document is in the validated-document cache never loads them.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from divingbell.document.loader import load_files, load_text
-from divingbell.document.validate import NodeConfig, ValidDocument, resolve, validate
 from divingbell.errors import DocumentError, Problem
+
+if TYPE_CHECKING:
+    from divingbell.document.cache import Resolved
+    from divingbell.document.nodeconfig import NodeConfig
+    from divingbell.document.validate import ValidDocument
+
+
+def read_documents(files: Iterable[Path]) -> list[tuple[str, bytes]]:
+    """Each file's name and bytes; every unreadable file is reported."""
+    contents, problems = [], []
+    for path in files:
+        try:
+            contents.append((str(path), path.read_bytes()))
+        except OSError as exc:
+            problems.append(Problem("", f"cannot read {path}: {exc.strerror}"))
+    if problems:
+        raise DocumentError(problems)
+    return contents
+
+
+def load_contents(contents: Sequence[tuple[str, bytes]], *,
+                  allow_empty: bool = False) -> ValidDocument:
+    """Parse, merge in order and validate; raises DocumentError listing every problem."""
+    from divingbell.document.loader import Loaded, deep_merge, load_text
+    from divingbell.document.validate import validate
+
+    problems: list[Problem] = []
+    layers = []
+    for name, data in contents:
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[:exc.start].count(b"\n") + 1
+            problems.append(Problem("", f"not UTF-8 text (byte {data[exc.start]:#04x}): save "
+                                    "the file as UTF-8", f"{name}:{line}"))
+            continue
+        try:
+            layers.append(load_text(text, name))
+        except DocumentError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise DocumentError(problems)
+    merged = Loaded({})
+    for layer in layers:
+        merged.data = deep_merge(merged.data, layer.data)
+        merged.marks.update(layer.marks)
+        merged.sources.extend(layer.sources)
+    return validate(merged, allow_empty=allow_empty)
 
 
 def load_document(files: Iterable[Path], *, allow_empty: bool = False) -> ValidDocument:
     """Load, merge and validate; raises DocumentError listing every problem."""
-    return validate(load_files(files), allow_empty=allow_empty)
+    return load_contents(read_documents(files), allow_empty=allow_empty)
 
 
 def allows_mass_removal(document: ValidDocument) -> bool:
     """The document says removing more than it keeps is intended: `allow_mass_removal: true`,
     or `conf: {}` written out (an explicit "nothing here")."""
-    return document.model.allow_mass_removal or document.loaded.data.get("conf") == {}
+    return bool(document.model.allow_mass_removal) or document.loaded.data.get("conf") == {}
 
 
 def load_document_text(data: bytes | str, name: str) -> ValidDocument:
     """Like load_document, for a document received as bytes (the fleet service's PUT): the
     same loader and validation, problems located as `name:line`."""
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DocumentError([Problem("", f"not UTF-8 text (byte {exc.start})", name)]) from None
-    return validate(load_text(data, name))
+    return load_contents([(name, data.encode() if isinstance(data, str) else data)])
 
 
 def revision(document: ValidDocument) -> str:
     """A short, stable digest of the merged document: the revision a node converged to."""
-    canonical = json.dumps(document.loaded.data, sort_keys=True, default=str)
+    return revision_of(document.loaded.data)
+
+
+def revision_of(data: Mapping[str, Any]) -> str:
+    canonical = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def node_config(document: ValidDocument, node: str, labels: Mapping[str, str]) -> NodeConfig:
+    from divingbell.document.validate import resolve
+
     return resolve(document, node, labels)
 
 
@@ -66,3 +117,23 @@ def effective_document(document: ValidDocument, config: NodeConfig) -> dict[str,
     dumped: dict[str, Any] = TypeAdapter(dict[str, Any]).dump_python(
         {"drift": document.model.drift, "conf": conf}, mode="json")
     return dumped
+
+
+def resolve_files(files: Sequence[Path], node: str, labels: Mapping[str, str],
+                  cache_file: Path | None = None, *, allow_empty: bool = False) -> Resolved:
+    """The node's configuration from document files, through the validated-document cache
+    when `cache_file` is given (see `document.cache`)."""
+    from divingbell.document import cache
+
+    contents = read_documents(files)
+    key = cache.cache_key(contents, node, labels, allow_empty) if cache_file is not None else ""
+    if cache_file is not None:
+        hit = cache.load(cache_file, key)
+        if hit is not None:
+            return hit
+    document = load_contents(contents, allow_empty=allow_empty)
+    resolved = cache.Resolved(node_config(document, node, labels), revision(document),
+                              list(document.notes), allows_mass_removal(document))
+    if cache_file is not None:
+        cache.store(cache_file, key, resolved)
+    return resolved

@@ -86,7 +86,7 @@ def load_text(text: str, source: str = "<string>") -> Loaded:
 
 def _yaml_problem(exc: yaml.YAMLError, source: str) -> Problem:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    where = f"{source}:{mark.line + 1}" if mark is not None else source
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
     reason = getattr(exc, "problem", None) or str(exc)
     return Problem("", f"not valid YAML: {reason}", where)
 

@@ -11,21 +11,12 @@ For each module independently:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from divingbell.document.keys import MERGE_KEY_CANONICALIZERS
 from divingbell.document.loader import deep_merge
+from divingbell.document.nodeconfig import Applied as Applied  # noqa: PLC0414
 from divingbell.document.paths import PathKey
-from divingbell.document.schema import MERGE_KEY_CANONICALIZERS
-
-
-@dataclass(frozen=True)
-class Applied:
-    """Which override a module got on a node, for plan and render output."""
-
-    kind: str  # "host" or "label"
-    path: PathKey
-    description: str
 
 
 def select_override(

@@ -28,6 +28,12 @@ from pydantic import (
     model_validator,
 )
 
+from divingbell.document.keys import (  # re-exported: the schema's names
+    MERGE_KEY_CANONICALIZERS as MERGE_KEY_CANONICALIZERS,  # noqa: PLC0414
+)
+from divingbell.document.keys import MODULE_NAMES as MODULE_NAMES  # noqa: PLC0414
+from divingbell.document.keys import canonical_sysctl_key as canonical_sysctl_key  # noqa: PLC0414
+from divingbell.document.keys import sysctl_components as sysctl_components  # noqa: PLC0414
 from divingbell.document.types import (
     MAX_SECONDS,
     EnvName,
@@ -37,12 +43,7 @@ from divingbell.document.types import (
     single_line,
     whole_seconds,
 )
-
-MODULE_NAMES: tuple[str, ...] = (
-    "sysctl", "limits", "mounts", "ethtool", "apt", "uamlite", "perm", "apparmor", "exec",
-)
-"""Every host module, in the order divingbell applies them (packages before users that need
-them, mounts before permissions on what they mount, one-off scripts last)."""
+from divingbell.document.views import AptConfViews, EthtoolInterfaceViews, RepositoryViews
 
 
 class StrictModel(BaseModel):
@@ -134,24 +135,6 @@ def _check_name_keys(value: Any) -> Any:
 
 # sysctl ---------------------------------------------------------------------------------------
 
-def sysctl_components(key: str) -> list[str]:
-    """The /proc/sys path components of a key in dot or slash form.
-
-    As in sysctl.d(5): if the first separator is a slash, slashes separate and dots are literal
-    (`net/ipv4/conf/eth0.100/forwarding`); otherwise dots separate and a slash stands for a
-    literal dot (`net.ipv4.conf.eth0/100.forwarding`).
-    """
-    first_dot, first_slash = key.find("."), key.find("/")
-    if first_slash != -1 and (first_dot == -1 or first_slash < first_dot):
-        return key.split("/")
-    return [part.replace("/", ".") for part in key.split(".")]
-
-
-def canonical_sysctl_key(key: str) -> str:
-    """Dot form, as sysctl(8) prints it: `net.ipv4.conf.eth0/100.forwarding`."""
-    return ".".join(part.replace(".", "/") for part in sysctl_components(key))
-
-
 def _sysctl_key_problem(key: str) -> str | None:
     parts = sysctl_components(key)
     if not key or any(not part for part in parts):
@@ -238,7 +221,7 @@ CoalesceValue = Annotated[
 ]
 
 
-class EthtoolInterface(BaseModel):
+class EthtoolInterface(EthtoolInterfaceViews, BaseModel):
     """Offload features by ethtool name (`tx-tcp-segmentation: off`), plus divingbell's ring
     sizes, channels and interrupt coalescing (`ring: {rx: 4096}`)."""
 
@@ -248,10 +231,6 @@ class EthtoolInterface(BaseModel):
     ring: dict[str, EthtoolNumber] | None = None
     channels: dict[str, EthtoolNumber] | None = None
     coalesce: dict[str, CoalesceValue] | None = None
-
-    @property
-    def features(self) -> dict[str, bool]:
-        return dict(self.__pydantic_extra__ or {})
 
 
 def _interface_name(value: Any) -> Any:
@@ -351,6 +330,23 @@ Interval = Annotated[
 RerunPolicy = Literal["always", "never", "once_successfully"]
 
 
+def _check_policy(policy: str | None, rerun: Any, retry: Any) -> None:
+    """Refuse interval settings the rerun policy would silently ignore."""
+    problems = []
+    if rerun is not None and policy == "once_successfully":
+        problems.append("rerun_interval does nothing with rerun_policy once_successfully (after "
+                        "a success it never runs again): remove it, or use retry_interval to "
+                        "pace retries after failures")
+    if rerun is not None and policy == "never":
+        problems.append("rerun_interval does nothing with rerun_policy never (it runs once): "
+                        "remove it, or use rerun_policy always")
+    if retry is not None and policy == "never":
+        problems.append("retry_interval does nothing with rerun_policy never (it runs once, "
+                        "failed or not): remove it, or use rerun_policy once_successfully")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 class PermPath(StrictModel):
     """Owner, group and mode for every path matching a glob."""
 
@@ -366,6 +362,11 @@ class PermConf(StrictModel):
     rerun_policy: RerunPolicy | None = None
     rerun_interval: Interval | None = None
 
+    @model_validator(mode="after")
+    def _consistent_policy(self) -> PermConf:
+        _check_policy(self.rerun_policy, self.rerun_interval, None)
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _bare_list(cls, value: Any) -> Any:
@@ -379,7 +380,7 @@ SSH_KEY_TYPES = (
     "ssh-rsa", "ssh-dss", "ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
     "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
 )
-CRYPT_PREFIXES = ("$1$", "$5$", "$6$", "$y$", "$2b$")
+from divingbell.document.keys import CRYPT_PREFIXES  # noqa: E402
 
 
 def _ssh_key(value: Any) -> str:
@@ -500,12 +501,15 @@ def _package_shape(value: Any) -> str:
     return "<map>" if isinstance(value, dict) else "<list>"
 
 
-class Repository(StrictModel):
+class Repository(RepositoryViews, StrictModel):
     url: SingleLine
     distributions: Annotated[list[SingleLine], Field(min_length=1)]
     components: list[SingleLine] = []
     architectures: list[SingleLine] = []
     gpgkey: Text | None = None
+    # Divingbell's shorthand: `subrepos: [backports, updates]` adds `<distribution>-<subrepo>`
+    # suites for every distribution.
+    subrepos: list[SingleLine] = []
 
     @model_validator(mode="after")
     def _check(self) -> Repository:
@@ -516,6 +520,8 @@ class Repository(StrictModel):
             raise ValueError("distributions mixes flat paths (ending in /) with suites")
         if flat and self.components:
             raise ValueError("a flat repository (distribution ending in /) has no components")
+        if flat and self.subrepos:
+            raise ValueError("a flat repository (distribution ending in /) has no subrepos")
         if not flat and not self.components:
             raise ValueError("components are required (e.g. [main]) unless the distribution "
                              "is a flat path ending in /")
@@ -525,7 +531,7 @@ class Repository(StrictModel):
         return self
 
 
-class AptConf(StrictModel):
+class AptConf(AptConfViews, StrictModel):
     packages: Annotated[
         Annotated[PackageList, Tag("<list>")] | Annotated[PackageGroups, Tag("<map>")],
         Discriminator(_package_shape),
@@ -538,12 +544,6 @@ class AptConf(StrictModel):
     dpkg_lock_timeout: Annotated[int, Field(ge=0, le=3600)] = 300
     blacklistpkgs: list[PackageName] = []
     whitelistpkgs: list[PackageName] = []
-
-    @property
-    def all_packages(self) -> list[Package]:
-        if isinstance(self.packages, dict):
-            return [pkg for group in self.packages.values() for pkg in group]
-        return list(self.packages)
 
     @model_validator(mode="after")
     def _check(self) -> AptConf:
@@ -581,13 +581,19 @@ class Script(StrictModel):
     rerun_policy: RerunPolicy = "always"
     # always: None reruns on every apply; N at most every N seconds; infinite: never again.
     rerun_interval: Interval | None = None
-    # once_successfully: None retries on every apply; N at most every N seconds.
+    # After a failure (once_successfully, always): None retries on every apply; N at most
+    # every N seconds.
     retry_interval: Interval | None = None
     timeout: Annotated[
         int, BeforeValidator(whole_seconds),
         Field(ge=1, le=MAX_SECONDS, validation_alias=AliasChoices("timeout", "script_timeout"))
     ] = 1800
     blocking_policy: Literal["foreground", "foreground_halt_pod_on_failure"] = "foreground"
+
+    @model_validator(mode="after")
+    def _consistent_policy(self) -> Script:
+        _check_policy(self.rerun_policy, self.rerun_interval, self.retry_interval)
+        return self
 
 
 class ExecConf(RootModel[Annotated[dict[str, Script], BeforeValidator(_check_name_keys)]]):
@@ -804,6 +810,7 @@ class Conf(StrictModel):
     # meaning for an agent on the node and `validate` says so.
     chroot_mnt_path: str | None = None
     log_colors: bool | None = None
+    extra_verbose: bool | None = None
 
 
 class Document(StrictModel):
@@ -832,6 +839,3 @@ MODULE_MODELS: dict[str, type[BaseModel]] = {
 
 SECTION_MODELS: dict[str, type[BaseModel]] = {**MODULE_MODELS, "maintenance": MaintenanceConf}
 """Every section with overrides: the host modules, then the agent's maintenance section."""
-
-MERGE_KEY_CANONICALIZERS = {"sysctl": canonical_sysctl_key}
-"""Modules whose mapping keys have several spellings: overrides merge by the canonical one."""

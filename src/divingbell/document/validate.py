@@ -17,7 +17,9 @@ from typing import Any
 from pydantic import BaseModel, RootModel, ValidationError
 
 from divingbell.document.loader import Loaded
-from divingbell.document.overrides import Applied, merge_module, select_override
+from divingbell.document.nodeconfig import Applied
+from divingbell.document.nodeconfig import NodeConfig as NodeConfig  # noqa: PLC0414
+from divingbell.document.overrides import merge_module, select_override
 from divingbell.document.paths import PathKey, format_path
 from divingbell.document.schema import SECTION_MODELS, Document
 from divingbell.document.types import strings_with_nul
@@ -36,24 +38,46 @@ class ValidDocument:
         return conf if isinstance(conf, Mapping) else {}
 
 
-@dataclass(frozen=True)
-class NodeConfig:
-    """The effective configuration of one node: one validated model per module present."""
+# Top-level keys of Divingbell's Helm chart values that configure the chart, not the node
+# (openstack-helm conventions): a chart values file loads unchanged and they are ignored.
+CHART_KEYS = frozenset({
+    "images", "pod", "labels", "manifests", "network_policy", "dependencies", "endpoints",
+    "release_group", "secrets", "release_uuid", "helm3_hook", "annotations", "jobs",
+    "monitoring", "tls",
+})
+# Settings under `conf:` that only the chart's shell scripts read.
+CHART_CONF_KEYS = ("chroot_mnt_path", "log_colors", "extra_verbose")
 
-    node: str
-    labels: Mapping[str, str]
-    modules: dict[str, BaseModel]
-    overrides: dict[str, Applied]
 
-    def dump(self) -> dict[str, Any]:
-        """In the document's own shape, one key per module (secrets masked)."""
-        from divingbell.document.secrets import mask_secrets
-
-        return {
-            name: mask_secrets(name, model.model_dump(mode="json", exclude_none=True,
-                                                      by_alias=False))
-            for name, model in self.modules.items()
-        }
+def _without_chart_keys(loaded: Loaded) -> tuple[dict[str, Any], list[str]]:
+    """The document minus chart-only keys and overrides for things that are not modules, and
+    the notes that say what was ignored. Everything else is validated strictly."""
+    data = {k: v for k, v in loaded.data.items() if k not in CHART_KEYS}
+    ignored = sorted(k for k in loaded.data if k in CHART_KEYS)
+    notes: list[str] = []
+    conf = data.get("conf")
+    if isinstance(conf, Mapping):
+        ignored += [f"conf.{k}" for k in CHART_CONF_KEYS if k in conf]
+        overrides = conf.get("overrides")
+        if isinstance(overrides, Mapping):
+            known = [f"divingbell_{m}" for m in SECTION_MODELS]
+            for key in overrides:
+                if key in known:
+                    continue
+                where = loaded.location(("conf", "overrides", str(key)))
+                close = _closest(str(key).removeprefix("divingbell_"), list(SECTION_MODELS))
+                hint = f"divingbell_{close}" if close else None
+                notes.append(
+                    f"conf.overrides.{key} does not override a divingbell module; ignored"
+                    + (f" (did you mean {hint}?)" if hint else
+                       f" (modules: {', '.join(known)})")
+                    + (f" ({where})" if where else ""))
+            data["conf"] = {**conf, "overrides": {k: v for k, v in overrides.items()
+                                                   if k in known}}
+    if ignored:
+        notes.insert(0, "ignored Divingbell chart settings that mean nothing to divingbell on "
+                        f"a node: {', '.join(ignored)}")
+    return data, notes
 
 
 def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
@@ -71,12 +95,13 @@ def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
             "or run `divingbell apply --allow-empty` if that is what you want", where))
     if problems:
         raise DocumentError(problems)
+    data, notes = _without_chart_keys(loaded)
     try:
-        model = Document.model_validate(loaded.data)
+        model = Document.model_validate(data)
     except ValidationError as exc:
         problems.extend(_problems(exc, loaded, ()))
         model = None
-    raw_conf = loaded.data.get("conf") if isinstance(loaded.data.get("conf"), Mapping) else {}
+    raw_conf = data.get("conf") if isinstance(data.get("conf"), Mapping) else {}
     overrides = (raw_conf or {}).get("overrides")
     if isinstance(overrides, Mapping):
         for module in SECTION_MODELS:
@@ -84,12 +109,7 @@ def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
     if problems:
         raise DocumentError(_unique(problems))
     assert model is not None
-    notes = [
-        f"conf.{key} is a Divingbell chart setting with no effect on the node agent; ignored"
-        for key in ("chroot_mnt_path", "log_colors")
-        if getattr(model.conf, key) is not None
-    ]
-    return ValidDocument(loaded, model, notes)
+    return ValidDocument(Loaded(data, loaded.marks, loaded.sources), model, notes)
 
 
 def resolve(document: ValidDocument, node: str, labels: Mapping[str, str]) -> NodeConfig:

@@ -229,7 +229,9 @@ class FileJournalStore:
 
     def save_last_run(self, report: dict[str, Any]) -> None:
         self._ensure_state_dir()
-        self.host.write_atomic(LAST_RUN_FILE, json.dumps(report, indent=2) + "\n", mode=0o600)
+        # A report, rewritten by every run: atomic, but not worth an fsync on every no-op.
+        self.host.write_atomic(LAST_RUN_FILE, json.dumps(report, indent=2) + "\n", mode=0o600,
+                               durable=False)
 
     def load_last_run(self) -> dict[str, Any] | None:
         try:

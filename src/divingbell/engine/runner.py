@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from divingbell.document.validate import NodeConfig
+from divingbell.document.nodeconfig import NodeConfig
 from divingbell.engine.change import Action, Change
 from divingbell.engine.files import note_original_meta, original_of
 from divingbell.engine.journal import (
@@ -151,7 +151,7 @@ class ApplyReport:
             "finished": self.finished,
             "duration_seconds": round(self.finished - self.started, 4),
             "summary": summarise(self.applied),
-            "plan_errors": self.plan.errors,
+            "errors": self.errors,
             "modules": [result.as_dict() for result in self.results],
         }
 

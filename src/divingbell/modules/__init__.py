@@ -1,26 +1,38 @@
 """Host modules, one file each, all with the interface in `base`. The registry is explicit and
-ordered: modules are planned and applied in `MODULE_NAMES` order."""
+ordered: modules are planned and applied in `MODULE_NAMES` order. Each module is imported the
+first time it is used, so a run that touches only sysctls imports only that module."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from divingbell.document.schema import MODULE_NAMES
-from divingbell.modules.apparmor import AppArmor
-from divingbell.modules.apt import Apt
+from divingbell.document.keys import MODULE_NAMES
 from divingbell.modules.base import HostModule
-from divingbell.modules.ethtool import Ethtool
-from divingbell.modules.exec import Exec
-from divingbell.modules.limits import Limits
-from divingbell.modules.mounts import Mounts
-from divingbell.modules.perm import Perm
-from divingbell.modules.sysctl import Sysctl
-from divingbell.modules.uamlite import Uamlite
 
-IMPLEMENTED: dict[str, HostModule[Any, Any]] = {
-    module.name: module for module in (
-        Sysctl(), Limits(), Mounts(), Ethtool(), Apt(), Uamlite(), Perm(), AppArmor(), Exec())
+_CLASSES = {
+    "sysctl": "divingbell.modules.sysctl:Sysctl",
+    "limits": "divingbell.modules.limits:Limits",
+    "mounts": "divingbell.modules.mounts:Mounts",
+    "ethtool": "divingbell.modules.ethtool:Ethtool",
+    "apt": "divingbell.modules.apt:Apt",
+    "uamlite": "divingbell.modules.uamlite:Uamlite",
+    "perm": "divingbell.modules.perm:Perm",
+    "apparmor": "divingbell.modules.apparmor:AppArmor",
+    "exec": "divingbell.modules.exec:Exec",
 }
+assert tuple(_CLASSES) == MODULE_NAMES
+
+
+class _Registry(dict[str, HostModule[Any, Any]]):
+    def __missing__(self, name: str) -> HostModule[Any, Any]:
+        module_name, _, attr = _CLASSES[name].partition(":")
+        module = getattr(importlib.import_module(module_name), attr)()
+        self[name] = module
+        return module  # type: ignore[no-any-return]
+
+
+IMPLEMENTED: dict[str, HostModule[Any, Any]] = _Registry()
 
 
 def get(name: str) -> HostModule[Any, Any]:

@@ -12,14 +12,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import AppArmorConf
 from divingbell.engine.change import Action, Change
 from divingbell.engine.files import FileSpec, plan_file
 from divingbell.engine.journal import ModuleRecord
 from divingbell.errors import CommandError, ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import AppArmorConf
 
 PROFILE_DIR = "/etc/apparmor.d"
 ENABLED_FLAG = "/sys/module/apparmor/parameters/enabled"
@@ -53,7 +56,7 @@ def parser_message(exc: CommandError) -> str:
     return "; ".join(lines) or str(exc)
 
 
-class AppArmor(HostModule[AppArmorConf, AppArmorObserved]):
+class AppArmor(HostModule["AppArmorConf", AppArmorObserved]):
     name = "apparmor"
 
     def observe(self, host: Host, desired: AppArmorConf | None, record: ModuleRecord

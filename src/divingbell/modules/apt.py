@@ -9,7 +9,9 @@
 - Repositories are owned deb822 `.sources` files with their key under /etc/apt/keyrings
   (Signed-By; no apt-key). Other sources are left alone unless `exclusive_sources: true`, which
   blanks them, keeping their content as originals to restore.
-- Removal from the document uninstalls only packages divingbell installed. `strict` removes
+- Removal from the document uninstalls only packages divingbell installed, together with the
+  packages apt installed automatically for them that nothing else needs any more (apt's
+  autoremove after that removal, minus garbage that was there before). `strict` removes
   what is neither requested nor whitelisted, found the way `apt autoremove` finds garbage
   (everything else marked automatic in a scratch copy of apt's state), so dependencies of kept
   packages stay; essential and required packages, and the tools divingbell itself runs on the
@@ -21,8 +23,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import AptConf, Package, Repository
 from divingbell.engine.change import Action, Change
 from divingbell.engine.files import FileSpec, plan_files
 from divingbell.engine.journal import ModuleRecord
@@ -30,6 +32,9 @@ from divingbell.engine.settings import converge, left_the_document, restore
 from divingbell.errors import CommandError, ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import AptConf, Package, Repository
 
 SOURCES_DIR = "/etc/apt/sources.list.d"
 SOURCES_LIST = "/etc/apt/sources.list"
@@ -66,7 +71,7 @@ def keyring_file(name: str) -> str:
 
 def render_source(name: str, repo: Repository) -> str:
     lines = [HEADER.rstrip("\n"), "Types: deb", f"URIs: {repo.url}",
-             f"Suites: {' '.join(repo.distributions)}"]
+             f"Suites: {' '.join(repo.suites)}"]
     if repo.components:
         lines.append(f"Components: {' '.join(repo.components)}")
     if repo.architectures:
@@ -215,7 +220,7 @@ def apt_errors(exc: CommandError) -> str:
     return "; ".join(lines) or str(exc)
 
 
-class Apt(HostModule[AptConf, AptObserved]):
+class Apt(HostModule["AptConf", AptObserved]):
     name = "apt"
 
     # observe --------------------------------------------------------------------------------
@@ -281,6 +286,13 @@ class Apt(HostModule[AptConf, AptObserved]):
         leaving = sorted(n for n in owned - set(requested) - purged if n in packages)
         why: dict[str, str] = {n: "left the document (divingbell installed it)" for n in leaving}
         removals = list(leaving)
+        if leaving:
+            keep = set(requested) | set(desired.whitelistpkgs if desired else []) | PROTECTED
+            for name in self._orphaned_by(host, leaving, sources_change):
+                if name not in keep and name not in purged:
+                    removals.append(name)
+                    why[name] = (f"installed automatically for {', '.join(leaving)}; no longer "
+                                 "needed by anything (what apt autoremove would remove)")
         if desired is not None and desired.strict:
             for name in self._strict_garbage(host, desired, packages):
                 if name not in why and name not in purged:
@@ -349,6 +361,28 @@ class Apt(HostModule[AptConf, AptObserved]):
                     continue
                 raise ModuleError(self.name, [f"apt cannot resolve `{' '.join(tx.argv[2:])}`: "
                                               f"{apt_errors(exc)}"]) from None
+
+    def _orphaned_by(self, host: Host, leaving: list[str], sources_change: bool) -> list[str]:
+        """Packages apt marks auto-installed that removing `leaving` makes unneeded: apt's
+        autoremove after the removal, minus what autoremove would take already (garbage that is
+        not this removal's doing stays for the operator's own `apt autoremove`)."""
+        simulate = ["apt-get", "-q", "-s", "-o", "Debug::NoLocking=true"]
+        try:
+            now = host.run([*simulate, "autoremove"], env=APT_ENV).stdout
+            plain = host.run([*simulate, "remove", *leaving], env=APT_ENV).stdout
+            after = host.run([*simulate, "-o", "APT::Get::AutomaticRemove=true", "remove",
+                              *leaving], env=APT_ENV).stdout
+        except CommandError as exc:
+            if sources_change:
+                return []  # lists not fetched yet: the next apply finds them
+            raise ModuleError(self.name, [f"apt cannot work out what removing "
+                                          f"{', '.join(leaving)} leaves unneeded: "
+                                          f"{apt_errors(exc)}"]) from None
+        def removed(text: str) -> set[str]:
+            return {s.name for s in parse_simulation(text) if s.op in ("remove", "purge")}
+
+        # Dependents the removal itself takes are not orphans: _check_removals judges those.
+        return sorted(removed(after) - removed(plain) - removed(now) - set(leaving))
 
     def _strict_garbage(self, host: Host, desired: AptConf,
                         packages: dict[str, Installed]) -> list[str]:

@@ -15,9 +15,7 @@ own.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Generic, TypeVar
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from divingbell.engine.change import Change
 from divingbell.engine.files import apply_file, is_file_change, undo_file
@@ -25,7 +23,11 @@ from divingbell.engine.journal import ModuleRecord
 from divingbell.host import Host
 from divingbell.modules.systemd import Enablement, apply_enablement
 
-ConfT = TypeVar("ConfT", bound=BaseModel)
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+# A schema model, or its light equivalent from the validated-document cache (same attributes).
+ConfT = TypeVar("ConfT", bound="BaseModel | Any")
 ObservedT = TypeVar("ObservedT")
 
 

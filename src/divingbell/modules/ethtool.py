@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import EthtoolConf, EthtoolInterface
 from divingbell.engine.change import Change
 from divingbell.engine.journal import ModuleRecord
 from divingbell.engine.settings import converge, restore
@@ -24,6 +24,9 @@ from divingbell.modules.systemd import (
     plan_unit,
     unit_file,
 )
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import EthtoolConf, EthtoolInterface
 
 WANTED_BY = "multi-user.target"
 
@@ -116,6 +119,9 @@ class Setting:
     iface: str
     group: str | None  # None for an offload feature
     name: str
+    # Every offload feature the document requests on this interface (name, on|off): a change
+    # that makes the kernel drop another requested feature is a conflict, not a note.
+    requested: tuple[tuple[str, str], ...] = ()
 
 
 def unit_name(iface: str) -> str:
@@ -177,7 +183,7 @@ def render_unit(iface: str, conf: EthtoolInterface, ethtool: str) -> str:
     return "\n".join(lines)
 
 
-class Ethtool(HostModule[EthtoolConf, EthtoolObserved]):
+class Ethtool(HostModule["EthtoolConf", EthtoolObserved]):
     name = "ethtool"
 
     def observe(self, host: Host, desired: EthtoolConf | None, record: ModuleRecord
@@ -230,12 +236,16 @@ class Ethtool(HostModule[EthtoolConf, EthtoolObserved]):
         wanted_targets: set[str] = set()
         for iface, conf in sorted(wanted_ifaces.items()):
             nic = observed.nics[iface]
-            for (group, name), after in sorted(wanted_settings(conf).items(),
+            wanted = wanted_settings(conf)
+            requested = tuple(sorted((name, value) for (group, name), value in wanted.items()
+                                     if group is None))
+            for (group, name), after in sorted(wanted.items(),
                                                key=lambda kv: (kv[0][0] or "", kv[0][1])):
                 key = target(iface, group, name)
                 wanted_targets.add(key)
-                changes.append(converge(self.name, key, self._current(nic, group, name), after,
-                                        record, payload=Setting(iface, group, name)))
+                changes.append(converge(
+                    self.name, key, self._current(nic, group, name), after, record,
+                    payload=Setting(iface, group, name, requested if group is None else ())))
         for key in sorted(t for t in record.originals if t not in wanted_targets):
             setting = parse_target(key)
             if setting is None:
@@ -274,9 +284,28 @@ class Ethtool(HostModule[EthtoolConf, EthtoolObserved]):
             host.run(["ethtool", "-K", iface, setting.name, value])
             after = parse_features(host.run(["ethtool", "--json", "-k", iface]).stdout)
             if _switch(after[setting.name].active) != value:
+                others = [f"{name} {want}" for name, want in setting.requested
+                          if name != setting.name and want == "off"]
+                hint = (f"; it conflicts with what the document turns off on {iface} "
+                        f"({', '.join(others)}): the kernel ties these features together"
+                        if value == "on" and others else "")
                 raise ModuleError(self.name, [
                     f"{iface} {setting.name}: requested {value} but the kernel keeps it "
-                    f"{_switch(after[setting.name].active)}"])
+                    f"{_switch(after[setting.name].active)}{hint}"])
+            dropped = [
+                f"{name} {_switch(after[name].active)} (the document requests {want})"
+                for name, want in setting.requested
+                if name != setting.name and name in after and name in before
+                and _switch(before[name].active) == want and _switch(after[name].active) != want
+            ]
+            if dropped:
+                # This change is not recorded as applied: put it back here, so the module's
+                # rollback leaves the NIC as it was.
+                host.run(["ethtool", "-K", iface, setting.name,
+                          _switch(before[setting.name].active)])
+                raise ModuleError(self.name, [
+                    f"{iface}: the document's settings conflict: {setting.name} {value} made the "
+                    f"kernel turn {', '.join(dropped)}; change one of them"])
             forced = sorted(
                 f"{name} {_switch(state.active)}" for name, state in after.items()
                 if name != setting.name and state.fixed is not None and name in before

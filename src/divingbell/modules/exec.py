@@ -6,7 +6,10 @@
 - The journal keeps, per script, its content hash, last exit and last run time. A changed script
   (data, args or env) is a new script. `never` runs once ever; `once_successfully` retries
   (every `retry_interval`, or every apply) until it exits 0; `always` reruns on every apply, or
-  every `rerun_interval` seconds, and `rerun_interval: infinite` means never again.
+  every `rerun_interval` seconds, and `rerun_interval: infinite` means never again; after a
+  failure, `retry_interval` (if given) paces its reruns instead. Settings that contradict the
+  policy are refused when the document is validated.
+- Scripts run with their stored directory as the working directory (`./helper` works).
 - A timeout kills the script's whole process group: TERM, then KILL after a grace period.
 - A failing script fails the run; the run is not rolled back (a script's effects are its own).
   `foreground_halt_pod_on_failure` also skips the scripts after it.
@@ -22,14 +25,16 @@ import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from divingbell.document.schema import ExecConf, Script
 from divingbell.engine.change import Action, Change
 from divingbell.engine.journal import ModuleRecord
 from divingbell.errors import OutcomeFailed
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import ExecConf, Script
 
 STORE = "/var/lib/divingbell/exec"
 OUTPUT_TAIL = 2000  # characters of each stream kept in the report
@@ -59,6 +64,9 @@ def decide(script: Script, last: dict[str, Any] | None, now: float) -> tuple[boo
             return False, f"once_successfully: succeeded at {when}"
         return _due(script.retry_interval, ran, now, f"once_successfully: last try {ended}",
                     "retry")
+    if script.retry_interval is not None and (last.get("exit") != 0 or last.get("timed_out")):
+        # `always` with a failed last run: retry_interval paces the retries.
+        return _due(script.retry_interval, ran, now, f"always: last run {ended}", "retry")
     return _due(script.rerun_interval, ran, now, "always", "rerun")
 
 
@@ -91,7 +99,7 @@ class ExecObserved:
     now: float
 
 
-class Exec(HostModule[ExecConf, ExecObserved]):
+class Exec(HostModule["ExecConf", ExecObserved]):
     name = "exec"
 
     def __init__(self, clock: Callable[[], float] = time.time, grace: float = 10.0) -> None:
@@ -151,7 +159,9 @@ class Exec(HostModule[ExecConf, ExecObserved]):
                               "timed_out": False, "interrupted": True}
         record.state["scripts"] = scripts
         record.save_intent()
-        done = host.run_script(argv, env=script.env, timeout=script.timeout, grace=self._grace)
+        # From its own stored directory: Divingbell's scripts use ./ relative paths.
+        done = host.run_script(argv, env=script.env, timeout=script.timeout, grace=self._grace,
+                               cwd=STORE)
         scripts = dict(record.state.get("scripts", {}))
         scripts[step.name] = {"hash": step.digest, "exit": done.returncode, "ran_at": started,
                               "timed_out": done.timed_out, "seconds": round(done.seconds, 3)}

@@ -6,13 +6,16 @@ Only divingbell's own files are ever removed (Divingbell emptied the whole direc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import Limit, LimitsConf
 from divingbell.engine.change import Change
 from divingbell.engine.files import FileSpec, plan_files
 from divingbell.engine.journal import ModuleRecord
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import Limit, LimitsConf
 
 LIMITS_DIR = "/etc/security/limits.d"
 HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
@@ -36,7 +39,7 @@ class LimitsObserved:
     files: dict[str, str | None]
 
 
-class Limits(HostModule[LimitsConf, LimitsObserved]):
+class Limits(HostModule["LimitsConf", LimitsObserved]):
     name = "limits"
 
     def observe(self, host: Host, desired: LimitsConf | None, record: ModuleRecord

@@ -13,8 +13,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import Mount, MountsConf
 from divingbell.engine.change import Action, Change
 from divingbell.engine.files import prune_created_dirs
 from divingbell.engine.journal import ModuleRecord
@@ -28,6 +28,9 @@ from divingbell.modules.systemd import (
     systemctl,
     unit_file,
 )
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import Mount, MountsConf
 
 WANTED_BY = "local-fs.target"
 NOT_MOUNTED = "not mounted"
@@ -164,7 +167,7 @@ class MountStep:
     original: str | None = None
 
 
-class Mounts(HostModule[MountsConf, MountsObserved]):
+class Mounts(HostModule["MountsConf", MountsObserved]):
     name = "mounts"
 
     def observe(self, host: Host, desired: MountsConf | None, record: ModuleRecord

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import PermConf
 from divingbell.engine.change import Action, Change
 from divingbell.engine.journal import ModuleRecord
 from divingbell.engine.settings import converge, restore
 from divingbell.errors import ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import PermConf
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class PermObserved:
     unmatched: list[str]                   # patterns that matched nothing (ignore_missing)
 
 
-class Perm(HostModule[PermConf, PermObserved]):
+class Perm(HostModule["PermConf", PermObserved]):
     name = "perm"
 
     def observe(self, host: Host, desired: PermConf | None, record: ModuleRecord

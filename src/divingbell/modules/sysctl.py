@@ -6,8 +6,9 @@ import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import SysctlConf, sysctl_components
+from divingbell.document.keys import sysctl_components
 from divingbell.engine.change import Change
 from divingbell.engine.files import FileSpec, plan_file
 from divingbell.engine.journal import ModuleRecord
@@ -15,6 +16,9 @@ from divingbell.engine.settings import converge, left_the_document, restore
 from divingbell.errors import ModuleError
 from divingbell.host import Host
 from divingbell.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import SysctlConf
 
 DROPIN = "/etc/sysctl.d/60-divingbell.conf"
 HEADER = (
@@ -39,11 +43,35 @@ def _describe(content: str) -> str:
     return f"{count} setting{'s' if count != 1 else ''}"
 
 
+def suggest_key(proc_sys: Path, key: str) -> str | None:
+    """The existing sysctl closest to a key that does not exist (a typo in one component)."""
+    import difflib
+
+    parts = sysctl_components(key)
+    found: list[str] = []
+    directory = proc_sys
+    for index, part in enumerate(parts):
+        if (directory / part).exists():
+            found.append(part)
+            directory = directory / part
+            continue
+        try:
+            names = [entry.name for entry in os.scandir(directory)]
+        except OSError:
+            return None
+        for candidate in difflib.get_close_matches(part, names, n=3, cutoff=0.6):
+            rest = parts[index + 1:]
+            if (directory / candidate).joinpath(*rest).exists():
+                return ".".join(p.replace(".", "/") for p in [*found, candidate, *rest])
+        return None
+    return None
+
+
 def render_dropin(settings: dict[str, str]) -> str:
     return HEADER + "".join(f"{key} = {settings[key]}\n" for key in sorted(settings))
 
 
-class Sysctl(HostModule[SysctlConf, SysctlObserved]):
+class Sysctl(HostModule["SysctlConf", SysctlObserved]):
     name = "sysctl"
 
     def observe(
@@ -60,7 +88,9 @@ class Sysctl(HostModule[SysctlConf, SysctlObserved]):
             except FileNotFoundError:
                 live[key] = None
                 if key in wanted:
-                    problems.append(f"{key}: no such sysctl on this kernel ({path} does not exist)")
+                    hint = suggest_key(host.proc_sys, key)
+                    problems.append(f"{key}: no such sysctl on this kernel ({path} does not exist)"
+                                    + (f"; did you mean {hint}?" if hint else ""))
                 continue
             except OSError as exc:
                 problems.append(f"{key}: cannot read {path}: {exc.strerror}")

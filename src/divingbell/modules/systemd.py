@@ -7,7 +7,6 @@ host, it is told (daemon-reload) and units are started and stopped through it.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from divingbell.engine.journal import ModuleRecord
 from divingbell.host import Host
 
 UNIT_DIR = "/etc/systemd/system"
-_SAFE = set(string.ascii_letters + string.digits + ":_.")
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:_.")
 
 
 def escape_path(path: str) -> str:

@@ -9,7 +9,9 @@
 - A sudoers file is checked with `visudo -c` before it is installed.
 - A document that would leave the host with no way in (no account with an SSH key plus sudo,
   or root with a key) that it had before is refused unless `allow_lockout: true`.
-- Password hashes go to chpasswd on stdin, never argv; plans show them as (sensitive).
+- Password hashes go to chpasswd on stdin, never argv; plans show them as (sensitive). A
+  password divingbell set that leaves the document is locked (the hash is replaced by `!`),
+  so password login stops; the plan says so.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-from divingbell.document.schema import CRYPT_PREFIXES, UamliteConf, User
+from divingbell.document.keys import CRYPT_PREFIXES
 from divingbell.engine.change import Action, Change
 from divingbell.engine.files import FileChange, FileSpec, plan_file
 from divingbell.engine.journal import ModuleRecord
@@ -27,6 +30,9 @@ from divingbell.errors import CommandError, ModuleError
 from divingbell.host import Host, UserDir
 from divingbell.modules.base import HostModule
 from divingbell.modules.sudoers import parse_tree
+
+if TYPE_CHECKING:
+    from divingbell.document.schema import UamliteConf, User
 
 SUDOERS_DIR = "/etc/sudoers.d"
 HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
@@ -54,6 +60,10 @@ class Account:
     password_digest: str  # sha256 of the hash field: compared, never shown or stored raw
     has_password: bool = False  # a usable crypt hash (not locked, not empty)
 
+    @property
+    def password_usable(self) -> bool:
+        return self.has_password
+
 
 @dataclass
 class UamliteObserved:
@@ -72,7 +82,7 @@ class AccountStep:
     """Payload of a change to an account itself."""
 
     user: str
-    op: str  # create | unexpire | expire | purge | password
+    op: str  # create | unexpire | expire | purge | password | lock
     secret: str | None = None
 
 
@@ -116,7 +126,7 @@ def parse_groups(text: str | None) -> dict[str, set[str]]:
     return out
 
 
-class Uamlite(HostModule[UamliteConf, UamliteObserved]):
+class Uamlite(HostModule["UamliteConf", UamliteObserved]):
     name = "uamlite"
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -242,6 +252,12 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
                 changes.append(Change(self.name, f"user {name} password", Action.SET,
                                       "other", "set", "set the password hash", sensitive=True,
                                       payload=AccountStep(name, "password", secret)))
+        elif (account is not None and account.password_usable
+              and name in record.state.get("passwords", [])):
+            changes.append(Change(self.name, f"user {name} password", Action.SET, "set",
+                                  "locked", "user_crypt_passwd left the document: the password "
+                                  "is locked (hash replaced by !), password login stops",
+                                  payload=AccountStep(name, "lock")))
         for path, spec in self._files_for(user, observed).items():
             change = plan_file(self.name, path, spec, observed.files.get(path), record,
                                _describe, restore_as=replace(spec, content=""))
@@ -302,6 +318,11 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
                                        if u != step.user]
         elif step.op == "password":
             host.run(["chpasswd", "--encrypted"], input_text=f"{step.user}:{step.secret}\n")
+            record.state["passwords"] = sorted({*record.state.get("passwords", []), step.user})
+        elif step.op == "lock":
+            host.run(["usermod", "--password", "!", step.user])
+            record.state["passwords"] = [u for u in record.state.get("passwords", [])
+                                         if u != step.user]
 
     def undo_setting(self, host: Host, change: Change) -> None:
         step: AccountStep = change.payload

@@ -1,0 +1,44 @@
+"""The developer-facing commands: the test run's skip summary, and the demo's guard rails."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def test_the_test_run_lists_skips_and_the_install_command(tmp_path: Path) -> None:
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n\n"
+        "def test_needs_a_tool():\n"
+        "    pytest.skip('needs frobnicate (install with scripts/test-deps)')\n\n"
+        "def test_also():\n"
+        "    pytest.skip('needs frobnicate (install with scripts/test-deps)')\n\n"
+        "def test_runs():\n"
+        "    assert True\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.skip_summary", "-p",
+         "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 test(s) skipped" in result.stdout
+    assert "   2 needs frobnicate (install with scripts/test-deps)" in result.stdout
+    assert "To run them: scripts/test-deps" in result.stdout
+
+
+def test_the_demo_refuses_documents_with_sysctls_outside_the_sandbox(tmp_path: Path) -> None:
+    doc = tmp_path / "global.yaml"
+    doc.write_text("conf:\n  sysctl:\n    net.ipv4.ip_forward: 1\n  overrides:\n"
+                   "    divingbell_sysctl:\n      hosts:\n"
+                   "        - {name: superhost, conf: {sysctl: {vm.swappiness: 17}}}\n")
+    result = subprocess.run([str(REPO / "scripts/demo"), str(doc)], capture_output=True,
+                            text=True, check=False,
+                            env={**os.environ, "DIVINGBELL_DEMO_VENV": str(REPO / ".venv")})
+    assert result.returncode == 1
+    assert "vm.swappiness" in result.stderr
+    assert "not in the demo's network namespace" in result.stderr
+    assert "\033[" not in result.stdout + result.stderr, "no escape codes into a pipe"
