@@ -720,7 +720,11 @@ def _fail(message: str, output_format: str, exit_code: int, **fields: Any) -> No
 
 
 def _guarded(action: Callable[[], T], output_format: str, node: str | None = None) -> T:
-    """Run `action`, turning the host refusing access into one line saying what to do."""
+    """Run `action`, turning the host refusing access, a damaged journal or any other host
+    error into one line saying what to do (a held lock is the caller's: it has its own exit
+    code)."""
+    from divingbell.errors import DivingbellError, LockTimeout
+
     try:
         return action()
     except PermissionError as exc:
@@ -728,6 +732,10 @@ def _guarded(action: Callable[[], T], output_format: str, node: str | None = Non
         _fail(f"permission denied{where}: divingbell reads and changes host state "
               "(/var/lib/divingbell, /etc, /proc/sys); run it as root", output_format,
               EXIT_FAILED, node=node)
+    except LockTimeout:
+        raise
+    except (DivingbellError, OSError) as exc:
+        _fail(str(exc), output_format, EXIT_FAILED, node=node)
 
 
 def _warn_live_kernel(root: Path, proc_sys: Path, output_format: str) -> None:

@@ -116,3 +116,17 @@ def test_an_invalid_document_is_never_cached(cli: Cli, tmp_path: Path, root: Pat
         assert 'conf.sysctl["net.ipv4.ip_forward"]: must be a number or a string, not a list ' \
             f"({bad}:3)" in result.stderr
     assert not (root / CACHE).exists()
+
+
+def test_a_cached_configuration_knows_which_fields_the_document_wrote(tmp_path: Path) -> None:
+    # uamlite keeps a user's keys when the document names the user only to set a password: it
+    # asks which fields were written, so a cache hit must answer the same as the models.
+    doc = write(tmp_path / "d.yaml", "conf:\n  uamlite:\n    users:\n"
+                "      - user_name: bob\n        user_sudo: true\n"
+                "      - user_name: carol\n        user_sshkeys: []\n")
+    users = node_config(load_document([doc]), "n", {}).modules["uamlite"].users
+    decoded = decode(json.loads(json.dumps(encode(users))))
+    for model, light in zip(users, decoded, strict=True):
+        assert light.model_fields_set == model.model_fields_set
+    assert "user_sshkeys" not in decoded[0].model_fields_set
+    assert "user_sshkeys" in decoded[1].model_fields_set

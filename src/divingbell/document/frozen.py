@@ -14,6 +14,7 @@ from typing import Any
 from divingbell.document.views import AptConfViews, EthtoolInterfaceViews, RepositoryViews
 
 MODEL, FIELDS, EXTRA, SECRET, DICT = "$model", "fields", "extra", "$secret", "$dict"
+SET = "set"  # the fields the document wrote (pydantic's model_fields_set)
 MASK = "**********"
 
 _VIEWS: dict[str, tuple[type, ...]] = {
@@ -33,6 +34,7 @@ def encode(value: Any) -> Any:
         extra = value.__pydantic_extra__
         if extra:
             out[EXTRA] = {key: encode(item) for key, item in extra.items()}
+        out[SET] = sorted(value.model_fields_set)
         return out
     if isinstance(value, SecretStr | Secret):
         return {SECRET: value.get_secret_value()}
@@ -51,9 +53,12 @@ def decode(data: Any) -> Any:
     if isinstance(data, dict):
         if MODEL in data:
             extra = data.get(EXTRA)
-            return _light_class(str(data[MODEL]))(
+            light = _light_class(str(data[MODEL]))(
                 {str(k): decode(v) for k, v in dict(data[FIELDS]).items()},
                 {str(k): decode(v) for k, v in dict(extra).items()} if extra else None)
+            object.__setattr__(light, "model_fields_set",
+                               frozenset(str(name) for name in data.get(SET) or ()))
+            return light
         if SECRET in data:
             return Secret(str(data[SECRET]))
         if DICT in data:
@@ -99,10 +104,12 @@ class Light:
 
     _fields: dict[str, Any]
     __pydantic_extra__: dict[str, Any] | None
+    model_fields_set: frozenset[str]
 
     def __init__(self, fields: dict[str, Any], extra: dict[str, Any] | None) -> None:
         object.__setattr__(self, "_fields", fields)
         object.__setattr__(self, "__pydantic_extra__", extra)
+        object.__setattr__(self, "model_fields_set", frozenset(fields))
 
     def __getattr__(self, name: str) -> Any:
         fields = object.__getattribute__(self, "_fields")

@@ -93,8 +93,7 @@ def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
             "conf", "the document has no `conf:` (an empty or truncated file?). divingbell "
             "never takes a missing document to mean \"remove everything\": write `conf: {}` "
             "or run `divingbell apply --allow-empty` if that is what you want", where))
-    if problems:
-        raise DocumentError(problems)
+    # Not raised yet: a misspelt `conf` is also named by the schema check ("did you mean").
     data, notes = _without_chart_keys(loaded)
     try:
         model = Document.model_validate(data)

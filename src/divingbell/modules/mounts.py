@@ -127,24 +127,24 @@ def _unit_text(value: str) -> str:
 
 
 def render_unit(name: str, mount: Mount) -> str:
-    mount = mount.model_copy(update={
-        field: _unit_text(getattr(mount, field)) for field in
-        ("device", "type", "before", "after", "options") if getattr(mount, field) is not None})
+    # Plain attribute reads (no model copy): the mount may be a cached, read-only view.
+    text = {field: None if getattr(mount, field) is None else _unit_text(getattr(mount, field))
+            for field in ("device", "type", "before", "after", "options")}
     lines = [
         "# Managed by divingbell; edits here are overwritten on its next apply.",
         "[Unit]",
         f"Description=divingbell mount {name}: {mount.mnt_tgt}",
         "Conflicts=umount.target",
-        f"Before={mount.before}",
-        f"After={mount.after}",
+        f"Before={text['before']}",
+        f"After={text['after']}",
         "",
         "[Mount]",
-        f"What={mount.device}",
+        f"What={text['device']}",
         f"Where={mount.mnt_tgt}",
-        f"Type={mount.type}",
+        f"Type={text['type']}",
     ]
-    if mount.options:
-        lines.append(f"Options={mount.options}")
+    if text["options"]:
+        lines.append(f"Options={text['options']}")
     lines += ["", "[Install]", f"WantedBy={WANTED_BY}", ""]
     return "\n".join(lines)
 
