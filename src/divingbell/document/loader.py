@@ -69,6 +69,32 @@ def load_text(text: str, source: str = "<string>") -> Loaded:
     return Loaded(data, marks, [source])
 
 
+def load_all_text(text: str, source: str = "<string>") -> list[Loaded]:
+    """Every YAML document in `text` (separated by `---`), each with its own file:line marks.
+    Documents may be any YAML value; callers check the shape they expect."""
+    problems: list[Problem] = []
+    loader = _Loader(text)
+    documents: list[Loaded] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            marks: dict[PathKey, str] = {}
+            data = _construct(loader, node, (), source, marks, problems)
+            documents.append(Loaded(data, marks, [source]))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise DocumentError([Problem("", f"not valid YAML: {reason}", where)]) from None
+    finally:
+        loader.dispose()
+    if problems:
+        raise DocumentError(problems)
+    return documents
+
+
 def load_file(path: Path) -> Loaded:
     try:
         text = path.read_text()
