@@ -31,6 +31,7 @@ class ApiStub:
     def __init__(self) -> None:
         self.received: list[tuple[Request, str]] = []
         self.annotations: dict[str, dict[str, str]] = {n: {} for n in NODES}
+        self.labels: dict[str, dict[str, str]] = {n: dict(v) for n, v in NODES.items()}
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -66,7 +67,13 @@ class ApiStub:
                 path, body = self._record()
                 name = path.removeprefix("/api/v1/nodes/")
                 assert body is not None
-                stub.annotations[name].update(body["metadata"]["annotations"])
+                # A JSON merge patch: null removes a key.
+                for kind, store in (("annotations", stub.annotations), ("labels", stub.labels)):
+                    for key, value in (body["metadata"].get(kind) or {}).items():
+                        if value is None:
+                            store[name].pop(key, None)
+                        else:
+                            store[name][key] = value
                 self._reply(200, stub.node(name))
 
             def do_POST(self) -> None:
@@ -83,7 +90,7 @@ class ApiStub:
 
     def node(self, name: str) -> dict[str, Any]:
         return {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "labels": NODES[name],
+                "metadata": {"name": name, "labels": self.labels[name],
                              "annotations": self.annotations[name]}}
 
 
@@ -114,6 +121,29 @@ def test_adapter_and_fake_agree_on_what_they_send(stub: ApiStub) -> None:
     assert [request for request, _ in stub.received] == fake.sent
     content_types = {r.method: ctype for r, ctype in stub.received}
     assert content_types["PATCH"] == "application/merge-patch+json"
+
+
+def exercise_labels(api: Any) -> list[Any]:
+    return [
+        api.node("n1"),
+        api.patch_node("n1", labels={"rack": "r1", "role": None},
+                       annotations={"divingbell.io/bootstrap-labels": "rack"}),
+        api.patch_node("n2", labels={"topology.kubernetes.io/zone": "a"}, annotations={}),
+        api.node("n2"),
+    ]
+
+
+def test_adapter_and_fake_agree_on_label_patches(stub: ApiStub) -> None:
+    fake = FakeKube()
+    for name, labels in NODES.items():
+        fake.add_node(name, labels)
+    adapter = LightkubeApi(server=stub.url)
+    results = exercise_labels(adapter)
+    assert results == exercise_labels(fake)
+    assert results[1].labels == {"rack": "r1"}, "role removed by the null in the merge patch"
+    assert [request for request, _ in stub.received] == fake.sent
+    assert {ctype for r, ctype in stub.received if r.method == "PATCH"} == {
+        "application/merge-patch+json"}
 
 
 def test_adapter_errors_are_clear(stub: ApiStub) -> None:

@@ -90,6 +90,38 @@ def event_request(node: str, reason: str, message: str, warning: bool, now: floa
                    event_body(node, reason, message, warning, now))
 
 
+# Node labels (bootstrap: `divingbell bootstrap labels`, teardown, the fleet's label route). ---
+
+class NodeLabelApi(KubeApi, Protocol):
+    """What label management needs on top of `KubeApi`: one node, and a merge patch of its
+    labels and annotations (a None value removes the key)."""
+
+    def node(self, name: str) -> NodeView: ...
+
+    def patch_node(self, name: str, *, labels: Mapping[str, str | None],
+                   annotations: Mapping[str, str | None]) -> NodeView: ...
+
+
+def node_patch_request(name: str, labels: Mapping[str, str | None],
+                       annotations: Mapping[str, str | None]) -> Request:
+    metadata: dict[str, Any] = {}
+    if labels:
+        metadata["labels"] = dict(sorted(labels.items()))
+    if annotations:
+        metadata["annotations"] = dict(sorted(annotations.items()))
+    return Request("PATCH", f"/api/v1/nodes/{name}", {"metadata": metadata})
+
+
+def _merged(current: Mapping[str, str], patch: Mapping[str, str | None]) -> dict[str, str]:
+    out = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
 # The fake. --------------------------------------------------------------------------------
 
 @dataclass
@@ -126,6 +158,22 @@ class FakeKube:
     def nodes(self) -> list[NodeView]:
         self.sent.append(Request("GET", "/api/v1/nodes"))
         return sorted(self.node_objects.values(), key=lambda n: n.name)
+
+    # Node labels (NodeLabelApi) --------------------------------------------------------
+
+    def node(self, name: str) -> NodeView:
+        self.sent.append(Request("GET", f"/api/v1/nodes/{name}"))
+        return self._node(name)
+
+    def patch_node(self, name: str, *, labels: Mapping[str, str | None],
+                   annotations: Mapping[str, str | None]) -> NodeView:
+        request = node_patch_request(name, labels, annotations)
+        self.sent.append(request)
+        current = self._node(name)
+        view = NodeView(name, _merged(current.labels, labels),
+                        _merged(current.annotations, annotations))
+        self.node_objects[name] = view
+        return view
 
     def events(self, node: str) -> list[dict[str, Any]]:
         return [r.body for r in self.sent if r.method == "POST" and r.body is not None
@@ -187,6 +235,27 @@ class LightkubeApi:
         return sorted((NodeView(n.metadata.name or "", dict(n.metadata.labels or {}),
                                 dict(n.metadata.annotations or {}))
                        for n in items if n.metadata), key=lambda n: n.name)
+
+    # Node labels (NodeLabelApi) --------------------------------------------------------
+
+    def node(self, name: str) -> NodeView:
+        from lightkube.resources.core_v1 import Node
+
+        return self._view(self._call(lambda: self._client.get(Node, name)))
+
+    def patch_node(self, name: str, *, labels: Mapping[str, str | None],
+                   annotations: Mapping[str, str | None]) -> NodeView:
+        from lightkube.resources.core_v1 import Node
+        from lightkube.types import PatchType
+
+        body = node_patch_request(name, labels, annotations).body or {}
+        return self._view(self._call(lambda: self._client.patch(
+            Node, name, body, patch_type=PatchType.MERGE)))
+
+    @staticmethod
+    def _view(obj: Any) -> NodeView:
+        meta = obj.metadata
+        return NodeView(meta.name or "", dict(meta.labels or {}), dict(meta.annotations or {}))
 
     @staticmethod
     def _call(action: Callable[[], Any]) -> Any:
