@@ -25,7 +25,8 @@ from divingbell.errors import DivingbellError
 
 TEMPLATES = Path(__file__).with_name("templates")
 OWNED_ANNOTATION = "divingbell.io/bootstrap-labels"
-BASE_COMMANDS = ("systemctl", "apt-get", "dpkg-query", "curl", "tar", "base64", "install",
+# Needed before anything is installed; curl (for the API steps) is installed with the packages.
+BASE_COMMANDS = ("systemctl", "apt-get", "dpkg-query", "tar", "gzip", "base64", "install",
                  "cmp", "stat", "df", "awk", "sed", "ip", "mktemp")
 PATHS = {
     "ca": "/etc/kubernetes/pki/ca.pem",
@@ -112,8 +113,9 @@ def build_node_script(design: Design, node: Node, credentials: NodeCredentials, 
     files = _node_files(design, node, role, credentials, context)
     runtime = design.cluster.container_runtime
     packages = list(dict.fromkeys([runtime.package, *role.packages]))
-    if not any(p.split("=")[0] == "kubelet" for p in packages):
-        packages.append("kubelet")
+    for needed in ("kubelet", "curl"):
+        if not any(p.split("=")[0] == needed for p in packages):
+            packages.append(needed)
     units = list(dict.fromkeys([runtime.unit, *[u.name for u in role.units],
                                 "kubelet.service"]))
     owned = sorted({*static, *dynamic})
