@@ -35,9 +35,12 @@ class KubeApiStandIn:
             def _client(self) -> str | None:
                 if not isinstance(self.connection, ssl.SSLSocket):
                     return None
-                cert = self.connection.getpeercert() or {}
-                names = dict(pair[0] for pair in cert.get("subject", ()))
-                return str(names.get("commonName"))
+                cert: dict[str, Any] = dict(self.connection.getpeercert() or {})
+                for rdn in cert.get("subject", ()):
+                    for key, value in rdn:
+                        if key == "commonName":
+                            return str(value)
+                return None
 
             def _reply(self, code: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body, separators=(",", ":")).encode()
