@@ -8,6 +8,7 @@ the node needs nothing but the script. The script itself is `templates/node.sh.j
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import io
 import json
@@ -188,7 +189,7 @@ def _archive(files: Mapping[str, tuple[str, str]]) -> str:
     """The files as a gzip'd tar (files/<path> plus a manifest of "mode path" lines), base64
     in 76-column lines. Reproducible: fixed owner, times and order."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         manifest = "".join(f"{int(mode, 8):o} {path}\n" for path, (_, mode) in
                            sorted(files.items()))
         entries = [("manifest", manifest, "0644"),
@@ -201,7 +202,8 @@ def _archive(files: Mapping[str, tuple[str, str]]) -> str:
             info.uid = info.gid = 0
             info.uname = info.gname = "root"
             tar.addfile(info, io.BytesIO(data))
-    return base64.encodebytes(buffer.getvalue()).decode().rstrip("\n")
+    compressed = gzip.compress(buffer.getvalue(), mtime=0)
+    return base64.encodebytes(compressed).decode().rstrip("\n")
 
 
 @dataclass(frozen=True)
