@@ -181,12 +181,17 @@ class FakeKube:
 
     def _node(self, node: str) -> NodeView:
         if node not in self.node_objects:
-            raise KubeError(f"node {node!r} not found (404)")
+            raise KubeError(f"node {node!r} not found (404)", status=404)
         return self.node_objects[node]
 
 
 class KubeError(Exception):
-    """The API server refused or could not be reached; the message says which."""
+    """The API server refused or could not be reached; the message says which. `status` is
+    the API server's HTTP status when it answered (404: no such object), else None."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # The real adapter. ------------------------------------------------------------------------
@@ -264,7 +269,8 @@ class LightkubeApi:
         try:
             return action()
         except ApiError as exc:
-            raise KubeError(f"API server: {exc.status.code} {exc.status.message}") from None
+            raise KubeError(f"API server: {exc.status.code} {exc.status.message}",
+                            status=exc.status.code) from None
         except OSError as exc:
             raise KubeError(f"cannot reach the API server: {exc}") from None
         except Exception as exc:  # httpx transport errors do not share a public base here
