@@ -211,7 +211,10 @@ def read_cert(path: Path) -> x509.Certificate:
 
 def read_key(path: Path) -> PrivateKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        # The expensive RSA consistency check (~0.1 s a key) is skipped: these are keys this
+        # tool wrote, and every reuse compares the key with its certificate's public key.
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None,
+                                                 unsafe_skip_rsa_key_validation=True)
     except (OSError, ValueError, TypeError) as exc:
         # The reason never quotes the file: it holds a secret.
         raise PkiError([f"{path}: not an unencrypted PEM private key ({_reason(exc)})"]
