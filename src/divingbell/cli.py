@@ -20,6 +20,7 @@ import click
 from divingbell import __version__
 
 if TYPE_CHECKING:
+    from divingbell.agent import Agent
     from divingbell.document.validate import NodeConfig, ValidDocument
     from divingbell.host import Host
 
@@ -315,9 +316,18 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
 
 
 @cli.command()
-@_files_argument
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_host_options
 @_node_options
+@click.option("--server", "fleet_server", metavar="URL",
+              help="Fleet mode: take the configuration from this fleet service instead of "
+              "FILES, and report to it (see docs/fleet.md).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Fleet mode: the machine credential (default: the one divingbell discover "
+              "stored, /var/lib/divingbell/fleet-credential).")
+@click.option("--fleet-interval", type=float, default=30.0, show_default=True,
+              metavar="SECONDS", help="Fleet mode: how often the configuration is fetched "
+              "(a conditional GET) and, at twice this, the last report re-sent.")
 @click.option("--labels-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Node labels as KEY=VALUE lines, re-read as they change (hosts without "
               "Kubernetes).")
@@ -341,7 +351,8 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
 def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
           labels: tuple[str, ...], labels_file: Path | None, use_kube: bool | None,
           kubeconfig: str | None, listen: str, poll_interval: float, label_interval: float,
-          drift_interval: float, backoff_max: float, log_level: str) -> None:
+          drift_interval: float, backoff_max: float, log_level: str, fleet_server: str | None,
+          token_file: Path | None, fleet_interval: float) -> None:
     """Keep this node converged: the process a DaemonSet pod or a systemd unit runs.
 
     Converges at start, then again whenever the document files change (a ConfigMap volume
@@ -353,6 +364,7 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
     \b
     In a pod:      divingbell agent /etc/divingbell/site.yaml --root /host
     Without k8s:   divingbell agent /etc/divingbell/site.yaml --labels-file /etc/divingbell/labels
+    Fleet mode:    divingbell agent --server https://fleet:8500
     """
     import logging
     import signal
@@ -365,6 +377,18 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
     address, _, port_text = listen.rpartition(":")
     if not port_text.isdigit():
         raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
+    if fleet_server is not None or files == ():
+        runner: Agent = _fleet_agent(fleet_server, token_file, files, _host(root, proc_sys),
+                                     poll_interval, fleet_interval, drift_interval, backoff_max)
+        server_http = serve(runner, address or "0.0.0.0", int(port_text))
+        stop_fleet = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop_fleet.set())
+        logging.getLogger("divingbell.agent").info("agent in fleet mode (%s), serving %s",
+                                                   fleet_server, listen)
+        runner.run(stop_fleet)
+        server_http.shutdown()
+        return
     name = node or os.environ.get("NODE_NAME") or socket.gethostname()
     if use_kube is None:
         use_kube = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or kubeconfig is not None
@@ -387,6 +411,24 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
         "agent for node %s on %s, serving %s", name, root, listen)
     runner.run(stop)
     server.shutdown()
+
+
+def _fleet_agent(server: str | None, token_file: Path | None, files: tuple[Path, ...],
+                 host: Host, poll_interval: float, fleet_interval: float,
+                 drift_interval: float, backoff_max: float) -> Agent:
+    """The agent's fleet mode (divingbell/fleet/agent_source.py): stdlib-only."""
+    from divingbell.fleet.agent_source import build
+    from divingbell.fleet.client import CREDENTIAL_PATH, FleetApiError, read_token
+
+    if server is None or files:
+        raise click.UsageError("give the document FILES, or --server URL (fleet mode); not both")
+    try:
+        credential = read_token(token_file or CREDENTIAL_PATH)
+        return build(server, credential, host, poll_interval=poll_interval,
+                     fetch_interval=fleet_interval, report_interval=fleet_interval * 2,
+                     drift_interval=drift_interval, backoff_max=backoff_max)
+    except (FleetApiError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
