@@ -10,12 +10,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from divingbell.fleet.settings import FleetSettings
 from tests.bootstrap.kubeapi import KubeApiStandIn
 from tests.bootstrap.test_build import CATALOG, DESIGN
 from tests.conftest import Cli
-from tests.fleet.servers import ThreadServer, thread_server
+from tests.fleet.servers import ProcessServer, ThreadServer, thread_server
 
 
 @pytest.fixture
@@ -137,3 +138,39 @@ def test_unconfigured_bootstrap_is_503(tmp_path: Path) -> None:
                      params={"hostname": "n1", "ip": "10.0.0.11"})
         assert reply.status_code == 503
         assert reply.json()["detail"]["error"] == "bootstrap-not-configured"
+
+
+def test_divingbell_serve_takes_the_bootstrap_options(cli: Cli, tmp_path: Path,
+                                                      kube_api: KubeApiStandIn) -> None:
+    (tmp_path / "catalog.yaml").write_text(CATALOG)
+    (tmp_path / "design.yaml").write_text(DESIGN)
+    assert cli("pki", "generate", tmp_path / "catalog.yaml", "-o", tmp_path / "pki"
+               ).returncode == 0
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
+        "clusters": [{"name": "stand-in", "cluster": {"server": kube_api.url}}],
+        "users": [{"name": "stand-in", "user": {}}],
+        "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in",
+                                                       "user": "stand-in"}}]}))
+    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    process = ProcessServer(db_url, args=(
+        "--bootstrap-design", str(tmp_path / "design.yaml"), "--bootstrap-pki",
+        str(tmp_path / "pki"), "--kubeconfig", str(kubeconfig))).start(tmp_path / "serve.log")
+    try:
+        created = cli("fleet", "token", "create", "--db", db_url, "--role", "admin")
+        assert created.returncode == 0, created.stderr
+        token = created.stdout.strip().splitlines()[-1]
+        script = httpx.get(f"{process.url}/v1/join-scripts", timeout=30,
+                           params={"hostname": "n1", "ip": "10.0.0.11"},
+                           headers={"Authorization": f"Bearer {token}"})
+        assert script.status_code == 200, script.text
+        assert script.text.startswith("#!/bin/bash\n")
+        kube_api.add_node("n1", {"old": "x"})
+        labels = httpx.put(f"{process.url}/v1/nodes/n1/labels", timeout=30,
+                           json={"labels": {"team": "blue"}},
+                           headers={"Authorization": f"Bearer {token}"})
+        assert labels.status_code == 200, labels.text
+        assert kube_api.nodes["n1"]["labels"] == {"team": "blue"}
+    finally:
+        process.stop()

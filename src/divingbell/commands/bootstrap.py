@@ -125,6 +125,21 @@ def build(designs: tuple[Path, ...], pki_dir: Path, out: Path, nodes: tuple[str,
     click.echo(f"{out / 'divingbell-bootstrap.service'}: the unit that runs a script once")
 
 
+def serve_options(func: Any) -> Any:
+    """`divingbell serve`'s bootstrap options, passed on as FleetSettings fields."""
+    func = click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False),
+                        help="Credentials for the cluster's API server, for PUT "
+                        "/v1/nodes/{name}/labels. Default: in-cluster, else ~/.kube/config."
+                        )(func)
+    func = click.option("--bootstrap-pki", type=click.Path(exists=True, file_okay=False),
+                        help="The `divingbell pki generate` directory join scripts take "
+                        "the CA and node certificates from.")(func)
+    return click.option("--bootstrap-design", type=click.Path(exists=True, dir_okay=False),
+                        multiple=True, callback=lambda _c, _p, value: tuple(value),
+                        help="A design file GET /v1/join-scripts builds from (repeat for "
+                        "several, deep-merged in order).")(func)
+
+
 def _kube_options(func: Any) -> Any:
     func = click.option("--server", metavar="URL", hidden=True,
                         help="An unauthenticated API server URL (tests, kubectl proxy).")(func)
