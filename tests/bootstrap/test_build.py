@@ -178,3 +178,19 @@ def test_an_undefined_template_variable_or_missing_certificate_fails_the_build(
         in missing.stderr
     assert "document_name: kubelet-n2" in missing.stderr
     assert not out.exists()
+
+
+def test_build_from_the_pki_bundle_gives_the_same_scripts(cli: Cli, workspace: Path) -> None:
+    from_dir, from_bundle = workspace / "a", workspace / "b"
+    for pki, out in ((workspace / "pki", from_dir),
+                     (workspace / "pki/certificates.yaml", from_bundle)):
+        result = cli("bootstrap", "build", workspace / "design.yaml", "--pki", pki, "-o", out)
+        assert result.returncode == 0, result.stderr
+    for name in ("genesis.sh", "join-n1.sh"):
+        assert (from_dir / name).read_bytes() == (from_bundle / name).read_bytes()
+    (workspace / "design.yaml").write_text(DESIGN.replace("hostname: n1", "hostname: n2"))
+    missing = cli("bootstrap", "build", workspace / "design.yaml", "--pki",
+                  workspace / "pki/certificates.yaml", "-o", workspace / "c")
+    assert missing.returncode == 2
+    assert "kubelet-n2 (deckhand/Certificate/v1), kubelet-n2 (deckhand/CertificateKey/v1) not " \
+        "in" in missing.stderr

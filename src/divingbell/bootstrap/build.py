@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import yaml
 
 from divingbell.bootstrap.design import Design, Node, Role
 from divingbell.errors import DivingbellError
@@ -80,8 +81,11 @@ _USER_ENV = _env()
 
 
 def read_credentials(pki_dir: Path, design: Design, hostname: str) -> NodeCredentials:
-    """The CA and the node's own certificate and key from a `divingbell pki` directory."""
+    """The CA and the node's own certificate and key from a `divingbell pki` directory, or
+    from its `certificates.yaml` bundle."""
     name = design.pki.node_certificate.format(hostname=hostname)
+    if pki_dir.is_file():
+        return _from_bundle(pki_dir, design.pki.ca, name, hostname)
     wanted = {"ca": pki_dir / f"{design.pki.ca}.pem", "cert": pki_dir / f"{name}.pem",
               "key": pki_dir / f"{name}-key.pem"}
     missing = [str(path) for path in wanted.values() if not path.is_file()]
@@ -93,6 +97,26 @@ def read_credentials(pki_dir: Path, design: Design, hostname: str) -> NodeCreden
             "`divingbell pki generate`"])
     return NodeCredentials(wanted["ca"].read_text(), wanted["cert"].read_text(),
                            wanted["key"].read_text())
+
+
+def _from_bundle(bundle: Path, ca: str, name: str, hostname: str) -> NodeCredentials:
+    try:
+        documents = list(yaml.safe_load_all(bundle.read_text()))
+    except (OSError, yaml.YAMLError) as exc:
+        raise BuildError([f"pki: cannot read the bundle {bundle}: {exc}"]) from None
+    found = {(str((d.get("metadata") or {}).get("name")), str(d.get("schema"))): d.get("data")
+             for d in documents if isinstance(d, dict)}
+    wanted = {"ca": (ca, "deckhand/CertificateAuthority/v1"),
+              "cert": (name, "deckhand/Certificate/v1"),
+              "key": (name, "deckhand/CertificateKey/v1")}
+    missing = [f"{n} ({schema})" for n, schema in wanted.values()
+               if not isinstance(found.get((n, schema)), str)]
+    if missing:
+        raise BuildError([f"pki: {', '.join(missing)} not in {bundle}: add {{document_name: "
+                          f"{name}, common_name: 'system:node:{hostname}', groups: "
+                          "['system:nodes']} to the catalog and run `divingbell pki generate`"])
+    ca_pem, cert_pem, key_pem = (str(found[wanted[k]]) for k in ("ca", "cert", "key"))
+    return NodeCredentials(ca_pem, cert_pem, key_pem)
 
 
 def design_digest(design: Design) -> str:

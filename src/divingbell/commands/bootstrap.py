@@ -76,9 +76,9 @@ def validate(designs: tuple[Path, ...], output_format: str) -> None:
 @bootstrap.command()
 @_design_files
 @click.option("--pki", "pki_dir", required=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The `divingbell pki generate` output: the CA and each node's certificate "
-              "(kubelet-<hostname> by default).")
+              type=click.Path(exists=True, path_type=Path),
+              help="The `divingbell pki generate` output directory, or its certificates.yaml "
+              "bundle: the CA and each node's certificate (kubelet-<hostname> by default).")
 @click.option("-o", "--output", "out", required=True,
               type=click.Path(file_okay=False, path_type=Path),
               help="Directory for genesis.sh, join-<node>.sh and divingbell-bootstrap.service.")

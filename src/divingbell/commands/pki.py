@@ -68,7 +68,7 @@ def generate(catalogs: tuple[Path, ...], out: Path, renewal_window: str,
         _problems(exc.problems, output_format)
         raise SystemExit(EXIT_INVALID) from None
     try:
-        outcomes = run_generate(catalog, out, renewal_days=max(0, window.days))
+        outcomes = run_generate(catalog, out, renewal_days=window.total_seconds() / 86400)
     except PkiError as exc:
         if output_format == "json":
             click.echo(json.dumps({"ok": False, "errors": exc.problems}, indent=2))

@@ -50,7 +50,7 @@ def pair_paths(out: Path, name: str) -> tuple[Path, Path]:
     return out / f"{name}.pem", out / f"{name}-key.pem"
 
 
-def generate(catalog: Catalog, out: Path, *, renewal_days: int = DEFAULT_RENEWAL_DAYS,
+def generate(catalog: Catalog, out: Path, *, renewal_days: float = DEFAULT_RENEWAL_DAYS,
              now: Callable[[], datetime.datetime] | None = None) -> list[Outcome]:
     moment = (now or (lambda: datetime.datetime.now(datetime.UTC)))()
     window = moment + datetime.timedelta(days=renewal_days)
