@@ -194,3 +194,28 @@ def test_build_from_the_pki_bundle_gives_the_same_scripts(cli: Cli, workspace: P
     assert missing.returncode == 2
     assert "kubelet-n2 (deckhand/Certificate/v1), kubelet-n2 (deckhand/CertificateKey/v1) not " \
         "in" in missing.stderr
+
+
+def test_the_wait_for_ready_is_bounded(cli: Cli, workspace: Path, tmp_path: Path) -> None:
+    """The script's own wait, run against an API server that never answers: it gives up
+    after the design's timeout with a hint, rather than hanging the unit forever."""
+    if shutil.which("curl") is None:
+        pytest.skip("needs curl")
+    out = workspace / "scripts"
+    assert cli("bootstrap", "build", workspace / "design.yaml", "--pki", workspace / "pki",
+               "-o", out, "--node", "n1").returncode == 0
+    script = out / "join-n1.sh"
+    extract = "; ".join(f'source <(sed -n "/^{name}() {{/,/^}}/p" {script})'
+                        for name in ("api", "node_json", "wait_until_ready"))
+    program = (
+        "set -euo pipefail; shopt -s inherit_errexit\n"
+        "log() { printf 'divingbell-bootstrap: %s\\n' \"$*\" >&2; }\n"
+        "fail() { log \"error: $*\"; exit 1; }\n"
+        "NODE_NAME=n1 API_SERVER=https://127.0.0.1:9 READY_TIMEOUT=2 READY_POLL=1\n"
+        f"CA_FILE={workspace}/pki/kubernetes.pem CERT_FILE={workspace}/pki/kubelet-n1.pem "
+        f"KEY_FILE={workspace}/pki/kubelet-n1-key.pem\n{extract}\nwait_until_ready\n")
+    result = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 1
+    assert "waiting up to 2s for node n1 to be Ready at https://127.0.0.1:9" in result.stderr
+    assert "error: node n1 is not Ready after 2s (journalctl -u kubelet)" in result.stderr
