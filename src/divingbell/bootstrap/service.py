@@ -195,7 +195,7 @@ def put_labels(api: NodeLabelApi, node: str, body: Any) -> Reply:
     try:
         change = set_labels(api, node, desired)
     except KubeError as exc:
-        if exc.status == 404:
+        if exc.code == 404:
             return Reply(404, {"detail": {"error": "node-not-found", "node": node}})
         return Reply(502, {"detail": {"error": "kubernetes", "message": str(exc)}})
     return Reply(200, change.as_dict())

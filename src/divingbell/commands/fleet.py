@@ -431,3 +431,12 @@ def status(server: str, token_file: Path | None, ca_file: str | None,
     for state_name, count in sorted(by_state.items()):
         click.echo(f"  {state_name}: {count}")
     sys.exit(0 if len(live) == fresh else 1)
+
+
+def _add_rollout_group() -> None:
+    from divingbell.commands.rollout import rollout
+
+    fleet.add_command(rollout)
+
+
+_add_rollout_group()

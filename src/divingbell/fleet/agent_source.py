@@ -186,5 +186,8 @@ def build(server: str, credential: str, host: Host, *, poll_interval: float,
     source = FleetSource(client, machine_id, cache)
     settings = AgentSettings(documents=[source.document], node=machine_id, host=host,
                              poll_interval=poll_interval, drift_interval=drift_interval,
-                             backoff_max=backoff_max, label_interval=3600.0)
+                             backoff_max=backoff_max, label_interval=3600.0,
+                             # The service decides when this node gets a new revision (its
+                             # rollout), and this process rewrites the cached file itself.
+                             follow_document_changes=True)
     return FleetAgent(settings, fleet, source)

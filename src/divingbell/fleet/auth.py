@@ -60,8 +60,46 @@ def _unauthorized(message: str) -> ApiError:
                     headers={"WWW-Authenticate": "Bearer"})
 
 
+SESSION_COOKIE = "divingbell_session"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def session_principal(request: Request) -> Principal | None:
+    """The web UI's session cookie, if valid: the principal of the token that logged in.
+    Sets `request.state.csrf` (the session's CSRF token) and `request.state.ui_session`."""
+    value = request.cookies.get(SESSION_COOKIE, "")
+    session_id, sep, secret = value.partition("_")
+    if not sep or not session_id or not secret or len(value) > 256:
+        return None
+    from divingbell.fleet.models import UiSession
+
+    now = utcnow()
+    with request.app.state.db.read() as session:
+        row = session.get(UiSession, session_id)
+        if (row is None or row.expires_at <= now
+                or not hmac.compare_digest(row.secret_hash, hash_secret(secret))):
+            return None
+        token = session.get(Token, row.token_id)
+        if (token is None or token.revoked_at is not None
+                or (token.expires_at is not None and token.expires_at <= now)):
+            return None
+        request.state.csrf = row.csrf
+        request.state.ui_session = row.id
+        principal = Principal("token", token.id, token.role)
+    request.state.principal = principal
+    return principal
+
+
 def authenticate(request: Request, authorization: Annotated[
         str | None, Header(description="Bearer <token>")] = None) -> Principal:
+    if not authorization and SESSION_COOKIE in request.cookies:
+        principal = session_principal(request)
+        if principal is None:
+            raise _unauthorized("session expired: log in again")
+        if request.method not in _SAFE_METHODS and not hmac.compare_digest(
+                request.headers.get("x-csrf-token", ""), request.state.csrf):
+            raise ApiError(403, {"error": "csrf", "message": "missing or wrong X-CSRF-Token"})
+        return principal
     if not authorization:
         raise _unauthorized("missing Authorization: Bearer <token>")
     scheme, _, value = authorization.partition(" ")

@@ -134,3 +134,52 @@ class Lease(Base):
     holder: Mapped[str | None] = mapped_column(String(128), nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+
+
+class RolloutRow(Base):
+    """A rollout of one revision; its decisions are made by `fleet.rollout` (pure) and stored
+    here, so every replica sees the same rollout."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    from_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    policy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    waves: Mapped[list[Any]] = mapped_column(default=list)
+    gate: Mapped[list[Any] | None] = mapped_column(nullable=True)
+    failures: Mapped[list[Any]] = mapped_column(default=list)
+    rollback: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    started_by: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime())
+    updated_at: Mapped[datetime] = mapped_column(DateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+
+
+class RolloutMember(Base):
+    __tablename__ = "rollout_members"
+    rollout_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    machine_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    progress: Mapped[str] = mapped_column(String(16))
+    previous_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    __table_args__ = (Index("ix_rollout_members_machine", "machine_id", "rollout_id"),)
+
+
+class UiSession(Base):
+    """A browser session of the web UI: created by logging in with a token, tied to it (a
+    revoked token ends its sessions), only the hash of its secret kept."""
+
+    __tablename__ = "ui_sessions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    token_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("tokens.id", ondelete="CASCADE"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime())
+    expires_at: Mapped[datetime] = mapped_column(DateTime())

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from divingbell.document.api import effective_document, load_document_text, node_config
 from divingbell.document.validate import ValidDocument
 from divingbell.errors import DocumentError
-from divingbell.fleet import leases, states
+from divingbell.fleet import leases, rollouts, states
 from divingbell.fleet.api.schemas import Discovery, ReportBody
 from divingbell.fleet.auth import MACHINE_PREFIX, format_token, hash_secret, new_secret
 from divingbell.fleet.errors import ApiError, not_found
@@ -198,6 +198,8 @@ def machine_summary(machine: Machine, active: int | None) -> dict[str, Any]:
         "up_to_date": up_to_date(machine, active),
         "last_report_at": iso(machine.last_report_at),
         "macs": [i["mac"] for i in machine.interfaces or [] if i.get("mac")],
+        "ips": [a["address"] for i in machine.interfaces or [] for a in i.get("addresses") or []
+                if not str(a.get("address", "")).startswith("fe80:")],
     }
 
 
@@ -263,13 +265,14 @@ def push_document(session: Session, data: bytes, name: str, who: str) -> tuple[i
     number = (session.scalar(select(func.max(Revision.number))) or 0) + 1
     session.add(Revision(number=number, source_name=name, text=text, digest=digest,
                          created_at=utcnow(), created_by=who))
-    _set_active(session, number)
+    set_active(session, number)
     session.flush()
     log.info("revision %d stored from %s by %s", number, name, who)
+    rollouts.start(session, number, active, who)
     return number, True
 
 
-def _set_active(session: Session, number: int) -> None:
+def set_active(session: Session, number: int) -> None:
     updated = session.execute(update(Setting).where(Setting.key == ACTIVE_REVISION)
                               .values(value=str(number))).rowcount  # type: ignore[attr-defined]
     if not updated:
@@ -279,8 +282,11 @@ def _set_active(session: Session, number: int) -> None:
 def activate(session: Session, number: int, who: str) -> None:
     if session.get(Revision, number) is None:
         raise not_found("revision", number)
-    _set_active(session, number)
+    previous = active_revision(session)
+    set_active(session, number)
     log.info("revision %d activated by %s", number, who)
+    if previous != number:
+        rollouts.start(session, number, previous, who)
 
 
 def revision_document(revision: Revision) -> ValidDocument:
@@ -328,7 +334,7 @@ class Rendered:
 
 
 def render_config(session: Session, machine: Machine, if_none_match: str | None) -> Rendered:
-    active = active_revision(session)
+    active = rollouts.served_revision(session, machine.id, active_revision(session))
     if active is None:
         raise ApiError(404, {"error": "no-document",
                              "message": "no document pushed yet: divingbell fleet document push"})
@@ -372,13 +378,19 @@ def add_report(session: Session, machine: Machine, body: ReportBody, keep: int) 
     machine.last_report_state = body.state
     if body.boot_id:
         machine.boot_id = body.boot_id
-    active = active_revision(session)
+    # Ready means it converged what it is served: during a rollout, that may be the previous
+    # revision (outdated, but healthy and available).
+    served = rollouts.served_revision(session, machine.id, active_revision(session))
     wanted = states.DEGRADED if body.state == "failed" else (
-        states.READY if up_to_date(machine, active) else states.UPDATING)
+        states.READY if up_to_date(machine, served) else states.UPDATING)
     if wanted in states.TRANSITIONS.get(machine.state, frozenset()):
         transition(session, machine, wanted,
                    f"report: revision {body.revision} {body.state}", now)
     session.flush()
+    failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
+                for failure in module.failures]
+    rollouts.on_report(session, machine.id, body.revision, body.state == "converged",
+                       "; ".join(failures) or f"report: {body.state}")
     old = session.scalars(select(Report.id).where(Report.machine_id == machine.id)
                           .order_by(Report.id.desc()).offset(keep)).all()
     if old:
