@@ -88,6 +88,18 @@ def curl_debs() -> tuple[Path, ...]:
         result = subprocess.run(["apt-get", "download", *CURL_PACKAGES], cwd=partial,
                                 capture_output=True, text=True, check=False)
         if result.returncode != 0:
+            # No (or stale) package lists here: fetch lists of our own, leaving the machine's
+            # apt state as it is.
+            lists = CACHE / "apt-lists"
+            (lists / "partial").mkdir(parents=True, exist_ok=True)
+            private = ["-o", f"Dir::State::Lists={lists}",
+                       "-o", f"Dir::Cache={CACHE / 'apt-cache'}"]
+            (CACHE / "apt-cache/archives/partial").mkdir(parents=True, exist_ok=True)
+            subprocess.run(["apt-get", *private, "update", "-qq"], capture_output=True,
+                           check=False)
+            result = subprocess.run(["apt-get", *private, "download", *CURL_PACKAGES],
+                                    cwd=partial, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
             pytest.skip(f"cannot download curl from Debian: {result.stderr[-300:]}")
         partial.rename(cache)
