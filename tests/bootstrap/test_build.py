@@ -192,8 +192,34 @@ def test_build_from_the_pki_bundle_gives_the_same_scripts(cli: Cli, workspace: P
     missing = cli("bootstrap", "build", workspace / "design.yaml", "--pki",
                   workspace / "pki/certificates.yaml", "-o", workspace / "c")
     assert missing.returncode == 2
-    assert "kubelet-n2 (deckhand/Certificate/v1), kubelet-n2 (deckhand/CertificateKey/v1) not " \
-        "in" in missing.stderr
+    bundle = workspace / "pki/certificates.yaml"
+    assert (f"kubelet-n2 (deckhand/Certificate/v1) in {bundle}, kubelet-n2 "
+            f"(deckhand/CertificateKey/v1) in {bundle} not found") in missing.stderr
+
+
+def test_a_separate_api_credential_for_the_wait_and_the_labels(cli: Cli, workspace: Path
+                                                               ) -> None:
+    design = workspace / "design.yaml"
+    design.write_text(DESIGN + "pki: {api_certificate: bootstrap-labeller}\n")
+    out = workspace / "scripts"
+    missing = cli("bootstrap", "build", design, "--pki", workspace / "pki", "-o", out)
+    assert missing.returncode == 2
+    assert "pki.api_certificate: " in missing.stderr
+    assert "bootstrap-labeller.pem" in missing.stderr
+    catalog = workspace / "catalog.yaml"
+    catalog.write_text(CATALOG + "      - {document_name: bootstrap-labeller, common_name: "
+                       "divingbell-bootstrap, usages: [client]}\n")
+    assert cli("pki", "generate", catalog, "-o", workspace / "pki").returncode == 0
+    built = cli("bootstrap", "build", design, "--pki", workspace / "pki", "-o", out)
+    assert built.returncode == 0, built.stderr
+    script = (out / "join-n1.sh").read_text()
+    assert "readonly API_CERT_FILE=/etc/kubernetes/pki/bootstrap-api.pem\n" in script
+    assert "readonly API_KEY_FILE=/etc/kubernetes/pki/bootstrap-api-key.pem\n" in script
+    archive = embedded_archive(out / "join-n1.sh", workspace / "unpacked")
+    modes = {m.name: stat.S_IMODE(m.mode) for m in archive.getmembers()}
+    assert modes["files/etc/kubernetes/pki/bootstrap-api-key.pem"] == 0o600
+    assert (workspace / "unpacked/files/etc/kubernetes/pki/bootstrap-api.pem").read_text() == (
+        workspace / "pki/bootstrap-labeller.pem").read_text()
 
 
 def test_the_wait_for_ready_is_bounded(cli: Cli, workspace: Path, tmp_path: Path) -> None:
@@ -212,8 +238,8 @@ def test_the_wait_for_ready_is_bounded(cli: Cli, workspace: Path, tmp_path: Path
         "log() { printf 'divingbell-bootstrap: %s\\n' \"$*\" >&2; }\n"
         "fail() { log \"error: $*\"; exit 1; }\n"
         "NODE_NAME=n1 API_SERVER=https://127.0.0.1:9 READY_TIMEOUT=2 READY_POLL=1\n"
-        f"CA_FILE={workspace}/pki/kubernetes.pem CERT_FILE={workspace}/pki/kubelet-n1.pem "
-        f"KEY_FILE={workspace}/pki/kubelet-n1-key.pem\n{extract}\nwait_until_ready\n")
+        f"CA_FILE={workspace}/pki/kubernetes.pem API_CERT_FILE={workspace}/pki/kubelet-n1.pem "
+        f"API_KEY_FILE={workspace}/pki/kubelet-n1-key.pem\n{extract}\nwait_until_ready\n")
     result = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 1

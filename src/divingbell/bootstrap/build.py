@@ -38,6 +38,8 @@ PATHS = {
     "kubeconfig": "/etc/kubernetes/kubelet/kubeconfig",
     "kubelet_dropin": "/etc/systemd/system/kubelet.service.d/10-divingbell.conf",
     "containerd_config": "/etc/containerd/config.toml",
+    "api_cert": "/etc/kubernetes/pki/bootstrap-api.pem",
+    "api_key": "/etc/kubernetes/pki/bootstrap-api-key.pem",
 }
 
 
@@ -54,6 +56,9 @@ class NodeCredentials:
     ca_pem: str
     cert_pem: str
     key_pem: str
+    # What the script uses for the API steps when not the node's own (pki.api_certificate).
+    api_cert_pem: str | None = None
+    api_key_pem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,42 +86,65 @@ _USER_ENV = _env()
 
 
 def read_credentials(pki_dir: Path, design: Design, hostname: str) -> NodeCredentials:
-    """The CA and the node's own certificate and key from a `divingbell pki` directory, or
-    from its `certificates.yaml` bundle."""
+    """The CA, the node's own certificate and key, and the API credential if the design names
+    one, from a `divingbell pki` directory or from its `certificates.yaml` bundle."""
     name = design.pki.node_certificate.format(hostname=hostname)
-    if pki_dir.is_file():
-        return _from_bundle(pki_dir, design.pki.ca, name, hostname)
-    wanted = {"ca": pki_dir / f"{design.pki.ca}.pem", "cert": pki_dir / f"{name}.pem",
-              "key": pki_dir / f"{name}-key.pem"}
-    missing = [str(path) for path in wanted.values() if not path.is_file()]
+    pems, missing = _read_pems(pki_dir, {"ca": (design.pki.ca, "ca"), "cert": (name, "cert"),
+                                         "key": (name, "key")})
     if missing:
         raise BuildError([
             f"pki: {', '.join(missing)} not found: add {{document_name: {name}, common_name: "
             f"'system:node:{hostname}', groups: ['system:nodes'], hosts: [{hostname}]}} under "
             f"certificate_authorities.{design.pki.ca} in the catalog and run "
             "`divingbell pki generate`"])
-    return NodeCredentials(wanted["ca"].read_text(), wanted["cert"].read_text(),
-                           wanted["key"].read_text())
+    api_cert, api_key = read_api_credential(pki_dir, design)
+    return NodeCredentials(pems["ca"], pems["cert"], pems["key"], api_cert, api_key)
 
 
-def _from_bundle(bundle: Path, ca: str, name: str, hostname: str) -> NodeCredentials:
-    try:
-        documents = list(yaml.safe_load_all(bundle.read_text()))
-    except (OSError, yaml.YAMLError) as exc:
-        raise BuildError([f"pki: cannot read the bundle {bundle}: {exc}"]) from None
-    found = {(str((d.get("metadata") or {}).get("name")), str(d.get("schema"))): d.get("data")
-             for d in documents if isinstance(d, dict)}
-    wanted = {"ca": (ca, "deckhand/CertificateAuthority/v1"),
-              "cert": (name, "deckhand/Certificate/v1"),
-              "key": (name, "deckhand/CertificateKey/v1")}
-    missing = [f"{n} ({schema})" for n, schema in wanted.values()
-               if not isinstance(found.get((n, schema)), str)]
+def read_api_credential(pki_dir: Path, design: Design) -> tuple[str | None, str | None]:
+    """`pki.api_certificate` (certificate, key), or (None, None) when the node's own is used."""
+    name = design.pki.api_certificate
+    if name is None:
+        return None, None
+    pems, missing = _read_pems(pki_dir, {"cert": (name, "cert"), "key": (name, "key")})
     if missing:
-        raise BuildError([f"pki: {', '.join(missing)} not in {bundle}: add {{document_name: "
-                          f"{name}, common_name: 'system:node:{hostname}', groups: "
-                          "['system:nodes']} to the catalog and run `divingbell pki generate`"])
-    ca_pem, cert_pem, key_pem = (str(found[wanted[k]]) for k in ("ca", "cert", "key"))
-    return NodeCredentials(ca_pem, cert_pem, key_pem)
+        raise BuildError([f"pki.api_certificate: {', '.join(missing)} not found: add "
+                          f"{{document_name: {name}, common_name: {name}, usages: [client]}} "
+                          "to the catalog (and RBAC letting it get and patch nodes)"])
+    return pems["cert"], pems["key"]
+
+
+_BUNDLE_SCHEMAS = {"ca": "deckhand/CertificateAuthority/v1", "cert": "deckhand/Certificate/v1",
+                   "key": "deckhand/CertificateKey/v1"}
+
+
+def _read_pems(pki: Path, wanted: Mapping[str, tuple[str, str]]
+               ) -> tuple[dict[str, str], list[str]]:
+    """{key: (name, kind)} -> ({key: PEM text}, what is missing): from the directory's
+    <name>.pem / <name>-key.pem, or from the bundle's documents."""
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    if pki.is_file():
+        try:
+            documents = list(yaml.safe_load_all(pki.read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            raise BuildError([f"pki: cannot read the bundle {pki}: {exc}"]) from None
+        data = {(str((d.get("metadata") or {}).get("name")), str(d.get("schema"))):
+                d.get("data") for d in documents if isinstance(d, dict)}
+        for key, (name, kind) in wanted.items():
+            value = data.get((name, _BUNDLE_SCHEMAS[kind]))
+            if isinstance(value, str):
+                found[key] = value
+            else:
+                missing.append(f"{name} ({_BUNDLE_SCHEMAS[kind]}) in {pki}")
+        return found, missing
+    for key, (name, kind) in wanted.items():
+        path = pki / (f"{name}-key.pem" if kind == "key" else f"{name}.pem")
+        if path.is_file():
+            found[key] = path.read_text()
+        else:
+            missing.append(str(path))
+    return found, missing
 
 
 def design_digest(design: Design) -> str:
@@ -130,9 +158,12 @@ def build_node_script(design: Design, node: Node, credentials: NodeCredentials, 
     genesis = design.cluster.genesis == node.hostname
     static = {**role.labels.static, **node.labels.static, **(extra_static or {})}
     dynamic = {**role.labels.dynamic, **node.labels.dynamic, **(extra_dynamic or {})}
+    own = credentials.api_cert_pem is None
     context: dict[str, Any] = {
         "cluster": design.cluster, "node": node, "role": role, "role_name": node.role,
         "paths": PATHS, "api_server": design.cluster.api_endpoints[0],
+        "api_cert": PATHS["cert"] if own else PATHS["api_cert"],
+        "api_key": PATHS["key"] if own else PATHS["api_key"],
         "static_labels": static, "dynamic_labels": dynamic,
     }
     files = _node_files(design, node, role, credentials, context)
@@ -173,6 +204,9 @@ def _node_files(design: Design, node: Node, role: Role, credentials: NodeCredent
         PATHS["kubelet_dropin"]: (_builtin("kubelet-dropin.conf.j2", context), "0644"),
         PATHS["containerd_config"]: (_builtin("containerd-config.toml.j2", context), "0644"),
     }
+    if credentials.api_cert_pem is not None and credentials.api_key_pem is not None:
+        files[PATHS["api_cert"]] = (credentials.api_cert_pem, "0644")
+        files[PATHS["api_key"]] = (credentials.api_key_pem, "0600")
     for repo in design.apt_repositories:
         files[f"/etc/apt/sources.list.d/divingbell-{repo.name}.sources"] = (
             _builtin("apt.sources.j2", {**context, "repo": repo}), "0644")

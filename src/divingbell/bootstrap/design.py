@@ -241,6 +241,10 @@ class Pki(_Strict):
     ca: str = "kubernetes"
     node_certificate: str = Field(default="kubelet-{hostname}",
                                   description="The node's certificate in the PKI directory")
+    # With the API server's NodeRestriction admission, a node may not label itself under
+    # kubernetes.io/ (node-role.kubernetes.io/...): name a certificate that RBAC lets get and
+    # patch nodes, and the scripts use it for the wait and the labels.
+    api_certificate: str | None = None
 
 
 class Node(_Strict):

@@ -20,6 +20,7 @@ from divingbell.bootstrap.build import (
     BuildError,
     NodeCredentials,
     build_node_script,
+    read_api_credential,
     read_credentials,
 )
 from divingbell.bootstrap.design import (
@@ -156,8 +157,9 @@ def _credentials(pki_dir: Path, design: Design, node: Node) -> NodeCredentials:
                                  (node.hostname,), (node.ip,), ("server", "client"))
     cert = crypto.issue_leaf(profile, key.public_key(), authority, crypto.read_key(ca_key),
                              NODE_CERT_DAYS, datetime.datetime.now(datetime.UTC))
+    api_cert, api_key = read_api_credential(pki_dir, design)
     return NodeCredentials(ca_cert.read_text(), crypto.cert_pem(cert).decode(),
-                           crypto.key_pem(key).decode())
+                           crypto.key_pem(key).decode(), api_cert, api_key)
 
 
 def validate_design(text: str) -> Reply:
