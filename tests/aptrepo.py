@@ -52,6 +52,7 @@ class Deb:
     depends: str = ""
     scripts: tuple[tuple[str, str], ...] = ()
     conffile: str | None = None  # makes `dpkg --remove` leave it in rc state
+    files: tuple[tuple[str, str, int], ...] = ()  # (path, content, mode) shipped as they are
 
 
 PACKAGES = (
@@ -96,6 +97,11 @@ def build_deb(deb: Deb, out: Path, work: Path) -> Path:
         conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text("# defaults\n")
         (tree / "DEBIAN/conffiles").write_text(deb.conffile + "\n")
+    for path, content, mode in deb.files:
+        shipped = tree / path.lstrip("/")
+        shipped.parent.mkdir(parents=True, exist_ok=True)
+        shipped.write_text(content)
+        shipped.chmod(mode)
     for name, text in deb.scripts:
         script = tree / "DEBIAN" / name
         script.write_text(text)
@@ -106,14 +112,18 @@ def build_deb(deb: Deb, out: Path, work: Path) -> Path:
     return target
 
 
-def build_repo(base: Path) -> Repo:
+def build_repo(base: Path, packages: tuple[Deb, ...] = PACKAGES,
+               extra_debs: tuple[Path, ...] = ()) -> Repo:
+    """A signed flat repository of `packages` (built here) and `extra_debs` (copied in)."""
     for tool in ("dpkg-deb", "apt-ftparchive", "gpg"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (installed by .ci/run)")
     repo = base / "repo"
     repo.mkdir(parents=True)
-    for deb in PACKAGES:
+    for deb in packages:
         build_deb(deb, repo, base / "build")
+    for path in extra_debs:
+        shutil.copy(path, repo / path.name)
     home = base / "gnupg"
     home.mkdir(mode=0o700)
     env = {**os.environ, "GNUPGHOME": str(home)}

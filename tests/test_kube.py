@@ -31,6 +31,7 @@ class ApiStub:
     def __init__(self) -> None:
         self.received: list[tuple[Request, str]] = []
         self.annotations: dict[str, dict[str, str]] = {n: {} for n in NODES}
+        self.labels: dict[str, dict[str, str]] = {n: dict(v) for n, v in NODES.items()}
         self.events: dict[str, dict[str, Any]] = {}
         stub = self
 
@@ -86,7 +87,13 @@ class ApiStub:
                     self._reply(200, stub.events[name])
                     return
                 name = path.removeprefix("/api/v1/nodes/")
-                stub.annotations[name].update(body["metadata"]["annotations"])
+                # A JSON merge patch: null removes a key.
+                for kind, store in (("annotations", stub.annotations), ("labels", stub.labels)):
+                    for key, value in (body["metadata"].get(kind) or {}).items():
+                        if value is None:
+                            store[name].pop(key, None)
+                        else:
+                            store[name][key] = value
                 self._reply(200, stub.node(name))
 
             def do_POST(self) -> None:
@@ -111,7 +118,7 @@ class ApiStub:
 
     def node(self, name: str) -> dict[str, Any]:
         return {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "labels": NODES[name],
+                "metadata": {"name": name, "labels": self.labels[name],
                              "annotations": self.annotations[name]}}
 
 
@@ -184,6 +191,29 @@ def test_a_restarted_agent_counts_up_the_event_it_created_before(stub: ApiStub) 
     restarted.node_event("n1", "ConvergeFailed", "sysctl: kernel rejected", warning=True)
     assert [r.method for r in restarted.sent[3:]] == ["PATCH", "POST"]  # 404, then a new one
     assert [e["count"] for e in restarted.events("n1")] == [1]
+
+
+def exercise_labels(api: Any) -> list[Any]:
+    return [
+        api.node("n1"),
+        api.patch_node("n1", labels={"rack": "r1", "role": None},
+                       annotations={"divingbell.io/bootstrap-labels": "rack"}),
+        api.patch_node("n2", labels={"topology.kubernetes.io/zone": "a"}, annotations={}),
+        api.node("n2"),
+    ]
+
+
+def test_adapter_and_fake_agree_on_label_patches(stub: ApiStub) -> None:
+    fake = FakeKube()
+    for name, labels in NODES.items():
+        fake.add_node(name, labels)
+    adapter = LightkubeApi(server=stub.url)
+    results = exercise_labels(adapter)
+    assert results == exercise_labels(fake)
+    assert results[1].labels == {"rack": "r1"}, "role removed by the null in the merge patch"
+    assert [request for request, _ in stub.received] == fake.sent
+    assert {ctype for r, ctype in stub.received if r.method == "PATCH"} == {
+        "application/merge-patch+json"}
 
 
 def test_adapter_errors_are_clear(stub: ApiStub) -> None:

@@ -303,10 +303,11 @@ class MaintenanceKube(KubeApi, Protocol):
 
     def node_states(self) -> list[NodeState]: ...
 
-    def patch_node(self, node: str, *, unschedulable: bool | None = None,
-                   annotations: Mapping[str, str | None] | None = None) -> None:
-        """Cordon (True) / uncordon (False) and set or (None) remove annotations, in one patch;
-        annotation keys are full (`divingbell.io/cordoned-by`)."""
+    def patch_node(self, node: str, *, labels: Mapping[str, str | None] | None = None,
+                   annotations: Mapping[str, str | None] | None = None,
+                   unschedulable: bool | None = None) -> NodeView:
+        """Cordon (True) / uncordon (False) and set or (None) remove labels and annotations,
+        in one merge patch; keys are full (`divingbell.io/cordoned-by`)."""
 
     def delete_node(self, node: str) -> None: ...
 
@@ -348,11 +349,18 @@ def parse_time(text: str | None) -> float | None:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def node_patch_request(node: str, unschedulable: bool | None,
-                       annotations: Mapping[str, str | None] | None) -> Request:
+def node_patch_request(node: str, *, labels: Mapping[str, str | None] | None = None,
+                       annotations: Mapping[str, str | None] | None = None,
+                       unschedulable: bool | None = None) -> Request:
+    """One merge patch of a Node: labels, annotations (None removes a key) and the cordon."""
     body: dict[str, Any] = {}
+    metadata: dict[str, Any] = {}
+    if labels:
+        metadata["labels"] = dict(sorted(labels.items()))
     if annotations:
-        body["metadata"] = {"annotations": dict(sorted(annotations.items()))}
+        metadata["annotations"] = dict(sorted(annotations.items()))
+    if metadata or unschedulable is None:
+        body["metadata"] = metadata
     if unschedulable is not None:
         # As kubectl uncordon: false is the field's absence.
         body["spec"] = {"unschedulable": True if unschedulable else None}
@@ -537,23 +545,6 @@ class _FakeMaintenance:
             self.sent.append(Request("GET", "/api/v1/nodes"))
             return [node_state_from(self._node_body(n)) for n in sorted(self.node_objects)]
 
-    def patch_node(self, node: str, *, unschedulable: bool | None = None,
-                   annotations: Mapping[str, str | None] | None = None) -> None:
-        state = self._maint()
-        with state.lock:
-            request = node_patch_request(node, unschedulable, annotations)
-            self.sent.append(request)
-            current = self._existing_node(node)
-            merged = dict(current.annotations)
-            for key, value in (annotations or {}).items():
-                if value is None:
-                    merged.pop(key, None)
-                else:
-                    merged[key] = value
-            self.node_objects[node] = NodeView(node, current.labels, merged)
-            if unschedulable is not None:
-                state.unschedulable[node] = unschedulable
-
     def delete_node(self, node: str) -> None:
         with self._maint().lock:
             self.sent.append(delete_node_request(node))
@@ -734,6 +725,27 @@ class _FakeMaintenanceState:
     boot_ids: dict[str, str] = field(default_factory=dict)
     expected: dict[tuple[str, str], int | None] = field(default_factory=dict)
     version: int = 0
+# Node labels (bootstrap: `divingbell bootstrap labels`, teardown, the fleet's label route). ---
+
+class NodeLabelApi(KubeApi, Protocol):
+    """What label management needs on top of `KubeApi`: one node, and a merge patch of its
+    labels and annotations (a None value removes the key)."""
+
+    def node(self, name: str) -> NodeView: ...
+
+    def patch_node(self, node: str, *, labels: Mapping[str, str | None] | None = None,
+                   annotations: Mapping[str, str | None] | None = None,
+                   unschedulable: bool | None = None) -> NodeView: ...
+
+
+def _merged(current: Mapping[str, str], patch: Mapping[str, str | None]) -> dict[str, str]:
+    out = dict(current)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 # The fake. --------------------------------------------------------------------------------
@@ -800,6 +812,27 @@ class FakeKube(_FakeMaintenance):
         self.sent.append(Request("GET", "/api/v1/nodes"))
         return sorted(self.node_objects.values(), key=lambda n: n.name)
 
+    # Node labels (NodeLabelApi) --------------------------------------------------------
+
+    def node(self, name: str) -> NodeView:
+        self.sent.append(Request("GET", f"/api/v1/nodes/{name}"))
+        return self._node(name)
+
+    def patch_node(self, node: str, *, labels: Mapping[str, str | None] | None = None,
+                   annotations: Mapping[str, str | None] | None = None,
+                   unschedulable: bool | None = None) -> NodeView:
+        state = self._maint()
+        with state.lock:
+            self.sent.append(node_patch_request(node, labels=labels, annotations=annotations,
+                                                unschedulable=unschedulable))
+            current = self._existing_node(node)
+            view = NodeView(node, _merged(current.labels, labels or {}),
+                            _merged(current.annotations, annotations or {}))
+            self.node_objects[node] = view
+            if unschedulable is not None:
+                state.unschedulable[node] = unschedulable
+            return view
+
     def events(self, node: str) -> list[dict[str, Any]]:
         """The Event objects about `node`, oldest first (creation order)."""
         return [e for e in self.event_objects.values()
@@ -831,7 +864,7 @@ class FakeKube(_FakeMaintenance):
 
     def _node(self, node: str) -> NodeView:
         if node not in self.node_objects:
-            raise KubeError(f"node {node!r} not found (404)")
+            raise KubeError(f"node {node!r} not found (404)", code=404)
         return self.node_objects[node]
 
 
@@ -849,13 +882,22 @@ class KubeError(Exception):
 class KubeConflict(KubeError):
     """409: the object changed since it was read (stale resourceVersion) or already exists."""
 
+    def __init__(self, message: str, *, code: int | None = 409) -> None:
+        super().__init__(message, code=code)
+
 
 class KubeNotFound(KubeError):
     """404: no such object."""
 
+    def __init__(self, message: str, *, code: int | None = 404) -> None:
+        super().__init__(message, code=code)
+
 
 class EvictionRefused(KubeError):
     """429: evicting the pod now would violate its PodDisruptionBudget."""
+
+    def __init__(self, message: str, *, code: int | None = 429) -> None:
+        super().__init__(message, code=code)
 
 
 
@@ -882,15 +924,6 @@ class _LightkubeMaintenance:
 
         items = self._maintenance_call(lambda: list(self._client.list(Node)))
         return sorted((node_state_from(n.to_dict()) for n in items), key=lambda n: n.name)
-
-    def patch_node(self, node: str, *, unschedulable: bool | None = None,
-                   annotations: Mapping[str, str | None] | None = None) -> None:
-        from lightkube.resources.core_v1 import Node
-        from lightkube.types import PatchType
-
-        body = node_patch_request(node, unschedulable, annotations).body or {}
-        self._maintenance_call(
-            lambda: self._client.patch(Node, node, body, patch_type=PatchType.MERGE))
 
     def delete_node(self, node: str) -> None:
         from lightkube.resources.core_v1 import Node
@@ -1057,6 +1090,29 @@ class LightkubeApi(_LightkubeMaintenance):
         return sorted((NodeView(n.metadata.name or "", dict(n.metadata.labels or {}),
                                 dict(n.metadata.annotations or {}))
                        for n in items if n.metadata), key=lambda n: n.name)
+
+    # Node labels (NodeLabelApi) --------------------------------------------------------
+
+    def node(self, name: str) -> NodeView:
+        from lightkube.resources.core_v1 import Node
+
+        return self._view(self._call(lambda: self._client.get(Node, name)))
+
+    def patch_node(self, node: str, *, labels: Mapping[str, str | None] | None = None,
+                   annotations: Mapping[str, str | None] | None = None,
+                   unschedulable: bool | None = None) -> NodeView:
+        from lightkube.resources.core_v1 import Node
+        from lightkube.types import PatchType
+
+        body = node_patch_request(node, labels=labels, annotations=annotations,
+                                  unschedulable=unschedulable).body or {}
+        return self._view(self._maintenance_call(lambda: self._client.patch(
+            Node, node, body, patch_type=PatchType.MERGE)))
+
+    @staticmethod
+    def _view(obj: Any) -> NodeView:
+        meta = obj.metadata
+        return NodeView(meta.name or "", dict(meta.labels or {}), dict(meta.annotations or {}))
 
     @staticmethod
     def _call(action: Callable[[], Any]) -> Any:

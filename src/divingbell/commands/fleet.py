@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from divingbell.commands.bootstrap import serve_options as bootstrap_serve_options
 from divingbell.fleet.client import FleetApiError, FleetClient, read_token
 
 if TYPE_CHECKING:
@@ -121,9 +122,10 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               help="Do not run migrations at start (run divingbell fleet migrate instead).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
-          no_migrate: bool, log_level: str) -> None:
+          no_migrate: bool, log_level: str, **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -154,7 +156,8 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = FleetSettings(db_url=db_url, control_plane_size=int(control_plane_size),
                              install_parallel=install_parallel, install_ttl_seconds=ttl,
-                             reports_kept=reports_kept, migrate_at_start=not no_migrate)
+                             reports_kept=reports_kept, migrate_at_start=not no_migrate,
+                             **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
     config = uvicorn.Config(create_app(settings), host=host, port=port, log_config=None,
                             access_log=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key,

@@ -218,6 +218,36 @@ def _reason(exc: BaseException) -> str:
     return str(problem or exc).splitlines()[0][:200]
 
 
+def load_all_text(text: str, source: str = "<string>") -> list[Loaded]:
+    """Every YAML document in `text` (separated by `---`), each with its own file:line marks,
+    under the same bounds as `load_text`. Documents may be any YAML value; callers check the
+    shape they expect."""
+    if len(text) > MAX_BYTES:
+        raise DocumentError([Problem("", f"the file is larger than {MAX_BYTES} bytes",
+                                     source)])
+    _prescan(text, source)
+    problems: list[Problem] = []
+    loader = _Loader(text)
+    documents: list[Loaded] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            marks: dict[PathKey, str] = {}
+            data = _Builder(loader, source, marks, problems).construct(node, ())
+            documents.append(Loaded(data, marks, [source]))
+    except yaml.YAMLError as exc:
+        raise DocumentError([_yaml_problem(exc, source)]) from None
+    except RecursionError:
+        raise DocumentError([Problem("", "nested too deeply", source)]) from None
+    finally:
+        loader.dispose()
+    if problems:
+        raise DocumentError(problems[:50])
+    return documents
+
+
 def load_file(path: Path) -> Loaded:
     try:
         with path.open("rb") as handle:

@@ -18,6 +18,15 @@ class FleetSettings:
     reports_kept: int = 20
     """Reports kept per machine; older ones are deleted as new ones arrive."""
     migrate_at_start: bool = True
+    # Bootstrap (fleet/api/bootstrap.py): where join scripts come from, and the cluster's API.
+    bootstrap_design: tuple[str, ...] = ()
+    """Design files join scripts are built from (as for `divingbell bootstrap build`)."""
+    bootstrap_pki: str | None = None
+    """The `divingbell pki generate` directory: the CA and the nodes' certificates."""
+    kubeconfig: str | None = None
+    """Credentials for the cluster's API server (node labels); default: in-cluster or ~/.kube."""
+    kube_server: str | None = None
+    """An unauthenticated API server URL instead (kubectl proxy, tests)."""
 
     def __post_init__(self) -> None:
         if self.control_plane_size not in (1, 3, 5, 7):

@@ -1,0 +1,342 @@
+"""The bootstrap design: the cluster, its roles and its nodes, as one YAML document (or several
+files, deep-merged like the node document). Validated whole, every problem with its path and
+file:line, before any script is built."""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from divingbell.document.loader import Loaded, load_files, load_text
+from divingbell.document.modelcheck import check_model
+from divingbell.document.paths import format_path
+from divingbell.errors import DocumentError, Problem
+
+# Label syntax, as the API server checks it.
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+HOSTNAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}"
+                       r"[a-z0-9])?)*$")
+_UNIT = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|mount|path|target)$")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+:~-]+)?$")
+_SAFE_PATH = re.compile(r"^(/[A-Za-z0-9._@+-]+)+$")
+_MODE = re.compile(r"^0?[0-7]{3}$")
+# What the kubelet may set on its own Node (NodeRestriction); anything else in these domains
+# must be applied through the API, as a dynamic label.
+KUBELET_ALLOWED = ("kubernetes.io/hostname", "kubernetes.io/arch", "kubernetes.io/os",
+                   "beta.kubernetes.io/instance-type", "node.kubernetes.io/instance-type",
+                   "failure-domain.beta.kubernetes.io/region",
+                   "failure-domain.beta.kubernetes.io/zone", "topology.kubernetes.io/region",
+                   "topology.kubernetes.io/zone")
+KUBELET_ALLOWED_PREFIXES = ("kubelet.kubernetes.io/", "node.kubernetes.io/")
+
+
+def label_problem(key: str, value: str) -> str | None:
+    prefix, slash, name = key.rpartition("/")
+    if (slash and (not prefix or len(prefix) > 253 or not _LABEL_PREFIX.match(prefix))) or (
+            not _LABEL_NAME.match(name)):
+        return f"{key!r} is not a valid label key"
+    if not _LABEL_VALUE.match(value):
+        return f"{value!r} is not a valid label value (63 characters: letters, digits, -_.)"
+    return None
+
+
+def is_protected(key: str) -> bool:
+    """Labels in the kubernetes.io and k8s.io domains belong to Kubernetes: never removed."""
+    domain = key.rpartition("/")[0]
+    return any(domain == d or domain.endswith("." + d) for d in ("kubernetes.io", "k8s.io"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _labels(value: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, raw in value.items():
+        text = ("true" if raw else "false") if isinstance(raw, bool) else str(raw)
+        problem = label_problem(str(key), text)
+        if problem:
+            raise ValueError(problem)
+        out[str(key)] = text
+    return out
+
+
+class Labels(_Strict):
+    static: dict[str, str] = Field(default_factory=dict)
+    dynamic: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("static", "dynamic", mode="before")
+    @classmethod
+    def _valid(cls, value: Any) -> Any:
+        return _labels(value) if isinstance(value, Mapping) else value
+
+    @field_validator("static")
+    @classmethod
+    def _kubelet_may_set(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if is_protected(key) and key not in KUBELET_ALLOWED and not key.startswith(
+                    KUBELET_ALLOWED_PREFIXES):
+                raise ValueError(f"the kubelet may not set {key!r} on its own Node: put it "
+                                 "under labels.dynamic")
+        return value
+
+
+class FileSpec(_Strict):
+    path: str
+    content: str
+    mode: str = "0644"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not _SAFE_PATH.match(value) or "/../" in value + "/":
+            raise ValueError(f"{value!r} must be an absolute path of letters, digits and ._@+-")
+        return value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        text = str(value)
+        if not _MODE.match(text):
+            raise ValueError(f"{text!r} is not an octal file mode like '0644'")
+        return text if text.startswith("0") else "0" + text
+
+
+class UnitSpec(_Strict):
+    name: str
+    content: str | None = None  # None: the unit comes with a package
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _UNIT.match(value):
+            raise ValueError(f"{value!r} is not a systemd unit name (e.g. kubelet.service)")
+        return value
+
+
+class Role(_Strict):
+    packages: list[str] = Field(default_factory=list)
+    files: list[FileSpec] = Field(default_factory=list)
+    units: list[UnitSpec] = Field(default_factory=list)
+    labels: Labels = Field(default_factory=Labels)
+
+    @field_validator("packages")
+    @classmethod
+    def _packages(cls, value: list[str]) -> list[str]:
+        for package in value:
+            if not _PACKAGE.match(package):
+                raise ValueError(f"{package!r} is not a package name (optionally =version)")
+        return value
+
+
+class AptRepository(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    uris: list[str] = Field(min_length=1)
+    suites: list[str] = Field(min_length=1)
+    components: list[str] = Field(default_factory=list)
+    key: str = Field(description="ASCII-armored public key the repository is signed with")
+
+    @field_validator("key")
+    @classmethod
+    def _armored(cls, value: str) -> str:
+        if "BEGIN PGP PUBLIC KEY BLOCK" not in value:
+            raise ValueError("must be an ASCII-armored public key (-----BEGIN PGP PUBLIC KEY "
+                             "BLOCK-----)")
+        return value
+
+    @field_validator("uris")
+    @classmethod
+    def _uris(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            if not re.match(r"^(https?|file|copy):/", uri) or any(c.isspace() for c in uri):
+                raise ValueError(f"{uri!r} is not an http(s):// or file:/ URI")
+        return value
+
+
+class HostRequirements(_Strict):
+    os_release: list[str] = Field(default_factory=lambda: ["debian 12", "ubuntu 22.04",
+                                                           "ubuntu 24.04"], min_length=1)
+    commands: list[str] = Field(default_factory=list)
+    min_disk_mb: int = Field(default=2048, ge=0)
+    disk_path: str = "/var/lib"
+
+    @field_validator("commands")
+    @classmethod
+    def _commands(cls, value: list[str]) -> list[str]:
+        for command in value:
+            if not re.match(r"^[A-Za-z0-9._+-]+$", command):
+                raise ValueError(f"{command!r} is not a command name")
+        return value
+
+    @field_validator("os_release")
+    @classmethod
+    def _releases(cls, value: list[str]) -> list[str]:
+        for release in value:
+            if not re.match(r"^[a-z0-9._-]+ [A-Za-z0-9._-]+$", release):
+                raise ValueError(f"{release!r} must be '<ID> <VERSION_ID>' from /etc/os-release,"
+                                 " e.g. 'debian 12'")
+        return value
+
+
+class ContainerRuntime(_Strict):
+    package: str = "containerd"
+    unit: str = "containerd.service"
+    endpoint: str = "unix:///run/containerd/containerd.sock"
+    sandbox_image: str = "registry.k8s.io/pause:3.9"
+
+
+class Cluster(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
+    api_endpoints: list[str] = Field(min_length=1)
+    pod_cidr: str
+    service_cidr: str
+    cluster_dns: str
+    cluster_domain: str = "cluster.local"
+    kubernetes_version: str = Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
+    genesis: str | None = None
+    container_runtime: ContainerRuntime = Field(default_factory=ContainerRuntime)
+    ready_timeout_seconds: int = Field(default=600, ge=1, le=86400)
+    ready_poll_seconds: int = Field(default=5, ge=1, le=300)
+
+    @field_validator("api_endpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        for endpoint in value:
+            if not re.match(r"^https://[A-Za-z0-9.\-\[\]:]+(:[0-9]+)?$", endpoint):
+                raise ValueError(f"{endpoint!r} must be https://HOST[:PORT]")
+        return value
+
+    @field_validator("pod_cidr", "service_cidr")
+    @classmethod
+    def _cidr(cls, value: str) -> str:
+        try:
+            ipaddress.ip_network(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a network like 10.96.0.0/12") from None
+        return value
+
+    @field_validator("cluster_dns")
+    @classmethod
+    def _ip(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _dns_in_service_cidr(self) -> Cluster:
+        if ipaddress.ip_address(self.cluster_dns) not in ipaddress.ip_network(self.service_cidr):
+            raise ValueError(f"cluster_dns {self.cluster_dns} is outside service_cidr "
+                             f"{self.service_cidr}")
+        return self
+
+
+class Pki(_Strict):
+    ca: str = "kubernetes"
+    node_certificate: str = Field(default="kubelet-{hostname}",
+                                  description="The node's certificate in the PKI directory")
+    # With the API server's NodeRestriction admission, a node may not label itself under
+    # kubernetes.io/ (node-role.kubernetes.io/...): name a certificate that RBAC lets get and
+    # patch nodes, and the scripts use it for the wait and the labels.
+    api_certificate: str | None = None
+
+
+class Node(_Strict):
+    hostname: str
+    ip: str
+    role: str
+    labels: Labels = Field(default_factory=Labels)
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        if not HOSTNAME.match(value) or len(value) > 253:
+            raise ValueError(f"{value!r} is not a valid node name (lower-case DNS name)")
+        return value
+
+    @field_validator("ip")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+        return value
+
+
+class Design(_Strict):
+    cluster: Cluster
+    pki: Pki = Field(default_factory=Pki)
+    host: HostRequirements = Field(default_factory=HostRequirements)
+    apt_repositories: list[AptRepository] = Field(default_factory=list)
+    roles: dict[str, Role] = Field(min_length=1)
+    nodes: list[Node] = Field(default_factory=list)
+
+    def node(self, hostname: str) -> Node | None:
+        return next((n for n in self.nodes if n.hostname == hostname), None)
+
+
+def load_design(paths: Sequence[Path]) -> Design:
+    return validate_design(load_files(paths))
+
+
+def parse_design(text: str, source: str = "<design>") -> Design:
+    return validate_design(load_text(text, source))
+
+
+def validate_design(loaded: Loaded) -> Design:
+    design, problems = check_model(Design, loaded.data, loaded)
+    if design is not None:
+        problems = cross_checks(design, loaded)
+    if problems:
+        raise DocumentError(problems)
+    assert design is not None
+    return design
+
+
+def cross_checks(design: Design, loaded: Loaded) -> list[Problem]:
+    """What one field cannot say alone: roles that exist, names and addresses used once."""
+    problems: list[Problem] = []
+
+    def add(path: tuple[str | int, ...], message: str) -> None:
+        problems.append(Problem(format_path(path), message, loaded.location(path)))
+
+    seen_names: dict[str, int] = {}
+    seen_ips: dict[str, int] = {}
+    for index, node in enumerate(design.nodes):
+        if node.role not in design.roles:
+            close = difflib.get_close_matches(node.role, list(design.roles), n=1)
+            add(("nodes", index, "role"), f"unknown role {node.role!r}"
+                + (f"; did you mean {close[0]!r}?" if close else
+                   f"; roles: {', '.join(sorted(design.roles))}"))
+        if node.hostname in seen_names:
+            add(("nodes", index, "hostname"),
+                f"{node.hostname!r} is also nodes[{seen_names[node.hostname]}]")
+        seen_names.setdefault(node.hostname, index)
+        if node.ip in seen_ips:
+            add(("nodes", index, "ip"), f"{node.ip} is also the address of "
+                f"{design.nodes[seen_ips[node.ip]].hostname!r}")
+        seen_ips.setdefault(node.ip, index)
+    if design.cluster.genesis is not None and design.cluster.genesis not in seen_names:
+        add(("cluster", "genesis"), f"{design.cluster.genesis!r} is not one of the nodes")
+    for name, role in design.roles.items():
+        paths: dict[str, int] = {}
+        for index, spec in enumerate(role.files):
+            if spec.path in paths:
+                add(("roles", name, "files", index, "path"),
+                    f"{spec.path} is also roles.{name}.files[{paths[spec.path]}]")
+            paths.setdefault(spec.path, index)
+    names: dict[str, int] = {}
+    for index, repo in enumerate(design.apt_repositories):
+        if repo.name in names:
+            add(("apt_repositories", index, "name"), f"{repo.name!r} is used twice")
+        names.setdefault(repo.name, index)
+    if "{hostname}" not in design.pki.node_certificate:
+        add(("pki", "node_certificate"), "must contain {hostname}: each node has its own")
+    return problems

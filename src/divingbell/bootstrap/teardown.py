@@ -1,0 +1,60 @@
+"""Take a node out of the cluster: drain it, remove the labels divingbell set, stop the kubelet.
+
+Draining belongs to the maintenance part (issue 15): it is looked up at run time, so this
+module works, and says what is missing, whether or not that part is installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from divingbell.bootstrap.labels import remove_owned_labels
+from divingbell.errors import CommandError, DivingbellError
+from divingbell.host import Host
+from divingbell.kube import NodeLabelApi
+
+KUBELET_UNIT = "kubelet.service"
+
+
+class TeardownError(DivingbellError):
+    """Teardown cannot go on; the message says what to do."""
+
+
+def find_drainer() -> Callable[[Any, str], Any] | None:
+    """`divingbell.maintenance.drain(api, node)` when the maintenance part provides it."""
+    try:
+        module = importlib.import_module("divingbell.maintenance")
+    except ModuleNotFoundError:
+        return None
+    drain = getattr(module, "drain", None)
+    return drain if callable(drain) else None
+
+
+def run_teardown(api: NodeLabelApi, host: Host, node: str, *, drain: bool = True,
+                 drainer: Callable[[Any, str], Any] | None = None) -> list[dict[str, str]]:
+    steps: list[dict[str, str]] = []
+    if drain:
+        drainer = drainer or find_drainer()
+        if drainer is None:
+            raise TeardownError(
+                "draining needs divingbell's maintenance part, which is not installed here: "
+                f"drain {node} first (kubectl drain {node} --ignore-daemonsets) and run again "
+                "with --no-drain; nothing was changed")
+        drainer(api, node)
+        steps.append({"step": "drain", "result": "drained"})
+    else:
+        steps.append({"step": "drain", "result": "skipped (--no-drain)"})
+    change = remove_owned_labels(api, node)
+    steps.append({"step": "labels", "result": (f"removed {', '.join(change.removed)}"
+                                               if change.removed else "none to remove")})
+    try:
+        if host.is_systemd_running():
+            host.run(["systemctl", "disable", "--now", KUBELET_UNIT])
+        else:
+            host.run(["systemctl", "disable", KUBELET_UNIT])
+    except CommandError as exc:
+        raise TeardownError(f"could not stop the kubelet: {exc}") from None
+    steps.append({"step": "kubelet", "result": "stopped and disabled"})
+    return steps

@@ -1,0 +1,133 @@
+"""`divingbell bootstrap labels` and `teardown` through the real Kubernetes adapter against the
+API stand-in: the desired map, protected domains, the owned-labels annotation, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from divingbell.bootstrap.labels import plan_labels, remove_owned_labels, set_labels
+from divingbell.bootstrap.teardown import TeardownError, run_teardown
+from divingbell.host import Host
+from divingbell.kube import FakeKube, NodeView
+from tests.bootstrap.kubeapi import KubeApiStandIn
+from tests.conftest import Cli
+
+OWNED = "divingbell.io/bootstrap-labels"
+START = {"kubernetes.io/hostname": "n1", "topology.kubernetes.io/zone": "a",
+         "node-role.kubernetes.io/worker": "", "old": "x", "rack": "r0"}
+
+
+def patches(api: KubeApiStandIn) -> int:
+    return sum(r["method"] == "PATCH" for r in api.requests)
+
+
+def test_labels_command_sets_the_desired_map_and_keeps_protected_labels(
+        cli: Cli, kube_api: KubeApiStandIn) -> None:
+    kube_api.add_node("n1", START)
+    dry = cli("bootstrap", "labels", "n1", "rack=r1", "team=blue", "--dry-run",
+              "--server", kube_api.url, "--format", "json")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {
+        "node": "n1", "set": {"rack": "r1", "team": "blue"}, "removed": ["old"],
+        "kept_protected": ["kubernetes.io/hostname", "node-role.kubernetes.io/worker",
+                           "topology.kubernetes.io/zone"], "changed": True, "dry_run": True}
+    assert patches(kube_api) == 0
+    assert kube_api.nodes["n1"]["labels"] == START
+
+    result = cli("bootstrap", "labels", "n1", "rack=r1", "team=blue", "--server", kube_api.url)
+    assert result.returncode == 0, result.stderr
+    assert "  + rack=r1\n  + team=blue\n  - old\n" in result.stdout
+    assert kube_api.nodes["n1"]["labels"] == {
+        "kubernetes.io/hostname": "n1", "topology.kubernetes.io/zone": "a",
+        "node-role.kubernetes.io/worker": "", "rack": "r1", "team": "blue"}
+    assert kube_api.nodes["n1"]["annotations"] == {OWNED: "rack,team"}
+
+    again = cli("bootstrap", "labels", "n1", "rack=r1", "team=blue", "--server", kube_api.url)
+    assert "labels already as desired" in again.stdout
+    assert patches(kube_api) == 1
+
+    # No KEY=VALUE: every label outside Kubernetes' domains goes.
+    cli("bootstrap", "labels", "n1", "--server", kube_api.url)
+    assert set(kube_api.nodes["n1"]["labels"]) == {
+        "kubernetes.io/hostname", "topology.kubernetes.io/zone", "node-role.kubernetes.io/worker"}
+
+
+def test_labels_command_errors(cli: Cli, kube_api: KubeApiStandIn) -> None:
+    missing = cli("bootstrap", "labels", "ghost", "a=b", "--server", kube_api.url)
+    assert missing.returncode == 1
+    assert "404" in missing.stderr and "ghost" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad = cli("bootstrap", "labels", "n1", "no-equals", "bad key=v", "--server", kube_api.url)
+    assert bad.returncode == 2
+    assert "'no-equals': expected KEY=VALUE" in bad.stderr
+    assert "'bad key' is not a valid label key" in bad.stderr
+    assert len(kube_api.requests) == 1, "bad arguments never reach the API server"
+
+
+def test_plan_is_pure_and_protected_domains_are_exact() -> None:
+    view = NodeView("n1", {"example.com/kubernetes.io": "x", "k8s.io/x": "1",
+                           "sub.k8s.io/y": "2", "notk8s.io/z": "3"}, {})
+    change = plan_labels(view, {})
+    assert change.removed == ["example.com/kubernetes.io", "notk8s.io/z"]
+    assert change.kept_protected == ["k8s.io/x", "sub.k8s.io/y"]
+
+
+def test_teardown_removes_only_what_divingbell_set_and_stops_the_kubelet(
+        debian_host: Host) -> None:
+    kube = FakeKube()
+    kube.add_node("n1", START)
+    set_labels(kube, "n1", {"rack": "r1", "team": "blue", "topology.kubernetes.io/zone": "b"})
+    kube.patch_node("n1", labels={"someone-else": "keep"}, annotations={})
+    unit = debian_host.path("/etc/systemd/system/kubelet.service")
+    unit.write_text("[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n")
+    debian_host.run(["systemctl", "enable", "kubelet.service"])
+    wants = debian_host.path("/etc/systemd/system/multi-user.target.wants/kubelet.service")
+    assert wants.is_symlink()
+
+    sent = len(kube.sent)
+    with pytest.raises(TeardownError, match=r"drain n1 first .* --no-drain; nothing was changed"):
+        run_teardown(kube, debian_host, "n1", drain=True)
+    assert len(kube.sent) == sent and wants.is_symlink()
+
+    drained: list[str] = []
+    steps = run_teardown(kube, debian_host, "n1", drainer=lambda api, node: drained.append(node))
+    assert drained == ["n1"]
+    assert [s["step"] for s in steps] == ["drain", "labels", "kubelet"]
+    assert kube.node_objects["n1"].labels == {
+        "kubernetes.io/hostname": "n1", "topology.kubernetes.io/zone": "b",
+        "node-role.kubernetes.io/worker": "", "someone-else": "keep"}
+    assert OWNED not in kube.node_objects["n1"].annotations
+    assert not wants.exists()
+    assert remove_owned_labels(kube, "n1").removed == []
+
+
+def test_teardown_command(cli: Cli, kube_api: KubeApiStandIn, debian_host: Host) -> None:
+    kube_api.add_node("n1", {"rack": "r1", "kubernetes.io/hostname": "n1"}, {OWNED: "rack"})
+    debian_host.path("/etc/systemd/system/kubelet.service").write_text(
+        "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n")
+    debian_host.run(["systemctl", "enable", "kubelet.service"])
+    wants = debian_host.path("/etc/systemd/system/multi-user.target.wants/kubelet.service")
+    refused = cli("bootstrap", "teardown", "--node", "n1", "--root", debian_host.root,
+                  "--server", kube_api.url)
+    assert refused.returncode == 1
+    assert "--no-drain" in refused.stderr
+    assert kube_api.nodes["n1"]["labels"]["rack"] == "r1"
+    assert wants.is_symlink()
+    done = cli("bootstrap", "teardown", "--node", "n1", "--no-drain", "--root",
+               debian_host.root, "--server", kube_api.url, "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"][1] == {"step": "labels", "result": "removed rack"}
+    assert kube_api.nodes["n1"]["labels"] == {"kubernetes.io/hostname": "n1"}
+    assert kube_api.nodes["n1"]["annotations"] == {}
+    assert not wants.exists()
+
+
+def test_scripts_and_commands_are_documented(cli: Cli) -> None:
+    for args in (("bootstrap", "--help"), ("bootstrap", "build", "--help"),
+                 ("pki", "generate", "--help"), ("pki", "check", "--help")):
+        shown = cli(*args)
+        assert shown.returncode == 0
+    assert "disables the unit that ran it" in " ".join(cli("bootstrap", "build", "--help")
+                                                        .stdout.split())
