@@ -72,6 +72,7 @@ def transition(session: Session, machine: Machine, wanted: str, reason: str,
 def discover(session: Session, facts: Discovery, settings: FleetSettings
              ) -> tuple[Machine, str, bool]:
     """Register or update a machine by UUID. Returns (machine, new credential, created)."""
+    lock_scheduler(session)
     now = utcnow()
     machine = session.scalars(select(Machine).where(Machine.uuid == facts.uuid)).first()
     macs = [i.mac for i in facts.interfaces if i.mac]
@@ -132,6 +133,7 @@ def get_machine(session: Session, machine_id: str) -> Machine:
 
 def set_roles(session: Session, machine: Machine, roles: Sequence[str], pinned: bool,
               settings: FleetSettings, who: str) -> None:
+    lock_scheduler(session)
     if machine.state == states.DECOMMISSIONED:
         raise ApiError(409, {"error": "decommissioned",
                              "message": f"machine {machine.id} is decommissioned"})
@@ -151,6 +153,7 @@ def set_roles(session: Session, machine: Machine, roles: Sequence[str], pinned: 
 
 
 def decommission(session: Session, machine: Machine, settings: FleetSettings, who: str) -> None:
+    lock_scheduler(session)
     transition(session, machine, states.DECOMMISSIONED, f"decommissioned by {who}")
     machine.roles = []
     machine.pinned = False
@@ -161,10 +164,16 @@ def decommission(session: Session, machine: Machine, settings: FleetSettings, wh
     run_scheduler(session, settings)
 
 
-def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[str]]:
-    """One scheduling pass, holding the scheduler row's lock (FOR UPDATE on PostgreSQL; the
-    write transaction itself on SQLite) so replicas never schedule at once."""
+def lock_scheduler(session: Session) -> None:
+    """Hold the scheduler row's lock until the transaction ends (FOR UPDATE on PostgreSQL; on
+    SQLite the write transaction already excludes other writers). Taken first by every
+    transaction that schedules, so two of them never wait on each other's rows (deadlock)."""
     session.execute(select(Setting).where(Setting.key == SCHEDULER_LOCK).with_for_update())
+
+
+def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[str]]:
+    """One scheduling pass; replicas never schedule at once (see lock_scheduler)."""
+    lock_scheduler(session)
     rows = session.execute(select(
         Machine.id, Machine.uuid, Machine.discovered_at, Machine.roles, Machine.pinned,
         Machine.rack, Machine.state).where(Machine.state != states.DECOMMISSIONED)).all()
