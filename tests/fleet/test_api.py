@@ -321,3 +321,47 @@ def test_probes_and_metrics(fleet: ThreadServer) -> None:
     assert fleet.admin_token.split("_")[2] not in text
     spec = anonymous.call("GET", "/openapi.json")
     assert "/v1/discovery" in spec["paths"] and "/v1/slots/claim" in spec["paths"]
+
+
+def test_an_expired_install_grant_fails_its_machine_and_frees_the_throttle(
+        store_url: str) -> None:
+    from divingbell.fleet.settings import FleetSettings
+    from tests.fleet.servers import thread_server
+
+    settings = FleetSettings(db_url=store_url, control_plane_size=1, install_parallel=1,
+                             install_ttl_seconds=0.2)
+    with thread_server(settings) as fleet:
+        dead, dead_client = register(fleet, 1)
+        alive, alive_client = register(fleet, 2)
+        assert dead_client.install_grant(dead)["granted"] is True
+        assert fleet.admin.machine(dead)["state"] == "installing"
+        import time
+
+        time.sleep(0.3)  # the grant's TTL passes without a result: the machine died
+        assert alive_client.install_grant(alive)["granted"] is True
+        machine = fleet.admin.machine(dead)
+        assert machine["state"] == "failed"
+        assert machine["history"][-1]["reason"] == "install grant expired without a result"
+        late = error_of(lambda: dead_client.install_result(dead, True, "too late"))
+        assert late.status == 409
+
+
+def test_one_log_line_per_request_and_never_a_token(fleet: ThreadServer,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="divingbell.fleet"):
+        m, client = register(fleet, 1)
+        fleet.admin.push_document(DOC.encode())
+        client.config(m)
+        error_of(lambda: fleet.client(fleet.admin_token + "x").machines())
+    lines = [json.loads(r.getMessage()) for r in caplog.records
+             if r.name == "divingbell.fleet.access"]
+    assert [(entry["method"], entry["route"], entry["status"]) for entry in lines] == [
+        ("POST", "/v1/discovery", 201), ("PUT", "/v1/document", 201),
+        ("GET", "/v1/machines/{machine_id}/config", 200), ("GET", "/v1/machines", 401)]
+    assert lines[2]["caller"] == f"machine:{m}"
+    secrets = [t.split("_", 2)[2] for t in (fleet.admin_token, fleet.bootstrap_token)]
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert not any(secret in everything for secret in secrets)
+    assert "dbm_" not in everything

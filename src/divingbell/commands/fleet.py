@@ -428,3 +428,100 @@ def status(server: str, token_file: Path | None, ca_file: str | None,
     for state_name, count in sorted(by_state.items()):
         click.echo(f"  {state_name}: {count}")
     sys.exit(0 if len(live) == fresh else 1)
+
+
+@fleet.command()
+@_db_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def backup(db_url: str, file: Path) -> None:
+    """Write a consistent backup of the store to FILE (0600) while the service runs: SQLite's
+    online backup API (the copy is an SQLite database), or pg_dump's custom format for
+    PostgreSQL (restore with pg_restore)."""
+    from divingbell.fleet.backup import BackupError
+    from divingbell.fleet.backup import backup as make_backup
+
+    try:
+        how = make_backup(db_url, file)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"backup written to {file} ({how})")
+
+
+@fleet.command()
+@_db_option
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this file (0600) instead of standard output.")
+def export(db_url: str, output: Path | None) -> None:
+    """Print machines, roles and revisions as replayable JSON (see `fleet import`). Carries
+    credential hashes, never credentials: keep the file private."""
+    from divingbell.fleet.backup import export as make_export
+    from divingbell.fleet.client import write_secret
+
+    db = _open_db(db_url)
+    data = json.dumps(make_export(db), indent=2)
+    db.dispose()
+    if output is None:
+        click.echo(data)
+    else:
+        write_secret(output, data)
+        click.echo(f"exported to {output}", err=True)
+
+
+@fleet.command("import")
+@_db_option
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def import_cmd(db_url: str, file: Path) -> None:
+    """Replay an export into the store (for example, SQLite into PostgreSQL). Revisions are
+    validated again; machines are matched by UUID. All or nothing."""
+    from divingbell.fleet.backup import BackupError, import_
+
+    try:
+        data = json.loads(file.read_text())
+    except ValueError as exc:
+        raise click.ClickException(f"{file}: not JSON: {exc}") from None
+    db = _open_db(db_url)
+    try:
+        counts = import_(db, data)
+    except (BackupError, KeyError, TypeError, ValueError) as exc:
+        raise click.ClickException(f"import failed, nothing changed: {exc}") from None
+    finally:
+        db.dispose()
+    click.echo(f"imported {counts['revisions']} revision(s), {counts['machines']} machine(s)")
+
+
+@fleet.command()
+@_api_options
+@click.argument("machine_id")
+def decommission(server: str, token_file: Path | None, ca_file: str | None,
+                 machine_id: str) -> None:
+    """Take a machine out of the fleet (its role, grant and slots are released; a missing
+    control-plane member is replaced by the scheduler)."""
+    try:
+        data = _client(server, token_file, ca_file).call(
+            "POST", f"/v1/machines/{machine_id}/decommission")
+    except FleetApiError as exc:
+        _fail(exc)
+        return
+    click.echo(f"{data['id']}: {data['state']}")
+
+
+@fleet.command()
+@_api_options
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@_format_option
+def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,
+          output_format: str) -> None:
+    """What operators did: pushes, activations, role pins, decommissions, forced releases."""
+    from divingbell.output import table
+
+    try:
+        rows = _client(server, token_file, ca_file).call("GET", f"/v1/audit?limit={limit}")
+    except FleetApiError as exc:
+        _fail(exc)
+        return
+    if output_format == "json":
+        _echo_json(rows)
+        return
+    click.echo(table(["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
+                     [[r["at"], r["actor"], r["action"], r["subject"], r["detail"]]
+                      for r in rows]))

@@ -31,6 +31,7 @@ from divingbell.fleet.api.schemas import Discovery, ReportBody
 from divingbell.fleet.auth import MACHINE_PREFIX, format_token, hash_secret, new_secret
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import (
+    AuditEvent,
     Lease,
     Machine,
     MachineMac,
@@ -51,6 +52,11 @@ SCHEDULER_LOCK = "scheduler"
 INSTALL = "install"
 SLOT = "slot"
 HISTORY_SHOWN = 50
+
+
+def audit(session: Session, actor: str, action: str, subject: str, detail: str = "") -> None:
+    session.add(AuditEvent(at=utcnow(), actor=actor[:64], action=action, subject=subject[:255],
+                           detail=detail))
 
 
 # Machines ------------------------------------------------------------------------------------
@@ -141,6 +147,7 @@ def set_roles(session: Session, machine: Machine, roles: Sequence[str], pinned: 
     machine.roles = unique
     machine.pinned = pinned and bool(unique)
     reason = f"roles {unique or 'cleared'} {'pinned' if machine.pinned else 'unpinned'} by {who}"
+    audit(session, who, "roles", machine.id, reason)
     if unique and machine.state == states.DISCOVERED:
         transition(session, machine, states.SCHEDULED, reason)
     elif not unique and machine.state == states.SCHEDULED:
@@ -155,6 +162,7 @@ def set_roles(session: Session, machine: Machine, roles: Sequence[str], pinned: 
 def decommission(session: Session, machine: Machine, settings: FleetSettings, who: str) -> None:
     lock_scheduler(session)
     transition(session, machine, states.DECOMMISSIONED, f"decommissioned by {who}")
+    audit(session, who, "decommission", machine.id)
     machine.roles = []
     machine.pinned = False
     session.execute(delete(MachineMac).where(MachineMac.machine_id == machine.id))
@@ -272,13 +280,14 @@ def push_document(session: Session, data: bytes, name: str, who: str) -> tuple[i
     number = (session.scalar(select(func.max(Revision.number))) or 0) + 1
     session.add(Revision(number=number, source_name=name, text=text, digest=digest,
                          created_at=utcnow(), created_by=who))
-    _set_active(session, number)
+    set_active(session, number)
+    audit(session, who, "push", f"revision {number}", f"{name} sha256:{digest[:12]}")
     session.flush()
     log.info("revision %d stored from %s by %s", number, name, who)
     return number, True
 
 
-def _set_active(session: Session, number: int) -> None:
+def set_active(session: Session, number: int) -> None:
     updated = session.execute(update(Setting).where(Setting.key == ACTIVE_REVISION)
                               .values(value=str(number))).rowcount  # type: ignore[attr-defined]
     if not updated:
@@ -288,7 +297,8 @@ def _set_active(session: Session, number: int) -> None:
 def activate(session: Session, number: int, who: str) -> None:
     if session.get(Revision, number) is None:
         raise not_found("revision", number)
-    _set_active(session, number)
+    set_active(session, number)
+    audit(session, who, "activate", f"revision {number}")
     log.info("revision %d activated by %s", number, who)
 
 
@@ -443,6 +453,12 @@ def install_result(session: Session, machine: Machine, success: bool, output: st
 
 
 # Slots ---------------------------------------------------------------------------------------
+
+def audit_events(session: Session, limit: int) -> list[dict[str, Any]]:
+    rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))
+    return [{"at": iso(e.at), "actor": e.actor, "action": e.action, "subject": e.subject,
+             "detail": e.detail} for e in rows]
+
 
 def lease_dict(lease: Lease | leases.Held) -> dict[str, Any]:
     return {"slot": f"{lease.group}/{lease.index}", "group": lease.group,

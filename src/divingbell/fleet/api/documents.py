@@ -79,3 +79,12 @@ def activate_revision(number: RevisionNumber, request: Request, principal: Admin
     with request.app.state.db.write() as session:
         service.activate(session, number, principal.label)
         return {"revision": number, "active": True}
+
+
+@router.get("/audit", tags=["audit"])
+def audit(request: Request, _: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+          ) -> list[dict[str, Any]]:
+    """What operators did, newest first: pushes, activations, role pins, decommissions,
+    forced slot releases."""
+    with request.app.state.db.read() as session:
+        return service.audit_events(session, limit)
