@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,7 +157,7 @@ def test_discover_reads_a_real_namespace(ns_cli: Cli, netns: NetNs) -> None:
 
 def test_fact_parsers() -> None:
     # ip -j addr / ip -j route, iproute2 6.1 on Debian 12 (trimmed).
-    links = [{"ifindex": 1, "ifname": "lo", "link_type": "loopback", "address": "00:00:00:00:00:00",
+    links: list[dict[str, Any]] = [{"ifindex": 1, "ifname": "lo", "link_type": "loopback", "address": "00:00:00:00:00:00",
               "addr_info": [{"family": "inet", "local": "127.0.0.1", "prefixlen": 8}]},
              {"ifindex": 2, "ifname": "eth0", "link_type": "ether",
               "address": "02:fc:00:00:00:01",
@@ -169,7 +170,7 @@ def test_fact_parsers() -> None:
                                       {"address": "fe80::fc:ff:fe00:1", "prefix": 64}]},
         {"name": "wg0", "mac": None, "gateway": None, "fqdns": [], "boot": False,
          "addresses": []}]
-    routes = [{"dst": "default", "gateway": "192.0.2.1", "dev": "eth0", "flags": []},
+    routes: list[dict[str, Any]] = [{"dst": "default", "gateway": "192.0.2.1", "dev": "eth0", "flags": []},
               {"dst": "192.0.2.0/24", "dev": "eth0", "protocol": "kernel", "scope": "link"}]
     assert parse_ip_route(routes) == {"eth0": "192.0.2.1"}
     # lldpcli -f json show neighbors (lldpd 1.0.16): one interface is an object, several a list.
