@@ -14,7 +14,7 @@ import yaml
 
 from divingbell.document.api import load_document, load_document_text, node_config
 from divingbell.fleet.client import FleetApiError, FleetClient
-from tests.fleet.servers import ThreadServer
+from tests.fleet.servers import ThreadServer, wait_for
 
 
 def facts(n: int, *, macs: list[str] | None = None, rack: str | None = None,
@@ -355,8 +355,14 @@ def test_one_log_line_per_request_and_never_a_token(fleet: ThreadServer,
         fleet.admin.push_document(DOC.encode())
         client.config(m)
         error_of(lambda: fleet.client(fleet.admin_token + "x").machines())
-    lines = [json.loads(r.getMessage()) for r in caplog.records
-             if r.name == "divingbell.fleet.access"]
+
+        def access_lines() -> list[dict[str, Any]]:
+            return [json.loads(r.getMessage()) for r in caplog.records
+                    if r.name == "divingbell.fleet.access"]
+
+        # The line is written once the response is sent: the client may see it first.
+        wait_for(lambda: len(access_lines()) >= 4, timeout=10)
+    lines = access_lines()
     assert [(entry["method"], entry["route"], entry["status"]) for entry in lines] == [
         ("POST", "/v1/discovery", 201), ("PUT", "/v1/document", 201),
         ("GET", "/v1/machines/{machine_id}/config", 200), ("GET", "/v1/machines", 401)]

@@ -162,7 +162,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
     app.include_router(slots.router)
 
     @app.get("/healthz", tags=["probes"], response_class=PlainTextResponse)
-    def healthz() -> str:
+    async def healthz() -> str:
         """Alive (the process answers)."""
         return "ok\n"
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Final
 
 from fastapi import Depends, Header, Request
+from sqlalchemy import Connection, select
 
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import Machine, Token, utcnow
@@ -55,36 +56,57 @@ def parse_token(value: str) -> tuple[str, str, str] | None:
     return prefix, ident, secret
 
 
-def _unauthorized(message: str) -> ApiError:
+def unauthorized(message: str) -> ApiError:
     return ApiError(401, {"error": "unauthorized", "message": message},
                     headers={"WWW-Authenticate": "Bearer"})
 
 
-def authenticate(request: Request, authorization: Annotated[
-        str | None, Header(description="Bearer <token>")] = None) -> Principal:
+@dataclass(frozen=True)
+class Credentials:
+    """A parsed bearer token, not yet checked against the store."""
+
+    prefix: str
+    ident: str
+    secret: str
+
+
+def bearer(authorization: Annotated[
+        str | None, Header(description="Bearer <token>")] = None) -> Credentials:
+    """Parse the Authorization header (no I/O)."""
     if not authorization:
-        raise _unauthorized("missing Authorization: Bearer <token>")
+        raise unauthorized("missing Authorization: Bearer <token>")
     scheme, _, value = authorization.partition(" ")
     parsed = parse_token(value.strip()) if scheme.lower() == "bearer" else None
     if parsed is None:
-        raise _unauthorized("invalid token")
-    prefix, ident, secret = parsed
-    db = request.app.state.db
-    with db.read() as session:
-        if prefix == MACHINE_PREFIX:
-            machine = session.get(Machine, ident)
-            if machine is None or not hmac.compare_digest(machine.credential_hash,
-                                                          hash_secret(secret)):
-                raise _unauthorized("invalid token")
-            principal = Principal("machine", machine.id, "machine")
-        else:
-            token = session.get(Token, ident)
-            now = utcnow()
-            if (token is None or token.revoked_at is not None
-                    or (token.expires_at is not None and token.expires_at <= now)
-                    or not hmac.compare_digest(token.secret_hash, hash_secret(secret))):
-                raise _unauthorized("invalid token")
-            principal = Principal("token", token.id, token.role)
+        raise unauthorized("invalid token")
+    return Credentials(*parsed)
+
+
+def verify(connection: Connection, credentials: Credentials) -> Principal:
+    """Check credentials against the store, on every request (no cache): a revoked token or
+    a rotated credential stops working at once, on every replica. The hot routes call this
+    inside their own transaction; the others through `authenticate`."""
+    secret_hash = hash_secret(credentials.secret)
+    if credentials.prefix == MACHINE_PREFIX:
+        stored = connection.execute(select(Machine.credential_hash).where(
+            Machine.id == credentials.ident)).scalar()
+        if stored is None or not hmac.compare_digest(stored, secret_hash):
+            raise unauthorized("invalid token")
+        return Principal("machine", credentials.ident, "machine")
+    token = connection.execute(select(
+        Token.role, Token.secret_hash, Token.revoked_at, Token.expires_at).where(
+        Token.id == credentials.ident)).first()
+    if (token is None or token.revoked_at is not None
+            or (token.expires_at is not None and token.expires_at <= utcnow())
+            or not hmac.compare_digest(token.secret_hash, secret_hash)):
+        raise unauthorized("invalid token")
+    return Principal("token", credentials.ident, token.role)
+
+
+def authenticate(request: Request, credentials: Annotated[Credentials, Depends(bearer)]
+                 ) -> Principal:
+    with request.app.state.db.read_conn() as connection:
+        principal = verify(connection, credentials)
     request.state.principal = principal
     return principal
 
@@ -109,16 +131,14 @@ def require_role(role: str) -> Callable[[Principal], Principal]:
     return dependency
 
 
-def machine_or_admin(machine_id: str, principal: CurrentPrincipal) -> Principal:
-    """The machine itself (its own credential) or an admin: for writes about one machine."""
+def check_machine_or_admin(principal: Principal, machine_id: str) -> Principal:
     if principal.role == "admin" or (principal.kind == "machine" and principal.id == machine_id):
         return principal
     raise ApiError(403, {"error": "forbidden",
                          "message": "only this machine's credential or an admin token"})
 
 
-def machine_or_reader(machine_id: str, principal: CurrentPrincipal) -> Principal:
-    """The machine itself, or a reader or admin token: for reads about one machine."""
+def check_machine_or_reader(principal: Principal, machine_id: str) -> Principal:
     if principal.role in ("admin", "reader") or (
             principal.kind == "machine" and principal.id == machine_id):
         return principal
@@ -126,8 +146,19 @@ def machine_or_reader(machine_id: str, principal: CurrentPrincipal) -> Principal
                          "message": "only this machine's credential or a reader token"})
 
 
+def machine_or_admin(machine_id: str, principal: CurrentPrincipal) -> Principal:
+    """The machine itself (its own credential) or an admin: for writes about one machine."""
+    return check_machine_or_admin(principal, machine_id)
+
+
+def machine_or_reader(machine_id: str, principal: CurrentPrincipal) -> Principal:
+    """The machine itself, or a reader or admin token: for reads about one machine."""
+    return check_machine_or_reader(principal, machine_id)
+
+
 Admin = Annotated[Principal, Depends(require_role("admin"))]
 Reader = Annotated[Principal, Depends(require_role("reader"))]
 Bootstrap = Annotated[Principal, Depends(require_role("bootstrap"))]
 MachineOrAdmin = Annotated[Principal, Depends(machine_or_admin)]
 MachineOrReader = Annotated[Principal, Depends(machine_or_reader)]
+Bearer = Annotated[Credentials, Depends(bearer)]

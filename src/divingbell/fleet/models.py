@@ -40,6 +40,9 @@ class Token(Base):
 
 
 class Machine(Base):
+    """A machine. Its facts (interfaces, disks, LLDP) and install output are loaded only when
+    used: the hot paths (auth, config, reports) never pay for them."""
+
     __tablename__ = "machines"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     uuid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -51,9 +54,9 @@ class Machine(Base):
     roles: Mapped[list[Any]] = mapped_column(default=list)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
     rack: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    interfaces: Mapped[list[Any]] = mapped_column(default=list)
-    disks: Mapped[list[Any]] = mapped_column(default=list)
-    lldp: Mapped[list[Any]] = mapped_column(default=list)
+    interfaces: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
+    disks: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
+    lldp: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
     credential_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime())
     discovered_at: Mapped[datetime] = mapped_column(DateTime())
@@ -61,7 +64,7 @@ class Machine(Base):
     last_report_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_report_etag: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_report_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    install_output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    install_output: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
 
 
 class MachineMac(Base):

@@ -8,18 +8,19 @@ its number and digest (a revision's text never changes).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, Row, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,7 +29,18 @@ from divingbell.document.validate import ValidDocument
 from divingbell.errors import DocumentError
 from divingbell.fleet import leases, states
 from divingbell.fleet.api.schemas import Discovery, ReportBody
-from divingbell.fleet.auth import MACHINE_PREFIX, format_token, hash_secret, new_secret
+from divingbell.fleet.auth import (
+    MACHINE_PREFIX,
+    Credentials,
+    Principal,
+    check_machine_or_admin,
+    check_machine_or_reader,
+    format_token,
+    hash_secret,
+    new_secret,
+    unauthorized,
+    verify,
+)
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import (
     AuditEvent,
@@ -202,7 +214,68 @@ def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[s
     return decided
 
 
-def labels_of(machine: Machine) -> dict[str, str]:
+class MachineLike(Protocol):
+    """What the configuration and freshness decisions read: a Machine row or a View."""
+
+    @property
+    def hostname(self) -> str: ...
+    @property
+    def roles(self) -> list[Any]: ...
+    @property
+    def rack(self) -> str | None: ...
+    @property
+    def last_report_revision(self) -> int | None: ...
+    @property
+    def last_report_etag(self) -> str | None: ...
+    @property
+    def last_report_state(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class View:
+    """The few columns of a machine the hot paths need (no facts, no ORM)."""
+
+    id: str
+    state: str
+    hostname: str
+    roles: list[Any]
+    rack: str | None
+    last_report_revision: int | None
+    last_report_etag: str | None
+    last_report_state: str | None
+
+
+VIEW_COLUMNS = (Machine.id, Machine.state, Machine.hostname, Machine.roles, Machine.rack,
+                Machine.last_report_revision, Machine.last_report_etag,
+                Machine.last_report_state)
+
+
+def machine_view(connection: Connection, machine_id: str) -> View:
+    row = connection.execute(select(*VIEW_COLUMNS).where(Machine.id == machine_id)).first()
+    if row is None:
+        raise not_found("machine", machine_id)
+    return View(*row)
+
+
+def authorized_view(connection: Connection, credentials: Credentials, machine_id: str,
+                    *, readers: bool) -> tuple[Principal, View]:
+    """Check the caller and load the machine's view: one query when the machine asks about
+    itself (the common case: every poll and report). `readers`: reader tokens may read."""
+    if credentials.prefix == MACHINE_PREFIX and credentials.ident == machine_id:
+        row = connection.execute(select(Machine.credential_hash, *VIEW_COLUMNS).where(
+            Machine.id == machine_id)).first()
+        if row is None or not hmac.compare_digest(row[0], hash_secret(credentials.secret)):
+            raise unauthorized("invalid token")
+        return Principal("machine", machine_id, "machine"), View(*row[1:])
+    principal = verify(connection, credentials)
+    if readers:
+        check_machine_or_reader(principal, machine_id)
+    else:
+        check_machine_or_admin(principal, machine_id)
+    return principal, machine_view(connection, machine_id)
+
+
+def labels_of(machine: MachineLike) -> dict[str, str]:
     return node_labels(machine.roles or [], machine.rack)
 
 
@@ -251,7 +324,7 @@ _documents: OrderedDict[tuple[int, str], ValidDocument] = OrderedDict()
 _documents_lock = threading.Lock()
 
 
-def active_revision(session: Session) -> int | None:
+def active_revision(session: Session | Connection) -> int | None:
     value = session.scalar(select(Setting.value).where(Setting.key == ACTIVE_REVISION))
     return int(value) if value else None
 
@@ -302,7 +375,7 @@ def activate(session: Session, number: int, who: str) -> None:
     log.info("revision %d activated by %s", number, who)
 
 
-def revision_document(revision: Revision) -> ValidDocument:
+def revision_document(revision: Revision | Row[int, str, str, str]) -> ValidDocument:
     key = (revision.number, revision.digest)
     with _documents_lock:
         cached = _documents.get(key)
@@ -323,13 +396,13 @@ def config_etag(revision: int, hostname: str, labels: Mapping[str, str]) -> str:
     return f'"{revision}-{digest.hexdigest()[:10]}"'
 
 
-def current_etag(machine: Machine, active: int | None) -> str | None:
+def current_etag(machine: MachineLike, active: int | None) -> str | None:
     if active is None:
         return None
     return config_etag(active, machine.hostname, labels_of(machine))
 
 
-def up_to_date(machine: Machine, active: int | None) -> bool:
+def up_to_date(machine: MachineLike, active: int | None) -> bool:
     if active is None or machine.last_report_state != "converged":
         return False
     if machine.last_report_revision != active:
@@ -346,8 +419,9 @@ class Rendered:
     text: str | None  # None: not modified
 
 
-def render_config(session: Session, machine: Machine, if_none_match: str | None) -> Rendered:
-    active = active_revision(session)
+def render_config(connection: Connection, machine: MachineLike, if_none_match: str | None
+                  ) -> Rendered:
+    active = active_revision(connection)
     if active is None:
         raise ApiError(404, {"error": "no-document",
                              "message": "no document pushed yet: divingbell fleet document push"})
@@ -355,11 +429,12 @@ def render_config(session: Session, machine: Machine, if_none_match: str | None)
     etag = config_etag(active, machine.hostname, labels)
     if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
         return Rendered(active, etag, None)
-    revision = session.get(Revision, active)
-    assert revision is not None
+    revision = connection.execute(select(
+        Revision.number, Revision.digest, Revision.text, Revision.source_name).where(
+        Revision.number == active)).one()
     document = revision_document(revision)
     config = node_config(document, machine.hostname, labels)
-    text = f"# divingbell revision {active} for machine {machine.id} ({machine.hostname})\n"
+    text = f"# divingbell revision {active} for {machine.hostname or 'this machine'}\n"
     text += yaml.safe_dump(effective_document(document, config), sort_keys=False,
                            default_flow_style=False)
     return Rendered(active, etag, text)
@@ -375,34 +450,56 @@ def note_config_served(session: Session, machine: Machine, rendered: Rendered) -
 
 # Reports -------------------------------------------------------------------------------------
 
-def add_report(session: Session, machine: Machine, body: ReportBody, keep: int) -> Report:
-    if session.get(Revision, body.revision) is None:
+_known_revisions: set[int] = set()
+
+
+def revision_exists(connection: Connection, number: int) -> bool:
+    """Revisions are never deleted, so a number once seen is remembered (immutable fact)."""
+    if number in _known_revisions:
+        return True
+    found = connection.execute(select(Revision.number).where(Revision.number == number)
+                               ).first() is not None
+    if found:
+        _known_revisions.add(number)
+    return found
+
+
+def add_report(connection: Connection, machine: View, body: ReportBody, keep: int
+               ) -> tuple[View, int | None]:
+    """Store a report, update the machine's freshness and state, keep the last `keep`.
+    Core statements only: this is the busiest write path of the service."""
+    machine_id = machine.id
+    if not revision_exists(connection, body.revision):
         raise ApiError(422, {"error": "unknown-revision", "field": "revision",
                              "message": f"revision {body.revision} does not exist"})
     now = utcnow()
-    report = Report(machine_id=machine.id, revision=body.revision, etag=body.etag,
-                    state=body.state, modules={k: v.model_dump() for k, v in body.modules.items()},
-                    drift=body.drift, duration_seconds=body.duration_seconds,
-                    boot_id=body.boot_id, received_at=now)
-    session.add(report)
-    machine.last_report_at = now
-    machine.last_report_revision = body.revision
-    machine.last_report_etag = body.etag
-    machine.last_report_state = body.state
+    connection.execute(insert(Report).values(
+        machine_id=machine_id, revision=body.revision, etag=body.etag, state=body.state,
+        modules={k: v.model_dump() for k, v in body.modules.items()}, drift=body.drift,
+        duration_seconds=body.duration_seconds, boot_id=body.boot_id, received_at=now))
+    after = replace(machine, last_report_revision=body.revision, last_report_etag=body.etag,
+                    last_report_state=body.state)
+    active = active_revision(connection)
+    values: dict[str, Any] = {
+        "last_report_at": now, "last_report_revision": body.revision,
+        "last_report_etag": body.etag, "last_report_state": body.state}
     if body.boot_id:
-        machine.boot_id = body.boot_id
-    active = active_revision(session)
+        values["boot_id"] = body.boot_id
     wanted = states.DEGRADED if body.state == "failed" else (
-        states.READY if up_to_date(machine, active) else states.UPDATING)
-    if wanted in states.TRANSITIONS.get(machine.state, frozenset()):
-        transition(session, machine, wanted,
-                   f"report: revision {body.revision} {body.state}", now)
-    session.flush()
-    old = session.scalars(select(Report.id).where(Report.machine_id == machine.id)
-                          .order_by(Report.id.desc()).offset(keep)).all()
-    if old:
-        session.execute(delete(Report).where(Report.id.in_(old)))
-    return report
+        states.READY if up_to_date(after, active) else states.UPDATING)
+    if wanted != machine.state and wanted in states.TRANSITIONS.get(machine.state, frozenset()):
+        values.update(state=wanted, state_changed_at=now)
+        connection.execute(insert(StateChange).values(
+            machine_id=machine_id, from_state=machine.state, to_state=wanted,
+            reason=f"report: revision {body.revision} {body.state}", at=now))
+        after = replace(after, state=wanted)
+    connection.execute(update(Machine).where(Machine.id == machine_id).values(**values))
+    # Keep the newest `keep`: delete everything at or below the (keep+1)-th newest id.
+    cutoff = (select(Report.id).where(Report.machine_id == machine_id)
+              .order_by(Report.id.desc()).offset(keep).limit(1).scalar_subquery())
+    connection.execute(delete(Report).where(Report.machine_id == machine_id,
+                                            Report.id <= cutoff))
+    return after, active
 
 
 # Install grants ------------------------------------------------------------------------------
