@@ -371,3 +371,28 @@ def test_one_log_line_per_request_and_never_a_token(fleet: ThreadServer,
     everything = "\n".join(r.getMessage() for r in caplog.records)
     assert not any(secret in everything for secret in secrets)
     assert "dbm_" not in everything
+
+
+def test_a_boot_request_creates_a_booting_machine_that_discovery_completes(
+        fleet: ThreadServer) -> None:
+    from divingbell.fleet import service
+    from divingbell.fleet.db import Database
+
+    db = Database(fleet.settings.db_url)
+    try:
+        uuid = facts(7)["uuid"]
+        with db.write() as session:
+            booting = service.record_boot(session, uuid.upper(), "52:54:00:00:00:07")
+            assert booting.state == "booting" and booting.credential_hash == ""
+        with db.read() as session:
+            found = service.machine_by_mac(session, "52:54:00:00:00:07")
+            assert found is not None and found.id == booting.id
+        # A booting machine has no credential: nothing authenticates as it.
+        assert error_of(lambda: fleet.client(f"dbm_{booting.id}_x").machine(booting.id)
+                        ).status == 401
+        registered = fleet.bootstrap.discover(facts(7))
+        assert registered["machine_id"] == booting.id
+        history = [h["to"] for h in fleet.admin.machine(booting.id)["history"]]
+        assert history[:2] == ["booting", "discovered"]
+    finally:
+        db.dispose()

@@ -136,6 +136,35 @@ def discover(session: Session, facts: Discovery, settings: FleetSettings
     return machine, format_token(MACHINE_PREFIX, machine.id, secret), created
 
 
+def record_boot(session: Session, uuid: str, mac: str | None = None) -> Machine:
+    """A network boot request from `uuid` (and its boot MAC): an unknown machine is created in
+    state `booting` (no credential until it registers with its facts); a known one is
+    returned unchanged (a decommissioned machine booting again becomes `booting`). For the
+    network-boot routes."""
+    uuid = uuid.lower()
+    machine = session.scalars(select(Machine).where(Machine.uuid == uuid)).first()
+    now = utcnow()
+    if machine is None:
+        machine = Machine(id="m" + secrets.token_hex(6), uuid=uuid, state=states.BOOTING,
+                          state_changed_at=now, created_at=now, discovered_at=now, roles=[],
+                          pinned=False, credential_hash="", hostname="", interfaces=[],
+                          disks=[], lldp=[])
+        session.add(machine)
+        session.add(StateChange(machine_id=machine.id, from_state=None, to_state=states.BOOTING,
+                                reason=f"boot request{f' from {mac}' if mac else ''}", at=now))
+        if mac and session.get(MachineMac, mac) is None:
+            session.add(MachineMac(mac=mac, machine_id=machine.id))
+        session.flush()
+    elif machine.state == states.DECOMMISSIONED:
+        transition(session, machine, states.BOOTING, "boot request after decommission", now)
+    return machine
+
+
+def machine_by_mac(session: Session, mac: str) -> Machine | None:
+    owner = session.get(MachineMac, mac.lower())
+    return None if owner is None else session.get(Machine, owner.machine_id)
+
+
 def mac_conflict(mac: str, owner: str, newcomer: str) -> ApiError:
     return ApiError(409, {"error": "mac-conflict", "mac": mac, "machines": [owner, newcomer],
                           "message": f"MAC {mac} is already on machine {owner}; decommission "
