@@ -54,7 +54,7 @@ conf:
             sysctl: {net.ipv4.tcp_fin_timeout: 12}
 """
 CONNECTIONS = 64
-RAMP = (250, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000)
+RAMP = (100, 200, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000)
 
 
 @dataclass
@@ -211,11 +211,30 @@ async def run_load(host: str, port: int, requests: list[bytes], rate: float,
     return Result(rate, total, len(latencies), errors, elapsed, latencies, statuses)
 
 
+def process_tree(pid: int) -> list[int]:
+    """The service and its worker processes (with --workers)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            pids.extend(process_tree(int(child)))
+    return pids
+
+
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    total = 0
+    for one in process_tree(pid):
+        for line in Path(f"/proc/{one}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    ticks = 0
+    for one in process_tree(pid):
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -225,7 +244,9 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> di
     migrations.upgrade(db.write_engine)
     machines = seed(db, args.machines)
     db.dispose()
-    server = ProcessServer(url).start(work / f"serve-{name}.log")
+    workers = args.workers if name == "postgresql" else 1
+    server = ProcessServer(url, args=("--workers", str(workers))).start(
+        work / f"serve-{name}.log")
     assert server.process is not None
     host, port = server.host, server.port
     try:
@@ -235,13 +256,17 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> di
         # The fleet load: every machine polls and reports once a minute.
         fleet_rate = 2 * args.machines / 60
         asyncio.run(run_load(host, port, mixed, fleet_rate, 3))  # warm-up (pools, caches)
+        cpu_before = cpu_seconds(server.process.pid)
         fleet = asyncio.run(run_load(host, port, mixed, fleet_rate, args.duration))
+        cpu_per_request = (cpu_seconds(server.process.pid) - cpu_before) / max(1, fleet.done)
         fleet_rss = rss_mb(server.process.pid)
         print(f"\n[{name}] {args.machines} machines, each polling (If-None-Match) and "
-              f"reporting every 60 s, for {args.duration:.0f} s:")
+              f"reporting every 60 s, for {args.duration:.0f} s ({workers} service "
+              f"process(es); load average {os.getloadavg()[0]:.1f}):")
         print(f"  sustained {fleet.achieved:.0f} req/s (target {fleet_rate:.0f}), "
               f"p50 {fleet.pct(0.5):.1f} ms, p99 {fleet.pct(0.99):.1f} ms, "
               f"errors {fleet.errors}, statuses {fleet.statuses}, service RSS {fleet_rss:.0f} MB")
+        print(f"  service CPU per request (mixed poll/report): {cpu_per_request * 1000:.2f} ms")
         best = 0.0
         steps = []
         for rate in RAMP:
@@ -255,14 +280,16 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> di
                           "errors": step.errors, "ok": ok})
             print(f"  reports at {rate}/s: achieved {step.achieved:.0f}/s, "
                   f"p50 {step.pct(0.5):.1f} ms, p99 {step.pct(0.99):.1f} ms, "
-                  f"errors {step.errors}{'' if ok else '  <- past the limit'}")
+                  f"errors {step.errors}, load average {os.getloadavg()[0]:.1f}"
+                  f"{'' if ok else '  <- past the limit'}")
             if not ok:
                 break
             best = rate
         rss = rss_mb(server.process.pid)
         print(f"  highest sustained report rate with p99 <= 100 ms: {best:.0f}/s "
               f"(service RSS after the ramp {rss:.0f} MB)")
-        return {"store": name, "fleet_rps": round(fleet.achieved),
+        return {"store": name, "workers": workers, "fleet_rps": round(fleet.achieved),
+                "cpu_ms_per_request": round(cpu_per_request * 1000, 2),
                 "fleet_p50_ms": round(fleet.pct(0.5), 1), "fleet_p99_ms": round(fleet.pct(0.99), 1),
                 "fleet_errors": fleet.errors, "rss_mb": round(fleet_rss),
                 "max_report_rate": best, "steps": steps}
@@ -278,6 +305,8 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=10.0)
     parser.add_argument("--max-rate", type=float, default=3000.0)
     parser.add_argument("--store", default="sqlite,postgresql")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="service worker processes on PostgreSQL (SQLite: always 1)")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
     args = parser.parse_args()
     summary = []

@@ -420,8 +420,11 @@ def _fleet_agent(server: str | None, token_file: Path | None, files: tuple[Path,
     from divingbell.fleet.agent_source import build
     from divingbell.fleet.client import CREDENTIAL_PATH, FleetApiError, read_token
 
-    if server is None or files:
-        raise click.UsageError("give the document FILES, or --server URL (fleet mode); not both")
+    if server is None:
+        raise click.UsageError("give the document FILES, or --server URL for fleet mode")
+    if files:
+        raise click.UsageError("FILES and --server exclude each other: in fleet mode the "
+                               "document comes from the service")
     try:
         credential = read_token(token_file or CREDENTIAL_PATH)
         return build(server, credential, host, poll_interval=poll_interval,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +188,34 @@ def test_fact_parsers() -> None:
     ]}}
     assert [n["chassis_name"] for n in parse_lldp(several)] == ["tor-a", "tor-b"]
     assert parse_lldp({"lldp": {}}) == []
+
+
+def test_the_node_side_needs_none_of_the_service_dependencies(cli: Cli) -> None:
+    code = ("import sys, divingbell.cli, divingbell.fleet.agent_source, divingbell.fleet.client,"
+            " divingbell.fleet.facts, divingbell.commands.discover\n"
+            "heavy = [m for m in ('fastapi', 'sqlalchemy', 'alembic', 'uvicorn', 'psycopg',"
+            " 'jinja2', 'cryptography') if m in sys.modules]\n"
+            "print(','.join(heavy))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == ""
+    helped = cli("agent", "--help")
+    assert "--server" in helped.stdout and "--fleet-interval" in helped.stdout
+    refused = cli("agent")
+    assert refused.returncode == 2 and "--server URL" in refused.stderr
+
+
+def test_serve_with_worker_processes(tmp_path: Path, cli: Cli, postgres: PostgresCluster
+                                     ) -> None:
+    db = postgres.create_database()
+    made = cli("fleet", "token", "create", "--role", "admin", "--db", db)
+    assert made.returncode == 0, made.stderr
+    server = ProcessServer(db, args=("--workers", "2")).start(tmp_path / "serve.log")
+    try:
+        admin = FleetClient(server.url, made.stdout.strip())
+        for n in range(6):  # spread over both workers by the kernel
+            admin.discover(facts(n))
+        assert len(admin.machines()) == 6
+        assert admin.call("GET", "/readyz")["ready"] is True
+    finally:
+        server.stop()

@@ -117,13 +117,16 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               help="An install grant expires after this long without a result.")
 @click.option("--reports-kept", type=click.IntRange(1, 10000), default=20, show_default=True,
               help="Reports kept per machine.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes (like replicas, sharing the store; use PostgreSQL for "
+              "more than one: SQLite has one writer at a time).")
 @click.option("--no-migrate", is_flag=True,
               help="Do not run migrations at start (run divingbell fleet migrate instead).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
-          no_migrate: bool, log_level: str) -> None:
+          workers: int, no_migrate: bool, log_level: str) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -156,10 +159,19 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              install_parallel=install_parallel, install_ttl_seconds=ttl,
                              reports_kept=reports_kept, migrate_at_start=not no_migrate)
     _open_db(db_url, migrate=not no_migrate).dispose()
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_config=None,
-                            access_log=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                            timeout_graceful_shutdown=5, backlog=4096)
-    uvicorn.Server(config).run()
+    common: dict[str, Any] = {"host": host, "port": port, "log_config": None,
+                              "access_log": False, "ssl_certfile": tls_cert,
+                              "ssl_keyfile": tls_key, "timeout_graceful_shutdown": 5,
+                              "backlog": 4096}
+    if workers == 1:
+        uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()
+        return
+    from dataclasses import asdict, replace
+
+    from divingbell.fleet.app import SETTINGS_ENV
+
+    os.environ[SETTINGS_ENV] = json.dumps(asdict(replace(settings, migrate_at_start=False)))
+    uvicorn.run("divingbell.fleet.app:app_from_env", factory=True, workers=workers, **common)
 
 
 # fleet ---------------------------------------------------------------------------------------

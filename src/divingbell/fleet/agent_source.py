@@ -110,6 +110,7 @@ class FleetAgent(Agent):
         started = time.perf_counter()
         super().converge(target, now)
         self._record(time.perf_counter() - started, now)
+        self._drift = False  # reported with this converge; the next one starts clean
 
     def check_drift(self, now: float) -> None:
         self._drift = False

@@ -221,3 +221,17 @@ def create_app(settings: FleetSettings) -> FastAPI:
 
     app.add_middleware(RequestLog, metrics=metrics)
     return app
+
+
+SETTINGS_ENV = "DIVINGBELL_FLEET_SETTINGS"
+
+
+def app_from_env() -> FastAPI:
+    """The app for `divingbell serve --workers N`: uvicorn imports this in each worker process
+    (settings as JSON in the environment; the store is already migrated by then)."""
+    import os
+    from dataclasses import fields
+
+    raw = json.loads(os.environ[SETTINGS_ENV])
+    known = {f.name for f in fields(FleetSettings)}
+    return create_app(FleetSettings(**{k: v for k, v in raw.items() if k in known}))

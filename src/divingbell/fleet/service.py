@@ -17,10 +17,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import yaml
-from sqlalchemy import Connection, Row, delete, func, insert, select, update
+from sqlalchemy import Connection, Row, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -279,6 +279,39 @@ VIEW_COLUMNS = (Machine.id, Machine.state, Machine.hostname, Machine.roles, Mach
                 Machine.last_report_state)
 
 
+# The hot paths' statements, built once: constructing SQLAlchemy statements per request costs
+# more than running them. Plain tables (not ORM entities) keep execution on the Core path.
+_MACHINES = cast(Table, Machine.__table__)
+_REPORTS = cast(Table, Report.__table__)
+_HISTORY = cast(Table, StateChange.__table__)
+_SETTINGS = cast(Table, Setting.__table__)
+_ACTIVE = (select(_SETTINGS.c.value).where(_SETTINGS.c.key == ACTIVE_REVISION)
+           .scalar_subquery())
+_VIEW_COLUMNS = [_MACHINES.c[c.key] for c in VIEW_COLUMNS]
+_SELF_VIEW = select(_MACHINES.c.credential_hash, _ACTIVE, *_VIEW_COLUMNS).where(
+    _MACHINES.c.id == bindparam("id"))
+_INSERT_REPORT = insert(_REPORTS)
+_INSERT_HISTORY = insert(_HISTORY)
+_REPORT_COLUMNS = ("last_report_at", "last_report_revision", "last_report_etag",
+                   "last_report_state")
+_UPDATE_AFTER_REPORT = {
+    with_state: update(_MACHINES).where(_MACHINES.c.id == bindparam("mid")).values(
+        {name: bindparam(f"v_{name}") for name in (
+            *_REPORT_COLUMNS, *(("state", "state_changed_at") if with_state else ()))})
+    for with_state in (False, True)}
+_trims: dict[int, Any] = {}
+
+
+def _trim_statement(keep: int) -> Any:
+    statement = _trims.get(keep)
+    if statement is None:
+        cutoff = (select(_REPORTS.c.id).where(_REPORTS.c.machine_id == bindparam("mid"))
+                  .order_by(_REPORTS.c.id.desc()).offset(keep).limit(1).scalar_subquery())
+        statement = _trims[keep] = delete(_REPORTS).where(
+            _REPORTS.c.machine_id == bindparam("mid"), _REPORTS.c.id <= cutoff)
+    return statement
+
+
 def machine_view(connection: Connection, machine_id: str) -> View:
     row = connection.execute(select(*VIEW_COLUMNS).where(Machine.id == machine_id)).first()
     if row is None:
@@ -287,21 +320,21 @@ def machine_view(connection: Connection, machine_id: str) -> View:
 
 
 def authorized_view(connection: Connection, credentials: Credentials, machine_id: str,
-                    *, readers: bool) -> tuple[Principal, View]:
-    """Check the caller and load the machine's view: one query when the machine asks about
-    itself (the common case: every poll and report). `readers`: reader tokens may read."""
+                    *, readers: bool) -> tuple[Principal, View, int | None]:
+    """Check the caller, load the machine's view and the active revision: one query when the
+    machine asks about itself (every poll and report). `readers`: reader tokens may read."""
     if credentials.prefix == MACHINE_PREFIX and credentials.ident == machine_id:
-        row = connection.execute(select(Machine.credential_hash, *VIEW_COLUMNS).where(
-            Machine.id == machine_id)).first()
+        row = connection.execute(_SELF_VIEW, {"id": machine_id}).first()
         if row is None or not hmac.compare_digest(row[0], hash_secret(credentials.secret)):
             raise unauthorized("invalid token")
-        return Principal("machine", machine_id, "machine"), View(*row[1:])
+        active = int(row[1]) if row[1] else None
+        return Principal("machine", machine_id, "machine"), View(*row[2:]), active
     principal = verify(connection, credentials)
     if readers:
         check_machine_or_reader(principal, machine_id)
     else:
         check_machine_or_admin(principal, machine_id)
-    return principal, machine_view(connection, machine_id)
+    return principal, machine_view(connection, machine_id), active_revision(connection)
 
 
 def labels_of(machine: MachineLike) -> dict[str, str]:
@@ -448,9 +481,8 @@ class Rendered:
     text: str | None  # None: not modified
 
 
-def render_config(connection: Connection, machine: MachineLike, if_none_match: str | None
-                  ) -> Rendered:
-    active = active_revision(connection)
+def render_config(connection: Connection, machine: MachineLike, if_none_match: str | None,
+                  active: int | None) -> Rendered:
     if active is None:
         raise ApiError(404, {"error": "no-document",
                              "message": "no document pushed yet: divingbell fleet document push"})
@@ -493,42 +525,39 @@ def revision_exists(connection: Connection, number: int) -> bool:
     return found
 
 
-def add_report(connection: Connection, machine: View, body: ReportBody, keep: int
-               ) -> tuple[View, int | None]:
+def add_report(connection: Connection, machine: View, active: int | None, body: ReportBody,
+               keep: int) -> View:
     """Store a report, update the machine's freshness and state, keep the last `keep`.
-    Core statements only: this is the busiest write path of the service."""
+    Prebuilt Core statements only: this is the busiest write path of the service."""
     machine_id = machine.id
     if not revision_exists(connection, body.revision):
         raise ApiError(422, {"error": "unknown-revision", "field": "revision",
                              "message": f"revision {body.revision} does not exist"})
     now = utcnow()
-    connection.execute(insert(Report).values(
-        machine_id=machine_id, revision=body.revision, etag=body.etag, state=body.state,
-        modules={k: v.model_dump() for k, v in body.modules.items()}, drift=body.drift,
-        duration_seconds=body.duration_seconds, boot_id=body.boot_id, received_at=now))
+    connection.execute(_INSERT_REPORT, {
+        "machine_id": machine_id, "revision": body.revision, "etag": body.etag,
+        "state": body.state, "modules": {k: v.model_dump() for k, v in body.modules.items()},
+        "drift": body.drift, "duration_seconds": body.duration_seconds,
+        "boot_id": body.boot_id, "received_at": now})
     after = replace(machine, last_report_revision=body.revision, last_report_etag=body.etag,
                     last_report_state=body.state)
-    active = active_revision(connection)
     values: dict[str, Any] = {
-        "last_report_at": now, "last_report_revision": body.revision,
-        "last_report_etag": body.etag, "last_report_state": body.state}
-    if body.boot_id:
-        values["boot_id"] = body.boot_id
+        "mid": machine_id, "v_last_report_at": now, "v_last_report_revision": body.revision,
+        "v_last_report_etag": body.etag, "v_last_report_state": body.state}
     wanted = states.DEGRADED if body.state == "failed" else (
         states.READY if up_to_date(after, active) else states.UPDATING)
-    if wanted != machine.state and wanted in states.TRANSITIONS.get(machine.state, frozenset()):
-        values.update(state=wanted, state_changed_at=now)
-        connection.execute(insert(StateChange).values(
-            machine_id=machine_id, from_state=machine.state, to_state=wanted,
-            reason=f"report: revision {body.revision} {body.state}", at=now))
+    changes_state = (wanted != machine.state
+                     and wanted in states.TRANSITIONS.get(machine.state, frozenset()))
+    if changes_state:
+        values.update(v_state=wanted, v_state_changed_at=now)
+        connection.execute(_INSERT_HISTORY, {
+            "machine_id": machine_id, "from_state": machine.state, "to_state": wanted,
+            "reason": f"report: revision {body.revision} {body.state}", "at": now})
         after = replace(after, state=wanted)
-    connection.execute(update(Machine).where(Machine.id == machine_id).values(**values))
+    connection.execute(_UPDATE_AFTER_REPORT[changes_state], values)
     # Keep the newest `keep`: delete everything at or below the (keep+1)-th newest id.
-    cutoff = (select(Report.id).where(Report.machine_id == machine_id)
-              .order_by(Report.id.desc()).offset(keep).limit(1).scalar_subquery())
-    connection.execute(delete(Report).where(Report.machine_id == machine_id,
-                                            Report.id <= cutoff))
-    return after, active
+    connection.execute(_trim_statement(keep), {"mid": machine_id})
+    return after
 
 
 # Install grants ------------------------------------------------------------------------------

@@ -111,10 +111,10 @@ async def get_config(machine_id: MachineId, request: Request, credentials: Beare
     def work() -> tuple[service.Rendered, str, str]:
         # One thread hop and one transaction: credentials, machine, configuration.
         with db.read_conn() as connection:
-            principal, machine = service.authorized_view(connection, credentials, machine_id,
-                                                         readers=True)
+            principal, machine, active = service.authorized_view(
+                connection, credentials, machine_id, readers=True)
             request.state.principal = principal
-            return (service.render_config(connection, machine, if_none_match),
+            return (service.render_config(connection, machine, if_none_match, active),
                     principal.kind, machine.state)
 
     rendered, kind, state = await run_in_threadpool(work)
@@ -141,10 +141,10 @@ async def post_report(machine_id: MachineId, body: ReportBody, request: Request,
 
     def work() -> dict[str, Any]:
         with db.write_conn() as connection:
-            principal, machine = service.authorized_view(connection, credentials, machine_id,
-                                                         readers=False)
+            principal, machine, active = service.authorized_view(
+                connection, credentials, machine_id, readers=False)
             request.state.principal = principal
-            machine, active = service.add_report(connection, machine, body, keep)
+            machine = service.add_report(connection, machine, active, body, keep)
         return {"state": machine.state, "up_to_date": service.up_to_date(machine, active),
                 "revision": active}
 
