@@ -36,7 +36,7 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 class FleetModeSettings:
     server: str
     credential: str
-    fetch_interval: float = 30.0
+    fetch_interval: float = 60.0
     report_interval: float = 60.0
     ca_file: str | None = None
     timeout: float = 10.0

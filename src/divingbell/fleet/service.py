@@ -187,7 +187,8 @@ def set_roles(session: Session, machine: Machine, roles: Sequence[str], pinned: 
     unique = sorted(set(roles))
     machine.roles = unique
     machine.pinned = pinned and bool(unique)
-    reason = f"roles {unique or 'cleared'} {'pinned' if machine.pinned else 'unpinned'} by {who}"
+    reason = (f"roles {', '.join(unique) or 'cleared'} "
+              f"{'pinned' if machine.pinned else 'unpinned'} by {who}")
     audit(session, who, "roles", machine.id, reason)
     if unique and machine.state == states.DISCOVERED:
         transition(session, machine, states.SCHEDULED, reason)
