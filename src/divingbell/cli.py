@@ -430,7 +430,8 @@ def _fleet_agent(server: str | None, token_file: Path | None, files: tuple[Path,
         credential = read_token(token_file or CREDENTIAL_PATH)
         return build(server, credential, host, poll_interval=poll_interval,
                      fetch_interval=fleet_interval, report_interval=fleet_interval,
-                     drift_interval=drift_interval, backoff_max=backoff_max)
+                     drift_interval=drift_interval, backoff_max=backoff_max,
+                     credential_file=token_file or CREDENTIAL_PATH)
     except (FleetApiError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
