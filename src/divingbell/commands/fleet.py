@@ -164,7 +164,11 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                               "ssl_keyfile": tls_key, "timeout_graceful_shutdown": 5,
                               "backlog": 4096}
     if workers == 1:
-        uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()
+        from divingbell.fleet.app import tune_gc
+
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
+        tune_gc()
+        server.run()
         return
     from dataclasses import asdict, replace
 
