@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
@@ -512,17 +512,19 @@ def note_config_served(session: Session, machine: Machine, rendered: Rendered) -
 
 # Reports -------------------------------------------------------------------------------------
 
-_known_revisions: set[int] = set()
+_known_revisions: set[tuple[str, int]] = set()
 
 
 def revision_exists(connection: Connection, number: int) -> bool:
-    """Revisions are never deleted, so a number once seen is remembered (immutable fact)."""
-    if number in _known_revisions:
+    """Revisions are never deleted, so a number once seen in a store is remembered (an
+    immutable fact, safe to keep in one process)."""
+    key = (str(connection.engine.url), number)
+    if key in _known_revisions:
         return True
     found = connection.execute(select(Revision.number).where(Revision.number == number)
                                ).first() is not None
     if found:
-        _known_revisions.add(number)
+        _known_revisions.add(key)
     return found
 
 
@@ -621,10 +623,6 @@ def lease_dict(lease: Lease | leases.Held) -> dict[str, Any]:
             "holder": lease.holder, "expires_at": iso(lease.expires_at)}
 
 
-def token_digest(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
 def counts_by_state(session: Session) -> dict[str, int]:
     return {state: count for state, count in session.execute(
         select(Machine.state, func.count()).group_by(Machine.state))}
@@ -633,14 +631,10 @@ def counts_by_state(session: Session) -> dict[str, int]:
 def up_to_date_counts(session: Session) -> tuple[int, int]:
     active = active_revision(session)
     fresh = outdated = 0
-    for machine in session.scalars(select(Machine).where(
+    for row in session.execute(select(*VIEW_COLUMNS).where(
             Machine.state != states.DECOMMISSIONED)):
-        if up_to_date(machine, active):
+        if up_to_date(View(*row), active):
             fresh += 1
         else:
             outdated += 1
     return fresh, outdated
-
-
-def all_ids(items: Iterable[Machine]) -> list[str]:
-    return [m.id for m in items]
