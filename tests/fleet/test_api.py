@@ -396,3 +396,9 @@ def test_a_boot_request_creates_a_booting_machine_that_discovery_completes(
         assert history[:2] == ["booting", "discovered"]
     finally:
         db.dispose()
+
+
+def test_an_oversized_document_is_refused_unread(fleet: ThreadServer) -> None:
+    exc = error_of(lambda: fleet.admin.push_document(b"#" * (4 * 1024 * 1024 + 1)))
+    assert exc.status == 413 and exc.detail["field"] == "body"
+    assert fleet.admin.revisions() == []
