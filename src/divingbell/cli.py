@@ -426,9 +426,10 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
 @click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Fleet mode: the machine credential (default: the one divingbell discover "
               "stored, /var/lib/divingbell/fleet-credential).")
-@click.option("--fleet-interval", type=float, default=30.0, show_default=True,
+@click.option("--fleet-interval", type=float, default=60.0, show_default=True,
               metavar="SECONDS", help="Fleet mode: how often the configuration is fetched "
-              "(a conditional GET) and, at twice this, the last report re-sent.")
+              "(a conditional GET) and the last report re-sent (a report also follows every "
+              "converge).")
 @click.option("--labels-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Node labels as KEY=VALUE lines, re-read as they change (hosts without "
               "Kubernetes).")
@@ -552,13 +553,17 @@ def _fleet_agent(server: str | None, token_file: Path | None, files: tuple[Path,
     from divingbell.fleet.agent_source import build
     from divingbell.fleet.client import CREDENTIAL_PATH, FleetApiError, read_token
 
-    if server is None or files:
-        raise click.UsageError("give the document FILES, or --server URL (fleet mode); not both")
+    if server is None:
+        raise click.UsageError("give the document FILES, or --server URL for fleet mode")
+    if files:
+        raise click.UsageError("FILES and --server exclude each other: in fleet mode the "
+                               "document comes from the service")
     try:
         credential = read_token(token_file or CREDENTIAL_PATH)
         return build(server, credential, host, poll_interval=poll_interval,
-                     fetch_interval=fleet_interval, report_interval=fleet_interval * 2,
-                     drift_interval=drift_interval, backoff_max=backoff_max)
+                     fetch_interval=fleet_interval, report_interval=fleet_interval,
+                     drift_interval=drift_interval, backoff_max=backoff_max,
+                     credential_file=token_file or CREDENTIAL_PATH)
     except (FleetApiError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -131,13 +131,16 @@ def test_node_labels(server: ThreadServer, kube_api: KubeApiStandIn) -> None:
     assert kube_api.nodes["n1"]["labels"] == {"kubernetes.io/hostname": "n1", "team": "blue"}
 
 
-def test_unconfigured_bootstrap_is_503(tmp_path: Path) -> None:
+def test_unconfigured_bootstrap_is_a_clear_404(tmp_path: Path) -> None:
+    # Not a 5xx: nothing is broken, the service was started without a design (and the API
+    # fuzzer holds every route to "never a server error").
     with thread_server(FleetSettings(db_url=f"sqlite:///{tmp_path / 'f.db'}",
                                      control_plane_size=1)) as bare:
         reply = call(bare, "GET", "/v1/join-scripts", bare.bootstrap_token,
                      params={"hostname": "n1", "ip": "10.0.0.11"})
-        assert reply.status_code == 503
+        assert reply.status_code == 404
         assert reply.json()["detail"]["error"] == "bootstrap-not-configured"
+        assert "--bootstrap-design" in reply.json()["detail"]["message"]
 
 
 def test_divingbell_serve_takes_the_bootstrap_options(cli: Cli, tmp_path: Path,

@@ -187,11 +187,13 @@ class ProcessServer:
     port: int = 0
     process: subprocess.Popen[str] | None = None
     log_path: Path | None = None
+    scheme: str = "http"
+    ca_file: str | None = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{self.port}"
 
     def start(self, log_path: Path) -> ProcessServer:
         # In a namespace of its own the service has every port to itself.
@@ -216,7 +218,7 @@ class ProcessServer:
                      "timeout=1)"], capture_output=True, check=False)
                 return probe.returncode == 0
             try:
-                FleetClient(self.url, timeout=1).request("GET", "/healthz")
+                FleetClient(self.url, timeout=1, ca_file=self.ca_file).request("GET", "/healthz")
                 return True
             except Exception:
                 return False

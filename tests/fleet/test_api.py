@@ -14,7 +14,7 @@ import yaml
 
 from divingbell.document.api import load_document, load_document_text, node_config
 from divingbell.fleet.client import FleetApiError, FleetClient
-from tests.fleet.servers import ThreadServer
+from tests.fleet.servers import ThreadServer, wait_for
 
 
 def facts(n: int, *, macs: list[str] | None = None, rack: str | None = None,
@@ -321,3 +321,84 @@ def test_probes_and_metrics(fleet: ThreadServer) -> None:
     assert fleet.admin_token.split("_")[2] not in text
     spec = anonymous.call("GET", "/openapi.json")
     assert "/v1/discovery" in spec["paths"] and "/v1/slots/claim" in spec["paths"]
+
+
+def test_an_expired_install_grant_fails_its_machine_and_frees_the_throttle(
+        store_url: str) -> None:
+    from divingbell.fleet.settings import FleetSettings
+    from tests.fleet.servers import thread_server
+
+    settings = FleetSettings(db_url=store_url, control_plane_size=1, install_parallel=1,
+                             install_ttl_seconds=0.2)
+    with thread_server(settings) as fleet:
+        dead, dead_client = register(fleet, 1)
+        alive, alive_client = register(fleet, 2)
+        assert dead_client.install_grant(dead)["granted"] is True
+        assert fleet.admin.machine(dead)["state"] == "installing"
+        import time
+
+        time.sleep(0.3)  # the grant's TTL passes without a result: the machine died
+        assert alive_client.install_grant(alive)["granted"] is True
+        machine = fleet.admin.machine(dead)
+        assert machine["state"] == "failed"
+        assert machine["history"][-1]["reason"] == "install grant expired without a result"
+        late = error_of(lambda: dead_client.install_result(dead, True, "too late"))
+        assert late.status == 409
+
+
+def test_one_log_line_per_request_and_never_a_token(fleet: ThreadServer,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="divingbell.fleet"):
+        m, client = register(fleet, 1)
+        fleet.admin.push_document(DOC.encode())
+        client.config(m)
+        error_of(lambda: fleet.client(fleet.admin_token + "x").machines())
+
+        def access_lines() -> list[dict[str, Any]]:
+            return [json.loads(r.getMessage()) for r in caplog.records
+                    if r.name == "divingbell.fleet.access"]
+
+        # The line is written once the response is sent: the client may see it first.
+        wait_for(lambda: len(access_lines()) >= 4, timeout=10)
+    lines = access_lines()
+    assert [(entry["method"], entry["route"], entry["status"]) for entry in lines] == [
+        ("POST", "/v1/discovery", 201), ("PUT", "/v1/document", 201),
+        ("GET", "/v1/machines/{machine_id}/config", 200), ("GET", "/v1/machines", 401)]
+    assert lines[2]["caller"] == f"machine:{m}"
+    secrets = [t.split("_", 2)[2] for t in (fleet.admin_token, fleet.bootstrap_token)]
+    everything = "\n".join(r.getMessage() for r in caplog.records)
+    assert not any(secret in everything for secret in secrets)
+    assert "dbm_" not in everything
+
+
+def test_a_boot_request_creates_a_booting_machine_that_discovery_completes(
+        fleet: ThreadServer) -> None:
+    from divingbell.fleet import service
+    from divingbell.fleet.db import Database
+
+    db = Database(fleet.settings.db_url)
+    try:
+        uuid = facts(7)["uuid"]
+        with db.write() as session:
+            booting = service.record_boot(session, uuid.upper(), "52:54:00:00:00:07")
+            assert booting.state == "booting" and booting.credential_hash == ""
+        with db.read() as session:
+            found = service.machine_by_mac(session, "52:54:00:00:00:07")
+            assert found is not None and found.id == booting.id
+        # A booting machine has no credential: nothing authenticates as it.
+        assert error_of(lambda: fleet.client(f"dbm_{booting.id}_x").machine(booting.id)
+                        ).status == 401
+        registered = fleet.bootstrap.discover(facts(7))
+        assert registered["machine_id"] == booting.id
+        history = [h["to"] for h in fleet.admin.machine(booting.id)["history"]]
+        assert history[:2] == ["booting", "discovered"]
+    finally:
+        db.dispose()
+
+
+def test_an_oversized_document_is_refused_unread(fleet: ThreadServer) -> None:
+    exc = error_of(lambda: fleet.admin.push_document(b"#" * (4 * 1024 * 1024 + 1)))
+    assert exc.status == 413 and exc.detail["field"] == "body"
+    assert fleet.admin.revisions() == []

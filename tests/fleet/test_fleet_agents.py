@@ -187,6 +187,18 @@ def test_agents_in_fleet_mode_converge_report_and_follow_new_revisions(
         history = [h["to"] for h in json.loads(ok(divingbell(
             lab.service_ns, "fleet", "machine", ids[1], *api, "--format", "json")))["history"]]
         assert history[-2:] == ["updating", "ready"]
+
+        # Registering again rotates the credential; the running agent picks the new one up
+        # from its file when the old one is refused, and follows the next revision too.
+        root0 = tmp_path / "root0"
+        ok(divingbell(lab.agent_ns[0], "discover", "--server", server.url,
+                      "--bootstrap-token-file", tokens["bootstrap"], "--credential-file",
+                      root0 / "credential", "--uuid", "00000000-0000-4000-8000-000000000000",
+                      "--hostname", "node0"))
+        doc.write_text(DOC.format(base=32, worker=14))
+        ok(divingbell(lab.service_ns, "fleet", "document", "push", doc, *api))
+        wait_for(lambda: all_up_to_date(3), timeout=60, interval=0.5)
+        assert "changed (the machine registered again)" in (tmp_path / "agent0.log").read_text()
     finally:
         for agent in agents:
             try:

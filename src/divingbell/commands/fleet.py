@@ -118,6 +118,9 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               help="An install grant expires after this long without a result.")
 @click.option("--reports-kept", type=click.IntRange(1, 10000), default=20, show_default=True,
               help="Reports kept per machine.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes (like replicas, sharing the store; use PostgreSQL for "
+              "more than one: SQLite has one writer at a time).")
 @click.option("--no-migrate", is_flag=True,
               help="Do not run migrations at start (run divingbell fleet migrate instead).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -125,7 +128,7 @@ def _parse_listen(listen: str) -> tuple[str, int]:
 @bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
-          no_migrate: bool, log_level: str, **bootstrap_settings: Any) -> None:
+          workers: int, no_migrate: bool, log_level: str, **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -159,10 +162,23 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              reports_kept=reports_kept, migrate_at_start=not no_migrate,
                              **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_config=None,
-                            access_log=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
-                            timeout_graceful_shutdown=5, backlog=4096)
-    uvicorn.Server(config).run()
+    common: dict[str, Any] = {"host": host, "port": port, "log_config": None,
+                              "access_log": False, "ssl_certfile": tls_cert,
+                              "ssl_keyfile": tls_key, "timeout_graceful_shutdown": 5,
+                              "backlog": 4096}
+    if workers == 1:
+        from divingbell.fleet.app import tune_gc
+
+        server = uvicorn.Server(uvicorn.Config(create_app(settings), **common))
+        tune_gc()
+        server.run()
+        return
+    from dataclasses import asdict, replace
+
+    from divingbell.fleet.app import SETTINGS_ENV
+
+    os.environ[SETTINGS_ENV] = json.dumps(asdict(replace(settings, migrate_at_start=False)))
+    uvicorn.run("divingbell.fleet.app:app_from_env", factory=True, workers=workers, **common)
 
 
 # fleet ---------------------------------------------------------------------------------------
@@ -431,6 +447,103 @@ def status(server: str, token_file: Path | None, ca_file: str | None,
     for state_name, count in sorted(by_state.items()):
         click.echo(f"  {state_name}: {count}")
     sys.exit(0 if len(live) == fresh else 1)
+
+
+@fleet.command()
+@_db_option
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def backup(db_url: str, file: Path) -> None:
+    """Write a consistent backup of the store to FILE (0600) while the service runs: SQLite's
+    online backup API (the copy is an SQLite database), or pg_dump's custom format for
+    PostgreSQL (restore with pg_restore)."""
+    from divingbell.fleet.backup import BackupError
+    from divingbell.fleet.backup import backup as make_backup
+
+    try:
+        how = make_backup(db_url, file)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"backup written to {file} ({how})")
+
+
+@fleet.command()
+@_db_option
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to this file (0600) instead of standard output.")
+def export(db_url: str, output: Path | None) -> None:
+    """Print machines, roles and revisions as replayable JSON (see `fleet import`). Carries
+    credential hashes, never credentials: keep the file private."""
+    from divingbell.fleet.backup import export as make_export
+    from divingbell.fleet.client import write_secret
+
+    db = _open_db(db_url)
+    data = json.dumps(make_export(db), indent=2)
+    db.dispose()
+    if output is None:
+        click.echo(data)
+    else:
+        write_secret(output, data)
+        click.echo(f"exported to {output}", err=True)
+
+
+@fleet.command("import")
+@_db_option
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def import_cmd(db_url: str, file: Path) -> None:
+    """Replay an export into the store (for example, SQLite into PostgreSQL). Revisions are
+    validated again; machines are matched by UUID. All or nothing."""
+    from divingbell.fleet.backup import BackupError, import_
+
+    try:
+        data = json.loads(file.read_text())
+    except ValueError as exc:
+        raise click.ClickException(f"{file}: not JSON: {exc}") from None
+    db = _open_db(db_url)
+    try:
+        counts = import_(db, data)
+    except (BackupError, KeyError, TypeError, ValueError) as exc:
+        raise click.ClickException(f"import failed, nothing changed: {exc}") from None
+    finally:
+        db.dispose()
+    click.echo(f"imported {counts['revisions']} revision(s), {counts['machines']} machine(s)")
+
+
+@fleet.command()
+@_api_options
+@click.argument("machine_id")
+def decommission(server: str, token_file: Path | None, ca_file: str | None,
+                 machine_id: str) -> None:
+    """Take a machine out of the fleet (its role, grant and slots are released; a missing
+    control-plane member is replaced by the scheduler)."""
+    try:
+        data = _client(server, token_file, ca_file).call(
+            "POST", f"/v1/machines/{machine_id}/decommission")
+    except FleetApiError as exc:
+        _fail(exc)
+        return
+    click.echo(f"{data['id']}: {data['state']}")
+
+
+@fleet.command()
+@_api_options
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@_format_option
+def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,
+          output_format: str) -> None:
+    """What operators did: pushes, activations, role pins, decommissions, forced releases."""
+    from divingbell.output import table
+
+    try:
+        rows = _client(server, token_file, ca_file).call("GET", f"/v1/audit?limit={limit}")
+    except FleetApiError as exc:
+        _fail(exc)
+        return
+    if output_format == "json":
+        _echo_json(rows)
+        return
+    click.echo(table(["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
+                     [[r["at"], r["actor"], r["action"], r["subject"], r["detail"]]
+                      for r in rows]))
 
 
 def _add_rollout_group() -> None:

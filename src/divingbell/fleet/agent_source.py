@@ -23,7 +23,13 @@ from typing import Any
 
 from divingbell.agent import DEGRADED, Agent, AgentSettings
 from divingbell.engine.runner import ApplyReport
-from divingbell.fleet.client import FleetApiError, FleetClient, machine_id_of, write_secret
+from divingbell.fleet.client import (
+    FleetApiError,
+    FleetClient,
+    machine_id_of,
+    read_token,
+    write_secret,
+)
 from divingbell.host import Host
 
 log = logging.getLogger("divingbell.agent.fleet")
@@ -36,10 +42,13 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 class FleetModeSettings:
     server: str
     credential: str
-    fetch_interval: float = 30.0
+    fetch_interval: float = 60.0
     report_interval: float = 60.0
     ca_file: str | None = None
     timeout: float = 10.0
+    credential_file: Path | None = None
+    """Re-read when the service refuses the credential: `divingbell discover` run again
+    rotates it and writes the new one there."""
 
 
 class FleetSource:
@@ -94,6 +103,8 @@ class FleetAgent(Agent):
                 self.source.refresh()
             except FleetApiError as exc:
                 log.warning("cannot fetch the configuration: %s", exc)
+                if exc.status == 401:
+                    self._reload_credential()
                 if not self.source.document.exists():
                     self._set(DEGRADED, f"no configuration from the fleet service yet: {exc}",
                               ready=False)
@@ -105,11 +116,26 @@ class FleetAgent(Agent):
                 and now - self._last_report_sent >= self.fleet.report_interval):
             self._send(self._last_report, now)
 
+    def _reload_credential(self) -> None:
+        path = self.fleet.credential_file
+        if path is None:
+            return
+        try:
+            credential = read_token(path)
+        except FleetApiError as exc:
+            log.warning("cannot re-read the credential: %s", exc)
+            return
+        if credential != self.source.client.token and machine_id_of(credential) == (
+                self.source.machine_id):
+            log.info("credential in %s changed (the machine registered again): using it", path)
+            self.source.client.token = credential
+
     def converge(self, target: tuple[str, tuple[tuple[str, str], ...]], now: float) -> None:
         self._apply_report = None
         started = time.perf_counter()
         super().converge(target, now)
         self._record(time.perf_counter() - started, now)
+        self._drift = False  # reported with this converge; the next one starts clean
 
     def check_drift(self, now: float) -> None:
         self._drift = False
@@ -171,14 +197,16 @@ def _boot_id() -> str | None:
 
 def build(server: str, credential: str, host: Host, *, poll_interval: float,
           fetch_interval: float, report_interval: float, drift_interval: float,
-          backoff_max: float, ca_file: str | None = None) -> FleetAgent:
+          backoff_max: float, ca_file: str | None = None,
+          credential_file: Path | None = None) -> FleetAgent:
     """The fleet-mode agent for `divingbell agent --server`; raises ValueError on a credential
     that is not a machine credential."""
     machine_id = machine_id_of(credential)
     if machine_id is None:
         raise ValueError("the token file does not hold a machine credential (dbm_...): "
                          "run divingbell discover --server URL to get one")
-    fleet = FleetModeSettings(server, credential, fetch_interval, report_interval, ca_file)
+    fleet = FleetModeSettings(server, credential, fetch_interval, report_interval, ca_file,
+                              credential_file=credential_file)
     client = FleetClient(server, credential, ca_file=ca_file)
     cache = host.path(CACHE_DIR) if hasattr(host, "path") else Path(CACHE_DIR)
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -166,7 +166,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
     app.mount("/ui/static", ui.static, name="ui-static")
 
     @app.get("/healthz", tags=["probes"], response_class=PlainTextResponse)
-    def healthz() -> str:
+    async def healthz() -> str:
         """Alive (the process answers)."""
         return "ok\n"
 
@@ -224,4 +224,32 @@ def create_app(settings: FleetSettings) -> FastAPI:
                             status_code=503, headers={"Retry-After": "5"})
 
     app.add_middleware(RequestLog, metrics=metrics)
+    return app
+
+
+SETTINGS_ENV = "DIVINGBELL_FLEET_SETTINGS"
+
+
+def tune_gc() -> None:
+    """For a service process (not for a library user): objects alive at start (modules, the
+    app, the OpenAPI schema) never become garbage, so keep them out of every collection, and
+    collect young objects less often; full collections over a large heap otherwise show up
+    as latency spikes."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
+def app_from_env() -> FastAPI:
+    """The app for `divingbell serve --workers N`: uvicorn imports this in each worker process
+    (settings as JSON in the environment; the store is already migrated by then)."""
+    import os
+    from dataclasses import fields
+
+    raw = json.loads(os.environ[SETTINGS_ENV])
+    known = {f.name for f in fields(FleetSettings)}
+    app = create_app(FleetSettings(**{k: v for k, v in raw.items() if k in known}))
+    tune_gc()
     return app

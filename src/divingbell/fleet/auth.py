@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Final
 
 from fastapi import Depends, Header, Request
+from sqlalchemy import Connection, select
 
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import Machine, Token, utcnow
@@ -55,7 +56,7 @@ def parse_token(value: str) -> tuple[str, str, str] | None:
     return prefix, ident, secret
 
 
-def _unauthorized(message: str) -> ApiError:
+def unauthorized(message: str) -> ApiError:
     return ApiError(401, {"error": "unauthorized", "message": message},
                     headers={"WWW-Authenticate": "Bearer"})
 
@@ -90,39 +91,70 @@ def session_principal(request: Request) -> Principal | None:
     return principal
 
 
-def authenticate(request: Request, authorization: Annotated[
-        str | None, Header(description="Bearer <token>")] = None) -> Principal:
-    if not authorization and SESSION_COOKIE in request.cookies:
+@dataclass(frozen=True)
+class Credentials:
+    """A parsed bearer token, not yet checked against the store."""
+
+    prefix: str
+    ident: str
+    secret: str
+
+
+def bearer(authorization: Annotated[
+        str | None, Header(description="Bearer <token>")] = None) -> Credentials:
+    """Parse the Authorization header (no I/O)."""
+    if not authorization:
+        raise unauthorized("missing Authorization: Bearer <token>")
+    scheme, _, value = authorization.partition(" ")
+    parsed = parse_token(value.strip()) if scheme.lower() == "bearer" else None
+    if parsed is None:
+        raise unauthorized("invalid token")
+    return Credentials(*parsed)
+
+
+def verify(connection: Connection, credentials: Credentials) -> Principal:
+    """Check credentials against the store, on every request (no cache): a revoked token or
+    a rotated credential stops working at once, on every replica. The hot routes call this
+    inside their own transaction; the others through `authenticate`."""
+    secret_hash = hash_secret(credentials.secret)
+    if credentials.prefix == MACHINE_PREFIX:
+        stored = connection.execute(select(Machine.credential_hash).where(
+            Machine.id == credentials.ident)).scalar()
+        if stored is None or not hmac.compare_digest(stored, secret_hash):
+            raise unauthorized("invalid token")
+        return Principal("machine", credentials.ident, "machine")
+    token = connection.execute(select(
+        Token.role, Token.secret_hash, Token.revoked_at, Token.expires_at).where(
+        Token.id == credentials.ident)).first()
+    if (token is None or token.revoked_at is not None
+            or (token.expires_at is not None and token.expires_at <= utcnow())
+            or not hmac.compare_digest(token.secret_hash, secret_hash)):
+        raise unauthorized("invalid token")
+    return Principal("token", credentials.ident, token.role)
+
+
+def optional_bearer(authorization: Annotated[
+        str | None, Header(description="Bearer <token>")] = None) -> Credentials | None:
+    """The Authorization header parsed, or None when there is none (a UI session may be)."""
+    return None if not authorization else bearer(authorization)
+
+
+def authenticate(request: Request, credentials: Annotated[
+        Credentials | None, Depends(optional_bearer)]) -> Principal:
+    """A bearer token, or (without one) the web UI's session cookie; a cookie-authenticated
+    request that changes something must also carry the session's CSRF token."""
+    if credentials is None:
+        if SESSION_COOKIE not in request.cookies:
+            raise unauthorized("missing Authorization: Bearer <token>")
         principal = session_principal(request)
         if principal is None:
-            raise _unauthorized("session expired: log in again")
+            raise unauthorized("session expired: log in again")
         if request.method not in _SAFE_METHODS and not hmac.compare_digest(
                 request.headers.get("x-csrf-token", ""), request.state.csrf):
             raise ApiError(403, {"error": "csrf", "message": "missing or wrong X-CSRF-Token"})
         return principal
-    if not authorization:
-        raise _unauthorized("missing Authorization: Bearer <token>")
-    scheme, _, value = authorization.partition(" ")
-    parsed = parse_token(value.strip()) if scheme.lower() == "bearer" else None
-    if parsed is None:
-        raise _unauthorized("invalid token")
-    prefix, ident, secret = parsed
-    db = request.app.state.db
-    with db.read() as session:
-        if prefix == MACHINE_PREFIX:
-            machine = session.get(Machine, ident)
-            if machine is None or not hmac.compare_digest(machine.credential_hash,
-                                                          hash_secret(secret)):
-                raise _unauthorized("invalid token")
-            principal = Principal("machine", machine.id, "machine")
-        else:
-            token = session.get(Token, ident)
-            now = utcnow()
-            if (token is None or token.revoked_at is not None
-                    or (token.expires_at is not None and token.expires_at <= now)
-                    or not hmac.compare_digest(token.secret_hash, hash_secret(secret))):
-                raise _unauthorized("invalid token")
-            principal = Principal("token", token.id, token.role)
+    with request.app.state.db.read_conn() as connection:
+        principal = verify(connection, credentials)
     request.state.principal = principal
     return principal
 
@@ -147,16 +179,14 @@ def require_role(role: str) -> Callable[[Principal], Principal]:
     return dependency
 
 
-def machine_or_admin(machine_id: str, principal: CurrentPrincipal) -> Principal:
-    """The machine itself (its own credential) or an admin: for writes about one machine."""
+def check_machine_or_admin(principal: Principal, machine_id: str) -> Principal:
     if principal.role == "admin" or (principal.kind == "machine" and principal.id == machine_id):
         return principal
     raise ApiError(403, {"error": "forbidden",
                          "message": "only this machine's credential or an admin token"})
 
 
-def machine_or_reader(machine_id: str, principal: CurrentPrincipal) -> Principal:
-    """The machine itself, or a reader or admin token: for reads about one machine."""
+def check_machine_or_reader(principal: Principal, machine_id: str) -> Principal:
     if principal.role in ("admin", "reader") or (
             principal.kind == "machine" and principal.id == machine_id):
         return principal
@@ -164,8 +194,19 @@ def machine_or_reader(machine_id: str, principal: CurrentPrincipal) -> Principal
                          "message": "only this machine's credential or a reader token"})
 
 
+def machine_or_admin(machine_id: str, principal: CurrentPrincipal) -> Principal:
+    """The machine itself (its own credential) or an admin: for writes about one machine."""
+    return check_machine_or_admin(principal, machine_id)
+
+
+def machine_or_reader(machine_id: str, principal: CurrentPrincipal) -> Principal:
+    """The machine itself, or a reader or admin token: for reads about one machine."""
+    return check_machine_or_reader(principal, machine_id)
+
+
 Admin = Annotated[Principal, Depends(require_role("admin"))]
 Reader = Annotated[Principal, Depends(require_role("reader"))]
 Bootstrap = Annotated[Principal, Depends(require_role("bootstrap"))]
 MachineOrAdmin = Annotated[Principal, Depends(machine_or_admin)]
 MachineOrReader = Annotated[Principal, Depends(machine_or_reader)]
+Bearer = Annotated[Credentials, Depends(bearer)]

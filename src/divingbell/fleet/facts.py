@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import uuid as uuid_module
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from divingbell.host import Host
 SKIPPED_DISKS = ("loop", "ram", "zram", "sr", "fd", "nbd", "dm-", "md")
 
 
-def parse_ip_addr(data: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def parse_ip_addr(data: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """`ip -j addr` -> interfaces (loopback left out)."""
     interfaces = []
     for link in data:
@@ -36,7 +36,7 @@ def parse_ip_addr(data: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return interfaces
 
 
-def parse_ip_route(data: list[Mapping[str, Any]]) -> dict[str, str]:
+def parse_ip_route(data: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     """`ip -j route` (or `ip -j -6 route`) -> {device: default gateway}."""
     gateways: dict[str, str] = {}
     for route in data:

@@ -40,6 +40,9 @@ class Token(Base):
 
 
 class Machine(Base):
+    """A machine. Its facts (interfaces, disks, LLDP) and install output are loaded only when
+    used: the hot paths (auth, config, reports) never pay for them."""
+
     __tablename__ = "machines"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     uuid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -51,9 +54,9 @@ class Machine(Base):
     roles: Mapped[list[Any]] = mapped_column(default=list)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
     rack: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    interfaces: Mapped[list[Any]] = mapped_column(default=list)
-    disks: Mapped[list[Any]] = mapped_column(default=list)
-    lldp: Mapped[list[Any]] = mapped_column(default=list)
+    interfaces: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
+    disks: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
+    lldp: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
     credential_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime())
     discovered_at: Mapped[datetime] = mapped_column(DateTime())
@@ -61,7 +64,7 @@ class Machine(Base):
     last_report_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
     last_report_etag: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_report_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    install_output: Mapped[str | None] = mapped_column(Text, nullable=True)
+    install_output: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
 
 
 class MachineMac(Base):
@@ -134,6 +137,19 @@ class Lease(Base):
     holder: Mapped[str | None] = mapped_column(String(128), nullable=True)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+
+
+class AuditEvent(Base):
+    """What operators did (pushed or activated a revision, pinned roles, decommissioned a
+    machine, force-released a slot): who, when, to what. Added by migration 0002."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime())
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(255))
+    detail: Mapped[str] = mapped_column(Text, default="")
 
 
 class RolloutRow(Base):

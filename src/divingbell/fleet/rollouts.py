@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, bindparam, select
 from sqlalchemy.orm import Session
 
 from divingbell.fleet import rollout as logic
@@ -202,31 +202,47 @@ def advance(session: Session) -> None:
         _step(session, row, _members(session, row), utcnow())
 
 
-def served_revision(session: Session, machine_id: str, active: int | None) -> int | None:
+# One query on the hot paths (every config poll and report): the newest rollout's row joined
+# with this machine's membership in it.
+_LATEST = select(RolloutRow.id).order_by(RolloutRow.id.desc()).limit(1).scalar_subquery()
+_MEMBERSHIP = (
+    select(RolloutRow.status, RolloutRow.revision, RolloutRow.rollback,
+           RolloutMember.progress, RolloutMember.previous_revision)
+    .select_from(RolloutRow)
+    .join(RolloutMember, RolloutMember.rollout_id == RolloutRow.id)
+    .where(RolloutRow.id == _LATEST, RolloutMember.machine_id == bindparam("mid")))
+
+
+def served_revision(connection: Session | Connection, machine_id: str,
+                    active: int | None) -> int | None:
     """Which revision this machine is served: its rollout's decision, else the active one."""
-    row = current_row(session)
-    if row is None:
+    found = connection.execute(_MEMBERSHIP, {"mid": machine_id}).first()
+    if found is None:
         return active
-    member = session.get(RolloutMember, (row.id, machine_id))
-    if member is None:
-        return active
-    if row.status == logic.Status.ABORTED.value and row.rollback:
-        return member.previous_revision if member.previous_revision is not None else active
-    if member.progress == logic.Progress.PENDING.value:
-        return member.previous_revision if member.previous_revision is not None else active
-    return row.revision
+    previous = found.previous_revision if found.previous_revision is not None else active
+    if found.status == logic.Status.ABORTED.value and found.rollback:
+        return previous
+    if found.progress == logic.Progress.PENDING.value:
+        return previous
+    return int(found.revision)
 
 
-def on_report(session: Session, machine_id: str, revision: int, converged: bool,
-              error: str) -> None:
+def on_report(connection: Session | Connection, machine_id: str, revision: int,
+              converged: bool, error: str) -> None:
+    """A report: if it settles this machine's turn in the open rollout, re-decide the rollout
+    (under its row lock). Other reports cost one query."""
+    found = connection.execute(_MEMBERSHIP, {"mid": machine_id}).first()
+    if (found is None or found.status not in OPEN or int(found.revision) != revision
+            or found.progress != logic.Progress.UPDATING.value):
+        return
+    session = connection if isinstance(connection, Session) else Session(bind=connection)
     row = current_row(session, lock=True)
     if row is None or row.status not in OPEN:
         return
     members = _members(session, row)
-    if machine_id not in {m.machine_id for m in members}:
-        return
     rollout = logic.record_report(_load(row, members), machine_id, revision, converged, error)
     _step(session, row, members, utcnow(), rollout)
+    session.flush()
 
 
 def act(session: Session, verb: str, who: str, *, rollback: bool = False) -> RolloutRow:

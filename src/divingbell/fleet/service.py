@@ -8,18 +8,19 @@ its number and digest (a revision's text never changes).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol, cast
 
 import yaml
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, Row, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -28,9 +29,21 @@ from divingbell.document.validate import ValidDocument
 from divingbell.errors import DocumentError
 from divingbell.fleet import leases, rollouts, states
 from divingbell.fleet.api.schemas import Discovery, ReportBody
-from divingbell.fleet.auth import MACHINE_PREFIX, format_token, hash_secret, new_secret
+from divingbell.fleet.auth import (
+    MACHINE_PREFIX,
+    Credentials,
+    Principal,
+    check_machine_or_admin,
+    check_machine_or_reader,
+    format_token,
+    hash_secret,
+    new_secret,
+    unauthorized,
+    verify,
+)
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import (
+    AuditEvent,
     Lease,
     Machine,
     MachineMac,
@@ -53,6 +66,11 @@ SLOT = "slot"
 HISTORY_SHOWN = 50
 
 
+def audit(session: Session, actor: str, action: str, subject: str, detail: str = "") -> None:
+    session.add(AuditEvent(at=utcnow(), actor=actor[:64], action=action, subject=subject[:255],
+                           detail=detail))
+
+
 # Machines ------------------------------------------------------------------------------------
 
 def transition(session: Session, machine: Machine, wanted: str, reason: str,
@@ -72,6 +90,7 @@ def transition(session: Session, machine: Machine, wanted: str, reason: str,
 def discover(session: Session, facts: Discovery, settings: FleetSettings
              ) -> tuple[Machine, str, bool]:
     """Register or update a machine by UUID. Returns (machine, new credential, created)."""
+    lock_scheduler(session)
     now = utcnow()
     machine = session.scalars(select(Machine).where(Machine.uuid == facts.uuid)).first()
     macs = [i.mac for i in facts.interfaces if i.mac]
@@ -117,6 +136,35 @@ def discover(session: Session, facts: Discovery, settings: FleetSettings
     return machine, format_token(MACHINE_PREFIX, machine.id, secret), created
 
 
+def record_boot(session: Session, uuid: str, mac: str | None = None) -> Machine:
+    """A network boot request from `uuid` (and its boot MAC): an unknown machine is created in
+    state `booting` (no credential until it registers with its facts); a known one is
+    returned unchanged (a decommissioned machine booting again becomes `booting`). For the
+    network-boot routes."""
+    uuid = uuid.lower()
+    machine = session.scalars(select(Machine).where(Machine.uuid == uuid)).first()
+    now = utcnow()
+    if machine is None:
+        machine = Machine(id="m" + secrets.token_hex(6), uuid=uuid, state=states.BOOTING,
+                          state_changed_at=now, created_at=now, discovered_at=now, roles=[],
+                          pinned=False, credential_hash="", hostname="", interfaces=[],
+                          disks=[], lldp=[])
+        session.add(machine)
+        session.add(StateChange(machine_id=machine.id, from_state=None, to_state=states.BOOTING,
+                                reason=f"boot request{f' from {mac}' if mac else ''}", at=now))
+        if mac and session.get(MachineMac, mac) is None:
+            session.add(MachineMac(mac=mac, machine_id=machine.id))
+        session.flush()
+    elif machine.state == states.DECOMMISSIONED:
+        transition(session, machine, states.BOOTING, "boot request after decommission", now)
+    return machine
+
+
+def machine_by_mac(session: Session, mac: str) -> Machine | None:
+    owner = session.get(MachineMac, mac.lower())
+    return None if owner is None else session.get(Machine, owner.machine_id)
+
+
 def mac_conflict(mac: str, owner: str, newcomer: str) -> ApiError:
     return ApiError(409, {"error": "mac-conflict", "mac": mac, "machines": [owner, newcomer],
                           "message": f"MAC {mac} is already on machine {owner}; decommission "
@@ -132,13 +180,16 @@ def get_machine(session: Session, machine_id: str) -> Machine:
 
 def set_roles(session: Session, machine: Machine, roles: Sequence[str], pinned: bool,
               settings: FleetSettings, who: str) -> None:
+    lock_scheduler(session)
     if machine.state == states.DECOMMISSIONED:
         raise ApiError(409, {"error": "decommissioned",
                              "message": f"machine {machine.id} is decommissioned"})
     unique = sorted(set(roles))
     machine.roles = unique
     machine.pinned = pinned and bool(unique)
-    reason = f"roles {unique or 'cleared'} {'pinned' if machine.pinned else 'unpinned'} by {who}"
+    reason = (f"roles {', '.join(unique) or 'cleared'} "
+              f"{'pinned' if machine.pinned else 'unpinned'} by {who}")
+    audit(session, who, "roles", machine.id, reason)
     if unique and machine.state == states.DISCOVERED:
         transition(session, machine, states.SCHEDULED, reason)
     elif not unique and machine.state == states.SCHEDULED:
@@ -151,7 +202,9 @@ def set_roles(session: Session, machine: Machine, roles: Sequence[str], pinned: 
 
 
 def decommission(session: Session, machine: Machine, settings: FleetSettings, who: str) -> None:
+    lock_scheduler(session)
     transition(session, machine, states.DECOMMISSIONED, f"decommissioned by {who}")
+    audit(session, who, "decommission", machine.id)
     machine.roles = []
     machine.pinned = False
     session.execute(delete(MachineMac).where(MachineMac.machine_id == machine.id))
@@ -161,10 +214,16 @@ def decommission(session: Session, machine: Machine, settings: FleetSettings, wh
     run_scheduler(session, settings)
 
 
-def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[str]]:
-    """One scheduling pass, holding the scheduler row's lock (FOR UPDATE on PostgreSQL; the
-    write transaction itself on SQLite) so replicas never schedule at once."""
+def lock_scheduler(session: Session) -> None:
+    """Hold the scheduler row's lock until the transaction ends (FOR UPDATE on PostgreSQL; on
+    SQLite the write transaction already excludes other writers). Taken first by every
+    transaction that schedules, so two of them never wait on each other's rows (deadlock)."""
     session.execute(select(Setting).where(Setting.key == SCHEDULER_LOCK).with_for_update())
+
+
+def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[str]]:
+    """One scheduling pass; replicas never schedule at once (see lock_scheduler)."""
+    lock_scheduler(session)
     rows = session.execute(select(
         Machine.id, Machine.uuid, Machine.discovered_at, Machine.roles, Machine.pinned,
         Machine.rack, Machine.state).where(Machine.state != states.DECOMMISSIONED)).all()
@@ -185,7 +244,103 @@ def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[s
     return decided
 
 
-def labels_of(machine: Machine) -> dict[str, str]:
+class MachineLike(Protocol):
+    """What the configuration and freshness decisions read: a Machine row or a View."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def hostname(self) -> str: ...
+    @property
+    def roles(self) -> list[Any]: ...
+    @property
+    def rack(self) -> str | None: ...
+    @property
+    def last_report_revision(self) -> int | None: ...
+    @property
+    def last_report_etag(self) -> str | None: ...
+    @property
+    def last_report_state(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class View:
+    """The few columns of a machine the hot paths need (no facts, no ORM)."""
+
+    id: str
+    state: str
+    hostname: str
+    roles: list[Any]
+    rack: str | None
+    last_report_revision: int | None
+    last_report_etag: str | None
+    last_report_state: str | None
+
+
+VIEW_COLUMNS = (Machine.id, Machine.state, Machine.hostname, Machine.roles, Machine.rack,
+                Machine.last_report_revision, Machine.last_report_etag,
+                Machine.last_report_state)
+
+
+# The hot paths' statements, built once: constructing SQLAlchemy statements per request costs
+# more than running them. Plain tables (not ORM entities) keep execution on the Core path.
+_MACHINES = cast(Table, Machine.__table__)
+_REPORTS = cast(Table, Report.__table__)
+_HISTORY = cast(Table, StateChange.__table__)
+_SETTINGS = cast(Table, Setting.__table__)
+_ACTIVE = (select(_SETTINGS.c.value).where(_SETTINGS.c.key == ACTIVE_REVISION)
+           .scalar_subquery())
+_VIEW_COLUMNS = [_MACHINES.c[c.key] for c in VIEW_COLUMNS]
+_SELF_VIEW = select(_MACHINES.c.credential_hash, _ACTIVE, *_VIEW_COLUMNS).where(
+    _MACHINES.c.id == bindparam("id"))
+_INSERT_REPORT = insert(_REPORTS)
+_INSERT_HISTORY = insert(_HISTORY)
+_REPORT_COLUMNS = ("last_report_at", "last_report_revision", "last_report_etag",
+                   "last_report_state")
+_UPDATE_AFTER_REPORT = {
+    with_state: update(_MACHINES).where(_MACHINES.c.id == bindparam("mid")).values(
+        {name: bindparam(f"v_{name}") for name in (
+            *_REPORT_COLUMNS, *(("state", "state_changed_at") if with_state else ()))})
+    for with_state in (False, True)}
+_trims: dict[int, Any] = {}
+
+
+def _trim_statement(keep: int) -> Any:
+    statement = _trims.get(keep)
+    if statement is None:
+        cutoff = (select(_REPORTS.c.id).where(_REPORTS.c.machine_id == bindparam("mid"))
+                  .order_by(_REPORTS.c.id.desc()).offset(keep).limit(1).scalar_subquery())
+        statement = _trims[keep] = delete(_REPORTS).where(
+            _REPORTS.c.machine_id == bindparam("mid"), _REPORTS.c.id <= cutoff)
+    return statement
+
+
+def machine_view(connection: Connection, machine_id: str) -> View:
+    row = connection.execute(select(*VIEW_COLUMNS).where(Machine.id == machine_id)).first()
+    if row is None:
+        raise not_found("machine", machine_id)
+    return View(*row)
+
+
+def authorized_view(connection: Connection, credentials: Credentials, machine_id: str,
+                    *, readers: bool) -> tuple[Principal, View, int | None]:
+    """Check the caller, load the machine's view and the active revision: one query when the
+    machine asks about itself (every poll and report). `readers`: reader tokens may read."""
+    if credentials.prefix == MACHINE_PREFIX and credentials.ident == machine_id:
+        row = connection.execute(_SELF_VIEW, {"id": machine_id}).first()
+        if row is None or not hmac.compare_digest(row[0], hash_secret(credentials.secret)):
+            raise unauthorized("invalid token")
+        active = int(row[1]) if row[1] else None
+        return Principal("machine", machine_id, "machine"), View(*row[2:]), active
+    principal = verify(connection, credentials)
+    if readers:
+        check_machine_or_reader(principal, machine_id)
+    else:
+        check_machine_or_admin(principal, machine_id)
+    return principal, machine_view(connection, machine_id), active_revision(connection)
+
+
+def labels_of(machine: MachineLike) -> dict[str, str]:
     return node_labels(machine.roles or [], machine.rack)
 
 
@@ -236,7 +391,7 @@ _documents: OrderedDict[tuple[int, str], ValidDocument] = OrderedDict()
 _documents_lock = threading.Lock()
 
 
-def active_revision(session: Session) -> int | None:
+def active_revision(session: Session | Connection) -> int | None:
     value = session.scalar(select(Setting.value).where(Setting.key == ACTIVE_REVISION))
     return int(value) if value else None
 
@@ -266,6 +421,7 @@ def push_document(session: Session, data: bytes, name: str, who: str) -> tuple[i
     session.add(Revision(number=number, source_name=name, text=text, digest=digest,
                          created_at=utcnow(), created_by=who))
     set_active(session, number)
+    audit(session, who, "push", f"revision {number}", f"{name} sha256:{digest[:12]}")
     session.flush()
     log.info("revision %d stored from %s by %s", number, name, who)
     rollouts.start(session, number, active, who)
@@ -284,12 +440,13 @@ def activate(session: Session, number: int, who: str) -> None:
         raise not_found("revision", number)
     previous = active_revision(session)
     set_active(session, number)
+    audit(session, who, "activate", f"revision {number}")
     log.info("revision %d activated by %s", number, who)
     if previous != number:
         rollouts.start(session, number, previous, who)
 
 
-def revision_document(revision: Revision) -> ValidDocument:
+def revision_document(revision: Revision | Row[int, str, str, str]) -> ValidDocument:
     key = (revision.number, revision.digest)
     with _documents_lock:
         cached = _documents.get(key)
@@ -310,13 +467,13 @@ def config_etag(revision: int, hostname: str, labels: Mapping[str, str]) -> str:
     return f'"{revision}-{digest.hexdigest()[:10]}"'
 
 
-def current_etag(machine: Machine, active: int | None) -> str | None:
+def current_etag(machine: MachineLike, active: int | None) -> str | None:
     if active is None:
         return None
     return config_etag(active, machine.hostname, labels_of(machine))
 
 
-def up_to_date(machine: Machine, active: int | None) -> bool:
+def up_to_date(machine: MachineLike, active: int | None) -> bool:
     if active is None or machine.last_report_state != "converged":
         return False
     if machine.last_report_revision != active:
@@ -333,8 +490,10 @@ class Rendered:
     text: str | None  # None: not modified
 
 
-def render_config(session: Session, machine: Machine, if_none_match: str | None) -> Rendered:
-    active = rollouts.served_revision(session, machine.id, active_revision(session))
+def render_config(connection: Connection, machine: MachineLike, if_none_match: str | None,
+                  active: int | None) -> Rendered:
+    # What this machine is served: its rollout's decision (machines wait for their wave).
+    active = rollouts.served_revision(connection, machine.id, active)
     if active is None:
         raise ApiError(404, {"error": "no-document",
                              "message": "no document pushed yet: divingbell fleet document push"})
@@ -342,11 +501,12 @@ def render_config(session: Session, machine: Machine, if_none_match: str | None)
     etag = config_etag(active, machine.hostname, labels)
     if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
         return Rendered(active, etag, None)
-    revision = session.get(Revision, active)
-    assert revision is not None
+    revision = connection.execute(select(
+        Revision.number, Revision.digest, Revision.text, Revision.source_name).where(
+        Revision.number == active)).one()
     document = revision_document(revision)
     config = node_config(document, machine.hostname, labels)
-    text = f"# divingbell revision {active} for machine {machine.id} ({machine.hostname})\n"
+    text = f"# divingbell revision {active} for {machine.hostname or 'this machine'}\n"
     text += yaml.safe_dump(effective_document(document, config), sort_keys=False,
                            default_flow_style=False)
     return Rendered(active, etag, text)
@@ -362,40 +522,62 @@ def note_config_served(session: Session, machine: Machine, rendered: Rendered) -
 
 # Reports -------------------------------------------------------------------------------------
 
-def add_report(session: Session, machine: Machine, body: ReportBody, keep: int) -> Report:
-    if session.get(Revision, body.revision) is None:
+_known_revisions: set[tuple[str, int]] = set()
+
+
+def revision_exists(connection: Connection, number: int) -> bool:
+    """Revisions are never deleted, so a number once seen in a store is remembered (an
+    immutable fact, safe to keep in one process)."""
+    key = (str(connection.engine.url), number)
+    if key in _known_revisions:
+        return True
+    found = connection.execute(select(Revision.number).where(Revision.number == number)
+                               ).first() is not None
+    if found:
+        _known_revisions.add(key)
+    return found
+
+
+def add_report(connection: Connection, machine: View, active: int | None, body: ReportBody,
+               keep: int) -> View:
+    """Store a report, update the machine's freshness and state, keep the last `keep`.
+    Prebuilt Core statements only: this is the busiest write path of the service."""
+    machine_id = machine.id
+    if not revision_exists(connection, body.revision):
         raise ApiError(422, {"error": "unknown-revision", "field": "revision",
                              "message": f"revision {body.revision} does not exist"})
     now = utcnow()
-    report = Report(machine_id=machine.id, revision=body.revision, etag=body.etag,
-                    state=body.state, modules={k: v.model_dump() for k, v in body.modules.items()},
-                    drift=body.drift, duration_seconds=body.duration_seconds,
-                    boot_id=body.boot_id, received_at=now)
-    session.add(report)
-    machine.last_report_at = now
-    machine.last_report_revision = body.revision
-    machine.last_report_etag = body.etag
-    machine.last_report_state = body.state
-    if body.boot_id:
-        machine.boot_id = body.boot_id
+    connection.execute(_INSERT_REPORT, {
+        "machine_id": machine_id, "revision": body.revision, "etag": body.etag,
+        "state": body.state, "modules": {k: v.model_dump() for k, v in body.modules.items()},
+        "drift": body.drift, "duration_seconds": body.duration_seconds,
+        "boot_id": body.boot_id, "received_at": now})
+    after = replace(machine, last_report_revision=body.revision, last_report_etag=body.etag,
+                    last_report_state=body.state)
+    values: dict[str, Any] = {
+        "mid": machine_id, "v_last_report_at": now, "v_last_report_revision": body.revision,
+        "v_last_report_etag": body.etag, "v_last_report_state": body.state}
     # Ready means it converged what it is served: during a rollout, that may be the previous
     # revision (outdated, but healthy and available).
-    served = rollouts.served_revision(session, machine.id, active_revision(session))
+    served = rollouts.served_revision(connection, machine_id, active)
     wanted = states.DEGRADED if body.state == "failed" else (
-        states.READY if up_to_date(machine, served) else states.UPDATING)
-    if wanted in states.TRANSITIONS.get(machine.state, frozenset()):
-        transition(session, machine, wanted,
-                   f"report: revision {body.revision} {body.state}", now)
-    session.flush()
+        states.READY if up_to_date(after, served) else states.UPDATING)
+    changes_state = (wanted != machine.state
+                     and wanted in states.TRANSITIONS.get(machine.state, frozenset()))
+    if changes_state:
+        values.update(v_state=wanted, v_state_changed_at=now)
+        connection.execute(_INSERT_HISTORY, {
+            "machine_id": machine_id, "from_state": machine.state, "to_state": wanted,
+            "reason": f"report: revision {body.revision} {body.state}", "at": now})
+        after = replace(after, state=wanted)
+    connection.execute(_UPDATE_AFTER_REPORT[changes_state], values)
+    # Keep the newest `keep`: delete everything at or below the (keep+1)-th newest id.
+    connection.execute(_trim_statement(keep), {"mid": machine_id})
     failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
                 for failure in module.failures]
-    rollouts.on_report(session, machine.id, body.revision, body.state == "converged",
+    rollouts.on_report(connection, machine_id, body.revision, body.state == "converged",
                        "; ".join(failures) or f"report: {body.state}")
-    old = session.scalars(select(Report.id).where(Report.machine_id == machine.id)
-                          .order_by(Report.id.desc()).offset(keep)).all()
-    if old:
-        session.execute(delete(Report).where(Report.id.in_(old)))
-    return report
+    return after
 
 
 # Install grants ------------------------------------------------------------------------------
@@ -447,13 +629,15 @@ def install_result(session: Session, machine: Machine, success: bool, output: st
 
 # Slots ---------------------------------------------------------------------------------------
 
+def audit_events(session: Session, limit: int) -> list[dict[str, Any]]:
+    rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit))
+    return [{"at": iso(e.at), "actor": e.actor, "action": e.action, "subject": e.subject,
+             "detail": e.detail} for e in rows]
+
+
 def lease_dict(lease: Lease | leases.Held) -> dict[str, Any]:
     return {"slot": f"{lease.group}/{lease.index}", "group": lease.group,
             "holder": lease.holder, "expires_at": iso(lease.expires_at)}
-
-
-def token_digest(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 def counts_by_state(session: Session) -> dict[str, int]:
@@ -464,14 +648,10 @@ def counts_by_state(session: Session) -> dict[str, int]:
 def up_to_date_counts(session: Session) -> tuple[int, int]:
     active = active_revision(session)
     fresh = outdated = 0
-    for machine in session.scalars(select(Machine).where(
+    for row in session.execute(select(*VIEW_COLUMNS).where(
             Machine.state != states.DECOMMISSIONED)):
-        if up_to_date(machine, active):
+        if up_to_date(View(*row), active):
             fresh += 1
         else:
             outdated += 1
     return fresh, outdated
-
-
-def all_ids(items: Iterable[Machine]) -> list[str]:
-    return [m.id for m in items]

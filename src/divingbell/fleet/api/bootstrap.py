@@ -61,7 +61,7 @@ def join_scripts(
 
     settings = _settings(request)
     if not settings.bootstrap_design or not settings.bootstrap_pki:
-        raise ApiError(503, {"error": "bootstrap-not-configured", "message": (
+        raise ApiError(404, {"error": "bootstrap-not-configured", "message": (
             "this fleet service has no bootstrap design and PKI (serve --bootstrap-design, "
             "--bootstrap-pki)")})
 
@@ -129,7 +129,7 @@ def _kube(request: Request) -> Any:
         try:
             api = LightkubeApi(settings.kubeconfig, server=settings.kube_server)
         except Exception as exc:  # lightkube's config errors share no public base
-            raise ApiError(503, {"error": "kubernetes-not-configured", "message": (
+            raise ApiError(404, {"error": "kubernetes-not-configured", "message": (
                 f"no Kubernetes API credentials ({type(exc).__name__}): serve --kubeconfig")}
                 ) from None
         request.app.state.kube = api

@@ -30,10 +30,15 @@ async def put_document(request: Request, principal: Admin, name: Annotated[
     """Store a new revision after validating it exactly as `divingbell validate` does; the
     new revision becomes active. A rejected document changes nothing: 422 with every problem
     (path, message, file:line). Pushing the active text again answers 200 with its number."""
-    data = await request.body()
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise ApiError(413, {"error": "too-large", "field": "body",
-                             "message": f"documents are limited to {MAX_DOCUMENT_BYTES} bytes"})
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # read at most the limit, never the whole upload
+        size += len(chunk)
+        if size > MAX_DOCUMENT_BYTES:
+            raise ApiError(413, {"error": "too-large", "field": "body", "message":
+                                 f"documents are limited to {MAX_DOCUMENT_BYTES} bytes"})
+        chunks.append(chunk)
+    data = b"".join(chunks)
     source = os.path.basename(name.replace("\\", "/")) or "document.yaml"
     if "\x00" in source:
         raise ApiError(422, {"error": "invalid-name", "field": "name",
@@ -79,3 +84,12 @@ def activate_revision(number: RevisionNumber, request: Request, principal: Admin
     with request.app.state.db.write() as session:
         service.activate(session, number, principal.label)
         return {"revision": number, "active": True}
+
+
+@router.get("/audit", tags=["audit"])
+def audit(request: Request, _: Reader, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+          ) -> list[dict[str, Any]]:
+    """What operators did, newest first: pushes, activations, role pins, decommissions,
+    forced slot releases."""
+    with request.app.state.db.read() as session:
+        return service.audit_events(session, limit)

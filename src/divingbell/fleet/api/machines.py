@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from divingbell.fleet import service, states
 from divingbell.fleet.api.schemas import Discovery, InstallResult, ReportBody, RolesBody
-from divingbell.fleet.auth import Admin, Bootstrap, MachineOrAdmin, MachineOrReader, Reader
+from divingbell.fleet.auth import (
+    Admin,
+    Bearer,
+    Bootstrap,
+    MachineOrAdmin,
+    MachineOrReader,
+    Reader,
+)
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import iso
 
@@ -35,12 +43,14 @@ def list_machines(request: Request, _: Reader, state: Annotated[
         str | None, Query(max_length=32, description="only machines in this state")] = None
                   ) -> list[dict[str, Any]]:
     from sqlalchemy import select
+    from sqlalchemy.orm import undefer
 
     from divingbell.fleet.models import Machine
 
     with request.app.state.db.read() as session:
         active = service.active_revision(session)
-        query = select(Machine).order_by(Machine.discovered_at, Machine.uuid)
+        query = (select(Machine).options(undefer(Machine.interfaces))
+                 .order_by(Machine.discovered_at, Machine.uuid))
         if state is not None:
             query = query.where(Machine.state == state)
         return [service.machine_summary(m, active) for m in session.scalars(query)]
@@ -89,35 +99,56 @@ def run_scheduler(request: Request, _: Admin) -> dict[str, Any]:
 @router.get("/machines/{machine_id}/config", response_class=Response, responses={
     200: {"content": {"application/yaml": {}}, "description": "the effective document"},
     304: {"description": "not modified"}})
-def get_config(machine_id: MachineId, request: Request, principal: MachineOrReader,
-               if_none_match: Annotated[str | None, Header(max_length=1024)] = None) -> Response:
+async def get_config(machine_id: MachineId, request: Request, credentials: Bearer,
+                     if_none_match: Annotated[str | None, Header(max_length=1024)] = None
+                     ) -> Response:
     """The machine's effective configuration: a complete document with no overrides (its
     labels and hostname already applied). `ETag: "<revision>-<digest>"`; send it back as
-    `If-None-Match` to get 304 while nothing changed."""
-    with request.app.state.db.read() as session:
-        machine = service.get_machine(session, machine_id)
-        rendered = service.render_config(session, machine, if_none_match)
+    `If-None-Match` to get 304 while nothing changed. (That machine's credential, or a
+    reader or admin token.)"""
+    db = request.app.state.db
+
+    def work() -> tuple[service.Rendered, str, str]:
+        # One thread hop and one transaction: credentials, machine, configuration.
+        with db.read_conn() as connection:
+            principal, machine, active = service.authorized_view(
+                connection, credentials, machine_id, readers=True)
+            request.state.principal = principal
+            return (service.render_config(connection, machine, if_none_match, active),
+                    principal.kind, machine.state)
+
+    rendered, kind, state = await run_in_threadpool(work)
     headers = {"ETag": rendered.etag, "X-Divingbell-Revision": str(rendered.revision)}
     if rendered.text is None:
         return Response(status_code=304, headers=headers)
-    if principal.kind == "machine" and machine.state in (states.READY, states.DEGRADED):
-        with request.app.state.db.write() as session:
-            service.note_config_served(session, service.get_machine(session, machine_id),
-                                       rendered)
+    if kind == "machine" and state in (states.READY, states.DEGRADED):
+        def note() -> None:
+            with db.write() as session:
+                service.note_config_served(session, service.get_machine(session, machine_id),
+                                           rendered)
+
+        await run_in_threadpool(note)
     return Response(rendered.text, media_type="application/yaml", headers=headers)
 
 
 @router.post("/machines/{machine_id}/reports", status_code=201)
-def post_report(machine_id: MachineId, body: ReportBody, request: Request,
-                _: MachineOrAdmin) -> dict[str, Any]:
-    """What the agent applied: revision, outcome, per-module changes and failures, drift."""
-    settings = request.app.state.settings
-    with request.app.state.db.write() as session:
-        machine = service.get_machine(session, machine_id)
-        service.add_report(session, machine, body, settings.reports_kept)
-        active = service.active_revision(session)
+async def post_report(machine_id: MachineId, body: ReportBody, request: Request,
+                      credentials: Bearer) -> dict[str, Any]:
+    """What the agent applied: revision, outcome, per-module changes and failures, drift.
+    (That machine's credential, or an admin token.)"""
+    db = request.app.state.db
+    keep = request.app.state.settings.reports_kept
+
+    def work() -> dict[str, Any]:
+        with db.write_conn() as connection:
+            principal, machine, active = service.authorized_view(
+                connection, credentials, machine_id, readers=False)
+            request.state.principal = principal
+            machine = service.add_report(connection, machine, active, body, keep)
         return {"state": machine.state, "up_to_date": service.up_to_date(machine, active),
                 "revision": active}
+
+    return await run_in_threadpool(work)
 
 
 @router.get("/machines/{machine_id}/reports")

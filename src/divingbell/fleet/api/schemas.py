@@ -200,7 +200,7 @@ class ModuleReport(Strict):
 
 
 class ReportBody(Strict):
-    revision: Annotated[int, Field(ge=1, le=MAX_INT)]
+    revision: Annotated[int, Field(ge=1, le=2**31 - 1)]
     state: Literal["converged", "failed"]
     modules: Annotated[dict[Annotated[str, Field(max_length=64)], ModuleReport],
                        Field(max_length=64)] = {}

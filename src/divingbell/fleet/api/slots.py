@@ -82,6 +82,8 @@ def force_release(group: Group, index: Index, request: Request, principal: Admin
                   ) -> dict[str, Any]:
     with request.app.state.db.write() as session:
         released = leases.release(session, service.SLOT, group, index, None)
+        if released:
+            service.audit(session, principal.label, "force-release", f"slot {group}/{index}")
     if not released:
         raise ApiError(404, {"error": "not-held", "message": f"slot {group}/{index} is free"})
     log.warning("slot %s/%s force-released by %s", group, index, principal.label)

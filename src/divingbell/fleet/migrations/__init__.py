@@ -7,6 +7,7 @@ start together migrate one after the other.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from alembic import command
@@ -25,7 +26,9 @@ def config() -> Config:
     return cfg
 
 
+@functools.cache
 def head() -> str:
+    """The newest revision (read once: the files do not change under a running service)."""
     heads = ScriptDirectory.from_config(config()).get_heads()
     assert len(heads) == 1, heads
     return heads[0]

@@ -1,0 +1,340 @@
+"""Load on the fleet service: 10,000 simulated machines, each reporting every 60 s and polling
+its configuration with If-None-Match, against a real `divingbell serve` on SQLite and on a
+throwaway PostgreSQL; then report rates stepped up until p99 passes 100 ms.
+
+    sudo .venv/bin/python bench/fleet_load.py [--machines 10000] [--duration 30]
+         [--store sqlite,postgresql] [--step-seconds 10] [--max-rate 3000]
+
+Prints, per store: sustained requests/s, p50/p99 latency and the service's RSS at the fleet
+load; then each step of the ramp and the highest report rate sustained (achieved >= 95% of
+the target) with p99 under 100 ms. Open loop: every request is sent at its scheduled time
+whatever the earlier ones do, and its latency counts from that time (no coordinated
+omission). Bounded: the whole run stops after (duration + steps x step-seconds) per store.
+
+The machines are written straight into the store (registration is not what is measured);
+each knows its configuration's ETag already, as a settled fleet does, so polls are
+conditional GETs answered 304 unless a machine's configuration changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sqlalchemy import insert  # noqa: E402
+
+from divingbell.fleet import migrations  # noqa: E402
+from divingbell.fleet.auth import MACHINE_PREFIX, format_token, hash_secret  # noqa: E402
+from divingbell.fleet.db import Database  # noqa: E402
+from divingbell.fleet.models import Machine, Revision, Setting, utcnow  # noqa: E402
+from divingbell.fleet.scheduler import node_labels  # noqa: E402
+from divingbell.fleet.service import config_etag  # noqa: E402
+
+DOC = """\
+conf:
+  sysctl:
+    net.ipv4.tcp_fin_timeout: 30
+    net.core.somaxconn: 4096
+  overrides:
+    divingbell_sysctl:
+      labels:
+        - label: {key: divingbell.io/role, values: [worker]}
+          conf:
+            sysctl: {net.ipv4.tcp_fin_timeout: 12}
+"""
+CONNECTIONS = 64
+RAMP = (100, 200, 300, 400, 500, 750, 1000, 1250, 1500, 2000, 2500, 3000)
+
+
+@dataclass
+class SimMachine:
+    id: str
+    token: str
+    etag: str
+
+
+def seed(db: Database, count: int) -> list[SimMachine]:
+    import hashlib
+
+    now = utcnow()
+    machines: list[SimMachine] = []
+    rows: list[dict[str, Any]] = []
+    for n in range(count):
+        machine_id = f"m{n:012x}"
+        secret = secrets.token_urlsafe(32)
+        hostname = f"node{n}"
+        roles = ["control-plane"] if n < 3 else ["worker"]
+        rows.append({
+            "id": machine_id, "uuid": f"00000000-0000-4000-8000-{n:012d}", "hostname": hostname,
+            "state": "ready", "state_changed_at": now, "roles": roles, "pinned": False,
+            "interfaces": [{"name": "eth0", "mac": f"52:54:{n >> 24 & 255:02x}:"
+                            f"{n >> 16 & 255:02x}:{n >> 8 & 255:02x}:{n & 255:02x}",
+                            "addresses": [], "gateway": None, "fqdns": [], "boot": True}],
+            "disks": [], "lldp": [], "credential_hash": hash_secret(secret), "created_at": now,
+            "discovered_at": now, "last_report_revision": 1, "last_report_state": "converged",
+            "last_report_at": now})
+        etag = config_etag(1, hostname, node_labels(roles, None))
+        rows[-1]["last_report_etag"] = etag
+        machines.append(SimMachine(machine_id, format_token(MACHINE_PREFIX, machine_id, secret),
+                                   etag))
+    with db.write() as session:
+        session.add(Revision(number=1, source_name="bench.yaml", text=DOC,
+                             digest=hashlib.sha256(DOC.encode()).hexdigest(), created_at=now,
+                             created_by="bench"))
+        session.add(Setting(key="active_revision", value="1"))
+        session.flush()
+        for start in range(0, len(rows), 1000):
+            session.execute(insert(Machine), rows[start:start + 1000])
+    return machines
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection (raw asyncio streams: the generator must stay much
+    cheaper than the service it measures)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(raw)
+        status_line = await self.reader.readline()
+        if not status_line:
+            self.writer = None
+            raise ConnectionError("closed")
+        status = int(status_line.split()[1])
+        length = 0
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        if length:
+            await self.reader.readexactly(length)
+        return status
+
+
+def poll_request(machine: SimMachine, host: str) -> bytes:
+    return (f"GET /v1/machines/{machine.id}/config HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {machine.token}\r\nIf-None-Match: {machine.etag}\r\n"
+            "\r\n").encode()
+
+
+def report_request(machine: SimMachine, host: str) -> bytes:
+    body = json.dumps({"revision": 1, "etag": machine.etag, "state": "converged",
+                       "modules": {"sysctl": {"changes": 0, "failures": []}}, "drift": False,
+                       "duration_seconds": 0.05, "boot_id": "bench"}).encode()
+    return (f"POST /v1/machines/{machine.id}/reports HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {machine.token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+@dataclass
+class Result:
+    target_rps: float
+    sent: int
+    done: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+    statuses: dict[int, int]
+
+    @property
+    def achieved(self) -> float:
+        return self.done / self.seconds
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def run_load(host: str, port: int, requests: list[bytes], rate: float,
+                   seconds: float) -> Result:
+    """Send `requests` round-robin at `rate` per second for `seconds` (open loop)."""
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(CONNECTIONS):
+        pool.put_nowait(Connection(host, port))
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    tasks: list[asyncio.Task[None]] = []
+    total = int(rate * seconds)
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+
+    async def one(raw: bytes, due: float) -> None:
+        nonlocal errors
+        connection = await pool.get()
+        try:
+            status = await connection.request(raw)
+            statuses[status] = statuses.get(status, 0) + 1
+            latencies.append(loop.time() - due)
+        except (OSError, ConnectionError, ValueError, asyncio.IncompleteReadError):
+            errors += 1
+            connection.writer = None
+        finally:
+            pool.put_nowait(connection)
+
+    for i in range(total):
+        due = start + i / rate
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(requests[i % len(requests)], due)))
+    deadline = start + seconds + 10  # a bounded drain: late answers count as errors
+    pending = [t for t in tasks if not t.done()]
+    if pending:
+        _done, still = await asyncio.wait(pending, timeout=max(0.1, deadline - loop.time()))
+        for task in still:
+            task.cancel()
+        errors += len(still)
+    elapsed = max(seconds, loop.time() - start)
+    return Result(rate, total, len(latencies), errors, elapsed, latencies, statuses)
+
+
+def process_tree(pid: int) -> list[int]:
+    """The service and its worker processes (with --workers)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            pids.extend(process_tree(int(child)))
+    return pids
+
+
+def rss_mb(pid: int) -> float:
+    total = 0
+    for one in process_tree(pid):
+        for line in Path(f"/proc/{one}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    ticks = 0
+    for one in process_tree(pid):
+        fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from tests.fleet.servers import ProcessServer
+
+    db = Database(url)
+    migrations.upgrade(db.write_engine)
+    machines = seed(db, args.machines)
+    db.dispose()
+    workers = args.workers if name == "postgresql" else 1
+    server = ProcessServer(url, args=("--workers", str(workers))).start(
+        work / f"serve-{name}.log")
+    assert server.process is not None
+    host, port = server.host, server.port
+    try:
+        polls = [poll_request(m, host) for m in machines]
+        reports = [report_request(m, host) for m in machines]
+        mixed = [r for pair in zip(polls, reports, strict=True) for r in pair]
+        # The fleet load: every machine polls and reports once a minute.
+        fleet_rate = 2 * args.machines / 60
+        asyncio.run(run_load(host, port, mixed, fleet_rate, 3))  # warm-up (pools, caches)
+        cpu_before = cpu_seconds(server.process.pid)
+        fleet = asyncio.run(run_load(host, port, mixed, fleet_rate, args.duration))
+        cpu_per_request = (cpu_seconds(server.process.pid) - cpu_before) / max(1, fleet.done)
+        fleet_rss = rss_mb(server.process.pid)
+        print(f"\n[{name}] {args.machines} machines, each polling (If-None-Match) and "
+              f"reporting every 60 s, for {args.duration:.0f} s ({workers} service "
+              f"process(es); load average {os.getloadavg()[0]:.1f}):")
+        print(f"  sustained {fleet.achieved:.0f} req/s (target {fleet_rate:.0f}), "
+              f"p50 {fleet.pct(0.5):.1f} ms, p99 {fleet.pct(0.99):.1f} ms, "
+              f"errors {fleet.errors}, statuses {fleet.statuses}, service RSS {fleet_rss:.0f} MB")
+        print(f"  service CPU per request (mixed poll/report): {cpu_per_request * 1000:.2f} ms")
+        best = 0.0
+        steps = []
+        for rate in RAMP:
+            if rate > args.max_rate:
+                break
+            step = asyncio.run(run_load(host, port, reports, rate, args.step_seconds))
+            ok = (step.errors == 0 and step.achieved >= 0.95 * rate
+                  and step.pct(0.99) <= 100 and set(step.statuses) == {201})
+            steps.append({"rate": rate, "achieved": round(step.achieved),
+                          "p50_ms": round(step.pct(0.5), 1), "p99_ms": round(step.pct(0.99), 1),
+                          "errors": step.errors, "ok": ok})
+            print(f"  reports at {rate}/s: achieved {step.achieved:.0f}/s, "
+                  f"p50 {step.pct(0.5):.1f} ms, p99 {step.pct(0.99):.1f} ms, "
+                  f"errors {step.errors}, load average {os.getloadavg()[0]:.1f}"
+                  f"{'' if ok else '  <- past the limit'}")
+            if not ok:
+                break
+            best = rate
+        rss = rss_mb(server.process.pid)
+        print(f"  highest sustained report rate with p99 <= 100 ms: {best:.0f}/s "
+              f"(service RSS after the ramp {rss:.0f} MB)")
+        return {"store": name, "workers": workers, "fleet_rps": round(fleet.achieved),
+                "cpu_ms_per_request": round(cpu_per_request * 1000, 2),
+                "fleet_p50_ms": round(fleet.pct(0.5), 1), "fleet_p99_ms": round(fleet.pct(0.99), 1),
+                "fleet_errors": fleet.errors, "rss_mb": round(fleet_rss),
+                "max_report_rate": best, "steps": steps}
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--machines", type=int, default=10_000)
+    parser.add_argument("--duration", type=float, default=30.0,
+                        help="seconds at the fleet load")
+    parser.add_argument("--step-seconds", type=float, default=10.0)
+    parser.add_argument("--max-rate", type=float, default=3000.0)
+    parser.add_argument("--store", default="sqlite,postgresql")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="service worker processes on PostgreSQL (SQLite: always 1)")
+    parser.add_argument("--json", action="store_true", help="also print a JSON summary")
+    args = parser.parse_args()
+    summary = []
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
+        work = Path(tmp)
+        for store in args.store.split(","):
+            if store == "sqlite":
+                summary.append(bench_store("sqlite", f"sqlite:///{work / 'fleet.db'}", args,
+                                           work))
+            elif store == "postgresql":
+                from tests.fleet.servers import PostgresCluster
+
+                reason = PostgresCluster.available()
+                if reason:
+                    print(f"\n[postgresql] skipped: {reason}")
+                    continue
+                cluster = PostgresCluster.start()
+                try:
+                    summary.append(bench_store("postgresql", cluster.create_database(), args,
+                                               work))
+                finally:
+                    cluster.stop()
+            else:
+                parser.error(f"unknown store {store!r}")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    print(f"\n(cpu: {os.cpu_count()} cores, shared; load generator in this process)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The store: migrations from an empty database and from the previous revision, on SQLite
+and PostgreSQL; the schema they build matches the models; /readyz tells a stale schema."""
+
+from __future__ import annotations
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from divingbell.fleet import migrations
+from divingbell.fleet.db import Database
+from divingbell.fleet.models import Base, Token, utcnow
+from divingbell.fleet.settings import FleetSettings
+from divingbell.fleet.tokens import create_token, list_tokens
+from tests.fleet.servers import thread_server
+
+
+def test_migrations_from_empty_build_exactly_the_models(store_url: str) -> None:
+    db = Database(store_url)
+    try:
+        assert migrations.current(db.engine) is None
+        migrations.upgrade(db.write_engine)
+        assert migrations.current(db.engine) == migrations.head()
+        with db.engine.connect() as connection:
+            diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        assert diff == []
+        migrations.upgrade(db.write_engine)  # again: nothing to do
+        assert migrations.current(db.engine) == migrations.head()
+    finally:
+        db.dispose()
+
+
+def test_migrations_from_the_previous_revision_keep_the_data(store_url: str) -> None:
+    db = Database(store_url)
+    try:
+        migrations.upgrade(db.write_engine, "0001")
+        assert "audit_events" not in inspect(db.engine).get_table_names()
+        with db.write() as session:
+            session.execute(text(
+                "INSERT INTO tokens (id, role, description, secret_hash, created_at) "
+                "VALUES ('t1', 'admin', 'kept', :h, :now)"), {"h": "0" * 64, "now": utcnow()})
+        migrations.upgrade(db.write_engine)
+        assert migrations.current(db.engine) == migrations.head()
+        assert "audit_events" in inspect(db.engine).get_table_names()
+        assert [t["description"] for t in list_tokens(db)] == ["kept"]
+        migrations.downgrade(db.write_engine, "0001")
+        assert "audit_events" not in inspect(db.engine).get_table_names()
+        with db.read() as session:
+            assert session.get(Token, "t1") is not None
+    finally:
+        db.dispose()
+
+
+def test_readyz_fails_while_the_schema_is_behind(store_url: str) -> None:
+    db = Database(store_url)
+    migrations.upgrade(db.write_engine, "0001")
+    create_token(db, "admin")  # the tokens table exists since 0001
+    db.dispose()
+    settings = FleetSettings(db_url=store_url, migrate_at_start=False)
+    with thread_server(settings) as server:
+        answer = server.client().request("GET", "/readyz", ok=(503,))
+        assert answer.status == 503
+        assert "divingbell fleet migrate" in answer.json()["reason"]
+        migrations.upgrade(Database(store_url).write_engine)
+        assert server.client().call("GET", "/readyz")["ready"] is True
