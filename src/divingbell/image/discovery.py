@@ -245,48 +245,80 @@ class KernelBundle:
         return self.root / "vmlinuz"
 
 
+@dataclass(frozen=True)
+class KernelIndex:
+    """What a kernel package holds, kept in the cache so module names are checked (and a new
+    module list is served) without unpacking the package again."""
+
+    version: str
+    deps: dict[str, list[str]]
+    builtin: set[str]
+
+
+def _kernel_index(host: Host, kernel: Package, cache: Path, scratch: Path) -> KernelIndex:
+    """The index from the cache, or by unpacking the whole package into `scratch/package`."""
+    index_file = cache / f"kernel-index-{kernel.sha256[:16]}.json"
+    if index_file.is_file():
+        data = json.loads(index_file.read_text())
+        return KernelIndex(data["version"], data["deps"], set(data["builtin"]))
+    full = scratch / "package"
+    _run(host, ["dpkg-deb", "-x", str(kernel.path), str(full)], f"unpacking {kernel.filename}")
+    versions = sorted(p.name for p in (full / "lib/modules").iterdir()) \
+        if (full / "lib/modules").is_dir() else []
+    if len(versions) != 1:
+        raise ImageError(f"{kernel.filename} should hold one kernel, has {versions or 'none'}")
+    version = versions[0]
+    source = full / "lib/modules" / version
+    _run(host, ["depmod", "-b", str(full), version], "indexing the kernel's modules (depmod)")
+    builtin_file = source / "modules.builtin"
+    builtin = {module_name(line) for line in builtin_file.read_text().split()} \
+        if builtin_file.is_file() else set()
+    index = KernelIndex(version, parse_modules_dep((source / "modules.dep").read_text()), builtin)
+    _write_atomic(index_file, json.dumps({"version": version, "deps": index.deps,
+                                          "builtin": sorted(builtin)}).encode())
+    return index
+
+
 def kernel_bundle(host: Host, kernel: Package, modules: Sequence[str],
                   cache: Path) -> tuple[KernelBundle, bool]:
     """The bundle for `kernel` and `modules`, and whether it came from the cache."""
     for name in modules:
         if not _SAFE_MODULE.match(name):
             raise ImageError(f"{name!r} is not a kernel module name")
+    cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256("\n".join([kernel.sha256, *sorted(set(modules))]).encode()).hexdigest()
     bundle_dir = cache / f"kernel-{key[:16]}"
-    index = bundle_dir / "bundle.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
+    bundle_file = bundle_dir / "bundle.json"
+    if bundle_file.is_file():
+        data = json.loads(bundle_file.read_text())
         return KernelBundle(bundle_dir, data["version"], tuple(data["modules"]),
                             tuple(data["built_in"])), True
-    with tempfile.TemporaryDirectory(dir=cache, prefix=".kernel-") as scratch:
-        full = Path(scratch) / "package"
-        _run(host, ["dpkg-deb", "-x", str(kernel.path), str(full)], f"unpacking {kernel.filename}")
-        versions = sorted(p.name for p in (full / "lib/modules").iterdir()) \
-            if (full / "lib/modules").is_dir() else []
-        if len(versions) != 1:
-            raise ImageError(f"{kernel.filename} should hold one kernel, has {versions or 'none'}")
-        version = versions[0]
-        vmlinuz = full / "boot" / f"vmlinuz-{version}"
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".kernel-") as scratch_name:
+        scratch = Path(scratch_name)
+        index = _kernel_index(host, kernel, cache, scratch)
+        version = index.version
+        needed, built_in = module_closure(modules, index.deps, index.builtin)
+        full = scratch / "package"
+        module_dir = f"lib/modules/{version}"
+        wanted = [f"boot/vmlinuz-{version}", *(f"{module_dir}/{m}" for m in needed),
+                  *(f"{module_dir}/{n}" for n in ("modules.order", "modules.builtin",
+                                                  "modules.builtin.modinfo"))]
+        if not full.is_dir():  # the index came from the cache: take only what is needed
+            full.mkdir()
+            _run(host, ["sh", "-c", 'deb=$1 dir=$2; shift 2; '
+                        'dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$dir" "$@"',
+                        "sh", str(kernel.path), str(full), *(f"./{w}" for w in wanted)],
+                 f"unpacking the kernel and {len(needed)} modules from {kernel.filename}")
+        vmlinuz = full / wanted[0]
         if not vmlinuz.is_file():
-            raise ImageError(f"{kernel.filename} has no boot/vmlinuz-{version}")
-        source = full / "lib/modules" / version
-        _run(host, ["depmod", "-b", str(full), version], "indexing the kernel's modules (depmod)")
-        deps = parse_modules_dep((source / "modules.dep").read_text())
-        builtin_file = source / "modules.builtin"
-        builtin = {module_name(line) for line in builtin_file.read_text().split()} \
-            if builtin_file.is_file() else set()
-        needed, built_in = module_closure(modules, deps, builtin)
-
-        staging = Path(scratch) / "bundle"
-        target = staging / "lib/modules" / version
-        target.mkdir(parents=True)
+            raise ImageError(f"{kernel.filename} has no {wanted[0]}")
+        staging = scratch / "bundle"
+        (staging / module_dir).mkdir(parents=True)
         shutil.copyfile(vmlinuz, staging / "vmlinuz")
-        for relative in needed:
-            (target / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / relative, target / relative)
-        for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
-            if (source / name).is_file():
-                shutil.copyfile(source / name, target / name)
+        for relative in wanted[1:]:
+            if (full / relative).is_file():
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(full / relative, staging / relative)
         _run(host, ["depmod", "-b", str(staging), version], "indexing the chosen modules (depmod)")
         (staging / "bundle.json").write_text(json.dumps(
             {"version": version, "package": kernel.manifest(), "modules": needed,
@@ -294,7 +326,7 @@ def kernel_bundle(host: Host, kernel: Package, modules: Sequence[str],
         try:
             staging.rename(bundle_dir)
         except OSError:
-            if not index.is_file():  # not a concurrent build that finished first
+            if not bundle_file.is_file():  # not a concurrent build that finished first
                 raise
     return KernelBundle(bundle_dir, version, tuple(needed), tuple(built_in)), False
 
