@@ -93,15 +93,13 @@ class BootProfile(BaseModel):
 DEFAULT_DISCOVERY = BootProfile(kernel="vmlinuz", initrd=["initrd.img"], cmdline=DEFAULT_CMDLINE)
 
 
-def _check_roles(value: dict[str, BootProfile]) -> dict[str, BootProfile]:
-    bad = [role for role in value if not _ROLE.match(role)]
-    if bad:
-        raise ValueError(f"{', '.join(map(repr, bad))}: a role is lower-case letters, digits "
-                         "and '-' (or 'default')")
+def _check_role(value: str) -> str:
+    if not _ROLE.match(value):
+        raise ValueError("is not a role name: lower-case letters, digits and '-' (or 'default')")
     return value
 
 
-Profiles = Annotated[dict[str, BootProfile], AfterValidator(_check_roles)]
+Profiles = dict[Annotated[str, AfterValidator(_check_role)], BootProfile]
 
 
 class BootProfiles(BaseModel):
@@ -136,7 +134,7 @@ def profiles_from_data(data: Any, source: str = "<profiles>",
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False):
-            loc = tuple(error["loc"])
+            loc = tuple(part for part in error["loc"] if part != "[key]")
             path = ".".join(str(part) for part in loc)
             message = (f"unknown key {loc[-1]!r}" if error["type"] == "extra_forbidden"
                        else str(error["msg"]).removeprefix("Value error, "))
