@@ -33,7 +33,7 @@ def missing_tools() -> str | None:
     return None
 
 
-def kvm_usable(kernel: Path, workdir: Path, seconds: float = 20.0) -> tuple[bool, str]:
+def kvm_usable(kernel: Path, workdir: Path, seconds: float = 10.0) -> tuple[bool, str]:
     """Whether guests really run under KVM here: /dev/kvm opening is not enough (nested KVM in
     some VMs starts the guest and then stalls it, or rejects MSRs). Boots `kernel` with no root
     under -enable-kvm and waits for its panic (it reboots, and -no-reboot ends qemu)."""
@@ -103,6 +103,11 @@ def create_disk(path: Path, size: str) -> Path:
     return path
 
 
+def disk_serial(name: str) -> str:
+    """The serial a virtio disk of VM `name` reports (IDE disks report QEMU's QM0000N)."""
+    return "DB-" + name.upper()[-8:]
+
+
 def start_vm(workdir: Path, name: str, *, mac: str, uuid: str, bootfile: str,
              disk_size: str | None = None, disk_bus: str = "ide", serial: str | None = None,
              kvm: bool = False, memory_mb: int = 512) -> VM:
@@ -118,9 +123,11 @@ def start_vm(workdir: Path, name: str, *, mac: str, uuid: str, bootfile: str,
     argv += ["-enable-kvm"] if kvm else ["-accel", "tcg"]
     if serial:
         argv += ["-smbios", f"type=1,serial={serial}"]
-    if disk is not None:
-        drive_serial = f",serial=DB{name.upper()[-6:]}" if disk_bus == "virtio" else ""
-        argv += ["-drive", f"file={disk},format=raw,if={disk_bus}{drive_serial}"]
+    if disk is not None and disk_bus == "virtio":
+        argv += ["-drive", f"file={disk},format=raw,if=none,id=disk0",
+                 "-device", f"virtio-blk-pci,drive=disk0,serial={disk_serial(name)}"]
+    elif disk is not None:
+        argv += ["-drive", f"file={disk},format=raw,if={disk_bus}"]
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT)

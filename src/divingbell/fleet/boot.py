@@ -38,7 +38,7 @@ DEFAULT_CMDLINE = "console=tty0 console=ttyS0,115200n8 panic=10 quiet"
 DISCOVERY_STATES = frozenset({"booting", "discovered", "scheduled", "failed"})
 LOCAL_BOOT_STATES = frozenset({"installed", "ready", "updating", "degraded"})
 
-_ASSET_PATH = re.compile(r"^(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9._~+-]+(?:/[A-Za-z0-9._~+-]+)*$")
+ASSET_PATH = re.compile(r"^(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9._~+-]+(?:/[A-Za-z0-9._~+-]+)*$")
 _URL = re.compile(r"^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~%+=&?/:@-]*)?$")
 _BASE_URL = re.compile(r"^https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
                        r"(?:/[A-Za-z0-9._~-]+)*$")
@@ -63,7 +63,7 @@ def _check_source(value: str) -> str:
     if value.startswith(("http://", "https://")):
         if not _URL.match(value):
             raise ValueError("is not a plain http(s) URL (no spaces, quotes or ${...})")
-    elif not _ASSET_PATH.match(value):
+    elif not ASSET_PATH.match(value):
         raise ValueError("must be an http(s) URL or a relative path under the assets directory "
                          "(letters, digits, ._~+- and /; no '..', no leading '/')")
     return value
