@@ -1,6 +1,6 @@
-"""The agent loop: readiness as the rollout gate, document swaps the way a ConfigMap volume does
-them, label changes, backoff, drift, per-node status and events, probes and metrics over real
-HTTP. In-process on a scratch host with the fake API server (there is none here), and once as
+"""The agent loop: readiness as the rollout gate, document swaps the way a kubelet volume does
+them (followed here: the operator's opt-in mode; pinning is in tests/k8s), label changes,
+backoff, drift, per-node status and events, probes and metrics over real HTTP. In-process on a scratch host with the fake API server (there is none here), and once as
 the real `divingbell agent` process converging real sysctls in a network namespace."""
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from tests.conftest import NetNs
 
 
 class ConfigMapVolume:
-    """A directory laid out like a kubelet ConfigMap volume: `doc.yaml -> ..data/doc.yaml`,
-    `..data -> ..<timestamp>`; an update writes a new timestamped dir and swaps `..data`."""
+    """A directory laid out like a kubelet ConfigMap or Secret volume: `doc.yaml ->
+    ..data/doc.yaml`, `..data -> ..<timestamp>`; an update writes a new timestamped dir and
+    swaps `..data`."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
@@ -85,8 +86,9 @@ def kube() -> FakeKube:
 
 
 def make_agent(host: Host, volume: ConfigMapVolume, kube: FakeKube | None, clock: Clock,
-               **settings: float) -> Agent:
-    config = AgentSettings([volume.document], "n1", host, lock_timeout=1.0)
+               **settings: float | bool) -> Agent:
+    config = AgentSettings([volume.document], "n1", host, lock_timeout=1.0,
+                           follow_document_changes=True)
     for name, value in settings.items():
         setattr(config, name, value)
     return Agent(config, kube, clock)
@@ -157,14 +159,15 @@ def test_a_failing_apply_backs_off_and_retries(scratch_host: Host, volume: Confi
     agent = make_agent(scratch_host, volume, kube, clock)
     agent.tick()
     assert not agent.ready and status(kube)["state"] == "Degraded"
-    def attempts() -> int:
-        return sum(1 for e in kube.events("n1") if e["reason"] == "ConvergeFailed")
+    def attempts() -> int:  # one Event, counted up on each retry (an event series)
+        return sum(e["count"] for e in kube.events("n1") if e["reason"] == "ConvergeFailed")
 
     assert attempts() == 1
     for step, expected in ((5, 1), (6, 2), (19, 2), (2, 3)):  # waits 10 s, then 20 s
         clock.now += step
         agent.tick()
         assert attempts() == expected, (step, expected)
+    assert [e["reason"] for e in kube.events("n1")] == ["ConvergeFailed"]
 
 
 def test_label_change_reconverges_with_the_label_override(scratch_host: Host,
@@ -284,7 +287,7 @@ def test_the_agent_process_converges_real_sysctls_in_a_namespace(
         ["ip", "netns", "exec", netns.name, sys.executable, "-m", "divingbell", "agent",
          str(volume.document), "--root", str(root), "--node", "n1", "--no-kube",
          "--labels-file", str(labels), "--listen", "127.0.0.1:9114", "--poll-interval", "0.1",
-         "--label-interval", "0.1"],
+         "--label-interval", "0.1", "--follow-document-changes"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def probe(path: str) -> tuple[int, str]:

@@ -5,6 +5,7 @@ against that real cluster."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -18,8 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from divingbell.kube import FakeKube, KubeError, LightkubeApi, Request
-from divingbell.manifests import build, parse_max_unavailable
+from divingbell.kube import EVENTS_PATH, FakeKube, KubeError, LightkubeApi, Request
 
 NODES = {"n1": {"role": "storage"}, "n2": {}}
 
@@ -31,6 +31,7 @@ class ApiStub:
     def __init__(self) -> None:
         self.received: list[tuple[Request, str]] = []
         self.annotations: dict[str, dict[str, str]] = {n: {} for n in NODES}
+        self.events: dict[str, dict[str, Any]] = {}
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,9 +51,20 @@ class ApiStub:
                                       self.headers.get("Content-Type", "")))
                 return path, body
 
+            def _not_found(self, what: str) -> None:
+                self._reply(404, {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                  "status": "Failure", "message": f"{what} not found",
+                                  "reason": "NotFound", "code": 404})
+
             def do_GET(self) -> None:
                 path, _ = self._record()
-                if path == "/api/v1/nodes":
+                if path.startswith(EVENTS_PATH + "/"):
+                    name = path.removeprefix(EVENTS_PATH + "/")
+                    if name in stub.events:
+                        self._reply(200, stub.events[name])
+                    else:
+                        self._not_found(f"events {name!r}")
+                elif path == "/api/v1/nodes":
                     self._reply(200, {"apiVersion": "v1", "kind": "NodeList", "metadata": {},
                                       "items": [stub.node(n) for n in NODES]})
                 elif path.removeprefix("/api/v1/nodes/") in NODES:
@@ -64,15 +76,31 @@ class ApiStub:
 
             def do_PATCH(self) -> None:
                 path, body = self._record()
-                name = path.removeprefix("/api/v1/nodes/")
                 assert body is not None
+                if path.startswith(EVENTS_PATH + "/"):
+                    name = path.removeprefix(EVENTS_PATH + "/")
+                    if name not in stub.events:
+                        self._not_found(f"events {name!r}")
+                        return
+                    stub.events[name].update(body)  # a merge patch of top-level fields
+                    self._reply(200, stub.events[name])
+                    return
+                name = path.removeprefix("/api/v1/nodes/")
                 stub.annotations[name].update(body["metadata"]["annotations"])
                 self._reply(200, stub.node(name))
 
             def do_POST(self) -> None:
                 _, body = self._record()
                 assert body is not None
-                self._reply(201, {**body, "metadata": {**body["metadata"], "name": "ev1"}})
+                name = body["metadata"]["name"]
+                if name in stub.events:
+                    self._reply(409, {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                      "status": "Failure", "reason": "AlreadyExists",
+                                      "message": f"events {name!r} already exists",
+                                      "code": 409})
+                    return
+                stub.events[name] = copy.deepcopy(body)
+                self._reply(201, body)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -100,20 +128,62 @@ def exercise(api: Any) -> list[Any]:
         api.annotate_node("n1", {"state": "Done", "revision": "abc", "reason": "ok"}),
         api.node_event("n1", "Applied", "revision abc: sysctl 2"),
         api.node_event("n1", "Drift", "sysctl: net.ipv4.ip_forward", warning=True),
+        api.node_event("n1", "Drift", "sysctl: net.ipv4.ip_forward", warning=True),  # repeat
         [(n.name, n.status) for n in api.nodes()],
     ]
 
 
 def test_adapter_and_fake_agree_on_what_they_send(stub: ApiStub) -> None:
-    clock = lambda: 1_800_000_000.0  # noqa: E731
+    now = [1_800_000_000.0]
+    def clock() -> float:
+        now[0] += 60
+        return now[0]
+
     fake = FakeKube(clock=clock)
     for name, labels in NODES.items():
         fake.add_node(name, labels)
     adapter = LightkubeApi(server=stub.url, clock=clock)
-    assert exercise(adapter) == exercise(fake)
+    now[0] = 1_800_000_000.0
+    from_adapter = exercise(adapter)
+    now[0] = 1_800_000_000.0
+    assert from_adapter == exercise(fake)
     assert [request for request, _ in stub.received] == fake.sent
-    content_types = {r.method: ctype for r, ctype in stub.received}
-    assert content_types["PATCH"] == "application/merge-patch+json"
+    content_types = {(r.method, r.path.split("/")[3]): ctype for r, ctype in stub.received}
+    assert content_types["PATCH", "nodes"] == "application/merge-patch+json"
+    assert content_types["PATCH", "namespaces"] == "application/merge-patch+json"
+    # Two Events, the repeated one counted: what the API server holds, for both.
+    assert sorted((e["reason"], e["count"]) for e in stub.events.values()) == [
+        ("Applied", 1), ("Drift", 2)]
+    assert sorted((e["reason"], e["count"]) for e in fake.events("n1")) == [
+        ("Applied", 1), ("Drift", 2)]
+    drift = next(e for e in stub.events.values() if e["reason"] == "Drift")
+    assert (drift["firstTimestamp"], drift["lastTimestamp"]) == (
+        "2027-01-15T08:02:00Z", "2027-01-15T08:03:00Z")
+
+
+def test_a_restarted_agent_counts_up_the_event_it_created_before(stub: ApiStub) -> None:
+    """A new process knows nothing of the Event: its create is refused (409), so it reads the
+    count and raises it, on the wire exactly as the fake does. An expired Event starts anew."""
+    def clock() -> float:
+        return 1_800_000_000.0
+
+    fake = FakeKube(clock=clock)
+    fake.add_node("n1")
+    for api in (LightkubeApi(server=stub.url, clock=clock),
+                LightkubeApi(server=stub.url, clock=clock)):
+        api.node_event("n1", "ConvergeFailed", "sysctl: kernel rejected", warning=True)
+    fake.node_event("n1", "ConvergeFailed", "sysctl: kernel rejected", warning=True)
+    restarted = FakeKube(clock=clock, node_objects=fake.node_objects,
+                         event_objects=fake.event_objects)
+    restarted.node_event("n1", "ConvergeFailed", "sysctl: kernel rejected", warning=True)
+    assert [r for r, _ in stub.received] == fake.sent + restarted.sent
+    assert [r.method for r in restarted.sent] == ["POST", "GET", "PATCH"]
+    assert [e["count"] for e in stub.events.values()] == [2]
+    assert [e["count"] for e in restarted.events("n1")] == [2]
+    restarted.expire_events()
+    restarted.node_event("n1", "ConvergeFailed", "sysctl: kernel rejected", warning=True)
+    assert [r.method for r in restarted.sent[3:]] == ["PATCH", "POST"]  # 404, then a new one
+    assert [e["count"] for e in restarted.events("n1")] == [1]
 
 
 def test_adapter_errors_are_clear(stub: ApiStub) -> None:
@@ -155,61 +225,3 @@ def test_status_kube_lists_the_fleet(stub: ApiStub, tmp_path: Path) -> None:
     assert lines[1].split()[:3] == ["n1", "abc123", "Degraded"]
     assert lines[2].split() == ["n2", "(no", "agent)"]
     assert lines[-1] == "2 node(s), 1 degraded."
-
-
-# Manifests ----------------------------------------------------------------------------------
-
-def test_manifests_are_valid_kubernetes_objects() -> None:
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    objects = build({"site.yaml": "conf: {}\n"}, namespace="ops", image="r.example/db:1",
-                    max_unavailable="10%")
-    kinds = [o["kind"] for o in objects]
-    assert kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
-                     "ConfigMap", "DaemonSet"]
-    for obj in objects:
-        kubernetes_validate.validate(obj, "1.31", strict=True)
-
-
-def test_daemonset_rolls_on_document_change_and_gates_on_readiness() -> None:
-    first = build({"site.yaml": "conf: {}\n"})[-1]
-    second = build({"site.yaml": "conf: {sysctl: {vm.swappiness: 1}}\n"})[-1]
-    def digest(ds: dict[str, Any]) -> str:
-        return str(ds["spec"]["template"]["metadata"]["annotations"][
-            "divingbell.io/document-digest"])
-
-    assert digest(first) != digest(second)
-    spec = first["spec"]["template"]["spec"]
-    container = spec["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["args"][:2] == ["agent", "/etc/divingbell/site.yaml"]
-    assert {"name": "host", "mountPath": "/host",
-            "mountPropagation": "HostToContainer"} in container["volumeMounts"]
-    assert spec["hostPID"] and spec["hostNetwork"] and spec["tolerations"] == [
-        {"operator": "Exists"}]
-    assert first["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == 1
-
-
-def test_rbac_is_least_privilege() -> None:
-    role = next(o for o in build({"a.yaml": ""}) if o["kind"] == "ClusterRole")
-    granted = {(r, v) for rule in role["rules"] for r in rule["resources"]
-               for v in rule["verbs"]}
-    assert granted == {("nodes", "get"), ("nodes", "list"), ("nodes", "watch"),
-                       ("nodes", "patch"), ("events", "create"), ("events", "patch")}
-
-
-def test_manifests_command_validates_first_and_prints_yaml(tmp_path: Path) -> None:
-    good = tmp_path / "site.yaml"
-    good.write_text("conf:\n  sysctl:\n    net.ipv4.ip_forward: 1\n")
-    run = subprocess.run([sys.executable, "-m", "divingbell", "manifests", str(good),
-                          "--max-unavailable", "25%"], capture_output=True, text=True,
-                         check=True)
-    docs = list(yaml.safe_load_all(run.stdout))
-    assert docs[-1]["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
-    assert docs[4]["data"]["site.yaml"] == good.read_text()
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("conf:\n  sysctl: 3\n")
-    run = subprocess.run([sys.executable, "-m", "divingbell", "manifests", str(bad)],
-                         capture_output=True, text=True, check=False)
-    assert run.returncode == 2 and "nothing was changed" in run.stderr and run.stdout == ""
-    with pytest.raises(ValueError):
-        parse_max_unavailable("0")

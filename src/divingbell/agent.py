@@ -1,20 +1,28 @@
 """`divingbell agent`: the long-running converger for a DaemonSet pod or a systemd service.
 
-One loop, thin over the engine. Each tick it fingerprints the document files (a ConfigMap
-volume swaps its `..data` symlink; reading through it sees the new bytes) and, every
-`label_interval`, the node's labels. It converges when either changed, retries a failed
+One loop, thin over the engine. Each tick it fingerprints the document files and, every
+`label_interval`, the node's labels. It converges when the labels changed, retries a failed
 converge with exponential backoff, and every `drift_interval` plans against the host to find
 drift: reported always, corrected unless the document says `drift: report`.
 
+The document is pinned: the agent converges the document it read at start, for as long as it
+runs. In a pod a new document arrives with a new pod (the DaemonSet rollout, gated by
+readiness), never by the kubelet re-projecting a volume under a running pod: files that change
+underneath are reported and ignored. Only with `follow_document_changes` (the operator's
+choice, e.g. the systemd service editing /etc/divingbell/site.yaml) are they converged.
+
 Readiness is the rollout gate: `/readyz` is 200 only while the current document revision (and
 labels) converged without error on this node, so a DaemonSet rolling update stops at the first
-node a bad document fails on. A failure never ends the process.
+node a bad document fails on. Liveness is `/healthz`: it fails when the loop is stuck (a
+converge or drift check running far past its time budget, or no pass for a long time), so the
+kubelet restarts the pod. A failure never ends the process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,9 +36,12 @@ from divingbell.engine.runner import ApplyReport, apply_node, plan_node
 from divingbell.errors import DivingbellError, DocumentError
 from divingbell.host import Host
 from divingbell.kube import KubeApi, KubeError
+from divingbell.manifests import document_digest
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+    from divingbell.document.validate import NodeConfig, ValidDocument
 
 log = logging.getLogger("divingbell.agent")
 
@@ -50,6 +61,50 @@ class AgentSettings:
     backoff_initial: float = 10.0
     backoff_max: float = 300.0
     lock_timeout: float = 60.0
+    # Converge document files that change under the running agent. Off: the document read at
+    # start is the one converged until the process (the pod) is replaced.
+    follow_document_changes: bool = False
+    # The digest the pod was made for (`divingbell manifests` puts it in the pod template):
+    # a pinned agent refuses a mounted document with another digest.
+    expected_digest: str | None = None
+    # A converge running longer than this is stuck (/healthz fails). None: the document's
+    # own bounds (script timeouts, lock waits) plus `stuck_margin`.
+    converge_timeout: float | None = None
+    stuck_margin: float = 1800.0
+
+
+def configure_logging(level: str) -> None:
+    """Agent logs for `kubectl logs`: one line per converge at INFO; every library below it
+    (the HTTP client under lightkube logs each API request at INFO, every 30 s per node:
+    drown-out noise) only at WARNING, or everything with `debug`."""
+    debug = level.lower() == "debug"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("divingbell").setLevel(level.upper())
+
+
+def converge_budget(config: NodeConfig, settings: AgentSettings) -> float:
+    """How long a converge of `config` may take before it counts as stuck."""
+    if settings.converge_timeout is not None:
+        return settings.converge_timeout
+    budget = settings.stuck_margin + settings.lock_timeout
+    scripts = config.modules.get("exec")
+    if scripts is not None:
+        budget += sum(float(getattr(s, "timeout", 0)) for s in getattr(scripts, "root", {})
+                      .values())
+    apt = config.modules.get("apt")
+    if apt is not None:
+        budget += float(getattr(apt, "dpkg_lock_timeout", 0))
+    return budget
+
+
+def _fingerprint(paths: list[Path], contents: Mapping[str, bytes]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(contents[str(path)])
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def read_labels_file(path: Path) -> dict[str, str]:
@@ -105,10 +160,12 @@ class Metrics:
 
 class Agent:
     def __init__(self, settings: AgentSettings, kube: KubeApi | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.kube = kube
         self.clock = clock
+        self.monotonic = monotonic  # for how long things run (liveness)
         self.metrics = Metrics()
         self.ready = False
         self.state = WORKING
@@ -117,6 +174,10 @@ class Agent:
         self.labels: dict[str, str] | None = None
         self._converged: tuple[str, tuple[tuple[str, str], ...]] | None = None
         self._fingerprint: str | None = None
+        self._document: ValidDocument | DocumentError | None = None
+        self._ignored_fingerprint: str | None = None
+        self._busy: tuple[str, float, float] | None = None  # what, since (monotonic), budget
+        self._heartbeat = monotonic()
         self._labels_checked = float("-inf")
         self._last_drift_check = 0.0
         self._next_attempt = 0.0
@@ -131,6 +192,21 @@ class Agent:
             self.tick()
             stop.wait(self.settings.poll_interval)
 
+    def stuck(self) -> str | None:
+        """Why the loop counts as stuck (for /healthz), or None."""
+        now = self.monotonic()
+        busy = self._busy
+        if busy is not None:
+            what, since, budget = busy
+            if now - since > budget:
+                return (f"{what} running for {now - since:.0f}s, past its {budget:.0f}s "
+                        "budget")
+            return None
+        idle_limit = max(300.0, 10 * self.settings.poll_interval)
+        if now - self._heartbeat > idle_limit:
+            return f"no agent pass for {now - self._heartbeat:.0f}s"
+        return None
+
     def tick(self) -> None:
         """One pass: never raises, whatever the document, the host or the API server do."""
         now = self.clock()
@@ -140,6 +216,9 @@ class Agent:
             log.exception("agent pass failed")
             self._set(DEGRADED, f"internal error: {exc}", ready=False)
             self._schedule_retry(now)
+        finally:
+            self._busy = None
+            self._heartbeat = self.monotonic()
 
     def _tick(self, now: float) -> None:
         fingerprint = self._document_fingerprint()
@@ -162,19 +241,65 @@ class Agent:
             self.check_drift(now)
 
     def _document_fingerprint(self) -> str | None:
-        digest = hashlib.sha256()
+        """The fingerprint of the document to converge: the pinned one, or (following
+        changes) the files' current one. None: nothing to converge this pass."""
+        contents = self._read_documents()
+        if contents is None:
+            if self._fingerprint is not None and not self.settings.follow_document_changes:
+                return self._fingerprint  # pinned: the document is already in memory
+            return None
+        fingerprint = _fingerprint(self.settings.documents, contents)
+        if fingerprint == self._fingerprint:
+            return fingerprint
+        if self._fingerprint is not None and not self.settings.follow_document_changes:
+            if fingerprint != self._ignored_fingerprint:
+                self._ignored_fingerprint = fingerprint
+                digest = document_digest(contents)
+                log.warning("the document files changed under the running agent (now digest "
+                            "%s); ignored: this node converges a new document only when its "
+                            "pod is replaced (--follow-document-changes converges such "
+                            "changes)", digest)
+                self._event("DocumentChangeIgnored",
+                            f"document files changed under the running agent (digest "
+                            f"{digest}); still converging the document this pod started "
+                            "with", warning=True)
+            return self._fingerprint
+        # A new document: the first one, or a change the operator chose to follow.
+        if self._fingerprint is None and not self._matches_expected_digest(contents):
+            return None
         try:
-            for path in self.settings.documents:
-                digest.update(path.read_bytes())
-                digest.update(b"\0")
+            document: ValidDocument | DocumentError = load_document(self.settings.documents)
+        except DocumentError as exc:
+            document = exc
+        if self._read_documents() != contents:
+            return None  # swapped while it was read: take it whole on the next pass
+        if self._fingerprint is not None:
+            log.info("document changed")
+        self._fingerprint, self._document = fingerprint, document
+        return fingerprint
+
+    def _read_documents(self) -> dict[str, bytes] | None:
+        try:
+            return {str(path): path.read_bytes() for path in self.settings.documents}
         except OSError as exc:
             self._set(DEGRADED, f"cannot read the document: {exc}", ready=False)
             return None
-        fingerprint = digest.hexdigest()
-        if fingerprint != self._fingerprint and self._fingerprint is not None:
-            log.info("document changed")
-        self._fingerprint = fingerprint
-        return fingerprint
+
+    def _matches_expected_digest(self, contents: Mapping[str, bytes]) -> bool:
+        expected = self.settings.expected_digest
+        if not expected or self.settings.follow_document_changes:
+            return True
+        found = document_digest(contents)
+        if found == expected:
+            return True
+        self._set(DEGRADED, f"the mounted document (digest {found}) is not the one this pod "
+                  f"was made for ({expected}); waiting for the right one", ready=False)
+        return False
+
+    def _load(self) -> ValidDocument | DocumentError:
+        """The document of the current fingerprint, as loaded when it was first read."""
+        assert self._document is not None, "a fingerprint always comes with its document"
+        return self._document
 
     def _read_labels(self) -> dict[str, str] | None:
         labels = dict(self.settings.static_labels)
@@ -194,9 +319,9 @@ class Agent:
 
     def converge(self, target: tuple[str, tuple[tuple[str, str], ...]], now: float) -> None:
         started = time.perf_counter()
-        try:
-            document = load_document(self.settings.documents)
-        except DocumentError as exc:
+        document = self._load()
+        if isinstance(document, DocumentError):
+            exc = document
             self.metrics.failures.labels("document").inc()
             self._fail(target, now, "InvalidDocument",
                        f"invalid document: {'; '.join(str(p) for p in exc.problems[:3])}"
@@ -207,6 +332,8 @@ class Agent:
         self.metrics.set_revision(rev)
         self._set(WORKING, f"converging revision {rev}", ready=False)
         config = node_config(document, self.settings.node, self.labels or {})
+        self._busy = (f"converge of revision {rev}", self.monotonic(),
+                      converge_budget(config, self.settings))
         try:
             report = apply_node(self.settings.host, config, rev,
                                 lock_timeout=self.settings.lock_timeout)
@@ -215,7 +342,10 @@ class Agent:
             self._fail(target, now, "ConvergeFailed", str(exc))
             return
         finally:
+            self._busy = None
             self.metrics.duration.observe(time.perf_counter() - started)
+        log.info("revision %s: %s in %.1fs", rev, self._story(report),
+                 time.perf_counter() - started)
         self._count(report)
         if not report.ok:
             self._fail(target, now, "ConvergeFailed", "; ".join(report.errors))
@@ -233,13 +363,19 @@ class Agent:
 
     def check_drift(self, now: float) -> None:
         self._last_drift_check = now
+        document = self._load()
+        if isinstance(document, DocumentError):
+            return
         try:
-            document = load_document(self.settings.documents)
             config = node_config(document, self.settings.node, self.labels or {})
+            self._busy = ("drift check", self.monotonic(),
+                          converge_budget(config, self.settings))
             plan = plan_node(self.settings.host, config)
         except DivingbellError as exc:
             log.warning("drift check failed: %s", exc)
             return
+        finally:
+            self._busy = None
         drifted: dict[str, list[str]] = {}
         for module in plan.modules:
             targets = [c.target for c in module.changes if c.changes_host]
@@ -286,6 +422,22 @@ class Agent:
         for module in report.plan.modules:
             if module.error:
                 self.metrics.failures.labels(module.module).inc()
+
+    @staticmethod
+    def _story(report: ApplyReport) -> str:
+        """One log line's worth: changes per module, and what failed."""
+        parts = []
+        for result in report.results:
+            applied = [c for c in result.applied if c.changes_host]
+            if result.error:
+                parts.append(f"{result.module} failed after {len(applied)} change(s): "
+                             f"{result.error}")
+            elif applied:
+                parts.append(f"{result.module} {len(applied)} change(s)")
+        parts.extend(f"plan: {error}" for error in report.plan.errors)
+        if not parts:
+            return "converged, nothing to change"
+        return ("converged: " if report.ok else "failed: ") + "; ".join(parts)
 
     @staticmethod
     def _summary(report: ApplyReport) -> str:
@@ -335,7 +487,11 @@ def serve(agent: Agent, address: str, port: int) -> ThreadingHTTPServer:
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
-                self._send(200, b"ok\n", "text/plain")
+                problem = agent.stuck()
+                if problem is None:
+                    self._send(200, b"ok\n", "text/plain")
+                else:
+                    self._send(503, f"stuck: {problem}\n".encode(), "text/plain")
             elif path == "/readyz":
                 body = (json.dumps(agent.health()) + "\n").encode()
                 self._send(200 if agent.ready else 503, body, "application/json")

@@ -20,6 +20,7 @@ import click
 from divingbell import __version__
 
 if TYPE_CHECKING:
+    from divingbell.agent import Agent
     from divingbell.document.validate import NodeConfig, ValidDocument
     from divingbell.host import Host
 
@@ -80,6 +81,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "bootstrap": "divingbell.commands.bootstrap:bootstrap",
     "policy": "divingbell.commands.policy:policy",
     "tenants": "divingbell.commands.tenants:tenants",
+    "documents": "divingbell.commands.documents:documents",
 }
 
 
@@ -315,9 +317,18 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
 
 
 @cli.command()
-@_files_argument
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_host_options
 @_node_options
+@click.option("--server", "fleet_server", metavar="URL",
+              help="Fleet mode: take the configuration from this fleet service instead of "
+              "FILES, and report to it (see docs/fleet.md).")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Fleet mode: the machine credential (default: the one divingbell discover "
+              "stored, /var/lib/divingbell/fleet-credential).")
+@click.option("--fleet-interval", type=float, default=30.0, show_default=True,
+              metavar="SECONDS", help="Fleet mode: how often the configuration is fetched "
+              "(a conditional GET) and, at twice this, the last report re-sent.")
 @click.option("--labels-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Node labels as KEY=VALUE lines, re-read as they change (hosts without "
               "Kubernetes).")
@@ -336,35 +347,64 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
               metavar="SECONDS", help="How often the host is checked for drift.")
 @click.option("--backoff-max", type=float, default=300.0, show_default=True, metavar="SECONDS",
               help="Longest wait between retries of a failed converge (doubling from 10s).")
+@click.option("--follow-document-changes", is_flag=True,
+              help="Converge the document files again when they change under the running "
+              "agent (hosts where an operator edits them). Default: the document read at start "
+              "is kept until the agent restarts; in a pod a new document comes with a new pod.")
+@click.option("--document-digest", metavar="DIGEST", envvar="DIVINGBELL_DOCUMENT_DIGEST",
+              help="Refuse a document whose digest differs (set by `divingbell manifests` in "
+              "the pod template).")
+@click.option("--converge-timeout", type=float, default=None, metavar="SECONDS",
+              help="A converge running longer is stuck and /healthz fails. Default: the "
+              "document's script timeouts and lock waits, plus 30 minutes.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True)
+              default="info", show_default=True,
+              help="info: one line per converge; debug adds every Kubernetes API request.")
 def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
           labels: tuple[str, ...], labels_file: Path | None, use_kube: bool | None,
           kubeconfig: str | None, listen: str, poll_interval: float, label_interval: float,
-          drift_interval: float, backoff_max: float, log_level: str) -> None:
+          drift_interval: float, backoff_max: float, follow_document_changes: bool,
+          document_digest: str | None, converge_timeout: float | None, log_level: str,
+          fleet_server: str | None, token_file: Path | None, fleet_interval: float) -> None:
     """Keep this node converged: the process a DaemonSet pod or a systemd unit runs.
 
-    Converges at start, then again whenever the document files change (a ConfigMap volume
-    update), the node's labels change, or drift is found (every --drift-interval; only
-    reported if the document says `drift: report`). A failure never ends the process: it
-    backs off and retries. /readyz answers 200 only once the current document revision has
-    converged here, which is what gates a DaemonSet rollout.
+    Converges the document at start, then again whenever the node's labels change or drift
+    is found (every --drift-interval; only reported if the document says `drift: report`).
+    The document is the one read at start: files changed under the running agent are
+    reported and ignored unless --follow-document-changes (in a pod, a new document comes
+    with a new pod, so the DaemonSet rollout decides when each node gets it). A failure
+    never ends the process: it backs off and retries. /readyz answers 200 only once the
+    current document revision has converged here, which is what gates a DaemonSet rollout;
+    /healthz fails when a converge runs far past its budget (--converge-timeout).
 
     \b
     In a pod:      divingbell agent /etc/divingbell/site.yaml --root /host
-    Without k8s:   divingbell agent /etc/divingbell/site.yaml --labels-file /etc/divingbell/labels
+    Without k8s:   divingbell agent /etc/divingbell/site.yaml --follow-document-changes \
+                       --labels-file /etc/divingbell/labels
+    Fleet mode:    divingbell agent --server https://fleet:8500
     """
     import logging
     import signal
     import threading
 
-    from divingbell.agent import Agent, AgentSettings, serve
+    from divingbell.agent import Agent, AgentSettings, configure_logging, serve
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     address, _, port_text = listen.rpartition(":")
     if not port_text.isdigit():
         raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
+    if fleet_server is not None or files == ():
+        runner: Agent = _fleet_agent(fleet_server, token_file, files, _host(root, proc_sys),
+                                     poll_interval, fleet_interval, drift_interval, backoff_max)
+        server_http = serve(runner, address or "0.0.0.0", int(port_text))
+        stop_fleet = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop_fleet.set())
+        logging.getLogger("divingbell.agent").info("agent in fleet mode (%s), serving %s",
+                                                   fleet_server, listen)
+        runner.run(stop_fleet)
+        server_http.shutdown()
+        return
     name = node or os.environ.get("NODE_NAME") or socket.gethostname()
     if use_kube is None:
         use_kube = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or kubeconfig is not None
@@ -377,41 +417,77 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
         documents=list(files), node=name, host=_host(root, proc_sys),
         static_labels=dict(_parse_labels(labels)), labels_file=labels_file,
         poll_interval=poll_interval, label_interval=label_interval,
-        drift_interval=drift_interval, backoff_max=backoff_max)
+        drift_interval=drift_interval, backoff_max=backoff_max,
+        follow_document_changes=follow_document_changes, expected_digest=document_digest,
+        converge_timeout=converge_timeout)
     runner = Agent(settings, kube)
     server = serve(runner, address or "0.0.0.0", int(port_text))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     logging.getLogger("divingbell.agent").info(
-        "agent for node %s on %s, serving %s", name, root, listen)
+        "agent for node %s on %s, serving %s; %s", name, root, listen,
+        "following document changes" if follow_document_changes
+        else "the document read at start is kept until the agent restarts")
     runner.run(stop)
     server.shutdown()
 
 
+def _fleet_agent(server: str | None, token_file: Path | None, files: tuple[Path, ...],
+                 host: Host, poll_interval: float, fleet_interval: float,
+                 drift_interval: float, backoff_max: float) -> Agent:
+    """The agent's fleet mode (divingbell/fleet/agent_source.py): stdlib-only."""
+    from divingbell.fleet.agent_source import build
+    from divingbell.fleet.client import CREDENTIAL_PATH, FleetApiError, read_token
+
+    if server is None or files:
+        raise click.UsageError("give the document FILES, or --server URL (fleet mode); not both")
+    try:
+        credential = read_token(token_file or CREDENTIAL_PATH)
+        return build(server, credential, host, poll_interval=poll_interval,
+                     fetch_interval=fleet_interval, report_interval=fleet_interval * 2,
+                     drift_interval=drift_interval, backoff_max=backoff_max)
+    except (FleetApiError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _check_namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from divingbell.manifests import check_namespace
+
+    try:
+        return check_namespace(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @cli.command()
 @_files_argument
-@click.option("--namespace", default="divingbell", show_default=True)
+@click.option("--namespace", default="divingbell", show_default=True, callback=_check_namespace,
+              help="Where the agent runs (a DNS label; created, labelled for privileged pods).")
 @click.option("--image", default=None, metavar="IMAGE",
               help="The agent image. Default: divingbell:<this version> (see deploy/).")
 @click.option("--max-unavailable", default="1", show_default=True, metavar="N|P%",
               help="Nodes converging a new document at once; a failing node holds the rest.")
+@click.option("--document-secret", metavar="NAME",
+              help="Mount this existing Secret (one key per file name) instead of printing one. "
+              "Give each document version a new name, or nodes cannot tell versions apart.")
 def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
-              max_unavailable: str) -> None:
+              max_unavailable: str, document_secret: str | None) -> None:
     """Print the Kubernetes objects that run the agent on every node, as YAML.
 
-    The document files are validated first and go into a ConfigMap. The DaemonSet's pod
-    template carries the document's digest, so `kubectl apply` of a changed document rolls
-    it out node by node, gated by each node's readiness (= converged without error).
+    The document files are validated first and go into an immutable Secret named by their
+    digest (divingbell-document-<digest>), which the DaemonSet's pod template mounts. So
+    `kubectl apply` of a changed document is a rolling update, node by node, gated by each
+    node's readiness (= converged without error); a node sees the new document only when its
+    pod is replaced, and `kubectl rollout undo` mounts the previous Secret again. Old document
+    Secrets carry the label divingbell.io/document=true: see the README to prune them.
 
     \b
       divingbell manifests site.yaml --image registry.example/divingbell:1.0 \\
           | kubectl apply -f -
       kubectl -n divingbell rollout status daemonset/divingbell
     """
-    import yaml
-
-    from divingbell.manifests import DEFAULT_IMAGE, build, parse_max_unavailable
+    from divingbell.manifests import DEFAULT_IMAGE, build, parse_max_unavailable, to_yaml
 
     _load_or_exit(files)
     try:
@@ -420,11 +496,23 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
         raise click.BadParameter(str(exc), param_hint="--max-unavailable") from None
     names = [f.name for f in files]
     if len(set(names)) != len(names):
-        raise click.BadParameter("document files need distinct names (they become ConfigMap "
+        raise click.BadParameter("document files need distinct names (they become Secret "
                                  "keys)", param_hint="FILES")
-    objects = build({f.name: f.read_text() for f in files}, namespace=namespace,
-                    image=image or DEFAULT_IMAGE, max_unavailable=limit)
-    click.echo(yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False), nl=False)
+    try:
+        objects = build({f.name: f.read_text() for f in files}, namespace=namespace,
+                        image=image or DEFAULT_IMAGE, max_unavailable=limit,
+                        existing_secret=document_secret)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--document-secret") from None
+    if document_secret is None:
+        from divingbell.manifests import unreadable_reason
+
+        for f in files:
+            reason = unreadable_reason(f.read_text())
+            if reason:
+                click.echo(f"note: {f}: {reason}, so the Secret shows it as one quoted "
+                           "string; remove that for a readable block", err=True)
+    click.echo(to_yaml(objects), nl=False)
 
 
 @cli.command()

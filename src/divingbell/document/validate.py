@@ -46,8 +46,11 @@ class NodeConfig:
 
     def dump(self) -> dict[str, Any]:
         """In the document's own shape, one key per module (secrets masked)."""
+        from divingbell.document.secrets import mask_secrets
+
         return {
-            name: model.model_dump(mode="json", exclude_none=True, by_alias=False)
+            name: mask_secrets(name, model.model_dump(mode="json", exclude_none=True,
+                                                      by_alias=False))
             for name, model in self.modules.items()
         }
 

@@ -1,0 +1,439 @@
+"""`divingbell serve` and `divingbell fleet ...`: the fleet service and the operators' tools.
+
+Commands that manage the store itself (migrate, token, backup, export, import) take `--db`;
+the others talk to a running service over its API (`--server`, `--token-file`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from divingbell.fleet.client import FleetApiError, FleetClient, read_token
+
+if TYPE_CHECKING:
+    from divingbell.fleet.db import Database
+
+F = TypeVar("F", bound=Callable[..., Any])
+DB_ENV = "DIVINGBELL_FLEET_DB"
+DEFAULT_DB = "sqlite:////var/lib/divingbell/fleet.db"
+
+
+def _db_option(func: F) -> F:
+    return click.option(
+        "--db", "db_url", envvar=DB_ENV, default=DEFAULT_DB, show_default=True, metavar="URL",
+        help="The store: sqlite:///PATH (embedded) or postgresql://USER@HOST/DB "
+        f"(also ${DB_ENV}).")(func)
+
+
+def _format_option(func: F) -> F:
+    return click.option("--format", "output_format", type=click.Choice(["text", "json"]),
+                        default="text", show_default=True,
+                        help="Output for people or for scripts.")(func)
+
+
+def _api_options(func: F) -> F:
+    func = click.option(
+        "--token-file", envvar="DIVINGBELL_TOKEN_FILE", metavar="FILE",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="A file holding an admin or reader token ($DIVINGBELL_TOKEN_FILE; or the token "
+        "itself in $DIVINGBELL_TOKEN).")(func)
+    func = click.option(
+        "--ca-file", envvar="DIVINGBELL_CA_FILE", metavar="FILE",
+        type=click.Path(exists=True, dir_okay=False),
+        help="CA certificate to trust for an https:// server.")(func)
+    return click.option(
+        "--server", envvar="DIVINGBELL_SERVER", required=True, metavar="URL",
+        help="The fleet service, e.g. https://fleet.example.org:8443 ($DIVINGBELL_SERVER).",
+    )(func)
+
+
+def _client(server: str, token_file: Path | None, ca_file: str | None) -> FleetClient:
+    try:
+        token = read_token(token_file) if token_file else os.environ.get("DIVINGBELL_TOKEN")
+        return FleetClient(server, token, ca_file=ca_file)
+    except FleetApiError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _open_db(db_url: str, *, migrate: bool = True) -> Database:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from divingbell.fleet import migrations
+    from divingbell.fleet.db import Database, redact
+
+    try:
+        db = Database(db_url)
+        if migrate:
+            migrations.upgrade(db.write_engine)
+        return db
+    except (SQLAlchemyError, OSError) as exc:
+        raise click.ClickException(f"cannot open the store {redact(db_url)}: "
+                                   f"{getattr(exc, 'orig', None) or exc}") from None
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _fail(exc: FleetApiError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    if isinstance(exc.detail, dict) and exc.detail.get("problems"):
+        for problem in exc.detail["problems"]:
+            where = f" ({problem.get('location')})" if problem.get("location") else ""
+            path = f"{problem.get('path')}: " if problem.get("path") else ""
+            click.echo(f"  {path}{problem.get('message')}{where}", err=True)
+    sys.exit(2 if exc.status in (400, 404, 409, 422) else 1)
+
+
+def _parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or not host:
+        raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
+    return host.strip("[]"), int(port)
+
+
+# serve ---------------------------------------------------------------------------------------
+
+@click.command()
+@_db_option
+@click.option("--listen", default="127.0.0.1:8500", show_default=True, metavar="ADDR:PORT",
+              help="Where the API listens (0.0.0.0:8500 for every address).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="Serve HTTPS with this certificate (PEM, chain included).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="The certificate's private key (PEM).")
+@click.option("--control-plane-size", type=click.Choice(["1", "3", "5", "7"]), default="3",
+              show_default=True, help="The control-plane quorum the scheduler forms.")
+@click.option("--install-parallel", type=click.IntRange(1, 1000), default=2, show_default=True,
+              help="At most this many machines installing at once.")
+@click.option("--install-ttl", default="30m", show_default=True, metavar="DURATION",
+              help="An install grant expires after this long without a result.")
+@click.option("--reports-kept", type=click.IntRange(1, 10000), default=20, show_default=True,
+              help="Reports kept per machine.")
+@click.option("--no-migrate", is_flag=True,
+              help="Do not run migrations at start (run divingbell fleet migrate instead).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
+          control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
+          no_migrate: bool, log_level: str) -> None:
+    """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
+    /readyz and /metrics.
+
+    SQLite is the embedded default; give --db postgresql://... for production, where any
+    number of replicas can share the database. Migrations run at start.
+
+    \b
+    First start:
+      divingbell fleet token create --role admin > admin.token && chmod 600 admin.token
+      divingbell serve --listen 0.0.0.0:8500
+    """
+    import logging
+
+    import uvicorn
+
+    from divingbell.fleet.app import create_app
+    from divingbell.fleet.settings import FleetSettings
+    from divingbell.fleet.tokens import parse_duration
+
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    host, port = _parse_listen(listen)
+    try:
+        ttl = parse_duration(install_ttl).total_seconds()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--install-ttl") from None
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = FleetSettings(db_url=db_url, control_plane_size=int(control_plane_size),
+                             install_parallel=install_parallel, install_ttl_seconds=ttl,
+                             reports_kept=reports_kept, migrate_at_start=not no_migrate)
+    _open_db(db_url, migrate=not no_migrate).dispose()
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_config=None,
+                            access_log=False, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                            timeout_graceful_shutdown=5, backlog=4096)
+    uvicorn.Server(config).run()
+
+
+# fleet ---------------------------------------------------------------------------------------
+
+@click.group()
+def fleet() -> None:
+    """Operate the fleet service: its store (migrate, token, backup, export, import) and its
+    machines and documents over the API.
+
+    \b
+    Store commands take --db (or $DIVINGBELL_FLEET_DB); API commands take --server and
+    --token-file (or $DIVINGBELL_SERVER, $DIVINGBELL_TOKEN_FILE).
+    """
+
+
+@fleet.command()
+@_db_option
+def migrate(db_url: str) -> None:
+    """Bring the store's schema to the newest version (serve also does this at start)."""
+    from divingbell.fleet import migrations
+
+    db = _open_db(db_url)
+    click.echo(f"schema at {migrations.current(db.engine)}")
+    db.dispose()
+
+
+@fleet.group()
+def token() -> None:
+    """Create, list and revoke operator and bootstrap tokens."""
+
+
+@token.command("create")
+@_db_option
+@click.option("--role", type=click.Choice(["admin", "reader", "bootstrap"]), required=True,
+              help="admin: everything; reader: read machines and revisions; bootstrap: "
+              "register machines (discovery) only.")
+@click.option("--ttl", metavar="DURATION", help="Expire after this long (30m, 1h, 7d).")
+@click.option("--description", default="", help="Who or what the token is for.")
+@_format_option
+def token_create(db_url: str, role: str, ttl: str | None, description: str,
+                 output_format: str) -> None:
+    """Create a token and print it once; only its hash is stored.
+
+    \b
+      divingbell fleet token create --role admin > admin.token && chmod 600 admin.token
+    """
+    from divingbell.fleet.tokens import create_token, parse_duration
+
+    try:
+        lifetime = parse_duration(ttl) if ttl else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ttl") from None
+    db = _open_db(db_url)
+    ident, value = create_token(db, role, description, lifetime)
+    db.dispose()
+    if output_format == "json":
+        _echo_json({"id": ident, "role": role, "token": value})
+    else:
+        click.echo(value)
+        click.echo(f"token {ident} ({role}) created; it is shown only once", err=True)
+
+
+@token.command("list")
+@_db_option
+@_format_option
+def token_list(db_url: str, output_format: str) -> None:
+    """List tokens (ids and roles; never the tokens themselves)."""
+    from divingbell.fleet.tokens import list_tokens
+    from divingbell.output import table
+
+    db = _open_db(db_url)
+    rows = list_tokens(db)
+    db.dispose()
+    if output_format == "json":
+        _echo_json(rows)
+        return
+    click.echo(table(["ID", "ROLE", "VALID", "EXPIRES", "DESCRIPTION"],
+                     [[r["id"], r["role"], "yes" if r["valid"] else "no",
+                       r["expires_at"] or "never", r["description"]] for r in rows]))
+
+
+@token.command("revoke")
+@_db_option
+@click.argument("token_id")
+def token_revoke(db_url: str, token_id: str) -> None:
+    """Revoke a token by id: it stops working at once, on every replica."""
+    from divingbell.fleet.tokens import revoke_token
+
+    db = _open_db(db_url)
+    found = revoke_token(db, token_id)
+    db.dispose()
+    if not found:
+        raise click.ClickException(f"no token {token_id} (see divingbell fleet token list)")
+    click.echo(f"token {token_id} revoked")
+
+
+@fleet.command()
+@_api_options
+@click.option("--state", help="Only machines in this state.")
+@_format_option
+def machines(server: str, token_file: Path | None, ca_file: str | None, state: str | None,
+             output_format: str) -> None:
+    """List machines: state, roles, revision, up to date or not."""
+    from divingbell.output import table
+
+    try:
+        rows = _client(server, token_file, ca_file).machines(state)
+    except FleetApiError as exc:
+        _fail(exc)
+        return
+    if output_format == "json":
+        _echo_json(rows)
+        return
+    click.echo(table(
+        ["ID", "HOSTNAME", "STATE", "ROLES", "RACK", "REVISION", "UP-TO-DATE", "LAST REPORT"],
+        [[m["id"], m["hostname"] or "-", m["state"],
+          ",".join(m["roles"]) + (" (pinned)" if m["pinned"] else "") or "-",
+          m["rack"] or "-", str(m["revision"] or "-"), "yes" if m["up_to_date"] else "no",
+          m["last_report_at"] or "never"] for m in rows]))
+
+
+@fleet.command("machine")
+@_api_options
+@click.argument("machine_id")
+@_format_option
+def machine_cmd(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+                output_format: str) -> None:
+    """Show one machine: facts, roles, labels, history, last reports."""
+    try:
+        data = _client(server, token_file, ca_file).machine(machine_id)
+    except FleetApiError as exc:
+        _fail(exc)
+        return
+    if output_format == "json":
+        _echo_json(data)
+        return
+    click.echo(f"{data['id']}  {data['hostname'] or '-'}  uuid {data['uuid']}")
+    click.echo(f"  state:    {data['state']} since {data['state_changed_at']}")
+    click.echo(f"  roles:    {', '.join(data['roles']) or '-'}"
+               + (" (pinned)" if data["pinned"] else ""))
+    click.echo(f"  labels:   {', '.join(f'{k}={v}' for k, v in data['labels'].items()) or '-'}")
+    click.echo(f"  revision: {data['revision'] or '-'} "
+               f"({'up to date' if data['up_to_date'] else 'outdated'}), "
+               f"last report {data['last_report_at'] or 'never'}")
+    for interface in data["interfaces"]:
+        addresses = ", ".join(f"{a['address']}/{a['prefix']}" for a in interface["addresses"])
+        click.echo(f"  nic {interface['name']}: {interface.get('mac') or '-'} {addresses}")
+    for disk in data["disks"]:
+        click.echo(f"  disk {disk['path']}: {disk['size_bytes']} bytes {disk.get('model') or ''}")
+    click.echo("  history:")
+    for change in data["history"][-10:]:
+        click.echo(f"    {change['at']}  {change['from'] or '-'} -> {change['to']}: "
+                   f"{change['reason']}")
+
+
+@fleet.command()
+@_api_options
+@click.argument("machine_id")
+@click.argument("roles", nargs=-1)
+@click.option("--unpin", is_flag=True, help="Hand the machine back to the scheduler.")
+@_format_option
+def roles(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+          roles: tuple[str, ...], unpin: bool, output_format: str) -> None:
+    """Pin a machine's roles (control-plane, worker), or --unpin it.
+
+    \b
+      divingbell fleet roles m0123456789ab worker
+      divingbell fleet roles m0123456789ab --unpin
+    """
+    if unpin == bool(roles):
+        raise click.UsageError("give ROLES to pin, or --unpin")
+    try:
+        data = _client(server, token_file, ca_file).set_roles(machine_id, list(roles),
+                                                              pinned=not unpin)
+    except FleetApiError as exc:
+        _fail(exc)
+        return
+    if output_format == "json":
+        _echo_json(data)
+    else:
+        click.echo(f"{data['id']}: roles {', '.join(data['roles']) or '-'}"
+                   f"{' (pinned)' if data['pinned'] else ''}, state {data['state']}")
+
+
+@fleet.command()
+@_api_options
+@click.option("--activate", "activate_number", type=int, metavar="N",
+              help="Make revision N the current one again.")
+@_format_option
+def revisions(server: str, token_file: Path | None, ca_file: str | None,
+              activate_number: int | None, output_format: str) -> None:
+    """List document revisions (or make one current again with --activate N)."""
+    from divingbell.output import table
+
+    client = _client(server, token_file, ca_file)
+    try:
+        if activate_number is not None:
+            client.activate(activate_number)
+        rows = client.revisions()
+    except FleetApiError as exc:
+        _fail(exc)
+        return
+    if output_format == "json":
+        _echo_json(rows)
+        return
+    click.echo(table(["REVISION", "ACTIVE", "NAME", "CREATED", "BY", "DIGEST"],
+                     [[str(r["revision"]), "*" if r["active"] else "", r["name"],
+                       r["created_at"], r["created_by"], r["digest"][:12]] for r in rows]))
+
+
+@fleet.group()
+def document() -> None:
+    """The desired configuration for the whole fleet."""
+
+
+@document.command("push")
+@_api_options
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_format_option
+def document_push(server: str, token_file: Path | None, ca_file: str | None, file: Path,
+                  output_format: str) -> None:
+    """Validate FILE on the service (exactly as `divingbell validate`) and store it as the
+    new revision. A rejected document changes nothing; its problems are printed."""
+    try:
+        data = _client(server, token_file, ca_file).push_document(file.read_bytes(), file.name)
+    except FleetApiError as exc:
+        if output_format == "json":
+            _echo_json({"error": exc.status, "detail": exc.detail})
+            sys.exit(2)
+        _fail(exc)
+        return
+    if output_format == "json":
+        _echo_json(data)
+    elif data.get("created", True):
+        click.echo(f"revision {data['revision']} stored and active")
+    else:
+        click.echo(f"unchanged: revision {data['revision']} already has this text")
+
+
+@fleet.command()
+@_api_options
+@_format_option
+def status(server: str, token_file: Path | None, ca_file: str | None,
+           output_format: str) -> None:
+    """The fleet at a glance: machines by state, up to date vs outdated, active revision."""
+    client = _client(server, token_file, ca_file)
+    try:
+        rows = client.machines()
+        revs = client.revisions()
+    except FleetApiError as exc:
+        _fail(exc)
+        return
+    by_state: dict[str, int] = {}
+    for machine in rows:
+        by_state[machine["state"]] = by_state.get(machine["state"], 0) + 1
+    live = [m for m in rows if m["state"] != "decommissioned"]
+    fresh = sum(1 for m in live if m["up_to_date"])
+    active = next((r["revision"] for r in revs if r["active"]), None)
+    summary = {"machines": len(rows), "by_state": by_state, "up_to_date": fresh,
+               "outdated": len(live) - fresh, "active_revision": active}
+    if output_format == "json":
+        _echo_json(summary)
+        return
+    click.echo(f"{len(rows)} machine(s); active revision {active or 'none'}")
+    click.echo(f"  up to date: {fresh}, outdated: {len(live) - fresh}")
+    for state_name, count in sorted(by_state.items()):
+        click.echo(f"  {state_name}: {count}")
+    sys.exit(0 if len(live) == fresh else 1)
+
+
+def _add_rollout_group() -> None:
+    from divingbell.commands.rollout import rollout
+
+    fleet.add_command(rollout)
+
+
+_add_rollout_group()

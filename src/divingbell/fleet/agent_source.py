@@ -1,0 +1,193 @@
+"""The agent's fleet mode: `divingbell agent --server URL --token-file F`.
+
+The configuration comes from the fleet service instead of local files: a conditional GET
+(`If-None-Match`) every `fetch_interval`, written to a cache file under the host's
+`/var/lib/divingbell/fleet/` (so a restart or an unreachable service keeps the last
+configuration). The cache file is the document the ordinary `Agent` loop converges, through
+the same engine as `divingbell apply`; after every converge (and every `report_interval`) the
+outcome is reported to `POST /v1/machines/{id}/reports`.
+
+Standard library only (with the agent's own imports): the node needs none of the service's
+dependencies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from divingbell.agent import DEGRADED, Agent, AgentSettings
+from divingbell.engine.runner import ApplyReport
+from divingbell.fleet.client import FleetApiError, FleetClient, machine_id_of, write_secret
+from divingbell.host import Host
+
+log = logging.getLogger("divingbell.agent.fleet")
+
+CACHE_DIR = "/var/lib/divingbell/fleet"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+@dataclass
+class FleetModeSettings:
+    server: str
+    credential: str
+    fetch_interval: float = 30.0
+    report_interval: float = 60.0
+    ca_file: str | None = None
+    timeout: float = 10.0
+
+
+class FleetSource:
+    """The machine's configuration from the service, cached on disk with its ETag."""
+
+    def __init__(self, client: FleetClient, machine_id: str, cache_dir: Path) -> None:
+        self.client = client
+        self.machine_id = machine_id
+        self.document = cache_dir / "config.yaml"
+        self.meta_path = cache_dir / "config.json"
+        self.etag: str | None = None
+        self.revision: int | None = None
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            if self.document.exists():
+                self.etag, self.revision = meta.get("etag"), meta.get("revision")
+        except (OSError, ValueError):
+            pass
+
+    def refresh(self) -> bool:
+        """Fetch if changed; True when a new configuration was written. Raises
+        FleetApiError when the service cannot answer."""
+        answer = self.client.config(self.machine_id, self.etag)
+        if answer.status == 304 or answer.text is None:
+            return False
+        # The document holds crypt hashes: owner-only, written atomically.
+        write_secret(self.document, answer.text)
+        self.etag, self.revision = answer.etag, answer.revision
+        write_secret(self.meta_path, json.dumps({"etag": self.etag, "revision": self.revision}))
+        log.info("configuration %s (revision %s) fetched", self.etag, self.revision)
+        return True
+
+
+class FleetAgent(Agent):
+    """The agent loop, fed by the fleet service and reporting back to it."""
+
+    def __init__(self, settings: AgentSettings, fleet: FleetModeSettings,
+                 source: FleetSource) -> None:
+        super().__init__(settings, None)
+        self.fleet = fleet
+        self.source = source
+        self._last_fetch = float("-inf")
+        self._last_report_sent = float("-inf")
+        self._last_report: dict[str, Any] | None = None
+        self._apply_report: ApplyReport | None = None
+        self._drift = False
+
+    def _tick(self, now: float) -> None:
+        if now - self._last_fetch >= self.fleet.fetch_interval:
+            self._last_fetch = now
+            try:
+                self.source.refresh()
+            except FleetApiError as exc:
+                log.warning("cannot fetch the configuration: %s", exc)
+                if not self.source.document.exists():
+                    self._set(DEGRADED, f"no configuration from the fleet service yet: {exc}",
+                              ready=False)
+                    return
+        if not self.source.document.exists():
+            return
+        super()._tick(now)
+        if (self._last_report is not None
+                and now - self._last_report_sent >= self.fleet.report_interval):
+            self._send(self._last_report, now)
+
+    def converge(self, target: tuple[str, tuple[tuple[str, str], ...]], now: float) -> None:
+        self._apply_report = None
+        started = time.perf_counter()
+        super().converge(target, now)
+        self._record(time.perf_counter() - started, now)
+
+    def check_drift(self, now: float) -> None:
+        self._drift = False
+        super().check_drift(now)
+        if self._drift and self._last_report is not None and not self._last_report["drift"]:
+            # Drift in report-only mode leaves the host as it is: say so to the service.
+            self._last_report = {**self._last_report, "drift": True}
+            self._send(self._last_report, now)
+
+    def _count(self, report: ApplyReport) -> None:
+        super()._count(report)
+        self._apply_report = report
+
+    def _event(self, reason: str, message: str, *, warning: bool = False) -> None:
+        if reason == "Drift":
+            self._drift = True
+
+    def _record(self, duration: float, now: float) -> None:
+        if self.source.revision is None:
+            return
+        modules: dict[str, dict[str, Any]] = {}
+        report = self._apply_report
+        if report is not None:
+            for planned in report.plan.modules:
+                if planned.error:
+                    modules.setdefault(planned.module, {"changes": 0, "failures": []})[
+                        "failures"].append(planned.error[:4000])
+            for result in report.results:
+                entry = modules.setdefault(result.module, {"changes": 0, "failures": []})
+                entry["changes"] += sum(1 for c in result.applied if c.changes_host)
+                if result.error:
+                    entry["failures"].append(result.error[:4000])
+        elif not self.ready:
+            modules["engine"] = {"changes": 0, "failures": [self.reason[:4000]]}
+        self._last_report = {
+            "revision": self.source.revision, "etag": self.source.etag,
+            "state": "converged" if self.ready else "failed", "modules": modules,
+            "drift": self._drift, "duration_seconds": round(duration, 3),
+            "boot_id": _boot_id()}
+        self._send(self._last_report, now)
+
+    def _send(self, report: dict[str, Any], now: float) -> None:
+        self._last_report_sent = now
+        try:
+            answer = self.source.client.report(self.source.machine_id, report)
+            log.info("reported revision %s %s: service says %s, %s", report["revision"],
+                     report["state"], answer.get("state"),
+                     "up to date" if answer.get("up_to_date") else "outdated")
+        except FleetApiError as exc:
+            log.warning("cannot report to the fleet service: %s", exc)
+
+
+def _boot_id() -> str | None:
+    try:
+        return BOOT_ID.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def build(server: str, credential: str, host: Host, *, poll_interval: float,
+          fetch_interval: float, report_interval: float, drift_interval: float,
+          backoff_max: float, ca_file: str | None = None) -> FleetAgent:
+    """The fleet-mode agent for `divingbell agent --server`; raises ValueError on a credential
+    that is not a machine credential."""
+    machine_id = machine_id_of(credential)
+    if machine_id is None:
+        raise ValueError("the token file does not hold a machine credential (dbm_...): "
+                         "run divingbell discover --server URL to get one")
+    fleet = FleetModeSettings(server, credential, fetch_interval, report_interval, ca_file)
+    client = FleetClient(server, credential, ca_file=ca_file)
+    cache = host.path(CACHE_DIR) if hasattr(host, "path") else Path(CACHE_DIR)
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(cache, 0o700)
+    source = FleetSource(client, machine_id, cache)
+    settings = AgentSettings(documents=[source.document], node=machine_id, host=host,
+                             poll_interval=poll_interval, drift_interval=drift_interval,
+                             backoff_max=backoff_max, label_interval=3600.0,
+                             # The service decides when this node gets a new revision (its
+                             # rollout), and this process rewrites the cached file itself.
+                             follow_document_changes=True)
+    return FleetAgent(settings, fleet, source)

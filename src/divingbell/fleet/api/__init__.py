@@ -1,0 +1,1 @@
+"""HTTP routers, one file per area; `fleet.app.create_app` includes them."""

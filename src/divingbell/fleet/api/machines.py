@@ -1,0 +1,154 @@
+"""Discovery, machines, roles, configuration, reports and the install flow."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+
+from divingbell.fleet import service, states
+from divingbell.fleet.api.schemas import Discovery, InstallResult, ReportBody, RolesBody
+from divingbell.fleet.auth import Admin, Bootstrap, MachineOrAdmin, MachineOrReader, Reader
+from divingbell.fleet.errors import ApiError
+from divingbell.fleet.models import iso
+
+router = APIRouter(prefix="/v1", tags=["machines"])
+MachineId = Annotated[str, Path(max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+@router.post("/discovery", status_code=201)
+def discovery(facts: Discovery, request: Request, response: Response,
+              principal: Bootstrap) -> dict[str, Any]:
+    """Register a machine (or update it, by UUID) and issue its credential (rotated on every
+    registration). A MAC already on another machine is a 409 naming both machines."""
+    with request.app.state.db.write() as session:
+        machine, credential, created = service.discover(session, facts,
+                                                        request.app.state.settings)
+        result = {"machine_id": machine.id, "state": machine.state, "roles": machine.roles,
+                  "credential": credential}
+    response.status_code = 201 if created else 200
+    return result
+
+
+@router.get("/machines")
+def list_machines(request: Request, _: Reader, state: Annotated[
+        str | None, Query(max_length=32, description="only machines in this state")] = None
+                  ) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from divingbell.fleet.models import Machine
+
+    with request.app.state.db.read() as session:
+        active = service.active_revision(session)
+        query = select(Machine).order_by(Machine.discovered_at, Machine.uuid)
+        if state is not None:
+            query = query.where(Machine.state == state)
+        return [service.machine_summary(m, active) for m in session.scalars(query)]
+
+
+@router.get("/machines/{machine_id}")
+def get_machine(machine_id: MachineId, request: Request, _: MachineOrReader) -> dict[str, Any]:
+    with request.app.state.db.read() as session:
+        machine = service.get_machine(session, machine_id)
+        return service.machine_detail(session, machine, service.active_revision(session))
+
+
+@router.put("/machines/{machine_id}/roles")
+def put_roles(machine_id: MachineId, body: RolesBody, request: Request,
+              principal: Admin) -> dict[str, Any]:
+    """Pin roles (`pinned: true`), or set them and let the scheduler keep them (`false`);
+    `{"roles": [], "pinned": false}` hands the machine back to the scheduler."""
+    with request.app.state.db.write() as session:
+        machine = service.get_machine(session, machine_id)
+        service.set_roles(session, machine, body.roles, body.pinned,
+                          request.app.state.settings, principal.label)
+        return {"id": machine.id, "roles": machine.roles, "pinned": machine.pinned,
+                "state": machine.state}
+
+
+@router.post("/machines/{machine_id}/decommission")
+def decommission(machine_id: MachineId, request: Request, principal: Admin) -> dict[str, Any]:
+    """Take a machine out of the fleet: roles, grants and slots released; the scheduler tops
+    the control plane up if it was a member."""
+    with request.app.state.db.write() as session:
+        machine = service.get_machine(session, machine_id)
+        try:
+            service.decommission(session, machine, request.app.state.settings, principal.label)
+        except states.TransitionError as exc:
+            raise ApiError(409, {"error": "bad-transition", "message": str(exc)}) from None
+        return {"id": machine.id, "state": machine.state}
+
+
+@router.post("/scheduler/run")
+def run_scheduler(request: Request, _: Admin) -> dict[str, Any]:
+    """Run a scheduling pass now (it also runs after every discovery and role change)."""
+    with request.app.state.db.write() as session:
+        return {"assigned": service.run_scheduler(session, request.app.state.settings)}
+
+
+@router.get("/machines/{machine_id}/config", response_class=Response, responses={
+    200: {"content": {"application/yaml": {}}, "description": "the effective document"},
+    304: {"description": "not modified"}})
+def get_config(machine_id: MachineId, request: Request, principal: MachineOrReader,
+               if_none_match: Annotated[str | None, Header(max_length=1024)] = None) -> Response:
+    """The machine's effective configuration: a complete document with no overrides (its
+    labels and hostname already applied). `ETag: "<revision>-<digest>"`; send it back as
+    `If-None-Match` to get 304 while nothing changed."""
+    with request.app.state.db.read() as session:
+        machine = service.get_machine(session, machine_id)
+        rendered = service.render_config(session, machine, if_none_match)
+    headers = {"ETag": rendered.etag, "X-Divingbell-Revision": str(rendered.revision)}
+    if rendered.text is None:
+        return Response(status_code=304, headers=headers)
+    if principal.kind == "machine" and machine.state in (states.READY, states.DEGRADED):
+        with request.app.state.db.write() as session:
+            service.note_config_served(session, service.get_machine(session, machine_id),
+                                       rendered)
+    return Response(rendered.text, media_type="application/yaml", headers=headers)
+
+
+@router.post("/machines/{machine_id}/reports", status_code=201)
+def post_report(machine_id: MachineId, body: ReportBody, request: Request,
+                _: MachineOrAdmin) -> dict[str, Any]:
+    """What the agent applied: revision, outcome, per-module changes and failures, drift."""
+    settings = request.app.state.settings
+    with request.app.state.db.write() as session:
+        machine = service.get_machine(session, machine_id)
+        service.add_report(session, machine, body, settings.reports_kept)
+        active = service.active_revision(session)
+        return {"state": machine.state, "up_to_date": service.up_to_date(machine, active),
+                "revision": active}
+
+
+@router.get("/machines/{machine_id}/reports")
+def get_reports(machine_id: MachineId, request: Request, _: MachineOrReader
+                ) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from divingbell.fleet.models import Report
+
+    with request.app.state.db.read() as session:
+        service.get_machine(session, machine_id)
+        rows = session.scalars(select(Report).where(Report.machine_id == machine_id)
+                               .order_by(Report.id.desc()))
+        return [service.report_dict(r) for r in rows]
+
+
+@router.post("/machines/{machine_id}/install/grant")
+def install_grant(machine_id: MachineId, request: Request, _: MachineOrAdmin) -> dict[str, Any]:
+    """Ask to install. At most K machines hold a grant at once; a grant is a lease that
+    expires if no result comes (the machine is then `failed`, and the grant free)."""
+    with request.app.state.db.write() as session:
+        machine = service.get_machine(session, machine_id)
+        held = service.grant_install(session, machine, request.app.state.settings)
+        return {"granted": True, "grant": held.name, "expires_at": iso(held.expires_at),
+                "roles": machine.roles}
+
+
+@router.post("/machines/{machine_id}/install/result")
+def post_install_result(machine_id: MachineId, body: InstallResult, request: Request,
+                        _: MachineOrAdmin) -> dict[str, Any]:
+    with request.app.state.db.write() as session:
+        machine = service.get_machine(session, machine_id)
+        service.install_result(session, machine, body.success, body.output)
+        return {"id": machine.id, "state": machine.state}

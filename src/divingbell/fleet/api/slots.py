@@ -1,0 +1,88 @@
+"""Maintenance slots: leases a machine holds while it drains, converges or reboots."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+
+from divingbell.fleet import leases, service
+from divingbell.fleet.api.schemas import SlotClaim, SlotRelease, SlotRenew
+from divingbell.fleet.auth import Admin, CurrentPrincipal, Principal, Reader
+from divingbell.fleet.errors import ApiError
+from divingbell.fleet.models import utcnow
+
+router = APIRouter(prefix="/v1/slots", tags=["slots"])
+log = logging.getLogger("divingbell.fleet")
+Group = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+Index = Annotated[int, Path(ge=0, le=999)]
+
+
+def _may_hold(principal: Principal, holder: str) -> None:
+    """A machine acts only for itself; an admin for anyone."""
+    if principal.role == "admin" or (principal.kind == "machine" and principal.id == holder):
+        return
+    raise ApiError(403, {"error": "forbidden", "field": "holder",
+                         "message": "a machine may only claim, renew or release its own slots"})
+
+
+@router.post("/claim")
+def claim(body: SlotClaim, request: Request, principal: CurrentPrincipal) -> dict[str, Any]:
+    """Take one of `slots` slots of `group` for `ttl_seconds`. Claiming again while holding
+    one renews and returns it; an expired slot is taken over (`taken_over_from`)."""
+    _may_hold(principal, body.holder)
+    with request.app.state.db.write() as session:
+        result = leases.claim(session, service.SLOT, body.group, body.slots, body.holder,
+                              body.ttl_seconds, utcnow())
+        if isinstance(result, leases.Busy):
+            raise ApiError(409, {"error": "no-free-slot",
+                                 "holders": [service.lease_dict(h) for h in result.holders]})
+        if result.taken_over_from:
+            log.warning("slot %s taken over from %s (expired) by %s", result.name,
+                        result.taken_over_from, result.holder)
+        return {**service.lease_dict(result), "taken_over_from": result.taken_over_from}
+
+
+@router.post("/{group}/{index}/renew")
+def renew(group: Group, index: Index, body: SlotRenew, request: Request,
+          principal: CurrentPrincipal) -> dict[str, Any]:
+    _may_hold(principal, body.holder)
+    with request.app.state.db.write() as session:
+        held = leases.renew(session, service.SLOT, group, index, body.holder, body.ttl_seconds,
+                            utcnow())
+        if held is None:
+            raise ApiError(409, {"error": "not-holder", "field": "holder",
+                                 "message": f"{body.holder} does not hold slot {group}/{index}"})
+        return service.lease_dict(held)
+
+
+@router.post("/{group}/{index}/release")
+def release(group: Group, index: Index, body: SlotRelease, request: Request,
+            principal: CurrentPrincipal) -> dict[str, Any]:
+    _may_hold(principal, body.holder)
+    with request.app.state.db.write() as session:
+        if not leases.release(session, service.SLOT, group, index, body.holder):
+            raise ApiError(409, {"error": "not-holder", "field": "holder",
+                                 "message": f"{body.holder} does not hold slot {group}/{index}"})
+        return {"slot": f"{group}/{index}", "released": True}
+
+
+@router.get("")
+def list_slots(request: Request, _: Reader) -> list[dict[str, Any]]:
+    now = utcnow()
+    with request.app.state.db.read() as session:
+        return [{**service.lease_dict(lease),
+                 "live": lease.expires_at is not None and lease.expires_at > now}
+                for lease in leases.holders(session, service.SLOT) if lease.holder is not None]
+
+
+@router.delete("/{group}/{index}")
+def force_release(group: Group, index: Index, request: Request, principal: Admin
+                  ) -> dict[str, Any]:
+    with request.app.state.db.write() as session:
+        released = leases.release(session, service.SLOT, group, index, None)
+    if not released:
+        raise ApiError(404, {"error": "not-held", "message": f"slot {group}/{index} is free"})
+    log.warning("slot %s/%s force-released by %s", group, index, principal.label)
+    return {"slot": f"{group}/{index}", "released": True}

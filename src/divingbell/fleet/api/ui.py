@@ -1,0 +1,162 @@
+"""The operator's web UI at /ui: Jinja2 page shells and one small script that renders the JSON
+API, all served by the service itself (no asset from the internet).
+
+Logging in exchanges an admin or reader token for a session cookie (HttpOnly, SameSite=Strict,
+Secure over TLS); the session is a row tied to the token, so revoking the token ends it. Reader
+sessions see everything and can act on nothing; every action goes through the same API routes
+(and their logs) as the CLI, with a CSRF token on top of the cookie.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from datetime import timedelta
+from pathlib import Path as FsPath
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Path, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from divingbell.fleet.auth import (
+    SESSION_COOKIE,
+    TOKEN_PREFIX,
+    Principal,
+    hash_secret,
+    parse_token,
+    session_principal,
+)
+from divingbell.fleet.models import Token, UiSession, utcnow
+
+log = logging.getLogger("divingbell.fleet.ui")
+HERE = FsPath(__file__).resolve().parent.parent / "ui"
+SESSION_HOURS = 12
+router = APIRouter(include_in_schema=False)
+templates = Environment(loader=FileSystemLoader(HERE / "templates"),
+                        autoescape=select_autoescape(["html"]), auto_reload=False)
+static = StaticFiles(directory=HERE / "static")
+
+
+def _page(request: Request, template: str, page: str, title: str, principal: Principal,
+          data: dict[str, Any] | None = None) -> HTMLResponse:
+    html = templates.get_template(template).render(
+        page=page, title=title, role=principal.role, who=principal.id,
+        csrf=getattr(request.state, "csrf", ""), url_prefix=request.scope.get("root_path", ""),
+        data=data or {})
+    return HTMLResponse(html, headers={
+        "Cache-Control": "no-store",
+        "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                                   "frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"})
+
+
+def _who(request: Request) -> Principal | None:
+    return session_principal(request)
+
+
+def _login_redirect(request: Request) -> RedirectResponse:
+    return RedirectResponse(f"{request.scope.get('root_path', '')}/ui/login", status_code=303)
+
+
+@router.get("/ui/login", response_class=HTMLResponse)
+def login_form(request: Request, error: str = "") -> HTMLResponse:
+    html = templates.get_template("login.html").render(
+        error=error, url_prefix=request.scope.get("root_path", ""))
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+
+@router.post("/ui/login", response_model=None)
+def login(request: Request, token: Annotated[str, Form(max_length=512)]
+          ) -> HTMLResponse | RedirectResponse:
+    parsed = parse_token(token.strip())
+    db = request.app.state.db
+    failure = "That token is not valid (or has expired, or was revoked)."
+    if parsed is None or parsed[0] != TOKEN_PREFIX:
+        log.info("ui login refused: not an operator token")
+        return login_form(request, failure)
+    _, token_id, secret = parsed
+    now = utcnow()
+    with db.write() as session:
+        row = session.get(Token, token_id)
+        if (row is None or row.revoked_at is not None
+                or (row.expires_at is not None and row.expires_at <= now)
+                or not hmac.compare_digest(row.secret_hash, hash_secret(secret))):
+            log.info("ui login refused for token %s", token_id)
+            return login_form(request, failure)
+        if row.role not in ("admin", "reader"):
+            log.info("ui login refused for %s token %s", row.role, token_id)
+            return login_form(request, "Log in with an admin or reader token.")
+        session_id, session_secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        session.add(UiSession(id=session_id, secret_hash=hash_secret(session_secret),
+                              token_id=row.id, csrf=secrets.token_urlsafe(24), created_at=now,
+                              expires_at=now + timedelta(hours=SESSION_HOURS)))
+    log.info("ui login: token:%s (%s)", token_id, row.role)
+    response = RedirectResponse(f"{request.scope.get('root_path', '')}/ui", status_code=303)
+    response.set_cookie(SESSION_COOKIE, f"{session_id}_{session_secret}",
+                        max_age=SESSION_HOURS * 3600, httponly=True, samesite="strict",
+                        secure=request.url.scheme == "https", path="/")
+    return response
+
+
+@router.post("/ui/logout")
+def logout(request: Request, csrf: Annotated[str, Form(max_length=128)] = "") -> Response:
+    principal = _who(request)
+    response = _login_redirect(request)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    session_id = getattr(request.state, "ui_session", None)
+    if principal is not None and session_id and hmac.compare_digest(
+            csrf, getattr(request.state, "csrf", "")):
+        with request.app.state.db.write() as session:
+            row = session.get(UiSession, session_id)
+            if row is not None:
+                session.delete(row)
+        log.info("ui logout: %s", principal.label)
+    return response
+
+
+def _shell(request: Request, template: str, page: str, title: str,
+           data: dict[str, Any] | None = None) -> Response:
+    principal = _who(request)
+    if principal is None:
+        return _login_redirect(request)
+    return _page(request, template, page, title, principal, data)
+
+
+@router.get("/ui", response_model=None)
+def overview(request: Request) -> Response:
+    return _shell(request, "overview.html", "overview", "Overview")
+
+
+@router.get("/ui/machines", response_model=None)
+def machines(request: Request) -> Response:
+    return _shell(request, "machines.html", "machines", "Machines")
+
+
+@router.get("/ui/machines/{machine_id}", response_model=None)
+def machine(request: Request, machine_id: Annotated[str, Path(max_length=64,
+                                                              pattern=r"^[A-Za-z0-9_-]+$")]
+            ) -> Response:
+    return _shell(request, "machine.html", "machine", machine_id, {"machine": machine_id})
+
+
+@router.get("/ui/rollout", response_model=None)
+def rollout(request: Request) -> Response:
+    return _shell(request, "rollout.html", "rollout", "Rollout")
+
+
+@router.get("/ui/revisions", response_model=None)
+def revisions(request: Request) -> Response:
+    return _shell(request, "revisions.html", "revisions", "Revisions")
+
+
+@router.get("/ui/revisions/diff", response_model=None)
+def revision_diff(request: Request,
+                  old: Annotated[int, Query(alias="from", ge=1, le=2**31 - 1)],
+                  new: Annotated[int, Query(alias="to", ge=1, le=2**31 - 1)]) -> Response:
+    return _shell(request, "diff.html", "diff", f"Revision {old} to {new}",
+                  {"from": old, "to": new})
+
+

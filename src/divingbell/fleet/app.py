@@ -1,0 +1,226 @@
+"""The FastAPI application: routers, error handlers, request log and metrics, probes.
+
+`create_app(settings)` builds everything from the settings; the store is opened (and migrated,
+unless told not to) when the app starts. New areas add a router file in `fleet/api/` and one
+`include_router` line here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import text
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
+
+from divingbell import __version__
+from divingbell.fleet import migrations, service
+from divingbell.fleet.api import documents, machines, rollouts, slots, ui
+from divingbell.fleet.db import Database, redact
+from divingbell.fleet.errors import ApiError
+from divingbell.fleet.settings import FleetSettings
+
+access_log = logging.getLogger("divingbell.fleet.access")
+log = logging.getLogger("divingbell.fleet")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class FleetMetrics:
+    def __init__(self, db_getter: Callable[[], Database | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("divingbell_fleet_requests_total", "HTTP requests served",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram(
+            "divingbell_fleet_request_duration_seconds", "Time to answer a request",
+            ["route"], registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.registry.register(_StoreCollector(db_getter))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StoreCollector(Collector):
+    """Machines by state and up to date vs outdated, read from the store at scrape time, so
+    every replica reports the same fleet."""
+
+    def __init__(self, db_getter: Callable[[], Database | None]) -> None:
+        self.db_getter = db_getter
+
+    def collect(self) -> Any:
+        db = self.db_getter()
+        if db is None:
+            return
+        try:
+            with db.read() as session:
+                counts = service.counts_by_state(session)
+                fresh, outdated = service.up_to_date_counts(session)
+                active = service.active_revision(session)
+        except OperationalError:
+            return
+        from divingbell.fleet.states import STATES
+
+        by_state = GaugeMetricFamily("divingbell_fleet_machines", "Machines by state",
+                                     labels=["state"])
+        for state in STATES:
+            by_state.add_metric([state], counts.get(state, 0))
+        yield by_state
+        yield GaugeMetricFamily("divingbell_fleet_machines_up_to_date",
+                                "Machines whose last report converged the current configuration",
+                                value=fresh)
+        yield GaugeMetricFamily("divingbell_fleet_machines_outdated",
+                                "Machines (not decommissioned) not up to date", value=outdated)
+        yield GaugeMetricFamily("divingbell_fleet_active_revision",
+                                "The active document revision (0: none)", value=active or 0)
+
+
+class RequestLog:
+    """One structured line per request (JSON), and the request metrics. Never logs headers,
+    so tokens cannot leak; the caller is named by token id or machine id only."""
+
+    def __init__(self, app: ASGIApp, metrics: FleetMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(elapsed)
+            principal = getattr(scope.get("state", {}).get("principal"), "label", None)
+            client = scope.get("client")
+            access_log.info(json.dumps({
+                "method": scope["method"], "route": route, "path": scope["path"],
+                "status": status, "ms": round(elapsed * 1000, 2),
+                "client": client[0] if client else None, "caller": principal}))
+
+
+def _field(loc: Any) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out or ".".join(str(p) for p in loc)
+
+
+def create_app(settings: FleetSettings) -> FastAPI:
+    holder: dict[str, Database] = {}
+    metrics = FleetMetrics(lambda: holder.get("db"))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.db_url)
+        if settings.migrate_at_start:
+            migrations.upgrade(db.write_engine)
+        holder["db"] = db
+        app.state.db = db
+        log.info("fleet service %s on %s", __version__, redact(settings.db_url))
+        try:
+            yield
+        finally:
+            db.dispose()
+
+    app = FastAPI(
+        title="divingbell fleet", version=__version__, lifespan=lifespan,
+        description="Machines discovered, given roles and their configuration, reporting back."
+                    " Authenticate with `Authorization: Bearer <token>`.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    app.include_router(machines.router)
+    app.include_router(documents.router)
+    app.include_router(slots.router)
+    app.include_router(rollouts.router)
+    app.include_router(ui.router)
+    app.mount("/ui/static", ui.static, name="ui-static")
+
+    @app.get("/healthz", tags=["probes"], response_class=PlainTextResponse)
+    def healthz() -> str:
+        """Alive (the process answers)."""
+        return "ok\n"
+
+    @app.get("/readyz", tags=["probes"])
+    def readyz(request: Request) -> JSONResponse:
+        """Ready: the store answers and its schema is at the migrations' head."""
+        try:
+            db: Database = request.app.state.db
+            with db.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            current = migrations.current(db.engine)
+        except Exception as exc:  # any failure to reach the store means "not ready"
+            return JSONResponse({"ready": False, "reason": f"store unreachable: "
+                                 f"{type(exc).__name__}"}, status_code=503)
+        head = migrations.head()
+        if current != head:
+            return JSONResponse({"ready": False, "reason": f"schema at {current}, "
+                                 f"migrations at {head}: run divingbell fleet migrate"},
+                                status_code=503)
+        return JSONResponse({"ready": True, "schema": current})
+
+    @app.get("/metrics", tags=["probes"], response_class=PlainTextResponse)
+    def metrics_route() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # The offending input is not echoed: it may be a secret (install output, a document).
+        problems = [{"loc": list(e.get("loc", ())), "field": _field(e.get("loc", ())),
+                     "msg": str(e.get("msg", "")), "type": e.get("type")}
+                    for e in exc.errors()]
+        return JSONResponse({"detail": problems}, status_code=422)
+
+    @app.exception_handler(IntegrityError)
+    async def conflict(_: Request, exc: IntegrityError) -> JSONResponse:
+        log.warning("conflict in the store: %s", type(exc.orig).__name__)
+        return JSONResponse({"detail": {"error": "conflict", "message":
+                                        "a concurrent change conflicted; retry"}},
+                            status_code=409)
+
+    @app.exception_handler(DataError)
+    async def bad_value(_: Request, exc: DataError) -> JSONResponse:
+        return JSONResponse({"detail": {"error": "invalid-value", "message":
+                                        "a value the store cannot hold"}}, status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def store_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("store error: %s", type(exc.orig).__name__)
+        return JSONResponse({"detail": {"error": "store-unavailable",
+                                        "message": "the store is unavailable; retry"}},
+                            status_code=503, headers={"Retry-After": "5"})
+
+    app.add_middleware(RequestLog, metrics=metrics)
+    return app

@@ -1,0 +1,114 @@
+"""The SQL store's edge: engine and sessions for SQLite (embedded default) and PostgreSQL.
+
+SQLite runs in WAL mode with a busy timeout so readers never wait for the writer and
+concurrent writers queue instead of failing. PostgreSQL URLs (`postgresql://...`) use psycopg 3.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalise_url(url: str) -> str:
+    """`postgresql://` and `postgres://` mean psycopg 3; a bare path means SQLite."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if "://" not in url:
+        return "sqlite:///" + str(Path(url).resolve())
+    return url
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(normalise_url(url)).get_backend_name() == "sqlite"
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    return make_url(normalise_url(url)).render_as_string(hide_password=True)
+
+
+class Database:
+    """Engines and sessions for one store.
+
+    `read()` and `write()` give a session inside a transaction, committed on success. On SQLite
+    a write transaction takes the write lock at BEGIN (BEGIN IMMEDIATE), so read-check-write
+    sequences of two writers cannot interleave; reads stay concurrent under WAL. On PostgreSQL
+    both use one pool; atomicity comes from conditional UPDATEs and row locks.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = normalise_url(url)
+        self.sqlite = make_url(self.url).get_backend_name() == "sqlite"
+        self.engine = _make_engine(self.url, immediate=False)
+        self.write_engine = _make_engine(self.url, immediate=True) if self.sqlite else self.engine
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(self.write_engine, expire_on_commit=False)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        with self._write() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        if self.write_engine is not self.engine:
+            self.write_engine.dispose()
+
+
+def _make_engine(url: str, *, immediate: bool) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            path = Path(database)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not path.exists():
+                # The store holds token and credential hashes: never world-readable.
+                path.touch(mode=0o600)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False,
+                               "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            pool_size=8 if immediate else 20, max_overflow=20)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+        # pysqlite's own transaction handling is turned off (isolation_level None in
+        # _sqlite_pragmas) so that this BEGIN is the one that runs.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
+        return engine
+    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def file_mode_ok(url: str) -> bool:
+    """True when an SQLite store file is readable by its owner only (or not a file)."""
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return True
+    try:
+        return os.stat(parsed.database).st_mode & 0o077 == 0
+    except OSError:
+        return True

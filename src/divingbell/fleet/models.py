@@ -1,0 +1,185 @@
+"""The store's tables (SQLAlchemy 2 ORM). Times are naive UTC datetimes (see `utcnow`).
+
+Nothing here knows HTTP; the schema itself is created and changed only by the Alembic
+migrations in `migrations/versions/`, which must match these classes (a test compares them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    """Naive UTC: compared as-is on both SQLite (text) and PostgreSQL (timestamp)."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z")
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Token(Base):
+    """An operator or bootstrap token: only the SHA-256 of its secret is kept."""
+
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(String(200), default="")
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+
+
+class Machine(Base):
+    __tablename__ = "machines"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(64), unique=True)
+    boot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hostname: Mapped[str] = mapped_column(String(253), default="")
+    serial: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    state_changed_at: Mapped[datetime] = mapped_column(DateTime())
+    roles: Mapped[list[Any]] = mapped_column(default=list)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    rack: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    interfaces: Mapped[list[Any]] = mapped_column(default=list)
+    disks: Mapped[list[Any]] = mapped_column(default=list)
+    lldp: Mapped[list[Any]] = mapped_column(default=list)
+    credential_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime())
+    discovered_at: Mapped[datetime] = mapped_column(DateTime())
+    last_report_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    last_report_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_report_etag: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_report_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    install_output: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class MachineMac(Base):
+    """One row per MAC: the primary key makes a MAC on two machines impossible, even when two
+    replicas register the two machines at the same instant."""
+
+    __tablename__ = "machine_macs"
+    mac: Mapped[str] = mapped_column(String(17), primary_key=True)
+    machine_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("machines.id", ondelete="CASCADE"), index=True)
+
+
+class StateChange(Base):
+    __tablename__ = "machine_history"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    machine_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("machines.id", ondelete="CASCADE"))
+    from_state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    to_state: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[datetime] = mapped_column(DateTime())
+    __table_args__ = (Index("ix_machine_history_machine", "machine_id", "id"),)
+
+
+class Report(Base):
+    __tablename__ = "reports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    machine_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("machines.id", ondelete="CASCADE"))
+    revision: Mapped[int] = mapped_column(Integer)
+    etag: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    modules: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    drift: Mapped[bool] = mapped_column(Boolean, default=False)
+    duration_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    boot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime())
+    __table_args__ = (Index("ix_reports_machine", "machine_id", "id"),)
+
+
+class Revision(Base):
+    """A stored document: the exact text an operator pushed, validated when pushed."""
+
+    __tablename__ = "revisions"
+    number: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    source_name: Mapped[str] = mapped_column(String(255))
+    text: Mapped[str] = mapped_column(Text)
+    digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime())
+    created_by: Mapped[str] = mapped_column(String(32))
+
+
+class Setting(Base):
+    """Small named values shared by every replica: `active_revision`, and the `scheduler` row
+    that a scheduling pass locks so two replicas never schedule at once."""
+
+    __tablename__ = "fleet_settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
+class Lease(Base):
+    """A named, numbered lease with a holder and an expiry (install grants, maintenance slots).
+    Claimed with one conditional UPDATE, so it is atomic on SQLite and PostgreSQL alike."""
+
+    __tablename__ = "leases"
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    group: Mapped[str] = mapped_column(String(64), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    holder: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+
+
+class RolloutRow(Base):
+    """A rollout of one revision; its decisions are made by `fleet.rollout` (pure) and stored
+    here, so every replica sees the same rollout."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    from_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    policy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    waves: Mapped[list[Any]] = mapped_column(default=list)
+    gate: Mapped[list[Any] | None] = mapped_column(nullable=True)
+    failures: Mapped[list[Any]] = mapped_column(default=list)
+    rollback: Mapped[bool] = mapped_column(Boolean, default=False)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    started_by: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime())
+    updated_at: Mapped[datetime] = mapped_column(DateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+
+
+class RolloutMember(Base):
+    __tablename__ = "rollout_members"
+    rollout_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True)
+    machine_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    wave: Mapped[int] = mapped_column(Integer)
+    progress: Mapped[str] = mapped_column(String(16))
+    previous_revision: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    error: Mapped[str] = mapped_column(Text, default="")
+    __table_args__ = (Index("ix_rollout_members_machine", "machine_id", "rollout_id"),)
+
+
+class UiSession(Base):
+    """A browser session of the web UI: created by logging in with a token, tied to it (a
+    revoked token ends its sessions), only the hash of its secret kept."""
+
+    __tablename__ = "ui_sessions"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    token_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("tokens.id", ondelete="CASCADE"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime())
+    expires_at: Mapped[datetime] = mapped_column(DateTime())

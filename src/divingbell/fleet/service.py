@@ -1,0 +1,477 @@
+"""The fleet's operations on the store: no HTTP here (routes translate), no process state
+that matters (every decision reads and writes rows, so any replica can serve any request).
+
+Only derived, immutable data is cached in memory: a revision's validated document, keyed by
+its number and digest (a revision's text never changes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import yaml
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from divingbell.document.api import effective_document, load_document_text, node_config
+from divingbell.document.validate import ValidDocument
+from divingbell.errors import DocumentError
+from divingbell.fleet import leases, rollouts, states
+from divingbell.fleet.api.schemas import Discovery, ReportBody
+from divingbell.fleet.auth import MACHINE_PREFIX, format_token, hash_secret, new_secret
+from divingbell.fleet.errors import ApiError, not_found
+from divingbell.fleet.models import (
+    Lease,
+    Machine,
+    MachineMac,
+    Report,
+    Revision,
+    Setting,
+    StateChange,
+    iso,
+    utcnow,
+)
+from divingbell.fleet.scheduler import Candidate, node_labels, rack_of, schedule
+from divingbell.fleet.settings import FleetSettings
+
+log = logging.getLogger("divingbell.fleet")
+
+ACTIVE_REVISION = "active_revision"
+SCHEDULER_LOCK = "scheduler"
+INSTALL = "install"
+SLOT = "slot"
+HISTORY_SHOWN = 50
+
+
+# Machines ------------------------------------------------------------------------------------
+
+def transition(session: Session, machine: Machine, wanted: str, reason: str,
+               now: datetime | None = None) -> None:
+    """Move a machine to `wanted` (checked against states.TRANSITIONS) and record it."""
+    if machine.state == wanted:
+        return
+    states.check_transition(machine.state, wanted)
+    now = now or utcnow()
+    session.add(StateChange(machine_id=machine.id, from_state=machine.state, to_state=wanted,
+                            reason=reason, at=now))
+    log.info("machine %s: %s -> %s (%s)", machine.id, machine.state, wanted, reason)
+    machine.state = wanted
+    machine.state_changed_at = now
+
+
+def discover(session: Session, facts: Discovery, settings: FleetSettings
+             ) -> tuple[Machine, str, bool]:
+    """Register or update a machine by UUID. Returns (machine, new credential, created)."""
+    now = utcnow()
+    machine = session.scalars(select(Machine).where(Machine.uuid == facts.uuid)).first()
+    macs = [i.mac for i in facts.interfaces if i.mac]
+    if macs:
+        owners = session.execute(select(MachineMac.mac, MachineMac.machine_id).where(
+            MachineMac.mac.in_(macs))).all()
+        for mac, owner in owners:
+            if machine is None or owner != machine.id:
+                raise mac_conflict(mac, owner, machine.id if machine else f"uuid:{facts.uuid}")
+    secret = new_secret()
+    created = machine is None
+    if machine is None:
+        machine = Machine(id="m" + secrets.token_hex(6), uuid=facts.uuid, state=states.DISCOVERED,
+                          state_changed_at=now, created_at=now, discovered_at=now, roles=[],
+                          pinned=False, credential_hash="")
+        session.add(machine)
+        session.add(StateChange(machine_id=machine.id, from_state=None,
+                                to_state=states.DISCOVERED, reason="first discovery", at=now))
+    elif machine.state in (states.BOOTING, states.DECOMMISSIONED):
+        transition(session, machine, states.DISCOVERED, "discovered again", now)
+        machine.discovered_at = now
+    machine.boot_id = facts.boot_id
+    machine.hostname = facts.hostname
+    machine.serial = facts.serial
+    machine.interfaces = [i.model_dump() for i in facts.interfaces]
+    machine.disks = [d.model_dump() for d in facts.disks]
+    machine.lldp = [n.model_dump() for n in facts.lldp]
+    machine.rack = rack_of(machine.lldp)
+    machine.credential_hash = hash_secret(secret)
+    session.flush()
+    session.execute(delete(MachineMac).where(MachineMac.machine_id == machine.id))
+    for mac in macs:
+        session.add(MachineMac(mac=mac, machine_id=machine.id))
+    try:
+        session.flush()
+    except IntegrityError:
+        # Another replica registered a machine with one of these MACs at the same moment.
+        raise ApiError(409, {"error": "mac-conflict", "mac": macs[0] if len(macs) == 1 else macs,
+                             "machines": [machine.id],
+                             "message": "a MAC of this machine was registered by another "
+                                        "machine concurrently; retry to see which"}) from None
+    run_scheduler(session, settings)
+    return machine, format_token(MACHINE_PREFIX, machine.id, secret), created
+
+
+def mac_conflict(mac: str, owner: str, newcomer: str) -> ApiError:
+    return ApiError(409, {"error": "mac-conflict", "mac": mac, "machines": [owner, newcomer],
+                          "message": f"MAC {mac} is already on machine {owner}; decommission "
+                                     "it or fix the report"})
+
+
+def get_machine(session: Session, machine_id: str) -> Machine:
+    machine = session.get(Machine, machine_id)
+    if machine is None:
+        raise not_found("machine", machine_id)
+    return machine
+
+
+def set_roles(session: Session, machine: Machine, roles: Sequence[str], pinned: bool,
+              settings: FleetSettings, who: str) -> None:
+    if machine.state == states.DECOMMISSIONED:
+        raise ApiError(409, {"error": "decommissioned",
+                             "message": f"machine {machine.id} is decommissioned"})
+    unique = sorted(set(roles))
+    machine.roles = unique
+    machine.pinned = pinned and bool(unique)
+    reason = f"roles {unique or 'cleared'} {'pinned' if machine.pinned else 'unpinned'} by {who}"
+    if unique and machine.state == states.DISCOVERED:
+        transition(session, machine, states.SCHEDULED, reason)
+    elif not unique and machine.state == states.SCHEDULED:
+        transition(session, machine, states.DISCOVERED, reason)
+    else:
+        session.add(StateChange(machine_id=machine.id, from_state=machine.state,
+                                to_state=machine.state, reason=reason, at=utcnow()))
+    session.flush()
+    run_scheduler(session, settings)
+
+
+def decommission(session: Session, machine: Machine, settings: FleetSettings, who: str) -> None:
+    transition(session, machine, states.DECOMMISSIONED, f"decommissioned by {who}")
+    machine.roles = []
+    machine.pinned = False
+    session.execute(delete(MachineMac).where(MachineMac.machine_id == machine.id))
+    leases.release_all(session, INSTALL, machine.id)
+    leases.release_all(session, SLOT, machine.id)
+    session.flush()
+    run_scheduler(session, settings)
+
+
+def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[str]]:
+    """One scheduling pass, holding the scheduler row's lock (FOR UPDATE on PostgreSQL; the
+    write transaction itself on SQLite) so replicas never schedule at once."""
+    session.execute(select(Setting).where(Setting.key == SCHEDULER_LOCK).with_for_update())
+    rows = session.execute(select(
+        Machine.id, Machine.uuid, Machine.discovered_at, Machine.roles, Machine.pinned,
+        Machine.rack, Machine.state).where(Machine.state != states.DECOMMISSIONED)).all()
+    candidates = [Candidate(r.id, r.uuid, r.discovered_at, tuple(r.roles or ()), r.pinned, r.rack,
+                            r.state in states.HAS_FACTS) for r in rows]
+    decided = schedule(candidates, settings.control_plane_size)
+    now = utcnow()
+    for machine_id, roles in sorted(decided.items()):
+        machine = session.get(Machine, machine_id)
+        assert machine is not None
+        machine.roles = roles
+        if machine.state == states.DISCOVERED:
+            transition(session, machine, states.SCHEDULED, f"scheduler: {', '.join(roles)}", now)
+        else:
+            session.add(StateChange(machine_id=machine.id, from_state=machine.state,
+                                    to_state=machine.state,
+                                    reason=f"scheduler: {', '.join(roles)}", at=now))
+    return decided
+
+
+def labels_of(machine: Machine) -> dict[str, str]:
+    return node_labels(machine.roles or [], machine.rack)
+
+
+def machine_summary(machine: Machine, active: int | None) -> dict[str, Any]:
+    return {
+        "id": machine.id, "uuid": machine.uuid, "hostname": machine.hostname,
+        "state": machine.state, "state_changed_at": iso(machine.state_changed_at),
+        "roles": list(machine.roles or []), "pinned": machine.pinned, "rack": machine.rack,
+        "revision": machine.last_report_revision,
+        "up_to_date": up_to_date(machine, active),
+        "last_report_at": iso(machine.last_report_at),
+        "macs": [i["mac"] for i in machine.interfaces or [] if i.get("mac")],
+        "ips": [a["address"] for i in machine.interfaces or [] for a in i.get("addresses") or []
+                if not str(a.get("address", "")).startswith("fe80:")],
+    }
+
+
+def machine_detail(session: Session, machine: Machine, active: int | None) -> dict[str, Any]:
+    history = session.scalars(
+        select(StateChange).where(StateChange.machine_id == machine.id)
+        .order_by(StateChange.id.desc()).limit(HISTORY_SHOWN)).all()
+    reports = session.scalars(select(Report).where(Report.machine_id == machine.id)
+                              .order_by(Report.id.desc()).limit(5)).all()
+    return {
+        **machine_summary(machine, active),
+        "serial": machine.serial, "boot_id": machine.boot_id,
+        "labels": labels_of(machine), "interfaces": machine.interfaces, "disks": machine.disks,
+        "lldp": machine.lldp, "created_at": iso(machine.created_at),
+        "discovered_at": iso(machine.discovered_at),
+        "last_report_state": machine.last_report_state,
+        "install_output": machine.install_output,
+        "history": [{"from": h.from_state, "to": h.to_state, "reason": h.reason,
+                     "at": iso(h.at)} for h in reversed(history)],
+        "reports": [report_dict(r) for r in reports],
+    }
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    return {"revision": report.revision, "etag": report.etag, "state": report.state,
+            "modules": report.modules, "drift": report.drift,
+            "duration_seconds": report.duration_seconds, "boot_id": report.boot_id,
+            "received_at": iso(report.received_at)}
+
+
+# Revisions and configuration -----------------------------------------------------------------
+
+_documents: OrderedDict[tuple[int, str], ValidDocument] = OrderedDict()
+_documents_lock = threading.Lock()
+
+
+def active_revision(session: Session) -> int | None:
+    value = session.scalar(select(Setting.value).where(Setting.key == ACTIVE_REVISION))
+    return int(value) if value else None
+
+
+def push_document(session: Session, data: bytes, name: str, who: str) -> tuple[int, bool]:
+    """Validate exactly as `divingbell validate` does and store a new revision (made active).
+    Returns (revision, created); pushing the active document's exact text again creates
+    nothing."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    try:
+        load_document_text(data, name)
+    except DocumentError as exc:
+        raise ApiError(422, {"error": "invalid-document", "problems": [
+            {"path": p.path, "message": p.message, "location": p.location}
+            for p in exc.problems]}) from None
+    assert text is not None
+    digest = hashlib.sha256(data).hexdigest()
+    active = active_revision(session)
+    if active is not None:
+        current = session.get(Revision, active)
+        if current is not None and current.digest == digest:
+            return active, False
+    number = (session.scalar(select(func.max(Revision.number))) or 0) + 1
+    session.add(Revision(number=number, source_name=name, text=text, digest=digest,
+                         created_at=utcnow(), created_by=who))
+    set_active(session, number)
+    session.flush()
+    log.info("revision %d stored from %s by %s", number, name, who)
+    rollouts.start(session, number, active, who)
+    return number, True
+
+
+def set_active(session: Session, number: int) -> None:
+    updated = session.execute(update(Setting).where(Setting.key == ACTIVE_REVISION)
+                              .values(value=str(number))).rowcount  # type: ignore[attr-defined]
+    if not updated:
+        session.add(Setting(key=ACTIVE_REVISION, value=str(number)))
+
+
+def activate(session: Session, number: int, who: str) -> None:
+    if session.get(Revision, number) is None:
+        raise not_found("revision", number)
+    previous = active_revision(session)
+    set_active(session, number)
+    log.info("revision %d activated by %s", number, who)
+    if previous != number:
+        rollouts.start(session, number, previous, who)
+
+
+def revision_document(revision: Revision) -> ValidDocument:
+    key = (revision.number, revision.digest)
+    with _documents_lock:
+        cached = _documents.get(key)
+        if cached is not None:
+            _documents.move_to_end(key)
+            return cached
+    document = load_document_text(revision.text, revision.source_name)
+    with _documents_lock:
+        _documents[key] = document
+        while len(_documents) > 16:
+            _documents.popitem(last=False)
+    return document
+
+
+def config_etag(revision: int, hostname: str, labels: Mapping[str, str]) -> str:
+    """`"<revision>-<digest of what else shapes the config>"`: a role change changes it too."""
+    digest = hashlib.sha256(json.dumps([hostname, sorted(labels.items())]).encode())
+    return f'"{revision}-{digest.hexdigest()[:10]}"'
+
+
+def current_etag(machine: Machine, active: int | None) -> str | None:
+    if active is None:
+        return None
+    return config_etag(active, machine.hostname, labels_of(machine))
+
+
+def up_to_date(machine: Machine, active: int | None) -> bool:
+    if active is None or machine.last_report_state != "converged":
+        return False
+    if machine.last_report_revision != active:
+        return False
+    if machine.last_report_etag is None:
+        return True
+    return machine.last_report_etag.strip('"') == (current_etag(machine, active) or "").strip('"')
+
+
+@dataclass(frozen=True)
+class Rendered:
+    revision: int
+    etag: str
+    text: str | None  # None: not modified
+
+
+def render_config(session: Session, machine: Machine, if_none_match: str | None) -> Rendered:
+    active = rollouts.served_revision(session, machine.id, active_revision(session))
+    if active is None:
+        raise ApiError(404, {"error": "no-document",
+                             "message": "no document pushed yet: divingbell fleet document push"})
+    labels = labels_of(machine)
+    etag = config_etag(active, machine.hostname, labels)
+    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Rendered(active, etag, None)
+    revision = session.get(Revision, active)
+    assert revision is not None
+    document = revision_document(revision)
+    config = node_config(document, machine.hostname, labels)
+    text = f"# divingbell revision {active} for machine {machine.id} ({machine.hostname})\n"
+    text += yaml.safe_dump(effective_document(document, config), sort_keys=False,
+                           default_flow_style=False)
+    return Rendered(active, etag, text)
+
+
+def note_config_served(session: Session, machine: Machine, rendered: Rendered) -> None:
+    """A running machine fetched a configuration it has not converged: it is updating."""
+    if (machine.state in (states.READY, states.DEGRADED)
+            and (machine.last_report_etag or "").strip('"') != rendered.etag.strip('"')):
+        transition(session, machine, states.UPDATING,
+                   f"fetched configuration {rendered.etag.strip(chr(34))}")
+
+
+# Reports -------------------------------------------------------------------------------------
+
+def add_report(session: Session, machine: Machine, body: ReportBody, keep: int) -> Report:
+    if session.get(Revision, body.revision) is None:
+        raise ApiError(422, {"error": "unknown-revision", "field": "revision",
+                             "message": f"revision {body.revision} does not exist"})
+    now = utcnow()
+    report = Report(machine_id=machine.id, revision=body.revision, etag=body.etag,
+                    state=body.state, modules={k: v.model_dump() for k, v in body.modules.items()},
+                    drift=body.drift, duration_seconds=body.duration_seconds,
+                    boot_id=body.boot_id, received_at=now)
+    session.add(report)
+    machine.last_report_at = now
+    machine.last_report_revision = body.revision
+    machine.last_report_etag = body.etag
+    machine.last_report_state = body.state
+    if body.boot_id:
+        machine.boot_id = body.boot_id
+    # Ready means it converged what it is served: during a rollout, that may be the previous
+    # revision (outdated, but healthy and available).
+    served = rollouts.served_revision(session, machine.id, active_revision(session))
+    wanted = states.DEGRADED if body.state == "failed" else (
+        states.READY if up_to_date(machine, served) else states.UPDATING)
+    if wanted in states.TRANSITIONS.get(machine.state, frozenset()):
+        transition(session, machine, wanted,
+                   f"report: revision {body.revision} {body.state}", now)
+    session.flush()
+    failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
+                for failure in module.failures]
+    rollouts.on_report(session, machine.id, body.revision, body.state == "converged",
+                       "; ".join(failures) or f"report: {body.state}")
+    old = session.scalars(select(Report.id).where(Report.machine_id == machine.id)
+                          .order_by(Report.id.desc()).offset(keep)).all()
+    if old:
+        session.execute(delete(Report).where(Report.id.in_(old)))
+    return report
+
+
+# Install grants ------------------------------------------------------------------------------
+
+def expire_stuck_installs(session: Session, now: datetime) -> None:
+    """Machines in `installing` whose grant expired (or was taken) are failed, with a reason."""
+    live = set(session.scalars(select(Lease.holder).where(
+        Lease.kind == INSTALL, Lease.holder.is_not(None), Lease.expires_at > now)))
+    for machine in session.scalars(select(Machine).where(Machine.state == states.INSTALLING)):
+        if machine.id not in live:
+            transition(session, machine, states.FAILED,
+                       "install grant expired without a result", now)
+
+
+def grant_install(session: Session, machine: Machine, settings: FleetSettings
+                  ) -> leases.Held:
+    now = utcnow()
+    expire_stuck_installs(session, now)
+    if not machine.roles:
+        raise ApiError(409, {"granted": False, "reason": "no-role", "retry_after": 30,
+                             "message": "the machine has no role yet (the scheduler gives "
+                                        "roles once enough machines are discovered)"})
+    if machine.state != states.INSTALLING and states.INSTALLING not in states.TRANSITIONS.get(
+            machine.state, frozenset()):
+        raise ApiError(409, {"granted": False, "reason": f"state-{machine.state}",
+                             "retry_after": 60,
+                             "message": f"a machine in state {machine.state} cannot install"})
+    result = leases.claim(session, INSTALL, INSTALL, settings.install_parallel, machine.id,
+                          settings.install_ttl_seconds, now)
+    if isinstance(result, leases.Busy):
+        soonest = min((h.expires_at for h in result.holders), default=now + timedelta(seconds=30))
+        raise ApiError(409, {"granted": False, "reason": "throttle-full",
+                             "retry_after": max(1, int((soonest - now).total_seconds()) + 1),
+                             "installing": [h.holder for h in result.holders]})
+    transition(session, machine, states.INSTALLING,
+               f"install grant {result.name} until {iso(result.expires_at)}", now)
+    return result
+
+
+def install_result(session: Session, machine: Machine, success: bool, output: str) -> None:
+    if machine.state != states.INSTALLING:
+        raise ApiError(409, {"error": "not-installing", "state": machine.state,
+                             "message": "no install in progress for this machine"})
+    machine.install_output = output[-65536:]
+    transition(session, machine, states.INSTALLED if success else states.FAILED,
+               "install succeeded" if success else "install failed (output kept)")
+    leases.release_all(session, INSTALL, machine.id)
+
+
+# Slots ---------------------------------------------------------------------------------------
+
+def lease_dict(lease: Lease | leases.Held) -> dict[str, Any]:
+    return {"slot": f"{lease.group}/{lease.index}", "group": lease.group,
+            "holder": lease.holder, "expires_at": iso(lease.expires_at)}
+
+
+def token_digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    return {state: count for state, count in session.execute(
+        select(Machine.state, func.count()).group_by(Machine.state))}
+
+
+def up_to_date_counts(session: Session) -> tuple[int, int]:
+    active = active_revision(session)
+    fresh = outdated = 0
+    for machine in session.scalars(select(Machine).where(
+            Machine.state != states.DECOMMISSIONED)):
+        if up_to_date(machine, active):
+            fresh += 1
+        else:
+            outdated += 1
+    return fresh, outdated
+
+
+def all_ids(items: Iterable[Machine]) -> list[str]:
+    return [m.id for m in items]

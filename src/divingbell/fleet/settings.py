@@ -1,0 +1,26 @@
+"""The service's settings: one frozen value built by `divingbell serve` (or a test)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_DB_URL = "sqlite:////var/lib/divingbell/fleet.db"
+
+
+@dataclass(frozen=True)
+class FleetSettings:
+    db_url: str = DEFAULT_DB_URL
+    control_plane_size: int = 3
+    install_parallel: int = 2
+    """At most this many machines hold an install grant at once."""
+    install_ttl_seconds: float = 1800.0
+    """A grant not ended by a result within this time expires (the machine died mid-install)."""
+    reports_kept: int = 20
+    """Reports kept per machine; older ones are deleted as new ones arrive."""
+    migrate_at_start: bool = True
+
+    def __post_init__(self) -> None:
+        if self.control_plane_size not in (1, 3, 5, 7):
+            raise ValueError("control_plane_size must be an odd quorum: 1, 3, 5 or 7")
+        if self.install_parallel < 1:
+            raise ValueError("install_parallel must be at least 1")

@@ -1,0 +1,323 @@
+"""The fleet API, served for real on loopback, over SQLite and over a real PostgreSQL (the
+`store_url` fixture runs every test here against both)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from divingbell.document.api import load_document, load_document_text, node_config
+from divingbell.fleet.client import FleetApiError, FleetClient
+from tests.fleet.servers import ThreadServer
+
+
+def facts(n: int, *, macs: list[str] | None = None, rack: str | None = None,
+          hostname: str | None = None) -> dict[str, Any]:
+    macs = macs if macs is not None else [f"52:54:00:00:{n // 256:02x}:{n % 256:02x}"]
+    return {
+        "uuid": f"00000000-0000-4000-8000-{n:012d}", "boot_id": f"boot-{n}",
+        "hostname": hostname or f"node{n}",
+        "interfaces": [{"name": f"eth{i}", "mac": mac,
+                        "addresses": [{"address": f"10.0.{i}.{n % 250 + 1}", "prefix": 24}],
+                        "gateway": "10.0.0.254", "boot": i == 0}
+                       for i, mac in enumerate(macs)],
+        "disks": [{"path": "/dev/sda", "size_bytes": 10737418240, "model": "QEMU HARDDISK"}],
+        "lldp": [{"interface": "eth0", "chassis_id": f"00:11:22:33:44:{(n % 3):02x}",
+                  "chassis_name": rack, "port_id": f"Ethernet{n}"}] if rack else [],
+    }
+
+
+def register(fleet: ThreadServer, n: int, **kwargs) -> tuple[str, FleetClient]:
+    answer = fleet.bootstrap.discover(facts(n, **kwargs))
+    return answer["machine_id"], fleet.client(answer["credential"])
+
+
+def error_of(call) -> FleetApiError:
+    with pytest.raises(FleetApiError) as info:
+        call()
+    return info.value
+
+
+DOC = """\
+conf:
+  sysctl:
+    net.ipv4.tcp_fin_timeout: 30
+  overrides:
+    divingbell_sysctl:
+      labels:
+        - label:
+            key: divingbell.io/role
+            values: [worker]
+          conf:
+            sysctl:
+              net.ipv4.tcp_fin_timeout: 12
+"""
+
+
+def test_discovery_registers_then_updates_by_uuid_and_rotates_the_credential(
+        fleet: ThreadServer) -> None:
+    first = fleet.bootstrap.discover(facts(1))
+    assert first["state"] == "scheduled"  # control_plane_size=1: the first machine gets it
+    assert first["roles"] == ["control-plane"]
+    again = fleet.bootstrap.request("POST", "/v1/discovery",
+                                    {**facts(1), "hostname": "renamed",
+                                     "disks": []})
+    assert again.status == 200
+    body = again.json()
+    assert body["machine_id"] == first["machine_id"]
+    assert body["credential"] != first["credential"]
+    # The old credential stopped working; the new one works.
+    assert error_of(lambda: fleet.client(first["credential"]).machine(
+        first["machine_id"])).status == 401
+    machine = fleet.client(body["credential"]).machine(first["machine_id"])
+    assert machine["hostname"] == "renamed"
+    assert machine["disks"] == []  # the latest report replaces disks and interfaces
+    assert [h["to"] for h in machine["history"]] == ["discovered", "scheduled"]
+
+
+def test_a_mac_on_another_machine_is_a_conflict_naming_both(fleet: ThreadServer) -> None:
+    one, _ = register(fleet, 1, macs=["52:54:00:aa:bb:01"])
+    exc = error_of(lambda: fleet.bootstrap.discover(
+        facts(2, macs=["52:54:00:AA:BB:01".replace(":", "-")])))
+    assert exc.status == 409
+    assert exc.detail["error"] == "mac-conflict"
+    assert exc.detail["mac"] == "52:54:00:aa:bb:01"
+    assert one in exc.detail["machines"]
+    assert "uuid:00000000-0000-4000-8000-000000000002" in exc.detail["machines"]
+    assert len(fleet.admin.machines()) == 1  # nothing changed
+
+
+def test_enjoliver_discovery_payload_is_translated(fleet: ThreadServer) -> None:
+    payload = {
+        "boot-info": {"uuid": "AB0F5A4E-0000-4000-8000-000000000042",
+                      "mac": "52:54:00:95:24:0f", "random-id": "b1b2"},
+        "interfaces": [{"name": "eth0", "mac": "52:54:00:95:24:0f", "netmask": 21,
+                        "ipv4": "172.20.0.65", "cidrv4": "172.20.0.65/21",
+                        "gateway": "172.20.0.1", "fqdn": ["node-42.example.org"]}],
+        "disks": [{"path": "/dev/sda", "size-bytes": 21474836480}],
+        "lldp": {"is_file": True, "data": {"interfaces": [
+            {"chassis": {"id": "28:f1:0e:12:20:00", "name": "rack-7"},
+             "port": {"id": "fe:54:00:95:24:0f"}, "name": "eth0"}]}},
+    }
+    answer = fleet.bootstrap.discover(payload)
+    machine = fleet.admin.machine(answer["machine_id"])
+    assert machine["uuid"] == "ab0f5a4e-0000-4000-8000-000000000042"
+    assert machine["hostname"] == "node-42"
+    assert machine["rack"] == "rack-7"
+    assert machine["labels"]["divingbell.io/rack"] == "rack-7"
+    assert machine["interfaces"][0]["addresses"] == [{"address": "172.20.0.65", "prefix": 21}]
+    assert machine["interfaces"][0]["boot"] is True
+    assert machine["disks"][0]["size_bytes"] == 21474836480
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"uuid": "x" * 65}, "uuid"),
+    ({"uuid": "a1", "interfaces": [{"name": "eth0", "mac": "zz:zz"}]}, "interfaces[0].mac"),
+    ({"uuid": "a1", "interfaces": [{"name": "eth0", "addresses": [
+        {"address": "10.0.0.1", "prefix": 40}]}]}, "interfaces[0].addresses[0]"),
+    ({"uuid": "a1", "disks": [{"path": "/dev/sda", "size_bytes": -1}]}, "disks[0].size_bytes"),
+    ({"uuid": "a1", "colour": "blue"}, "colour"),
+])
+def test_bad_discovery_is_a_422_naming_the_field(fleet: ThreadServer, body: dict[str, Any],
+                                                 field: str) -> None:
+    exc = error_of(lambda: fleet.bootstrap.discover(body))
+    assert exc.status == 422
+    assert any(field in d["field"] for d in exc.detail), exc.detail
+    assert fleet.admin.machines() == []
+
+
+def test_roles_and_tokens_are_enforced(fleet: ThreadServer) -> None:
+    a, machine_a = register(fleet, 1)
+    b, machine_b = register(fleet, 2)
+    fleet.admin.push_document(DOC.encode())
+    anonymous = fleet.client(None)
+    assert error_of(anonymous.machines).status == 401
+    assert error_of(lambda: fleet.client("dbt_nope_nope").machines()).status == 401
+    assert error_of(fleet.bootstrap.machines).status == 403
+    assert error_of(lambda: fleet.reader.push_document(DOC.encode())).status == 403
+    assert error_of(lambda: fleet.reader.discover(facts(3))).status == 403
+    # A machine reads only its own machine and configuration, writes only its own reports.
+    assert machine_a.machine(a)["id"] == a
+    assert machine_a.config(a).status == 200
+    assert error_of(lambda: machine_a.machine(b)).status == 403
+    assert error_of(lambda: machine_a.config(b)).status == 403
+    assert error_of(lambda: machine_a.report(b, {"revision": 1, "state": "converged"})
+                    ).status == 403
+    assert error_of(lambda: machine_a.install_grant(b)).status == 403
+    assert error_of(lambda: machine_a.claim_slot(b)).status == 403
+    assert error_of(machine_a.machines).status == 403
+    assert error_of(lambda: machine_b.set_roles(b, ["worker"])).status == 403
+
+
+def test_push_validates_exactly_like_validate_and_a_rejected_document_changes_nothing(
+        fleet: ThreadServer, tmp_path: Path) -> None:
+    bad = "conf:\n  sysctl:\n    net.ipv4.tcp_fin_timeout: [1]\n  sysctll: {}\n"
+    path = tmp_path / "site.yaml"
+    path.write_text(bad)
+    cli = subprocess.run([sys.executable, "-m", "divingbell", "validate", "site.yaml",
+                          "--format", "json"], capture_output=True, text=True, check=False,
+                         cwd=tmp_path)
+    assert cli.returncode == 2
+    expected = json.loads(cli.stdout)["problems"]
+    exc = error_of(lambda: fleet.admin.push_document(bad.encode(), "site.yaml"))
+    assert exc.status == 422
+    assert exc.detail["problems"] == expected
+    assert fleet.admin.revisions() == []
+    assert error_of(lambda: fleet.admin.push_document(b"\xff\xfe", "x.yaml")).status == 422
+
+
+def test_revisions_are_kept_and_any_can_be_made_current(fleet: ThreadServer) -> None:
+    assert fleet.admin.push_document(DOC.encode(), "site.yaml") == {"revision": 1,
+                                                                    "created": True}
+    assert fleet.admin.push_document(DOC.encode(), "site.yaml") == {"revision": 1,
+                                                                    "created": False}
+    second = DOC.replace("30", "31")
+    assert fleet.admin.push_document(second.encode(), "site.yaml")["revision"] == 2
+    listed = fleet.reader.revisions()
+    assert [(r["revision"], r["active"]) for r in listed] == [(1, False), (2, True)]
+    fleet.admin.activate(1)
+    assert [r["active"] for r in fleet.reader.revisions()] == [True, False]
+    assert fleet.reader.call("GET", "/v1/revisions/2")["text"] == second
+    assert error_of(lambda: fleet.admin.activate(9)).status == 404
+
+
+def test_config_is_the_agent_override_resolution_with_etag_and_304(
+        fleet: ThreadServer, tmp_path: Path) -> None:
+    control, control_client = register(fleet, 1)  # control-plane (size 1)
+    worker, worker_client = register(fleet, 2, rack="rack-2")  # worker
+    fleet.admin.push_document(DOC.encode(), "site.yaml")
+    for machine_id, client in ((control, control_client), (worker, worker_client)):
+        answer = client.config(machine_id)
+        assert answer.status == 200 and answer.revision == 1
+        assert answer.etag and answer.etag.startswith('"1-')
+        served = load_document_text(answer.text or "", "served.yaml")
+        assert served.raw_conf.get("overrides") is None
+        # The same resolution the agent does, from the same document and the machine's labels.
+        machine = fleet.admin.machine(machine_id)
+        path = tmp_path / "site.yaml"
+        path.write_text(DOC)
+        expected = node_config(load_document([path]), machine["hostname"],
+                               machine["labels"]).dump()
+        assert node_config(served, "any", {}).dump() == expected
+        again = client.config(machine_id, answer.etag)
+        assert again.status == 304 and again.text is None and again.etag == answer.etag
+    worker_conf = yaml.safe_load(worker_client.config(worker).text or "")
+    assert worker_conf["conf"]["sysctl"] == {"net.ipv4.tcp_fin_timeout": "12"}
+    # A role change changes the configuration, and so the ETag, within one revision.
+    old = worker_client.config(worker).etag
+    fleet.admin.set_roles(worker, ["control-plane"])
+    changed = worker_client.config(worker, old)
+    assert changed.status == 200 and changed.etag != old
+    assert yaml.safe_load(changed.text or "")["conf"]["sysctl"] == {
+        "net.ipv4.tcp_fin_timeout": "30"}
+
+
+def test_reports_make_machines_up_to_date_then_outdated_and_keep_the_last_n(
+        fleet: ThreadServer) -> None:
+    m, client = register(fleet, 1)
+    fleet.admin.push_document(DOC.encode())
+    config = client.config(m)
+    for _ in range(5):
+        answer = client.report(m, {"revision": 1, "etag": config.etag, "state": "converged",
+                                   "modules": {"sysctl": {"changes": 1, "failures": []}},
+                                   "drift": False, "duration_seconds": 0.2, "boot_id": "b1"})
+    assert answer == {"state": "ready", "up_to_date": True, "revision": 1}
+    assert len(client.call("GET", f"/v1/machines/{m}/reports")) == 3  # reports_kept=3
+    fleet.admin.push_document(DOC.replace("30", "40").encode())
+    assert fleet.admin.machine(m)["up_to_date"] is False
+    newer = client.config(m, config.etag)
+    assert newer.status == 200 and newer.revision == 2
+    assert fleet.admin.machine(m)["state"] == "updating"
+    failed = client.report(m, {"revision": 2, "etag": newer.etag, "state": "failed",
+                               "modules": {"sysctl": {"changes": 0, "failures": ["EINVAL"]}}})
+    assert failed["state"] == "degraded" and failed["up_to_date"] is False
+    done = client.report(m, {"revision": 2, "etag": newer.etag, "state": "converged"})
+    assert done == {"state": "ready", "up_to_date": True, "revision": 2}
+    bad = error_of(lambda: client.report(m, {"revision": 99, "state": "converged"}))
+    assert bad.status == 422 and bad.detail["field"] == "revision"
+    history = [h["to"] for h in fleet.admin.machine(m)["history"]]
+    assert history[-4:] == ["ready", "updating", "degraded", "ready"]
+
+
+def test_install_grants_are_throttled_leases(fleet: ThreadServer) -> None:
+    clients = [register(fleet, n) for n in range(1, 5)]  # 1 control plane + 3 workers
+    granted = []
+    for machine_id, client in clients[:2]:
+        answer = client.install_grant(machine_id)
+        assert answer["granted"] is True
+        granted.append(machine_id)
+        assert client.install_grant(machine_id)["grant"] == answer["grant"]  # idempotent
+    third, third_client = clients[2]
+    exc = error_of(lambda: third_client.install_grant(third))
+    assert exc.status == 409
+    assert exc.detail["granted"] is False and exc.detail["reason"] == "throttle-full"
+    assert exc.detail["retry_after"] >= 1
+    assert sorted(exc.detail["installing"]) == sorted(granted)
+    first_id, first_client = clients[0]
+    assert first_client.install_result(first_id, False, "disk error")["state"] == "failed"
+    assert fleet.admin.machine(first_id)["install_output"] == "disk error"
+    assert third_client.install_grant(third)["granted"] is True
+    assert third_client.install_result(third, True, "ok")["state"] == "installed"
+    nope = error_of(lambda: third_client.install_result(third, True))
+    assert nope.status == 409 and nope.detail["error"] == "not-installing"
+
+
+def test_a_machine_without_a_role_is_not_granted(fleet: ThreadServer) -> None:
+    m, client = register(fleet, 1)
+    fleet.admin.set_roles(m, [], pinned=False)  # handed back: the scheduler re-picks it
+    assert fleet.admin.machine(m)["roles"] == ["control-plane"]
+    fleet.admin.call("POST", f"/v1/machines/{m}/decommission")
+    assert fleet.admin.machine(m)["state"] == "decommissioned"
+    exc = error_of(lambda: client.install_grant(m))
+    assert exc.status == 409 and exc.detail["reason"] == "no-role"
+
+
+def test_slots_claim_renew_release(fleet: ThreadServer) -> None:
+    a, ca = register(fleet, 1)
+    b, cb = register(fleet, 2)
+    slot = ca.claim_slot(a, "rack1", slots=1, ttl_seconds=60)
+    assert slot["slot"] == "rack1/0" and slot["holder"] == a and slot["taken_over_from"] is None
+    assert ca.claim_slot(a, "rack1", slots=1)["slot"] == "rack1/0"  # held: same slot
+    busy = error_of(lambda: cb.claim_slot(b, "rack1", slots=1))
+    assert busy.status == 409 and busy.detail["error"] == "no-free-slot"
+    assert [h["holder"] for h in busy.detail["holders"]] == [a]
+    assert error_of(lambda: cb.renew_slot("rack1/0", a)).status == 403  # not its own
+    assert error_of(lambda: cb.renew_slot("rack1/0", b)).status == 409  # not the holder
+    assert ca.renew_slot("rack1/0", a, 120)["holder"] == a
+    assert [s["holder"] for s in fleet.reader.call("GET", "/v1/slots")] == [a]
+    assert ca.release_slot("rack1/0", a)["released"] is True
+    assert error_of(lambda: ca.release_slot("rack1/0", a)).status == 409
+    assert cb.claim_slot(b, "rack1", slots=1)["holder"] == b
+    assert fleet.admin.call("DELETE", "/v1/slots/rack1/0")["released"] is True
+    # An expired slot is taken over, naming the previous holder.
+    cb.claim_slot(b, "quick", slots=1, ttl_seconds=0.001)
+    import time
+
+    time.sleep(0.05)
+    taken = ca.claim_slot(a, "quick", slots=1)
+    assert taken["taken_over_from"] == b
+
+
+def test_probes_and_metrics(fleet: ThreadServer) -> None:
+    m, client = register(fleet, 1)
+    fleet.admin.push_document(DOC.encode())
+    client.report(m, {"revision": 1, "etag": client.config(m).etag, "state": "converged"})
+    anonymous = fleet.client(None)
+    assert anonymous.request("GET", "/healthz").body == b"ok\n"
+    assert anonymous.call("GET", "/readyz")["ready"] is True
+    text = anonymous.request("GET", "/metrics").body.decode()
+    assert 'divingbell_fleet_machines{state="ready"} 1.0' in text
+    assert "divingbell_fleet_machines_up_to_date 1.0" in text
+    assert "divingbell_fleet_machines_outdated 0.0" in text
+    assert ('divingbell_fleet_requests_total{method="GET",'
+            'route="/v1/machines/{machine_id}/config",status="200"}') in text
+    assert "divingbell_fleet_request_duration_seconds_bucket" in text
+    assert fleet.admin_token.split("_")[2] not in text
+    spec = anonymous.call("GET", "/openapi.json")
+    assert "/v1/discovery" in spec["paths"] and "/v1/slots/claim" in spec["paths"]

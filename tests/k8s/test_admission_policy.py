@@ -1,0 +1,139 @@
+"""The ValidatingAdmissionPolicy that confines the agent's ServiceAccount, evaluated with
+cel-python on admission requests as kube-apiserver builds them: the agent may change
+divingbell.io/ annotations on its own node (the node-name claim of its token) and nothing else;
+other users are not affected."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+pytest.importorskip("celpy", reason="cel-python evaluates the policy (pip install cel-python)")
+
+from tests.k8s.admission import admit
+
+AGENT = "system:serviceaccount:ops:divingbell"
+NODE: dict[str, Any] = {"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-1", "labels": {"role": "compute"},
+                     "annotations": {"node.alpha.kubernetes.io/ttl": "0",
+                                     "divingbell.io/state": "Working"}},
+        "spec": {"podCIDR": "10.244.1.0/24"}}
+
+
+def request(username: str = AGENT, node_names: list[str] | None = None) -> dict[str, Any]:
+    extra = {} if node_names is None else {"authentication.kubernetes.io/node-name": node_names}
+    return {"operation": "UPDATE", "userInfo": {"username": username, "extra": extra}}
+
+
+def changed(node: str = "node-1", **edits: Any) -> dict[str, Any]:
+    new = copy.deepcopy(NODE)
+    new["metadata"]["name"] = node
+    for path, value in edits.items():
+        *parents, leaf = path.split("__")
+        target: dict[str, Any] = new
+        for part in parents:
+            target = target.setdefault(part, {})
+        if value is None:
+            del target[leaf]
+        else:
+            target[leaf] = value
+    return new
+
+
+def old(node: str = "node-1") -> dict[str, Any]:
+    previous = copy.deepcopy(NODE)
+    previous["metadata"]["name"] = node
+    return previous
+
+
+def policy_named(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (found,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"
+                and o["metadata"]["name"] == name]
+    (binding,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicyBinding"
+                  and o["spec"]["policyName"] == name]
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert found["spec"]["failurePolicy"] == "Fail"
+    return found
+
+
+@pytest.fixture
+def policy(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    found = policy_named(objects, "divingbell-agent-own-node")
+    assert found["spec"]["matchConstraints"]["resourceRules"][0]["resources"][0] == "nodes"
+    return found
+
+
+@pytest.fixture
+def event_policy(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    found = policy_named(objects, "divingbell-agent-own-events")
+    assert found["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["events"]
+    return found
+
+
+def status_edit() -> dict[str, Any]:
+    return {"metadata__annotations": {**NODE["metadata"]["annotations"],
+                                      "divingbell.io/state": "Done",
+                                      "divingbell.io/revision": "abc"}}
+
+
+def test_the_agent_may_set_divingbell_annotations_on_its_own_node(
+        policy: dict[str, Any]) -> None:
+    assert admit(policy, request(node_names=["node-1"]), changed(**status_edit()), old()) == []
+
+
+@pytest.mark.parametrize(("case", "req", "new", "denied"), [
+    ("another node", request(node_names=["node-1"]), changed("node-2", **status_edit()),
+     "only the node its pod runs on"),
+    ("a token without the node-name claim", request(), changed(**status_edit()),
+     "only the node its pod runs on"),
+    ("a label", request(node_names=["node-1"]),
+     changed(metadata__labels={"role": "storage"}), "may not change node labels"),
+    ("a label removed", request(node_names=["node-1"]), changed(metadata__labels=None),
+     "may not change node labels"),
+    ("a taint", request(node_names=["node-1"]),
+     changed(spec__taints=[{"key": "x", "effect": "NoSchedule"}]), "spec"),
+    ("unschedulable", request(node_names=["node-1"]), changed(spec__unschedulable=True),
+     "spec"),
+    ("another annotation", request(node_names=["node-1"]),
+     changed(metadata__annotations={**NODE["metadata"]["annotations"], "team": "x"}),
+     "only divingbell.io/ annotations"),
+    ("another annotation removed", request(node_names=["node-1"]),
+     changed(metadata__annotations={"divingbell.io/state": "Done"}),
+     "only divingbell.io/ annotations"),
+    ("a finalizer", request(node_names=["node-1"]), changed(metadata__finalizers=["x/y"]),
+     "finalizers"),
+])
+def test_everything_else_the_agent_tries_is_denied(policy: dict[str, Any], case: str,
+                                                   req: dict[str, Any], new: dict[str, Any],
+                                                   denied: str) -> None:
+    messages = admit(policy, req, new, old(new["metadata"]["name"]))
+    assert messages and any(denied in m for m in messages), (case, messages)
+
+
+def test_other_users_are_not_affected(policy: dict[str, Any]) -> None:
+    for user in ("kubernetes-admin", "system:serviceaccount:other:divingbell",
+                 "system:node:node-1"):
+        assert admit(policy, request(user), changed("node-2",
+                                                    metadata__labels={"role": "x"}), old()) == []
+
+
+def event(node: str, kind: str = "Node") -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{node}.divingbell.abc", "namespace": "default"},
+            "involvedObject": {"apiVersion": "v1", "kind": kind, "name": node},
+            "reason": "Applied", "message": "m", "type": "Normal", "count": 1}
+
+
+def test_the_agent_records_events_only_about_its_own_node(
+        event_policy: dict[str, Any]) -> None:
+    mine = request(node_names=["node-1"])
+    assert admit(event_policy, mine, event("node-1"), None) == []
+    repeat = {**event("node-1"), "count": 2}
+    assert admit(event_policy, mine, repeat, event("node-1")) == []
+    for denied in (event("node-2"), event("node-1", kind="Pod")):
+        assert admit(event_policy, mine, denied, None) == [
+            "the divingbell agent may record Events only about the node its pod runs on"]
+    assert admit(event_policy, request(), event("node-1"), None) != []
+    assert admit(event_policy, request("kubelet"), event("node-2"), None) == []

@@ -1,0 +1,186 @@
+"""`divingbell manifests` as a Kubernetes operator reviews it: valid objects (kubernetes-validate,
+strict), the document in an immutable Secret named by its digest and mounted by name (so a new
+document is a new pod template), Pod Security, priority, memory, least-privilege RBAC with the
+events Role in one namespace, readable YAML without anchors, and the command's own checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from divingbell.manifests import (
+    DIGEST_LABEL,
+    DOCUMENT_LABEL,
+    build,
+    document_digest,
+    parse_max_unavailable,
+    to_yaml,
+    unreadable_reason,
+)
+from tests.k8s.conftest import kind
+from tests.k8s.podsecurity import violations
+
+SITE = "conf:\n  sysctl:\n    net.ipv4.ip_forward: 1\n"
+
+
+def template(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    return dict(kind(objects, "DaemonSet")["spec"]["template"])
+
+
+@pytest.mark.parametrize("existing_secret", [None, "site-document-v7"])
+def test_every_object_is_valid_kubernetes(existing_secret: str | None) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    objects = build({"site.yaml": SITE}, namespace="ops", existing_secret=existing_secret)
+    kinds = [o["kind"] for o in objects]
+    assert kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
+                     "RoleBinding", "ValidatingAdmissionPolicy",
+                     "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicy",
+                     "ValidatingAdmissionPolicyBinding",
+                     *(["Secret"] if existing_secret is None else []), "DaemonSet"]
+    for obj in objects:
+        for version in ("1.30", "1.36"):
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_the_document_is_an_immutable_secret_named_by_its_digest(
+        objects: list[dict[str, Any]]) -> None:
+    secret = kind(objects, "Secret")
+    digest = document_digest({"site.yaml": SITE})
+    assert secret["metadata"]["name"] == f"divingbell-document-{digest}"
+    assert secret["immutable"] is True and secret["stringData"] == {"site.yaml": SITE}
+    assert secret["metadata"]["labels"][DOCUMENT_LABEL] == "true"
+    assert secret["metadata"]["labels"][DIGEST_LABEL] == digest
+    assert not any(o["kind"] == "ConfigMap" for o in objects)
+    spec = template(objects)["spec"]
+    assert {"name": "document", "secret": {"secretName": secret["metadata"]["name"],
+                                           "defaultMode": 0o400}} in spec["volumes"]
+    assert template(objects)["metadata"]["annotations"][DIGEST_LABEL] == digest
+
+
+def test_a_new_document_is_a_new_pod_template_and_the_old_secret_is_left_for_undo() -> None:
+    first = build({"site.yaml": SITE})
+    second = build({"site.yaml": SITE.replace(": 1", ": 0")})
+    assert template(first) != template(second)
+    old, new = kind(first, "Secret")["metadata"]["name"], kind(second, "Secret")["metadata"][
+        "name"]
+    assert old != new
+    # Applying the second set never touches the first Secret (a different name), so the
+    # previous template, brought back by `rollout undo`, still mounts the previous document.
+    assert old not in to_yaml(second)
+    assert kind(second, "DaemonSet")["spec"]["revisionHistoryLimit"] >= 2
+    assert build({"site.yaml": SITE}) == first, "the same document gives the same objects"
+
+
+def test_an_operator_named_secret_is_mounted_and_no_document_is_printed() -> None:
+    objects = build({"site.yaml": SITE}, existing_secret="site-v7")
+    assert "net.ipv4.ip_forward" not in to_yaml(objects)
+    volume = template(objects)["spec"]["volumes"][1]
+    assert volume["secret"]["secretName"] == "site-v7"
+    with pytest.raises(ValueError, match="not a Secret name"):
+        build({"site.yaml": SITE}, existing_secret="Site_V7")
+
+
+def test_pod_security_admits_the_agent_only_where_the_namespace_says_privileged(
+        objects: list[dict[str, Any]]) -> None:
+    namespace = kind(objects, "Namespace")
+    level = namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+    spec = template(objects)["spec"]
+    assert violations(spec, level) == []
+    # The check is real: at baseline (a cluster's usual default) the agent's pod is refused
+    # for exactly what it needs, and an ordinary pod is not.
+    refused = violations(spec, "baseline")
+    assert refused == [
+        "host namespaces: hostNetwork=true", "host namespaces: hostPID=true",
+        "hostPath volumes: 'host'", "privileged containers: container 'agent'",
+        "host ports: container 'agent' port 9114"]
+    assert violations({"containers": [{"name": "web", "ports": [{"containerPort": 80}]}]},
+                      "baseline") == []
+
+
+def test_priority_memory_and_probes(objects: list[dict[str, Any]]) -> None:
+    spec = template(objects)["spec"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    container = spec["containers"][0]
+    assert container["resources"]["limits"]["memory"] == "1Gi"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"NODE_NAME": "spec.nodeName",
+                   "DIVINGBELL_DOCUMENT_DIGEST": f"metadata.annotations['{DIGEST_LABEL}']"}
+    assert "--follow-document-changes" not in container["args"]
+
+
+def test_rbac_is_least_privilege_and_events_stay_in_one_namespace(
+        objects: list[dict[str, Any]]) -> None:
+    def grants(role: dict[str, Any]) -> set[tuple[str, str]]:
+        return {(r, v) for rule in role["rules"] for r in rule["resources"]
+                for v in rule["verbs"]}
+
+    assert grants(kind(objects, "ClusterRole")) == {("nodes", "get"), ("nodes", "patch")}
+    role, binding = kind(objects, "Role"), kind(objects, "RoleBinding")
+    assert grants(role) == {("events", "create"), ("events", "get"), ("events", "patch")}
+    # Events about a Node are only accepted in `default` by the API server; the Role grants
+    # them there and nowhere else.
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "default"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "divingbell",
+                                    "namespace": "ops"}]
+
+
+def test_the_yaml_has_no_anchors_and_the_document_reads_as_written(
+        objects: list[dict[str, Any]]) -> None:
+    text = to_yaml(objects)
+    events = list(yaml.parse(text))
+    assert not any(getattr(e, "anchor", None) for e in events)
+    assert not any(isinstance(e, yaml.AliasEvent) for e in events)
+    assert ("  site.yaml: |\n    conf:\n      sysctl:\n        net.ipv4.ip_forward: 1\n"
+            in text)
+    assert list(yaml.safe_load_all(text)) == objects
+
+
+def test_scripts_with_tabs_stay_readable_and_what_cannot_is_named() -> None:
+    tabbed = "conf:\n  exec:\n    make.sh:\n      data: |\n        all:\n        \techo hi\n"
+    text = to_yaml(build({"site.yaml": tabbed}))
+    assert "  site.yaml: |\n" in text and "\t" in text
+    assert unreadable_reason(tabbed) is None
+    assert unreadable_reason("conf:  \n  sysctl: {}\n") == "line 1 ends in spaces"
+    assert unreadable_reason("conf:\n  a: \x07\n") == "it holds control characters"
+    for document in (tabbed, "conf:  \n  sysctl: {}\n"):
+        objects = build({"site.yaml": document})
+        assert list(yaml.safe_load_all(to_yaml(objects))) == objects
+
+
+def test_the_command_validates_the_document_and_the_namespace(tmp_path: Path) -> None:
+    good = tmp_path / "site.yaml"
+    good.write_text(SITE)
+
+    def manifests(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "divingbell", "manifests", *args],
+                              capture_output=True, text=True, check=False)
+
+    run = manifests(str(good), "--max-unavailable", "25%", "--namespace", "node-config")
+    assert run.returncode == 0, run.stderr
+    docs = list(yaml.safe_load_all(run.stdout))
+    assert docs[-1]["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
+    assert kind(docs, "Secret")["stringData"]["site.yaml"] == SITE
+    assert {d["metadata"].get("namespace") for d in docs} == {None, "node-config", "default"}
+    for bad_namespace in ("Ops", "ops_1", "-ops", "x" * 64):
+        run = manifests(str(good), "--namespace", bad_namespace)
+        assert run.returncode == 2 and run.stdout == ""
+        assert "--namespace" in run.stderr and "not a namespace name" in run.stderr
+    spaced = tmp_path / "spaced.yaml"
+    spaced.write_text(SITE.replace("sysctl:", "sysctl:  "))
+    run = manifests(str(spaced))
+    assert run.returncode == 0 and "line 2 ends in spaces" in run.stderr
+    run = manifests(str(good), "--document-secret", "site-v7")
+    assert run.returncode == 0 and "net.ipv4.ip_forward" not in run.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("conf:\n  sysctl: 3\n")
+    run = manifests(str(bad))
+    assert run.returncode == 2 and "nothing was changed" in run.stderr and run.stdout == ""
+    with pytest.raises(ValueError):
+        parse_max_unavailable("0")
