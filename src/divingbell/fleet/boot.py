@@ -314,6 +314,24 @@ def retry_script(base: str, reason: str, seconds: int) -> str:
                       f"chain --autofree {base}/boot.ipxe", ""])
 
 
+def trusted_machine(query: BootQuery, machine: BootMachine | None
+                    ) -> tuple[BootMachine | None, str]:
+    """The machine this request may be answered for (None: treat as unknown), and how to name
+    it in a script. A uuid whose machine has other MACs than the one asking is not trusted."""
+    if machine is None or not _MACHINE_ID.match(machine.id) \
+            or not re.fullmatch(r"[a-z-]{1,32}", machine.state):
+        return None, "a new machine"
+    if query.mac and machine.macs and query.mac not in machine.macs:
+        return None, "a machine whose MAC does not match its uuid"
+    return machine, f"machine {machine.id}"
+
+
+def needs_bootstrap_token(query: BootQuery, machine: BootMachine | None) -> bool:
+    """Whether the answer boots a discovery or install profile (which carries a token)."""
+    trusted, _ = trusted_machine(query, machine)
+    return trusted is None or trusted.state not in {*LOCAL_BOOT_STATES, "decommissioned"}
+
+
 def machine_script(query: BootQuery, machine: BootMachine | None, profiles: BootProfiles,
                    base_url: str, bootstrap_token: str | None) -> BootDecision:
     """The script for one boot request. Never raises on what the machine sent; only the
@@ -327,16 +345,8 @@ def machine_script(query: BootQuery, machine: BootMachine | None, profiles: Boot
         # Nothing safe to point the machine at: let it fall through to the next boot device.
         return BootDecision("none", "the service URL is not usable in a script",
                             local_boot_script("exit", "no usable service URL; next boot device"))
-    known = machine is not None and _MACHINE_ID.match(machine.id) is not None
-    who = f"machine {machine.id}" if (machine is not None and known) else "a new machine"
-    if known and machine is not None and query.mac and machine.macs \
-            and query.mac not in machine.macs:
-        # The uuid names one machine and the MAC another (or none): trust neither.
-        machine, who = None, "a machine whose MAC does not match its uuid"
-    state = machine.state if machine is not None and known else "unknown"
-    if not re.fullmatch(r"[a-z-]{1,32}", state):
-        machine, state = None, "unknown"
-
+    machine, who = trusted_machine(query, machine)
+    state = machine.state if machine is not None else "unknown"
     if machine is not None and state in LOCAL_BOOT_STATES:
         return BootDecision("local", f"{state}: boot from the local disk",
                             local_boot_script(profiles.local_boot,

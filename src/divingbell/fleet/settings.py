@@ -18,6 +18,14 @@ class FleetSettings:
     reports_kept: int = 20
     """Reports kept per machine; older ones are deleted as new ones arrive."""
     migrate_at_start: bool = True
+    assets_dir: str | None = None
+    """Served under /v1/assets/ (the discovery image: vmlinuz, initrd.img; install hooks)."""
+    public_url: str | None = None
+    """The URL machines reach the service at, for boot scripts; default: the request's."""
+    boot_profiles: str | None = None
+    """A YAML file of boot profiles (fleet/boot.py BootProfiles); default: the discovery image."""
+    boot_token_ttl_seconds: float = 900.0
+    """Lifetime of the bootstrap token a network boot carries (it can only register)."""
 
     def __post_init__(self) -> None:
         if self.control_plane_size not in (1, 3, 5, 7):
