@@ -110,14 +110,18 @@ def disk_serial(name: str) -> str:
 
 def start_vm(workdir: Path, name: str, *, mac: str, uuid: str, bootfile: str,
              disk_size: str | None = None, disk_bus: str = "ide", serial: str | None = None,
+             dhcp_hostname: str | None = None, dhcp_domain: str | None = None,
              kvm: bool = False, memory_mb: int = 512) -> VM:
-    """Start a VM that network-boots from `bootfile` (an http URL the guest can reach)."""
+    """Start a VM that network-boots from `bootfile` (an http URL the guest can reach);
+    qemu's DHCP hands it `dhcp_hostname` and `dhcp_domain` when given."""
     disk = create_disk(workdir / f"{name}.raw", disk_size) if disk_size else None
     log = workdir / f"{name}.console.log"
     argv = [
         QEMU, "-name", name, "-m", str(memory_mb), "-nographic", "-boot", "n",
         "-uuid", uuid,
-        "-netdev", f"user,id=n0,bootfile={bootfile}",
+        "-netdev", f"user,id=n0,bootfile={bootfile}"
+        + (f",hostname={dhcp_hostname}" if dhcp_hostname else "")
+        + (f",domainname={dhcp_domain}" if dhcp_domain else ""),
         "-device", f"e1000,netdev=n0,mac={mac}",
     ]
     argv += ["-enable-kvm"] if kvm else ["-accel", "tcg"]

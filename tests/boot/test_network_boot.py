@@ -78,6 +78,11 @@ def wait_until(what: str, predicate: Any, timeout: float, vms: list[VM]) -> Any:
         time.sleep(0.5)
 
 
+def boot_nic(machine: dict[str, Any]) -> dict[str, Any]:
+    nic: dict[str, Any] = next(i for i in machine["interfaces"] if i["boot"])
+    return nic
+
+
 def transitions(history: list[dict[str, Any]]) -> list[str]:
     """The states a machine went through, in order (boot requests that changed nothing are
     history rows with from == to)."""
@@ -93,7 +98,8 @@ def test_vms_boot_discover_install_in_turn_and_boot_from_disk(
     bootfile = f"http://{GUEST_HOST}:{boot_service.port}/boot.ipxe"
     specs = {
         "node-a": dict(mac="52:54:00:d1:00:0a", uuid="8c6f0a1e-0000-4000-8000-00000000000a",
-                       disk_size="64M", disk_bus="ide", serial="SER-A"),
+                       disk_size="64M", disk_bus="ide", serial="SER-A",
+                       dhcp_hostname="node-a", dhcp_domain="example.org"),
         "node-b": dict(mac="52:54:00:d1:00:0b", uuid="8c6f0a1e-0000-4000-8000-00000000000b",
                        disk_size="96M", disk_bus="virtio"),
         "node-c": dict(mac="52:54:00:d1:00:0c", uuid="8c6f0a1e-0000-4000-8000-00000000000c"),
@@ -127,6 +133,8 @@ def test_vms_boot_discover_install_in_turn_and_boot_from_disk(
             expected = {"64M": [64 * MiB], "96M": [96 * MiB]}.get(spec.get("disk_size", ""), [])
             assert sizes == expected, machine["disks"]
         assert found["node-a"]["serial"] == "SER-A"
+        assert found["node-a"]["hostname"] == "node-a"
+        assert boot_nic(found["node-a"])["fqdns"] == ["node-a.example.org"]
         assert found["node-a"]["disks"][0]["path"] == "/dev/sda"
         assert found["node-a"]["disks"][0]["model"] == "QEMU HARDDISK"
         assert found["node-b"]["disks"][0]["path"] == "/dev/vda"
