@@ -205,3 +205,16 @@ def test_bad_profiles_answer_503_naming_the_problem_and_serve_refuses_them(
          "--public-url", "http://x y/"],
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "--public-url" in result.stderr
+
+
+def test_a_decommissioned_machine_that_network_boots_comes_back_through_booting(
+        service: ThreadServer) -> None:
+    machine_id = service.bootstrap.discover(facts())["machine_id"]
+    service.admin.call("POST", f"/v1/machines/{machine_id}/decommission")
+    _, script = get(service, f"/v1/ipxe?uuid={UUID}&mac=52-54-00-aa-00-01")
+    assert "booting the discovery profile" in script
+    assert service.reader.machine(machine_id)["state"] == "booting"
+    service.client(boot_token(script)).discover(facts())
+    history = service.reader.machine(machine_id)["history"]
+    assert [row["to"] for row in history][-4:] == [
+        "decommissioned", "booting", "discovered", "scheduled"]

@@ -63,7 +63,7 @@ def test_chain_script_retries_dhcp_and_chains_with_the_machine_identity() -> Non
         ("ready", ("worker",), False, "local"),
         ("updating", ("worker",), False, "local"),
         ("degraded", ("worker",), False, "local"),
-        ("decommissioned", ("worker",), False, "none"),
+        ("decommissioned", (), False, "discovery"),  # a network boot brings it back
     ],
 )
 def test_the_script_follows_the_machine_state(state: str | None, roles: tuple[str, ...],

@@ -7,10 +7,10 @@ a DHCP hostname or an SMBIOS serial).
 
     GET /boot.ipxe                 -> chain_script: retry DHCP, then chain to /v1/ipxe?uuid=..
     GET /v1/ipxe?uuid=&mac=&...    -> machine_script, by the machine's state:
-        unknown, booting, discovered, scheduled, failed -> the discovery profile
+        unknown, booting, discovered, scheduled, failed,
+        decommissioned (it boots back into the fleet)   -> the discovery profile
         installing (holds an install grant)             -> the install profile of its role
         installed, ready, updating, degraded            -> boot from the local disk
-        decommissioned                                  -> no profile: next boot device
 
 Profiles are configuration (`BootProfiles`, a YAML file): a kernel, initrds and a command line
 per phase (discovery, install) and role. Relative paths are files under `divingbell serve
@@ -35,7 +35,7 @@ ASSETS_PREFIX = "/v1/assets/"
 DEFAULT_CMDLINE = "console=tty0 console=ttyS0,115200n8 panic=10 quiet"
 
 # States whose machine boots the discovery image (the image itself waits for a role and grant).
-DISCOVERY_STATES = frozenset({"booting", "discovered", "scheduled", "failed"})
+DISCOVERY_STATES = frozenset({"booting", "discovered", "scheduled", "failed", "decommissioned"})
 LOCAL_BOOT_STATES = frozenset({"installed", "ready", "updating", "degraded"})
 
 ASSET_PATH = re.compile(r"^(?!.*(?:^|/)\.\.?(?:/|$))[A-Za-z0-9._~+-]+(?:/[A-Za-z0-9._~+-]+)*$")
@@ -329,7 +329,7 @@ def trusted_machine(query: BootQuery, machine: BootMachine | None
 def needs_bootstrap_token(query: BootQuery, machine: BootMachine | None) -> bool:
     """Whether the answer boots a discovery or install profile (which carries a token)."""
     trusted, _ = trusted_machine(query, machine)
-    return trusted is None or trusted.state not in {*LOCAL_BOOT_STATES, "decommissioned"}
+    return trusted is None or trusted.state not in LOCAL_BOOT_STATES
 
 
 def machine_script(query: BootQuery, machine: BootMachine | None, profiles: BootProfiles,
@@ -351,9 +351,6 @@ def machine_script(query: BootQuery, machine: BootMachine | None, profiles: Boot
         return BootDecision("local", f"{state}: boot from the local disk",
                             local_boot_script(profiles.local_boot,
                                               f"{who} is {state}: booting from the local disk"))
-    if machine is not None and state == "decommissioned":
-        return BootDecision("none", "decommissioned: no boot profile",
-                            local_boot_script("exit", f"{who} is decommissioned; not booting it"))
     install = machine is not None and state == "installing" and machine.install_granted
     phase: Literal["discovery", "install"] = "install" if install else "discovery"
     if bootstrap_token is None or not _TOKEN.match(bootstrap_token):

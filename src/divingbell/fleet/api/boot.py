@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from divingbell.fleet import states
+from divingbell.fleet import service, states
 from divingbell.fleet.auth import TOKEN_PREFIX, format_token, hash_secret, new_secret
 from divingbell.fleet.boot import (
     ASSET_PATH,
@@ -37,7 +37,6 @@ from divingbell.fleet.boot import (
 )
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import Lease, Machine, MachineMac, StateChange, Token, utcnow
-from divingbell.fleet.service import INSTALL
 
 router = APIRouter(tags=["boot"])
 log = logging.getLogger("divingbell.fleet.boot")
@@ -92,7 +91,7 @@ def _find_machine(session: Session, query: BootQuery) -> Machine | None:
 
 def _install_granted(session: Session, machine: Machine, now: datetime) -> bool:
     lease = session.scalars(select(Lease).where(
-        Lease.kind == INSTALL, Lease.holder == machine.id, Lease.expires_at > now)).first()
+        Lease.kind == service.INSTALL, Lease.holder == machine.id, Lease.expires_at > now)).first()
     return lease is not None
 
 
@@ -156,6 +155,10 @@ def ipxe(request: Request, uuid: str | None = None, mac: str | None = None,
             session.add(machine)
             session.add(StateChange(machine_id=machine.id, from_state=None,
                                     to_state=states.BOOTING, reason=reason, at=now))
+        elif machine is not None and machine.state == states.DECOMMISSIONED \
+                and decision.action == "discovery":
+            # Booting is how a retired machine comes back: it registers again from here.
+            service.transition(session, machine, states.BOOTING, reason, now)
         elif machine is not None:
             # A boot of a known machine is history, not a state change (an installed machine
             # that reboots is still installed).
