@@ -241,8 +241,11 @@ def test_chart_only_settings_are_accepted_with_a_note() -> None:
     assert len(doc.notes) == 2
 
 
-def test_empty_document_is_valid() -> None:
-    assert validate(load_text("")).model.conf.sysctl is None
+def test_empty_document_needs_conf_or_allow_empty() -> None:
+    # An empty or truncated file must never mean "remove everything" (issue 11, section 6).
+    with pytest.raises(DocumentError, match="no `conf:`"):
+        validate(load_text(""))
+    assert validate(load_text(""), allow_empty=True).model.conf.sysctl is None
     assert validate(load_text("conf: {}\n")).model.conf.sysctl is None
 
 

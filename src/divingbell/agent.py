@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from divingbell.document.api import load_document, node_config, revision
+from divingbell.document.api import allows_mass_removal, load_document, node_config, revision
 from divingbell.engine.runner import ApplyReport, apply_node, plan_node
 from divingbell.errors import DivingbellError, DocumentError
 from divingbell.host import Host
@@ -184,6 +184,11 @@ class Agent:
         self._failures = 0
         self._failed_target: tuple[str, tuple[tuple[str, str], ...]] | None = None
         self._published: dict[str, str] = {}
+        # Node maintenance (issue 15): stepped after every pass; see divingbell.maintenance.
+        from divingbell.maintenance.sequence import AgentMaintenance, hook_for
+
+        self.maintenance: AgentMaintenance | None = hook_for(settings, kube,
+                                                             self.metrics.registry, clock)
 
     # The loop -------------------------------------------------------------------------------
 
@@ -219,6 +224,8 @@ class Agent:
         finally:
             self._busy = None
             self._heartbeat = self.monotonic()
+        if self.maintenance is not None:
+            self.maintenance.tick(self)
 
     def _tick(self, now: float) -> None:
         fingerprint = self._document_fingerprint()
@@ -336,7 +343,8 @@ class Agent:
                       converge_budget(config, self.settings))
         try:
             report = apply_node(self.settings.host, config, rev,
-                                lock_timeout=self.settings.lock_timeout)
+                                lock_timeout=self.settings.lock_timeout, removal_guard=True,
+                                allow_mass_removal=allows_mass_removal(document))
         except DivingbellError as exc:
             self.metrics.failures.labels("engine").inc()
             self._fail(target, now, "ConvergeFailed", str(exc))

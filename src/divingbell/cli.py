@@ -82,6 +82,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "policy": "divingbell.commands.policy:policy",
     "tenants": "divingbell.commands.tenants:tenants",
     "documents": "divingbell.commands.documents:documents",
+    "recover": "divingbell.commands.recover:recover",
 }
 
 
@@ -205,16 +206,30 @@ def plan(
 
     Each change shows the value before and after. Exits 1 if some module cannot be applied.
     """
-    from divingbell.engine.runner import plan_node
+    from divingbell.document.api import allows_mass_removal
+    from divingbell.engine.runner import MassRemoval, check_mass_removal, plan_node
+    from divingbell.errors import DivingbellError
     from divingbell.output import plan_text
 
-    config = _node_config(_load_or_exit(files), node, labels)
-    result = plan_node(_host(root, proc_sys), config)
+    document = _load_or_exit(files)
+    config = _node_config(document, node, labels)
+    try:
+        result = plan_node(_host(root, proc_sys), config)
+    except (DivingbellError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    refusal = None
+    try:
+        check_mass_removal(result, allows_mass_removal(document))
+    except MassRemoval as exc:
+        refusal = str(exc).replace("refusing to apply", "apply would refuse this plan")
     if output_format == "json":
-        _print_json(result.as_dict())
+        _print_json({**result.as_dict(), "refused": refusal})
     else:
         click.echo(plan_text(result, verbose=verbose))
-    sys.exit(EXIT_FAILED if result.errors else 0)
+        if refusal:
+            click.echo(f"warning: {refusal}", err=True)
+    sys.exit(EXIT_FAILED if result.errors or refusal else 0)
 
 
 @cli.command()
@@ -224,23 +239,33 @@ def plan(
 @_format_option("text", "json")
 @click.option("--lock-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another divingbell run on this host to finish.")
+@click.option("--allow-empty", is_flag=True,
+              help="Accept a document without `conf:` (an empty file) and a plan that removes "
+              "more than it keeps: divingbell restores every original it holds.")
+@click.option("--adopt", is_flag=True,
+              help="The journal is gone but divingbell's own files are on the host: start a "
+              "fresh journal that owns them (see docs/hardening.md).")
 def apply(
     files: tuple[Path, ...], node: str | None, labels: tuple[str, ...], root: Path,
-    proc_sys: Path, output_format: str, lock_timeout: float,
+    proc_sys: Path, output_format: str, lock_timeout: float, allow_empty: bool, adopt: bool,
 ) -> None:
     """Converge this host to the document, printing each change as it is made.
 
     Settings that left the document get their original values back. If a module fails
-    midway, what this run changed in that module is rolled back. Exits 0 when the host
-    matches the document, 1 on failure, 3 if another run holds the lock.
+    midway, what this run changed in that module is rolled back. A document that would
+    remove more than it keeps is refused unless it says `allow_mass_removal: true` (or
+    --allow-empty). SIGTERM or Ctrl-C stops between two changes, records what was done and
+    exits 130/143. Exits 0 when the host matches the document, 1 on failure, 2 for an
+    invalid document, 3 if another run holds the lock.
     """
-    from divingbell.document.api import revision
+    received = _stop_between_changes()
+    from divingbell.document.api import allows_mass_removal, revision
     from divingbell.engine.change import Change
     from divingbell.engine.runner import apply_node
-    from divingbell.errors import LockTimeout
+    from divingbell.errors import DivingbellError, LockTimeout
     from divingbell.output import applied_line, report_tail
 
-    document = _load_or_exit(files)
+    document = _load_or_exit(files, allow_empty=allow_empty)
     config = _node_config(document, node, labels)
 
     def progress(change: Change, status: str) -> None:
@@ -251,15 +276,45 @@ def apply(
         click.echo(f"Applying revision {revision(document)} to node {config.node}:")
     try:
         report = apply_node(_host(root, proc_sys), config, revision(document),
-                            lock_timeout=lock_timeout, listener=progress)
+                            lock_timeout=lock_timeout, listener=progress, adopt=adopt,
+                            removal_guard=True,
+                            allow_mass_removal=allow_empty or allows_mass_removal(document))
     except LockTimeout as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_LOCKED)
+    except (DivingbellError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     if output_format == "json":
         _print_json(report.as_dict())
     else:
         click.echo(report_tail(report))
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if report.interrupted:
+        click.echo(f"interrupted: {len(report.applied)} of {report.planned_count} changes "
+                   "applied; run apply again", err=True)
+        sys.exit(128 + (received[0] if received else 15))
     sys.exit(0 if report.ok else EXIT_FAILED)
+
+
+def _stop_between_changes() -> list[int]:
+    """SIGTERM and SIGINT ask the engine to stop between two changes (and kill a running
+    operator script's process group) instead of dying mid-change. Returns the list the
+    signal numbers received are appended to."""
+    import signal
+
+    from divingbell.host import interrupt
+
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        received.append(signum)
+        interrupt.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+    return received
 
 
 @cli.command()
@@ -281,11 +336,16 @@ def status(root: Path, kube: bool, kubeconfig: str | None, output_format: str) -
         _kube_status(kubeconfig, output_format)
         return
     from divingbell.engine.journal import FileJournalStore
+    from divingbell.errors import DivingbellError
     from divingbell.host import Host
     from divingbell.output import status_text
 
     store = FileJournalStore(Host(root=root))
-    journal = store.load().as_dict()
+    try:
+        journal = store.load().as_dict()
+    except (DivingbellError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     last_run = store.load_last_run()
     if output_format == "json":
         _print_json({"root": str(root), "journal": journal, "last_run": last_run})
@@ -422,9 +482,16 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
         converge_timeout=converge_timeout)
     runner = Agent(settings, kube)
     server = serve(runner, address or "0.0.0.0", int(port_text))
+    from divingbell.host import interrupt
+
     stop = threading.Event()
+
+    def stop_now(*_: object) -> None:
+        stop.set()
+        interrupt.set()  # a converge in progress stops between two changes, as `apply` does
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, stop_now)
     logging.getLogger("divingbell.agent").info(
         "agent for node %s on %s, serving %s; %s", name, root, listen,
         "following document changes" if follow_document_changes
@@ -528,17 +595,17 @@ def schema() -> None:
 
 # helpers ------------------------------------------------------------------------------------
 
-def _load(files: tuple[Path, ...]) -> ValidDocument:
+def _load(files: tuple[Path, ...], allow_empty: bool = False) -> ValidDocument:
     from divingbell.document.api import load_document
 
-    return load_document(files)
+    return load_document(files, allow_empty=allow_empty)
 
 
-def _load_or_exit(files: tuple[Path, ...]) -> ValidDocument:
+def _load_or_exit(files: tuple[Path, ...], allow_empty: bool = False) -> ValidDocument:
     from divingbell.errors import DocumentError
 
     try:
-        return _load(files)
+        return _load(files, allow_empty)
     except DocumentError as exc:
         click.echo(f"error: the document is invalid ({len(exc.problems)} problem(s)); nothing "
                    "was changed:", err=True)
@@ -575,4 +642,9 @@ def _print_json(data: Any) -> None:
 
 
 def main() -> None:
+    import signal
+
+    # Ctrl-C anywhere outside apply (which stops between changes instead) ends quietly with
+    # the shell's code for it, never a KeyboardInterrupt traceback or click's "Aborted!".
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     cli(prog_name="divingbell")

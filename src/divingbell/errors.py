@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -78,3 +79,18 @@ class OutcomeFailed(ModuleError):
 
 class LockTimeout(DivingbellError):
     """Another divingbell run holds the host lock."""
+
+
+class UnsafePath(OSError):
+    """A path would leave the host root, or pass through something divingbell must not
+    follow (a symlink in a directory a user controls, a directory owned by someone else).
+
+    An OSError, so every place that reports a failed file operation reports this one too."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(errno.ELOOP, why, path)
+        self.path = path
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.why}"

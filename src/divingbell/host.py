@@ -9,16 +9,22 @@ captured output carried into the error when it fails.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import os
+import re
+import secrets
 import signal
+import stat
 import subprocess
-import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from divingbell.errors import CommandError
+from divingbell import safepath
+from divingbell.errors import CommandError, UnsafePath
 
 CLEAN_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -35,6 +41,7 @@ class Completed:
     stderr: str
     timed_out: bool = False
     seconds: float = 0.0
+    interrupted: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,31 +122,266 @@ class Host:
         proc = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**CLEAN_ENV, **self.extra_env, **env})
-        timed_out = False
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        timed_out = interrupted = False
+        deadline = started + timeout
+        while True:
+            try:
+                # Short waits, so a SIGTERM/SIGINT to divingbell reaches the script's group
+                # (it has its own session: a terminal's Ctrl-C does not).
+                stdout, stderr = proc.communicate(
+                    timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if interrupt.is_set():
+                    interrupted = True
+                elif time.monotonic() < deadline:
+                    continue
+                else:
+                    timed_out = True
             _signal_group(proc.pid, signal.SIGTERM)
             try:
                 stdout, stderr = proc.communicate(timeout=grace)
             except subprocess.TimeoutExpired:
                 _signal_group(proc.pid, signal.SIGKILL)
                 stdout, stderr = proc.communicate()
+            break
         # Stragglers that ignored TERM while the leader exited still share the group.
-        if timed_out:
+        if timed_out or interrupted:
             _signal_group(proc.pid, signal.SIGKILL)
         return Completed(list(argv), proc.returncode, stdout, stderr, timed_out,
-                         time.monotonic() - started)
+                         time.monotonic() - started, interrupted)
 
     # Files -----------------------------------------------------------------------------------
+    #
+    # Every file operation resolves its path inside `root`, component by component, and acts
+    # through the directory descriptor it ends on (see `safepath`): `..` and absolute symlinks
+    # stay inside the root as they would for the host itself, and nothing can lead outside it.
+    # Directories a user controls (a home, ~/.ssh) are opened with `user_dir`: no symlink is
+    # followed there, and each must belong to root or that user and be writable by no one else.
 
-    def read_text(self, host_path: str) -> str | None:
-        """The file's text, or None when it does not exist."""
+    def open_root(self) -> int:
+        return os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _open(self, host_path: str, flags: int, mode: int = 0, *, follow: bool = True,
+              no_symlinks: bool = False, root_links_only: bool = False) -> int:
+        root_fd = self.open_root()
         try:
-            return self.path(host_path).read_text()
+            return safepath.open_in_root(root_fd, _relative(host_path), flags, mode,
+                                         follow=follow, no_symlinks=no_symlinks,
+                                         root_links_only=root_links_only, shown=host_path)
+        finally:
+            os.close(root_fd)
+
+    @contextlib.contextmanager
+    def _parent(self, host_path: str, *, create: bool = False, dir_mode: int | None = None,
+                owner: tuple[int, int] | None = None, user_dir: UserDir | None = None,
+                created: list[str] | None = None) -> Iterator[tuple[int, str]]:
+        """The directory holding `host_path`, open, and the file's name in it."""
+        parent, name = _split(host_path)
+        if user_dir is not None:
+            fd = self._open_user_dir(parent, user_dir, create=create, created=created)
+        else:
+            try:
+                fd = self._open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                self.makedirs(parent, dir_mode, owner, created=created)
+                fd = self._open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def _open_user_dir(self, directory: str, user_dir: UserDir, *, create: bool,
+                       created: list[str] | None) -> int:
+        """Open `directory` (at or below the user's own directory) as sshd's StrictModes
+        would trust it: no symlinks from the user's directory down, every directory owned by
+        root or the user and writable by no one else."""
+        home = user_dir.path.rstrip("/") or "/"
+        if directory != home and not directory.startswith(home + "/"):
+            raise ValueError(f"{directory} is not under {home}")
+        home_parent, home_name = _split(home)
+        fd = self._open(home_parent, os.O_RDONLY | os.O_DIRECTORY)
+        current = home_parent.rstrip("/")
+        try:
+            for part in [home_name, *directory[len(home):].strip("/").split("/")]:
+                if not part:
+                    continue
+                current = f"{current}/{part}"
+                try:
+                    child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                    | os.O_CLOEXEC, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create or current == home:
+                        raise
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                    child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                    | os.O_CLOEXEC, dir_fd=fd)
+                    os.fchown(child, user_dir.uid, user_dir.gid)
+                    os.fchmod(child, 0o700)
+                    if created is not None:
+                        created.append(current)
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafePath(current, "is a symlink or not a directory; a "
+                                         "user's own directories are never followed") from None
+                    raise
+                os.close(fd)
+                fd = child
+                _check_strict(fd, current, user_dir)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read_bytes(self, host_path: str, *, user_dir: UserDir | None = None) -> bytes | None:
+        """The file's bytes, or None when it (or its directory) does not exist."""
+        try:
+            if user_dir is not None:
+                with self._parent(host_path, user_dir=user_dir) as (parent, name):
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                                 | os.O_NONBLOCK, dir_fd=parent)
+            else:
+                fd = self._open(host_path, os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except UnsafePath:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UnsafePath(host_path, "is a symlink in a directory its user controls"
+                                 ) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafePath(host_path, "is not a regular file")
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def read_text(self, host_path: str, *, user_dir: UserDir | None = None) -> str | None:
+        """The file's text, or None when it does not exist."""
+        data = self.read_bytes(host_path, user_dir=user_dir)
+        return None if data is None else data.decode(errors="surrogateescape")
+
+    def exists(self, host_path: str) -> bool:
+        return self.lstat(host_path, follow=True) is not None
+
+    def is_dir(self, host_path: str) -> bool:
+        info = self.lstat(host_path, follow=True)
+        return info is not None and stat.S_ISDIR(info.st_mode)
+
+    def lstat(self, host_path: str, *, follow: bool = False, root_links_only: bool = False
+              ) -> os.stat_result | None:
+        """stat of the path inside the root (of a final symlink itself unless `follow`)."""
+        try:
+            fd = self._open(host_path, os.O_PATH, follow=follow, root_links_only=root_links_only)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    def listdir(self, host_path: str) -> list[str]:
+        """Names in a directory (empty when it does not exist)."""
+        try:
+            fd = self._open(host_path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # absent, not a directory, a symlink loop: nothing to list
+            return []
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Host paths matching a glob, found inside the root (hidden names only when the
+        pattern names them with a leading dot, as glob(3))."""
+        found = [""]
+        for part in [p for p in pattern.split("/") if p]:
+            nxt = []
+            for base in found:
+                if part in (".", ".."):
+                    continue
+                if not _has_magic(part):
+                    candidate = f"{base}/{part}"
+                    try:
+                        if self.lstat(candidate) is not None:
+                            nxt.append(candidate)
+                    except OSError:  # a loop, a permission: matches nothing, as glob(3)
+                        pass
+                    continue
+                for name in self.listdir(base or "/"):
+                    if name.startswith(".") and not part.startswith("."):
+                        continue
+                    if fnmatch.fnmatchcase(name, part):
+                        nxt.append(f"{base}/{name}")
+            found = nxt
+        return sorted(path for path in found if path)
+
+    def makedirs(self, host_dir: str, mode: int | None = None,
+                 owner: tuple[int, int] | None = None, *,
+                 created: list[str] | None = None) -> None:
+        """Create `host_dir` and missing parents inside the root; note each one created."""
+        parts = [p for p in host_dir.split("/") if p]
+        for index in range(1, len(parts) + 1):
+            prefix = "/" + "/".join(parts[:index])
+            try:
+                fd = self._open(prefix, os.O_PATH | os.O_DIRECTORY)
+                os.close(fd)
+                continue
+            except FileNotFoundError:
+                pass
+            parent_fd = self._open("/" + "/".join(parts[: index - 1]),
+                                   os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                try:
+                    os.mkdir(parts[index - 1], 0o755 if mode is None else mode,
+                             dir_fd=parent_fd)
+                except FileExistsError:
+                    raise UnsafePath(prefix, "is not a directory that can be used (a symlink "
+                                     "to a path missing inside the root?)") from None
+                child = os.open(parts[index - 1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, dir_fd=parent_fd)
+                try:
+                    if mode is not None:
+                        os.fchmod(child, mode)
+                    if owner is not None:
+                        os.fchown(child, *owner)
+                finally:
+                    os.close(child)
+                if created is not None:
+                    created.append(prefix)
+                fsync_fd(parent_fd)
+            finally:
+                os.close(parent_fd)
+
+    def missing_dirs(self, host_dir: str) -> list[str]:
+        """The directories `makedirs(host_dir)` would create, outermost first."""
+        parts = [p for p in host_dir.split("/") if p]
+        prefixes = ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        return [p for p in prefixes if self.lstat(p, follow=True) is None]
+
+    def rmdir_if_empty(self, host_dir: str) -> bool:
+        """Remove a directory divingbell made, if nothing else lives in it now."""
+        try:
+            with self._parent(host_dir) as (parent, name):
+                info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if not stat.S_ISDIR(info.st_mode):
+                    return False
+                os.rmdir(name, dir_fd=parent)
+                fsync_fd(parent)
+                return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY):
+                return False
+            raise
 
     def write_atomic(
         self,
@@ -148,69 +390,125 @@ class Host:
         mode: int = 0o644,
         owner: tuple[int, int] | None = None,
         dir_mode: int | None = None,
+        *,
+        user_dir: UserDir | None = None,
+        created: list[str] | None = None,
     ) -> None:
         """Write a file so readers see the old or the new content, never a torn one.
 
-        Temp file in the same directory, fsync, rename, fsync the directory. `owner` (uid, gid)
-        owns the file and, with `dir_mode`, its directory when that has to be created.
+        Temp file in the same directory (opened through the directory's descriptor), fsync,
+        rename, fsync the directory. `owner` (uid, gid) owns the file and, with `dir_mode`,
+        the directories that have to be created (listed in `created`).
         """
-        target = self.path(host_path)
-        if not target.parent.exists():
-            target.parent.mkdir(parents=True)
-            if dir_mode is not None:
-                target.parent.chmod(dir_mode)
-            if owner is not None:
-                os.chown(target.parent, *owner)
-        data = content.encode() if isinstance(content, str) else content
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            if owner is not None:
-                os.fchown(fd, *owner)
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(target.parent)
+        data = content.encode(errors="surrogateescape") if isinstance(content, str) else content
+        with self._parent(host_path, create=True, dir_mode=dir_mode, owner=owner,
+                          user_dir=user_dir, created=created) as (parent, name):
+            _clean_temp(parent, name)
+            tmp, fd = _create_temp(parent, name)
+            try:
+                if owner is not None:
+                    os.fchown(fd, *owner)
+                os.fchmod(fd, mode)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+                os.close(fd)
+                fd = -1
+                fault_point("write")
+                os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=parent)
+                raise
+            fsync_fd(parent)
 
-    def remove(self, host_path: str) -> bool:
-        """Remove a file; False when it was already gone."""
-        target = self.path(host_path)
+    def clean_temp_files(self, host_path: str) -> list[str]:
+        """Remove temp files a killed write of `host_path` left behind (`.name.XXXXXXXX`)."""
+        directory, name = _split(host_path)
         try:
-            target.unlink()
-        except FileNotFoundError:
+            # Only through root's own symlinks: ~/.ssh may be a user's link to elsewhere.
+            parent = self._open(directory, os.O_RDONLY | os.O_DIRECTORY, root_links_only=True)
+        except OSError:
+            return []
+        try:
+            return [f"{directory.rstrip('/')}/{n}" for n in _clean_temp(parent, name)]
+        finally:
+            os.close(parent)
+
+    def remove(self, host_path: str, *, user_dir: UserDir | None = None) -> bool:
+        """Remove a file (or symlink) inside the root; False when it was already gone."""
+        try:
+            with self._parent(host_path, user_dir=user_dir) as (parent, name):
+                info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    raise UnsafePath(host_path, "is a directory, not a file divingbell wrote")
+                os.unlink(name, dir_fd=parent)
+                fsync_fd(parent)
+                return True
+        except (FileNotFoundError, NotADirectoryError):
             return False
-        fsync_dir(target.parent)
-        return True
 
-
-    def lstat(self, host_path: str) -> os.stat_result | None:
+    def file_meta(self, host_path: str, *, user_dir: UserDir | None = None
+                  ) -> tuple[int, int, int] | None:
+        """(mode, uid, gid) of a file, not following a final symlink; None when absent."""
         try:
-            return self.path(host_path).lstat()
-        except FileNotFoundError:
+            with self._parent(host_path, user_dir=user_dir) as (parent, name):
+                info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        return stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid
 
     def set_owner_mode(self, host_path: str, uid: int, gid: int, mode: int) -> None:
-        """chown and chmod without following a symlink out of the root."""
-        target = self.path(host_path)
-        os.chown(target, uid, gid, follow_symlinks=False)
-        if not target.is_symlink():
-            os.chmod(target, mode)
+        """chown and chmod the path inside the root; a symlink is refused, never followed, and
+        on the way only root's own symlinks are (a user cannot redirect the chown)."""
+        fd = self._open(host_path, os.O_PATH, follow=False, root_links_only=True)
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise UnsafePath(host_path, "is a symlink; name the file it points to")
+            # An O_PATH descriptor cannot be fchown'd; its /proc/self/fd link names exactly
+            # this inode, whatever happens to the path meanwhile.
+            through = f"/proc/self/fd/{fd}"
+            os.chown(through, uid, gid)
+            os.chmod(through, mode)
+        finally:
+            os.close(fd)
 
-    def symlink(self, link_target: str, host_path: str) -> None:
+    def chmod_dir(self, host_dir: str, mode: int) -> None:
+        """chmod a directory found inside the root (symlinks followed inside it)."""
+        fd = self._open(host_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+    def symlink(self, link_target: str, host_path: str, *,
+                created: list[str] | None = None) -> None:
         """Create (or replace) a symlink at `host_path` pointing to `link_target` as written."""
-        link = self.path(host_path)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if link.is_symlink() and os.readlink(link) == link_target:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to(link_target)
+        with self._parent(host_path, create=True, created=created) as (parent, name):
+            with contextlib.suppress(OSError):
+                if os.readlink(name, dir_fd=parent) == link_target:
+                    return
+            with contextlib.suppress(FileNotFoundError):
+                info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    raise UnsafePath(host_path, "is a directory")
+                os.unlink(name, dir_fd=parent)
+            os.symlink(link_target, name, dir_fd=parent)
+            fsync_fd(parent)
+
+    def is_symlink_free(self, host_path: str) -> bool:
+        """Whether the path exists with no symlink in any of its components."""
+        try:
+            fd = self._open(host_path, os.O_PATH, follow=False, no_symlinks=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except (UnsafePath, OSError):
+            return False
+        os.close(fd)
+        return True
 
     def user_ids(self, user: str) -> tuple[int, int]:
         """uid and gid of a user in the host's own /etc/passwd (not this process's NSS)."""
@@ -222,7 +520,102 @@ class Host:
 
     def is_systemd_running(self) -> bool:
         """Whether systemd is PID 1 of the host (sd_booted(3): /run/systemd/system exists)."""
-        return self.path("/run/systemd/system").is_dir()
+        return self.is_dir("/run/systemd/system")
+
+
+@dataclass(frozen=True)
+class UserDir:
+    """A directory a user controls (their home): the user's ids, for StrictModes checks."""
+
+    path: str
+    uid: int
+    gid: int
+
+
+def _check_strict(fd: int, shown: str, user_dir: UserDir) -> None:
+    info = os.fstat(fd)
+    if info.st_uid not in (0, user_dir.uid):
+        raise UnsafePath(shown, f"belongs to uid {info.st_uid}, not to root or the user "
+                         f"(uid {user_dir.uid}); refusing to write there")
+    if info.st_mode & 0o022:
+        raise UnsafePath(shown, f"is writable by others (mode {stat.S_IMODE(info.st_mode):04o}); "
+                         "refusing to write there, as sshd would refuse to read it")
+
+
+def _relative(host_path: str) -> str:
+    text = str(host_path)
+    if not text.startswith("/"):
+        raise ValueError(f"host paths are absolute, got {text!r}")
+    return text.lstrip("/") or "."
+
+
+def _split(host_path: str) -> tuple[str, str]:
+    text = str(host_path).rstrip("/")
+    parent, _, name = text.rpartition("/")
+    if name in ("", ".", "..") or not text.startswith("/"):
+        raise ValueError(f"{host_path!r} does not name a file")
+    return parent or "/", name
+
+
+_MAGIC = re.compile(r"[*?[]")
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _has_magic(part: str) -> bool:
+    return _MAGIC.search(part) is not None
+
+
+def _temp_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"^\.{re.escape(name)}\.[{_TEMP_CHARS}]{{8}}$")
+
+
+def _create_temp(parent: int, name: str) -> tuple[str, int]:
+    for _ in range(100):
+        tmp = f".{name}." + "".join(secrets.choice(_TEMP_CHARS) for _ in range(8))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=parent)
+        except FileExistsError:
+            continue
+        return tmp, fd
+    raise FileExistsError(errno.EEXIST, "no free temporary name", name)
+
+
+def _clean_temp(parent: int, name: str) -> list[str]:
+    """Temp files of `name` are ours alone (the host lock is held): any left is stale."""
+    pattern = _temp_pattern(name)
+    removed = []
+    for entry in os.listdir(parent):
+        if pattern.match(entry):
+            with contextlib.suppress(FileNotFoundError):
+                info = os.stat(entry, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
+                    os.unlink(entry, dir_fd=parent)
+                    removed.append(entry)
+    return removed
+
+
+# Set by SIGTERM/SIGINT handlers (`divingbell apply`): the engine stops between changes, and a
+# running operator script's process group is killed.
+interrupt = threading.Event()
+
+FAULT_ENV = "DIVINGBELL_FAULT_KILL_AT"
+_fault_counter = [0]
+
+
+def fault_point(kind: str) -> None:
+    """Test hook: with DIVINGBELL_FAULT_KILL_AT=<kind>:N set, SIGKILL this process at the
+    N-th point of that kind (`change`: before a change; `write`: between writing a temp file
+    and renaming it). Only the crash-injection tests set it."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    want_kind, _, number = spec.partition(":")
+    if want_kind != kind:
+        return
+    _fault_counter[0] += 1
+    if number.isdigit() and _fault_counter[0] == int(number):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
@@ -236,3 +629,8 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories
+        os.fsync(fd)

@@ -122,6 +122,13 @@ def build(files: Mapping[str, str], *, namespace: str = APP, image: str = DEFAUL
              # Labels for overrides; annotations for per-node status. The admission policy
              # below narrows the patch to divingbell.io/ annotations on the agent's own node.
              {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
+             # Maintenance (docs/maintenance.md): drain the node through the Eviction API;
+             # delete only what a drain with on_timeout: force leaves behind (the admission
+             # policy below confines deletes to pods on the agent's own node).
+             {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
+             {"apiGroups": [""], "resources": ["pods/eviction"], "verbs": ["create"]},
+             {"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
+              "verbs": ["list"]},
          ]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
          "metadata": {"name": APP, "labels": labels},
@@ -137,6 +144,16 @@ def build(files: Mapping[str, str], *, namespace: str = APP, image: str = DEFAUL
          "metadata": {"name": f"{APP}-events", "namespace": EVENTS_NAMESPACE, "labels": labels},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                      "name": f"{APP}-events"},
+         "subjects": [_subject(namespace)]},
+        # The maintenance slots: Leases in the agent's own namespace only.
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": f"{APP}-slots", **meta},
+         "rules": [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                    "verbs": ["get", "list", "create", "update"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": f"{APP}-slots", **meta},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": f"{APP}-slots"},
          "subjects": [_subject(namespace)]},
         *admission_policy(namespace, labels),
         *documents,
@@ -183,8 +200,17 @@ POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
     ("(has(object.metadata.labels) ? object.metadata.labels : {}) =="
      " (has(oldObject.metadata.labels) ? oldObject.metadata.labels : {})",
      "the divingbell agent may not change node labels"),
-    ("object.spec == oldObject.spec",
-     "the divingbell agent may not change a node's spec (taints, podCIDR, unschedulable)"),
+    # The only spec field the agent may change is `unschedulable` (a maintenance cordon).
+    ("(has(object.spec.taints) ? object.spec.taints : []) =="
+     " (has(oldObject.spec.taints) ? oldObject.spec.taints : [])"
+     " && (has(object.spec.podCIDR) ? object.spec.podCIDR : '') =="
+     " (has(oldObject.spec.podCIDR) ? oldObject.spec.podCIDR : '')"
+     " && (has(object.spec.podCIDRs) ? object.spec.podCIDRs : []) =="
+     " (has(oldObject.spec.podCIDRs) ? oldObject.spec.podCIDRs : [])"
+     " && (has(object.spec.providerID) ? object.spec.providerID : '') =="
+     " (has(oldObject.spec.providerID) ? oldObject.spec.providerID : '')",
+     "the divingbell agent may not change a node's spec other than unschedulable (taints, "
+     "podCIDR, providerID)"),
     ("(has(object.metadata.finalizers) ? object.metadata.finalizers : []) =="
      " (has(oldObject.metadata.finalizers) ? oldObject.metadata.finalizers : [])"
      " && (has(object.metadata.ownerReferences) ? object.metadata.ownerReferences : []) =="
@@ -207,6 +233,13 @@ EVENT_POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Pods: a drain that ends in `on_timeout: force` deletes only pods on the agent's own node.
+POD_POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
+    ("has(oldObject.spec.nodeName) && oldObject.spec.nodeName in variables.nodeNames",
+     "the divingbell agent may delete only pods on the node its pod runs on"),
+)
+
+
 def admission_policy(namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
     """ValidatingAdmissionPolicies (and bindings) that confine the agent's ServiceAccount: Node
     updates to divingbell.io/ annotations of its own node; Events to ones about that node."""
@@ -218,6 +251,10 @@ def admission_policy(namespace: str, labels: Mapping[str, str]) -> list[dict[str
                   "resources": ["nodes", "nodes/status"]},
                  [{"name": n, "expression": e} for n, e in POLICY_VARIABLES],
                  POLICY_VALIDATIONS),
+        *_policy(f"{APP}-agent-own-pods", namespace, labels,
+                 {"apiGroups": [""], "apiVersions": ["v1"],
+                  "operations": ["DELETE"], "resources": ["pods"]},
+                 node_names, POD_POLICY_VALIDATIONS),
         *_policy(f"{APP}-agent-own-events", namespace, labels,
                  {"apiGroups": [""], "apiVersions": ["v1"],
                   "operations": ["CREATE", "UPDATE"], "resources": ["events"]},
@@ -269,7 +306,9 @@ def _daemonset(meta: dict[str, Any], labels: dict[str, str], names: list[str], d
                 # made for (an operator's own Secret edited in place).
                 {"name": DIGEST_ENV,
                  "valueFrom": {"fieldRef": {
-                     "fieldPath": f"metadata.annotations['{DIGEST_LABEL}']"}}}],
+                     "fieldPath": f"metadata.annotations['{DIGEST_LABEL}']"}}},
+                {"name": "POD_NAMESPACE",  # where the maintenance slot Leases live
+                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
         "ports": [{"name": "metrics", "containerPort": PORT, "protocol": "TCP"}],
         "securityContext": {"privileged": True},
         "resources": {"requests": {"cpu": "50m", "memory": MEMORY_REQUEST},

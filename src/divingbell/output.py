@@ -81,7 +81,10 @@ def report_tail(report: ApplyReport) -> str:
                 lines.append(f"  rolled back {len(result.rolled_back)} change(s) from this run")
             lines.extend(f"  ! rollback failed: {e}" for e in result.rollback_errors)
     counts = summarise(report.applied)
-    if report.ok and not report.applied:
+    if report.interrupted:
+        lines.append(f"Stopped by a signal between two changes ({summary_line(counts, past=True)}"
+                     "); everything done is recorded.")
+    elif report.ok and not report.applied:
         lines.append("No changes: the host already matches the document.")
     elif report.ok:
         lines.append(f"Applied: {summary_line(counts, past=True)}. "

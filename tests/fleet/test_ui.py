@@ -173,6 +173,7 @@ def test_a_session_cookie_alone_cannot_act_without_the_csrf_token(ui_fleet: Thre
     from divingbell.fleet.db import Database
     from divingbell.fleet.tokens import revoke_token
 
+    page.goto("about:blank")  # no polling page left to redirect itself meanwhile
     db = Database(ui_fleet.settings.db_url)
     revoke_token(db, token_id)
     db.dispose()

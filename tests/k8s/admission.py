@@ -26,13 +26,14 @@ def _evaluate(expression: str, activation: Mapping[str, Any]) -> Any:
 
 
 def admit(policy: Mapping[str, Any], request: Mapping[str, Any],
-          new: Mapping[str, Any], old: Mapping[str, Any] | None) -> list[str]:
+          new: Mapping[str, Any] | None, old: Mapping[str, Any] | None) -> list[str]:
     """The messages of the validations that deny this request; empty when admitted (or when
     the policy does not match it)."""
     spec = policy["spec"]
     activation: dict[str, Any] = {
         "request": json_to_cel(dict(request)),
-        "object": json_to_cel(dict(new)),
+        # On DELETE the API server sends no object, only oldObject.
+        "object": json_to_cel(dict(new)) if new is not None else None,
         "oldObject": json_to_cel(dict(old)) if old is not None else None,
     }
     for condition in spec.get("matchConditions") or []:

@@ -94,8 +94,10 @@ def test_the_agent_may_set_divingbell_annotations_on_its_own_node(
      "may not change node labels"),
     ("a taint", request(node_names=["node-1"]),
      changed(spec__taints=[{"key": "x", "effect": "NoSchedule"}]), "spec"),
-    ("unschedulable", request(node_names=["node-1"]), changed(spec__unschedulable=True),
+    ("a pod CIDR", request(node_names=["node-1"]), changed(spec__podCIDR="10.9.9.0/24"),
      "spec"),
+    ("a cordon of another node", request(node_names=["node-1"]),
+     changed("node-2", spec__unschedulable=True), "only the node its pod runs on"),
     ("another annotation", request(node_names=["node-1"]),
      changed(metadata__annotations={**NODE["metadata"]["annotations"], "team": "x"}),
      "only divingbell.io/ annotations"),
@@ -110,6 +112,29 @@ def test_everything_else_the_agent_tries_is_denied(policy: dict[str, Any], case:
                                                    denied: str) -> None:
     messages = admit(policy, req, new, old(new["metadata"]["name"]))
     assert messages and any(denied in m for m in messages), (case, messages)
+
+
+def test_the_agent_may_cordon_and_uncordon_its_own_node_for_maintenance(
+        policy: dict[str, Any]) -> None:
+    annotations = {**NODE["metadata"]["annotations"], "divingbell.io/cordoned-by": "x"}
+    cordoned = changed(spec__unschedulable=True, metadata__annotations=annotations)
+    assert admit(policy, request(node_names=["node-1"]), cordoned, old()) == []
+    assert admit(policy, request(node_names=["node-1"]), old(), cordoned) == []
+
+
+def pod(node: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "x"},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i"}]}}
+
+
+def test_the_agent_deletes_pods_only_on_its_own_node(objects: list[dict[str, Any]]) -> None:
+    pods = policy_named(objects, "divingbell-agent-own-pods")
+    delete = {**request(node_names=["node-1"]), "operation": "DELETE"}
+    assert admit(pods, delete, None, pod("node-1")) == []
+    assert admit(pods, delete, None, pod("node-2")) == [
+        "the divingbell agent may delete only pods on the node its pod runs on"]
+    assert admit(pods, {**request("kubernetes-admin"), "operation": "DELETE"}, None,
+                 pod("node-2")) == []
 
 
 def test_other_users_are_not_affected(policy: dict[str, Any]) -> None:

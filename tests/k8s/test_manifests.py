@@ -38,9 +38,8 @@ def test_every_object_is_valid_kubernetes(existing_secret: str | None) -> None:
     objects = build({"site.yaml": SITE}, namespace="ops", existing_secret=existing_secret)
     kinds = [o["kind"] for o in objects]
     assert kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-                     "RoleBinding", "ValidatingAdmissionPolicy",
-                     "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicy",
-                     "ValidatingAdmissionPolicyBinding",
+                     "RoleBinding", "Role", "RoleBinding",
+                     *["ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"] * 3,
                      *(["Secret"] if existing_secret is None else []), "DaemonSet"]
     for obj in objects:
         for version in ("1.30", "1.36"):
@@ -111,7 +110,8 @@ def test_priority_memory_and_probes(objects: list[dict[str, Any]]) -> None:
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
     assert env == {"NODE_NAME": "spec.nodeName",
-                   "DIVINGBELL_DOCUMENT_DIGEST": f"metadata.annotations['{DIGEST_LABEL}']"}
+                   "DIVINGBELL_DOCUMENT_DIGEST": f"metadata.annotations['{DIGEST_LABEL}']",
+                   "POD_NAMESPACE": "metadata.namespace"}
     assert "--follow-document-changes" not in container["args"]
 
 
@@ -121,8 +121,17 @@ def test_rbac_is_least_privilege_and_events_stay_in_one_namespace(
         return {(r, v) for rule in role["rules"] for r in rule["resources"]
                 for v in rule["verbs"]}
 
-    assert grants(kind(objects, "ClusterRole")) == {("nodes", "get"), ("nodes", "patch")}
-    role, binding = kind(objects, "Role"), kind(objects, "RoleBinding")
+    # nodes: labels, status annotations, a maintenance cordon (the admission policies narrow
+    # all three to the agent's own node); pods, evictions and budgets: a maintenance drain.
+    assert grants(kind(objects, "ClusterRole")) == {
+        ("nodes", "get"), ("nodes", "patch"), ("pods", "list"), ("pods", "delete"),
+        ("pods/eviction", "create"), ("poddisruptionbudgets", "list")}
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+    bindings = {o["metadata"]["name"]: o for o in objects if o["kind"] == "RoleBinding"}
+    slots = roles["divingbell-slots"]
+    assert slots["metadata"]["namespace"] == "ops"  # maintenance slot Leases: its namespace
+    assert grants(slots) == {("leases", v) for v in ("get", "list", "create", "update")}
+    role, binding = roles["divingbell-events"], bindings["divingbell-events"]
     assert grants(role) == {("events", "create"), ("events", "get"), ("events", "patch")}
     # Events about a Node are only accepted in `default` by the API server; the Role grants
     # them there and nowhere else.

@@ -13,9 +13,15 @@ from divingbell.document.validate import NodeConfig, ValidDocument, resolve, val
 from divingbell.errors import DocumentError, Problem
 
 
-def load_document(files: Iterable[Path]) -> ValidDocument:
+def load_document(files: Iterable[Path], *, allow_empty: bool = False) -> ValidDocument:
     """Load, merge and validate; raises DocumentError listing every problem."""
-    return validate(load_files(files))
+    return validate(load_files(files), allow_empty=allow_empty)
+
+
+def allows_mass_removal(document: ValidDocument) -> bool:
+    """The document says removing more than it keeps is intended: `allow_mass_removal: true`,
+    or `conf: {}` written out (an explicit "nothing here")."""
+    return document.model.allow_mass_removal or document.loaded.data.get("conf") == {}
 
 
 def load_document_text(data: bytes | str, name: str) -> ValidDocument:

@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     BeforeValidator,
@@ -25,6 +26,16 @@ from pydantic import (
     Tag,
     field_validator,
     model_validator,
+)
+
+from divingbell.document.types import (
+    MAX_SECONDS,
+    EnvName,
+    IdName,
+    SingleLine,
+    UnitValue,
+    single_line,
+    whole_seconds,
 )
 
 MODULE_NAMES: tuple[str, ...] = (
@@ -90,6 +101,9 @@ def _absolute_path(value: Any) -> str:
         raise ValueError(f"must be an absolute path, not {text!r}")
     if "\0" in text or "\n" in text:
         raise ValueError("must not contain NUL or newline characters")
+    if ".." in text.split("/"):
+        raise ValueError(f"{text!r} must not contain `..` (every path stays inside the host "
+                         "root)")
     return text
 
 
@@ -142,13 +156,14 @@ def _sysctl_key_problem(key: str) -> str | None:
     parts = sysctl_components(key)
     if not key or any(not part for part in parts):
         return f"{key!r} is not a sysctl key (empty component)"
-    if any(part in (".", "..") for part in parts) or re.search(r"\s", key):
+    if any(part in (".", "..") for part in parts) or re.search(r"[\s\0]", key):
         return f"{key!r} is not a sysctl key"
     return None
 
 
 SysctlValue = Annotated[
-    str, BeforeValidator(_scalar_text, json_schema_input_type=int | float | str | bool)
+    str, BeforeValidator(_scalar_text, json_schema_input_type=int | float | str | bool),
+    AfterValidator(single_line),
 ]
 
 
@@ -184,11 +199,11 @@ class Mount(StrictModel):
     """A mount persisted as a systemd .mount unit (never /etc/fstab)."""
 
     mnt_tgt: AbsPath
-    device: Text
-    type: Text
-    options: Text | None = None  # as Divingbell: no Options= line unless given
-    before: Text = "docker.service"
-    after: Text = "network-online.target"
+    device: UnitValue
+    type: UnitValue
+    options: UnitValue | None = None  # as Divingbell: no Options= line unless given
+    before: UnitValue = "docker.service"
+    after: UnitValue = "network-online.target"
 
 
 class MountsConf(RootModel[Annotated[dict[str, Mount], BeforeValidator(_check_name_keys)]]):
@@ -242,8 +257,16 @@ class EthtoolInterface(BaseModel):
 def _interface_name(value: Any) -> Any:
     if isinstance(value, dict):
         for key in value:
-            if not re.match(r"^[^/\s:]{1,15}$", str(key)) or str(key) in (".", ".."):
+            if not re.match(r"^[A-Za-z0-9_.@+-]{1,15}$", str(key)) or str(key) in (".", ".."):
                 raise ValueError(f"{key!r} is not a network interface name")
+            settings = value[key]
+            groups = [settings] + [settings.get(g) for g in ("ring", "channels", "coalesce")
+                                   if isinstance(settings, dict)]
+            for group in groups:
+                for name in group if isinstance(group, dict) else ():
+                    if not re.match(r"^[A-Za-z0-9_-]{1,64}$", str(name)):
+                        # These names land in a unit's ExecStart= line.
+                        raise ValueError(f"{key}: {name!r} is not an ethtool setting name")
     return value
 
 
@@ -264,7 +287,7 @@ LIMIT_ITEMS = (
 
 def _limit_value(value: Any) -> str:
     text = _plain_text(value).strip()
-    if text in ("unlimited", "infinity", "-1") or re.match(r"^-?[0-9]+$", text):
+    if text in ("unlimited", "infinity", "-1") or re.match(r"^-?[0-9]{1,19}$", text):
         return text
     raise ValueError(f"{text!r} is not a limit: use a whole number, unlimited or infinity")
 
@@ -309,6 +332,7 @@ def _mode(value: Any) -> str:
 def _interval(value: Any) -> int | Literal["infinite"]:
     if value == "infinite":
         return "infinite"
+    value = whole_seconds(value)
     if isinstance(value, bool):
         raise ValueError(f"must be a number of seconds or 'infinite', not {value!r}")
     try:
@@ -331,8 +355,8 @@ class PermPath(StrictModel):
     """Owner, group and mode for every path matching a glob."""
 
     path: AbsPath
-    owner: Text
-    group: Text
+    owner: IdName
+    group: IdName
     permissions: FileMode
 
 
@@ -359,7 +383,7 @@ CRYPT_PREFIXES = ("$1$", "$5$", "$6$", "$y$", "$2b$")
 
 
 def _ssh_key(value: Any) -> str:
-    text = _plain_text(value).strip()
+    text = single_line(_plain_text(value).strip())
     parts = text.split(None, 2)
     if len(parts) < 2 or parts[0] not in SSH_KEY_TYPES:
         raise ValueError(
@@ -383,7 +407,8 @@ def _ssh_keys(value: Any) -> Any:
 
 def _crypt(value: Any) -> Any:
     text = value.get_secret_value() if isinstance(value, SecretStr) else _plain_text(value)
-    if not text.startswith(CRYPT_PREFIXES) or len(text.split("$")) < 4 or ":" in text:
+    if not text.startswith(CRYPT_PREFIXES) or len(text.split("$")) < 4 or not re.match(
+            r"^[A-Za-z0-9./$=,+-]+$", text):
         raise ValueError(
             "must be a crypt(3) hash in one of the formats " + " ".join(CRYPT_PREFIXES)
             + " (not a plain password)"
@@ -440,11 +465,11 @@ PackageName = Annotated[str, BeforeValidator(_package_name, json_schema_input_ty
 
 
 class DebconfAnswer(StrictModel):
-    question: Text
+    question: SingleLine
     question_type: Literal[
         "boolean", "string", "select", "multiselect", "note", "text", "password", "title"
     ]
-    answer: Text
+    answer: SingleLine
 
 
 _VERSION = re.compile(r"^(\d+:)?[0-9][A-Za-z0-9.+~:-]*$")
@@ -476,10 +501,10 @@ def _package_shape(value: Any) -> str:
 
 
 class Repository(StrictModel):
-    url: Text
-    distributions: Annotated[list[Text], Field(min_length=1)]
-    components: list[Text] = []
-    architectures: list[Text] = []
+    url: SingleLine
+    distributions: Annotated[list[SingleLine], Field(min_length=1)]
+    components: list[SingleLine] = []
+    architectures: list[SingleLine] = []
     gpgkey: Text | None = None
 
     @model_validator(mode="after")
@@ -552,20 +577,178 @@ class AppArmorConf(StrictModel):
 class Script(StrictModel):
     data: str
     args: list[Text] = []
-    env: dict[str, Text] = {}
+    env: dict[EnvName, Text] = {}
     rerun_policy: RerunPolicy = "always"
     # always: None reruns on every apply; N at most every N seconds; infinite: never again.
     rerun_interval: Interval | None = None
     # once_successfully: None retries on every apply; N at most every N seconds.
     retry_interval: Interval | None = None
     timeout: Annotated[
-        int, Field(ge=1, validation_alias=AliasChoices("timeout", "script_timeout"))
+        int, BeforeValidator(whole_seconds),
+        Field(ge=1, le=MAX_SECONDS, validation_alias=AliasChoices("timeout", "script_timeout"))
     ] = 1800
     blocking_policy: Literal["foreground", "foreground_halt_pod_on_failure"] = "foreground"
 
 
 class ExecConf(RootModel[Annotated[dict[str, Script], BeforeValidator(_check_name_keys)]]):
     pass
+
+
+# maintenance (issue 15: reboots and drains, a few nodes at a time) ---------------------------
+# Not a host module: the agent's maintenance sequence reads it (divingbell.maintenance), with
+# the same override rules as the modules (conf.overrides.divingbell_maintenance).
+
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(value: Any) -> float:
+    """`15m`, `1h30m`, `90s`, or a plain number of seconds, as seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a duration like 90s, 15m or 1h30m, not {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = _plain_text(value).strip()
+        match = _DURATION.match(text)
+        if text.isdigit():
+            seconds = float(text)
+        elif not text or match is None:
+            raise ValueError(f"{text!r} is not a duration: use e.g. 90s, 15m or 1h30m")
+        else:
+            hours, minutes, secs = (float(g or 0) for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+    if seconds <= 0:
+        raise ValueError(f"must be longer than zero (got {value!r})")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=str | int)]
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _clock_time(value: Any) -> str:
+    text = _plain_text(value).strip()
+    match = re.match(r"^([01]?\d|2[0-3]):([0-5]\d)$", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a time of day: use HH:MM (24-hour), like \"02:00\"")
+    return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+
+def _time_zone(value: Any) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    text = _plain_text(value).strip()
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{text!r} is not a time zone known to this host's tzdata "
+                         "(use an IANA name like Europe/Paris or UTC)") from None
+    return text
+
+
+def _weekday(value: Any) -> str:
+    text = _plain_text(value).strip().lower()[:3]
+    if text not in WEEKDAYS:
+        raise ValueError(f"{value!r} is not a day: use {', '.join(WEEKDAYS)}")
+    return text
+
+
+def _label_selector(value: Any) -> str:
+    from divingbell.maintenance.selectors import parse_selector
+
+    text = _plain_text(value).strip()
+    parse_selector(text)  # raises ValueError naming the bad requirement
+    return text
+
+
+def _regex(value: Any) -> str:
+    text = _plain_text(value)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"{text!r} is not a regular expression: {exc}") from None
+    return text
+
+
+ClockTime = Annotated[str, BeforeValidator(_clock_time, json_schema_input_type=str)]
+TimeZone = Annotated[str, BeforeValidator(_time_zone, json_schema_input_type=str)]
+Weekday = Annotated[str, BeforeValidator(_weekday, json_schema_input_type=str)]
+Selector = Annotated[str, BeforeValidator(_label_selector, json_schema_input_type=str)]
+Regex = Annotated[str, BeforeValidator(_regex, json_schema_input_type=str)]
+
+
+class MaintenanceWindow(StrictModel):
+    """When maintenance may *start*, in local time; `days` are the days a window opens (a
+    window from 22:00 to 04:00 opened on a Friday ends on Saturday morning)."""
+
+    days: list[Weekday] = list(WEEKDAYS)
+    start: ClockTime
+    end: ClockTime
+    timezone: TimeZone = "UTC"
+
+    @model_validator(mode="after")
+    def _check(self) -> MaintenanceWindow:
+        if self.start == self.end:
+            raise ValueError("start and end are equal: a window needs a length (leave "
+                             "`window` out to allow maintenance at any time)")
+        if not self.days:
+            raise ValueError("days is empty: the window would never open")
+        return self
+
+
+class PodBlocker(StrictModel):
+    selector: Selector
+
+
+class AlertBlocker(StrictModel):
+    prometheus: Text
+    match: Regex = ".*"
+    timeout: Duration = 10.0
+
+    @field_validator("prometheus")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL of a Prometheus server")
+        return value.rstrip("/")
+
+
+class Blockers(StrictModel):
+    pods: PodBlocker | None = None
+    alerts: AlertBlocker | None = None
+
+
+class Drain(StrictModel):
+    timeout: Duration = 900.0
+    grace_period: Duration = 60.0
+    on_timeout: Literal["abort", "force"] = "abort"
+    pod_selector: Selector = ""
+
+
+class Health(StrictModel):
+    timeout: Duration = 1200.0
+
+
+REBOOT_TRIGGERS = ("reboot-required", "requested")
+
+
+class Reboot(StrictModel):
+    strategy: Literal["reboot", "kexec", "poweroff", "none"] = "reboot"
+    when: list[Literal[REBOOT_TRIGGERS]] = list(REBOOT_TRIGGERS)  # type: ignore[valid-type]  # noqa: RUF100
+    concurrency: Annotated[int, Field(ge=1, le=1000)] = 1
+    group_by: Text | None = None
+    window: MaintenanceWindow | None = None
+    blockers: Blockers = Blockers()
+    drain: Drain = Drain()
+    health: Health = Health()
+    # Extensions: how long a slot outlives its holder's last renewal (longer than a reboot
+    # takes), and how long to wait after an aborted attempt.
+    slot_ttl: Duration = 1800.0
+    retry_after: Duration = 1800.0
+
+
+class MaintenanceConf(StrictModel):
+    reboot: Reboot = Reboot()
 
 
 # overrides ------------------------------------------------------------------------------------
@@ -600,6 +783,7 @@ class Overrides(StrictModel):
     divingbell_perm: ModuleOverrides | None = None
     divingbell_apparmor: ModuleOverrides | None = None
     divingbell_exec: ModuleOverrides | None = None
+    divingbell_maintenance: ModuleOverrides | None = None
 
 
 # the document ---------------------------------------------------------------------------------
@@ -614,6 +798,7 @@ class Conf(StrictModel):
     perm: PermConf | None = None
     apparmor: AppArmorConf | None = None
     exec: ExecConf | None = None
+    maintenance: MaintenanceConf | None = None
     overrides: Overrides | None = None
     # Divingbell chart settings, accepted so its values files load unchanged; they have no
     # meaning for an agent on the node and `validate` says so.
@@ -628,6 +813,9 @@ class Document(StrictModel):
     # What the agent does when the host drifts from the document between applies: put it
     # back (correct) or only report it (report: metrics, a node event, the status annotation).
     drift: Literal["correct", "report"] = "correct"
+    # A document that would remove more than it keeps on a node is refused (an empty or
+    # truncated document must never roll a node back) unless it says so here.
+    allow_mass_removal: bool = False
 
 
 MODULE_MODELS: dict[str, type[BaseModel]] = {
@@ -641,6 +829,9 @@ MODULE_MODELS: dict[str, type[BaseModel]] = {
     "apparmor": AppArmorConf,
     "exec": ExecConf,
 }
+
+SECTION_MODELS: dict[str, type[BaseModel]] = {**MODULE_MODELS, "maintenance": MaintenanceConf}
+"""Every section with overrides: the host modules, then the agent's maintenance section."""
 
 MERGE_KEY_CANONICALIZERS = {"sysctl": canonical_sysctl_key}
 """Modules whose mapping keys have several spellings: overrides merge by the canonical one."""

@@ -19,7 +19,8 @@ from pydantic import BaseModel, RootModel, ValidationError
 from divingbell.document.loader import Loaded
 from divingbell.document.overrides import Applied, merge_module, select_override
 from divingbell.document.paths import PathKey, format_path
-from divingbell.document.schema import MODULE_MODELS, MODULE_NAMES, Document
+from divingbell.document.schema import SECTION_MODELS, Document
+from divingbell.document.types import strings_with_nul
 from divingbell.errors import DocumentError, Problem
 
 
@@ -55,8 +56,21 @@ class NodeConfig:
         }
 
 
-def validate(loaded: Loaded) -> ValidDocument:
-    problems: list[Problem] = []
+def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
+    """`allow_empty`: a document without `conf:` (an empty file) means "nothing on this node"
+    instead of an error; removing everything must be asked for."""
+    problems: list[Problem] = [
+        Problem(format_path(path), "must not contain a NUL character", loaded.location(path))
+        for path in strings_with_nul(loaded.data)
+    ]
+    if "conf" not in loaded.data and not allow_empty:
+        where = loaded.sources[0] if loaded.sources else None
+        problems.append(Problem(
+            "conf", "the document has no `conf:` (an empty or truncated file?). divingbell "
+            "never takes a missing document to mean \"remove everything\": write `conf: {}` "
+            "or run `divingbell apply --allow-empty` if that is what you want", where))
+    if problems:
+        raise DocumentError(problems)
     try:
         model = Document.model_validate(loaded.data)
     except ValidationError as exc:
@@ -65,7 +79,7 @@ def validate(loaded: Loaded) -> ValidDocument:
     raw_conf = loaded.data.get("conf") if isinstance(loaded.data.get("conf"), Mapping) else {}
     overrides = (raw_conf or {}).get("overrides")
     if isinstance(overrides, Mapping):
-        for module in MODULE_NAMES:
+        for module in SECTION_MODELS:
             problems.extend(_check_module_overrides(loaded, raw_conf or {}, module))
     if problems:
         raise DocumentError(_unique(problems))
@@ -84,7 +98,7 @@ def resolve(document: ValidDocument, node: str, labels: Mapping[str, str]) -> No
     overrides = raw_conf.get("overrides") or {}
     modules: dict[str, BaseModel] = {}
     applied: dict[str, Applied] = {}
-    for module in MODULE_NAMES:
+    for module in SECTION_MODELS:
         base = raw_conf.get(module)
         chosen = select_override(overrides.get(f"divingbell_{module}") or {}, node, labels, module)
         if chosen is not None:
@@ -95,7 +109,7 @@ def resolve(document: ValidDocument, node: str, labels: Mapping[str, str]) -> No
         if base is None:
             continue
         # Validated already (base and every override merged); this cannot fail for a valid doc.
-        modules[module] = MODULE_MODELS[module].model_validate(base)
+        modules[module] = SECTION_MODELS[module].model_validate(base)
     return NodeConfig(node, dict(labels), modules, applied)
 
 
@@ -114,13 +128,13 @@ def _check_module_overrides(
             if isinstance(conf, Mapping):
                 path: PathKey = ("conf", "overrides", f"divingbell_{module}", kind, index, "conf")
                 entries.append((path, conf))
-    base_errors = _error_locs(MODULE_MODELS[module], raw_conf.get(module) or {})
+    base_errors = _error_locs(SECTION_MODELS[module], raw_conf.get(module) or {})
     for path, conf in entries:
         for key in conf:
             if key != module:
                 hint = (
                     f"; put it under conf.overrides.divingbell_{key}"
-                    if key in MODULE_MODELS else ""
+                    if key in SECTION_MODELS else ""
                 )
                 problems.append(Problem(
                     format_path((*path, key)),
@@ -131,7 +145,7 @@ def _check_module_overrides(
             continue
         merged = merge_module(module, raw_conf.get(module) or {}, conf[module])
         try:
-            MODULE_MODELS[module].model_validate(merged)
+            SECTION_MODELS[module].model_validate(merged)
         except ValidationError as exc:
             # A problem the base conf has on its own is reported once, at the base.
             own = [
@@ -235,7 +249,7 @@ def _allowed_keys(prefix: PathKey, loc: tuple[Any, ...]) -> list[str]:
     """The field names valid at `loc` (relative to the model `prefix` is validated with)."""
     if prefix:
         module = str(prefix[-1])
-        current: Any = MODULE_MODELS.get(module)
+        current: Any = SECTION_MODELS.get(module)
     else:
         current = Document
     for part in loc:

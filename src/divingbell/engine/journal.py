@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from divingbell.errors import DivingbellError
 from divingbell.host import Host
 
 STATE_DIR = "/var/lib/divingbell"
 JOURNAL_FILE = f"{STATE_DIR}/journal.json"
 LAST_RUN_FILE = f"{STATE_DIR}/last-run.json"
+PREVIOUS_FILE = f"{STATE_DIR}/journal.prev.json"
 FORMAT_VERSION = 1
 
 
@@ -26,10 +30,25 @@ class ModuleRecord:
     originals: dict[str, str | None] = field(default_factory=dict)
     owned_files: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
+    # Directories divingbell made (for an owned file or a mount point): removed once empty.
+    created_dirs: list[str] = field(default_factory=list)
+    # path -> [mode, uid, gid] of an original file, so it comes back exactly as it was.
+    file_modes: dict[str, list[int]] = field(default_factory=dict)
+    # Set by the engine while the module applies: saves the journal now. A module calls it
+    # after recording an intent (a user about to be created) and before acting on it.
+    checkpoint: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def save_intent(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint()
 
     @property
     def empty(self) -> bool:
-        return not (self.originals or self.owned_files or self.state)
+        return not (self.originals or self.owned_files or self.state or self.created_dirs)
+
+    def note_created_dir(self, path: str) -> None:
+        if path not in self.created_dirs:
+            self.created_dirs = sorted([*self.created_dirs, path])
 
     def owns(self, path: str) -> bool:
         return path in self.owned_files
@@ -45,7 +64,13 @@ class ModuleRecord:
         return copy.deepcopy(self)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"originals": self.originals, "owned_files": self.owned_files, "state": self.state}
+        out: dict[str, Any] = {"originals": self.originals, "owned_files": self.owned_files,
+                               "state": self.state}
+        if self.created_dirs:
+            out["created_dirs"] = self.created_dirs
+        if self.file_modes:
+            out["file_modes"] = self.file_modes
+        return out
 
 
 @dataclass
@@ -66,18 +91,45 @@ class Journal:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Journal:
+    def from_dict(cls, data: Any) -> Journal:
+        """Strictly: anything but the exact shape this version writes is an error, because a
+        journal misread is an original lost."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the top level is {type(data).__name__}, not an object")
         version = data.get("version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"journal format {version!r} is not {FORMAT_VERSION}")
-        return cls({
-            name: ModuleRecord(
-                originals=dict(raw.get("originals", {})),
-                owned_files=list(raw.get("owned_files", [])),
-                state=dict(raw.get("state", {})),
-            )
-            for name, raw in data.get("modules", {}).items()
-        })
+        if version != FORMAT_VERSION or isinstance(version, bool):
+            raise ValueError(f"journal format {version!r} is not {FORMAT_VERSION} (written by "
+                             "another divingbell version?)")
+        modules = data.get("modules", {})
+        if not isinstance(modules, dict):
+            raise ValueError("`modules` is not an object")
+        out: dict[str, ModuleRecord] = {}
+        for name, raw in modules.items():
+            where = f"modules.{name}"
+            if not isinstance(raw, dict):
+                raise ValueError(f"{where} is not an object")
+            originals = raw.get("originals", {})
+            if not isinstance(originals, dict) or not all(
+                    isinstance(v, str) or v is None for v in originals.values()):
+                raise ValueError(f"{where}.originals is not an object of strings")
+            owned = raw.get("owned_files", [])
+            if not isinstance(owned, list) or not all(isinstance(p, str) for p in owned):
+                raise ValueError(f"{where}.owned_files is not a list of paths")
+            state = raw.get("state", {})
+            if not isinstance(state, dict):
+                raise ValueError(f"{where}.state is not an object")
+            dirs = raw.get("created_dirs", [])
+            if not isinstance(dirs, list) or not all(isinstance(p, str) for p in dirs):
+                raise ValueError(f"{where}.created_dirs is not a list of paths")
+            modes = raw.get("file_modes", {})
+            if not isinstance(modes, dict) or not all(
+                    isinstance(m, list) and len(m) == 3
+                    and all(isinstance(i, int) and not isinstance(i, bool) for i in m)
+                    for m in modes.values()):
+                raise ValueError(f"{where}.file_modes is not an object of [mode, uid, gid]")
+            out[str(name)] = ModuleRecord(dict(originals), list(owned), dict(state),
+                                          list(dirs), {k: list(v) for k, v in modes.items()})
+        return cls(out)
 
 
 class JournalStore(Protocol):
@@ -87,28 +139,92 @@ class JournalStore(Protocol):
 
 class FileJournalStore:
     """The journal as one JSON file, written atomically, readable by root only (it may hold
-    originals of sensitive settings)."""
+    originals of sensitive settings). The journal as it was when the last apply started is
+    kept as a previous generation (journal.prev.json) to recover from."""
 
     def __init__(self, host: Host) -> None:
         self.host = host
         self._last_saved: str | None = None
 
-    def load(self) -> Journal:
-        text = self.host.read_text(JOURNAL_FILE)
+    def load(self, *, adopt: bool = False) -> Journal:
+        """The journal; a clear JournalError (before anything changes) when it is damaged or
+        missing while divingbell's own files are on the host. `adopt`: start a fresh journal
+        that owns those files (they are deleted, not restored, when they leave the document)."""
+        self._check_state_dir()
+        try:
+            text = self.host.read_text(JOURNAL_FILE)
+        except OSError as exc:
+            raise JournalCorrupt(self._damaged(f"cannot be read: {exc.strerror or exc}")
+                                 ) from None
         if text is None:
-            return Journal()
+            return self._fresh(adopt)
         self._last_saved = text
         try:
             return Journal.from_dict(json.loads(text))
-        except (ValueError, AttributeError, TypeError) as exc:
-            raise JournalCorrupt(f"{self.host.path(JOURNAL_FILE)} is unreadable: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            why = "is empty (truncated?)" if not text.strip() else f"is damaged: {exc}"
+            raise JournalCorrupt(self._damaged(why)) from None
+
+    def _check_state_dir(self) -> None:
+        info = self.host.lstat(STATE_DIR, follow=True)
+        if info is not None and not stat.S_ISDIR(info.st_mode):
+            raise JournalCorrupt(f"{self.host.path(STATE_DIR)} is not a directory; divingbell "
+                                 "keeps its journal there. Move it away and see "
+                                 "docs/hardening.md (journal recovery).")
+        journal = self.host.lstat(JOURNAL_FILE, follow=True)
+        if journal is not None and not stat.S_ISREG(journal.st_mode):
+            raise JournalCorrupt(self._damaged("is not a regular file"))
+
+    def _damaged(self, why: str) -> str:
+        where = self.host.path(JOURNAL_FILE)
+        previous = self.host.lstat(PREVIOUS_FILE, follow=True)
+        advice = ("`divingbell recover --root ROOT --previous` puts back the previous generation "
+                  f"({self.host.path(PREVIOUS_FILE)}, from the start of the last apply) and then "
+                  "plans as usual" if previous is not None else
+                  "no previous generation exists; `divingbell recover --root ROOT --adopt` "
+                  "starts a fresh journal that owns divingbell's files found on the host")
+        return (f"{where} {why}. Nothing was changed. {advice}; see docs/hardening.md "
+                "(journal recovery).")
+
+    def _fresh(self, adopt: bool) -> Journal:
+        found = find_owned_files(self.host)
+        if not found:
+            return Journal()
+        if not adopt:
+            shown = ", ".join(path for _, path in found[:5]) + (
+                f" (+{len(found) - 5} more)" if len(found) > 5 else "")
+            previous = self.host.lstat(PREVIOUS_FILE, follow=True) is not None
+            raise JournalMissing(
+                f"{self.host.path(JOURNAL_FILE)} is missing, but files divingbell wrote are on "
+                f"this host: {shown}. Without the journal, the originals they replaced are "
+                "unknown, and applying now would take divingbell's own files for originals. "
+                "Nothing was changed. "
+                + ("Run `divingbell recover --root ROOT --previous` to put back the previous "
+                   "journal generation, or " if previous else "Run ")
+                + "`divingbell apply --adopt ...` (or `divingbell recover --root ROOT --adopt`) "
+                "to start a fresh journal that owns these files; see docs/hardening.md.")
+        journal = Journal()
+        for module, path in found:
+            journal.record(module).own(path)
+        return journal
+
+    def keep_previous(self) -> None:
+        """Keep the journal as it is now as the previous generation (start of an apply)."""
+        if self._last_saved is not None:
+            self._ensure_state_dir()
+            self.host.write_atomic(PREVIOUS_FILE, self._last_saved, mode=0o600)
 
     def save(self, journal: Journal) -> None:
         text = json.dumps(journal.as_dict(), indent=2, sort_keys=True) + "\n"
         if text == self._last_saved:
             return
-        self._ensure_state_dir()
-        self.host.write_atomic(JOURNAL_FILE, text, mode=0o600)
+        try:
+            self._ensure_state_dir()
+            self.host.write_atomic(JOURNAL_FILE, text, mode=0o600)
+        except OSError as exc:
+            raise JournalWriteError(
+                f"cannot write {self.host.path(JOURNAL_FILE)}: {exc.strerror or exc}; the "
+                "change it was to record was not made") from None
         self._last_saved = text
 
     def save_last_run(self, report: dict[str, Any]) -> None:
@@ -116,10 +232,13 @@ class FileJournalStore:
         self.host.write_atomic(LAST_RUN_FILE, json.dumps(report, indent=2) + "\n", mode=0o600)
 
     def load_last_run(self) -> dict[str, Any] | None:
-        text = self.host.read_text(LAST_RUN_FILE)
+        try:
+            text = self.host.read_text(LAST_RUN_FILE)
+        except OSError:
+            return None
         if text is None:
             return None
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             loaded = json.loads(text)
             return loaded if isinstance(loaded, dict) else None
         return None
@@ -130,11 +249,75 @@ class FileJournalStore:
 
 def ensure_state_dir(host: Host) -> None:
     """divingbell's state directory, readable by root only."""
-    directory = host.path(STATE_DIR)
-    directory.mkdir(parents=True, exist_ok=True)
-    if directory.stat().st_mode & 0o777 != 0o700:
-        directory.chmod(0o700)
+    try:
+        host.makedirs(STATE_DIR, 0o700)
+        info = host.lstat(STATE_DIR, follow=True)
+        if info is not None and not stat.S_ISDIR(info.st_mode):
+            raise JournalCorrupt(f"{host.path(STATE_DIR)} is not a directory")
+        if info is not None and info.st_mode & 0o777 != 0o700:
+            host.chmod_dir(STATE_DIR, 0o700)
+    except OSError as exc:
+        raise JournalCorrupt(f"{host.path(STATE_DIR)}: {exc.strerror or exc}; divingbell keeps "
+                             "its journal there (see docs/hardening.md)") from None
 
 
-class JournalCorrupt(Exception):
+# Where each module's owned files live, and how divingbell names them: with the header every
+# owned file starts with, this finds divingbell's files on a host whose journal is gone.
+OWNED_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("sysctl", "/etc/sysctl.d/60-divingbell.conf"),
+    ("limits", "/etc/security/limits.d/60-divingbell-*.conf"),
+    ("mounts", "/etc/systemd/system/*.mount"),
+    ("ethtool", "/etc/systemd/system/divingbell-ethtool-*.service"),
+    ("apt", "/etc/apt/sources.list.d/divingbell-*.sources"),
+    ("apt", "/etc/apt/keyrings/divingbell-*.asc"),
+    ("apt", "/etc/apt/preferences.d/divingbell.pref"),
+    ("uamlite", "/etc/sudoers.d/divingbell-*"),
+)
+OWNED_HEADER = "Managed by divingbell"
+
+
+def find_owned_files(host: Host) -> list[tuple[str, str]]:
+    """(module, path) of every file on the host that says divingbell wrote it."""
+    found: list[tuple[str, str]] = []
+    for module, pattern in OWNED_PATTERNS:
+        for path in host.glob(pattern):
+            try:
+                head = (host.read_text(path) or "")[:4096]
+            except OSError:
+                continue
+            if OWNED_HEADER in head or (module == "apt" and "divingbell-" in path):
+                found.append((module, path))
+    for home in _homes(host):
+        path = f"{home.rstrip('/')}/.ssh/authorized_keys"
+        try:
+            head = (host.read_text(path) or "")[:4096]
+        except OSError:
+            continue
+        if OWNED_HEADER in head:
+            found.append(("uamlite", path))
+    return found
+
+
+def _homes(host: Host) -> list[str]:
+    try:
+        text = host.read_text("/etc/passwd") or ""
+    except OSError:
+        return []
+    return sorted({f[5] for f in (line.split(":") for line in text.splitlines())
+                   if len(f) >= 7 and f[5].startswith("/") and f[5] != "/"})
+
+
+class JournalError(DivingbellError):
+    """The journal cannot be trusted; nothing was changed. The message says how to recover."""
+
+
+class JournalCorrupt(JournalError):
+    pass
+
+
+class JournalMissing(JournalError):
+    pass
+
+
+class JournalWriteError(JournalError):
     pass

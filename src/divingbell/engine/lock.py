@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from divingbell.engine.journal import STATE_DIR, ensure_state_dir
 from divingbell.errors import LockTimeout
 from divingbell.host import Host
+from divingbell.safepath import open_in_root
 
 LOCK_FILE = f"{STATE_DIR}/apply.lock"
 
@@ -20,7 +21,12 @@ def host_lock(host: Host, timeout: float = 10.0, poll: float = 0.05) -> Iterator
     """Hold the host's apply lock; wait up to `timeout` seconds, then fail naming the holder."""
     path = host.path(LOCK_FILE)
     ensure_state_dir(host)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    root_fd = host.open_root()
+    try:
+        fd = open_in_root(root_fd, LOCK_FILE.lstrip("/"), os.O_RDWR | os.O_CREAT, 0o600,
+                          follow=False, shown=LOCK_FILE)
+    finally:
+        os.close(root_fd)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -35,8 +41,9 @@ def host_lock(host: Host, timeout: float = 10.0, poll: float = 0.05) -> Iterator
                         f"waited {timeout:g}s. Try again when it finishes."
                     ) from None
                 time.sleep(poll)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is for the message only (a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing releases the flock

@@ -16,11 +16,25 @@ from typing import Any
 
 from divingbell.document.validate import NodeConfig
 from divingbell.engine.change import Action, Change
-from divingbell.engine.files import original_of
-from divingbell.engine.journal import FileJournalStore, Journal, JournalStore
+from divingbell.engine.files import note_original_meta, original_of
+from divingbell.engine.journal import (
+    JOURNAL_FILE,
+    LAST_RUN_FILE,
+    PREVIOUS_FILE,
+    FileJournalStore,
+    Journal,
+    JournalError,
+    JournalStore,
+)
 from divingbell.engine.lock import host_lock
-from divingbell.errors import CommandError, ModuleError, OutcomeFailed
-from divingbell.host import Host
+from divingbell.errors import (
+    CommandError,
+    DivingbellError,
+    ModuleError,
+    OutcomeFailed,
+    UnsafePath,
+)
+from divingbell.host import Host, fault_point, interrupt
 from divingbell.modules import MODULE_NAMES, get
 
 ChangeListener = Callable[[Change, str], None]
@@ -104,10 +118,17 @@ class ApplyReport:
     results: list[ModuleResult]
     started: float
     finished: float
+    interrupted: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.plan.errors and not any(result.error for result in self.results)
+        return (not self.plan.errors and not self.interrupted
+                and not any(result.error for result in self.results))
+
+    @property
+    def planned_count(self) -> int:
+        return sum(1 for change in self.plan.changes if change.changes_host)
 
     @property
     def applied(self) -> list[Change]:
@@ -122,7 +143,10 @@ class ApplyReport:
         return {
             "node": self.node,
             "revision": self.revision,
-            "result": "ok" if self.ok else "failed",
+            "result": "interrupted" if self.interrupted else "ok" if self.ok else "failed",
+            "applied_count": len(self.applied),
+            "planned_count": self.planned_count,
+            "warnings": self.warnings,
             "started": self.started,
             "finished": self.finished,
             "duration_seconds": round(self.finished - self.started, 4),
@@ -149,6 +173,8 @@ def make_plan(host: Host, config: NodeConfig, journal: Journal) -> Plan:
             plan.changes = module.plan(desired, observed, record)
         except (ModuleError, CommandError) as exc:
             plan.error = str(exc)
+        except OSError as exc:  # UnsafePath among them: a path that must not be followed
+            plan.error = _os_error(exc)
         modules.append(plan)
     return Plan(config.node, modules)
 
@@ -165,8 +191,14 @@ def apply_plan(
         raise ValueError("refusing to apply a plan with errors")
     results = []
     for module_plan in plan.modules:
+        if interrupt.is_set():
+            break
         results.append(_apply_module(host, module_plan, journal, store, listener))
     return results
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived: stop between changes."""
 
 
 def _apply_module(
@@ -182,10 +214,21 @@ def _apply_module(
     snapshot = record.copy()
     # Originals reach the disk before the host changes: a crash in between leaves a journal
     # that still knows what to restore.
-    for change in module_plan.changes:
-        if change.capture_original and change.target not in record.originals:
-            record.originals[change.target] = original_of(change)
-    store.save(journal)
+    try:
+        for change in module_plan.changes:
+            if change.capture_original and change.target not in record.originals:
+                record.originals[change.target] = original_of(change)
+                note_original_meta(host, change, record)
+        store.save(journal)
+    except (JournalError, OSError) as exc:
+        journal.modules[module_plan.module] = snapshot
+        result.error = _os_error(exc) if isinstance(exc, OSError) else str(exc)
+        return result
+
+    def checkpoint() -> None:
+        store.save(journal)
+
+    record.checkpoint = checkpoint
     failures: list[str] = []  # changes done and recorded whose outcome failed
     halted = False
     try:
@@ -198,6 +241,10 @@ def _apply_module(
             for change in pending:
                 if halted:
                     break
+                if change.changes_host:
+                    if interrupt.is_set():
+                        raise Interrupted
+                    fault_point("change")
                 try:
                     result.notes.extend(module.apply(host, change, record))
                 except OutcomeFailed as exc:
@@ -211,13 +258,18 @@ def _apply_module(
                 if change.forget:
                     record.originals.pop(change.target, None)
                 result.applied.append(change)
+                # What was done reaches the disk before the next change starts.
+                store.save(journal)
                 if listener is not None and change.changes_host:
                     listener(change, "done")
             if len(deferred) == len(pending) and not halted:
                 raise deferred[0][1]
             pending = [] if halted else [change for change, _ in deferred]
-    except (ModuleError, CommandError, OSError) as exc:
-        result.error = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) else str(exc)
+    except Interrupted:
+        # Everything applied so far is done and recorded; the rest waits for the next run.
+        pass
+    except (ModuleError, CommandError, OSError, JournalError) as exc:
+        result.error = _os_error(exc) if isinstance(exc, OSError) else str(exc)
         for change in reversed(result.applied):
             if not change.changes_host:
                 continue
@@ -232,10 +284,53 @@ def _apply_module(
             # The host is as it was before this run: so is the journal.
             journal.modules[module_plan.module] = snapshot
         result.applied = []
+    finally:
+        record.checkpoint = None
     if failures and result.error is None:
         result.error = "; ".join(failures)
-    store.save(journal)
+    try:
+        store.save(journal)
+    except JournalError as exc:
+        result.error = "; ".join(filter(None, [result.error, str(exc)]))
     return result
+
+
+def _os_error(exc: OSError) -> str:
+    if isinstance(exc, UnsafePath) or not (exc.filename and exc.strerror):
+        return str(exc)
+    return f"{exc.filename}: {exc.strerror}"
+
+
+class MassRemoval(DivingbellError):
+    """The plan would remove more than it keeps, and nobody said that is intended."""
+
+
+def removal_counts(plan: Plan) -> tuple[int, int]:
+    """(removed, kept): changes that take something away (restore an original, delete a file,
+    expire or purge an account) against everything the document still has on this host."""
+    removed = kept = 0
+    for change in plan.changes:
+        taking = change.action in (Action.RESTORE, Action.DELETE) or (
+            change.action is Action.SET and change.after == "expired")
+        if taking and change.changes_host:
+            removed += 1
+        elif not change.forget and not taking:
+            kept += 1
+    return removed, kept
+
+
+def check_mass_removal(plan: Plan, allowed: bool) -> None:
+    """Refuse a plan that removes more than it keeps (an empty or truncated document rolling
+    back a node) unless `allowed` (the document's `allow_mass_removal: true`, `conf: {}`, or
+    `apply --allow-empty`)."""
+    removed, kept = removal_counts(plan)
+    if allowed or removed == 0 or removed <= kept:
+        return
+    raise MassRemoval(
+        f"refusing to apply: this document would remove {removed} thing(s) divingbell manages "
+        f"on this host and keep only {kept}, as an empty or truncated document would. Nothing "
+        "was changed. If that is intended, say so: set `allow_mass_removal: true` at the top "
+        "of the document, or run `divingbell apply --allow-empty`.")
 
 
 def apply_node(
@@ -245,19 +340,59 @@ def apply_node(
     *,
     lock_timeout: float = 10.0,
     listener: ChangeListener | None = None,
+    adopt: bool = False,
+    removal_guard: bool = False,
+    allow_mass_removal: bool = False,
 ) -> ApplyReport:
-    """Converge the host to `config` under the host lock, and record the outcome."""
+    """Converge the host to `config` under the host lock, and record the outcome.
+
+    `adopt`: the journal is missing but divingbell's own files are on the host; start a fresh
+    journal that owns them. `removal_guard`: refuse (MassRemoval) a plan that removes more
+    than it keeps unless `allow_mass_removal`.
+    """
     with host_lock(host, lock_timeout):
         started = time.time()
         store = FileJournalStore(host)
-        journal = store.load()
+        journal = store.load(adopt=adopt)
+        cleaned = clean_stale_temp_files(host, journal)
         plan = make_plan(host, config, journal)
-        results = [] if plan.errors else apply_plan(host, plan, journal, store, listener)
-        report = ApplyReport(config.node, revision, plan, results, started, time.time())
-        store.save_last_run(report.as_dict())
+        if removal_guard and not plan.errors:
+            check_mass_removal(plan, allow_mass_removal)
+        warnings = [f"removed a temp file a killed write left: {path}" for path in cleaned]
+        results: list[ModuleResult] = []
+        if not plan.errors:
+            try:
+                store.keep_previous()
+            except OSError as exc:
+                warnings.append(f"cannot keep the previous journal generation "
+                                f"({PREVIOUS_FILE}): {exc.strerror or exc}")
+            results = apply_plan(host, plan, journal, store, listener)
+        report = ApplyReport(config.node, revision, plan, results, started, time.time(),
+                             interrupted=interrupt.is_set(), warnings=warnings)
+        try:
+            store.save_last_run(report.as_dict())
+        except OSError as exc:
+            # The host and the journal are right; only the report for `status` is missing.
+            report.warnings.append(f"the outcome could not be recorded in {LAST_RUN_FILE}: "
+                                   f"{exc.strerror or exc}; `status` shows the run before")
         return report
 
 
-def plan_node(host: Host, config: NodeConfig) -> Plan:
+def clean_stale_temp_files(host: Host, journal: Journal) -> list[str]:
+    """Temp files of killed atomic writes next to every file divingbell owns or captured."""
+    paths = {JOURNAL_FILE, LAST_RUN_FILE, PREVIOUS_FILE}
+    for record in journal.modules.values():
+        paths |= set(record.owned_files)
+        paths |= {p for p in record.originals if p.startswith("/")}
+    removed = []
+    for path in sorted(paths):
+        try:
+            removed.extend(host.clean_temp_files(path))
+        except (OSError, ValueError):
+            continue
+    return removed
+
+
+def plan_node(host: Host, config: NodeConfig, *, adopt: bool = False) -> Plan:
     """What apply would do, touching nothing."""
-    return make_plan(host, config, FileJournalStore(host).load())
+    return make_plan(host, config, FileJournalStore(host).load(adopt=adopt))

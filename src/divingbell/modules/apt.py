@@ -253,13 +253,10 @@ class Apt(HostModule[AptConf, AptObserved]):
     @staticmethod
     def _foreign_sources(host: Host, record: ModuleRecord) -> list[str]:
         paths = [SOURCES_LIST]
-        directory = host.path(SOURCES_DIR)
-        if directory.is_dir():
-            paths += [f"{SOURCES_DIR}/{entry.name}" for entry in sorted(directory.iterdir())
-                      if entry.suffix in (".list", ".sources")
-                      and not entry.name.startswith("divingbell-")]
+        paths += [f"{SOURCES_DIR}/{name}" for name in host.listdir(SOURCES_DIR)
+                  if name.endswith((".list", ".sources")) and not name.startswith("divingbell-")]
         # A source divingbell blanked stays foreign: it has an original to give back.
-        return [p for p in paths if host.path(p).exists() or record.owns(p)]
+        return [p for p in paths if host.exists(p) or record.owns(p)]
 
     def _plan_transactions(self, host: Host, desired: AptConf | None, record: ModuleRecord,
                            observed: AptObserved, sources_change: bool) -> None:

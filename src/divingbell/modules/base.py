@@ -45,7 +45,7 @@ class HostModule(ABC, Generic[ConfT, ObservedT]):
         if is_file_change(change):
             apply_file(host, change, record)
         elif isinstance(change.payload, Enablement):
-            apply_enablement(host, change)
+            apply_enablement(host, change, record=record)
         elif change.changes_host:
             return self.apply_setting(host, change, record) or []
         return []

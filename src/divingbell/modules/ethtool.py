@@ -220,7 +220,7 @@ class Ethtool(HostModule[EthtoolConf, EthtoolObserved]):
             {path: host.read_text(path) for path in sorted(units)},
             {unit_name(i): is_enabled(host, unit_name(i), WANTED_BY)
              for i in set(wanted) | journal_ifaces},
-            "/usr/sbin/ethtool" if host.path("/usr/sbin/ethtool").exists() else "/sbin/ethtool",
+            "/usr/sbin/ethtool" if host.exists("/usr/sbin/ethtool") else "/sbin/ethtool",
         )
 
     def plan(self, desired: EthtoolConf | None, observed: EthtoolObserved, record: ModuleRecord

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ def decide(script: Script, last: dict[str, Any] | None, now: float) -> tuple[boo
     if last.get("hash") != digest:
         return True, "the script changed (data, args or env): a new script"
     ran = float(last.get("ran_at", 0))
-    ended = "timed out" if last.get("timed_out") else f"exit {last.get('exit')}"
+    ended = ("interrupted" if last.get("interrupted") else
+             "timed out" if last.get("timed_out") else f"exit {last.get('exit')}")
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ran))
     if script.rerun_policy == "never":
         return False, f"rerun_policy never: ran once at {when} ({ended})"
@@ -136,23 +138,35 @@ class Exec(HostModule[ExecConf, ExecObserved]):
         script = step.script
         path = f"{STORE}/{step.name}"
         host.write_atomic(path, script.data, 0o700, dir_mode=0o700)
-        host.write_atomic(f"{path}.env", "".join(f"{k}={v}\n" for k, v in script.env.items()),
+        host.write_atomic(f"{path}.env", "".join(f"{k}={shlex.quote(v)}\n"
+                                                 for k, v in script.env.items()),
                           0o600, dir_mode=0o700)
         argv = [path, *script.args] if script.data.startswith("#!") else ["/bin/sh", path,
                                                                            *script.args]
         started = self._clock()
+        # Recorded as started before it starts: killed mid-script, the journal still says it
+        # ran, so `never` never runs it twice (and once_successfully retries it).
+        scripts = dict(record.state.get("scripts", {}))
+        scripts[step.name] = {"hash": step.digest, "exit": None, "ran_at": started,
+                              "timed_out": False, "interrupted": True}
+        record.state["scripts"] = scripts
+        record.save_intent()
         done = host.run_script(argv, env=script.env, timeout=script.timeout, grace=self._grace)
         scripts = dict(record.state.get("scripts", {}))
         scripts[step.name] = {"hash": step.digest, "exit": done.returncode, "ran_at": started,
                               "timed_out": done.timed_out, "seconds": round(done.seconds, 3)}
+        if done.interrupted:
+            scripts[step.name]["interrupted"] = True
         record.state["scripts"] = scripts
-        outcome = (f"timed out after {script.timeout}s (process group killed)" if done.timed_out
+        outcome = ("interrupted (SIGTERM/SIGINT): its process group was killed"
+                   if done.interrupted else
+                   f"timed out after {script.timeout}s (process group killed)" if done.timed_out
                    else f"exit {done.returncode}")
         note = f"script {step.name}: {outcome} in {done.seconds:.2f}s"
         for label, text in (("stdout", done.stdout), ("stderr", done.stderr)):
             if text.strip():
                 note += f"\n  {label}: {_tail(text)}"
-        if done.timed_out or done.returncode != 0:
+        if done.timed_out or done.interrupted or done.returncode != 0:
             raise OutcomeFailed(self.name, [note], halt=(
                 script.blocking_policy == "foreground_halt_pod_on_failure"))
         return [note]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from divingbell.document.schema import Mount, MountsConf
 from divingbell.engine.change import Action, Change
+from divingbell.engine.files import prune_created_dirs
 from divingbell.engine.journal import ModuleRecord
 from divingbell.errors import CommandError, ModuleError
 from divingbell.host import Host
@@ -116,7 +117,16 @@ def unit_name(mount: Mount) -> str:
     return f"{escape_path(mount.mnt_tgt)}.mount"
 
 
+def _unit_text(value: str) -> str:
+    """A value in a unit file: `%` starts a systemd specifier (%h is a home), so it is doubled
+    to mean itself. Newlines and trailing backslashes never get here (document/types.py)."""
+    return value.replace("%", "%%")
+
+
 def render_unit(name: str, mount: Mount) -> str:
+    mount = mount.model_copy(update={
+        field: _unit_text(getattr(mount, field)) for field in
+        ("device", "type", "before", "after", "options") if getattr(mount, field) is not None})
     lines = [
         "# Managed by divingbell; edits here are overwritten on its next apply.",
         "[Unit]",
@@ -168,6 +178,11 @@ class Mounts(HostModule[MountsConf, MountsObserved]):
             f"{name}: {mount.mnt_tgt} is also the target of {other}"
             for name, mount in mounts.items() for other, o in mounts.items()
             if other < name and o.mnt_tgt == mount.mnt_tgt
+        ]
+        problems += [
+            f"{name}: {mount.mnt_tgt} has a symlink in its path; name the real directory "
+            "(a mount over a symlink would land wherever it points)"
+            for name, mount in sorted(mounts.items()) if not host.is_symlink_free(mount.mnt_tgt)
         ]
         if problems:
             raise ModuleError(self.name, problems)
@@ -228,23 +243,23 @@ class Mounts(HostModule[MountsConf, MountsObserved]):
 
     def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> None:
         step: MountStep = change.payload
-        created = set(record.state.get("created_dirs", []))
+        # Mount points created by earlier versions were noted in the module state.
+        for directory in record.state.pop("created_dirs", []):
+            record.note_created_dir(directory)
         if step.want is not None:
-            if not host.path(step.target).exists():
-                host.path(step.target).mkdir(parents=True)
-                created.add(step.target)
+            missing = host.missing_dirs(step.target)
+            if missing:
+                # Noted in the journal before they exist: a crash right after mkdir still
+                # leaves a journal that removes them with the mount.
+                for directory in missing:
+                    record.note_created_dir(directory)
+                record.save_intent()
+                host.makedirs(step.target)
             self._mount(host, step, step.want)
         else:
             self._unmount_or_restore(host, step)
-            if step.target in created:
-                # The mount point goes too, since divingbell made it (only if it is empty).
-                created.discard(step.target)
-                with contextlib.suppress(OSError):
-                    host.path(step.target).rmdir()
-        if created:
-            record.state["created_dirs"] = sorted(created)
-        else:
-            record.state.pop("created_dirs", None)
+            # The mount point and the parents divingbell made go too, once empty.
+            prune_created_dirs(host, step.target + "/.", record)
 
     def undo_setting(self, host: Host, change: Change) -> None:
         step: MountStep = change.payload
@@ -284,7 +299,7 @@ class Mounts(HostModule[MountsConf, MountsObserved]):
 
     def _umount(self, host: Host, target: str, unit: str) -> None:
         try:
-            if host.is_systemd_running() and host.path(unit_file(unit)).exists():
+            if host.is_systemd_running() and host.exists(unit_file(unit)):
                 systemctl(host, "stop", unit)
             else:
                 host.run(["umount", target])

@@ -7,7 +7,6 @@ Divingbell's rerun_policy/rerun_interval are accepted; divingbell enforces on ev
 
 from __future__ import annotations
 
-import glob
 import stat
 from dataclasses import dataclass
 
@@ -103,7 +102,11 @@ class Perm(HostModule[PermConf, PermObserved]):
                     problems.append(f"{entry.path}: no such file (set perm.ignore_missing to "
                                     "skip paths that may be absent)")
             for path in matches:
-                info = host.lstat(path)
+                try:
+                    info = host.lstat(path, root_links_only=True)
+                except OSError as exc:
+                    problems.append(str(exc))
+                    continue
                 if info is not None and stat.S_ISLNK(info.st_mode):
                     problems.append(f"{path}: is a symlink; name the file it points to")
                 elif uid is not None and gid is not None:
@@ -149,6 +152,4 @@ class Perm(HostModule[PermConf, PermObserved]):
 
     @staticmethod
     def _glob(host: Host, pattern: str) -> list[str]:
-        root = str(host.root).rstrip("/")
-        found = glob.glob(str(host.path(pattern)))
-        return sorted("/" + path[len(root):].lstrip("/") for path in found)
+        return host.glob(pattern)

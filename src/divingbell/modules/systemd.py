@@ -7,13 +7,17 @@ host, it is told (daemon-reload) and units are started and stopped through it.
 
 from __future__ import annotations
 
-import os
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from divingbell.engine.change import Action, Change
-from divingbell.engine.files import FileSpec, plan_file
+from divingbell.engine.files import (
+    FileSpec,
+    note_dirs_to_create,
+    plan_file,
+    prune_created_dirs,
+)
 from divingbell.engine.journal import ModuleRecord
 from divingbell.host import Host
 
@@ -46,7 +50,7 @@ def wants_link(unit: str, wanted_by: str) -> str:
 
 
 def is_enabled(host: Host, unit: str, wanted_by: str) -> bool:
-    return os.path.lexists(host.path(wants_link(unit, wanted_by)))
+    return host.lstat(wants_link(unit, wanted_by)) is not None
 
 
 @dataclass(frozen=True)
@@ -92,15 +96,28 @@ def plan_unit(
     return [change for change in ordered if change is not None]
 
 
-def apply_enablement(host: Host, change: Change, *, undo: bool = False) -> None:
+def apply_enablement(host: Host, change: Change, *, undo: bool = False,
+                     record: ModuleRecord | None = None) -> None:
     target: Enablement = change.payload
     want = (change.before if undo else change.after) == "enabled"
+    link = wants_link(target.unit, target.wanted_by)
     if want:
-        host.symlink(f"../{target.unit}", wants_link(target.unit, target.wanted_by))
+        if record is not None:
+            note_dirs_to_create(host, link, record)
+        created: list[str] = []
+        try:
+            host.symlink(f"../{target.unit}", link, created=created)
+        finally:
+            for directory in created:
+                if record is not None:
+                    record.note_created_dir(directory)
     else:
         if target.start:
             systemctl(host, "stop", target.unit)
-        host.remove(wants_link(target.unit, target.wanted_by))
+        host.remove(link)
+        if record is not None:
+            # The .wants/ directory goes too when divingbell made it and it is empty now.
+            prune_created_dirs(host, link, record)
     systemctl(host, "daemon-reload")
     if want and target.start:
         systemctl(host, "start", target.unit)

@@ -19,16 +19,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from divingbell.document.schema import UamliteConf, User
+from divingbell.document.schema import CRYPT_PREFIXES, UamliteConf, User
 from divingbell.engine.change import Action, Change
 from divingbell.engine.files import FileChange, FileSpec, plan_file
 from divingbell.engine.journal import ModuleRecord
 from divingbell.errors import CommandError, ModuleError
-from divingbell.host import Host
+from divingbell.host import Host, UserDir
 from divingbell.modules.base import HostModule
+from divingbell.modules.sudoers import parse_tree
 
 SUDOERS_DIR = "/etc/sudoers.d"
-SUDO_GROUPS = ("sudo", "admin", "wheel")
 HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
 
 
@@ -52,6 +52,7 @@ class Account:
     home: str
     expired: bool
     password_digest: str  # sha256 of the hash field: compared, never shown or stored raw
+    has_password: bool = False  # a usable crypt hash (not locked, not empty)
 
 
 @dataclass
@@ -60,6 +61,10 @@ class UamliteObserved:
     groups: dict[str, set[str]]           # group -> members
     files: dict[str, str | None]          # sudoers and authorized_keys paths -> content
     keys_owner: dict[str, tuple[int, int]] = field(default_factory=dict)
+    keys_user: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> user, home
+    sudoers: dict[str, str] = field(default_factory=dict)  # the whole sudoers tree, by path
+    group_ids: dict[str, int] = field(default_factory=dict)
+    unsafe: dict[str, str] = field(default_factory=dict)  # keys path -> why it is refused
 
 
 @dataclass(frozen=True)
@@ -80,15 +85,25 @@ def parse_passwd(text: str | None) -> dict[str, tuple[int, int, str]]:
     return out
 
 
-def parse_shadow(text: str | None, today: int) -> dict[str, tuple[bool, str]]:
-    """user -> (expired, sha256 of the password field)."""
+def parse_shadow(text: str | None, today: int) -> dict[str, tuple[bool, str, bool]]:
+    """user -> (expired, sha256 of the password field, has a usable password)."""
     out = {}
     for line in (text or "").splitlines():
         fields = line.split(":")
         if len(fields) >= 8:
             expire = fields[7]
             expired = expire.isdigit() and int(expire) <= today
-            out[fields[0]] = (expired, hashlib.sha256(fields[1].encode()).hexdigest())
+            usable = fields[1].startswith(CRYPT_PREFIXES)
+            out[fields[0]] = (expired, hashlib.sha256(fields[1].encode()).hexdigest(), usable)
+    return out
+
+
+def parse_group_ids(text: str | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in (text or "").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 4 and fields[2].isdigit():
+            out.setdefault(fields[0], int(fields[2]))
     return out
 
 
@@ -113,18 +128,37 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
         passwd = parse_passwd(host.read_text("/etc/passwd"))
         shadow = parse_shadow(host.read_text("/etc/shadow"), today)
         accounts = {
-            name: Account(name, uid, gid, home, *shadow.get(name, (False, "")))
+            name: Account(name, uid, gid, home, *shadow.get(name, (False, "", False)))
             for name, (uid, gid, home) in passwd.items()
         }
         files: dict[str, str | None] = {}
         keys_owner: dict[str, tuple[int, int]] = {}
+        keys_user: dict[str, tuple[str, str]] = {}
+        unsafe: dict[str, str] = {}
         for name, account in accounts.items():
             keys = f"{account.home.rstrip('/')}/.ssh/authorized_keys"
-            files[keys] = host.read_text(keys)
             keys_owner[keys] = (account.uid, account.gid)
+            keys_user[keys] = (name, account.home)
+            try:
+                # The user controls their home: read it as sshd's StrictModes would trust it.
+                files[keys] = host.read_text(keys, user_dir=UserDir(
+                    account.home, account.uid, account.gid))
+            except (OSError, ValueError) as exc:
+                files[keys] = None
+                unsafe[keys] = str(exc)
             files[sudoers_file(name)] = host.read_text(sudoers_file(name))
         for path in record.owned_files:
-            files.setdefault(path, host.read_text(path))
+            if path not in files:
+                files[path] = host.read_text(path)
+        sudoers: dict[str, str] = {}
+
+        def read_sudoers(path: str) -> str | None:
+            text = host.read_text(path)
+            if text is not None:
+                sudoers[path] = text
+            return text
+
+        parse_tree(read_sudoers, host.listdir)
         if desired is not None:
             problems = []
             for user in desired.users:
@@ -136,10 +170,17 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
                     except CommandError as exc:
                         problems.append(f"{user.user_name}: visudo rejects its sudoers entry: "
                                         f"{exc.stderr.strip() or exc}")
+            for user in desired.users:
+                path = keys_file_of(accounts.get(user.user_name), user.user_name)
+                managed = (user.user_sshkeys is not None
+                           and "user_sshkeys" in user.model_fields_set)
+                if path in unsafe and (managed or record.owns(path)):
+                    problems.append(f"{user.user_name}: {unsafe[path]}")
             if problems:
                 raise ModuleError(self.name, problems)
-        return UamliteObserved(accounts, parse_groups(host.read_text("/etc/group")), files,
-                               keys_owner)
+        group_text = host.read_text("/etc/group")
+        return UamliteObserved(accounts, parse_groups(group_text), files, keys_owner,
+                               keys_user, sudoers, parse_group_ids(group_text), unsafe)
 
     def plan(self, desired: UamliteConf | None, observed: UamliteObserved, record: ModuleRecord
              ) -> list[Change]:
@@ -170,7 +211,10 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
                                   forget=True, payload=FileChange(None, None, own=False)))
         for path in sorted(managed - set(wanted_files) - unmanaged):
             owner = observed.keys_owner.get(path)
-            restore = FileSpec("", 0o600, owner) if owner else FileSpec("", 0o440)
+            user_home = observed.keys_user.get(path)
+            restore = (FileSpec("", 0o600, owner, owner_user=user_home[0], user_dir=user_home[1])
+                       if owner and user_home else FileSpec("", 0o600, owner) if owner
+                       else FileSpec("", 0o440))
             change = plan_file(self.name, path, None, observed.files.get(path), record,
                                restore_as=restore)
             if change is not None:
@@ -218,9 +262,13 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
         files: dict[str, FileSpec] = {}
         if user.user_sudo:
             files[sudoers_file(name)] = FileSpec(sudoers_content(name), 0o440)
-        if user.user_sshkeys is not None:  # None: [Unmanaged]
+        # None: [Unmanaged]. Not given at all (a user named only for its password or sudo):
+        # divingbell does not take the keys over, and lets go of a keys file it had.
+        if user.user_sshkeys is not None and "user_sshkeys" in user.model_fields_set:
+            account = observed.accounts.get(name)
             files[keys_file(observed, name)] = FileSpec(
-                keys_content(user.user_sshkeys), 0o600, dir_mode=0o700, owner_user=name)
+                keys_content(user.user_sshkeys), 0o600, dir_mode=0o700, owner_user=name,
+                user_dir=account.home if account else f"/home/{name}")
         return files
 
     def _check_lockout(self, desired: UamliteConf | None, observed: UamliteObserved,
@@ -231,15 +279,19 @@ class Uamlite(HostModule[UamliteConf, UamliteObserved]):
         after = ways_in(observed, {c.target: c for c in changes})
         if before and not after:
             raise ModuleError(self.name, [
-                "this document would leave no way in: no account would keep both an SSH key "
-                f"and sudo (today: {', '.join(sorted(before))}). Add one, or set "
-                "uamlite.allow_lockout: true if that is really intended"])
+                "this document would leave no way in: no account would keep both a way to log "
+                "in (an SSH key or a password) and root (uid 0, or sudo to ALL commands "
+                f"through the sudoers tree) (today: {', '.join(sorted(before))}). Add one, or "
+                "set uamlite.allow_lockout: true if that is really intended"])
 
     def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> None:
         step: AccountStep = change.payload
         if step.op == "create":
-            host.run(["useradd", "--create-home", "--shell", "/bin/bash", step.user])
+            # Recorded before useradd runs: killed right after it, the journal still knows
+            # divingbell made this account (and a later removal expires or purges it).
             record.state["created"] = sorted({*record.state.get("created", []), step.user})
+            record.save_intent()
+            host.run(["useradd", "--create-home", "--shell", "/bin/bash", step.user])
         elif step.op == "unexpire":
             host.run(["usermod", "--expiredate", "", step.user])
         elif step.op == "expire":
@@ -267,17 +319,44 @@ def _describe(content: str) -> str:
 
 
 def keys_file(observed: UamliteObserved, user: str) -> str:
-    account = observed.accounts.get(user)
+    return keys_file_of(observed.accounts.get(user), user)
+
+
+def keys_file_of(account: Account | None, user: str) -> str:
     home = account.home if account else f"/home/{user}"
     return f"{home.rstrip('/')}/.ssh/authorized_keys"
 
 
 def ways_in(observed: UamliteObserved, planned: dict[str, Change]) -> set[str]:
-    """Accounts that can log in with a key and become root, once `planned` is applied."""
+    """Accounts that can log in (an SSH key or a password) and become root (uid 0, or sudo to
+    every command through the sudoers tree), once `planned` is applied."""
     created = {c.payload.user for c in planned.values()
                if isinstance(c.payload, AccountStep) and c.payload.op == "create"}
+    passwords = {c.payload.user for c in planned.values()
+                 if isinstance(c.payload, AccountStep) and c.payload.op == "password"}
+    sudo_texts = dict(observed.sudoers)
+    for path in planned:
+        if path.startswith(SUDOERS_DIR + "/"):
+            after = _after(observed, planned, path)
+            if after is None:
+                sudo_texts.pop(path, None)
+            else:
+                sudo_texts[path] = after
+
+    def listdir(directory: str) -> list[str]:
+        prefix = directory.rstrip("/") + "/"
+        return sorted({p[len(prefix):] for p in sudo_texts if p.startswith(prefix)
+                       and "/" not in p[len(prefix):]})
+
+    tree = parse_tree(sudo_texts.get, listdir)
+    ids: dict[str, tuple[int, int]] = {n: (a.uid, a.gid) for n, a in observed.accounts.items()}
+    for name in created - set(ids):
+        ids[name] = (-1, -1)  # a new account: never uid 0, no primary group yet
+    groups = {name: (observed.group_ids.get(name, -1), members)
+              for name, members in observed.groups.items()}
+    root_capable = tree.root_users(ids, groups) | {n for n, (uid, _) in ids.items() if uid == 0}
     ways = set()
-    for name in set(observed.accounts) | created:
+    for name in root_capable:
         account = observed.accounts.get(name)
         expired = account.expired if account else False
         step = planned.get(f"user {name}")
@@ -288,9 +367,8 @@ def ways_in(observed: UamliteObserved, planned: dict[str, Change]) -> set[str]:
             continue
         keys = _after(observed, planned, keys_file(observed, name)) or ""
         has_key = any(line.strip() and not line.startswith("#") for line in keys.splitlines())
-        sudo = (name == "root" or any(name in observed.groups.get(g, set()) for g in SUDO_GROUPS)
-                or bool(_after(observed, planned, sudoers_file(name))))
-        if has_key and sudo:
+        has_password = name in passwords or (account is not None and account.has_password)
+        if has_key or has_password:
             ways.add(name)
     return ways
 

@@ -1,0 +1,119 @@
+"""SIGTERM, Ctrl-C and SIGKILL (issue 11, section 5): apply stops between changes, kills a
+running script's process group, records the outcome and says what happened; what was created
+before a kill is known to the journal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write
+
+pytestmark = pytest.mark.kernel
+
+SCRIPTS = """\
+conf:
+  exec:
+    a-slow:
+      rerun_policy: never
+      data: |
+        #!/bin/sh
+        echo $$ > /var/tmp/db-slow.pid
+        sleep 300 &
+        echo $! > /var/tmp/db-child.pid
+        wait
+    b-after:
+      data: |
+        #!/bin/sh
+        touch /var/tmp/db-after
+"""
+
+
+def start_apply(root: Path, doc: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "divingbell", "apply", "--root", str(root),
+                             "--node", "n1", str(doc)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str]) -> int:
+    for _ in range(600):
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never appeared")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+    return status != "Z"
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_during_a_script_kills_its_group_and_records_it(
+        overlay_root: Path, tmp_path: Path, signum: int, code: int) -> None:
+    doc = write(tmp_path / "doc.yaml", SCRIPTS)
+    proc = start_apply(overlay_root, doc)
+    wait_for(overlay_root / "var/tmp/db-slow.pid", proc)
+    child = wait_for(overlay_root / "var/tmp/db-child.pid", proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, out + err
+    assert "interrupted: 1 of 2 changes applied; run apply again" in err
+    assert "Traceback" not in err and "Aborted" not in err
+    assert "Stopped by a signal between two changes" in out
+    for _ in range(100):  # the group got SIGTERM then SIGKILL; give the kernel a moment
+        if not alive(child):
+            break
+        time.sleep(0.05)
+    assert not alive(child), "the script's child survived"
+    assert not (overlay_root / "var/tmp/db-after").exists()  # stopped between changes
+    last = json.loads((overlay_root / "var/lib/divingbell/last-run.json").read_text())
+    assert last["result"] == "interrupted"
+    assert (last["applied_count"], last["planned_count"]) == (1, 2)
+    # The next apply does not run the `never` script again, and finishes the rest.
+    (overlay_root / "var/tmp/db-slow.pid").unlink()
+    again = subprocess.run([sys.executable, "-m", "divingbell", "apply", "--root",
+                            str(overlay_root), "--node", "n1", str(doc)],
+                           capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not (overlay_root / "var/tmp/db-slow.pid").exists(), "the `never` script ran again"
+    assert (overlay_root / "var/tmp/db-after").exists()
+
+
+def test_a_user_created_just_before_a_kill_is_known_to_the_journal(debian_host: object,
+                                                                    tmp_path: Path) -> None:
+    from divingbell.host import Host
+
+    assert isinstance(debian_host, Host)
+    root = debian_host.root
+    subprocess.run(["chroot", str(root), "chpasswd", "--encrypted"], check=True, text=True,
+                   input="root:$6$salt$IxDD3jeSOb5eB1CX5LBsqZFVkJdido3OUILO5Ifz5iwMuTS4XMS130"
+                   "MTSuDDl3aCI6WouIL9AjRbLCelDCy.g.\n")
+    doc = write(tmp_path / "doc.yaml", "conf:\n  uamlite:\n    users:\n"
+                "      - {user_name: crashy, user_sudo: false}\n"
+                "      - {user_name: crashz, user_sudo: false}\n")
+    env = {**os.environ, "DIVINGBELL_FAULT_KILL_AT": "change:2"}  # after `crashy` is made
+    killed = subprocess.run([sys.executable, "-m", "divingbell", "apply", "--root", str(root),
+                             "--node", "n1", str(doc)], env=env, capture_output=True,
+                            text=True, check=False)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert "crashy:" in (root / "etc/passwd").read_text()
+    purge = write(tmp_path / "purge.yaml", "allow_mass_removal: true\nconf:\n  uamlite:\n    purge_expired_users: true\n"
+                  "    users: []\n")
+    done = subprocess.run([sys.executable, "-m", "divingbell", "apply", "--root", str(root),
+                           "--node", "n1", str(purge)], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "crashy:" not in (root / "etc/passwd").read_text()

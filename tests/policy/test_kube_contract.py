@@ -1,0 +1,156 @@
+"""The real adapter (lightkube) and the fake agree on the wire: the same tenant runs against
+the fake directly and through lightkube to an HTTP API server backed by another fake must send
+identical requests and reach identical results. With DIVINGBELL_TEST_KUBECONFIG set, the
+adapter also runs against that real cluster."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from divingbell.policy.kube import (
+    ClusterError,
+    ClusterNamespaces,
+    FakeCluster,
+    LightkubeCluster,
+    Request,
+)
+from divingbell.policy.server import NamespaceNotFound, NamespaceUnavailable
+from tests.policy.apistub import ApiStub
+from tests.policy.pki import ScratchCa, csr_signer
+from tests.policy.tenantworld import TENANTS, World
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown tenant homes")
+
+
+def normalised(requests: list[Request]) -> list[Request]:
+    """Requests with the random parts (a fresh key in every CSR) replaced."""
+    out = []
+    for request in requests:
+        body = copy.deepcopy(request.body)
+        if body and body.get("kind") == "CertificateSigningRequest":
+            body["spec"]["request"] = "<csr>"
+        out.append(Request(request.method, request.path, body))
+    return out
+
+
+@pytest.fixture
+def stub(ca: ScratchCa, tmp_path: Path) -> Iterator[tuple[ApiStub, World]]:
+    world = World(tmp_path, ca)
+    backend = FakeCluster(signer=csr_signer(ca, lambda: world.now[0]), clock=world.timestamp)
+    backend.put({"apiVersion": "v1", "kind": "Namespace",
+                 "metadata": {"name": "divingbell-policy"}})
+    api = ApiStub(backend)
+    yield api, world
+    api.close()
+
+
+def reset_homes(world: World) -> None:
+    for tenant in TENANTS:
+        shutil.rmtree(world.home(str(tenant["name"])) / ".kube", ignore_errors=True)
+
+
+def scenario(world: World, api: Any) -> list[Any]:
+    """Provision, renew, disable one, remove one: every kind of request the controller makes."""
+    outcomes = []
+    world.write_tenants(TENANTS)
+    outcomes.append(world.controller(api=api).run().as_dict())
+    world.now[0] = world.now[0].replace(year=world.now[0].year + 1)  # past renewal
+    world.write_tenants([{**TENANTS[0], "disabled": True}, {**TENANTS[1], "uid": 52012}])
+    outcomes.append(world.controller(api=api).run().as_dict())
+    for outcome in outcomes:
+        outcome.pop("seconds")
+        outcome.pop("source")
+    return outcomes
+
+
+def test_lightkube_and_the_fake_send_the_same_requests(stub: tuple[ApiStub, World]) -> None:
+    api, world = stub
+    start = world.now[0]
+    direct = world.cluster
+    expected = scenario(world, direct)
+    reset_homes(world)
+    world.now[0] = start
+    real = LightkubeCluster(server=api.url)
+    got = scenario(world, real)
+    assert got == expected
+    assert normalised(api.received) == normalised(direct.sent)
+    assert api.field_managers == {"divingbell-policy"}
+    assert {r.method for r in api.received} == {"GET", "POST", "PUT", "PATCH", "DELETE"}
+    assert any(r.path.endswith("/approval") for r in api.received)
+    assert any("labelSelector=" in r.path for r in api.received)
+
+
+def test_errors_keep_their_code_and_reason(stub: tuple[ApiStub, World]) -> None:
+    api, _ = stub
+    real = LightkubeCluster(server=api.url)
+    with pytest.raises(ClusterError) as caught:
+        real.get("Namespace", "nope")
+    assert (caught.value.code, caught.value.reason) == (404, "NotFound")
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "dup"}}
+    real.create(namespace)
+    with pytest.raises(ClusterError) as caught:
+        real.create(namespace)
+    assert (caught.value.code, caught.value.reason) == (409, "AlreadyExists")
+    current = real.get("Namespace", "dup")
+    real.merge_patch("Namespace", "dup", {"metadata": {"labels": {"a": "b"}}})
+    with pytest.raises(ClusterError) as caught:
+        real.replace(current)  # a stale resourceVersion
+    assert (caught.value.code, caught.value.reason) == (409, "Conflict")
+    with pytest.raises(NamespaceNotFound):
+        ClusterNamespaces(real).namespace("nope")
+    assert ClusterNamespaces(real).namespace("dup").labels == {"a": "b"}
+    with pytest.raises(NamespaceUnavailable, match="cannot reach"):
+        ClusterNamespaces(LightkubeCluster(server="http://127.0.0.1:9")).namespace("x")
+
+
+@pytest.mark.skipif(not os.environ.get("DIVINGBELL_TEST_KUBECONFIG"),
+                    reason="set DIVINGBELL_TEST_KUBECONFIG to run against a real cluster")
+def test_tenants_against_a_real_cluster(tmp_path: Path, ca: ScratchCa) -> None:
+    """The same provisioning against a real API server: its CSR signer issues the
+    certificates. Uses the prefix `dbtest-` and removes what it created."""
+    api = LightkubeCluster(os.environ["DIVINGBELL_TEST_KUBECONFIG"])
+    world = World(tmp_path, ca)
+    world.settings.update({"namespace_prefix": "dbtest-",
+                           "status": {"namespace": "default",
+                                      "configmap": "divingbell-tenants-test"}})
+    try:
+        report = world.controller(api=api).run()
+        assert report.ok, report.as_dict()
+        assert api.get("RoleBinding", "tenant", "dbtest-alice")["subjects"][0]["name"] == "alice"
+        assert (world.home("alice") / ".kube" / "config").exists()
+    finally:
+        world.write_tenants([])
+        world.settings["removal"] = {"max_per_run": 10}
+        world.controller(api=api).run()
+
+
+@pytest.mark.skipif(not os.environ.get("DIVINGBELL_TEST_KUBECONFIG"),
+                    reason="set DIVINGBELL_TEST_KUBECONFIG to run against a real cluster")
+def test_webhook_namespace_lookups_against_a_real_cluster() -> None:
+    """The webhook's decisions with namespaces read from a real API server."""
+    import json
+
+    from divingbell.policy.config import PolicyConfig
+    from divingbell.policy.server import NamespaceCache, Reviewer, parse_review, routes
+    from tests.policy.conftest import POLICY
+    from tests.policy.reviews import pod, review
+
+    api = LightkubeCluster(os.environ["DIVINGBELL_TEST_KUBECONFIG"])
+    name = "dbtest-webhook"
+    api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": name, "labels": {"tenancy": "tool"}, "annotations": {"RunAsUser": "52001"}}})
+    try:
+        reviewer = Reviewer(routes(PolicyConfig.model_validate(POLICY)),
+                            NamespaceCache(ClusterNamespaces(api)))
+        request = parse_review(json.dumps(review(pod(), namespace=name)).encode())
+        verdict = reviewer.decide(reviewer.routes["/mutate/uid"], request)
+        assert verdict.allowed and verdict.patch
+    finally:
+        api.delete("Namespace", name)
