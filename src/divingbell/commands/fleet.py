@@ -125,10 +125,23 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               help="Do not run migrations at start (run divingbell fleet migrate instead).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@click.option("--assets", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Serve DIR under /v1/assets/ for network boot (`divingbell image discovery "
+              "-o DIR` puts the discovery image there). See docs/boot.md.")
+@click.option("--public-url", metavar="URL",
+              help="The URL machines reach this service at, written into boot scripts "
+              "(default: the address each boot request came to).")
+@click.option("--boot-profiles", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
+              help="YAML: kernel, initrds and command line per boot phase and role "
+              "(default: the discovery image from --assets).")
+@click.option("--boot-token-ttl", default="15m", show_default=True, metavar="DURATION",
+              help="Lifetime of the bootstrap token a network boot carries (it only registers).")
 @bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
-          workers: int, no_migrate: bool, log_level: str, **bootstrap_settings: Any) -> None:
+          workers: int, no_migrate: bool, log_level: str, assets: str | None,
+          public_url: str | None, boot_profiles: str | None, boot_token_ttl: str,
+          **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -155,11 +168,14 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
         ttl = parse_duration(install_ttl).total_seconds()
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--install-ttl") from None
+    boot_ttl = _check_boot_options(public_url, boot_profiles, boot_token_ttl)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = FleetSettings(db_url=db_url, control_plane_size=int(control_plane_size),
                              install_parallel=install_parallel, install_ttl_seconds=ttl,
                              reports_kept=reports_kept, migrate_at_start=not no_migrate,
+                             assets_dir=assets, public_url=public_url,
+                             boot_profiles=boot_profiles, boot_token_ttl_seconds=boot_ttl,
                              **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
     common: dict[str, Any] = {"host": host, "port": port, "log_config": None,
@@ -179,6 +195,29 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
 
     os.environ[SETTINGS_ENV] = json.dumps(asdict(replace(settings, migrate_at_start=False)))
     uvicorn.run("divingbell.fleet.app:app_from_env", factory=True, workers=workers, **common)
+
+
+def _check_boot_options(public_url: str | None, boot_profiles: str | None,
+                        boot_token_ttl: str) -> float:
+    """Network-boot options checked before the service starts; returns the token TTL."""
+    from divingbell.fleet.boot import BootProfileError, check_base_url, load_profiles
+    from divingbell.fleet.tokens import parse_duration
+
+    if public_url:
+        try:
+            check_base_url(public_url)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--public-url") from None
+    if boot_profiles:
+        try:
+            load_profiles(Path(boot_profiles))
+        except BootProfileError as exc:
+            raise click.BadParameter("\n" + "\n".join(f"  {p}" for p in exc.problems),
+                                     param_hint="--boot-profiles") from None
+    try:
+        return parse_duration(boot_token_ttl).total_seconds()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--boot-token-ttl") from None
 
 
 # fleet ---------------------------------------------------------------------------------------

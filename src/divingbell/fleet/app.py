@@ -25,7 +25,15 @@ from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from divingbell import __version__
 from divingbell.fleet import migrations, service
-from divingbell.fleet.api import bootstrap, documents, machines, rollouts, slots, ui
+from divingbell.fleet.api import (
+    boot,
+    bootstrap,
+    documents,
+    machines,
+    rollouts,
+    slots,
+    ui,
+)
 from divingbell.fleet.db import Database, redact
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.settings import FleetSettings
@@ -163,6 +171,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
     app.include_router(rollouts.router)
     app.include_router(bootstrap.router)
     app.include_router(ui.router)
+    app.include_router(boot.router)
     app.mount("/ui/static", ui.static, name="ui-static")
 
     @app.get("/healthz", tags=["probes"], response_class=PlainTextResponse)

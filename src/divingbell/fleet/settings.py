@@ -27,6 +27,14 @@ class FleetSettings:
     """Credentials for the cluster's API server (node labels); default: in-cluster or ~/.kube."""
     kube_server: str | None = None
     """An unauthenticated API server URL instead (kubectl proxy, tests)."""
+    assets_dir: str | None = None
+    """Served under /v1/assets/ (the discovery image: vmlinuz, initrd.img; install hooks)."""
+    public_url: str | None = None
+    """The URL machines reach the service at, for boot scripts; default: the request's."""
+    boot_profiles: str | None = None
+    """A YAML file of boot profiles (fleet/boot.py BootProfiles); default: the discovery image."""
+    boot_token_ttl_seconds: float = 900.0
+    """Lifetime of the bootstrap token a network boot carries (it can only register)."""
 
     def __post_init__(self) -> None:
         if self.control_plane_size not in (1, 3, 5, 7):

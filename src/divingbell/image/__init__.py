@@ -1,0 +1,1 @@
+"""Boot images built from Debian packages: the network-boot discovery image (kernel + initramfs)."""
