@@ -102,6 +102,23 @@ def test_manifests_are_valid_and_fail_closed(policy_file: Path, ca: ScratchCa,
     assert all("namespaces" not in rule["resources"] for rule in tenant_role["rules"])
 
 
+def test_manifests_have_no_anchors_and_the_policy_reads_as_written(policy_file: Path,
+                                                                   ca: ScratchCa,
+                                                                   tmp_path: Path) -> None:
+    # Reviewers read these objects before giving them to the API server, and some tools
+    # reject YAML aliases: repeated rules and labels are written out, the policy as a block.
+    bundle = tmp_path / "ca.crt"
+    bundle.write_bytes(ca.pem)
+    run = divingbell("policy", "manifests", "--config", str(policy_file), "--ca-bundle",
+                     str(bundle), check=True)
+    events = list(yaml.parse(run.stdout))
+    assert not [e for e in events if isinstance(e, yaml.AliasEvent)]
+    assert not [e for e in events if getattr(e, "anchor", None)]
+    config_map = next(o for o in yaml.safe_load_all(run.stdout) if o["kind"] == "ConfigMap")
+    assert config_map["data"]["policy.yaml"] == EXAMPLE
+    assert "  policy.yaml: |\n    uid_enforcer:" in run.stdout
+
+
 def test_manifests_need_a_ca_and_only_enabled_policies_get_webhooks(
         tmp_path: Path, ca: ScratchCa) -> None:
     only = tmp_path / "only.yaml"

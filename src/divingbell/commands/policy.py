@@ -169,8 +169,7 @@ def manifests(config_path: Path, ca_bundle: Path | None, pki_dir: Path, image: s
           --cert tls.crt --key tls.key
       divingbell policy manifests --config policy.yaml --ca-bundle ca.crt | kubectl apply -f -
     """
-    import yaml
-
+    from divingbell.manifests import to_yaml
     from divingbell.policy.manifests import DEFAULT_IMAGE, build
 
     config = _load(config_path)
@@ -178,7 +177,7 @@ def manifests(config_path: Path, ca_bundle: Path | None, pki_dir: Path, image: s
     objects = build(config, config_path.read_text(), ca_bundle=bundle,
                     image=image or DEFAULT_IMAGE, replicas=replicas, timeout=timeout,
                     tenants=tenants)
-    click.echo(yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False), nl=False)
+    click.echo(to_yaml(objects), nl=False)
 
 
 def _ca_bundle(ca_bundle: Path | None, pki_dir: Path) -> bytes:
