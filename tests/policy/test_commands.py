@@ -184,6 +184,8 @@ def test_serve_answers_over_https_with_namespaces_from_the_api(
     assert process.returncode == 0, stderr
     assert "serving /mutate/automount, /mutate/uid" in stderr
     assert "uid refused Pod 'web' in tool-noanno" in stderr
+    # Namespace lookups are the HTTP client's INFO lines: noise at every review (as in the agent).
+    assert "HTTP Request:" not in stderr and "/api/v1/namespaces" not in stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown tenant homes")
@@ -260,6 +262,7 @@ def test_tenants_sync_loop_serves_metrics_and_stops_on_sigterm(tmp_path: Path,
         stub.close()
     assert process.returncode == 0, stderr
     assert "alice" in stderr and "2 active, 1 disabled" in stderr
+    assert "HTTP Request:" not in stderr
 
 
 def test_tenants_check_reads_the_source_without_a_cluster(tmp_path: Path) -> None:

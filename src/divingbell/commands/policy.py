@@ -107,10 +107,12 @@ def serve(config_path: Path, tls_cert: Path, tls_key: Path, listen: str,
     import ssl
     import threading
 
+    from divingbell.agent import configure_logging
     from divingbell.policy.server import make_server
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The HTTP client logs every API request at INFO: only divingbell's own lines at
+    # --log-level, everything else at WARNING unless debug (as the agent does).
+    configure_logging(log_level)
     config = _load(config_path)
     host, port = _address(listen)
     from divingbell.policy.kube import ClusterNamespaces, LightkubeCluster

@@ -54,15 +54,15 @@ def sync(source: str, config_path: Path | None, once: bool, interval: float,
     A source that cannot be read changes nothing. Results per tenant go to the status
     ConfigMap (status.namespace/status.configmap) and, with --once, to stdout.
     """
-    import logging
-
+    from divingbell.agent import configure_logging
     from divingbell.errors import DivingbellError, DocumentError
     from divingbell.policy.kube import LightkubeCluster
     from divingbell.policy.tenant_sources import open_source
     from divingbell.policy.tenants import Controller, load_config, make_signer
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The HTTP client logs every API request at INFO: only divingbell's own lines at
+    # --log-level, everything else at WARNING unless debug (as the agent does).
+    configure_logging(log_level)
     try:
         config = load_config(config_path)
     except DocumentError as exc:
