@@ -470,9 +470,12 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
         use_kube = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or kubeconfig is not None
     kube = None
     if use_kube:
-        from divingbell.kube import LightkubeApi
+        from divingbell.kube import KubeError, LightkubeApi
 
-        kube = LightkubeApi(kubeconfig)
+        try:
+            kube = LightkubeApi(kubeconfig)
+        except KubeError as exc:
+            raise click.ClickException(str(exc)) from None
     settings = AgentSettings(
         documents=list(files), node=name, host=_host(root, proc_sys),
         static_labels=dict(_parse_labels(labels)), labels_file=labels_file,
