@@ -446,17 +446,26 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
     import logging
     import signal
     import threading
+    from http.server import ThreadingHTTPServer
 
     from divingbell.agent import Agent, AgentSettings, configure_logging, serve
 
     configure_logging(log_level)
     address, _, port_text = listen.rpartition(":")
-    if not port_text.isdigit():
+    if not port_text.isdigit() or int(port_text) > 65535:
         raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
+
+    def listening(runner: Agent) -> ThreadingHTTPServer:
+        try:
+            return serve(runner, address or "0.0.0.0", int(port_text))
+        except OSError as exc:  # in use, not an address of this host, unknown name
+            raise click.ClickException(
+                f"cannot listen on {listen}: {exc.strerror or exc}") from None
+
     if fleet_server is not None or files == ():
         runner: Agent = _fleet_agent(fleet_server, token_file, files, _host(root, proc_sys),
                                      poll_interval, fleet_interval, drift_interval, backoff_max)
-        server_http = serve(runner, address or "0.0.0.0", int(port_text))
+        server_http = listening(runner)
         stop_fleet = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop_fleet.set())
@@ -484,7 +493,7 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
         follow_document_changes=follow_document_changes, expected_digest=document_digest,
         converge_timeout=converge_timeout)
     runner = Agent(settings, kube)
-    server = serve(runner, address or "0.0.0.0", int(port_text))
+    server = listening(runner)
     from divingbell.host import interrupt
 
     stop = threading.Event()
