@@ -73,6 +73,13 @@ CASES = {
     "repository url newline": ("conf:\n  apt:\n    repositories:\n      r: {url: "
                                '"http://x/\\nTrusted: yes", distributions: [./]}\n',
                                "conf.apt.repositories.r.url"),
+    # The name becomes /etc/apt/sources.list.d/divingbell-NAME.sources.
+    "repository name with ..": ("conf:\n  apt:\n    repositories:\n      '../../../tmp/x': "
+                                "{url: http://x/, distributions: [./]}\n",
+                                "conf.apt.repositories"),
+    "repository name apt ignores": ("conf:\n  apt:\n    repositories:\n      'a+b': "
+                                    "{url: http://x/, distributions: [./]}\n",
+                                    "conf.apt.repositories"),
     "ethtool feature with a space": ("conf:\n  ethtool:\n    eth0: {'tso on; reboot': off}\n",
                                      "conf.ethtool"),
     "interface name with a quote": ("conf:\n  ethtool:\n    'eth0\"': {tso: off}\n",

@@ -525,12 +525,30 @@ class Repository(StrictModel):
         return self
 
 
+_APT_FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _check_repository_names(value: Any) -> Any:
+    """A repository's name becomes /etc/apt/sources.list.d/divingbell-NAME.sources and
+    /etc/apt/keyrings/divingbell-NAME.asc: no `/` or `..`, and only the characters apt reads
+    in sources.list.d (it ignores a file named with anything else, `+` and `@` included)."""
+    if isinstance(value, dict):
+        for key in value:
+            text = _plain_text(key)
+            if not _APT_FILE_NAME.match(text) or ".." in text or text.startswith("."):
+                raise ValueError(f"{text!r} cannot name an apt sources file: use letters, "
+                                 "digits and . _ - (not starting with . and without ..; apt "
+                                 "silently ignores a file named otherwise)")
+    return value
+
+
 class AptConf(StrictModel):
     packages: Annotated[
         Annotated[PackageList, Tag("<list>")] | Annotated[PackageGroups, Tag("<map>")],
         Discriminator(_package_shape),
     ] = []
-    repositories: dict[str, Repository] = {}
+    repositories: Annotated[dict[str, Repository],
+                            BeforeValidator(_check_repository_names)] = {}
     upgrade: bool = False
     allow_downgrade: bool = False
     strict: bool = False
