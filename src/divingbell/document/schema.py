@@ -500,11 +500,21 @@ def _package_shape(value: Any) -> str:
     return "<map>" if isinstance(value, dict) else "<list>"
 
 
+def _deb822_word(value: str) -> str:
+    if any(c.isspace() for c in value) or not value:
+        raise ValueError(f"{value!r} must be one word: the .sources file separates URIs, "
+                         "suites and components by spaces (list them as separate items)")
+    return value
+
+
+Deb822Word = Annotated[SingleLine, AfterValidator(_deb822_word)]
+
+
 class Repository(StrictModel):
-    url: SingleLine
-    distributions: Annotated[list[SingleLine], Field(min_length=1)]
-    components: list[SingleLine] = []
-    architectures: list[SingleLine] = []
+    url: Deb822Word
+    distributions: Annotated[list[Deb822Word], Field(min_length=1)]
+    components: list[Deb822Word] = []
+    architectures: list[Deb822Word] = []
     gpgkey: Text | None = None
 
     @model_validator(mode="after")
