@@ -60,6 +60,13 @@ def test_check(policy_file: Path, tmp_path: Path) -> None:
     run = divingbell("policy", "check", "--config", str(bad))
     assert run.returncode == 2 and "uid_enforcer.enabled: must be true or false" in run.stderr
     assert f"{bad}:2" in run.stderr and "Traceback" not in run.stderr
+    # A script asking for JSON gets JSON on stdout, errors included (as `validate`).
+    run = divingbell("policy", "check", "--config", str(bad), "--format", "json")
+    assert run.returncode == 2
+    report = json.loads(run.stdout)
+    assert report["valid"] is False
+    assert report["problems"][0]["path"] == "uid_enforcer.enabled"
+    assert report["problems"][0]["location"] == f"{bad}:2"
 
 
 def test_manifests_are_valid_and_fail_closed(policy_file: Path, ca: ScratchCa,
@@ -278,3 +285,16 @@ def test_tenants_check_reads_the_source_without_a_cluster(tmp_path: Path) -> Non
     assert lines[-1] == "1 tenant(s), 1 skipped"
     bad = divingbell("tenants", "check", "--source", "ldap://127.0.0.1:9/ou=x,dc=example")
     assert bad.returncode == 1 and "error: LDAP" in bad.stderr and "Traceback" not in bad.stderr
+    report = json.loads(divingbell("tenants", "check", "--source", str(source), "--format",
+                                   "json", check=True).stdout)
+    assert report["valid"] is True and [t["name"] for t in report["tenants"]] == ["carol"]
+    bad = divingbell("tenants", "check", "--source", "ldap://127.0.0.1:9/ou=x,dc=example",
+                     "--format", "json")
+    assert bad.returncode == 1 and json.loads(bad.stdout)["valid"] is False
+    assert "LDAP" in json.loads(bad.stdout)["error"]
+    config = tmp_path / "tenants-config.yaml"
+    config.write_text("removal: {max_per_run: -1}\n")
+    bad = divingbell("tenants", "check", "--source", str(source), "--config", str(config),
+                     "--format", "json")
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout)["problems"][0]["path"] == "removal.max_per_run"

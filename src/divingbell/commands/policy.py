@@ -20,13 +20,17 @@ _config_option = click.option(
     help="The policy file (see docs/policy.md).")
 
 
-def _load(path: Path) -> PolicyConfig:
+def _load(path: Path, output_format: str = "text") -> PolicyConfig:
     from divingbell.errors import DocumentError
     from divingbell.policy.config import load_policy
 
     try:
         return load_policy(path)
     except DocumentError as exc:
+        if output_format == "json":  # as `divingbell validate --format json`
+            click.echo(json.dumps({"valid": False, "problems": [vars(p) for p in exc.problems]},
+                                  indent=2))
+            sys.exit(EXIT_INVALID)
         click.echo(f"error: the policy file is invalid ({len(exc.problems)} problem(s)):",
                    err=True)
         for problem in exc.problems:
@@ -63,7 +67,7 @@ def check(config_path: Path, output_format: str) -> None:
     """
     from divingbell.policy.server import routes
 
-    config = _load(config_path)
+    config = _load(config_path, output_format)
     enabled = {path: route.policy.name for path, route in sorted(routes(config).items())}
     if output_format == "json":
         click.echo(json.dumps({"valid": True, "routes": enabled}, indent=2))

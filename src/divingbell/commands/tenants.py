@@ -163,6 +163,10 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
     try:
         config = load_config(config_path)
     except DocumentError as exc:
+        if output_format == "json":  # as `divingbell validate --format json`
+            click.echo(json.dumps({"valid": False, "problems": [vars(p) for p in exc.problems]},
+                                  indent=2))
+            sys.exit(EXIT_INVALID)
         click.echo(f"error: the tenants config is invalid ({len(exc.problems)} problem(s)):",
                    err=True)
         for problem in exc.problems:
@@ -171,6 +175,9 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
     try:
         read = open_source(source, config.ldap, config.namespace_prefix).read()
     except DivingbellError as exc:
+        if output_format == "json":
+            click.echo(json.dumps({"valid": False, "error": str(exc)}, indent=2))
+            sys.exit(EXIT_FAILED)
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     rows: list[dict[str, object]] = []
@@ -181,7 +188,8 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
                      "uid": tenant.uid, "gid": tenant.gid, "home": home,
                      "state": "disabled" if tenant.disabled else "active"})
     if output_format == "json":
-        click.echo(json.dumps({"tenants": rows, "skipped": read.skipped}, indent=2))
+        click.echo(json.dumps({"valid": True, "tenants": rows, "skipped": read.skipped},
+                              indent=2))
         return
     from divingbell.output import table
 
