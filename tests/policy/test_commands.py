@@ -298,3 +298,21 @@ def test_tenants_check_reads_the_source_without_a_cluster(tmp_path: Path) -> Non
                      "--format", "json")
     assert bad.returncode == 2
     assert json.loads(bad.stdout)["problems"][0]["path"] == "removal.max_per_run"
+
+
+def test_tenants_sync_on_a_port_it_cannot_listen_on_says_so(tmp_path: Path) -> None:
+    source = tmp_path / "tenants.yaml"
+    source.write_text("tenants:\n  - {name: alice, uid: 52001}\n")
+    kubeconfig = kubeconfig_for("http://127.0.0.1:9", tmp_path / "kubeconfig")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for listen, code, message in [
+                (f"127.0.0.1:{port}", 1,
+                 f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+                ("127.0.0.1:99999", 2, "'127.0.0.1:99999' is not ADDR:PORT")]:
+            run = divingbell("tenants", "sync", "--source", str(source), "--kubeconfig",
+                             str(kubeconfig), "--listen", listen)
+            assert run.returncode == code, run.stderr
+            assert message in run.stderr and "Traceback" not in run.stderr

@@ -98,9 +98,13 @@ def _loop(controller: Controller, interval: float, listen: str) -> None:
 
     log = logging.getLogger("divingbell.tenants")
     host, _, port = listen.rpartition(":")
-    if not port.isdigit():
+    if not port.isdigit() or int(port) > 65535:
         raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
-    start_http_server(int(port), host or "0.0.0.0", registry=controller.metrics.registry)
+    try:
+        start_http_server(int(port), host or "0.0.0.0", registry=controller.metrics.registry)
+    except OSError as exc:  # in use, not an address of this host, unknown name
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}"
+                                   ) from None
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
