@@ -584,7 +584,15 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--document-secret") from None
     if document_secret is None:
-        from divingbell.manifests import unreadable_reason
+        from divingbell.manifests import secret_size_problem, unreadable_reason
+
+        size = sum(len(f.read_bytes()) for f in files)
+        error, note = secret_size_problem(size)
+        if error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_INVALID)
+        if note:
+            click.echo(f"note: {note}", err=True)
 
         for f in files:
             reason = unreadable_reason(f.read_text())
