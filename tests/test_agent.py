@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import pytest
 from divingbell.agent import Agent, AgentSettings, read_labels_file, serve
 from divingbell.host import Host
 from divingbell.kube import FakeKube
-from tests.conftest import NetNs
+from tests.conftest import Cli, NetNs
 
 
 class ConfigMapVolume:
@@ -318,3 +319,22 @@ def test_the_agent_process_converges_real_sysctls_in_a_namespace(
             output, _ = agent.communicate()
     assert agent.returncode == 0, output
     assert "document changed" in output and "node labels changed" in output
+
+
+def test_an_address_the_agent_cannot_listen_on_is_a_message(cli: Cli, tmp_path: Path) -> None:
+    # A port taken by another process (a second agent, node-exporter on hostNetwork), a port
+    # out of range or a name that does not resolve: one line naming --listen, not a traceback.
+    document = tmp_path / "site.yaml"
+    document.write_text("conf: {}\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for listen, code, message in [
+                (f"127.0.0.1:{port}", 1,
+                 f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+                ("127.0.0.1:99999", 2, "'127.0.0.1:99999' is not ADDR:PORT"),
+                ("no-such-host.invalid:9114", 1, "cannot listen on no-such-host.invalid:9114")]:
+            run = cli("agent", document, "--root", tmp_path, "--no-kube", "--listen", listen)
+            assert run.returncode == code, (listen, run.stderr)
+            assert message in run.stderr and "Traceback" not in run.stderr, listen

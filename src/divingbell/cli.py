@@ -487,17 +487,26 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
     import logging
     import signal
     import threading
+    from http.server import ThreadingHTTPServer
 
     from divingbell.agent import Agent, AgentSettings, configure_logging, serve
 
     configure_logging(log_level)
     address, _, port_text = listen.rpartition(":")
-    if not port_text.isdigit():
+    if not port_text.isdigit() or int(port_text) > 65535:
         raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
+
+    def listening(runner: Agent) -> ThreadingHTTPServer:
+        try:
+            return serve(runner, address or "0.0.0.0", int(port_text))
+        except OSError as exc:  # in use, not an address of this host, unknown name
+            raise click.ClickException(
+                f"cannot listen on {listen}: {exc.strerror or exc}") from None
+
     if fleet_server is not None or files == ():
         runner: Agent = _fleet_agent(fleet_server, token_file, files, _host(root, proc_sys),
                                      poll_interval, fleet_interval, drift_interval, backoff_max)
-        server_http = serve(runner, address or "0.0.0.0", int(port_text))
+        server_http = listening(runner)
         stop_fleet = threading.Event()
 
         def stop_fleet_now(*_: object) -> None:
@@ -516,9 +525,12 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
         use_kube = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or kubeconfig is not None
     kube = None
     if use_kube:
-        from divingbell.kube import LightkubeApi
+        from divingbell.kube import KubeError, LightkubeApi
 
-        kube = LightkubeApi(kubeconfig)
+        try:
+            kube = LightkubeApi(kubeconfig)
+        except KubeError as exc:
+            raise click.ClickException(str(exc)) from None
     settings = AgentSettings(
         documents=list(files), node=name, host=_host(root, proc_sys),
         static_labels=dict(_parse_labels(labels)), labels_file=labels_file,
@@ -527,7 +539,7 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
         follow_document_changes=follow_document_changes, expected_digest=document_digest,
         converge_timeout=converge_timeout)
     runner = Agent(settings, kube)
-    server = serve(runner, address or "0.0.0.0", int(port_text))
+    server = listening(runner)
     from divingbell.host import interrupt
 
     stop = threading.Event()
@@ -622,7 +634,15 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--document-secret") from None
     if document_secret is None:
-        from divingbell.manifests import unreadable_reason
+        from divingbell.manifests import secret_size_problem, unreadable_reason
+
+        size = sum(len(f.read_bytes()) for f in files)
+        error, note = secret_size_problem(size)
+        if error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_INVALID)
+        if note:
+            click.echo(f"note: {note}", err=True)
 
         for f in files:
             reason = unreadable_reason(f.read_text())

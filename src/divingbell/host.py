@@ -44,6 +44,16 @@ class Completed:
     interrupted: bool = False
 
 
+HARD_LINKED = ("has more than one hard link; changing its owner or mode would change every "
+               "name it has (a user can link /etc/shadow into their home where "
+               "fs.protected_hardlinks is off): name a file with a single link")
+
+
+def hard_linked(info: os.stat_result) -> bool:
+    """A non-directory with more than one name (as systemd-tmpfiles, CVE-2017-18078)."""
+    return not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1
+
+
 @dataclass(frozen=True)
 class Host:
     """A host root filesystem plus the kernel interfaces divingbell reads and writes.
@@ -471,11 +481,15 @@ class Host:
 
     def set_owner_mode(self, host_path: str, uid: int, gid: int, mode: int) -> None:
         """chown and chmod the path inside the root; a symlink is refused, never followed, and
-        on the way only root's own symlinks are (a user cannot redirect the chown)."""
+        on the way only root's own symlinks are (a user cannot redirect the chown). A file
+        with several hard links is refused: another of its names may be /etc/shadow."""
         fd = self._open(host_path, os.O_PATH, follow=False, root_links_only=True)
         try:
-            if stat.S_ISLNK(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if stat.S_ISLNK(info.st_mode):
                 raise UnsafePath(host_path, "is a symlink; name the file it points to")
+            if hard_linked(info):
+                raise UnsafePath(host_path, HARD_LINKED)
             # An O_PATH descriptor cannot be fchown'd; its /proc/self/fd link names exactly
             # this inode, whatever happens to the path meanwhile.
             through = f"/proc/self/fd/{fd}"

@@ -1011,6 +1011,15 @@ class _LightkubeMaintenance:
             raise
 
 
+def config_problem(kubeconfig: str | None, exc: Exception) -> str:
+    """One line saying why no Kubernetes client could be configured, and from what."""
+    where = (kubeconfig if kubeconfig is not None
+             else "the in-cluster service account or ~/.kube/config")
+    reason = f"no {exc.args[0]!r} in it" if isinstance(exc, KeyError) and exc.args else exc
+    return (f"cannot configure the Kubernetes client from {where}: {reason}; give "
+            "--kubeconfig FILE (or KUBECONFIG), or run in a pod with a service account")
+
+
 # The real adapter. ------------------------------------------------------------------------
 
 class LightkubeApi(_LightkubeMaintenance):
@@ -1019,13 +1028,16 @@ class LightkubeApi(_LightkubeMaintenance):
         from lightkube import Client, KubeConfig
         from lightkube.config.models import Cluster, User
 
-        if server is not None:  # an unauthenticated server URL (tests, kubectl proxy)
-            config = KubeConfig.from_one(cluster=Cluster(server=server), user=User())
-        elif kubeconfig is not None:
-            config = KubeConfig.from_file(kubeconfig)
-        else:
-            config = KubeConfig.from_env()  # in-cluster service account, else ~/.kube/config
-        self._client = Client(config, field_manager=COMPONENT, trust_env=False)
+        try:
+            if server is not None:  # an unauthenticated server URL (tests, kubectl proxy)
+                config = KubeConfig.from_one(cluster=Cluster(server=server), user=User())
+            elif kubeconfig is not None:
+                config = KubeConfig.from_file(kubeconfig)
+            else:
+                config = KubeConfig.from_env()  # in-cluster service account, else ~/.kube/config
+            self._client = Client(config, field_manager=COMPONENT, trust_env=False)
+        except Exception as exc:  # lightkube's config errors share no base class (KeyError...)
+            raise KubeError(config_problem(kubeconfig, exc)) from None
         self._clock = clock
         self._series = EventSeries()
 

@@ -389,6 +389,23 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _ManifestDumper.add_representer(str, _str)
 
 
+SECRET_LIMIT = 1024 * 1024  # the API server refuses a Secret whose data is larger
+ANNOTATIONS_LIMIT = 256 * 1024  # kubectl's client-side apply copies the object into one
+
+
+def secret_size_problem(size: int) -> tuple[str | None, str | None]:
+    """(error, note) for document files of `size` bytes in one Secret."""
+    if size > SECRET_LIMIT:
+        return (f"the document files hold {size} bytes; a Kubernetes Secret holds at most "
+                f"{SECRET_LIMIT} (1 MiB), so the API server would refuse it. Move large "
+                "script bodies out of the document (an apt package, an image)"), None
+    if size > ANNOTATIONS_LIMIT - 16 * 1024:
+        return None, (f"the document files hold {size} bytes: a client-side `kubectl apply` "
+                      "copies the Secret into its last-applied-configuration annotation, "
+                      "which holds at most 256 KiB; use `kubectl apply --server-side`")
+    return None, None
+
+
 def unreadable_reason(text: str) -> str | None:
     """Why a multi-line `text` cannot be shown as a literal block (it is then one quoted,
     escaped string), or None. A literal block cannot keep spaces at a line's end."""

@@ -68,20 +68,17 @@ def test_the_agent_refuses_too(tmp_path: Path, root: Path) -> None:
     host = Host(root=root, proc_sys=make_proc_sys(tmp_path / "ps", {
         "vm/swappiness": "60", "net/core/somaxconn": "4096", "net/ipv4/ip_forward": "0"}))
     doc = write(tmp_path / "doc.yaml", THREE)
-    # Following document changes (a host without Kubernetes, where the operator edits the file):
-    # a truncated file must still not roll the node back.
+    # Driven through its loop as in production. A pinned agent (the DaemonSet's default) never
+    # reads a changed file at all; one that follows changes (the systemd unit, an operator's
+    # own mutable Secret) reads the truncated file and must refuse it.
     agent = Agent(AgentSettings(documents=[doc], node="n1", host=host,
                                 follow_document_changes=True), None)
-    first = agent._document_fingerprint()
-    assert first is not None
-    agent.converge((first, ()), 0.0)
-    assert (host.proc_sys / "vm/swappiness").read_text().strip() == "10"
+    agent.tick()
+    assert agent.ready and (host.proc_sys / "vm/swappiness").read_text().strip() == "10"
     doc.write_text("conf:\n  sysctl:\n")  # a truncated ConfigMap
-    second = agent._document_fingerprint()
-    assert second is not None and second != first
-    agent.converge((second, ()), 1.0)
+    agent.tick()
     assert (host.proc_sys / "vm/swappiness").read_text().strip() == "10"
-    assert not agent.health()["ready"]
+    assert not agent.ready and "remove" in agent.reason, agent.reason
 
 
 # The lock-out guard ---------------------------------------------------------------------------

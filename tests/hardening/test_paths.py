@@ -309,3 +309,24 @@ def test_perm_follows_no_symlink_a_user_planted(maze_host: Host) -> None:
     (root / "home/bob/data").unlink()
     plant(root, "/home/bob/data", "/etc")
     assert maze_host.lstat("/home/bob/data/shadow", root_links_only=True) is not None
+
+
+def test_perm_refuses_a_file_with_several_hard_links(maze_host: Host) -> None:
+    # Where fs.protected_hardlinks is off, bob can link /etc/shadow into his home; a perm
+    # entry for that name would hand him the shadow file. Refused at plan, and at apply too
+    # (the link may appear after the plan).
+    root = maze_host.root
+    write(root / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\nbob:x:1002:1002::/home/bob:/bin/sh\n")
+    write(root / "etc/group", "root:x:0:\nbob:x:1002:\n")
+    shadow = write(root / "etc/shadow", "root:$6$x$y:1::::::\n")
+    shadow.chmod(0o640)
+    (root / "home/bob").mkdir(parents=True)
+    os.link(shadow, root / "home/bob/notes")
+    report = apply(maze_host, "conf:\n  perm:\n    paths:\n      - {path: /home/bob/notes, "
+                   "owner: bob, group: bob, permissions: '0644'}\n")
+    assert not report.ok and "/home/bob/notes: has more than one hard link" in " ".join(
+        report.errors)
+    with pytest.raises(UnsafePath):
+        maze_host.set_owner_mode("/home/bob/notes", 1002, 1002, 0o644)
+    info = shadow.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (0, 0, 0o640)

@@ -73,6 +73,20 @@ CASES = {
     "repository url newline": ("conf:\n  apt:\n    repositories:\n      r: {url: "
                                '"http://x/\\nTrusted: yes", distributions: [./]}\n',
                                "conf.apt.repositories.r.url"),
+    # The name becomes /etc/apt/sources.list.d/divingbell-NAME.sources.
+    "repository name with ..": ("conf:\n  apt:\n    repositories:\n      '../../../tmp/x': "
+                                "{url: http://x/, distributions: [./]}\n",
+                                "conf.apt.repositories"),
+    "repository name apt ignores": ("conf:\n  apt:\n    repositories:\n      'a+b': "
+                                    "{url: http://x/, distributions: [./]}\n",
+                                    "conf.apt.repositories"),
+    # deb822 separates items by spaces: this would add a second URI, a second suite.
+    "repository url with a space": ("conf:\n  apt:\n    repositories:\n      r: {url: "
+                                    "'http://x/ http://evil/', distributions: [./]}\n",
+                                    "conf.apt.repositories.r.url"),
+    "repository suite with a space": ("conf:\n  apt:\n    repositories:\n      r: {url: "
+                                      "http://x/, distributions: ['a b'], components: [main]}\n",
+                                      "conf.apt.repositories.r.distributions[0]"),
     "ethtool feature with a space": ("conf:\n  ethtool:\n    eth0: {'tso on; reboot': off}\n",
                                      "conf.ethtool"),
     "interface name with a quote": ("conf:\n  ethtool:\n    'eth0\"': {tso: off}\n",

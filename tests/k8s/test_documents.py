@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -191,3 +192,29 @@ def test_the_documents_command_lists_and_prunes(stub: ObjectsStub, tmp_path: Pat
     assert [s for s in secrets() if f"/secrets/{s}" in " ".join(stub.objects)] == [second, third]
     run = documents("--namespace", "Bad_NS")
     assert run.returncode == 2 and "not a namespace name" in run.stderr
+
+
+def test_commands_without_a_usable_kubeconfig_say_so(tmp_path: Path) -> None:
+    # No kubeconfig (an operator's shell) or a file that is not one: one line naming what
+    # was tried and what to give, never lightkube's traceback.
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT")}
+    env["HOME"] = str(tmp_path)
+    not_a_kubeconfig = tmp_path / "site.yaml"
+    not_a_kubeconfig.write_text("conf: {}\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "divingbell", *args], capture_output=True,
+                              text=True, env=env, check=False, timeout=60)
+
+    for args, where in [
+            (("documents",), "~/.kube/config"),
+            (("documents", "--kubeconfig", str(not_a_kubeconfig)), str(not_a_kubeconfig)),
+            (("status", "--kube"), "~/.kube/config"),
+            (("agent", str(not_a_kubeconfig), "--root", str(tmp_path), "--listen",
+              "127.0.0.1:0", "--kubeconfig", str(not_a_kubeconfig)), str(not_a_kubeconfig))]:
+        answer = run(*args)
+        assert answer.returncode == 1, (args, answer.stderr)
+        assert "Traceback" not in answer.stderr, args
+        assert "cannot configure the Kubernetes client from" in answer.stderr, args
+        assert where in answer.stderr and "--kubeconfig" in answer.stderr, args

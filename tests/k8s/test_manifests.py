@@ -193,3 +193,29 @@ def test_the_command_validates_the_document_and_the_namespace(tmp_path: Path) ->
     assert run.returncode == 2 and "nothing was changed" in run.stderr and run.stdout == ""
     with pytest.raises(ValueError):
         parse_max_unavailable("0")
+
+
+def test_a_document_too_large_for_a_secret_or_for_client_side_apply_is_named(
+        tmp_path: Path) -> None:
+    # The API server refuses a Secret over 1 MiB, and a client-side `kubectl apply` copies
+    # the object into an annotation of at most 256 KiB: say so before kubectl fails.
+    def document(lines: int) -> Path:
+        path = tmp_path / f"site-{lines}.yaml"
+        body = "".join(f"        echo {i:07d} {'.' * 50}\n" for i in range(lines))
+        path.write_text(f"conf:\n  exec:\n    big.sh:\n      data: |\n{body}")
+        return path
+
+    def manifests(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "divingbell", "manifests", str(path)],
+                              capture_output=True, text=True, check=False)
+
+    run = manifests(document(100))
+    assert run.returncode == 0 and "note:" not in run.stderr
+    large = document(5_000)  # about 360 KB
+    run = manifests(large)
+    assert run.returncode == 0 and "kubectl apply --server-side" in run.stderr
+    assert kind(list(yaml.safe_load_all(run.stdout)), "Secret")
+    huge = document(20_000)  # about 1.4 MB
+    run = manifests(huge)
+    assert run.returncode == 2 and run.stdout == ""
+    assert f"{huge.stat().st_size} bytes" in run.stderr and "at most 1048576" in run.stderr

@@ -60,6 +60,13 @@ def test_check(policy_file: Path, tmp_path: Path) -> None:
     run = divingbell("policy", "check", "--config", str(bad))
     assert run.returncode == 2 and "uid_enforcer.enabled: must be true or false" in run.stderr
     assert f"{bad}:2" in run.stderr and "Traceback" not in run.stderr
+    # A script asking for JSON gets JSON on stdout, errors included (as `validate`).
+    run = divingbell("policy", "check", "--config", str(bad), "--format", "json")
+    assert run.returncode == 2
+    report = json.loads(run.stdout)
+    assert report["valid"] is False
+    assert report["problems"][0]["path"] == "uid_enforcer.enabled"
+    assert report["problems"][0]["location"] == f"{bad}:2"
 
 
 def test_manifests_are_valid_and_fail_closed(policy_file: Path, ca: ScratchCa,
@@ -100,6 +107,23 @@ def test_manifests_are_valid_and_fail_closed(policy_file: Path, ca: ScratchCa,
     tenant_role = next(r for r in by_kind["ClusterRole"] if r["metadata"]["name"] ==
                        "divingbell-tenant")
     assert all("namespaces" not in rule["resources"] for rule in tenant_role["rules"])
+
+
+def test_manifests_have_no_anchors_and_the_policy_reads_as_written(policy_file: Path,
+                                                                   ca: ScratchCa,
+                                                                   tmp_path: Path) -> None:
+    # Reviewers read these objects before giving them to the API server, and some tools
+    # reject YAML aliases: repeated rules and labels are written out, the policy as a block.
+    bundle = tmp_path / "ca.crt"
+    bundle.write_bytes(ca.pem)
+    run = divingbell("policy", "manifests", "--config", str(policy_file), "--ca-bundle",
+                     str(bundle), check=True)
+    events = list(yaml.parse(run.stdout))
+    assert not [e for e in events if isinstance(e, yaml.AliasEvent)]
+    assert not [e for e in events if getattr(e, "anchor", None)]
+    config_map = next(o for o in yaml.safe_load_all(run.stdout) if o["kind"] == "ConfigMap")
+    assert config_map["data"]["policy.yaml"] == EXAMPLE
+    assert "  policy.yaml: |\n    uid_enforcer:" in run.stdout
 
 
 def test_manifests_need_a_ca_and_only_enabled_policies_get_webhooks(
@@ -167,6 +191,8 @@ def test_serve_answers_over_https_with_namespaces_from_the_api(
     assert process.returncode == 0, stderr
     assert "serving /mutate/automount, /mutate/uid" in stderr
     assert "uid refused Pod 'web' in tool-noanno" in stderr
+    # Namespace lookups are the HTTP client's INFO lines: noise at every review (as in the agent).
+    assert "HTTP Request:" not in stderr and "/api/v1/namespaces" not in stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown tenant homes")
@@ -243,6 +269,7 @@ def test_tenants_sync_loop_serves_metrics_and_stops_on_sigterm(tmp_path: Path,
         stub.close()
     assert process.returncode == 0, stderr
     assert "alice" in stderr and "2 active, 1 disabled" in stderr
+    assert "HTTP Request:" not in stderr
 
 
 def test_tenants_check_reads_the_source_without_a_cluster(tmp_path: Path) -> None:
@@ -258,3 +285,34 @@ def test_tenants_check_reads_the_source_without_a_cluster(tmp_path: Path) -> Non
     assert lines[-1] == "1 tenant(s), 1 skipped"
     bad = divingbell("tenants", "check", "--source", "ldap://127.0.0.1:9/ou=x,dc=example")
     assert bad.returncode == 1 and "error: LDAP" in bad.stderr and "Traceback" not in bad.stderr
+    report = json.loads(divingbell("tenants", "check", "--source", str(source), "--format",
+                                   "json", check=True).stdout)
+    assert report["valid"] is True and [t["name"] for t in report["tenants"]] == ["carol"]
+    bad = divingbell("tenants", "check", "--source", "ldap://127.0.0.1:9/ou=x,dc=example",
+                     "--format", "json")
+    assert bad.returncode == 1 and json.loads(bad.stdout)["valid"] is False
+    assert "LDAP" in json.loads(bad.stdout)["error"]
+    config = tmp_path / "tenants-config.yaml"
+    config.write_text("removal: {max_per_run: -1}\n")
+    bad = divingbell("tenants", "check", "--source", str(source), "--config", str(config),
+                     "--format", "json")
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout)["problems"][0]["path"] == "removal.max_per_run"
+
+
+def test_tenants_sync_on_a_port_it_cannot_listen_on_says_so(tmp_path: Path) -> None:
+    source = tmp_path / "tenants.yaml"
+    source.write_text("tenants:\n  - {name: alice, uid: 52001}\n")
+    kubeconfig = kubeconfig_for("http://127.0.0.1:9", tmp_path / "kubeconfig")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for listen, code, message in [
+                (f"127.0.0.1:{port}", 1,
+                 f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+                ("127.0.0.1:99999", 2, "'127.0.0.1:99999' is not ADDR:PORT")]:
+            run = divingbell("tenants", "sync", "--source", str(source), "--kubeconfig",
+                             str(kubeconfig), "--listen", listen)
+            assert run.returncode == code, run.stderr
+            assert message in run.stderr and "Traceback" not in run.stderr

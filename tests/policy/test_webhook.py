@@ -114,10 +114,13 @@ def test_privileged_containers_are_refused_naming_them(webhook: RunningWebhook) 
         {"name": "ok", "image": f"{REGISTRY}/a"},
         {"name": "priv", "image": f"{REGISTRY}/a", "securityContext": {"privileged": True}},
         {"name": "admin", "image": f"{REGISTRY}/a",
-         "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}])
+         "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}},
+        {"name": "every-cap", "image": f"{REGISTRY}/a",
+         "securityContext": {"capabilities": {"add": ["NET_RAW", "ALL"]}}}])
     response = webhook.client.post("/mutate/uid", review(submitted))
     message = response["status"]["message"]
     assert not response["allowed"] and "'priv'" in message and "'admin'" in message
+    assert "'every-cap'" in message
     assert "'ok'" not in message
 
 

@@ -20,13 +20,17 @@ _config_option = click.option(
     help="The policy file (see docs/policy.md).")
 
 
-def _load(path: Path) -> PolicyConfig:
+def _load(path: Path, output_format: str = "text") -> PolicyConfig:
     from divingbell.errors import DocumentError
     from divingbell.policy.config import load_policy
 
     try:
         return load_policy(path)
     except DocumentError as exc:
+        if output_format == "json":  # as `divingbell validate --format json`
+            click.echo(json.dumps({"valid": False, "problems": [vars(p) for p in exc.problems]},
+                                  indent=2))
+            sys.exit(EXIT_INVALID)
         click.echo(f"error: the policy file is invalid ({len(exc.problems)} problem(s)):",
                    err=True)
         for problem in exc.problems:
@@ -63,7 +67,7 @@ def check(config_path: Path, output_format: str) -> None:
     """
     from divingbell.policy.server import routes
 
-    config = _load(config_path)
+    config = _load(config_path, output_format)
     enabled = {path: route.policy.name for path, route in sorted(routes(config).items())}
     if output_format == "json":
         click.echo(json.dumps({"valid": True, "routes": enabled}, indent=2))
@@ -107,10 +111,12 @@ def serve(config_path: Path, tls_cert: Path, tls_key: Path, listen: str,
     import ssl
     import threading
 
+    from divingbell.agent import configure_logging
     from divingbell.policy.server import make_server
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The HTTP client logs every API request at INFO: only divingbell's own lines at
+    # --log-level, everything else at WARNING unless debug (as the agent does).
+    configure_logging(log_level)
     config = _load(config_path)
     host, port = _address(listen)
     from divingbell.policy.kube import ClusterNamespaces, LightkubeCluster
@@ -169,8 +175,7 @@ def manifests(config_path: Path, ca_bundle: Path | None, pki_dir: Path, image: s
           --cert tls.crt --key tls.key
       divingbell policy manifests --config policy.yaml --ca-bundle ca.crt | kubectl apply -f -
     """
-    import yaml
-
+    from divingbell.manifests import to_yaml
     from divingbell.policy.manifests import DEFAULT_IMAGE, build
 
     config = _load(config_path)
@@ -178,7 +183,7 @@ def manifests(config_path: Path, ca_bundle: Path | None, pki_dir: Path, image: s
     objects = build(config, config_path.read_text(), ca_bundle=bundle,
                     image=image or DEFAULT_IMAGE, replicas=replicas, timeout=timeout,
                     tenants=tenants)
-    click.echo(yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False), nl=False)
+    click.echo(to_yaml(objects), nl=False)
 
 
 def _ca_bundle(ca_bundle: Path | None, pki_dir: Path) -> bytes:

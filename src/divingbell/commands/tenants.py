@@ -54,15 +54,15 @@ def sync(source: str, config_path: Path | None, once: bool, interval: float,
     A source that cannot be read changes nothing. Results per tenant go to the status
     ConfigMap (status.namespace/status.configmap) and, with --once, to stdout.
     """
-    import logging
-
+    from divingbell.agent import configure_logging
     from divingbell.errors import DivingbellError, DocumentError
     from divingbell.policy.kube import LightkubeCluster
     from divingbell.policy.tenant_sources import open_source
     from divingbell.policy.tenants import Controller, load_config, make_signer
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The HTTP client logs every API request at INFO: only divingbell's own lines at
+    # --log-level, everything else at WARNING unless debug (as the agent does).
+    configure_logging(log_level)
     try:
         config = load_config(config_path)
     except DocumentError as exc:
@@ -98,9 +98,13 @@ def _loop(controller: Controller, interval: float, listen: str) -> None:
 
     log = logging.getLogger("divingbell.tenants")
     host, _, port = listen.rpartition(":")
-    if not port.isdigit():
+    if not port.isdigit() or int(port) > 65535:
         raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
-    start_http_server(int(port), host or "0.0.0.0", registry=controller.metrics.registry)
+    try:
+        start_http_server(int(port), host or "0.0.0.0", registry=controller.metrics.registry)
+    except OSError as exc:  # in use, not an address of this host, unknown name
+        raise click.ClickException(f"cannot listen on {listen}: {exc.strerror or exc}"
+                                   ) from None
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
@@ -163,6 +167,10 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
     try:
         config = load_config(config_path)
     except DocumentError as exc:
+        if output_format == "json":  # as `divingbell validate --format json`
+            click.echo(json.dumps({"valid": False, "problems": [vars(p) for p in exc.problems]},
+                                  indent=2))
+            sys.exit(EXIT_INVALID)
         click.echo(f"error: the tenants config is invalid ({len(exc.problems)} problem(s)):",
                    err=True)
         for problem in exc.problems:
@@ -171,6 +179,9 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
     try:
         read = open_source(source, config.ldap, config.namespace_prefix).read()
     except DivingbellError as exc:
+        if output_format == "json":
+            click.echo(json.dumps({"valid": False, "error": str(exc)}, indent=2))
+            sys.exit(EXIT_FAILED)
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     rows: list[dict[str, object]] = []
@@ -181,7 +192,8 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
                      "uid": tenant.uid, "gid": tenant.gid, "home": home,
                      "state": "disabled" if tenant.disabled else "active"})
     if output_format == "json":
-        click.echo(json.dumps({"tenants": rows, "skipped": read.skipped}, indent=2))
+        click.echo(json.dumps({"valid": True, "tenants": rows, "skipped": read.skipped},
+                              indent=2))
         return
     from divingbell.output import table
 

@@ -501,15 +501,25 @@ def _package_shape(value: Any) -> str:
     return "<map>" if isinstance(value, dict) else "<list>"
 
 
+def _deb822_word(value: str) -> str:
+    if any(c.isspace() for c in value) or not value:
+        raise ValueError(f"{value!r} must be one word: the .sources file separates URIs, "
+                         "suites and components by spaces (list them as separate items)")
+    return value
+
+
+Deb822Word = Annotated[SingleLine, AfterValidator(_deb822_word)]
+
+
 class Repository(RepositoryViews, StrictModel):
-    url: SingleLine
-    distributions: Annotated[list[SingleLine], Field(min_length=1)]
-    components: list[SingleLine] = []
-    architectures: list[SingleLine] = []
+    url: Deb822Word
+    distributions: Annotated[list[Deb822Word], Field(min_length=1)]
+    components: list[Deb822Word] = []
+    architectures: list[Deb822Word] = []
     gpgkey: Text | None = None
     # Divingbell's shorthand: `subrepos: [backports, updates]` adds `<distribution>-<subrepo>`
     # suites for every distribution.
-    subrepos: list[SingleLine] = []
+    subrepos: list[Deb822Word] = []
 
     @model_validator(mode="after")
     def _check(self) -> Repository:
@@ -531,12 +541,30 @@ class Repository(RepositoryViews, StrictModel):
         return self
 
 
+_APT_FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _check_repository_names(value: Any) -> Any:
+    """A repository's name becomes /etc/apt/sources.list.d/divingbell-NAME.sources and
+    /etc/apt/keyrings/divingbell-NAME.asc: no `/` or `..`, and only the characters apt reads
+    in sources.list.d (it ignores a file named with anything else, `+` and `@` included)."""
+    if isinstance(value, dict):
+        for key in value:
+            text = _plain_text(key)
+            if not _APT_FILE_NAME.match(text) or ".." in text or text.startswith("."):
+                raise ValueError(f"{text!r} cannot name an apt sources file: use letters, "
+                                 "digits and . _ - (not starting with . and without ..; apt "
+                                 "silently ignores a file named otherwise)")
+    return value
+
+
 class AptConf(AptConfViews, StrictModel):
     packages: Annotated[
         Annotated[PackageList, Tag("<list>")] | Annotated[PackageGroups, Tag("<map>")],
         Discriminator(_package_shape),
     ] = []
-    repositories: dict[str, Repository] = {}
+    repositories: Annotated[dict[str, Repository],
+                            BeforeValidator(_check_repository_names)] = {}
     upgrade: bool = False
     allow_downgrade: bool = False
     strict: bool = False

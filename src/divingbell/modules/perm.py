@@ -15,7 +15,7 @@ from divingbell.engine.change import Action, Change
 from divingbell.engine.journal import ModuleRecord
 from divingbell.engine.settings import converge, restore
 from divingbell.errors import ModuleError
-from divingbell.host import Host
+from divingbell.host import HARD_LINKED, Host, hard_linked
 from divingbell.modules.base import HostModule
 
 if TYPE_CHECKING:
@@ -112,6 +112,8 @@ class Perm(HostModule["PermConf", PermObserved]):
                     continue
                 if info is not None and stat.S_ISLNK(info.st_mode):
                     problems.append(f"{path}: is a symlink; name the file it points to")
+                elif info is not None and hard_linked(info):
+                    problems.append(f"{path}: {HARD_LINKED}")
                 elif uid is not None and gid is not None:
                     wanted[path] = Ownership(uid, gid, int(entry.permissions, 8))
         if problems:

@@ -325,7 +325,7 @@ class UidEnforcer:
         privileged = [c.label for c in listed if _wants_privilege(c, spec_path)]
         if privileged:
             return refuse(f"{request.what}: pods in namespace {namespace.name!r} run as uid "
-                          f"{uid} without privileges; remove privileged/SYS_ADMIN from "
+                          f"{uid} without privileges; remove privileged, SYS_ADMIN and ALL from "
                           f"{', '.join(privileged)}")
         pod_context_now = _mapping(spec.get("securityContext"),
                                    (*spec_path, "securityContext")) or {}
@@ -367,8 +367,10 @@ def _wants_privilege(container: Container, spec_path: Sequence[str]) -> bool:
     context = _mapping(container.body.get("securityContext"), base) or {}
     capabilities = _mapping(context.get("capabilities"), (*base, "capabilities")) or {}
     added = _list(capabilities.get("add"), (*base, "capabilities", "add")) or []
+    # "ALL" is how a pod asks the runtime for every capability, SYS_ADMIN included.
     return context.get("privileged") is True or any(
-        isinstance(c, str) and c.upper().removeprefix("CAP_") == "SYS_ADMIN" for c in added)
+        isinstance(c, str) and c.upper().removeprefix("CAP_") in ("SYS_ADMIN", "ALL")
+        for c in added)
 
 
 def _mark(ops: list[dict[str, Any]], obj: Mapping[str, Any], key: str, value: str) -> None:
