@@ -42,7 +42,11 @@ def run_teardown(api: NodeLabelApi, host: Host, node: str, *, drain: bool = True
                 "draining needs divingbell's maintenance part, which is not installed here: "
                 f"drain {node} first (kubectl drain {node} --ignore-daemonsets) and run again "
                 "with --no-drain; nothing was changed")
-        drainer(api, node)
+        try:
+            drainer(api, node)
+        except Exception as exc:  # the drainer's own errors name the pods that block
+            raise TeardownError(f"drain of {node} did not finish: {exc}; the node stays "
+                                "cordoned, its labels and kubelet are untouched") from None
         steps.append({"step": "drain", "result": "drained"})
     else:
         steps.append({"step": "drain", "result": "skipped (--no-drain)"})
