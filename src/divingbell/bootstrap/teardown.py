@@ -46,7 +46,8 @@ def run_teardown(api: NodeLabelApi, host: Host, node: str, *, drain: bool = True
             drainer(api, node)
         except Exception as exc:  # the drainer's own errors name the pods that block
             raise TeardownError(f"drain of {node} did not finish: {exc}; the node stays "
-                                "cordoned, its labels and kubelet are untouched") from None
+                                "cordoned, its labels and kubelet are untouched (drain it "
+                                "yourself and run again with --no-drain)") from None
         steps.append({"step": "drain", "result": "drained"})
     else:
         steps.append({"step": "drain", "result": "skipped (--no-drain)"})
