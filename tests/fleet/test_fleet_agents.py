@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ from tests.conftest import NetNs, require_root_tools
 from tests.fleet.servers import ProcessServer, wait_for
 
 AGENTS = 3
-SUBNET = "10.88.{}.{}"
 
 DOC = """\
 conf:
@@ -56,36 +56,43 @@ class Lab:
     prefix: str
 
 
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    """A service namespace with a bridge; each agent namespace on it through a veth pair."""
+@contextmanager
+def network_lab(agents: int, tag: str, subnet: int) -> Iterator[Lab]:
+    """A service namespace with a bridge at 10.<subnet>.<octet>.1; `agents` namespaces on it,
+    each through a veth pair, with a default route to the service. Removed on exit."""
     require_root_tools("ip", "sysctl")
-    tag = f"{os.getpid() % 10000}"
-    service = _ns(f"dbf-s{tag}")
-    agents: list[NetNs] = []
-    octet = os.getpid() % 200 + 20
+    pid = os.getpid()
+    service = _ns(f"{tag}-s{pid % 10000}")
+    members: list[NetNs] = []
+    octet = pid % 200 + 20
+    gateway = f"10.{subnet}.{octet}.1"
     try:
         s = service.name
         subprocess.run(["ip", "-n", s, "link", "add", "br0", "type", "bridge"], check=True)
-        subprocess.run(["ip", "-n", s, "addr", "add", f"{SUBNET.format(octet, 1)}/24", "dev",
-                        "br0"], check=True)
+        subprocess.run(["ip", "-n", s, "addr", "add", f"{gateway}/24", "dev", "br0"], check=True)
         subprocess.run(["ip", "-n", s, "link", "set", "br0", "up"], check=True)
-        for i in range(AGENTS):
-            ns = _ns(f"dbf-a{tag}-{i}")
-            agents.append(ns)
-            subprocess.run(["ip", "-n", s, "link", "add", f"va{i}", "type", "veth", "peer",
+        for i in range(agents):
+            ns = _ns(f"{tag}-a{pid % 10000}-{i}")
+            members.append(ns)
+            subprocess.run(["ip", "-n", s, "link", "add", f"v{tag}{i}", "type", "veth", "peer",
                             "name", "eth0", "netns", ns.name], check=True)
-            subprocess.run(["ip", "-n", s, "link", "set", f"va{i}", "master", "br0", "up"],
+            subprocess.run(["ip", "-n", s, "link", "set", f"v{tag}{i}", "master", "br0", "up"],
                            check=True)
             subprocess.run(["ip", "-n", ns.name, "addr", "add",
-                            f"{SUBNET.format(octet, 10 + i)}/24", "dev", "eth0"], check=True)
+                            f"10.{subnet}.{octet}.{10 + i}/24", "dev", "eth0"], check=True)
             subprocess.run(["ip", "-n", ns.name, "link", "set", "eth0", "up"], check=True)
-            subprocess.run(["ip", "-n", ns.name, "route", "add", "default", "via",
-                            SUBNET.format(octet, 1)], check=True)
-        yield Lab(service, agents, f"10.88.{octet}")
+            subprocess.run(["ip", "-n", ns.name, "route", "add", "default", "via", gateway],
+                           check=True)
+        yield Lab(service, members, f"10.{subnet}.{octet}")
     finally:
-        for ns in [*agents, service]:
+        for ns in [*members, service]:
             subprocess.run(["ip", "netns", "del", ns.name], check=False)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with network_lab(AGENTS, "dbf", 88) as made:
+        yield made
 
 
 def divingbell(ns: NetNs, *args: str | Path) -> subprocess.CompletedProcess[str]:

@@ -19,9 +19,9 @@ import pytest
 from divingbell.fleet import migrations
 from divingbell.fleet.db import Database
 from divingbell.fleet.tokens import create_token
-from tests.conftest import NetNs, require_root_tools
+from tests.conftest import NetNs
 from tests.fleet.servers import ProcessServer, wait_for
-from tests.fleet.test_fleet_agents import Lab, _ns, divingbell, ok
+from tests.fleet.test_fleet_agents import Lab, divingbell, network_lab, ok
 
 AGENTS = 6
 
@@ -44,31 +44,8 @@ BROKEN = GOOD + """\
 
 @pytest.fixture
 def six() -> Iterator[Lab]:
-    require_root_tools("ip", "sysctl")
-    tag = f"{os.getpid() % 10000}"
-    service = _ns(f"dbr-s{tag}")
-    agents: list[NetNs] = []
-    octet = os.getpid() % 200 + 21
-    try:
-        s = service.name
-        subprocess.run(["ip", "-n", s, "link", "add", "br0", "type", "bridge"], check=True)
-        subprocess.run(["ip", "-n", s, "addr", "add", f"10.89.{octet}.1/24", "dev", "br0"],
-                       check=True)
-        subprocess.run(["ip", "-n", s, "link", "set", "br0", "up"], check=True)
-        for i in range(AGENTS):
-            ns = _ns(f"dbr-a{tag}-{i}")
-            agents.append(ns)
-            subprocess.run(["ip", "-n", s, "link", "add", f"vr{i}", "type", "veth", "peer",
-                            "name", "eth0", "netns", ns.name], check=True)
-            subprocess.run(["ip", "-n", s, "link", "set", f"vr{i}", "master", "br0", "up"],
-                           check=True)
-            subprocess.run(["ip", "-n", ns.name, "addr", "add", f"10.89.{octet}.{10 + i}/24",
-                            "dev", "eth0"], check=True)
-            subprocess.run(["ip", "-n", ns.name, "link", "set", "eth0", "up"], check=True)
-        yield Lab(service, agents, f"10.89.{octet}")
-    finally:
-        for ns in [*agents, service]:
-            subprocess.run(["ip", "netns", "del", ns.name], check=False)
+    with network_lab(AGENTS, "dbr", 89) as made:
+        yield made
 
 
 @pytest.mark.kernel
