@@ -583,13 +583,19 @@ def add_report(connection: Connection, machine: View, active: int | None, body: 
 # Install grants ------------------------------------------------------------------------------
 
 def expire_stuck_installs(session: Session, now: datetime) -> None:
-    """Machines in `installing` whose grant expired (or was taken) are failed, with a reason."""
-    live = set(session.scalars(select(Lease.holder).where(
-        Lease.kind == INSTALL, Lease.holder.is_not(None), Lease.expires_at > now)))
-    for machine in session.scalars(select(Machine).where(Machine.state == states.INSTALLING)):
-        if machine.id not in live:
-            transition(session, machine, states.FAILED,
-                       "install grant expired without a result", now)
+    """Machines in `installing` whose grant expired (or was taken) are failed, with a reason.
+
+    One statement, so one snapshot: with two (live leases, then installing machines), a grant
+    committed by another replica in between showed its machine installing without its lease,
+    and that fresh install was failed (PostgreSQL, READ COMMITTED; found by the replica test).
+    """
+    live = select(Lease.holder).where(Lease.kind == INSTALL, Lease.holder.is_not(None),
+                                      Lease.expires_at > now)
+    stuck = session.scalars(select(Machine).where(Machine.state == states.INSTALLING,
+                                                  Machine.id.not_in(live)))
+    for machine in stuck:
+        transition(session, machine, states.FAILED,
+                   "install grant expired without a result", now)
 
 
 def grant_install(session: Session, machine: Machine, settings: FleetSettings
