@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -234,3 +235,37 @@ class ProcessServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def fresh_store(directory: Path) -> tuple[str, dict[str, Path]]:
+    """An SQLite store in `directory`, migrated, with an admin and a bootstrap token, each in a
+    0600 file: what an operator has after `fleet migrate` and `fleet token create`."""
+    from divingbell.fleet import migrations
+
+    db_url = f"sqlite:///{directory / 'fleet.db'}"
+    db = Database(db_url)
+    migrations.upgrade(db.write_engine)
+    tokens = {}
+    for role in ("admin", "bootstrap"):
+        path = directory / f"{role}.token"
+        path.write_text(create_token(db, role)[1] + "\n")
+        path.chmod(0o600)
+        tokens[role] = path
+    db.dispose()
+    return db_url, tokens
+
+
+def stop_processes(processes: list[subprocess.Popen[str]], grace: float = 15.0) -> None:
+    """SIGTERM each process group (resumed first, in case a test stopped it), then SIGKILL what
+    has not exited after `grace` seconds."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGCONT)
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -19,10 +19,8 @@ from typing import Any
 
 import pytest
 
-from divingbell.fleet.db import Database
-from divingbell.fleet.tokens import create_token
 from tests.conftest import NetNs, require_root_tools
-from tests.fleet.servers import ProcessServer, wait_for
+from tests.fleet.servers import ProcessServer, fresh_store, stop_processes, wait_for
 
 AGENTS = 3
 
@@ -108,18 +106,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.kernel
 def test_agents_in_fleet_mode_converge_report_and_follow_new_revisions(
         lab: Lab, tmp_path: Path) -> None:
-    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    db = Database(db_url)
-    from divingbell.fleet import migrations
-
-    migrations.upgrade(db.write_engine)
-    tokens = {}
-    for role in ("admin", "bootstrap"):
-        path = tmp_path / f"{role}.token"
-        path.write_text(create_token(db, role)[1] + "\n")
-        path.chmod(0o600)
-        tokens[role] = path
-    db.dispose()
+    db_url, tokens = fresh_store(tmp_path)
     server = ProcessServer(db_url, host=f"{lab.prefix}.1", netns=lab.service_ns.name,
                            args=("--control-plane-size", "1")).start(tmp_path / "serve.log")
     api = ("--server", server.url, "--token-file", tokens["admin"])
@@ -207,15 +194,5 @@ def test_agents_in_fleet_mode_converge_report_and_follow_new_revisions(
         wait_for(lambda: all_up_to_date(3), timeout=60, interval=0.5)
         assert "changed (the machine registered again)" in (tmp_path / "agent0.log").read_text()
     finally:
-        for agent in agents:
-            try:
-                os.killpg(agent.pid, signal.SIGCONT)
-                os.killpg(agent.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for agent in agents:
-            try:
-                agent.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(agent.pid, signal.SIGKILL)
+        stop_processes(agents)
         server.stop()

@@ -4,10 +4,7 @@ machines after it are untouched on their hosts; the fixed revision, once resumed
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,11 +13,8 @@ from typing import Any
 
 import pytest
 
-from divingbell.fleet import migrations
-from divingbell.fleet.db import Database
-from divingbell.fleet.tokens import create_token
 from tests.conftest import NetNs
-from tests.fleet.servers import ProcessServer, wait_for
+from tests.fleet.servers import ProcessServer, fresh_store, stop_processes, wait_for
 from tests.fleet.test_fleet_agents import Lab, divingbell, network_lab, ok
 
 AGENTS = 6
@@ -51,16 +45,7 @@ def six() -> Iterator[Lab]:
 @pytest.mark.kernel
 def test_a_failing_revision_halts_at_the_third_machine_and_the_fix_completes(
         six: Lab, tmp_path: Path) -> None:
-    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    db = Database(db_url)
-    migrations.upgrade(db.write_engine)
-    tokens = {}
-    for role in ("admin", "bootstrap"):
-        path = tmp_path / f"{role}.token"
-        path.write_text(create_token(db, role)[1] + "\n")
-        path.chmod(0o600)
-        tokens[role] = path
-    db.dispose()
+    db_url, tokens = fresh_store(tmp_path)
     server = ProcessServer(db_url, host=f"{six.prefix}.1", netns=six.service_ns.name,
                            args=("--control-plane-size", "1")).start(tmp_path / "serve.log")
     api = ("--server", server.url, "--token-file", tokens["admin"])
@@ -149,12 +134,5 @@ def test_a_failing_revision_halts_at_the_third_machine_and_the_fix_completes(
         history = fleet_json("rollout", "history")
         assert [r["status"] for r in history[:3]] == ["completed", "aborted", "completed"]
     finally:
-        for agent in agents:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(agent.pid, signal.SIGTERM)
-        for agent in agents:
-            try:
-                agent.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(agent.pid, signal.SIGKILL)
+        stop_processes(agents)
         server.stop()

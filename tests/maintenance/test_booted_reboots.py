@@ -20,11 +20,9 @@ from typing import Any
 
 import pytest
 
-from divingbell.fleet.db import Database
-from divingbell.fleet.tokens import create_token
 from tests.booted import BootedHost, overlay
 from tests.conftest import NetNs, require_root_tools
-from tests.fleet.servers import ProcessServer, wait_for
+from tests.fleet.servers import ProcessServer, fresh_store, wait_for
 
 pytestmark = pytest.mark.kernel
 REPO = Path(__file__).resolve().parents[2]
@@ -163,18 +161,7 @@ def lab() -> Iterator[Lab]:
 
 def test_two_hosts_reboot_one_at_a_time_through_the_fleet_service(
         lab: Lab, debian_root: Path, tmp_path: Path) -> None:
-    db_url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    db = Database(db_url)
-    from divingbell.fleet import migrations
-
-    migrations.upgrade(db.write_engine)
-    tokens = {}
-    for role in ("admin", "bootstrap"):
-        path = tmp_path / f"{role}.token"
-        path.write_text(create_token(db, role)[1] + "\n")
-        path.chmod(0o600)
-        tokens[role] = path
-    db.dispose()
+    db_url, tokens = fresh_store(tmp_path)
     server = ProcessServer(db_url, host=f"{lab.prefix}.1", netns=lab.service.name,
                            args=("--control-plane-size", "1")).start(tmp_path / "serve.log")
     api = ("--server", server.url, "--token-file", tokens["admin"])
