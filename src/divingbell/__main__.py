@@ -1,3 +1,3 @@
-from divingbell.cli import main
+from divingbell.entry import main
 
 main()

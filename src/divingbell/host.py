@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +33,8 @@ CLEAN_ENV = {
 
 @dataclass(frozen=True)
 class Completed:
+    """How a command ended: its output, exit code and, for scripts, timing."""
+
     argv: list[str]
     returncode: int
     stdout: str
@@ -91,6 +92,8 @@ class Host:
         timeout: float | None = None,
     ) -> Completed:
         """Run a command on the host (chrooted into `root` when it is not "/")."""
+        import subprocess  # here, not at the top: a no-op apply of sysctls runs no command
+
         full = ["chroot", str(self.root), *argv] if self.chrooted else list(argv)
         run_env = {**CLEAN_ENV, **self.extra_env, **(env or {})}
         try:
@@ -127,6 +130,8 @@ class Host:
         children (`sleep`, a daemon it forked by mistake) die with it. A non-zero exit is a
         result here, not an error.
         """
+        import subprocess
+
         full = ["chroot", str(self.root), *argv] if self.chrooted else list(argv)
         if cwd is not None and self.chrooted:  # chroot(8) starts in the new "/"
             full = ["chroot", str(self.root), "env", f"--chdir={cwd}", *argv]

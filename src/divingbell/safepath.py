@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import stat
 
 from divingbell.errors import UnsafePath
@@ -24,7 +23,7 @@ RESOLVE_IN_ROOT = 0x10
 MAX_SYMLINKS = 40  # as the kernel's own limit
 
 _SYS_OPENAT2: int | None = {"x86_64": 437, "aarch64": 437, "riscv64": 437, "ppc64le": 437,
-                "s390x": 437}.get(platform.machine())
+                "s390x": 437}.get(os.uname().machine)
 
 
 class _OpenHow(ctypes.Structure):

@@ -19,6 +19,8 @@ class Action(StrEnum):
 
 @dataclass(frozen=True)
 class Change:
+    """One setting or file: what it is, what it becomes, and why."""
+
     module: str
     target: str                 # the setting or path, as the operator knows it
     action: Action

@@ -16,6 +16,8 @@ from divingbell.host import Host, UserDir
 
 @dataclass(frozen=True)
 class FileSpec:
+    """The content and ownership an owned file must have."""
+
     content: str
     mode: int = 0o644
     owner: tuple[int, int] | None = None  # uid, gid; None: root

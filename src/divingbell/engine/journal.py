@@ -27,6 +27,8 @@ FORMAT_VERSION = 1
 
 @dataclass
 class ModuleRecord:
+    """What divingbell holds for one module: originals, owned files, state."""
+
     originals: dict[str, str | None] = field(default_factory=dict)
     owned_files: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +77,8 @@ class ModuleRecord:
 
 @dataclass
 class Journal:
+    """Every module's record: what to put back, and what divingbell owns."""
+
     modules: dict[str, ModuleRecord] = field(default_factory=dict)
 
     def record(self, module: str) -> ModuleRecord:
@@ -145,6 +149,9 @@ class FileJournalStore:
     def __init__(self, host: Host) -> None:
         self.host = host
         self._last_saved: str | None = None
+        # The last saved journal, parsed again into containers of its own: `save` compares
+        # against it before serialising, which a no-op apply would otherwise do per setting.
+        self._last_saved_data: Any = None
 
     def load(self, *, adopt: bool = False) -> Journal:
         """The journal; a clear JournalError (before anything changes) when it is damaged or
@@ -160,7 +167,9 @@ class FileJournalStore:
             return self._fresh(adopt)
         self._last_saved = text
         try:
-            return Journal.from_dict(json.loads(text))
+            journal = Journal.from_dict(json.loads(text))
+            self._last_saved_data = json.loads(text)
+            return journal
         except (ValueError, RecursionError) as exc:
             why = "is empty (truncated?)" if not text.strip() else f"is damaged: {exc}"
             raise JournalCorrupt(self._damaged(why)) from None
@@ -210,12 +219,21 @@ class FileJournalStore:
 
     def keep_previous(self) -> None:
         """Keep the journal as it is now as the previous generation (start of an apply)."""
-        if self._last_saved is not None:
-            self._ensure_state_dir()
-            self.host.write_atomic(PREVIOUS_FILE, self._last_saved, mode=0o600)
+        if self._last_saved is None:
+            return
+        # A run after a run that changed nothing finds the same generation there already:
+        # reading it back is cheaper than a durable rewrite on every no-op apply.
+        with contextlib.suppress(OSError):
+            if self.host.read_text(PREVIOUS_FILE) == self._last_saved:
+                return
+        self._ensure_state_dir()
+        self.host.write_atomic(PREVIOUS_FILE, self._last_saved, mode=0o600)
 
     def save(self, journal: Journal) -> None:
-        text = json.dumps(journal.as_dict(), indent=2, sort_keys=True) + "\n"
+        data = journal.as_dict()
+        if self._last_saved_data is not None and data == self._last_saved_data:
+            return
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         if text == self._last_saved:
             return
         try:
@@ -226,6 +244,7 @@ class FileJournalStore:
                 f"cannot write {self.host.path(JOURNAL_FILE)}: {exc.strerror or exc}; the "
                 "change it was to record was not made") from None
         self._last_saved = text
+        self._last_saved_data = json.loads(text)
 
     def save_last_run(self, report: dict[str, Any]) -> None:
         self._ensure_state_dir()

@@ -42,6 +42,8 @@ ChangeListener = Callable[[Change, str], None]
 
 @dataclass
 class ModulePlan:
+    """One module's changes for this host, or the error that stops it from planning."""
+
     module: str
     changes: list[Change] = field(default_factory=list)
     error: str | None = None
@@ -58,6 +60,8 @@ class ModulePlan:
 
 @dataclass
 class Plan:
+    """What apply would do on one node: a ModulePlan per module involved."""
+
     node: str
     modules: list[ModulePlan]
 
@@ -92,6 +96,8 @@ def summarise(changes: list[Change]) -> dict[str, int]:
 
 @dataclass
 class ModuleResult:
+    """What applying one module did: changes made, the error, and any rollback."""
+
     module: str
     applied: list[Change] = field(default_factory=list)
     error: str | None = None
@@ -112,6 +118,8 @@ class ModuleResult:
 
 @dataclass
 class ApplyReport:
+    """The outcome of one apply: the plan, each module's result, timing and warnings."""
+
     node: str
     revision: str
     plan: Plan

@@ -29,6 +29,8 @@ HEADER = (
 
 @dataclass(frozen=True)
 class SysctlObserved:
+    """The live values of the document's sysctls, and divingbell's drop-in."""
+
     live: dict[str, str | None]  # canonical key -> whitespace-normalised value (None: absent)
     dropin: str | None
 

@@ -1,0 +1,167 @@
+"""`divingbell apply`: the command body, and the fast path that runs it without click.
+
+A node runs `divingbell apply` from timers and hooks, and nearly every run finds nothing to
+do, so the whole process is mostly start-up: importing click alone costs more than the no-op
+apply itself. divingbell.entry therefore recognises the plain forms of `apply` with
+`parse_fast` and calls `run_apply` directly; anything else (help, an unknown or repeated
+option, a missing file, a bad value) goes to click, which parses it as always and reports
+the problem. Both paths run the same `run_apply`, and tests/test_fast_path.py checks that
+whatever `parse_fast` accepts, click parses to the same options.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from divingbell import console
+
+if TYPE_CHECKING:
+    from divingbell.engine.change import Change
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    """The options of `divingbell apply`, as click or parse_fast hands them over."""
+
+    files: tuple[Path, ...]
+    node: str | None = None
+    labels: tuple[str, ...] = ()
+    root: Path = Path("/")
+    proc_sys: Path = Path("/proc/sys")
+    output_format: str = "text"
+    lock_timeout: float = 10.0
+    allow_empty: bool = False
+    adopt: bool = False
+
+
+_VALUE_OPTIONS = {"--root": "root", "--proc-sys": "proc_sys", "--node": "node",
+                  "--label": "labels", "--format": "output_format",
+                  "--lock-timeout": "lock_timeout"}
+_FLAGS = {"--allow-empty": "allow_empty", "--adopt": "adopt"}
+FORMATS = ("text", "json")
+
+
+def parse_fast(argv: Sequence[str], environ: Mapping[str, str]) -> ApplyOptions | None:
+    """The options of `apply` given as `argv` (what follows `apply`), or None when anything
+    in them is not a plain, valid use: click then parses them, with its own messages."""
+    values: dict[str, str] = {}
+    labels: list[str] = []
+    flags: set[str] = set()
+    files: list[str] = []
+    tokens = list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("-"):
+            files.append(token)
+            continue
+        option, equals, value = token.partition("=")
+        if option in _FLAGS and not equals and option not in flags:
+            flags.add(option)
+            continue
+        if option not in _VALUE_OPTIONS:
+            return None  # --help, --, -, short options, anything unknown
+        if not equals:
+            if not tokens:
+                return None
+            value = tokens.pop(0)
+        if option == "--label":
+            labels.append(value)
+        elif option in values or not value:
+            return None  # repeated: click takes the last one; leave that to click
+        else:
+            values[option] = value
+    if not files or not all(_is_file(name) for name in files):
+        return None
+    root = values.get("--root") or environ.get("DIVINGBELL_ROOT") or "/"
+    proc_sys = values.get("--proc-sys") or environ.get("DIVINGBELL_PROC_SYS") or "/proc/sys"
+    output_format = values.get("--format", "text")
+    if not _is_dir(root) or _is_file(proc_sys) or output_format not in FORMATS:
+        return None
+    try:
+        lock_timeout = float(values.get("--lock-timeout", "10.0"))
+        console.node_name(values.get("--node"))
+        console.parse_labels(tuple(labels))
+    except (ValueError, console.BadArgument):
+        return None
+    return ApplyOptions(
+        files=tuple(Path(name) for name in files), node=values.get("--node"),
+        labels=tuple(labels), root=Path(root), proc_sys=Path(proc_sys),
+        output_format=output_format, lock_timeout=lock_timeout,
+        allow_empty="--allow-empty" in flags, adopt="--adopt" in flags)
+
+
+def _is_file(name: str) -> bool:
+    """What click.Path(exists=True, dir_okay=False) accepts."""
+    try:
+        return not stat.S_ISDIR(os.stat(name).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def _is_dir(name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def run_apply(options: ApplyOptions) -> NoReturn:
+    """Converge this host to the document, print each change as it is made, and exit: 0 when
+    the host matches, 1 on failure, 2 for an invalid document, 3 if another run holds the
+    lock, 130/143 when stopped by SIGINT/SIGTERM (between two changes)."""
+    received = console.stop_between_changes()
+    from divingbell.engine.runner import apply_node
+    from divingbell.errors import LockTimeout
+    from divingbell.output import applied_line, report_tail
+
+    output_format = options.output_format
+    resolved = console.resolve_or_exit(options.files, options.node, options.labels,
+                                       options.root, output_format, console.EXIT_INVALID,
+                                       allow_empty=options.allow_empty)
+    config = resolved.config
+    shown = {"header": False, "module": ""}
+
+    def header() -> None:
+        # Printed once the lock is held (with the first change, or the summary), so a run
+        # that never starts never says it did.
+        if output_format == "text" and not shown["header"]:
+            console.echo(f"Applying revision {resolved.revision} to node {config.node}:")
+            shown["header"] = True
+
+    def progress(change: Change, status: str) -> None:
+        if output_format != "text":
+            return
+        header()
+        if change.module != shown["module"]:
+            console.echo(f"{change.module}:")
+            shown["module"] = change.module
+        console.echo(applied_line(change, status))
+
+    try:
+        report = console.guarded(lambda: apply_node(
+            console.host(options.root, options.proc_sys), config, resolved.revision,
+            lock_timeout=options.lock_timeout, listener=progress, adopt=options.adopt,
+            removal_guard=True,
+            allow_mass_removal=options.allow_empty or resolved.allow_mass_removal),
+            output_format, config.node)
+    except LockTimeout as exc:
+        console.fail(f"{exc} Nothing was changed (--lock-timeout waits longer).",
+                     output_format, console.EXIT_LOCKED, node=config.node, result="locked")
+    if output_format == "json":
+        console.print_json({**report.as_dict(), "notes": resolved.notes})
+    else:
+        header()
+        console.echo(report_tail(report))
+    for warning in report.warnings:
+        console.echo(f"warning: {warning}", err=True)
+    if report.interrupted:
+        console.echo(f"interrupted: {len(report.applied)} of {report.planned_count} changes "
+                     "applied; run apply again", err=True)
+        sys.exit(128 + (received[0] if received else 15))
+    sys.exit(0 if report.ok else console.EXIT_FAILED)
