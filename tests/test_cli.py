@@ -22,6 +22,26 @@ def test_version_and_help(cli: Cli) -> None:
     assert "--root" in cli("apply", "--help").stdout
 
 
+def test_help_lists_every_command_group_without_importing_it(cli: Cli) -> None:
+    import importlib
+
+    import click
+
+    from divingbell.cli import LAZY_COMMANDS
+    from tests.test_fast_path import imported_modules
+
+    result = cli("--help", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    for name, (target, summary) in LAZY_COMMANDS.items():
+        assert f"  {name}" in result.stdout and summary in result.stdout, name
+        module_name, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module_name), attr)
+        assert isinstance(command, click.Command) and command.name == name
+    imported = imported_modules(result.stderr)
+    assert "divingbell.cli" in imported
+    assert not {target.partition(":")[0] for target, _ in LAZY_COMMANDS.values()} & imported
+    assert not imported & {"pydantic", "yaml", "fastapi"}, sorted(imported)
+
+
 def test_validate_ok_and_invalid_exit_codes(cli: Cli, tmp_path: Path) -> None:
     good = write(tmp_path / "good.yaml", SEED_DIVINGBELL)
     ok = cli("validate", good)

@@ -25,19 +25,31 @@ gettext.find = functools.lru_cache(maxsize=64)(_gettext_find)  # type: ignore[as
 
 # Command groups that live in their own files under divingbell/commands/, imported only when
 # used: the node agent's commands stay fast and need none of the service's dependencies. A group
-# whose module is absent (an optional part not installed) is simply not listed.
-LAZY_COMMANDS: dict[str, str] = {
-    "serve": "divingbell.commands.fleet:serve",
-    "fleet": "divingbell.commands.fleet:fleet",
-    "discover": "divingbell.commands.discover:discover",
-    "image": "divingbell.commands.image:image",
-    "node": "divingbell.commands.node:node",
-    "pki": "divingbell.commands.pki:pki",
-    "bootstrap": "divingbell.commands.bootstrap:bootstrap",
-    "policy": "divingbell.commands.policy:policy",
-    "tenants": "divingbell.commands.tenants:tenants",
-    "documents": "divingbell.commands.documents:documents",
-    "recover": "divingbell.commands.recover:recover",
+# whose module is absent (an optional part not installed) is simply not listed. Each has its
+# line for `divingbell --help` here, so listing them imports none of them.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("divingbell.commands.fleet:serve",
+              "Run the fleet service: API, network boot, web UI."),
+    "fleet": ("divingbell.commands.fleet:fleet",
+              "Operate the fleet service: machines, revisions, rollouts."),
+    "discover": ("divingbell.commands.discover:discover",
+                 "Report this machine's facts to the fleet service."),
+    "image": ("divingbell.commands.image:image",
+              "Build boot images (the network-boot discovery image)."),
+    "node": ("divingbell.commands.node:node",
+             "Node maintenance by hand: cordon, drain, reboot, release."),
+    "pki": ("divingbell.commands.pki:pki",
+            "Generate and check a cluster's certificates and keys."),
+    "bootstrap": ("divingbell.commands.bootstrap:bootstrap",
+                  "Build join scripts that make hosts Kubernetes nodes."),
+    "policy": ("divingbell.commands.policy:policy",
+               "Admission webhooks for shared clusters."),
+    "tenants": ("divingbell.commands.tenants:tenants",
+                "Tenant accounts: namespaces, quotas, certificates."),
+    "documents": ("divingbell.commands.documents:documents",
+                  "List and prune the document Secrets in a cluster."),
+    "recover": ("divingbell.commands.recover:recover",
+                "Repair divingbell's journal after it was lost or damaged."),
 }
 
 
@@ -47,9 +59,20 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         import importlib.util
 
-        lazy = [name for name, target in LAZY_COMMANDS.items()
+        lazy = [name for name, (target, _) in LAZY_COMMANDS.items()
                 if importlib.util.find_spec(target.partition(":")[0]) is not None]
         return sorted({*super().list_commands(ctx), *lazy})
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.commands.get(name)
+            if command is not None:
+                rows.append((name, command.get_short_help_str(limit=200)))
+            elif name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
@@ -57,7 +80,7 @@ class LazyGroup(click.Group):
             return command
         import importlib
 
-        module_name, _, attr = LAZY_COMMANDS[cmd_name].partition(":")
+        module_name, _, attr = LAZY_COMMANDS[cmd_name][0].partition(":")
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -73,7 +73,7 @@ def _format_option(*choices: str) -> Callable[[F], F]:
     )
 
 
-@click.command()
+@click.command(short_help="Check documents; every problem with its path and file:line.")
 @_files_argument
 @_format_option("text", "json")
 def validate(files: tuple[Path, ...], output_format: str) -> None:
@@ -102,7 +102,7 @@ def validate(files: tuple[Path, ...], output_format: str) -> None:
         click.echo(f"valid: {', '.join(map(str, files))}")
 
 
-@click.command()
+@click.command(short_help="Print a node's effective configuration, after overrides.")
 @_files_argument
 @_node_options
 @_format_option("yaml", "json")
@@ -129,7 +129,7 @@ def render(
                                   width=float("inf")).rstrip() if data else "{}")
 
 
-@click.command()
+@click.command(short_help="Show what apply would change on this host; touch nothing.")
 @_files_argument
 @_node_options
 @_host_options
@@ -178,7 +178,7 @@ def plan(
     sys.exit(0)
 
 
-@click.command()
+@click.command(short_help="Converge this host to the document.")
 @_files_argument
 @_node_options
 @_host_options
@@ -209,7 +209,7 @@ def apply(
                                lock_timeout, allow_empty, adopt))
 
 
-@click.command()
+@click.command(short_help="What divingbell owns here, and the last apply's outcome.")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default="/", show_default=True, envvar="DIVINGBELL_ROOT",
               help="The host's root filesystem (divingbell's state is in its /var/lib/divingbell).")
@@ -268,7 +268,7 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
     sys.exit(console.EXIT_FAILED if degraded else 0)
 
 
-@click.command()
+@click.command(short_help="Keep this node converged (a DaemonSet pod or systemd unit).")
 @click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_host_options
 @_node_options
@@ -440,7 +440,7 @@ def _check_namespace(ctx: click.Context, param: click.Parameter, value: str) -> 
         raise click.BadParameter(str(exc)) from None
 
 
-@click.command()
+@click.command(short_help="Print the Kubernetes objects that run the agent on every node.")
 @_files_argument
 @click.option("--namespace", default="divingbell", show_default=True, callback=_check_namespace,
               help="Where the agent runs (a DNS label; created, labelled for privileged pods).")
@@ -503,7 +503,7 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
     click.echo(to_yaml(objects), nl=False)
 
 
-@click.command()
+@click.command(short_help="Print the document's JSON Schema, for editors and CI.")
 def schema() -> None:
     """Print the document's JSON Schema, for editors and CI checks."""
     from divingbell.document.schema import Document
