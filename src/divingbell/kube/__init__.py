@@ -1,0 +1,38 @@
+"""The Kubernetes edge: node labels in, per-node status and events out; maintenance (leases,
+pods, budgets, evictions, cordons) and node labels for bootstrap.
+
+`KubeApi` (and `MaintenanceKube`, `NodeLabelApi`) is the whole interface the rest of divingbell
+uses, in `api`, with the views, errors and request builders. `LightkubeApi` (`lightkube`) is the
+thin real adapter; `FakeKube` (`fake`) is the in-memory stand-in for tests, where no API server
+runs. Both build their requests with the same functions, and a contract test checks that what
+lightkube puts on the wire is exactly what the fake records.
+"""
+
+from divingbell.kube.api import (
+    ANNOTATION_PREFIX,
+    EVENTS_PATH,
+    BudgetView,
+    EvictionRefused,
+    KubeApi,
+    KubeConflict,
+    KubeError,
+    KubeNotFound,
+    LeaseView,
+    MaintenanceKube,
+    NodeLabelApi,
+    NodeState,
+    NodeView,
+    PodView,
+    Request,
+    lease_view,
+    with_query,
+)
+from divingbell.kube.fake import FakeKube, FakePod
+from divingbell.kube.lightkube import LightkubeApi
+
+__all__ = [
+    "ANNOTATION_PREFIX", "EVENTS_PATH", "BudgetView", "EvictionRefused", "FakeKube", "FakePod",
+    "KubeApi", "KubeConflict", "KubeError", "KubeNotFound", "LeaseView", "LightkubeApi",
+    "MaintenanceKube", "NodeLabelApi", "NodeState", "NodeView", "PodView", "Request",
+    "lease_view", "with_query",
+]

@@ -1,0 +1,279 @@
+"""LightkubeApi: the thin real adapter (lightkube: typed, and it imports in ~0.13 s where the
+official client takes ~1 s; only the agent and `status --kube` import it). Every request is
+built by divingbell.kube.api, as the fake's are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from divingbell.kube.api import (
+    COMPONENT,
+    DOCUMENT_SELECTOR,
+    EVENTS_NAMESPACE,
+    BudgetView,
+    DocumentSecret,
+    EventSeries,
+    EvictionRefused,
+    KubeConflict,
+    KubeError,
+    KubeNotFound,
+    LeaseView,
+    NodeState,
+    NodeView,
+    PodView,
+    Request,
+    annotate_request,
+    budget_view,
+    document_usage,
+    eviction_request,
+    lease_body,
+    lease_view,
+    node_patch_request,
+    node_state_from,
+    pod_view,
+)
+
+
+def _lease_resource() -> Any:
+    """Leases as plain dicts: lightkube's typed Lease drops the microseconds of a whole-second
+    MicroTime ("...:00Z"), which the API server's RFC3339Micro parser rejects."""
+    from lightkube.generic_resource import create_namespaced_resource
+
+    return create_namespaced_resource("coordination.k8s.io", "v1", "Lease", "leases")
+
+
+class _LightkubeMaintenance:
+    _client: Any
+    _clock: Callable[[], float]
+
+    def node_state(self, node: str) -> NodeState:
+        from lightkube.resources.core_v1 import Node
+
+        obj = self._maintenance_call(lambda: self._client.get(Node, node))
+        return node_state_from(obj.to_dict())
+
+    def node_states(self) -> list[NodeState]:
+        from lightkube.resources.core_v1 import Node
+
+        items = self._maintenance_call(lambda: list(self._client.list(Node)))
+        return sorted((node_state_from(n.to_dict()) for n in items), key=lambda n: n.name)
+
+    def delete_node(self, node: str) -> None:
+        from lightkube.resources.core_v1 import Node
+
+        self._maintenance_call(lambda: self._client.delete(Node, node))
+
+    def pods_on_node(self, node: str) -> list[PodView]:
+        from lightkube.resources.core_v1 import Pod
+
+        items = self._maintenance_call(lambda: list(self._client.list(
+            Pod, namespace="*", fields={"spec.nodeName": node})))
+        return sorted((pod_view(p.to_dict()) for p in items), key=lambda p: p.ref)
+
+    def budgets(self) -> list[BudgetView]:
+        from lightkube.resources.policy_v1 import PodDisruptionBudget
+
+        items = self._maintenance_call(
+            lambda: list(self._client.list(PodDisruptionBudget, namespace="*")))
+        return sorted((budget_view(b.to_dict()) for b in items), key=lambda b: b.ref)
+
+    def evict(self, namespace: str, pod: str, grace_seconds: int) -> None:
+        from lightkube.resources.core_v1 import Pod
+
+        body = eviction_request(namespace, pod, grace_seconds).body or {}
+        eviction = Pod.Eviction.from_dict(body)
+        try:
+            self._maintenance_call(
+                lambda: self._client.create(eviction, pod, namespace=namespace))
+        except KubeNotFound:
+            return
+
+    def delete_pod(self, namespace: str, pod: str, grace_seconds: int) -> None:
+        from lightkube.resources.core_v1 import Pod
+
+        self._maintenance_call(lambda: self._client.delete(
+            Pod, pod, namespace=namespace, grace_period=grace_seconds))
+
+    def get_lease(self, namespace: str, name: str) -> LeaseView | None:
+        Lease = _lease_resource()
+        try:
+            obj = self._maintenance_call(
+                lambda: self._client.get(Lease, name, namespace=namespace))
+        except KubeNotFound:
+            return None
+        return lease_view(dict(obj))
+
+    def list_leases(self, namespace: str) -> list[LeaseView]:
+        Lease = _lease_resource()
+        items = self._maintenance_call(
+            lambda: list(self._client.list(Lease, namespace=namespace)))
+        return sorted((lease_view(dict(i)) for i in items), key=lambda v: v.name)
+
+    def create_lease(self, namespace: str, lease: LeaseView) -> LeaseView:
+        obj = _lease_resource()(lease_body(namespace, lease))
+        created = self._maintenance_call(lambda: self._client.create(obj, namespace=namespace))
+        return lease_view(dict(created))
+
+    def replace_lease(self, namespace: str, lease: LeaseView) -> LeaseView:
+        obj = _lease_resource()(lease_body(namespace, lease))
+        replaced = self._maintenance_call(lambda: self._client.replace(obj))
+        return lease_view(dict(replaced))
+
+    @staticmethod
+    def _maintenance_call(action: Callable[[], Any]) -> Any:
+        """As LightkubeApi._call, with the status codes maintenance acts on as their own
+        errors."""
+        from lightkube import ApiError
+
+        try:
+            return action()
+        except ApiError as exc:
+            code, message = exc.status.code, exc.status.message
+            if code == 409:
+                raise KubeConflict(f"{message} (409)") from None
+            if code == 404:
+                raise KubeNotFound(f"{message} (404)") from None
+            if code == 429:
+                raise EvictionRefused(f"429 {message}") from None
+            raise KubeError(f"API server: {code} {message}") from None
+        except OSError as exc:
+            raise KubeError(f"cannot reach the API server: {exc}") from None
+        except Exception as exc:
+            if type(exc).__module__.startswith(("httpx", "httpcore")):
+                raise KubeError(f"cannot reach the API server: {exc}") from None
+            raise
+
+
+def config_problem(kubeconfig: str | None, exc: Exception) -> str:
+    """One line saying why no Kubernetes client could be configured, and from what."""
+    where = (kubeconfig if kubeconfig is not None
+             else "the in-cluster service account or ~/.kube/config")
+    reason = f"no {exc.args[0]!r} in it" if isinstance(exc, KeyError) and exc.args else exc
+    return (f"cannot configure the Kubernetes client from {where}: {reason}; give "
+            "--kubeconfig FILE (or KUBECONFIG), or run in a pod with a service account")
+
+
+# The real adapter. ------------------------------------------------------------------------
+
+class LightkubeApi(_LightkubeMaintenance):
+    def __init__(self, kubeconfig: str | None = None, *, server: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        from lightkube import Client, KubeConfig
+        from lightkube.config.models import Cluster, User
+
+        try:
+            if server is not None:  # an unauthenticated server URL (tests, kubectl proxy)
+                config = KubeConfig.from_one(cluster=Cluster(server=server), user=User())
+            elif kubeconfig is not None:
+                config = KubeConfig.from_file(kubeconfig)
+            else:
+                config = KubeConfig.from_env()  # in-cluster service account, else ~/.kube/config
+            self._client = Client(config, field_manager=COMPONENT, trust_env=False)
+        except Exception as exc:  # lightkube's config errors share no base class (KeyError...)
+            raise KubeError(config_problem(kubeconfig, exc)) from None
+        self._clock = clock
+        self._series = EventSeries()
+
+    def node_labels(self, node: str) -> dict[str, str]:
+        from lightkube.resources.core_v1 import Node
+
+        obj = self._call(lambda: self._client.get(Node, node))
+        return dict((obj.metadata.labels if obj.metadata else None) or {})
+
+    def annotate_node(self, node: str, status: Mapping[str, str]) -> None:
+        from lightkube.resources.core_v1 import Node
+        from lightkube.types import PatchType
+
+        body = annotate_request(node, status).body or {}
+        self._call(lambda: self._client.patch(Node, node, body, patch_type=PatchType.MERGE))
+
+    def node_event(self, node: str, reason: str, message: str, *, warning: bool = False
+                   ) -> None:
+        self._series.record(self._send_event, node, reason, message, warning, self._clock())
+
+    def _send_event(self, request: Request) -> dict[str, Any]:
+        from lightkube.resources.core_v1 import Event
+        from lightkube.types import PatchType
+
+        if request.method == "POST":
+            event = Event.from_dict(request.body or {})
+            assert isinstance(event, Event)
+            result = self._call(lambda: self._client.create(event, namespace=EVENTS_NAMESPACE))
+        else:
+            name = request.path.rsplit("/", 1)[1]
+            if request.method == "GET":
+                result = self._call(lambda: self._client.get(Event, name,
+                                                              namespace=EVENTS_NAMESPACE))
+            else:
+                result = self._call(lambda: self._client.patch(
+                    Event, name, request.body or {}, namespace=EVENTS_NAMESPACE,
+                    patch_type=PatchType.MERGE))
+        return dict(result.to_dict())
+
+    def document_secrets(self, namespace: str, daemonset: str) -> list[DocumentSecret]:
+        from lightkube.resources.apps_v1 import ControllerRevision, DaemonSet
+        from lightkube.resources.core_v1 import Secret
+
+        key, value = DOCUMENT_SELECTOR.split("=")
+        secrets = self._call(lambda: [s.to_dict() for s in self._client.list(
+            Secret, namespace=namespace, labels={key: value})])
+        found = self._call(lambda: self._client.get(DaemonSet, daemonset,
+                                                    namespace=namespace)).to_dict()
+        revisions = self._call(lambda: [r.to_dict() for r in self._client.list(
+            ControllerRevision, namespace=namespace)])
+        return document_usage(secrets, found, revisions, daemonset)
+
+    def delete_secret(self, namespace: str, name: str) -> None:
+        from lightkube.resources.core_v1 import Secret
+
+        self._call(lambda: self._client.delete(Secret, name, namespace=namespace))
+
+    def nodes(self) -> list[NodeView]:
+        from lightkube.resources.core_v1 import Node
+
+        items = self._call(lambda: list(self._client.list(Node)))
+        return sorted((NodeView(n.metadata.name or "", dict(n.metadata.labels or {}),
+                                dict(n.metadata.annotations or {}))
+                       for n in items if n.metadata), key=lambda n: n.name)
+
+    # Node labels (NodeLabelApi) --------------------------------------------------------
+
+    def node(self, name: str) -> NodeView:
+        from lightkube.resources.core_v1 import Node
+
+        return self._view(self._call(lambda: self._client.get(Node, name)))
+
+    def patch_node(self, node: str, *, labels: Mapping[str, str | None] | None = None,
+                   annotations: Mapping[str, str | None] | None = None,
+                   unschedulable: bool | None = None) -> NodeView:
+        from lightkube.resources.core_v1 import Node
+        from lightkube.types import PatchType
+
+        body = node_patch_request(node, labels=labels, annotations=annotations,
+                                  unschedulable=unschedulable).body or {}
+        return self._view(self._maintenance_call(lambda: self._client.patch(
+            Node, node, body, patch_type=PatchType.MERGE)))
+
+    @staticmethod
+    def _view(obj: Any) -> NodeView:
+        meta = obj.metadata
+        return NodeView(meta.name or "", dict(meta.labels or {}), dict(meta.annotations or {}))
+
+    @staticmethod
+    def _call(action: Callable[[], Any]) -> Any:
+        from lightkube import ApiError
+
+        try:
+            return action()
+        except ApiError as exc:
+            raise KubeError(f"API server: {exc.status.code} {exc.status.message}",
+                            code=exc.status.code) from None
+        except OSError as exc:
+            raise KubeError(f"cannot reach the API server: {exc}") from None
+        except Exception as exc:  # httpx transport errors do not share a public base here
+            if type(exc).__module__.startswith(("httpx", "httpcore")):
+                raise KubeError(f"cannot reach the API server: {exc}") from None
+            raise
