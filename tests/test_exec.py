@@ -8,17 +8,20 @@ import json
 import stat
 import subprocess
 import textwrap
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from divingbell.document.loader import load_text
+from divingbell.document.schema import Script
 from divingbell.document.validate import resolve, validate
 from divingbell.engine.runner import ApplyReport, apply_node, plan_node
-from divingbell.host import Host
+from divingbell.host import Host, interrupt
 from divingbell.modules import IMPLEMENTED
-from divingbell.modules.exec import STORE, Exec
+from divingbell.modules.exec import STORE, Exec, decide, script_hash
 from divingbell.output import plan_text
 
 pytestmark = pytest.mark.kernel
@@ -118,6 +121,93 @@ def test_rerun_policies_across_applies(host: Host, clock: Clock) -> None:
 
     changed = dict(scripts, **{"a-never": logger("never", rerun_policy="never", args=["v2"])})
     assert "a-never" in ran(apply(host, doc(changed))), "a changed script is a new script"
+
+
+NOW = 1_800_000_000.0
+SCRIPT_DATA = "#!/bin/sh\ntrue\n"
+
+
+def last_run(ended: str, ago: float) -> dict[str, object]:
+    """A journal record of the last run of SCRIPT_DATA, as Exec writes it, `ago` seconds ago."""
+    digest = script_hash(Script(data=SCRIPT_DATA))
+    base: dict[str, object] = {"hash": digest, "ran_at": NOW - ago, "timed_out": False}
+    records: dict[str, dict[str, object]] = {
+        "exit 0": {"exit": 0, "seconds": 1.0},
+        "exit 3": {"exit": 3, "seconds": 1.0},
+        "timed out": {"exit": -15, "timed_out": True, "seconds": 5.0},
+        # SIGTERM/SIGINT to divingbell: it killed the script's group and recorded the end.
+        "interrupted": {"exit": -15, "interrupted": True, "seconds": 1.0},
+        # Written before the script starts; divingbell was killed before the end was recorded.
+        "no recorded end": {"exit": None},
+        # The same, as journals written before interrupted runs were told apart.
+        "no recorded end (older journal)": {"exit": None, "interrupted": True},
+    }
+    return {**base, **records[ended]}
+
+
+@pytest.mark.parametrize(("policy", "ended", "runs", "why"), [
+    ({"rerun_policy": "never"}, "exit 0", False, "ran once at"),
+    ({"rerun_policy": "never"}, "exit 3", False, "(exit 3)"),
+    ({"rerun_policy": "never"}, "timed out", False, "(timed out)"),
+    ({"rerun_policy": "never"}, "interrupted", True, "an interrupted run does not count"),
+    ({"rerun_policy": "never"}, "no recorded end", False, "it may have finished"),
+    ({"rerun_policy": "never"}, "no recorded end (older journal)", False,
+     "it may have finished"),
+    ({"rerun_policy": "once_successfully", "retry_interval": 3600}, "exit 3", False,
+     "next retry in"),
+    ({"rerun_policy": "once_successfully", "retry_interval": 3600}, "interrupted", True,
+     "an interrupted run does not count"),
+    ({"rerun_policy": "once_successfully", "retry_interval": 3600}, "no recorded end", False,
+     "last try no recorded end: next retry in"),
+    ({"rerun_interval": 3600}, "exit 0", False, "next rerun in"),
+    ({"rerun_interval": "infinite"}, "interrupted", True, "an interrupted run does not count"),
+    ({"rerun_interval": 3600, "retry_interval": 3600}, "interrupted", True,
+     "an interrupted run does not count"),
+])
+def test_an_interrupted_run_does_not_count(policy: dict[str, object], ended: str, runs: bool,
+                                          why: str) -> None:
+    """Pure: `decide` on a journal record, one minute after the run it records."""
+    script = Script.model_validate({"data": SCRIPT_DATA, **policy})
+    run, reason = decide(script, last_run(ended, ago=60), NOW)
+    assert (run, why in reason) == (runs, True), reason
+
+
+def test_an_interrupted_never_script_runs_on_the_next_apply(host: Host, clock: Clock) -> None:
+    """A `never` script stopped by SIGTERM/SIGINT (here the event the signal handlers set) is
+    planned again and says why; once it has run to its end it is never run again."""
+    script = ('#!/bin/sh\nif [ -e /tmp/let-finish ]; then echo finished >> /tmp/exec-log; '
+              'exit 0; fi\ntouch /tmp/started\nexec sleep 300\n')
+    scripts = {"once": {"data": script, "rerun_policy": "never"}}
+    started = host.path("/tmp/started")
+
+    def interrupt_once_started() -> None:
+        while not started.exists():
+            time.sleep(0.02)
+        interrupt.set()
+
+    signaller = threading.Thread(target=interrupt_once_started, daemon=True)
+    signaller.start()
+    try:
+        stopped = apply(host, doc(scripts))
+    finally:
+        signaller.join()
+        interrupt.clear()
+    assert stopped.interrupted and ran(stopped) == ["once"]
+    assert "script once: interrupted (SIGTERM/SIGINT)" in " ".join(stopped.errors)
+
+    plan = plan_node(host, resolve(validate(load_text(doc(scripts))), "n1", {}))
+    [change] = [c for c in plan.changes if c.target == "script once"]
+    assert change.changes_host and change.before == "interrupted", change
+    assert "script once: interrupted -> run" in plan_text(plan)
+    assert "an interrupted run does not count, so it runs again" in change.reason
+
+    host.path("/tmp/let-finish").touch()
+    finished = apply(host, doc(scripts))
+    assert ran(finished) == ["once"] and finished.ok, finished.as_dict()
+    assert host.read_text(LOG) == "finished\n"
+    plan = plan_node(host, resolve(validate(load_text(doc(scripts))), "n1", {}))
+    assert not [c for c in plan.changes if c.changes_host], "run to its end, `never` holds"
+    assert "rerun_policy never: ran once at" in plan_text(plan, verbose=True)
 
 
 def test_timeout_kills_the_whole_process_group(host: Host, clock: Clock) -> None:

@@ -49,8 +49,23 @@ REVISION_HISTORY = 5
 MEMORY_REQUEST = "128Mi"
 MEMORY_LIMIT = "1Gi"
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# Matched with fullmatch: `$` would also accept a trailing newline.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+# An image reference as the container runtimes parse it (distribution/reference, the OCI
+# distribution spec): [registry[:port]/]path[:tag][@digest].
+_REGISTRY_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_REGISTRY = rf"(?:{_REGISTRY_PART}(?:\.{_REGISTRY_PART})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(
+    rf"(?P<name>(?:{_REGISTRY}/)?{_PATH_PART}(?:/{_PATH_PART})*)"
+    r"(?::(?P<tag>\w[\w.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}))?", re.ASCII)
+_IMAGE_NAME_MAX = 255  # registry and path together, as distribution/reference limits them
+IMAGE_FORM = ("[registry[:port]/]path[:tag][@sha256:digest], path components of lower-case "
+              "letters and digits joined by '.', '_', '__' or '-', a tag of at most 128 "
+              "letters, digits, '_', '.' and '-' not starting with '.' or '-'")
 
 
 def document_digest(files: Mapping[str, str] | Mapping[str, bytes]) -> str:
@@ -69,14 +84,27 @@ def document_secret_name(digest: str) -> str:
 
 def check_namespace(value: str) -> str:
     """A namespace name is an RFC 1123 DNS label."""
-    if not _DNS_LABEL.match(value):
+    if not _DNS_LABEL.fullmatch(value):
         raise ValueError(f"{value!r} is not a namespace name: at most 63 characters, lower-case "
                          "letters, digits and '-', starting and ending with a letter or digit")
     return value
 
 
+def check_image(value: str) -> str:
+    """An image reference a container runtime accepts, so nothing else reaches the pod spec
+    (a space, a newline or YAML of its own)."""
+    shown = value if len(value) <= 80 else value[:80] + "…"
+    found = _IMAGE.fullmatch(value)
+    if found is None:
+        raise ValueError(f"{shown!r} is not an image reference: {IMAGE_FORM}")
+    if len(found["name"]) > _IMAGE_NAME_MAX:
+        raise ValueError(f"{shown!r} is not an image reference: its registry and path are "
+                         f"{len(found['name'])} characters, at most {_IMAGE_NAME_MAX}")
+    return value
+
+
 def check_secret_name(value: str) -> str:
-    if not _DNS_SUBDOMAIN.match(value):
+    if not _DNS_SUBDOMAIN.fullmatch(value):
         raise ValueError(f"{value!r} is not a Secret name: lower-case letters, digits, '-' and "
                          "'.', starting and ending with a letter or digit")
     return value
@@ -95,6 +123,7 @@ def build(files: Mapping[str, str], *, namespace: str = APP, image: str = DEFAUL
     (created by the operator, one key per document file name) instead of one made here.
     """
     check_namespace(namespace)
+    check_image(image)
     labels = {"app.kubernetes.io/name": APP}
     meta = {"namespace": namespace, "labels": labels}
     digest = document_digest(files)

@@ -219,3 +219,62 @@ def test_serve_with_worker_processes(tmp_path: Path, cli: Cli, postgres: Postgre
         assert admin.call("GET", "/readyz")["ready"] is True
     finally:
         server.stop()
+
+
+def test_every_api_command_ends_an_api_error_the_same_way(cli: Cli, tmp_path: Path) -> None:
+    """The fleet and rollout commands share one path for an API error: `error: ` and the
+    request, the problems under it, exit 2 for what the request got wrong (404, 409, 422) and
+    1 for the rest (401, 403); a push under --format json answers in JSON instead."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("conf:\n  sysctl: 3\n")
+    good = tmp_path / "site.yaml"
+    good.write_text(DOC)
+    settings = FleetSettings(db_url=f"sqlite:///{tmp_path / 'fleet.db'}", control_plane_size=1)
+    with thread_server(settings) as server:
+        machine = server.bootstrap.discover(facts(1))["machine_id"]
+        admin, reader, forged = server.admin_token, server.reader_token, "dbt_forged_token"
+
+        def fleet(token: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+            return cli("fleet", *args, "--server", server.url, env={"DIVINGBELL_TOKEN": token})
+
+        failures: list[tuple[str, tuple[str | Path, ...], int, str]] = [
+            (admin, ("machine", "nope"), 2, "GET /v1/machines/nope: 404 no machine nope"),
+            (admin, ("roles", "nope", "worker"), 2, "PUT /v1/machines/nope/roles: 404"),
+            (reader, ("roles", machine, "worker"), 1,
+             f"PUT /v1/machines/{machine}/roles: 403 needs a admin token"),
+            (admin, ("revisions", "--activate", "9"), 2, "POST /v1/revisions/9/activate: 404"),
+            (reader, ("document", "push", good), 1, "PUT /v1/document?name=site.yaml: 403"),
+            (forged, ("machines",), 1, "GET /v1/machines: 401 invalid token"),
+            (forged, ("status",), 1, "GET /v1/machines: 401 invalid token"),
+            (admin, ("decommission", "nope"), 2, "POST /v1/machines/nope/decommission: 404"),
+            (forged, ("audit",), 1, "GET /v1/audit?limit=50: 401 invalid token"),
+            (admin, ("rollout", "status"), 2, "GET /v1/rollouts/current: 404 no rollout yet"),
+            (admin, ("rollout", "plan", "9"), 2, "GET /v1/rollouts/plan/9: 404 no revision 9"),
+            (forged, ("rollout", "history"), 1, "GET /v1/rollouts: 401 invalid token"),
+            (reader, ("rollout", "pause"), 1, "POST /v1/rollouts/current/pause: 403"),
+            (admin, ("rollout", "policy", "--max-unavailable", "x"), 2,
+             "PUT /v1/rollout-policy: 422 max_unavailable"),
+        ]
+        for token, args, code, message in failures:
+            result = fleet(token, *args)
+            assert (result.returncode, result.stdout) == (code, ""), (args, result)
+            assert result.stderr.startswith(f"error: {message}"), (args, result.stderr)
+            assert len(result.stderr.splitlines()) == 1, (args, result.stderr)
+
+        rejected = fleet(admin, "document", "push", bad)
+        assert rejected.returncode == 2 and rejected.stderr.splitlines() == [
+            "error: PUT /v1/document?name=bad.yaml: 422 invalid-document",
+            "  conf.sysctl: must be a mapping (got 3) (bad.yaml:2)"]
+        as_json = fleet(admin, "document", "push", bad, "--format", "json")
+        assert as_json.returncode == 2 and as_json.stderr == ""
+        assert json.loads(as_json.stdout)["detail"]["problems"][0]["path"] == "conf.sysctl"
+
+        assert fleet(admin, "document", "push", good).stdout == "revision 1 stored and active\n"
+        completed = fleet(admin, "rollout", "abort")
+        assert completed.returncode == 2
+        assert "409 cannot abort a rollout that is completed" in completed.stderr
+        listed = fleet(admin, "revisions", "--activate", "1", "--format", "json")
+        assert listed.returncode == 0, listed.stderr
+        assert [r["revision"] for r in json.loads(listed.stdout)] == [1]
+        shown = fleet(reader, "machine", machine, "--format", "json")
+        assert json.loads(shown.stdout)["id"] == machine

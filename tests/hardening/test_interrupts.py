@@ -25,6 +25,7 @@ conf:
       rerun_policy: never
       data: |
         #!/bin/sh
+        if [ -e /var/tmp/db-let-finish ]; then touch /var/tmp/db-finished; exit 0; fi
         echo $$ > /var/tmp/db-slow.pid
         sleep 300 &
         echo $! > /var/tmp/db-child.pid
@@ -40,6 +41,12 @@ def start_apply(root: Path, doc: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "divingbell", "apply", "--root", str(root),
                              "--node", "n1", str(doc)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def divingbell(root: Path, command: str, doc: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "divingbell", command, "--root", str(root),
+                           "--node", "n1", str(doc)], capture_output=True, text=True,
+                          check=False)
 
 
 def wait_for(path: Path, proc: subprocess.Popen[str]) -> int:
@@ -82,14 +89,23 @@ def test_a_signal_during_a_script_kills_its_group_and_records_it(
     last = json.loads((overlay_root / "var/lib/divingbell/last-run.json").read_text())
     assert last["result"] == "interrupted"
     assert (last["applied_count"], last["planned_count"]) == (1, 2)
-    # The next apply does not run the `never` script again, and finishes the rest.
-    (overlay_root / "var/tmp/db-slow.pid").unlink()
-    again = subprocess.run([sys.executable, "-m", "divingbell", "apply", "--root",
-                            str(overlay_root), "--node", "n1", str(doc)],
-                           capture_output=True, text=True, check=False)
+    # An interrupted run does not count: the `never` script never finished, so the next plan
+    # says it was interrupted and will run, and the next apply runs it to its end.
+    plan = divingbell(overlay_root, "plan", doc)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "script a-slow: interrupted -> run" in plan.stdout
+    (overlay_root / "var/tmp/db-let-finish").touch()
+    again = divingbell(overlay_root, "apply", doc)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert not (overlay_root / "var/tmp/db-slow.pid").exists(), "the `never` script ran again"
+    assert "already matches the document" not in again.stdout
+    assert (overlay_root / "var/tmp/db-finished").exists(), "the interrupted script did not rerun"
     assert (overlay_root / "var/tmp/db-after").exists()
+    # Run to its end once, `never` holds again.
+    (overlay_root / "var/tmp/db-finished").unlink()
+    third = divingbell(overlay_root, "apply", doc)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "script a-slow" not in third.stdout  # b-after, `always`, runs each time
+    assert not (overlay_root / "var/tmp/db-finished").exists(), "the `never` script ran twice"
 
 
 def test_a_user_created_just_before_a_kill_is_known_to_the_journal(debian_host: object,

@@ -17,6 +17,7 @@ from divingbell.manifests import (
     DIGEST_LABEL,
     DOCUMENT_LABEL,
     build,
+    check_image,
     document_digest,
     parse_max_unavailable,
     to_yaml,
@@ -177,7 +178,7 @@ def test_the_command_validates_the_document_and_the_namespace(tmp_path: Path) ->
     assert docs[-1]["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] == "25%"
     assert kind(docs, "Secret")["stringData"]["site.yaml"] == SITE
     assert {d["metadata"].get("namespace") for d in docs} == {None, "node-config", "default"}
-    for bad_namespace in ("Ops", "ops_1", "-ops", "x" * 64):
+    for bad_namespace in ("Ops", "ops_1", "-ops", "x" * 64, "ops\n"):
         run = manifests(str(good), "--namespace", bad_namespace)
         assert run.returncode == 2 and run.stdout == ""
         assert "--namespace" in run.stderr and "not a namespace name" in run.stderr
@@ -193,6 +194,86 @@ def test_the_command_validates_the_document_and_the_namespace(tmp_path: Path) ->
     assert run.returncode == 2 and "nothing was changed" in run.stderr and run.stdout == ""
     with pytest.raises(ValueError):
         parse_max_unavailable("0")
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+GOOD_IMAGES = [
+    "divingbell",
+    "divingbell:0.1.0",
+    "registry.example/divingbell:1.0",
+    "registry.example:5000/ops/node-config/divingbell:v1.2-rc_3",
+    "localhost:5000/divingbell",
+    "[fd00::1]:5000/divingbell:1",
+    "Registry.Example/divingbell",  # a registry host is case-insensitive; a path is not
+    "ghcr.io/o_r.g/a__b/c---d:TAG_1." ,
+    f"registry.example/divingbell@{DIGEST}",
+    f"registry.example/divingbell:1.0@{DIGEST}",
+    "divingbell@sha512:" + "ab" * 64,
+    "divingbell:" + "t" * 128,
+    "r.example/" + "a" * 245,
+]
+BAD_IMAGES = [
+    "",
+    "Divingbell:1.0",  # upper case in the path
+    "registry.example/Ops/divingbell",
+    "divingbell 1.0",
+    "divingbell:1.0\n",  # `$` would let this through
+    "divingbell:1.0\n    securityContext: {}",
+    "divingbell: {privileged: true}",
+    "divingbell:",
+    "divingbell:-1",
+    "divingbell:.1",
+    "divingbell:" + "t" * 129,
+    "divingbell:1:2",
+    "divingbell@sha256:abc",
+    "divingbell@sha256:" + "A" * 64,
+    "divingbell@md5:" + "a" * 32,
+    "https://registry.example/divingbell",
+    "/divingbell",
+    "divingbell/",
+    "ops//divingbell",
+    "ops/-divingbell",
+    "a_-b",
+    "-registry.example/divingbell",
+    "registry.example:port/divingbell",
+    "r.example/" + "a" * 246,  # registry and path: 256 characters
+    "divingbell:1.0é",
+]
+
+
+@pytest.mark.parametrize("image", GOOD_IMAGES)
+def test_an_image_reference_a_runtime_accepts_goes_into_the_daemonset(image: str) -> None:
+    assert check_image(image) == image
+    containers = template(build({"site.yaml": SITE}, image=image))["spec"]["containers"]
+    assert {c["image"] for c in containers} == {image}
+
+
+@pytest.mark.parametrize("image", BAD_IMAGES)
+def test_anything_else_is_refused_before_it_reaches_the_pod_spec(image: str) -> None:
+    with pytest.raises(ValueError, match="is not an image reference"):
+        check_image(image)
+    with pytest.raises(ValueError, match="is not an image reference"):
+        build({"site.yaml": SITE}, image=image)
+
+
+def test_the_command_refuses_a_bad_image_in_one_line_naming_the_option(tmp_path: Path) -> None:
+    good = tmp_path / "site.yaml"
+    good.write_text(SITE)
+
+    def manifests(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "divingbell", "manifests", str(good),
+                               *args], capture_output=True, text=True, check=False)
+
+    image = "registry.example:5000/ops/divingbell:1.0"
+    run = manifests("--image", image)
+    assert run.returncode == 0, run.stderr
+    assert {c["image"] for c in template(list(yaml.safe_load_all(run.stdout)))["spec"][
+        "containers"]} == {image}
+    for bad in ("divingbell:1.0\n    securityContext: {}", "Divingbell", "div bell", ""):
+        run = manifests("--image", bad)
+        assert (run.returncode, run.stdout) == (2, ""), run.stderr
+        error = run.stderr.strip().splitlines()[-1]
+        assert "'--image'" in error and "is not an image reference" in error, run.stderr
 
 
 def test_a_document_too_large_for_a_secret_or_for_client_side_apply_is_named(

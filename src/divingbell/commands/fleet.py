@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from divingbell.fleet.db import Database
 
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+T = TypeVar("T")
 DB_ENV = "DIVINGBELL_FLEET_DB"
 DEFAULT_DB = "sqlite:////var/lib/divingbell/fleet.db"
 
@@ -83,7 +85,7 @@ def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
-def _fail(exc: FleetApiError) -> None:
+def _fail(exc: FleetApiError) -> NoReturn:
     click.echo(f"error: {exc}", err=True)
     if isinstance(exc.detail, dict) and exc.detail.get("problems"):
         for problem in exc.detail["problems"]:
@@ -91,6 +93,15 @@ def _fail(exc: FleetApiError) -> None:
             path = f"{problem.get('path')}: " if problem.get("path") else ""
             click.echo(f"  {path}{problem.get('message')}{where}", err=True)
     sys.exit(2 if exc.status in (400, 404, 409, 422) else 1)
+
+
+def _call(request: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """One request to the fleet API (a FleetClient method); an error the service or the
+    network gives ends the command as `_fail` says: the message, its problems, exit 2 or 1."""
+    try:
+        return request(*args, **kwargs)
+    except FleetApiError as exc:
+        _fail(exc)
 
 
 def _parse_listen(listen: str) -> tuple[str, int]:
@@ -323,11 +334,7 @@ def machines(server: str, token_file: Path | None, ca_file: str | None, state: s
     """List machines: state, roles, revision, up to date or not."""
     from divingbell.output import table
 
-    try:
-        rows = _client(server, token_file, ca_file).machines(state)
-    except FleetApiError as exc:
-        _fail(exc)
-        return
+    rows = _call(_client(server, token_file, ca_file).machines, state)
     if output_format == "json":
         _echo_json(rows)
         return
@@ -346,11 +353,7 @@ def machines(server: str, token_file: Path | None, ca_file: str | None, state: s
 def machine_cmd(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
                 output_format: str) -> None:
     """Show one machine: facts, roles, labels, history, last reports."""
-    try:
-        data = _client(server, token_file, ca_file).machine(machine_id)
-    except FleetApiError as exc:
-        _fail(exc)
-        return
+    data = _call(_client(server, token_file, ca_file).machine, machine_id)
     if output_format == "json":
         _echo_json(data)
         return
@@ -389,12 +392,8 @@ def roles(server: str, token_file: Path | None, ca_file: str | None, machine_id:
     """
     if unpin == bool(roles):
         raise click.UsageError("give ROLES to pin, or --unpin")
-    try:
-        data = _client(server, token_file, ca_file).set_roles(machine_id, list(roles),
-                                                              pinned=not unpin)
-    except FleetApiError as exc:
-        _fail(exc)
-        return
+    data = _call(_client(server, token_file, ca_file).set_roles, machine_id, list(roles),
+                 pinned=not unpin)
     if output_format == "json":
         _echo_json(data)
     else:
@@ -413,13 +412,9 @@ def revisions(server: str, token_file: Path | None, ca_file: str | None,
     from divingbell.output import table
 
     client = _client(server, token_file, ca_file)
-    try:
-        if activate_number is not None:
-            client.activate(activate_number)
-        rows = client.revisions()
-    except FleetApiError as exc:
-        _fail(exc)
-        return
+    if activate_number is not None:
+        _call(client.activate, activate_number)
+    rows = _call(client.revisions)
     if output_format == "json":
         _echo_json(rows)
         return
@@ -444,11 +439,12 @@ def document_push(server: str, token_file: Path | None, ca_file: str | None, fil
     try:
         data = _client(server, token_file, ca_file).push_document(file.read_bytes(), file.name)
     except FleetApiError as exc:
+        # Unlike the other commands, a rejected push answers in JSON under --format json:
+        # scripts read the document's problems from it.
         if output_format == "json":
             _echo_json({"error": exc.status, "detail": exc.detail})
             sys.exit(2)
         _fail(exc)
-        return
     if output_format == "json":
         _echo_json(data)
     elif data.get("created", True):
@@ -464,12 +460,8 @@ def status(server: str, token_file: Path | None, ca_file: str | None,
            output_format: str) -> None:
     """The fleet at a glance: machines by state, up to date vs outdated, active revision."""
     client = _client(server, token_file, ca_file)
-    try:
-        rows = client.machines()
-        revs = client.revisions()
-    except FleetApiError as exc:
-        _fail(exc)
-        return
+    rows = _call(client.machines)
+    revs = _call(client.revisions)
     by_state: dict[str, int] = {}
     for machine in rows:
         by_state[machine["state"]] = by_state.get(machine["state"], 0) + 1
@@ -554,12 +546,8 @@ def decommission(server: str, token_file: Path | None, ca_file: str | None,
                  machine_id: str) -> None:
     """Take a machine out of the fleet (its role, grant and slots are released; a missing
     control-plane member is replaced by the scheduler)."""
-    try:
-        data = _client(server, token_file, ca_file).call(
-            "POST", f"/v1/machines/{machine_id}/decommission")
-    except FleetApiError as exc:
-        _fail(exc)
-        return
+    data = _call(_client(server, token_file, ca_file).call,
+                 "POST", f"/v1/machines/{machine_id}/decommission")
     click.echo(f"{data['id']}: {data['state']}")
 
 
@@ -572,11 +560,7 @@ def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,
     """What operators did: pushes, activations, role pins, decommissions, forced releases."""
     from divingbell.output import table
 
-    try:
-        rows = _client(server, token_file, ca_file).call("GET", f"/v1/audit?limit={limit}")
-    except FleetApiError as exc:
-        _fail(exc)
-        return
+    rows = _call(_client(server, token_file, ca_file).call, "GET", f"/v1/audit?limit={limit}")
     if output_format == "json":
         _echo_json(rows)
         return

@@ -440,11 +440,21 @@ def _check_namespace(ctx: click.Context, param: click.Parameter, value: str) -> 
         raise click.BadParameter(str(exc)) from None
 
 
+def _check_image(ctx: click.Context, param: click.Parameter, value: str | None
+                 ) -> str | None:
+    from divingbell.manifests import check_image
+
+    try:
+        return None if value is None else check_image(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command(short_help="Print the Kubernetes objects that run the agent on every node.")
 @_files_argument
 @click.option("--namespace", default="divingbell", show_default=True, callback=_check_namespace,
               help="Where the agent runs (a DNS label; created, labelled for privileged pods).")
-@click.option("--image", default=None, metavar="IMAGE",
+@click.option("--image", default=None, metavar="IMAGE", callback=_check_image,
               help="The agent image. Default: divingbell:<this version> (see deploy/).")
 @click.option("--max-unavailable", default="1", show_default=True, metavar="N|P%",
               help="Nodes converging a new document at once; a failing node holds the rest.")

@@ -7,8 +7,7 @@ from typing import Any
 
 import click
 
-from divingbell.commands.fleet import _api_options, _client, _echo_json, _fail, _format_option
-from divingbell.fleet.client import FleetApiError
+from divingbell.commands.fleet import _api_options, _call, _client, _echo_json, _format_option
 
 
 @click.group()
@@ -25,15 +24,6 @@ def rollout() -> None:
     divingbell fleet rollout pause|resume
     divingbell fleet rollout abort [--rollback]
     """
-
-
-def _call(server: str, token_file: Path | None, ca_file: str | None, method: str, path: str,
-          body: Any = None) -> Any:
-    try:
-        return _client(server, token_file, ca_file).call(method, path, body)
-    except FleetApiError as exc:
-        _fail(exc)
-        raise AssertionError("unreachable") from None
 
 
 def _print_rollout(data: dict[str, Any]) -> None:
@@ -61,7 +51,7 @@ def status(server: str, token_file: Path | None, ca_file: str | None,
            output_format: str) -> None:
     """The current rollout: waves, each machine's progress, why it halted. Exit 1 if it is
     halted, 0 otherwise."""
-    data = _call(server, token_file, ca_file, "GET", "/v1/rollouts/current")
+    data = _call(_client(server, token_file, ca_file).call, "GET", "/v1/rollouts/current")
     if output_format == "json":
         _echo_json(data)
     else:
@@ -77,7 +67,7 @@ def history(server: str, token_file: Path | None, ca_file: str | None,
     """Past rollouts: who started each, when, and how it ended."""
     from divingbell.output import table
 
-    rows = _call(server, token_file, ca_file, "GET", "/v1/rollouts")
+    rows = _call(_client(server, token_file, ca_file).call, "GET", "/v1/rollouts")
     if output_format == "json":
         _echo_json(rows)
         return
@@ -88,8 +78,8 @@ def history(server: str, token_file: Path | None, ca_file: str | None,
 
 def _verb(verb: str, server: str, token_file: Path | None, ca_file: str | None,
           output_format: str, rollback: bool = False) -> None:
-    data = _call(server, token_file, ca_file, "POST", f"/v1/rollouts/current/{verb}",
-                 {"rollback": rollback})
+    data = _call(_client(server, token_file, ca_file).call,
+                 "POST", f"/v1/rollouts/current/{verb}", {"rollback": rollback})
     if output_format == "json":
         _echo_json(data)
     else:
@@ -133,7 +123,7 @@ def plan(server: str, token_file: Path | None, ca_file: str | None, revision: in
          show_all: bool, output_format: str) -> None:
     """Before a rollout: how REVISION would change each machine's effective configuration,
     module by module, and which machines would not change at all."""
-    data = _call(server, token_file, ca_file, "GET", f"/v1/rollouts/plan/{revision}")
+    data = _call(_client(server, token_file, ca_file).call, "GET", f"/v1/rollouts/plan/{revision}")
     if output_format == "json":
         _echo_json(data)
         return
@@ -165,7 +155,7 @@ def policy(server: str, token_file: Path | None, ca_file: str | None,
            max_unavailable: str | None, max_failures: int | None, pause_seconds: float | None,
            output_format: str) -> None:
     """Show the rollout policy, or change it for the next rollout."""
-    current = _call(server, token_file, ca_file, "GET", "/v1/rollout-policy")
+    current = _call(_client(server, token_file, ca_file).call, "GET", "/v1/rollout-policy")
     if any(v is not None for v in (max_unavailable, max_failures, pause_seconds)):
         if max_unavailable is not None:
             current["max_unavailable"] = (int(max_unavailable) if max_unavailable.isdigit()
@@ -174,7 +164,8 @@ def policy(server: str, token_file: Path | None, ca_file: str | None,
             current["max_failures"] = max_failures
         if pause_seconds is not None:
             current["pause_seconds"] = pause_seconds
-        current = _call(server, token_file, ca_file, "PUT", "/v1/rollout-policy", current)
+        current = _call(_client(server, token_file, ca_file).call,
+                        "PUT", "/v1/rollout-policy", current)
     if output_format == "json":
         _echo_json(current)
         return

@@ -9,6 +9,11 @@
   every `rerun_interval` seconds, and `rerun_interval: infinite` means never again; after a
   failure, `retry_interval` (if given) paces its reruns instead. Settings that contradict the
   policy are refused when the document is validated.
+- An interrupted run does not count as a run, whatever the policy: divingbell got SIGTERM or
+  SIGINT while the script ran and killed its process group, so it never finished, and the next
+  apply runs it again at once (as Divingbell, which recorded an exit only when a script ended).
+  A run whose end was never recorded (divingbell itself was killed) is different: it may have
+  finished, or still be running, so it counts as a run that did not succeed.
 - Scripts run with their stored directory as the working directory (`./helper` works).
 - A timeout kills the script's whole process group: TERM, then KILL after a grace period.
 - A failing script fails the run; the run is not rolled back (a script's effects are its own).
@@ -46,6 +51,23 @@ def script_hash(script: Script) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
+INTERRUPTED = "interrupted"
+NO_RECORDED_END = "no recorded end"
+
+
+def ending(last: dict[str, Any]) -> str:
+    """How the recorded run ended, in the words plan shows."""
+    if last.get("exit") is None:
+        # Only the record written before the script starts lacks an exit: divingbell died
+        # (SIGKILL, power) before the run's end reached the journal.
+        return NO_RECORDED_END
+    if last.get("interrupted"):
+        return INTERRUPTED
+    if last.get("timed_out"):
+        return "timed out"
+    return f"exit {last['exit']}"
+
+
 def decide(script: Script, last: dict[str, Any] | None, now: float) -> tuple[bool, str]:
     """Whether `script` runs now, and why (or why not). Pure: the clock comes in as `now`."""
     digest = script_hash(script)
@@ -54,10 +76,17 @@ def decide(script: Script, last: dict[str, Any] | None, now: float) -> tuple[boo
     if last.get("hash") != digest:
         return True, "the script changed (data, args or env): a new script"
     ran = float(last.get("ran_at", 0))
-    ended = ("interrupted" if last.get("interrupted") else
-             "timed out" if last.get("timed_out") else f"exit {last.get('exit')}")
+    ended = ending(last)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ran))
+    if ended == INTERRUPTED:
+        return True, (f"the run started at {when} was interrupted (SIGTERM/SIGINT killed its "
+                      "process group before it ended): an interrupted run does not count, so "
+                      "it runs again")
     if script.rerun_policy == "never":
+        if ended == NO_RECORDED_END:
+            return False, (f"rerun_policy never: started at {when}, and divingbell was killed "
+                           "before recording how it ended (it may have finished), so it is not "
+                           "run again")
         return False, f"rerun_policy never: ran once at {when} ({ended})"
     if script.rerun_policy == "once_successfully":
         if last.get("exit") == 0 and not last.get("timed_out"):
@@ -119,8 +148,7 @@ class Exec(HostModule["ExecConf", ExecObserved]):
             script = scripts[name]
             last = state.get(name)
             run, why = decide(script, last, observed.now)
-            before = None if last is None else (
-                "timed out" if last.get("timed_out") else f"exit {last.get('exit')}")
+            before = None if last is None else ending(last)
             changes.append(Change(self.name, f"script {name}", Action.SET if run else Action.NOOP,
                                   before, "run" if run else None, why,
                                   payload=RunScript(name, script, script_hash(script))))
@@ -152,11 +180,12 @@ class Exec(HostModule["ExecConf", ExecObserved]):
         argv = [path, *script.args] if script.data.startswith("#!") else ["/bin/sh", path,
                                                                            *script.args]
         started = self._clock()
-        # Recorded as started before it starts: killed mid-script, the journal still says it
-        # ran, so `never` never runs it twice (and once_successfully retries it).
+        # Recorded as started before it starts: if divingbell is killed mid-script, the journal
+        # still says it ran (with no exit), so `never` does not run twice a script that may have
+        # finished or may still be running (and once_successfully retries it).
         scripts = dict(record.state.get("scripts", {}))
         scripts[step.name] = {"hash": step.digest, "exit": None, "ran_at": started,
-                              "timed_out": False, "interrupted": True}
+                              "timed_out": False}
         record.state["scripts"] = scripts
         record.save_intent()
         # From its own stored directory: Divingbell's scripts use ./ relative paths.
