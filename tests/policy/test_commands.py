@@ -69,6 +69,16 @@ def test_check(policy_file: Path, tmp_path: Path) -> None:
     assert report["problems"][0]["location"] == f"{bad}:2"
 
 
+def test_manifests_refuse_an_image_reference_that_is_not_one(
+        policy_file: Path, ca: ScratchCa, tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.crt"
+    bundle.write_bytes(ca.pem)
+    run = divingbell("policy", "manifests", "--config", str(policy_file), "--ca-bundle",
+                     str(bundle), "--image", "registry.example/divingbell:1\nkind: Pod")
+    assert run.returncode == 2
+    assert "Invalid value for '--image'" in run.stderr and "kind: Pod" not in run.stdout
+
+
 def test_manifests_are_valid_and_fail_closed(policy_file: Path, ca: ScratchCa,
                                              tmp_path: Path) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")

@@ -440,7 +440,7 @@ def _check_namespace(ctx: click.Context, param: click.Parameter, value: str) -> 
         raise click.BadParameter(str(exc)) from None
 
 
-def _check_image(ctx: click.Context, param: click.Parameter, value: str | None
+def check_image_option(ctx: click.Context, param: click.Parameter, value: str | None
                  ) -> str | None:
     from divingbell.manifests import check_image
 
@@ -454,7 +454,7 @@ def _check_image(ctx: click.Context, param: click.Parameter, value: str | None
 @_files_argument
 @click.option("--namespace", default="divingbell", show_default=True, callback=_check_namespace,
               help="Where the agent runs (a DNS label; created, labelled for privileged pods).")
-@click.option("--image", default=None, metavar="IMAGE", callback=_check_image,
+@click.option("--image", default=None, metavar="IMAGE", callback=check_image_option,
               help="The agent image. Default: divingbell:<this version> (see deploy/).")
 @click.option("--max-unavailable", default="1", show_default=True, metavar="N|P%",
               help="Nodes converging a new document at once; a failing node holds the rest.")

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from divingbell.commands.host import check_image_option
+
 if TYPE_CHECKING:
     from divingbell.policy.config import PolicyConfig
 
@@ -156,7 +158,7 @@ def serve(config_path: Path, tls_cert: Path, tls_key: Path, listen: str,
               default="/etc/divingbell/pki", show_default=True,
               help="Where divingbell's PKI keeps its CAs; its webhook-ca.crt (else ca.crt) is "
               "used when --ca-bundle is not given.")
-@click.option("--image", default=None, metavar="IMAGE",
+@click.option("--image", default=None, metavar="IMAGE", callback=check_image_option,
               help="The divingbell image. Default: divingbell:<this version>.")
 @click.option("--replicas", type=click.IntRange(1, 10), default=2, show_default=True)
 @click.option("--timeout", "timeout", type=click.IntRange(1, 30), default=5, show_default=True,
