@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,27 @@ def error_of(call) -> FleetApiError:
     with pytest.raises(FleetApiError) as info:
         call()
     return info.value
+
+
+def seed_machines(db_url: str, ids: list[str], created_at: datetime) -> None:
+    """Machines written straight into the store, all first seen at the same instant (so their
+    order is decided by id alone): many machines without many discoveries."""
+    from sqlalchemy import insert
+
+    from divingbell.fleet.db import Database
+    from divingbell.fleet.models import Machine
+
+    rows = [{"id": ident, "uuid": f"seeded-{ident}", "hostname": f"host-{ident}",
+             "state": "discovered", "state_changed_at": created_at, "roles": [],
+             "pinned": True, "interfaces": [], "disks": [], "lldp": [], "credential_hash": "",
+             "created_at": created_at, "discovered_at": created_at} for ident in ids]
+    db = Database(db_url)
+    try:
+        with db.write() as session:
+            for start in range(0, len(rows), 1000):
+                session.execute(insert(Machine), rows[start:start + 1000])
+    finally:
+        db.dispose()
 
 
 DOC = """\
@@ -402,3 +425,66 @@ def test_an_oversized_document_is_refused_unread(fleet: ThreadServer) -> None:
     exc = error_of(lambda: fleet.admin.push_document(b"#" * (4 * 1024 * 1024 + 1)))
     assert exc.status == 413 and exc.detail["field"] == "body"
     assert fleet.admin.revisions() == []
+
+
+def test_machines_are_listed_a_page_at_a_time_in_the_order_first_seen(
+        fleet: ThreadServer) -> None:
+    first, _ = register(fleet, 1)
+    # Five machines first seen at one instant, ids not in insertion order: the id decides.
+    tied = ["mc", "ma", "me", "mb", "md"]
+    seed_machines(fleet.settings.db_url, tied, datetime(2020, 1, 1, 12, 0, 0, 123456))
+    everything = fleet.admin.call("GET", "/v1/machines")
+    assert isinstance(everything, list)  # no limit, no cursor: the list as before paging
+    order = ["ma", "mb", "mc", "md", "me", first]
+    assert [m["id"] for m in everything] == order
+
+    pages, after = [], None
+    while True:
+        page = fleet.reader.machines_page(limit=4 if after is None else 2, after=after)
+        pages.append([m["id"] for m in page["machines"]])
+        if after is None:
+            # registered while paging: seen once, on a later page, never duplicated
+            late, _ = register(fleet, 2)
+        after = page["next"]
+        if after is None:
+            break
+    assert pages == [order[:4], order[4:6], [late]]
+    assert fleet.reader.machines_page(limit=7)["next"] is None  # exactly all: no empty page
+    assert fleet.reader.machines(page_size=2) == fleet.admin.call("GET", "/v1/machines")
+    assert [m["id"] for m in fleet.reader.machines(limit=3, page_size=2)] == order[:3]
+    assert fleet.reader.machines_page(after=fleet.reader.machines_page(limit=1)["next"])[
+        "machines"][0]["id"] == "mb"  # `after` alone pages with the default size
+    # the state filter pages too
+    discovered = fleet.reader.machines_page(state="discovered", limit=3)
+    assert [m["id"] for m in discovered["machines"]] == ["ma", "mb", "mc"]
+    rest = fleet.reader.machines_page(state="discovered", limit=3, after=discovered["next"])
+    assert [m["id"] for m in rest["machines"]] == ["md", "me"] and rest["next"] is None
+
+
+def _cursor(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(("query", "field"), [
+    ("limit=0", "limit"),
+    ("limit=5001", "limit"),
+    ("limit=ten", "limit"),
+    ("after=", "after"),
+    ("after=not-a-cursor", "after"),
+    ("after=" + "A" * 201, "after"),
+    ("after=%E2%9C%93", "after"),
+    ("limit=5&after=" + _cursor(["2030-01-01T12:00:00", "m!x"]), "after"),
+    ("after=" + _cursor(["2030-01-01T12:00:00+02:00", "ma"]), "after"),
+    ("after=" + _cursor(["yesterday", "ma"]), "after"),
+    ("after=" + _cursor({"at": "2030-01-01T12:00:00"}), "after"),
+    ("after=" + _cursor(["2030-01-01T12:00:00", 7]), "after"),
+])
+def test_a_bad_page_request_is_a_422_naming_the_field(fleet: ThreadServer, query: str,
+                                                      field: str) -> None:
+    register(fleet, 1)
+    exc = error_of(lambda: fleet.reader.call("GET", f"/v1/machines?{query}"))
+    assert exc.status == 422
+    named = [exc.detail["field"]] if isinstance(exc.detail, dict) else [
+        d["field"] for d in exc.detail]
+    assert named == [field], exc.detail
+    assert field in str(exc)

@@ -7,6 +7,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from divingbell.fleet.facts import parse_ip_addr, parse_ip_route, parse_lldp
 from divingbell.fleet.settings import FleetSettings
 from tests.conftest import Cli, NetNs
 from tests.fleet.servers import PostgresCluster, ProcessServer, thread_server
-from tests.fleet.test_api import DOC, facts
+from tests.fleet.test_api import DOC, facts, seed_machines
 
 
 def test_tokens_are_shown_once_stored_hashed_listed_and_revoked(cli: Cli, tmp_path: Path
@@ -244,8 +245,8 @@ def test_every_api_command_ends_an_api_error_the_same_way(cli: Cli, tmp_path: Pa
              f"PUT /v1/machines/{machine}/roles: 403 needs a admin token"),
             (admin, ("revisions", "--activate", "9"), 2, "POST /v1/revisions/9/activate: 404"),
             (reader, ("document", "push", good), 1, "PUT /v1/document?name=site.yaml: 403"),
-            (forged, ("machines",), 1, "GET /v1/machines: 401 invalid token"),
-            (forged, ("status",), 1, "GET /v1/machines: 401 invalid token"),
+            (forged, ("machines",), 1, "GET /v1/machines?limit=1000: 401 invalid token"),
+            (forged, ("status",), 1, "GET /v1/machines?limit=1000: 401 invalid token"),
             (admin, ("decommission", "nope"), 2, "POST /v1/machines/nope/decommission: 404"),
             (forged, ("audit",), 1, "GET /v1/audit?limit=50: 401 invalid token"),
             (admin, ("rollout", "status"), 2, "GET /v1/rollouts/current: 404 no rollout yet"),
@@ -278,3 +279,24 @@ def test_every_api_command_ends_an_api_error_the_same_way(cli: Cli, tmp_path: Pa
         assert [r["revision"] for r in json.loads(listed.stdout)] == [1]
         shown = fleet(reader, "machine", machine, "--format", "json")
         assert json.loads(shown.stdout)["id"] == machine
+
+
+def test_fleet_machines_and_status_fetch_every_page(cli: Cli, tmp_path: Path) -> None:
+    """More machines than the client asks for at once (1000): the commands follow `next`."""
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with thread_server(FleetSettings(db_url=db)) as server:
+        ids = [f"m{n:05d}" for n in range(1205)]
+        seed_machines(db, ids, datetime(2020, 1, 1))
+        api = ["--server", server.url]
+        env = {"DIVINGBELL_TOKEN": server.reader_token}
+        listed = cli("fleet", "machines", *api, "--format", "json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert [m["id"] for m in json.loads(listed.stdout)] == ids
+        first = cli("fleet", "machines", *api, "--limit", "1001", "--format", "json", env=env)
+        assert [m["id"] for m in json.loads(first.stdout)] == ids[:1001]
+        table = cli("fleet", "machines", *api, "--state", "discovered", env=env)
+        assert table.returncode == 0 and len(table.stdout.splitlines()) == 1 + len(ids)
+        status = cli("fleet", "status", *api, "--format", "json", env=env)
+        assert json.loads(status.stdout)["machines"] == len(ids)
+        bad = cli("fleet", "machines", *api, "--limit", "0", env=env)
+        assert bad.returncode == 2 and "--limit" in bad.stderr

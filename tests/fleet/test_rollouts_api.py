@@ -154,6 +154,41 @@ def test_plan_shows_the_blast_radius_per_machine(fleet: ThreadServer):
     assert error_of(lambda: fleet.reader.call("GET", "/v1/rollouts/plan/999")).status == 404
 
 
+SECRET_DOC = DOC.format(value=30) + """\
+  uamlite:
+    users:
+      - user_name: operator
+        user_crypt_passwd: "{crypt}"
+"""
+OLD_HASH, NEW_HASH = "$6$oldsalt$oldpasswordhash", "$6$newsalt$newpasswordhash"
+
+
+def test_plan_counts_a_changed_password_as_a_change_without_showing_it(
+        fleet: ThreadServer, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    machines = fleet_of(fleet, 2)
+    first = fleet.admin.push_document(SECRET_DOC.format(crypt=OLD_HASH).encode())["revision"]
+    for machine, client in machines.items():
+        assert converge(client, machine) == first
+    new = fleet.admin.push_document(SECRET_DOC.format(crypt=NEW_HASH).encode())["revision"]
+    fleet.admin.activate(first)
+    with caplog.at_level(logging.DEBUG):
+        answer = fleet.reader.request("GET", f"/v1/rollouts/plan/{new}")
+    plan = answer.json()
+    assert plan["changed"] == 2 and plan["unchanged"] == 0
+    for machine in plan["machines"]:
+        assert machine["changed"] and list(machine["modules"]) == ["uamlite"]
+        added = [line for line in machine["modules"]["uamlite"][2:] if line.startswith("+")]
+        assert added == ["+- user_crypt_passwd: '********** (sensitive, changed)'"]
+    everything = answer.body.decode() + "\n".join(r.getMessage() for r in caplog.records)
+    for secret in (OLD_HASH, NEW_HASH, "oldpasswordhash", "newpasswordhash"):
+        assert secret not in everything
+    # the same text again is no change at all
+    again = fleet.reader.call("GET", f"/v1/rollouts/plan/{first}")
+    assert again["changed"] == 0 and again["unchanged"] == 2
+
+
 def test_revision_diff_and_policy_validation(fleet: ThreadServer):
     one = fleet.admin.push_document(DOC.format(value=30).encode())["revision"]
     two = fleet.admin.push_document(DOC.format(value=31).encode())["revision"]

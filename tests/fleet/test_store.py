@@ -9,7 +9,7 @@ from sqlalchemy import inspect, text
 
 from divingbell.fleet import migrations
 from divingbell.fleet.db import Database
-from divingbell.fleet.models import Base, Token, utcnow
+from divingbell.fleet.models import Base, Machine, Token, utcnow
 from divingbell.fleet.settings import FleetSettings
 from divingbell.fleet.tokens import create_token, list_tokens
 from tests.fleet.servers import thread_server
@@ -47,6 +47,37 @@ def test_migrations_from_the_previous_revision_keep_the_data(store_url: str) -> 
         assert "audit_events" not in inspect(db.engine).get_table_names()
         with db.read() as session:
             assert session.get(Token, "t1") is not None
+    finally:
+        db.dispose()
+
+
+def test_migration_0004_indexes_machines_in_the_order_listed_and_keeps_them(
+        store_url: str) -> None:
+    db = Database(store_url)
+
+    def machine_indexes() -> set[str | None]:
+        return {index["name"] for index in inspect(db.engine).get_indexes("machines")}
+
+    try:
+        migrations.upgrade(db.write_engine, "0003")
+        assert "ix_machines_created" not in machine_indexes()
+        now = utcnow()
+        with db.write() as session:
+            session.execute(text(
+                "INSERT INTO machines (id, uuid, hostname, state, state_changed_at, roles, pinned,"
+                " interfaces, disks, lldp, credential_hash, created_at, discovered_at) VALUES "
+                "('m1', 'u1', 'kept', 'discovered', :now, '[]', false, '[]', '[]', '[]', '',"
+                " :now, :now)"), {"now": now})
+        migrations.upgrade(db.write_engine)
+        assert migrations.current(db.engine) == migrations.head()
+        assert "ix_machines_created" in machine_indexes()
+        with db.read() as session:
+            kept = session.get(Machine, "m1")
+            assert kept is not None and kept.hostname == "kept" and kept.created_at == now
+        migrations.downgrade(db.write_engine, "0003")
+        assert "ix_machines_created" not in machine_indexes()
+        with db.read() as session:
+            assert session.get(Machine, "m1") is not None
     finally:
         db.dispose()
 

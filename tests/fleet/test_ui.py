@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from divingbell.fleet.settings import FleetSettings
 from tests.fleet.servers import ThreadServer, thread_server, wait_for
+from tests.fleet.test_api import seed_machines
 from tests.fleet.test_rollouts_api import DOC, converge, fleet_of
 
 CHROMIUM = "/usr/bin/chromium"
@@ -192,3 +194,19 @@ def test_no_asset_comes_from_outside_the_service(ui_fleet: ThreadServer, browser
                  or "refresh" in page.inner_text("#status-line"), timeout=15)
     assert requested and all(url.startswith(ui_fleet.url) for url in requested), requested
 
+
+
+def test_the_machine_pages_show_every_page_of_a_large_fleet(ui_fleet: ThreadServer,
+                                                            browser: Any) -> None:
+    """More machines than the UI asks for at once (1000): it follows the `next` cursor."""
+    count = 1205
+    seed_machines(ui_fleet.settings.db_url, [f"m{n:05d}" for n in range(count)],
+                  datetime(2020, 1, 1))
+    page = new_page(browser)
+    login(page, ui_fleet, ui_fleet.reader_token)
+    page.wait_for_function(
+        f"document.getElementById('machine-count').textContent === '{count}'")
+    page.goto(f"{ui_fleet.url}/ui/machines")
+    page.wait_for_function(
+        f"document.getElementById('machine-total').textContent === '{count} of {count}'")
+    assert page.locator("#machines tbody tr").count() == count

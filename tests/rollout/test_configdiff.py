@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+
 from divingbell.document.api import load_document
-from divingbell.fleet.configdiff import Target, fleet_diff
+from divingbell.fleet.configdiff import Target, fleet_diff, module_diff
 
 BASE = """\
 conf:
@@ -46,3 +49,98 @@ def test_a_first_revision_shows_everything_as_added(tmp_path):
     (diff,) = fleet_diff(None, new, [Target("a", "n1", {})])
     assert diff.changed and any(line.startswith("+net.ipv4.ip_forward") for line in
                                 diff.modules["sysctl"])
+
+
+SECRET_DOC = """\
+conf:
+  uamlite:
+    users:
+      - user_name: bob
+        user_crypt_passwd: "{crypt}"
+  apt:
+    packages:
+      - name: foo
+        debconf:
+          - {{question: foo/pw, question_type: password, answer: {answer}}}
+          - {{question: foo/mode, question_type: string, answer: fast}}
+    repositories:
+      internal:
+        url: https://deploy:{mirror}@mirror.example/debian
+        distributions: [bookworm]
+        components: [main]
+  mounts:
+    share:
+      mnt_tgt: /mnt/share
+      device: //fs/share
+      type: cifs
+      options: username=svc,password={cifs},vers=3.0
+  exec:
+    hello.sh:
+      data: "#!/bin/sh\\necho hi\\n"
+      env:
+        API_TOKEN: {token}
+        REGION: eu-1
+"""
+OLD_SECRETS = {"crypt": "$6$salt$oldhasholdhash", "answer": "old-debconf-pw",
+               "mirror": "old-mirror-pw", "cifs": "old-cifs-pw", "token": "old-api-token"}
+NEW_SECRETS = {"crypt": "$6$salt$newhashnewhash", "answer": "new-debconf-pw",
+               "mirror": "new-mirror-pw", "cifs": "new-cifs-pw", "token": "new-api-token"}
+
+
+@pytest.mark.parametrize(("secret", "module", "line"), [
+    ("crypt", "uamlite", "user_crypt_passwd: '********** (sensitive, changed)'"),
+    ("answer", "apt", "answer: '********** (sensitive, changed)'"),
+    ("mirror", "apt", "url: https://deploy:**********@mirror.example/debian (sensitive, changed)"),
+    ("cifs", "mounts", "options: username=svc,password=**********,vers=3.0 (sensitive, changed)"),
+    ("token", "exec", "API_TOKEN: '********** (sensitive, changed)'"),
+])
+def test_a_revision_that_changes_only_a_secret_changes_the_machine_without_showing_it(
+        tmp_path: Path, secret: str, module: str, line: str) -> None:
+    old = doc(tmp_path, "old.yaml", SECRET_DOC.format(**OLD_SECRETS))
+    new = doc(tmp_path, "new.yaml", SECRET_DOC.format(**{**OLD_SECRETS,
+                                                         secret: NEW_SECRETS[secret]}))
+    (diff,) = fleet_diff(old, new, [Target("a", "n1", {})])
+    assert diff.changed
+    assert list(diff.modules) == [module]
+    added = [text for text in diff.modules[module] if text.startswith("+")]
+    assert [text for text in added if text.endswith(line)] == [added[-1]], diff.modules[module]
+    output = json.dumps(diff.as_dict())
+    for value in (*OLD_SECRETS.values(), *NEW_SECRETS.values()):
+        assert value not in output
+
+
+def test_unchanged_secrets_are_no_change(tmp_path: Path) -> None:
+    old = doc(tmp_path, "old.yaml", SECRET_DOC.format(**OLD_SECRETS))
+    new = doc(tmp_path, "new.yaml", SECRET_DOC.format(**OLD_SECRETS) + "  sysctl: {}\n")
+    (diff,) = fleet_diff(old, new, [Target("a", "n1", {})])
+    assert diff.modules.keys() <= {"sysctl"}
+    assert "(sensitive, changed)" not in json.dumps(diff.as_dict())
+
+
+def test_a_secret_changed_by_a_label_override_changes_only_the_machines_with_that_label(
+        tmp_path: Path) -> None:
+    base = SECRET_DOC.format(**OLD_SECRETS) + """\
+  overrides:
+    divingbell_uamlite:
+      labels:
+        - label: {key: role, values: [storage]}
+          conf:
+            uamlite:
+              users:
+                - user_name: bob
+                  user_crypt_passwd: "STORAGE-CRYPT"
+"""
+    old = doc(tmp_path, "old.yaml", base.replace("STORAGE-CRYPT", "$6$salt$storageoldhash"))
+    new = doc(tmp_path, "new.yaml", base.replace("STORAGE-CRYPT", "$6$salt$storagenewhash"))
+    diffs = {d.name: d for d in fleet_diff(old, new, [
+        Target("a", "storage1", {"role": "storage"}), Target("b", "compute1", {})])}
+    assert not diffs["compute1"].changed
+    assert list(diffs["storage1"].modules) == ["uamlite"]
+    assert "storagenewhash" not in json.dumps(diffs["storage1"].as_dict())
+
+
+def test_a_hidden_change_the_shapes_cannot_place_is_still_a_change() -> None:
+    shown = {"env": {"A": "**********"}}
+    assert module_diff("exec", shown, shown, {"env": "a"}, {"env": "b"}) == [
+        "exec: (sensitive, changed)"]
+    assert module_diff("exec", shown, shown, {"env": "a"}, {"env": "a"}) == []

@@ -328,13 +328,16 @@ def token_revoke(db_url: str, token_id: str) -> None:
 @fleet.command()
 @_api_options
 @click.option("--state", help="Only machines in this state.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N",
+              help="Only the first N machines (default: all, fetched a page at a time).")
 @_format_option
 def machines(server: str, token_file: Path | None, ca_file: str | None, state: str | None,
-             output_format: str) -> None:
-    """List machines: state, roles, revision, up to date or not."""
+             limit: int | None, output_format: str) -> None:
+    """List machines in the order they were first seen: state, roles, revision, up to date or
+    not."""
     from divingbell.output import table
 
-    rows = _call(_client(server, token_file, ca_file).machines, state)
+    rows = _call(_client(server, token_file, ca_file).machines, state, limit=limit)
     if output_format == "json":
         _echo_json(rows)
         return

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_TIMEOUT = 10.0
+MACHINES_PAGE = 1000
+"""Machines asked for per request when listing (the service allows up to 5000)."""
 CREDENTIAL_PATH = Path("/var/lib/divingbell/fleet-credential")
 """Where `divingbell discover --server` stores the machine credential (0600) and where the
 agent's fleet mode looks for it by default."""
@@ -163,10 +165,34 @@ class FleetClient:
         result: dict[str, Any] = self.call("POST", "/v1/discovery", facts)
         return result
 
-    def machines(self, state: str | None = None) -> list[dict[str, Any]]:
-        query = f"?{urllib.parse.urlencode({'state': state})}" if state else ""
-        result: list[dict[str, Any]] = self.call("GET", f"/v1/machines{query}")
-        return result
+    def machines(self, state: str | None = None, *, limit: int | None = None,
+                 page_size: int = MACHINES_PAGE) -> list[dict[str, Any]]:
+        """Every machine (or the first `limit`), in the order they were first seen, fetched a
+        page at a time by following the service's `next` cursor."""
+        found: list[dict[str, Any]] = []
+        after: str | None = None
+        while limit is None or len(found) < limit:
+            size = page_size if limit is None else min(page_size, limit - len(found))
+            body = self.machines_page(state, limit=size, after=after)
+            if isinstance(body, list):  # a service from before pagination: all at once
+                return body if limit is None else body[:limit]
+            found.extend(body["machines"])
+            if body["next"] is None:
+                break
+            if body["next"] == after:
+                raise FleetApiError(0, "the service returned the same page twice",
+                                    "GET", "/v1/machines")
+            after = body["next"]
+        return found
+
+    def machines_page(self, state: str | None = None, *, limit: int | None = None,
+                      after: str | None = None) -> Any:
+        """One page: `{"machines": [...], "next": cursor or None}` (a bare list from a service
+        that does not page)."""
+        params = {name: value for name, value in
+                  (("state", state), ("limit", limit), ("after", after)) if value is not None}
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        return self.call("GET", f"/v1/machines{query}")
 
     def machine(self, machine_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self.call("GET", f"/v1/machines/{_q(machine_id)}")

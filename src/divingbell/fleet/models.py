@@ -65,6 +65,8 @@ class Machine(Base):
     last_report_etag: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_report_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     install_output: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
+    # The order machines are listed and paged in (migration 0004).
+    __table_args__ = (Index("ix_machines_created", "created_at", "id"),)
 
 
 class MachineMac(Base):

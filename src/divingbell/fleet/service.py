@@ -7,10 +7,12 @@ its number and digest (a revision's text never changes).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import logging
+import re
 import secrets
 import threading
 from collections import OrderedDict
@@ -20,9 +22,21 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol, cast
 
 import yaml
-from sqlalchemy import Connection, Row, Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from divingbell.document.api import effective_document, load_document_text, node_config
 from divingbell.document.validate import ValidDocument
@@ -356,6 +370,61 @@ def machine_summary(machine: Machine, active: int | None) -> dict[str, Any]:
         "ips": [a["address"] for i in machine.interfaces or [] for a in i.get("addresses") or []
                 if not str(a.get("address", "")).startswith("fe80:")],
     }
+
+
+MACHINES_PAGE = 500
+"""Machines per page of GET /v1/machines when a client pages (`after` without `limit`)."""
+MACHINES_PAGE_MAX = 5000
+_MACHINE_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+@dataclass(frozen=True)
+class MachinePage:
+    machines: list[Machine]
+    next: str | None
+    """The cursor of the page after this one; None on the last page."""
+
+
+def list_machines(session: Session, state: str | None, limit: int | None,
+                  after: tuple[datetime, str] | None) -> MachinePage:
+    """Machines in the order they were first seen: (created_at, id), neither of which ever
+    changes, so paging by keyset returns every machine that exists throughout exactly once,
+    however many register meanwhile. `limit=None` is every machine at once."""
+    query = (select(Machine).options(undefer(Machine.interfaces))
+             .order_by(Machine.created_at, Machine.id))
+    if state is not None:
+        query = query.where(Machine.state == state)
+    if after is not None:
+        at, machine_id = after
+        # Row-value comparison spelled out: the same SQL on SQLite and PostgreSQL.
+        query = query.where(or_(Machine.created_at > at,
+                                and_(Machine.created_at == at, Machine.id > machine_id)))
+    if limit is None:
+        return MachinePage(list(session.scalars(query)), None)
+    rows = list(session.scalars(query.limit(limit + 1)))
+    if len(rows) <= limit:
+        return MachinePage(rows, None)
+    return MachinePage(rows[:limit], machine_cursor(rows[limit - 1]))
+
+
+def machine_cursor(machine: Machine) -> str:
+    """Opaque to clients: where a page ended, as (created_at, id)."""
+    raw = json.dumps([machine.created_at.isoformat(), machine.id], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def parse_machine_cursor(text: str) -> tuple[datetime, str]:
+    """The position a `machine_cursor` names; ValueError for anything else."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        at_text, machine_id = json.loads(raw)
+        at = datetime.fromisoformat(at_text)
+    except (ValueError, TypeError) as exc:  # binascii and JSON errors are ValueErrors
+        raise ValueError("not a machine cursor") from exc
+    if at.tzinfo is not None or not isinstance(machine_id, str) \
+            or not _MACHINE_ID.match(machine_id):
+        raise ValueError("not a machine cursor")
+    return at, machine_id
 
 
 def machine_detail(session: Session, machine: Machine, active: int | None) -> dict[str, Any]:

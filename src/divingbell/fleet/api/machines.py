@@ -39,21 +39,39 @@ def discovery(facts: Discovery, request: Request, response: Response,
 
 
 @router.get("/machines")
-def list_machines(request: Request, _: Reader, state: Annotated[
-        str | None, Query(max_length=32, description="only machines in this state")] = None
-                  ) -> list[dict[str, Any]]:
-    from sqlalchemy import select
-    from sqlalchemy.orm import undefer
-
-    from divingbell.fleet.models import Machine
-
+def list_machines(
+        request: Request, _: Reader,
+        state: Annotated[str | None, Query(max_length=32,
+                                           description="only machines in this state")] = None,
+        limit: Annotated[int | None, Query(
+            ge=1, le=service.MACHINES_PAGE_MAX,
+            description=f"machines per page (at most {service.MACHINES_PAGE_MAX}; "
+                        f"{service.MACHINES_PAGE} when only `after` is given)")] = None,
+        after: Annotated[str | None, Query(
+            min_length=1, max_length=200,
+            description="the `next` cursor of the previous page")] = None,
+) -> list[dict[str, Any]] | dict[str, Any]:
+    """Machines in the order they were first seen. With `limit` or `after`, one page:
+    `{"machines": [...], "next": cursor}` (`next` is null on the last page). Without either,
+    every machine as a bare list, as before pagination (kept for existing clients)."""
+    position = None
+    if after is not None:
+        try:
+            position = service.parse_machine_cursor(after)
+        except ValueError:
+            raise ApiError(422, {"error": "invalid-cursor", "field": "after",
+                                 "message": "after: not a cursor from this service (pass the "
+                                            "previous page's `next` as it is)"}) from None
+    paged = limit is not None or after is not None
     with request.app.state.db.read() as session:
         active = service.active_revision(session)
-        query = (select(Machine).options(undefer(Machine.interfaces))
-                 .order_by(Machine.discovered_at, Machine.uuid))
-        if state is not None:
-            query = query.where(Machine.state == state)
-        return [service.machine_summary(m, active) for m in session.scalars(query)]
+        page = service.list_machines(session, state,
+                                     (limit or service.MACHINES_PAGE) if paged else None,
+                                     position)
+        summaries = [service.machine_summary(m, active) for m in page.machines]
+    if not paged:
+        return summaries
+    return {"machines": summaries, "next": page.next}
 
 
 @router.get("/machines/{machine_id}")

@@ -56,6 +56,20 @@ async function api(path, options) {
 
 function list(body, key) { return Array.isArray(body) ? body : (body[key] || []); }
 
+// Every machine, a page at a time: /v1/machines pages with a `next` cursor (null on the last).
+async function allMachines() {
+  const machines = [];
+  let after = null;
+  do {
+    const body = await api("/v1/machines?limit=1000" + (after ? "&after=" + encodeURIComponent(after) : ""));
+    if (Array.isArray(body)) return body;
+    for (const m of body.machines) machines.push(m);
+    if (body.next && body.next === after) throw new Error("the service returned the same page of machines twice");
+    after = body.next;
+  } while (after);
+  return machines;
+}
+
 function status(text, isError) {
   const line = document.getElementById("status-line");
   line.textContent = text;
@@ -87,7 +101,7 @@ function machineRow(m) {
 const sortState = { key: "name", dir: 1 };
 
 async function renderMachines() {
-  const machines = list(await api("/v1/machines"), "machines").map(machineRow);
+  const machines = (await allMachines()).map(machineRow);
   const states = new Set(machines.map((m) => m.state));
   const roles = new Set(machines.map((m) => m.role));
   for (const [id, values] of [["state-filter", states], ["role-filter", roles]]) {
@@ -158,7 +172,7 @@ async function currentRollout() {
 }
 
 async function renderOverview() {
-  const machines = list(await api("/v1/machines"), "machines");
+  const machines = await allMachines();
   document.getElementById("machine-count").textContent = machines.length;
   document.getElementById("up-to-date").textContent = machines.filter((m) => m.up_to_date === true).length;
   document.getElementById("outdated").textContent = machines.filter((m) => m.up_to_date === false).length;
