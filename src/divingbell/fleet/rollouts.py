@@ -12,9 +12,9 @@ import json
 import logging
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
-from sqlalchemy import Connection, bindparam, select
+from sqlalchemy import Connection, Row, bindparam, select
 from sqlalchemy.orm import Session
 
 from divingbell.fleet import rollout as logic
@@ -205,6 +205,7 @@ def advance(session: Session) -> None:
 # One query on the hot paths (every config poll and report): the newest rollout's row joined
 # with this machine's membership in it.
 _LATEST = select(RolloutRow.id).order_by(RolloutRow.id.desc()).limit(1).scalar_subquery()
+Membership: TypeAlias = "Row[str, int, bool, str, int | None]"
 _MEMBERSHIP = (
     select(RolloutRow.status, RolloutRow.revision, RolloutRow.rollback,
            RolloutMember.progress, RolloutMember.previous_revision)
@@ -213,10 +214,21 @@ _MEMBERSHIP = (
     .where(RolloutRow.id == _LATEST, RolloutMember.machine_id == bindparam("mid")))
 
 
+def membership(connection: Session | Connection, machine_id: str) -> Membership | None:
+    """This machine's place in the latest rollout (None: not in it), for `served_revision`
+    and `on_report`: a report asks both, with one query."""
+    return connection.execute(_MEMBERSHIP, {"mid": machine_id}).first()
+
+
+_UNREAD: Any = object()
+
+
 def served_revision(connection: Session | Connection, machine_id: str,
-                    active: int | None) -> int | None:
-    """Which revision this machine is served: its rollout's decision, else the active one."""
-    found = connection.execute(_MEMBERSHIP, {"mid": machine_id}).first()
+                    active: int | None, found: Membership | None = _UNREAD) -> int | None:
+    """Which revision this machine is served: its rollout's decision, else the active one.
+    `found`: its `membership`, when the caller has it already."""
+    if found is _UNREAD:
+        found = membership(connection, machine_id)
     if found is None:
         return active
     previous = found.previous_revision if found.previous_revision is not None else active
@@ -228,10 +240,12 @@ def served_revision(connection: Session | Connection, machine_id: str,
 
 
 def on_report(connection: Session | Connection, machine_id: str, revision: int,
-              converged: bool, error: str) -> None:
+              converged: bool, error: str, found: Membership | None = _UNREAD) -> None:
     """A report: if it settles this machine's turn in the open rollout, re-decide the rollout
-    (under its row lock). Other reports cost one query."""
-    found = connection.execute(_MEMBERSHIP, {"mid": machine_id}).first()
+    (under its row lock). Other reports cost no query beyond their `membership` (read here
+    unless given)."""
+    if found is _UNREAD:
+        found = membership(connection, machine_id)
     if (found is None or found.status not in OPEN or int(found.revision) != revision
             or found.progress != logic.Progress.UPDATING.value):
         return

@@ -628,7 +628,8 @@ def add_report(connection: Connection, machine: View, active: int | None, body: 
         "v_last_report_etag": body.etag, "v_last_report_state": body.state}
     # Ready means it converged what it is served: during a rollout, that may be the previous
     # revision (outdated, but healthy and available).
-    served = rollouts.served_revision(connection, machine_id, active)
+    place = rollouts.membership(connection, machine_id)
+    served = rollouts.served_revision(connection, machine_id, active, place)
     wanted = states.DEGRADED if body.state == "failed" else (
         states.READY if up_to_date(after, served) else states.UPDATING)
     changes_state = (wanted != machine.state
@@ -645,7 +646,7 @@ def add_report(connection: Connection, machine: View, active: int | None, body: 
     failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
                 for failure in module.failures]
     rollouts.on_report(connection, machine_id, body.revision, body.state == "converged",
-                       "; ".join(failures) or f"report: {body.state}")
+                       "; ".join(failures) or f"report: {body.state}", place)
     return after
 
 
