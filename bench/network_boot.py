@@ -2,11 +2,13 @@
 each step of network boot against a real fleet service.
 
     sudo .venv/bin/python bench/network_boot.py [--cache DIR] [--cold] [--no-vm]
+                                                [--firmware bios|uefi]
 
 --cold builds with an empty cache (downloads the .debs and unpacks the kernel package);
 otherwise the cache (default: the tests' /var/cache/divingbell-test/image) is reused. The VM is
-qemu with an e1000 NIC whose iPXE ROM fetches /boot.ipxe from the service on loopback; KVM when
-a probe guest really runs under it, software emulation otherwise. Times are from qemu's start.
+qemu with an e1000 NIC whose iPXE ROM fetches /boot.ipxe from the service on loopback, under
+legacy BIOS or UEFI (OVMF); KVM when a probe guest really runs under it, software emulation
+otherwise. Times are from qemu's start.
 """
 
 from __future__ import annotations
@@ -19,11 +21,18 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.boot.qemu import GUEST_HOST, kvm_usable, missing_tools, start_vm  # noqa: E402
+from tests.boot.qemu import (  # noqa: E402
+    GUEST_HOST,
+    kvm_usable,
+    missing_tools,
+    missing_uefi_firmware,
+    start_vm,
+)
 
 from divingbell.image.discovery import build_discovery_image  # noqa: E402
 
@@ -46,7 +55,7 @@ def build(cache: Path, out: Path) -> None:
           f"{' (kernel from the cache)' if image.reused_kernel_bundle else ''}")
 
 
-def boot(image_dir: Path, work: Path) -> None:
+def boot(image_dir: Path, work: Path, firmware: Literal["bios", "uefi"]) -> None:
     import uvicorn
 
     from divingbell.fleet.app import create_app
@@ -55,7 +64,7 @@ def boot(image_dir: Path, work: Path) -> None:
     from divingbell.fleet.settings import FleetSettings
     from divingbell.fleet.tokens import create_token
 
-    reason = missing_tools()
+    reason = missing_tools() or (missing_uefi_firmware() if firmware == "uefi" else None)
     if reason:
         print(f"no VM: {reason}")
         return
@@ -79,7 +88,8 @@ def boot(image_dir: Path, work: Path) -> None:
     db.dispose()
     vm = start_vm(work, "bench", mac="52:54:00:be:00:01",
                   uuid="8c6f0a1e-0000-4000-8000-0000000000be",
-                  bootfile=f"http://{GUEST_HOST}:{port}/boot.ipxe", disk_size="64M", kvm=kvm)
+                  bootfile=f"http://{GUEST_HOST}:{port}/boot.ipxe", disk_size="64M", kvm=kvm,
+                  firmware=firmware)
     marks: dict[str, float] = {}
     try:
         steps: list[tuple[str, Callable[[str], bool]]] = [
@@ -98,13 +108,17 @@ def boot(image_dir: Path, work: Path) -> None:
                 elif time.monotonic() > deadline:
                     sys.exit(f"no '{label}' within 300 s; console:\n{vm.console()[-2000:]}")
                 time.sleep(0.2)
-        vm.wait_for("divingbell: booted from the installed disk", 120)
-        marks["booted from its disk after the reboot"] = time.monotonic() - vm.started
+        after = len(vm.console())
+        vm.wait_for("booting from the local disk", 120, after)
+        marks["told to boot from its disk after the reboot"] = time.monotonic() - vm.started
+        vm.wait_for("divingbell: booted from the installed disk", 300, after)
+        marks["booted from its disk"] = time.monotonic() - vm.started
     finally:
         vm.stop()
         server.should_exit = True
         thread.join(timeout=10)
-    print(f"VM ({'KVM' if kvm else 'software emulation: ' + why}), seconds from qemu start:")
+    print(f"VM ({firmware}, {'KVM' if kvm else 'software emulation: ' + why}), "
+          "seconds from qemu start:")
     for label, seconds in marks.items():
         print(f"  {seconds:6.1f}  {label}")
 
@@ -114,13 +128,15 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/var/cache/divingbell-test/image"))
     parser.add_argument("--cold", action="store_true", help="build with an empty cache")
     parser.add_argument("--no-vm", action="store_true", help="only build the image")
+    parser.add_argument("--firmware", choices=("bios", "uefi"), default="bios",
+                        help="the VM's firmware: legacy BIOS (SeaBIOS) or UEFI (OVMF)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="divingbell-bench-") as scratch:
         work = Path(scratch)
         cache = work / "cache" if args.cold else args.cache
         build(cache, work / "image")
         if not args.no_vm:
-            boot(work / "image", work)
+            boot(work / "image", work, args.firmware)
 
 
 if __name__ == "__main__":

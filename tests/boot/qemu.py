@@ -1,9 +1,12 @@
 """Virtual machines that network-boot over iPXE, for the boot tests (tier C in test-hosts.md).
 
-qemu-system-x86_64 with an e1000 NIC (its option ROM is Debian's ipxe-qemu build), user-mode
-networking whose DHCP hands out `bootfile` (the guest reaches this machine's loopback as
-10.0.2.2), its own MAC, UUID and raw disk, and the serial console captured to a file. Every VM is
-killed when its test ends; every wait is bounded.
+qemu-system-x86_64 with an e1000 NIC (its option ROM is Debian's ipxe-qemu build, which holds
+both the legacy PXE and the EFI driver), user-mode networking whose DHCP hands out `bootfile`
+(the guest reaches this machine's loopback as 10.0.2.2), its own MAC, UUID and raw disk, and the
+serial console captured to a file. Legacy BIOS (SeaBIOS, `-boot n`) by default; with
+`firmware="uefi"`, OVMF on a q35 machine (its code read-only, a copy of its variable store per
+VM) with the NIC first and the disk second in the boot order, as a network-booted server is set
+up. Every VM is killed when its test ends; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 QEMU = "qemu-system-x86_64"
 E1000_ROMS = (Path("/usr/lib/ipxe/qemu/efi-e1000.rom"), Path("/usr/share/qemu/efi-e1000.rom"))
+# OVMF without Secure Boot (Debian: ovmf): (code, variable store template), newest layout first.
+OVMF_FILES = ((Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
+              (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")))
 GUEST_HOST = "10.0.2.2"  # this machine's loopback, as the guest sees it through qemu's slirp
 
 
@@ -30,6 +37,19 @@ def missing_tools() -> str | None:
         return "qemu-img is not installed (Debian: qemu-utils)"
     if not any(rom.exists() for rom in E1000_ROMS):
         return "the e1000 iPXE ROM is missing (Debian: ipxe-qemu)"
+    return None
+
+
+def ovmf_files() -> tuple[Path, Path] | None:
+    """OVMF's code and variable-store template, or None when OVMF is not installed."""
+    return next(((code, variables) for code, variables in OVMF_FILES
+                 if code.is_file() and variables.is_file()), None)
+
+
+def missing_uefi_firmware() -> str | None:
+    """Why UEFI VMs cannot run here (beyond missing_tools), or None."""
+    if ovmf_files() is None:
+        return "OVMF (UEFI firmware for qemu) is not installed (Debian: ovmf; .ci/run installs it)"
     return None
 
 
@@ -111,25 +131,44 @@ def disk_serial(name: str) -> str:
 def start_vm(workdir: Path, name: str, *, mac: str, uuid: str, bootfile: str,
              disk_size: str | None = None, disk_bus: str = "ide", serial: str | None = None,
              dhcp_hostname: str | None = None, dhcp_domain: str | None = None,
-             kvm: bool = False, memory_mb: int = 512) -> VM:
+             kvm: bool = False, memory_mb: int = 512,
+             firmware: Literal["bios", "uefi"] = "bios") -> VM:
     """Start a VM that network-boots from `bootfile` (an http URL the guest can reach);
     qemu's DHCP hands it `dhcp_hostname` and `dhcp_domain` when given."""
     disk = create_disk(workdir / f"{name}.raw", disk_size) if disk_size else None
     log = workdir / f"{name}.console.log"
+    uefi = firmware == "uefi"
+    # SeaBIOS takes the order from -boot; OVMF from bootindex (network first, then the disk).
+    nic_boot, disk_boot = (",bootindex=1", ",bootindex=2") if uefi else ("", "")
     argv = [
-        QEMU, "-name", name, "-m", str(memory_mb), "-nographic", "-boot", "n",
+        QEMU, "-name", name, "-m", str(memory_mb), "-nographic",
         "-uuid", uuid,
         "-netdev", f"user,id=n0,bootfile={bootfile}"
         + (f",hostname={dhcp_hostname}" if dhcp_hostname else "")
         + (f",domainname={dhcp_domain}" if dhcp_domain else ""),
-        "-device", f"e1000,netdev=n0,mac={mac}",
+        "-device", f"e1000,netdev=n0,mac={mac}{nic_boot}",
     ]
+    if uefi:
+        found = ovmf_files()
+        if found is None:
+            raise RuntimeError(missing_uefi_firmware())
+        code, variables = found
+        own_variables = workdir / f"{name}.vars.fd"
+        shutil.copyfile(variables, own_variables)
+        argv += ["-machine", "q35",
+                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={own_variables}"]
+    else:
+        argv += ["-boot", "n"]
     argv += ["-enable-kvm"] if kvm else ["-accel", "tcg"]
     if serial:
         argv += ["-smbios", f"type=1,serial={serial}"]
     if disk is not None and disk_bus == "virtio":
         argv += ["-drive", f"file={disk},format=raw,if=none,id=disk0",
-                 "-device", f"virtio-blk-pci,drive=disk0,serial={disk_serial(name)}"]
+                 "-device", f"virtio-blk-pci,drive=disk0,serial={disk_serial(name)}{disk_boot}"]
+    elif disk is not None and uefi:
+        argv += ["-drive", f"file={disk},format=raw,if=none,id=disk0",
+                 "-device", f"ide-hd,drive=disk0{disk_boot}"]
     elif disk is not None:
         argv += ["-drive", f"file={disk},format=raw,if={disk_bus}"]
     with log.open("wb") as out:

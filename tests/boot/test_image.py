@@ -71,7 +71,8 @@ def test_the_image_holds_kernel_busybox_drivers_and_the_client(
     version = discovery_image.kernel_version
     modules = f"lib/modules/{version}"
     for path in ("init", "bin/busybox", "bin/sh", "dev/console", "usr/bin/divingbell-discovery",
-                 "usr/lib/divingbell/install-hook", "usr/share/udhcpc/default.script",
+                 "usr/lib/divingbell/install-hook", "usr/lib/divingbell/esp-head.img",
+                 "usr/share/udhcpc/default.script",
                  "usr/share/divingbell/udhcpc.script", "etc/divingbell/modules",
                  f"{modules}/modules.dep",
                  f"{modules}/kernel/drivers/net/ethernet/intel/e1000/e1000.ko",

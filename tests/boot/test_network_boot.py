@@ -1,6 +1,7 @@
 """Real machines (qemu VMs) network-boot from the fleet service over iPXE, are discovered, get
 roles, install one at a time and then boot from their disks; a machine whose install fails is
-recorded as failed with its output and gives its install slot back."""
+recorded as failed with its output and gives its install slot back. Legacy BIOS machines, and
+one UEFI machine (OVMF) through the same life."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.boot.qemu import (
     GUEST_HOST,
     VM,
     disk_serial,
+    missing_uefi_firmware,
     read_marker,
     read_mbr_partitions,
     start_vm,
@@ -91,6 +93,13 @@ def transitions(history: list[dict[str, Any]]) -> list[str]:
         if row["from"] != row["to"]:
             out.append(row["to"])
     return out
+
+
+def installed_partitions(disk: Path) -> list[tuple[int, int, int]]:
+    """What the default install hook writes: Linux from sector 2048, then a 1 MiB EFI system
+    partition in the last 2048 sectors."""
+    sectors = disk.stat().st_size // 512
+    return [(0x83, 2048, sectors - 2048 - 2048), (0xEF, sectors - 2048, 2048)]
 
 
 def test_vms_boot_discover_install_in_turn_and_boot_from_disk(
@@ -172,8 +181,7 @@ def test_vms_boot_discover_install_in_turn_and_boot_from_disk(
             assert "boot from the local disk" in last["reason"]
             disk = by_name[name].disk
             assert disk is not None
-            sectors = disk.stat().st_size // 512
-            assert read_mbr_partitions(disk) == [(0x83, 2048, sectors - 2048)]
+            assert read_mbr_partitions(disk) == installed_partitions(disk)
             marker = read_marker(disk)
             assert marker["machine"] == ids[name]
             assert marker["roles"] == " ".join(machine["roles"])
@@ -198,3 +206,52 @@ def test_vms_boot_discover_install_in_turn_and_boot_from_disk(
     finally:
         for vm in vms:
             vm.stop()
+
+
+def test_a_uefi_vm_boots_discovers_installs_and_boots_its_disk(
+        boot_service: ThreadServer, vm_support: VmSupport, tmp_path: Path) -> None:
+    reason = missing_uefi_firmware()
+    if reason:
+        pytest.skip(reason)
+    bootfile = f"http://{GUEST_HOST}:{boot_service.port}/boot.ipxe"
+    vm = start_vm(tmp_path, "node-u", mac="52:54:00:d1:00:e1",
+                  uuid="8c6f0a1e-0000-4000-8000-0000000000e1", bootfile=bootfile,
+                  disk_size="64M", kvm=vm_support.kvm, firmware="uefi")
+    reader = boot_service.reader
+    try:
+        def registered() -> dict[str, Any] | None:
+            machines = [m for m in reader.machines() if m["uuid"] == vm.uuid]
+            if machines and machines[0]["state"] != "booting":
+                return reader.machine(machines[0]["id"])
+            return None
+
+        # The EFI iPXE fetched the EFI-stub kernel and its initrd, and the discovery client in
+        # that initrd reported the machine's facts.
+        machine = wait_until("the UEFI machine to register", registered, 240, [vm])
+        assert transitions(machine["history"])[:2] == ["booting", "discovered"]
+        assert "platform=efi" in machine["history"][0]["reason"]
+        assert [i["mac"] for i in machine["interfaces"] if i["boot"]] == [vm.mac]
+        assert [d["size_bytes"] for d in machine["disks"]] == [64 * MiB]
+
+        (Path(boot_service.settings.assets_dir or "") / "go" / machine["id"]).touch()
+        wait_until("the UEFI machine to install", lambda: reader.machine(
+            machine["id"])["state"] in ("installed", "failed"), 120, [vm])
+        installed = reader.machine(machine["id"])
+        assert installed["state"] == "installed", installed["install_output"]
+
+        # After its reboot the service sends it to its disk; under UEFI that is iPXE's exit back
+        # to the firmware, whose next boot option is the disk: OVMF runs the EFI application the
+        # hook put in the EFI system partition.
+        vm.wait_for("divingbell: UEFI: back to the firmware", 120)
+        vm.wait_for(r"divingbell: booted from the installed disk \(UEFI\)", 180)
+        machine = reader.machine(machine["id"])
+        assert machine["state"] == "installed"
+        assert transitions(machine["history"]) == [
+            "booting", "discovered", "scheduled", "installing", "installed"]
+        last = machine["history"][-1]
+        assert "boot from the local disk" in last["reason"] and "platform=efi" in last["reason"]
+        assert vm.disk is not None
+        assert read_mbr_partitions(vm.disk) == installed_partitions(vm.disk)
+        assert read_marker(vm.disk)["machine"] == machine["id"]
+    finally:
+        vm.stop()

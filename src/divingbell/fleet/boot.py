@@ -12,6 +12,12 @@ a DHCP hostname or an SMBIOS serial).
         installing (holds an install grant)             -> the install profile of its role
         installed, ready, updating, degraded            -> boot from the local disk
 
+The same scripts serve legacy BIOS and UEFI machines: the kernel finds its initrds by name on
+its command line (`initrd=initrd0`, as an EFI-stub kernel under iPXE needs), and the local-disk
+script branches on iPXE's own `${platform}`: `sanboot` of BIOS drive 0x80 under `pcbios`, and
+under `efi` an `exit` back to the firmware, whose next boot option is the disk (BIOS drive
+numbers mean nothing there). The platform a machine reports is only recorded, never trusted.
+
 Profiles are configuration (`BootProfiles`, a YAML file): a kernel, initrds and a command line
 per phase (discovery, install) and role. Relative paths are files under `divingbell serve
 --assets DIR` (served at /v1/assets/); absolute http(s) URLs are fetched as they are.
@@ -48,6 +54,8 @@ _MACHINE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAC = re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(?:\1[0-9a-f]{2}){4}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 _SERIAL = re.compile(r"^[A-Za-z0-9 ._:/-]{1,64}$")
+# iPXE's ${platform}: the firmware interface this iPXE build runs on.
+PLATFORMS = frozenset({"pcbios", "efi"})
 _NO_UUID = {uuid_module.UUID(int=0), uuid_module.UUID(int=(1 << 128) - 1)}
 
 
@@ -164,6 +172,7 @@ class BootQuery:
     mac: str | None = None
     hostname: str | None = None
     serial: str | None = None
+    platform: str | None = None
     dropped: tuple[str, ...] = ()
 
     @property
@@ -218,7 +227,11 @@ def parse_query(params: Mapping[str, str]) -> BootQuery:
     if serial is not None and not _SERIAL.match(serial):
         dropped.append("serial: unexpected characters or too long")
         serial = None
-    return BootQuery(machine_uuid, mac, hostname, serial, tuple(dropped))
+    platform = take("platform")
+    if platform is not None and platform not in PLATFORMS:
+        dropped.append("platform: not pcbios or efi")
+        platform = None
+    return BootQuery(machine_uuid, mac, hostname, serial, platform, tuple(dropped))
 
 
 @dataclass(frozen=True)
@@ -250,7 +263,9 @@ def check_base_url(base_url: str) -> str:
 
 
 def chain_script(base_url: str, retry_seconds: int = 5) -> str:
-    """/boot.ipxe: (re)run DHCP, then ask the service for this machine's script, forever."""
+    """/boot.ipxe: (re)run DHCP, then ask the service for this machine's script until it gets
+    one. A machine script that returns (its `exit`: boot the next device) ends this one too;
+    iPXE's `exit` leaves only the script it is in."""
     base = check_base_url(base_url)
     return "\n".join([
         "#!ipxe",
@@ -258,7 +273,9 @@ def chain_script(base_url: str, retry_seconds: int = 5) -> str:
         ":start",
         "dhcp || goto retry",
         f"chain --autofree {base}/v1/ipxe?uuid=${{uuid}}&mac=${{net0/mac:hexhyp}}"
-        "&hostname=${hostname:uristring}&serial=${serial:uristring} || goto retry",
+        "&hostname=${hostname:uristring}&serial=${serial:uristring}&platform=${platform}"
+        " || goto retry",
+        "exit",
         ":retry",
         f"echo divingbell: no boot script from {base}; retrying in {retry_seconds} s",
         f"sleep {retry_seconds}",
@@ -301,10 +318,17 @@ def profile_script(profile: BootProfile, base: str, extra_args: Sequence[str],
 
 
 def local_boot_script(method: str, banner: str) -> str:
+    """Boot the local disk. `sanboot` hands BIOS drive 0x80 to the firmware under legacy BIOS;
+    under UEFI (and with method `exit`) iPXE exits, and the firmware boots its next boot option,
+    which must be the disk (network first, then disk, in the firmware's boot order)."""
     lines = ["#!ipxe", f"echo divingbell: {banner}"]
     if method == "sanboot":
-        lines += ["sanboot --no-describe --drive 0x80 || goto next",
-                  ":next", "echo divingbell: the local disk did not boot; next boot device"]
+        lines += ["iseq ${platform} efi && goto firmware ||",
+                  "sanboot --no-describe --drive 0x80 || goto next",
+                  ":next", "echo divingbell: the local disk did not boot; next boot device",
+                  "exit",
+                  ":firmware",
+                  "echo divingbell: UEFI: back to the firmware, which boots its next boot option"]
     lines += ["exit", ""]
     return "\n".join(lines)
 

@@ -30,6 +30,7 @@ from divingbell import __version__
 from divingbell.errors import CommandError, DivingbellError
 from divingbell.host import Host
 from divingbell.image.cpio import Entry, gzip_bytes, newc_archive
+from divingbell.image.efi import esp_head
 
 DEFAULT_CACHE = Path("/var/cache/divingbell/image")
 KERNEL_PACKAGE = "linux-image-amd64"
@@ -48,6 +49,8 @@ _CLIENT_FILES = {
     "udhcpc.script": "usr/share/divingbell/udhcpc.script",
     "install-hook": "usr/lib/divingbell/install-hook",
 }
+# The first sectors of the EFI system partition the default install hook writes.
+ESP_HEAD_PATH = "usr/lib/divingbell/esp-head.img"
 _SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]*$")
 _SAFE_MODULE = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -348,6 +351,7 @@ def initramfs_entries(bundle: KernelBundle, busybox: bytes, udhcpc_default: byte
         Entry.file("usr/share/udhcpc/default.script", udhcpc_default, 0o755),
         Entry.file("etc/divingbell/modules", "".join(f"{m}\n" for m in modules).encode()),
         Entry.file("etc/divingbell/version", f"{version_line}\n".encode()),
+        Entry.file(ESP_HEAD_PATH, esp_head()),
     ]
     for source, target in _CLIENT_FILES.items():
         data = hook if (source == "install-hook" and hook is not None) else client_file(source)

@@ -109,7 +109,8 @@ def _issue_boot_token(session: Session, ttl_seconds: float, now: datetime) -> st
 
 def _describe(query: BootQuery) -> str:
     parts = [f"{name}={value}" for name, value in
-             (("mac", query.mac), ("hostname", query.hostname), ("serial", query.serial))
+             (("mac", query.mac), ("hostname", query.hostname), ("serial", query.serial),
+              ("platform", query.platform))
              if value]
     parts += [f"dropped {text}" for text in query.dropped]
     return ", ".join(parts)
@@ -117,15 +118,18 @@ def _describe(query: BootQuery) -> str:
 
 @router.get("/v1/ipxe", response_class=PlainTextResponse)
 def ipxe(request: Request, uuid: str | None = None, mac: str | None = None,
-         hostname: str | None = None, serial: str | None = None) -> Response:
+         hostname: str | None = None, serial: str | None = None,
+         platform: str | None = None) -> Response:
     """The iPXE script for the machine asking, by its state: discovery (unknown, booting,
     discovered, scheduled, failed), install (holding an install grant), local disk (installed
-    and after). Every request is recorded in the machine's history; an unknown machine with a
-    usable UUID or MAC is created in state `booting`."""
+    and after). Every request is recorded in the machine's history, with the platform iPXE
+    runs on (pcbios, efi); an unknown machine with a usable UUID or MAC is created in state
+    `booting`."""
     settings = request.app.state.settings
     # Taken as any text and reduced by parse_query: a malformed value gets the safe default
     # script, not a 422 that iPXE could only retry.
-    given = {"uuid": uuid, "mac": mac, "hostname": hostname, "serial": serial}
+    given = {"uuid": uuid, "mac": mac, "hostname": hostname, "serial": serial,
+             "platform": platform}
     query = parse_query({key: value for key, value in given.items() if value is not None})
     profiles = boot_profiles(request)
     base = _base_url(request)
