@@ -301,6 +301,25 @@ def test_a_machine_without_a_role_is_not_granted(fleet: ThreadServer) -> None:
     assert exc.status == 409 and exc.detail["reason"] == "no-role"
 
 
+def test_a_lost_control_plane_member_is_replaced_and_workers_keep_their_roles(
+        fleet: ThreadServer) -> None:
+    """The scheduler reads only the control plane and machines without roles (the pass runs
+    on every registration); on both stores that must still find the member to replace and
+    leave every worker alone."""
+    control, _ = register(fleet, 1)
+    workers = [register(fleet, n)[0] for n in range(2, 6)]
+    pinned, _ = register(fleet, 6)
+    fleet.admin.set_roles(pinned, ["worker"])  # pinned by an operator
+    assert fleet.admin.machine(control)["roles"] == ["control-plane"]
+    fleet.admin.call("POST", f"/v1/machines/{control}/decommission")
+    replacement, _ = register(fleet, 7)
+    assert fleet.admin.machine(replacement)["roles"] == ["control-plane"]
+    assert [fleet.admin.machine(w)["roles"] for w in workers] == [["worker"]] * 4
+    assert fleet.admin.machine(pinned)["roles"] == ["worker"]
+    later, _ = register(fleet, 8)
+    assert fleet.admin.machine(later)["roles"] == ["worker"]
+
+
 def test_slots_claim_renew_release(fleet: ThreadServer) -> None:
     a, ca = register(fleet, 1)
     b, cb = register(fleet, 2)
