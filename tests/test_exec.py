@@ -210,6 +210,35 @@ def test_an_interrupted_never_script_runs_on_the_next_apply(host: Host, clock: C
     assert "rerun_policy never: ran once at" in plan_text(plan, verbose=True)
 
 
+def test_a_script_that_ends_with_exit_0_despite_the_signal_has_run(
+        host: Host, clock: Clock) -> None:
+    """SIGTERM/SIGINT came while a `never` script ran, and the script handled TERM by
+    finishing its work and exiting 0: that run counts, so it is not run a second time."""
+    script = (f"#!/bin/sh\ntrap 'echo finished >> {LOG}; exit 0' TERM\ntouch /tmp/started\n"
+              "while :; do sleep 0.05; done\n")
+    scripts = {"once": {"data": script, "rerun_policy": "never"}}
+    started = host.path("/tmp/started")
+
+    def interrupt_once_started() -> None:
+        while not started.exists():
+            time.sleep(0.02)
+        interrupt.set()
+
+    signaller = threading.Thread(target=interrupt_once_started, daemon=True)
+    signaller.start()
+    try:
+        report = apply(host, doc(scripts))
+    finally:
+        signaller.join()
+        interrupt.clear()
+    assert ran(report) == ["once"] and host.read_text(LOG) == "finished\n"
+    assert "script once: exit 0" in " ".join(
+        note for result in report.results for note in result.notes), report.as_dict()
+    plan = plan_node(host, resolve(validate(load_text(doc(scripts))), "n1", {}))
+    assert not [c for c in plan.changes if c.changes_host], plan_text(plan, verbose=True)
+    assert "rerun_policy never: ran once at" in plan_text(plan, verbose=True)
+
+
 def test_timeout_kills_the_whole_process_group(host: Host, clock: Clock) -> None:
     marker = "divingbell-exec-timeout-test"
     script = (f"#!/bin/bash\ntrap '' TERM\n(exec -a {marker} sleep 300) &\n"

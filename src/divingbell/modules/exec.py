@@ -194,18 +194,21 @@ class Exec(HostModule["ExecConf", ExecObserved]):
         scripts = dict(record.state.get("scripts", {}))
         scripts[step.name] = {"hash": step.digest, "exit": done.returncode, "ran_at": started,
                               "timed_out": done.timed_out, "seconds": round(done.seconds, 3)}
-        if done.interrupted:
+        # A script that still ended with exit 0 (it ignored TERM, or ended as the signal came)
+        # ran to its end: that is a run, or a one-shot script would run twice.
+        cut_short = done.interrupted and done.returncode != 0
+        if cut_short:
             scripts[step.name]["interrupted"] = True
         record.state["scripts"] = scripts
         outcome = ("interrupted (SIGTERM/SIGINT): its process group was killed"
-                   if done.interrupted else
+                   if cut_short else
                    f"timed out after {script.timeout}s (process group killed)" if done.timed_out
                    else f"exit {done.returncode}")
         note = f"script {step.name}: {outcome} in {done.seconds:.2f}s"
         for label, text in (("stdout", done.stdout), ("stderr", done.stderr)):
             if text.strip():
                 note += f"\n  {label}: {_tail(text)}"
-        if done.timed_out or done.interrupted or done.returncode != 0:
+        if done.timed_out or cut_short or done.returncode != 0:
             raise OutcomeFailed(self.name, [note], halt=(
                 script.blocking_policy == "foreground_halt_pod_on_failure"))
         return [note]
