@@ -81,7 +81,7 @@ def parse_fast(argv: Sequence[str], environ: Mapping[str, str]) -> ApplyOptions 
     root = values.get("--root") or environ.get("DIVINGBELL_ROOT") or "/"
     proc_sys = values.get("--proc-sys") or environ.get("DIVINGBELL_PROC_SYS") or "/proc/sys"
     output_format = values.get("--format", "text")
-    if not _is_dir(root) or _is_file(proc_sys) or output_format not in FORMATS:
+    if not _is_dir(root) or not _usable_proc_sys(proc_sys) or output_format not in FORMATS:
         return None
     try:
         lock_timeout = float(values.get("--lock-timeout", "10.0"))
@@ -96,19 +96,34 @@ def parse_fast(argv: Sequence[str], environ: Mapping[str, str]) -> ApplyOptions 
         allow_empty="--allow-empty" in flags, adopt="--adopt" in flags)
 
 
+# What the click.Path types of `apply` accept (existing and readable where they say so), or
+# less: anything in doubt is left to click, which then says what is wrong.
+
 def _is_file(name: str) -> bool:
-    """What click.Path(exists=True, dir_okay=False) accepts."""
+    """click.Path(exists=True, dir_okay=False): exists, not a directory, readable."""
     try:
-        return not stat.S_ISDIR(os.stat(name).st_mode)
+        return not stat.S_ISDIR(os.stat(name).st_mode) and os.access(name, os.R_OK)
     except (OSError, ValueError):
         return False
 
 
 def _is_dir(name: str) -> bool:
+    """click.Path(exists=True, file_okay=False), for --root: a readable directory."""
     try:
-        return stat.S_ISDIR(os.stat(name).st_mode)
+        return stat.S_ISDIR(os.stat(name).st_mode) and os.access(name, os.R_OK)
     except (OSError, ValueError):
         return False
+
+
+def _usable_proc_sys(name: str) -> bool:
+    """click.Path(file_okay=False), for --proc-sys: absent, or a readable directory."""
+    try:
+        info = os.stat(name)
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISDIR(info.st_mode) and os.access(name, os.R_OK)
 
 
 def run_apply(options: ApplyOptions) -> NoReturn:
