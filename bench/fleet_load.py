@@ -7,7 +7,8 @@ throwaway PostgreSQL; then report rates stepped up until p99 passes 100 ms.
 
 Prints, per store: sustained requests/s, p50/p99 latency and the service's RSS at the fleet
 load; then each step of the ramp and the highest report rate sustained (achieved >= 95% of
-the target) with p99 under 100 ms. Open loop: every request is sent at its scheduled time
+the target) with p99 under 100 ms; then how long a new machine's registration takes in that
+fleet. Open loop: every request is sent at its scheduled time
 whatever the earlier ones do, and its latency counts from that time (no coordinated
 omission). Bounded: the whole run stops after (duration + steps x step-seconds) per store.
 
@@ -40,6 +41,7 @@ from divingbell.fleet.db import Database  # noqa: E402
 from divingbell.fleet.models import Machine, Revision, Setting, utcnow  # noqa: E402
 from divingbell.fleet.scheduler import node_labels  # noqa: E402
 from divingbell.fleet.service import config_etag  # noqa: E402
+from divingbell.fleet.tokens import create_token  # noqa: E402
 
 DOC = """\
 conf:
@@ -211,6 +213,28 @@ async def run_load(host: str, port: int, requests: list[bytes], rate: float,
     return Result(rate, total, len(latencies), errors, elapsed, latencies, statuses)
 
 
+def registrations(url: str, token: str, count: int) -> dict[str, float]:
+    """`count` machines registering (POST /v1/discovery) one at a time: each runs the
+    scheduler's pass over the fleet, under its lock, so this is what a rack powering on costs."""
+    import statistics
+    import time
+
+    from divingbell.fleet.client import FleetClient
+
+    client = FleetClient(url, token)
+    times = []
+    for n in range(count):
+        facts = {"uuid": f"00000000-0000-4000-9000-{n:012d}", "boot_id": "bench",
+                 "hostname": f"new{n}", "interfaces": [{"name": "eth0", "mac": (
+                     f"52:55:00:00:{n >> 8 & 255:02x}:{n & 255:02x}"), "boot": True}],
+                 "disks": [], "lldp": []}
+        started = time.perf_counter()
+        client.discover(facts)
+        times.append((time.perf_counter() - started) * 1000)
+    return {"count": count, "p50_ms": round(statistics.median(times), 1),
+            "max_ms": round(max(times), 1)}
+
+
 def process_tree(pid: int) -> list[int]:
     """The service and its worker processes (with --workers)."""
     pids = [pid]
@@ -243,6 +267,7 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> di
     db = Database(url)
     migrations.upgrade(db.write_engine)
     machines = seed(db, args.machines)
+    bootstrap_token = create_token(db, "bootstrap", "bench")[1]
     db.dispose()
     workers = args.workers if name == "postgresql" else 1
     server = ProcessServer(url, args=("--workers", str(workers))).start(
@@ -285,6 +310,10 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> di
             if not ok:
                 break
             best = rate
+        registration = registrations(server.url, bootstrap_token, args.registrations)
+        print(f"  {args.registrations} new machines registering one after another into the "
+              f"fleet (each runs a scheduling pass): median {registration['p50_ms']:.1f} ms, "
+              f"max {registration['max_ms']:.1f} ms")
         rss = rss_mb(server.process.pid)
         print(f"  highest sustained report rate with p99 <= 100 ms: {best:.0f}/s "
               f"(service RSS after the ramp {rss:.0f} MB)")
@@ -292,7 +321,7 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> di
                 "cpu_ms_per_request": round(cpu_per_request * 1000, 2),
                 "fleet_p50_ms": round(fleet.pct(0.5), 1), "fleet_p99_ms": round(fleet.pct(0.99), 1),
                 "fleet_errors": fleet.errors, "rss_mb": round(fleet_rss),
-                "max_report_rate": best, "steps": steps}
+                "max_report_rate": best, "steps": steps, "registration": registration}
     finally:
         server.stop()
 
@@ -307,6 +336,8 @@ def main() -> None:
     parser.add_argument("--store", default="sqlite,postgresql")
     parser.add_argument("--workers", type=int, default=2,
                         help="service worker processes on PostgreSQL (SQLite: always 1)")
+    parser.add_argument("--registrations", type=int, default=50,
+                        help="new machines registered one at a time after the ramp")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
     args = parser.parse_args()
     summary = []
