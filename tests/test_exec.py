@@ -55,6 +55,23 @@ def apply(host: Host, text: str) -> ApplyReport:
     return apply_node(host, resolve(validate(load_text(text)), "n1", {}), "r")
 
 
+def apply_interrupted(host: Host, text: str, started: Path) -> ApplyReport:
+    """Apply, and set the event SIGTERM/SIGINT set once the script has created `started`."""
+
+    def interrupt_once_started() -> None:
+        while not started.exists():
+            time.sleep(0.02)
+        interrupt.set()
+
+    signaller = threading.Thread(target=interrupt_once_started, daemon=True)
+    signaller.start()
+    try:
+        return apply(host, text)
+    finally:
+        signaller.join()
+        interrupt.clear()
+
+
 def ran(report: ApplyReport) -> list[str]:
     return [c.target.removeprefix("script ") for c in report.applied if c.action == "set"]
 
@@ -178,20 +195,7 @@ def test_an_interrupted_never_script_runs_on_the_next_apply(host: Host, clock: C
     script = ('#!/bin/sh\nif [ -e /tmp/let-finish ]; then echo finished >> /tmp/exec-log; '
               'exit 0; fi\ntouch /tmp/started\nexec sleep 300\n')
     scripts = {"once": {"data": script, "rerun_policy": "never"}}
-    started = host.path("/tmp/started")
-
-    def interrupt_once_started() -> None:
-        while not started.exists():
-            time.sleep(0.02)
-        interrupt.set()
-
-    signaller = threading.Thread(target=interrupt_once_started, daemon=True)
-    signaller.start()
-    try:
-        stopped = apply(host, doc(scripts))
-    finally:
-        signaller.join()
-        interrupt.clear()
+    stopped = apply_interrupted(host, doc(scripts), host.path("/tmp/started"))
     assert stopped.interrupted and ran(stopped) == ["once"]
     assert "script once: interrupted (SIGTERM/SIGINT)" in " ".join(stopped.errors)
 
@@ -217,20 +221,7 @@ def test_a_script_that_ends_with_exit_0_despite_the_signal_has_run(
     script = (f"#!/bin/sh\ntrap 'echo finished >> {LOG}; exit 0' TERM\ntouch /tmp/started\n"
               "while :; do sleep 0.05; done\n")
     scripts = {"once": {"data": script, "rerun_policy": "never"}}
-    started = host.path("/tmp/started")
-
-    def interrupt_once_started() -> None:
-        while not started.exists():
-            time.sleep(0.02)
-        interrupt.set()
-
-    signaller = threading.Thread(target=interrupt_once_started, daemon=True)
-    signaller.start()
-    try:
-        report = apply(host, doc(scripts))
-    finally:
-        signaller.join()
-        interrupt.clear()
+    report = apply_interrupted(host, doc(scripts), host.path("/tmp/started"))
     assert ran(report) == ["once"] and host.read_text(LOG) == "finished\n"
     assert "script once: exit 0" in " ".join(
         note for result in report.results for note in result.notes), report.as_dict()

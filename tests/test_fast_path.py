@@ -65,23 +65,6 @@ def test_anything_else_is_left_to_click(place: dict[str, str], argv: list[str]) 
     assert parse_fast([a.format(**place) for a in argv], {}) is None
 
 
-@pytest.mark.parametrize("denied", ["doc", "root", "procsys"])
-def test_what_cannot_be_read_is_left_to_click(
-        place: dict[str, str], monkeypatch: pytest.MonkeyPatch, denied: str) -> None:
-    """As root every file is readable, so unreadability is simulated where both parsers ask
-    (os.access): click refuses, and the fast path declines rather than accept it."""
-    import os
-
-    Path(place["procsys"]).mkdir()
-    args = [place["doc"], "--root", place["root"], "--proc-sys", place["procsys"]]
-    assert parse_fast(args, {}) is not None
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: (
-        str(path) != place[denied] and real_access(path, mode, *a, **k)))
-    assert click_parse(args) is None
-    assert parse_fast(args, {}) is None
-
-
 def test_environment_defaults_are_clicks(place: dict[str, str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     environ = {"DIVINGBELL_ROOT": place["root"], "DIVINGBELL_PROC_SYS": place["procsys"]}

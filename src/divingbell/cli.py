@@ -118,9 +118,10 @@ def cli() -> None:
 
 # The host commands (divingbell/commands/host.py) are always there; click translates their
 # help texts through gettext as they are declared (see the top of this module).
+from divingbell.commands.agent import agent  # noqa: E402
 from divingbell.commands.host import HOST_COMMANDS  # noqa: E402
 
-for _command in HOST_COMMANDS:
+for _command in [*HOST_COMMANDS, agent]:
     cli.add_command(_command)
 
 gettext.find = _gettext_find  # see the top of the module

@@ -90,6 +90,21 @@ def test_yaml_errors_have_a_column(cli: Cli, tmp_path: Path) -> None:
     assert f"({bad}:4:1)" in result.stderr, result.stderr
 
 
+def test_an_unreadable_document_gets_clicks_message_from_apply(shared_dir: Path) -> None:
+    """apply's fast path (no click) leaves an unreadable document to click, as a non-root user
+    sees it: a usage error naming the file, not a document error."""
+    root = shared_dir / "root"
+    root.mkdir()
+    root.chmod(0o755)
+    doc = write(shared_dir / "secret.yaml", "conf: {}\n")
+    doc.chmod(0o000)
+    result = as_nobody("apply", doc, "--root", root)
+    no_traceback(result)
+    assert result.returncode == 2, result.stderr
+    assert "Invalid value for 'FILES...'" in result.stderr and "is not readable" in \
+        result.stderr, result.stderr
+
+
 def test_lock_held_fails_before_saying_it_applies(cli: Cli, root: Path, tmp_path: Path) -> None:
     doc = write(tmp_path / "d.yaml", "conf: {}\n")
     assert cli("apply", doc, "--root", root).returncode == 0

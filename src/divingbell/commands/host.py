@@ -7,7 +7,6 @@ click on `apply`'s fast path).
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,12 +19,10 @@ from divingbell import console
 from divingbell.apply_command import ApplyOptions, run_apply
 
 if TYPE_CHECKING:
-    from divingbell.agent import Agent
     from divingbell.document.cache import Resolved
     from divingbell.document.nodeconfig import NodeConfig
     from divingbell.document.validate import ValidDocument
     from divingbell.engine.runner import Plan
-    from divingbell.host import Host
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,7 +34,7 @@ def _files_argument(func: F) -> F:
     )(func)
 
 
-def _node_options(func: F) -> F:
+def node_options(func: F) -> F:
     func = click.option(
         "--label", "labels", multiple=True, metavar="KEY=VALUE",
         help="A label of the node, for label overrides. Repeat for several.",
@@ -48,7 +45,7 @@ def _node_options(func: F) -> F:
     )(func)
 
 
-def _host_options(func: F) -> F:
+def host_options(func: F) -> F:
     func = click.option(
         "--proc-sys", type=click.Path(file_okay=False, path_type=Path), default="/proc/sys",
         show_default=True, envvar="DIVINGBELL_PROC_SYS",
@@ -104,7 +101,7 @@ def validate(files: tuple[Path, ...], output_format: str) -> None:
 
 @click.command(short_help="Print a node's effective configuration, after overrides.")
 @_files_argument
-@_node_options
+@node_options
 @_format_option("yaml", "json")
 def render(
     files: tuple[Path, ...], node: str | None, labels: tuple[str, ...], output_format: str
@@ -131,8 +128,8 @@ def render(
 
 @click.command(short_help="Show what apply would change on this host; touch nothing.")
 @_files_argument
-@_node_options
-@_host_options
+@node_options
+@host_options
 @_format_option("text", "json")
 @click.option("-v", "--verbose", is_flag=True, help="Also list what is already right, and why.")
 @click.option("--diff", is_flag=True,
@@ -180,8 +177,8 @@ def plan(
 
 @click.command(short_help="Converge this host to the document.")
 @_files_argument
-@_node_options
-@_host_options
+@node_options
+@host_options
 @_format_option("text", "json")
 @click.option("--lock-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another divingbell run on this host to finish.")
@@ -266,169 +263,6 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
     degraded = sum(1 for r in rows if r["state"] == "Degraded")
     click.echo(f"{len(rows)} node(s), {degraded} degraded.")
     sys.exit(console.EXIT_FAILED if degraded else 0)
-
-
-@click.command(short_help="Keep this node converged (a DaemonSet pod or systemd unit).")
-@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@_host_options
-@_node_options
-@click.option("--server", "fleet_server", metavar="URL",
-              help="Fleet mode: take the configuration from this fleet service instead of "
-              "FILES, and report to it (see docs/fleet.md).")
-@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Fleet mode: the machine credential (default: the one divingbell discover "
-              "stored, /var/lib/divingbell/fleet-credential).")
-@click.option("--fleet-interval", type=float, default=60.0, show_default=True,
-              metavar="SECONDS", help="Fleet mode: how often the configuration is fetched "
-              "(a conditional GET) and the last report re-sent (a report also follows every "
-              "converge).")
-@click.option("--labels-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Node labels as KEY=VALUE lines, re-read as they change (hosts without "
-              "Kubernetes).")
-@click.option("--kube/--no-kube", "use_kube", default=None,
-              help="Read node labels from, and report status to, the Kubernetes API. Default: "
-              "on inside a pod (KUBERNETES_SERVICE_HOST set), off elsewhere.")
-@click.option("--kubeconfig", type=click.Path(exists=True, dir_okay=False), envvar="KUBECONFIG",
-              help="Which cluster, outside a pod.")
-@click.option("--listen", default="0.0.0.0:9114", show_default=True, metavar="ADDR:PORT",
-              help="Where /healthz, /readyz and /metrics are served.")
-@click.option("--poll-interval", type=float, default=2.0, show_default=True, metavar="SECONDS",
-              help="How often the document files are checked for a change.")
-@click.option("--label-interval", type=float, default=30.0, show_default=True,
-              metavar="SECONDS", help="How often node labels are re-read.")
-@click.option("--drift-interval", type=float, default=300.0, show_default=True,
-              metavar="SECONDS", help="How often the host is checked for drift.")
-@click.option("--backoff-max", type=float, default=300.0, show_default=True, metavar="SECONDS",
-              help="Longest wait between retries of a failed converge (doubling from 10s).")
-@click.option("--follow-document-changes", is_flag=True,
-              help="Converge the document files again when they change under the running "
-              "agent (hosts where an operator edits them). Default: the document read at start "
-              "is kept until the agent restarts; in a pod a new document comes with a new pod.")
-@click.option("--document-digest", metavar="DIGEST", envvar="DIVINGBELL_DOCUMENT_DIGEST",
-              help="Refuse a document whose digest differs (set by `divingbell manifests` in "
-              "the pod template).")
-@click.option("--converge-timeout", type=float, default=None, metavar="SECONDS",
-              help="A converge running longer is stuck and /healthz fails. Default: the "
-              "document's script timeouts and lock waits, plus 30 minutes.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True,
-              help="info: one line per converge; debug adds every Kubernetes API request.")
-def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
-          labels: tuple[str, ...], labels_file: Path | None, use_kube: bool | None,
-          kubeconfig: str | None, listen: str, poll_interval: float, label_interval: float,
-          drift_interval: float, backoff_max: float, follow_document_changes: bool,
-          document_digest: str | None, converge_timeout: float | None, log_level: str,
-          fleet_server: str | None, token_file: Path | None, fleet_interval: float) -> None:
-    """Keep this node converged: the process a DaemonSet pod or a systemd unit runs.
-
-    Converges the document at start, then again whenever the node's labels change or drift
-    is found (every --drift-interval; only reported if the document says `drift: report`).
-    The document is the one read at start: files changed under the running agent are
-    reported and ignored unless --follow-document-changes (in a pod, a new document comes
-    with a new pod, so the DaemonSet rollout decides when each node gets it). A failure
-    never ends the process: it backs off and retries. /readyz answers 200 only once the
-    current document revision has converged here, which is what gates a DaemonSet rollout;
-    /healthz fails when a converge runs far past its budget (--converge-timeout).
-
-    \b
-    In a pod:      divingbell agent /etc/divingbell/site.yaml --root /host
-    Without k8s:   divingbell agent /etc/divingbell/site.yaml --follow-document-changes \
-                       --labels-file /etc/divingbell/labels
-    Fleet mode:    divingbell agent --server https://fleet:8500
-    """
-    import logging
-    import signal
-    import threading
-    from http.server import ThreadingHTTPServer
-
-    from divingbell.agent import Agent, AgentSettings, configure_logging, serve
-    from divingbell.host import interrupt
-
-    configure_logging(log_level)
-    address, _, port_text = listen.rpartition(":")
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise click.BadParameter(f"{listen!r} is not ADDR:PORT", param_hint="--listen")
-
-    def listening(runner: Agent) -> ThreadingHTTPServer:
-        try:
-            return serve(runner, address or "0.0.0.0", int(port_text))
-        except OSError as exc:  # in use, not an address of this host, unknown name
-            raise click.ClickException(
-                f"cannot listen on {listen}: {exc.strerror or exc}") from None
-
-    if fleet_server is not None or files == ():
-        runner: Agent = _fleet_agent(fleet_server, token_file, files, console.host(root, proc_sys),
-                                     poll_interval, fleet_interval, drift_interval, backoff_max)
-        server_http = listening(runner)
-        stop_fleet = threading.Event()
-
-        def stop_fleet_now(*_: object) -> None:
-            stop_fleet.set()
-            interrupt.set()  # a converge in progress stops between two changes
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, stop_fleet_now)
-        logging.getLogger("divingbell.agent").info("agent in fleet mode (%s), serving %s",
-                                                   fleet_server, listen)
-        runner.run(stop_fleet)
-        server_http.shutdown()
-        return
-    name = _node_name(node)
-    if use_kube is None:
-        use_kube = bool(os.environ.get("KUBERNETES_SERVICE_HOST")) or kubeconfig is not None
-    kube = None
-    if use_kube:
-        from divingbell.kube import KubeError, LightkubeApi
-
-        try:
-            kube = LightkubeApi(kubeconfig)
-        except KubeError as exc:
-            raise click.ClickException(str(exc)) from None
-    settings = AgentSettings(
-        documents=list(files), node=name, host=console.host(root, proc_sys),
-        static_labels=dict(_parse_labels(labels)), labels_file=labels_file,
-        poll_interval=poll_interval, label_interval=label_interval,
-        drift_interval=drift_interval, backoff_max=backoff_max,
-        follow_document_changes=follow_document_changes, expected_digest=document_digest,
-        converge_timeout=converge_timeout)
-    runner = Agent(settings, kube)
-    server = listening(runner)
-    stop = threading.Event()
-
-    def stop_now(*_: object) -> None:
-        stop.set()
-        interrupt.set()  # a converge in progress stops between two changes, as `apply` does
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop_now)
-    logging.getLogger("divingbell.agent").info(
-        "agent for node %s on %s, serving %s; %s", name, root, listen,
-        "following document changes" if follow_document_changes
-        else "the document read at start is kept until the agent restarts")
-    runner.run(stop)
-    server.shutdown()
-
-
-def _fleet_agent(server: str | None, token_file: Path | None, files: tuple[Path, ...],
-                 host: Host, poll_interval: float, fleet_interval: float,
-                 drift_interval: float, backoff_max: float) -> Agent:
-    """The agent's fleet mode (divingbell/fleet/agent_source.py): stdlib-only."""
-    from divingbell.fleet.agent_source import build
-    from divingbell.fleet.client import CREDENTIAL_PATH, FleetApiError, read_token
-
-    if server is None:
-        raise click.UsageError("give the document FILES, or --server URL for fleet mode")
-    if files:
-        raise click.UsageError("FILES and --server exclude each other: in fleet mode the "
-                               "document comes from the service")
-    try:
-        credential = read_token(token_file or CREDENTIAL_PATH)
-        return build(server, credential, host, poll_interval=poll_interval,
-                     fetch_interval=fleet_interval, report_interval=fleet_interval,
-                     drift_interval=drift_interval, backoff_max=backoff_max,
-                     credential_file=token_file or CREDENTIAL_PATH)
-    except (FleetApiError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _check_namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -570,7 +404,7 @@ def _plan_json(plan: Plan, revision: str, notes: list[str], diff: bool) -> dict[
 def _node_config(document: ValidDocument, node: str | None, labels: tuple[str, ...]) -> NodeConfig:
     from divingbell.document.api import node_config
 
-    return node_config(document, _node_name(node), _parse_labels(labels))
+    return node_config(document, node_name(node), parse_labels(labels))
 
 
 # Kubernetes label syntax: an optional DNS-subdomain prefix and "/", a name of at most 63
@@ -589,12 +423,12 @@ def _usage_errors() -> Iterator[None]:
         raise click.BadParameter(str(exc), param_hint=f"'{exc.option}'") from None
 
 
-def _node_name(node: str | None) -> str:
+def node_name(node: str | None) -> str:
     with _usage_errors():
         return console.node_name(node)
 
 
-def _parse_labels(labels: tuple[str, ...]) -> Mapping[str, str]:
+def parse_labels(labels: tuple[str, ...]) -> Mapping[str, str]:
     with _usage_errors():
         return console.parse_labels(labels)
 
@@ -605,4 +439,4 @@ def _resolve_or_exit(files: tuple[Path, ...], node: str | None, labels: tuple[st
         return console.resolve_or_exit(files, node, labels, root, output_format, exit_code)
 
 
-HOST_COMMANDS = [validate, render, plan, apply, status, agent, manifests, schema]
+HOST_COMMANDS = [validate, render, plan, apply, status, manifests, schema]

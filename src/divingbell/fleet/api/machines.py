@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from divingbell.fleet import service, states
+from divingbell.fleet import installs, service, states
 from divingbell.fleet.api.schemas import Discovery, InstallResult, ReportBody, RolesBody
 from divingbell.fleet.auth import (
     Admin,
@@ -189,7 +189,7 @@ def install_grant(machine_id: MachineId, request: Request, _: MachineOrAdmin) ->
     expires if no result comes (the machine is then `failed`, and the grant free)."""
     with request.app.state.db.write() as session:
         machine = service.get_machine(session, machine_id)
-        held = service.grant_install(session, machine, request.app.state.settings)
+        held = installs.grant_install(session, machine, request.app.state.settings)
         return {"granted": True, "grant": held.name, "expires_at": iso(held.expires_at),
                 "roles": machine.roles}
 
@@ -199,5 +199,5 @@ def post_install_result(machine_id: MachineId, body: InstallResult, request: Req
                         _: MachineOrAdmin) -> dict[str, Any]:
     with request.app.state.db.write() as session:
         machine = service.get_machine(session, machine_id)
-        service.install_result(session, machine, body.success, body.output)
+        installs.install_result(session, machine, body.success, body.output)
         return {"id": machine.id, "state": machine.state}
