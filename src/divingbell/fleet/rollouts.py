@@ -220,15 +220,14 @@ def membership(connection: Session | Connection, machine_id: str) -> Membership 
     return connection.execute(_MEMBERSHIP, {"mid": machine_id}).first()
 
 
-_UNREAD: Any = object()
-
-
 def served_revision(connection: Session | Connection, machine_id: str,
-                    active: int | None, found: Membership | None = _UNREAD) -> int | None:
-    """Which revision this machine is served: its rollout's decision, else the active one.
-    `found`: its `membership`, when the caller has it already."""
-    if found is _UNREAD:
-        found = membership(connection, machine_id)
+                    active: int | None) -> int | None:
+    """Which revision this machine is served: its rollout's decision, else the active one."""
+    return served_by(membership(connection, machine_id), active)
+
+
+def served_by(found: Membership | None, active: int | None) -> int | None:
+    """`served_revision`, from the machine's `membership` already read."""
     if found is None:
         return active
     previous = found.previous_revision if found.previous_revision is not None else active
@@ -239,13 +238,10 @@ def served_revision(connection: Session | Connection, machine_id: str,
     return int(found.revision)
 
 
-def on_report(connection: Session | Connection, machine_id: str, revision: int,
-              converged: bool, error: str, found: Membership | None = _UNREAD) -> None:
-    """A report: if it settles this machine's turn in the open rollout, re-decide the rollout
-    (under its row lock). Other reports cost no query beyond their `membership` (read here
-    unless given)."""
-    if found is _UNREAD:
-        found = membership(connection, machine_id)
+def on_report(connection: Session | Connection, machine_id: str, found: Membership | None,
+              revision: int, converged: bool, error: str) -> None:
+    """A report, with the machine's `membership`: if it settles this machine's turn in the
+    open rollout, re-decide the rollout (under its row lock). Other reports cost no query."""
     if (found is None or found.status not in OPEN or int(found.revision) != revision
             or found.progress != logic.Progress.UPDATING.value):
         return

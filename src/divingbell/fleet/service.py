@@ -642,7 +642,7 @@ def add_report(connection: Connection, machine: View, active: int | None, body: 
     # Ready means it converged what it is served: during a rollout, that may be the previous
     # revision (outdated, but healthy and available).
     place = rollouts.membership(connection, machine_id)
-    served = rollouts.served_revision(connection, machine_id, active, place)
+    served = rollouts.served_by(place, active)
     wanted = states.DEGRADED if body.state == "failed" else (
         states.READY if up_to_date(after, served) else states.UPDATING)
     changes_state = (wanted != machine.state
@@ -658,8 +658,8 @@ def add_report(connection: Connection, machine: View, active: int | None, body: 
     connection.execute(_trim_statement(keep), {"mid": machine_id})
     failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
                 for failure in module.failures]
-    rollouts.on_report(connection, machine_id, body.revision, body.state == "converged",
-                       "; ".join(failures) or f"report: {body.state}", place)
+    rollouts.on_report(connection, machine_id, place, body.revision,
+                       body.state == "converged", "; ".join(failures) or f"report: {body.state}")
     return after
 
 
