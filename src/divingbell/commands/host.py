@@ -147,7 +147,7 @@ def plan(
     Each change shows the value before and after. Exits 1 if some module cannot be applied,
     2 if the document is invalid (with --detailed-exitcode: 0 / 2 / 1, see below).
     """
-    from divingbell.engine.runner import MassRemoval, check_mass_removal, plan_node
+    from divingbell.engine.runner import plan_node
     from divingbell.output import plan_text
 
     invalid_exit = console.EXIT_FAILED if detailed_exitcode else console.EXIT_INVALID
@@ -156,19 +156,11 @@ def plan(
         _warn_live_kernel(root, proc_sys, output_format)
     result = console.guarded(lambda: plan_node(console.host(root, proc_sys), resolved.config),
                              output_format, resolved.config.node)
-    refusal = None
-    try:
-        check_mass_removal(result, resolved.allow_mass_removal)
-    except MassRemoval as exc:
-        refusal = str(exc).replace("refusing to apply", "apply would refuse this plan")
     if output_format == "json":
-        console.print_json({**_plan_json(result, resolved.revision, resolved.notes, diff),
-                     "refused": refusal})
+        console.print_json(_plan_json(result, resolved.revision, resolved.notes, diff))
     else:
         click.echo(plan_text(result, verbose=verbose, diff=diff))
-        if refusal:
-            click.echo(f"warning: {refusal}", err=True)
-    if result.errors or refusal:
+    if result.errors:
         sys.exit(console.EXIT_FAILED)
     if detailed_exitcode and any(c.changes_host for c in result.changes):
         sys.exit(console.EXIT_CHANGES)
@@ -183,8 +175,8 @@ def plan(
 @click.option("--lock-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another divingbell run on this host to finish.")
 @click.option("--allow-empty", is_flag=True,
-              help="Accept a document without `conf:` (an empty file) and a plan that removes "
-              "more than it keeps: divingbell restores every original it holds.")
+              help="Accept a document without `conf:` (an empty file) as \"nothing on this "
+              "node\": divingbell restores every original it holds.")
 @click.option("--adopt", is_flag=True,
               help="The journal is gone but divingbell's own files are on the host: start a "
               "fresh journal that owns them (see docs/hardening.md).")
@@ -195,11 +187,11 @@ def apply(
     """Converge this host to the document, printing each change as it is made.
 
     Settings that left the document get their original values back. If a module fails
-    midway, what this run changed in that module is rolled back. A document that would
-    remove more than it keeps is refused unless it says `allow_mass_removal: true` (or
-    --allow-empty). SIGTERM or Ctrl-C stops between two changes, records what was done and
-    exits 130/143. Exits 0 when the host matches the document, 1 on failure, 2 for an
-    invalid document, 3 if another run holds the lock.
+    midway, what this run changed in that module is rolled back. You get what the document
+    says, however much it removes (`divingbell plan` shows it first); only a file without
+    `conf:` is refused unless --allow-empty. SIGTERM or Ctrl-C stops between two changes,
+    records what was done and exits 130/143. Exits 0 when the host matches the document, 1 on
+    failure, 2 for an invalid document, 3 if another run holds the lock.
     """
     with _usage_errors():
         run_apply(ApplyOptions(files, node, labels, root, proc_sys, output_format,
