@@ -17,9 +17,10 @@ from typing import Any, TypeAlias
 from sqlalchemy import Connection, Row, bindparam, select
 from sqlalchemy.orm import Session
 
+from divingbell.document.validate import ValidDocument
 from divingbell.fleet import rollout as logic
 from divingbell.fleet import states
-from divingbell.fleet.configdiff import Target, fleet_diff
+from divingbell.fleet.configdiff import Target, machine_diff, removals
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import (
     Machine,
@@ -324,29 +325,57 @@ def get(session: Session, rollout_id: int) -> RolloutRow:
     return row
 
 
+def _machines_with_served(session: Session
+                          ) -> list[tuple[Target, int | None, ValidDocument | None]]:
+    """Every machine not decommissioned, by name, with the revision it is served now and that
+    revision's document (None before the first push)."""
+    from divingbell.fleet import service
+
+    active = service.active_revision(session)
+    machines = list(session.scalars(select(Machine).where(
+        Machine.state != states.DECOMMISSIONED).order_by(Machine.hostname)))
+    documents: dict[int, ValidDocument] = {}
+    found = []
+    for machine in machines:
+        number = served_revision(session, machine.id, active)
+        if number is not None and number not in documents:
+            old = session.get(Revision, number)
+            if old is not None:
+                documents[number] = service.revision_document(old)
+        target = Target(machine.id, machine.hostname or machine.id, service.labels_of(machine))
+        found.append((target, number, documents.get(number) if number is not None else None))
+    found.sort(key=lambda item: item[0].name)
+    return found
+
+
 def plan(session: Session, revision_number: int) -> dict[str, Any]:
     """Per machine, how its effective configuration would change if `revision_number` became
-    current: the blast radius before anything moves."""
+    current, and what it would remove (restored or removed on the host) against what it
+    keeps: the blast radius before anything moves."""
     from divingbell.fleet import service
 
     new = session.get(Revision, revision_number)
     if new is None:
         raise not_found("revision", revision_number)
-    active = service.active_revision(session)
-    machines = list(session.scalars(select(Machine).where(
-        Machine.state != states.DECOMMISSIONED).order_by(Machine.hostname)))
     new_document = service.revision_document(new)
     diffs = []
-    by_revision: dict[int | None, list[Machine]] = {}
-    for machine in machines:
-        by_revision.setdefault(served_revision(session, machine.id, active), []).append(machine)
-    for number, group in by_revision.items():
-        old = session.get(Revision, number) if number is not None else None
-        old_document = service.revision_document(old) if old is not None else None
-        targets = [Target(m.id, m.hostname or m.id, service.labels_of(m)) for m in group]
-        for diff in fleet_diff(old_document, new_document, targets):
-            diffs.append({**diff.as_dict(), "from_revision": number})
-    diffs.sort(key=lambda d: d["name"])
+    for target, number, old_document in _machines_with_served(session):
+        diff = machine_diff(old_document, new_document, target)
+        diffs.append({**diff.as_dict(), "from_revision": number,
+                      "removals": removals(old_document, new_document, target).as_dict()})
     changed = [d for d in diffs if d["changed"]]
-    return {"revision": revision_number, "active": active, "machines": diffs,
-            "changed": len(changed), "unchanged": len(diffs) - len(changed)}
+    return {"revision": revision_number, "active": service.active_revision(session),
+            "machines": diffs, "changed": len(changed), "unchanged": len(diffs) - len(changed),
+            "exceeds_kept": [d["name"] for d in diffs if d["removals"]["exceeds_kept"]]}
+
+
+def removals_by_machine(session: Session, new_document: ValidDocument) -> list[dict[str, Any]]:
+    """The machines `new_document` would take something away from, each with what (per
+    module) against what it keeps, by name."""
+    found = []
+    for target, number, old_document in _machines_with_served(session):
+        removed = removals(old_document, new_document, target)
+        if removed.modules:
+            found.append({"id": target.id, "name": target.name, "from_revision": number,
+                          **removed.as_dict()})
+    return found
