@@ -15,7 +15,7 @@ from divingbell.fleet.client import FleetClient
 from divingbell.fleet.settings import FleetSettings
 from tests.conftest import Cli
 from tests.fleet.servers import ThreadServer, thread_server
-from tests.fleet.test_api import error_of, register
+from tests.fleet.test_api import error_of, facts, register
 from tests.fleet.test_rollouts_api import converge
 
 WORKERS = """\
@@ -150,3 +150,32 @@ def test_the_push_and_plan_commands_show_and_ask(cli: Cli, tmp_path: Path) -> No
         assert f"removes more than it keeps on 1 machine(s): {control}" in plan.stdout
         assert "  removed (the host restores or removes each):" in plan.stdout
         assert "2 removed, 1 kept  MORE THAN IT KEEPS" in plan.stdout
+
+
+def test_a_fleet_agent_refuses_a_configuration_that_fails_to_parse(
+        fleet: ThreadServer, tmp_path: Path, root: Path) -> None:
+    from divingbell.fleet.agent_source import build
+    from divingbell.host import Host
+    from tests.conftest import make_proc_sys
+
+    answer = fleet.bootstrap.discover(facts(1))
+    machine = answer["machine_id"]
+    fleet.admin.push_document(FULL.encode())
+    host = Host(root=root, proc_sys=make_proc_sys(tmp_path / "proc_sys", {
+        "net/ipv4/tcp_fin_timeout": "60", "vm/swappiness": "60", "net/core/somaxconn": "4096"}))
+    agent = build(fleet.url, answer["credential"], host, poll_interval=1, fetch_interval=0,
+                  report_interval=0, drift_interval=3600, backoff_max=60)
+    agent.tick()
+    assert agent.ready, agent.reason
+    assert host.proc_sys.joinpath("vm/swappiness").read_text().strip() == "10"
+    # The cached revision is damaged (a cut write, a service newer than this agent): the
+    # service still answers 304 for its ETag, and what is left does not parse.
+    agent.source.document.write_text("# divingbell revision 1\nconf:\n  sysctl: [\n")
+    agent.tick()
+    assert not agent.ready
+    assert host.proc_sys.joinpath("vm/swappiness").read_text().strip() == "10"
+    (report, *_) = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
+    assert report["state"] == "failed"
+    (failure,) = report["modules"]["engine"]["failures"]
+    assert failure.startswith("refusing an invalid document: not valid YAML")
+    assert failure.endswith("Nothing was changed on this host, which keeps what it has")

@@ -287,8 +287,17 @@ def check_image_option(ctx: click.Context, param: click.Parameter, value: str | 
 @click.option("--document-secret", metavar="NAME",
               help="Mount this existing Secret (one key per file name) instead of printing one. "
               "Give each document version a new name, or nodes cannot tell versions apart.")
+@click.option("--previous", "previous", multiple=True, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The document the nodes run now (repeat for several files): show on stderr "
+              "what the new one removes, per kind of node and per module. One that removes "
+              "more than it keeps on some node is refused (exit 1) unless --allow-removals.")
+@click.option("--allow-removals", is_flag=True,
+              help="With --previous: print the objects even if the new document removes more "
+              "than it keeps on some node.")
 def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
-              max_unavailable: str, document_secret: str | None) -> None:
+              max_unavailable: str, document_secret: str | None, previous: tuple[Path, ...],
+              allow_removals: bool) -> None:
     """Print the Kubernetes objects that run the agent on every node, as YAML.
 
     The document files are validated first and go into an immutable Secret named by their
@@ -305,7 +314,9 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
     """
     from divingbell.manifests import DEFAULT_IMAGE, build, parse_max_unavailable, to_yaml
 
-    _load_or_exit(files)
+    document = _load_or_exit(files)
+    if previous:
+        _show_removals(_load_or_exit(previous), document, allow_removals)
     try:
         limit = parse_max_unavailable(max_unavailable)
     except ValueError as exc:
@@ -337,6 +348,29 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
                 click.echo(f"note: {f}: {reason}, so the Secret shows it as one quoted "
                            "string; remove that for a readable block", err=True)
     click.echo(to_yaml(objects), nl=False)
+
+
+def _show_removals(previous: ValidDocument, document: ValidDocument, allowed: bool) -> None:
+    """What `document` removes against `previous`, per kind of node (host and label
+    overrides, any other node), on stderr; exit 1 when it removes more than it keeps on one
+    of them and that was not `allowed`."""
+    from divingbell.commands.fleet import removal_lines
+    from divingbell.fleet.configdiff import override_targets, removals
+
+    beyond = []
+    for target in override_targets(previous, document):
+        found = removals(previous, document, target)
+        if not found.modules:
+            continue
+        for line in removal_lines({"name": target.name, **found.as_dict()}):
+            click.echo(line, err=True)
+        if found.exceeds_kept:
+            beyond.append(target.name)
+    if beyond and not allowed:
+        click.echo(f"error: this document removes more than it keeps on {', '.join(beyond)}; "
+                   "nothing was printed. Check what it removes, then run again with "
+                   "--allow-removals", err=True)
+        sys.exit(console.EXIT_FAILED)
 
 
 @click.command(short_help="Print the document's JSON Schema, for editors and CI.")

@@ -234,3 +234,24 @@ def removals(old: ValidDocument | None, new: ValidDocument, target: Target) -> R
         if gone:
             result.modules[module] = sorted(gone)
     return result
+
+
+def override_targets(*documents: ValidDocument) -> list[Target]:
+    """Without a fleet, the kinds of node the documents tell apart: every host override's
+    node, one node per label override value, and any other node. What `divingbell manifests
+    --previous` compares when it cannot know the cluster's nodes."""
+    hosts: set[str] = set()
+    labels: set[tuple[str, str]] = set()
+    for document in documents:
+        for section in (document.raw_conf.get("overrides") or {}).values():
+            if not isinstance(section, dict):
+                continue
+            hosts |= {str(h.get("name")) for h in section.get("hosts") or []
+                      if isinstance(h, dict)}
+            for entry in section.get("labels") or []:
+                label = entry.get("label") if isinstance(entry, dict) else None
+                if isinstance(label, dict):
+                    labels |= {(str(label.get("key")), str(v)) for v in label.get("values") or []}
+    return ([Target(name, name, {}) for name in sorted(hosts)]
+            + [Target(f"{k}={v}", f"nodes labelled {k}={v}", {k: v}) for k, v in sorted(labels)]
+            + [Target("*", "any other node", {})])
