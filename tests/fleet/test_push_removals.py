@@ -67,9 +67,10 @@ def test_a_push_removing_more_than_it_keeps_needs_allow_removals(fleet: ThreadSe
     detail: dict[str, Any] = refused.detail
     assert detail["error"] == "removals-need-consent" and detail["field"] == "allow_removals"
     assert control in detail["message"] and "nothing was stored" in detail["message"]
-    (machine,) = detail["machines"]  # only the control plane: workers keep 4 of 6
-    assert machine["name"] == control and (machine["removed"], machine["kept"]) == (2, 1)
-    assert machine["modules"] == {"sysctl": {
+    (group,) = detail["removals"]  # only the control plane: workers keep 4 of 6
+    assert [m["name"] for m in group["machines"]] == [control]
+    assert (group["removed"], group["kept"], group["exceeds_kept"]) == (2, 1, True)
+    assert group["modules"] == {"sysctl": {
         "entries": ["net.core.somaxconn", "vm.swappiness"],
         "effect": "original values restored"}}
     assert [r["revision"] for r in fleet.admin.revisions()] == [1], "nothing stored"
@@ -77,11 +78,12 @@ def test_a_push_removing_more_than_it_keeps_needs_allow_removals(fleet: ThreadSe
 
     stored = fleet.admin.push_document(TRIMMED.encode(), "site.yaml", allow_removals=True)
     assert stored["revision"] == 2 and stored["created"]
-    by_name = {m["name"]: m for m in stored["removals"]}
-    assert set(by_name) == set(roles(fleet)), "every machine loses the two sysctls"
-    assert by_name[control]["exceeds_kept"]
-    assert [(m["removed"], m["kept"], m["exceeds_kept"]) for name, m in by_name.items()
-            if name != control] == [(2, 4, False)] * 2
+    # Grouped by what they lose and keep: the control plane first (it exceeds), the workers.
+    first, workers = stored["removals"]
+    assert [m["name"] for m in first["machines"]] == [control] and first["exceeds_kept"]
+    assert {m["name"] for m in workers["machines"]} == set(roles(fleet)) - {control}
+    assert (workers["removed"], workers["kept"], workers["exceeds_kept"]) == (2, 4, False)
+    assert workers["modules"] == first["modules"], "every machine loses the same two sysctls"
     (push,) = [e for e in fleet.admin.call("GET", "/v1/audit") if e["action"] == "push"
                and e["subject"] == "revision 2"]
     assert "removals allowed" in push["detail"] and control in push["detail"]
@@ -95,10 +97,13 @@ def test_removals_that_revert_nothing_or_stay_within_what_is_kept_need_no_consen
     one = FULL + "  exec:\n    010-only: {data: 'echo only'}\n"
     answer = fleet.admin.push_document(one.encode())
     assert answer["created"]
-    for machine in answer["removals"]:  # five scripts replaced by one: shown, not counted
-        assert machine["removed"] == 0 and not machine["exceeds_kept"]
-        assert machine["modules"]["exec"]["entries"] == [f"0{i}0-step" for i in range(1, 6)]
-        assert "reverts nothing" in machine["modules"]["exec"]["effect"]
+    # Five scripts replaced by one: shown, not counted (one group per role: they keep more
+    # or fewer sysctls).
+    assert sum(len(group["machines"]) for group in answer["removals"]) == 2
+    for group in answer["removals"]:
+        assert group["removed"] == 0 and not group["exceeds_kept"]
+        assert group["modules"]["exec"]["entries"] == [f"0{i}0-step" for i in range(1, 6)]
+        assert "reverts nothing" in group["modules"]["exec"]["effect"]
     # The same text again: nothing new, nothing to consent to.
     assert fleet.admin.push_document(one.encode()) == {"revision": 2, "created": False}
 
@@ -137,12 +142,15 @@ def test_the_push_and_plan_commands_show_and_ask(cli: Cli, tmp_path: Path) -> No
         assert ("    sysctl: original values restored: net.core.somaxconn, vm.swappiness"
                 in refused.stderr)
         as_json = fleet("document", "push", document, "--format", "json")
-        assert json.loads(as_json.stdout)["detail"]["machines"][0]["name"] == control
+        assert json.loads(as_json.stdout)["detail"]["removals"][0]["machines"][0]["name"] == (
+            control)
 
         pushed = fleet("document", "push", document, "--allow-removals")
         assert pushed.returncode == 0, pushed.stderr
         assert pushed.stdout.startswith("revision 2 stored and active\n")
-        assert pushed.stdout.count("removes 2, keeps") == 3
+        workers = ", ".join(sorted(set(roles(server)) - {control}))
+        assert f"- {workers}: removes 2, keeps 4\n" in pushed.stdout
+        assert f"- {control}: removes 2, keeps 1  MORE THAN IT KEEPS\n" in pushed.stdout
 
         server.admin.activate(1)
         plan = fleet("rollout", "plan", "2")

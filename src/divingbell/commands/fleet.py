@@ -460,8 +460,8 @@ def document_push(server: str, token_file: Path | None, ca_file: str | None, fil
             _echo_json({"error": exc.status, "detail": exc.detail})
             sys.exit(2)
         if isinstance(exc.detail, dict) and exc.detail.get("error") == "removals-need-consent":
-            for machine in exc.detail.get("machines", []):
-                for line in removal_lines(machine):
+            for group in exc.detail.get("removals", []):
+                for line in removal_lines(group):
                     click.echo(line, err=True)
         _fail(exc)
     if output_format == "json":
@@ -471,20 +471,20 @@ def document_push(server: str, token_file: Path | None, ca_file: str | None, fil
         click.echo(f"revision {data['revision']} stored and active")
     else:
         click.echo(f"unchanged: revision {data['revision']} already has this text")
-    for machine in data.get("removals", []):
-        for line in removal_lines(machine):
+    for group in data.get("removals", []):
+        for line in removal_lines(group):
             click.echo(line)
 
 
-def removal_lines(machine: dict[str, Any]) -> list[str]:
-    """What a revision removes on one machine (the `removals` of the push answer and of
-    `rollout plan`), per module, for people."""
-    name = machine.get("name", "?")
-    ident = f" ({machine['id']})" if machine.get("id") and machine.get("id") != name else ""
-    flag = "  MORE THAN IT KEEPS" if machine.get("exceeds_kept") else ""
-    lines = [f"- {name}{ident}: removes {machine.get('removed', 0)}, keeps "
-             f"{machine.get('kept', 0)}{flag}"]
-    for module, found in (machine.get("modules") or {}).items():
+def removal_lines(group: dict[str, Any]) -> list[str]:
+    """What a revision removes on a group of machines (the `removals` of a push answer or
+    refusal) or on one (`name`: a machine in `rollout plan`, a kind of node in `manifests`),
+    per module, for people."""
+    names = [m["name"] for m in group.get("machines", [])] or [group.get("name", "?")]
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    flag = "  MORE THAN IT KEEPS" if group.get("exceeds_kept") else ""
+    lines = [f"- {shown}: removes {group.get('removed', 0)}, keeps {group.get('kept', 0)}{flag}"]
+    for module, found in (group.get("modules") or {}).items():
         lines.append(f"    {module}: {found.get('effect')}: {', '.join(found.get('entries', []))}")
     return lines
 

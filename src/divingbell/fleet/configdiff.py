@@ -236,10 +236,8 @@ def removals(old: ValidDocument | None, new: ValidDocument, target: Target) -> R
     return result
 
 
-def override_targets(*documents: ValidDocument) -> list[Target]:
-    """Without a fleet, the kinds of node the documents tell apart: every host override's
-    node, one node per label override value, and any other node. What `divingbell manifests
-    --previous` compares when it cannot know the cluster's nodes."""
+def override_names(*documents: ValidDocument) -> tuple[set[str], set[tuple[str, str]]]:
+    """The host names and the (label key, value) pairs the documents' overrides select on."""
     hosts: set[str] = set()
     labels: set[tuple[str, str]] = set()
     for document in documents:
@@ -252,6 +250,14 @@ def override_targets(*documents: ValidDocument) -> list[Target]:
                 label = entry.get("label") if isinstance(entry, dict) else None
                 if isinstance(label, dict):
                     labels |= {(str(label.get("key")), str(v)) for v in label.get("values") or []}
+    return hosts, labels
+
+
+def override_targets(*documents: ValidDocument) -> list[Target]:
+    """Without a fleet, the kinds of node the documents tell apart: every host override's
+    node, one node per label override value, and any other node. What `divingbell manifests
+    --previous` compares when it cannot know the cluster's nodes."""
+    hosts, labels = override_names(*documents)
     return ([Target(name, name, {}) for name in sorted(hosts)]
             + [Target(f"{k}={v}", f"nodes labelled {k}={v}", {k: v}) for k, v in sorted(labels)]
             + [Target("*", "any other node", {})])

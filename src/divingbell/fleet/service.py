@@ -481,7 +481,7 @@ def active_revision(session: Session | Connection) -> int | None:
 def push_document(session: Session, data: bytes, name: str, who: str, *,
                   allow_removals: bool = False) -> tuple[int, bool, list[dict[str, Any]]]:
     """Validate exactly as `divingbell validate` does and store a new revision (made active).
-    Returns (revision, created, what it removes per machine); pushing the active document's
+    Returns (revision, created, what it removes, machines grouped); pushing the active document's
     exact text again creates nothing. A revision that removes more than it keeps on some
     machine is refused (409, naming them) unless `allow_removals`."""
     try:
@@ -502,20 +502,23 @@ def push_document(session: Session, data: bytes, name: str, who: str, *,
         if current is not None and current.digest == digest:
             return active, False, []
     removed = rollouts.removals_by_machine(session, document)
-    beyond = [m["name"] for m in removed if m["exceeds_kept"]]
+    beyond = sorted(m["name"] for group in removed if group["exceeds_kept"]
+                    for m in group["machines"])
+    named = ", ".join(beyond[:20]) + (f" and {len(beyond) - 20} more" if len(beyond) > 20
+                                      else "")
     if beyond and not allow_removals:
         raise ApiError(409, {
             "error": "removals-need-consent", "field": "allow_removals",
             "message": f"this revision removes more than it keeps on {len(beyond)} machine(s): "
-                       f"{', '.join(beyond)}; nothing was stored. Check what it removes, then "
-                       "push again with --allow-removals (allow_removals=true)",
-            "machines": [m for m in removed if m["exceeds_kept"]]})
+                       f"{named}; nothing was stored. Check what it removes, then push again "
+                       "with --allow-removals (allow_removals=true)",
+            "removals": [group for group in removed if group["exceeds_kept"]]})
     number = (session.scalar(select(func.max(Revision.number))) or 0) + 1
     session.add(Revision(number=number, source_name=name, text=text, digest=digest,
                          created_at=utcnow(), created_by=who))
     set_active(session, number)
-    consent = (f"; removals allowed: removes more than it keeps on {', '.join(beyond)}"
-               if beyond else "")
+    consent = (f"; removals allowed: removes more than it keeps on {len(beyond)} "
+               f"machine(s): {named}" if beyond else "")
     audit(session, who, "push", f"revision {number}",
           f"{name} sha256:{digest[:12]}{consent}")
     session.flush()
