@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from divingbell.document.api import allows_mass_removal, load_document, node_config, revision
+from divingbell.document.api import load_document, node_config, revision
 from divingbell.engine.runner import ApplyReport, apply_node, plan_node
 from divingbell.errors import DivingbellError, DocumentError
 from divingbell.host import Host
@@ -71,6 +71,26 @@ class AgentSettings:
     # own bounds (script timeouts, lock waits) plus `stuck_margin`.
     converge_timeout: float | None = None
     stuck_margin: float = 1800.0
+
+
+NOTHING_CHANGED = "Nothing was changed on this host, which keeps what it has"
+
+
+def refusal(error: DocumentError) -> tuple[str, str]:
+    """(event reason, message) for a document the agent will not converge. An unattended
+    agent restores whatever a whole document leaves out, so it refuses only what is evidently
+    not one: no `conf:` (an empty or cut file), or a document that does not parse or validate
+    (a fleet revision among them)."""
+    from divingbell.document.validate import is_missing_conf
+
+    if is_missing_conf(error):
+        return ("IncompleteDocument",
+                "refusing the document: it has no `conf:`, as an empty or truncated file "
+                "would (a document that means \"nothing on this node\" says `conf: {}`). "
+                f"{NOTHING_CHANGED}")
+    problems = "; ".join(str(p) for p in error.problems[:3]) + (
+        f" (+{len(error.problems) - 3} more)" if len(error.problems) > 3 else "")
+    return "InvalidDocument", f"refusing an invalid document: {problems}. {NOTHING_CHANGED}"
 
 
 def configure_logging(level: str) -> None:
@@ -299,8 +319,12 @@ class Agent:
         found = document_digest(contents)
         if found == expected:
             return True
-        self._set(DEGRADED, f"the mounted document (digest {found}) is not the one this pod "
-                  f"was made for ({expected}); waiting for the right one", ready=False)
+        message = (f"refusing the mounted document: its digest {found} is not the one this "
+                   f"pod was made for ({expected}), so it is not the whole document meant "
+                   "for this node. Nothing was changed on this host; waiting for the right one")
+        if self.reason != message:
+            log.error("%s", message)
+        self._set(DEGRADED, message, ready=False)
         return False
 
     def _load(self) -> ValidDocument | DocumentError:
@@ -328,11 +352,8 @@ class Agent:
         started = time.perf_counter()
         document = self._load()
         if isinstance(document, DocumentError):
-            exc = document
             self.metrics.failures.labels("document").inc()
-            self._fail(target, now, "InvalidDocument",
-                       f"invalid document: {'; '.join(str(p) for p in exc.problems[:3])}"
-                       + (f" (+{len(exc.problems) - 3} more)" if len(exc.problems) > 3 else ""))
+            self._fail(target, now, *refusal(document))
             return
         rev = revision(document)
         self.revision = rev
@@ -343,8 +364,7 @@ class Agent:
                       converge_budget(config, self.settings))
         try:
             report = apply_node(self.settings.host, config, rev,
-                                lock_timeout=self.settings.lock_timeout, removal_guard=True,
-                                allow_mass_removal=allows_mass_removal(document))
+                                lock_timeout=self.settings.lock_timeout)
         except DivingbellError as exc:
             self.metrics.failures.labels("engine").inc()
             self._fail(target, now, "ConvergeFailed", str(exc))

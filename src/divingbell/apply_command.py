@@ -161,9 +161,7 @@ def run_apply(options: ApplyOptions) -> NoReturn:
     try:
         report = console.guarded(lambda: apply_node(
             console.host(options.root, options.proc_sys), config, resolved.revision,
-            lock_timeout=options.lock_timeout, listener=progress, adopt=options.adopt,
-            removal_guard=True,
-            allow_mass_removal=options.allow_empty or resolved.allow_mass_removal),
+            lock_timeout=options.lock_timeout, listener=progress, adopt=options.adopt),
             output_format, config.node)
     except LockTimeout as exc:
         console.fail(f"{exc} Nothing was changed (--lock-timeout waits longer).",

@@ -1,5 +1,6 @@
-"""An empty or truncated document never rolls a node back (section 6), and the lock-out guard
-sees every way into the host: the whole sudoers tree, groups, passwords (section 7)."""
+"""A file without `conf:` never rolls a node back, while a whole document is applied however
+much it removes (section 6, issue 23), and the lock-out guard sees every way into the host:
+the whole sudoers tree, groups, passwords (section 7)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.api import allows_mass_removal
 from divingbell.document.loader import load_text
 from divingbell.document.validate import resolve, validate
-from divingbell.engine.runner import ApplyReport, MassRemoval, apply_node
+from divingbell.engine.runner import ApplyReport, apply_node
 from divingbell.host import Host
 from divingbell.modules.sudoers import parse_tree
 from tests.conftest import Cli, make_proc_sys, write
@@ -23,46 +23,60 @@ HASH = ("$6$salt$IxDD3jeSOb5eB1CX5LBsqZFVkJdido3OUILO5Ifz5iwMuTS4XMS130MTSuDDl3a
         "elDCy.g.")
 
 
-def guarded(host: Host, text: str) -> ApplyReport:
-    document = validate(load_text(text))
-    return apply_node(host, resolve(document, "n1", {}), "r", lock_timeout=1,
-                      removal_guard=True, allow_mass_removal=allows_mass_removal(document))
+def converge(host: Host, text: str) -> ApplyReport:
+    return apply_node(host, resolve(validate(load_text(text)), "n1", {}), "r", lock_timeout=1)
 
 
-def test_a_document_that_removes_more_than_it_keeps_is_refused(scratch_host: Host) -> None:
-    assert guarded(scratch_host, THREE).ok
-    with pytest.raises(MassRemoval, match="remove 4 thing"):
-        guarded(scratch_host, "conf:\n  limits: {}\n")
-    # Removing one of three is ordinary.
-    assert guarded(scratch_host, "conf:\n  sysctl:\n    vm.swappiness: 10\n"
-                   "    net.core.somaxconn: 1024\n").ok
-    assert guarded(scratch_host, "allow_mass_removal: true\nconf:\n  limits: {}\n").ok
-
-
-def test_conf_braces_is_an_explicit_empty_document(scratch_host: Host) -> None:
-    assert guarded(scratch_host, THREE).ok
-    assert guarded(scratch_host, "conf: {}\n").ok
+def test_a_document_that_removes_more_than_it_keeps_is_applied(scratch_host: Host) -> None:
+    assert converge(scratch_host, THREE).ok
+    report = converge(scratch_host, "conf:\n  limits: {}\n")
+    assert report.ok and sum(c.action == "restore" for c in report.applied) == 3
     assert (scratch_host.proc_sys / "vm/swappiness").read_text().strip() == "60"
 
 
-def test_the_cli_refuses_an_empty_file_unless_allow_empty(scratch_host: Host, cli: Cli,
-                                                          tmp_path: Path) -> None:
+def test_conf_braces_is_an_explicit_empty_document(scratch_host: Host) -> None:
+    assert converge(scratch_host, THREE).ok
+    assert converge(scratch_host, "conf: {}\n").ok
+    assert (scratch_host.proc_sys / "vm/swappiness").read_text().strip() == "60"
+
+
+def test_allow_mass_removal_still_validates_with_a_note() -> None:
+    document = validate(load_text("allow_mass_removal: true\nconf: {}\n", "site.yaml"))
+    (note,) = document.notes
+    assert note.startswith("allow_mass_removal no longer does anything")
+    assert "--allow-removals" in note and "site.yaml:1" in note
+
+
+def test_the_cli_refuses_only_a_file_without_conf(scratch_host: Host, cli: Cli,
+                                                  tmp_path: Path) -> None:
     args = ("--root", scratch_host.root, "--proc-sys", scratch_host.proc_sys, "--node", "n1")
     assert cli("apply", *args, write(tmp_path / "three.yaml", THREE)).returncode == 0
     empty = write(tmp_path / "empty.yaml", "")
     refused = cli("apply", *args, empty)
     assert refused.returncode == 2 and "no `conf:`" in refused.stderr
-    truncated = cli("apply", *args, write(tmp_path / "cut.yaml", "conf:\n  sysctl:\n"))
-    assert truncated.returncode == 1 and "refusing to apply" in truncated.stderr
     assert (scratch_host.proc_sys / "vm/swappiness").read_text().strip() == "10"
-    planned = cli("plan", *args, tmp_path / "cut.yaml")
-    assert planned.returncode == 1 and "apply would refuse this plan" in planned.stderr
+    # An operator at the keyboard sees the plan and gets what the document says.
+    one = write(tmp_path / "one.yaml", "conf:\n  sysctl:\n    vm.swappiness: 10\n")
+    planned = cli("plan", *args, one)
+    assert planned.returncode == 0 and planned.stderr == "", planned.stderr
+    assert "net.core.somaxconn" in planned.stdout and "4096" in planned.stdout
+    done = cli("apply", *args, one)
+    assert done.returncode == 0, done.stderr
+    assert (scratch_host.proc_sys / "net/core/somaxconn").read_text().strip() == "4096"
     done = cli("apply", *args, "--allow-empty", empty)
     assert done.returncode == 0, done.stderr
     assert (scratch_host.proc_sys / "vm/swappiness").read_text().strip() == "60"
 
 
-def test_the_agent_refuses_too(tmp_path: Path, root: Path) -> None:
+@pytest.mark.parametrize(("text", "reason", "says"), [
+    ("", "IncompleteDocument", "it has no `conf:`"),
+    ("# only a comment: the rest was cut\n", "IncompleteDocument", "it has no `conf:`"),
+    ("drift: report\n", "IncompleteDocument", "it has no `conf:`"),
+    ("conf:\n  sysctl:\n    vm.swappiness: [1\n", "InvalidDocument", "refusing an invalid"),
+])
+def test_the_agent_refuses_what_is_evidently_not_a_whole_document(
+        tmp_path: Path, root: Path, caplog: pytest.LogCaptureFixture, text: str, reason: str,
+        says: str) -> None:
     from divingbell.agent import Agent, AgentSettings
 
     host = Host(root=root, proc_sys=make_proc_sys(tmp_path / "ps", {
@@ -70,15 +84,22 @@ def test_the_agent_refuses_too(tmp_path: Path, root: Path) -> None:
     doc = write(tmp_path / "doc.yaml", THREE)
     # Driven through its loop as in production. A pinned agent (the DaemonSet's default) never
     # reads a changed file at all; one that follows changes (the systemd unit, an operator's
-    # own mutable Secret) reads the truncated file and must refuse it.
+    # own mutable Secret) reads the broken file and must refuse it.
     agent = Agent(AgentSettings(documents=[doc], node="n1", host=host,
                                 follow_document_changes=True), None)
     agent.tick()
     assert agent.ready and (host.proc_sys / "vm/swappiness").read_text().strip() == "10"
-    doc.write_text("conf:\n  sysctl:\n")  # a truncated ConfigMap
+    doc.write_text(text)
     agent.tick()
     assert (host.proc_sys / "vm/swappiness").read_text().strip() == "10"
-    assert not agent.ready and "remove" in agent.reason, agent.reason
+    assert not agent.ready and says in agent.reason, agent.reason
+    assert "Nothing was changed on this host" in agent.reason
+    assert f"{reason}: refusing" in caplog.text, "the agent's log says why"
+    # A whole document that removes everything but one setting is converged.
+    doc.write_text("conf:\n  sysctl:\n    vm.swappiness: 10\n")
+    agent.tick()
+    assert agent.ready, agent.reason
+    assert (host.proc_sys / "net/core/somaxconn").read_text().strip() == "4096"
 
 
 # The lock-out guard ---------------------------------------------------------------------------

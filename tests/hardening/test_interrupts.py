@@ -126,7 +126,7 @@ def test_a_user_created_just_before_a_kill_is_known_to_the_journal(debian_host: 
                             text=True, check=False)
     assert killed.returncode == -9, killed.stdout + killed.stderr
     assert "crashy:" in (root / "etc/passwd").read_text()
-    purge = write(tmp_path / "purge.yaml", "allow_mass_removal: true\nconf:\n  uamlite:\n    purge_expired_users: true\n"
+    purge = write(tmp_path / "purge.yaml", "conf:\n  uamlite:\n    purge_expired_users: true\n"
                   "    users: []\n")
     done = subprocess.run([sys.executable, "-m", "divingbell", "apply", "--root", str(root),
                            "--node", "n1", str(purge)], capture_output=True, text=True,

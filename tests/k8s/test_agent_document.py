@@ -113,6 +113,7 @@ def test_the_agent_refuses_a_document_its_pod_was_not_made_for(
     agent.tick()
     assert not agent.ready and live(scratch_host, "net.ipv4.ip_forward") == "0"
     assert f"is not the one this pod was made for ({expected})" in agent.reason
+    assert agent.reason.startswith("refusing") and "Nothing was changed" in agent.reason
     volume.publish(DOC.replace(": 1", ": 0"))  # the kubelet catches up
     clock.now += 2
     agent.tick()

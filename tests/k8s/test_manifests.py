@@ -300,3 +300,40 @@ def test_a_document_too_large_for_a_secret_or_for_client_side_apply_is_named(
     run = manifests(huge)
     assert run.returncode == 2 and run.stdout == ""
     assert f"{huge.stat().st_size} bytes" in run.stderr and "at most 1048576" in run.stderr
+
+
+def test_against_the_previous_document_removals_are_shown_and_need_consent(
+        tmp_path: Path) -> None:
+    previous = tmp_path / "old" / "site.yaml"
+    previous.parent.mkdir()
+    previous.write_text("conf:\n  sysctl:\n    net.ipv4.ip_forward: 1\n    vm.swappiness: 10\n"
+                        "  overrides:\n    divingbell_sysctl:\n      hosts:\n"
+                        "        - name: big1\n          conf:\n            sysctl:\n"
+                        "              net.core.somaxconn: 1024\n"
+                        "              fs.file-max: 99999\n")
+    new = tmp_path / "site.yaml"
+    new.write_text(previous.read_text().replace("    vm.swappiness: 10\n", "")
+                   .replace("    net.ipv4.ip_forward: 1\n", "    net.ipv4.ip_forward: 1\n"
+                            "    kernel.panic: 5\n"))
+
+    def manifests(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "divingbell", "manifests", *map(str, args)],
+                              capture_output=True, text=True, check=False)
+
+    # One of two leaves: kept 2 on other nodes, 4 on big1. Shown; no consent needed.
+    shown = manifests(new, "--previous", previous)
+    assert shown.returncode == 0, shown.stderr
+    assert "- big1: removes 1, keeps 4" in shown.stderr
+    assert "- any other node: removes 1, keeps 2" in shown.stderr
+    assert "    sysctl: original values restored: vm.swappiness" in shown.stderr
+    assert kind(list(yaml.safe_load_all(shown.stdout)), "DaemonSet")
+
+    new.write_text("conf:\n  sysctl:\n    kernel.panic: 5\n")  # the override leaves too
+    refused = manifests(new, "--previous", previous)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "- big1: removes 4, keeps 1  MORE THAN IT KEEPS" in refused.stderr
+    assert ("removes more than it keeps on big1, any other node; nothing was printed"
+            in refused.stderr)
+    allowed = manifests(new, "--previous", previous, "--allow-removals")
+    assert allowed.returncode == 0 and kind(list(yaml.safe_load_all(allowed.stdout)),
+                                            "DaemonSet")

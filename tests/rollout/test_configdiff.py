@@ -144,3 +144,53 @@ def test_a_hidden_change_the_shapes_cannot_place_is_still_a_change() -> None:
     assert module_diff("exec", shown, shown, {"env": "a"}, {"env": "b"}) == [
         "exec: (sensitive, changed)"]
     assert module_diff("exec", shown, shown, {"env": "a"}, {"env": "a"}) == []
+
+
+# What leaves a machine (issue 23): one case per module, through the real validator ---------
+
+REMOVAL_CASES = {
+    "sysctl: {} restores three originals": (
+        "  sysctl: {a.b: 1, c.d: 2, e.f: 3}\n", "  sysctl: {}\n",
+        {"sysctl": ["a.b", "c.d", "e.f"]}, 3, 0),
+    "one mount of three leaves": (
+        "  mounts:\n" + "".join(f"    m{i}: {{mnt_tgt: /mnt/m{i}, device: tmpfs, type: tmpfs}}\n"
+                                for i in range(3)),
+        "  mounts:\n    m0: {mnt_tgt: /mnt/m0, device: tmpfs, type: tmpfs}\n",
+        {"mounts": ["m1", "m2"]}, 2, 1),
+    "the only perm entry dropped from a full document": (
+        "  perm:\n    paths: [{path: /etc/shadow, owner: root, group: shadow, "
+        "permissions: '0640'}]\n  sysctl: {a.b: 1}\n",
+        "  sysctl: {a.b: 1}\n", {"perm": ["path /etc/shadow"]}, 1, 1),
+    "a user leaves and expired users are purged": (
+        "  uamlite:\n    users: [{user_name: ops}, {user_name: dev}]\n",
+        "  uamlite:\n    purge_expired_users: true\n    users: [{user_name: ops}]\n",
+        {"uamlite": ["purge_expired_users (expired accounts and their homes are deleted)",
+                     "user dev"]}, 2, 1),
+    "a package and a repository leave": (
+        "  apt:\n    packages: [{name: pkg-a}, {name: pkg-b}]\n    repositories:\n"
+        "      r: {url: 'http://x/', distributions: [d], components: [main]}\n",
+        "  apt:\n    packages: [{name: pkg-a}]\n",
+        {"apt": ["package pkg-b", "repository r"]}, 2, 1),
+    "NIC settings, nested ones by name": (
+        "  ethtool:\n    eth0: {tx-checksumming: 'off', ring: {rx: 512}}\n",
+        "  ethtool:\n    eth0: {ring: {rx: 512}}\n",
+        {"ethtool": ["eth0 tx-checksumming"]}, 1, 1),
+    "five exec scripts replaced by one: shown, not counted": (
+        "  exec:\n" + "".join(f"    s{i}: {{data: x}}\n" for i in range(5)),
+        "  exec:\n    t: {data: x}\n",
+        {"exec": ["s0", "s1", "s2", "s3", "s4"]}, 0, 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REMOVAL_CASES))
+def test_removals_name_what_leaves_each_module(tmp_path, case):
+    from divingbell.fleet.configdiff import removals
+
+    before, after, modules, removed, kept = REMOVAL_CASES[case]
+    old = doc(tmp_path, "old.yaml", "conf:\n" + before)
+    new = doc(tmp_path, "new.yaml", "conf:\n" + after)
+    found = removals(old, new, Target("a", "n1", {}))
+    assert found.modules == modules
+    assert (found.removed, found.kept) == (removed, kept)
+    assert found.exceeds_kept == (removed > kept)
+    assert not removals(None, old, Target("a", "n1", {})).exceeds_kept, "a first push"

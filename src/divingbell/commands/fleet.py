@@ -434,26 +434,59 @@ def document() -> None:
 @document.command("push")
 @_api_options
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--allow-removals", is_flag=True,
+              help="Consent to a revision that removes more than it keeps on some machine "
+              "(recorded in the audit log). Without it such a push is refused, naming them.")
 @_format_option
 def document_push(server: str, token_file: Path | None, ca_file: str | None, file: Path,
-                  output_format: str) -> None:
+                  allow_removals: bool, output_format: str) -> None:
     """Validate FILE on the service (exactly as `divingbell validate`) and store it as the
-    new revision. A rejected document changes nothing; its problems are printed."""
+    new revision. A rejected document changes nothing; its problems are printed.
+
+    Shows, per machine and per module, what the revision removes from the configuration the
+    machine is served now: the host restores each (original sysctls, owners and modes, NIC
+    settings) or removes it (mounts, packages, limits files; accounts are expired). A
+    revision that removes more than it keeps on some machine is refused, nothing stored,
+    listing those machines and what it removes: check it (`divingbell fleet rollout plan`
+    shows the full diff of a stored revision), then push again with --allow-removals.
+    """
     try:
-        data = _client(server, token_file, ca_file).push_document(file.read_bytes(), file.name)
+        data = _client(server, token_file, ca_file).push_document(
+            file.read_bytes(), file.name, allow_removals=allow_removals)
     except FleetApiError as exc:
         # Unlike the other commands, a rejected push answers in JSON under --format json:
         # scripts read the document's problems from it.
         if output_format == "json":
             _echo_json({"error": exc.status, "detail": exc.detail})
             sys.exit(2)
+        if isinstance(exc.detail, dict) and exc.detail.get("error") == "removals-need-consent":
+            for group in exc.detail.get("removals", []):
+                for line in removal_lines(group):
+                    click.echo(line, err=True)
         _fail(exc)
     if output_format == "json":
         _echo_json(data)
-    elif data.get("created", True):
+        return
+    if data.get("created", True):
         click.echo(f"revision {data['revision']} stored and active")
     else:
         click.echo(f"unchanged: revision {data['revision']} already has this text")
+    for group in data.get("removals", []):
+        for line in removal_lines(group):
+            click.echo(line)
+
+
+def removal_lines(group: dict[str, Any]) -> list[str]:
+    """What a revision removes on a group of machines (the `removals` of a push answer or
+    refusal) or on one (`name`: a machine in `rollout plan`, a kind of node in `manifests`),
+    per module, for people."""
+    names = [m["name"] for m in group.get("machines", [])] or [group.get("name", "?")]
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    flag = "  MORE THAN IT KEEPS" if group.get("exceeds_kept") else ""
+    lines = [f"- {shown}: removes {group.get('removed', 0)}, keeps {group.get('kept', 0)}{flag}"]
+    for module, found in (group.get("modules") or {}).items():
+        lines.append(f"    {module}: {found.get('effect')}: {', '.join(found.get('entries', []))}")
+    return lines
 
 
 @fleet.command()

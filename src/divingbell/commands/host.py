@@ -147,7 +147,7 @@ def plan(
     Each change shows the value before and after. Exits 1 if some module cannot be applied,
     2 if the document is invalid (with --detailed-exitcode: 0 / 2 / 1, see below).
     """
-    from divingbell.engine.runner import MassRemoval, check_mass_removal, plan_node
+    from divingbell.engine.runner import plan_node
     from divingbell.output import plan_text
 
     invalid_exit = console.EXIT_FAILED if detailed_exitcode else console.EXIT_INVALID
@@ -156,19 +156,11 @@ def plan(
         _warn_live_kernel(root, proc_sys, output_format)
     result = console.guarded(lambda: plan_node(console.host(root, proc_sys), resolved.config),
                              output_format, resolved.config.node)
-    refusal = None
-    try:
-        check_mass_removal(result, resolved.allow_mass_removal)
-    except MassRemoval as exc:
-        refusal = str(exc).replace("refusing to apply", "apply would refuse this plan")
     if output_format == "json":
-        console.print_json({**_plan_json(result, resolved.revision, resolved.notes, diff),
-                     "refused": refusal})
+        console.print_json(_plan_json(result, resolved.revision, resolved.notes, diff))
     else:
         click.echo(plan_text(result, verbose=verbose, diff=diff))
-        if refusal:
-            click.echo(f"warning: {refusal}", err=True)
-    if result.errors or refusal:
+    if result.errors:
         sys.exit(console.EXIT_FAILED)
     if detailed_exitcode and any(c.changes_host for c in result.changes):
         sys.exit(console.EXIT_CHANGES)
@@ -183,8 +175,8 @@ def plan(
 @click.option("--lock-timeout", type=float, default=10.0, show_default=True, metavar="SECONDS",
               help="How long to wait for another divingbell run on this host to finish.")
 @click.option("--allow-empty", is_flag=True,
-              help="Accept a document without `conf:` (an empty file) and a plan that removes "
-              "more than it keeps: divingbell restores every original it holds.")
+              help="Accept a document without `conf:` (an empty file) as \"nothing on this "
+              "node\": divingbell restores every original it holds.")
 @click.option("--adopt", is_flag=True,
               help="The journal is gone but divingbell's own files are on the host: start a "
               "fresh journal that owns them (see docs/hardening.md).")
@@ -195,11 +187,11 @@ def apply(
     """Converge this host to the document, printing each change as it is made.
 
     Settings that left the document get their original values back. If a module fails
-    midway, what this run changed in that module is rolled back. A document that would
-    remove more than it keeps is refused unless it says `allow_mass_removal: true` (or
-    --allow-empty). SIGTERM or Ctrl-C stops between two changes, records what was done and
-    exits 130/143. Exits 0 when the host matches the document, 1 on failure, 2 for an
-    invalid document, 3 if another run holds the lock.
+    midway, what this run changed in that module is rolled back. You get what the document
+    says, however much it removes (`divingbell plan` shows it first); only a file without
+    `conf:` is refused unless --allow-empty. SIGTERM or Ctrl-C stops between two changes,
+    records what was done and exits 130/143. Exits 0 when the host matches the document, 1 on
+    failure, 2 for an invalid document, 3 if another run holds the lock.
     """
     with _usage_errors():
         run_apply(ApplyOptions(files, node, labels, root, proc_sys, output_format,
@@ -295,8 +287,17 @@ def check_image_option(ctx: click.Context, param: click.Parameter, value: str | 
 @click.option("--document-secret", metavar="NAME",
               help="Mount this existing Secret (one key per file name) instead of printing one. "
               "Give each document version a new name, or nodes cannot tell versions apart.")
+@click.option("--previous", "previous", multiple=True, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The document the nodes run now (repeat for several files): show on stderr "
+              "what the new one removes, per kind of node and per module. One that removes "
+              "more than it keeps on some node is refused (exit 1) unless --allow-removals.")
+@click.option("--allow-removals", is_flag=True,
+              help="With --previous: print the objects even if the new document removes more "
+              "than it keeps on some node.")
 def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
-              max_unavailable: str, document_secret: str | None) -> None:
+              max_unavailable: str, document_secret: str | None, previous: tuple[Path, ...],
+              allow_removals: bool) -> None:
     """Print the Kubernetes objects that run the agent on every node, as YAML.
 
     The document files are validated first and go into an immutable Secret named by their
@@ -313,7 +314,9 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
     """
     from divingbell.manifests import DEFAULT_IMAGE, build, parse_max_unavailable, to_yaml
 
-    _load_or_exit(files)
+    document = _load_or_exit(files)
+    if previous:
+        _show_removals(_load_or_exit(previous), document, allow_removals)
     try:
         limit = parse_max_unavailable(max_unavailable)
     except ValueError as exc:
@@ -345,6 +348,29 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
                 click.echo(f"note: {f}: {reason}, so the Secret shows it as one quoted "
                            "string; remove that for a readable block", err=True)
     click.echo(to_yaml(objects), nl=False)
+
+
+def _show_removals(previous: ValidDocument, document: ValidDocument, allowed: bool) -> None:
+    """What `document` removes against `previous`, per kind of node (host and label
+    overrides, any other node), on stderr; exit 1 when it removes more than it keeps on one
+    of them and that was not `allowed`."""
+    from divingbell.commands.fleet import removal_lines
+    from divingbell.fleet.configdiff import override_targets, removals
+
+    beyond = []
+    for target in override_targets(previous, document):
+        found = removals(previous, document, target)
+        if not found.modules:
+            continue
+        for line in removal_lines({"name": target.name, **found.as_dict()}):
+            click.echo(line, err=True)
+        if found.exceeds_kept:
+            beyond.append(target.name)
+    if beyond and not allowed:
+        click.echo(f"error: this document removes more than it keeps on {', '.join(beyond)}; "
+                   "nothing was printed. Check what it removes, then run again with "
+                   "--allow-removals", err=True)
+        sys.exit(console.EXIT_FAILED)
 
 
 @click.command(short_help="Print the document's JSON Schema, for editors and CI.")

@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from divingbell.commands.fleet import _api_options, _call, _client, _echo_json, _format_option
+from divingbell.commands.fleet import (
+    _api_options,
+    _call,
+    _client,
+    _echo_json,
+    _format_option,
+    removal_lines,
+)
 
 
 @click.group()
@@ -122,13 +129,17 @@ def abort(server: str, token_file: Path | None, ca_file: str | None, rollback: b
 def plan(server: str, token_file: Path | None, ca_file: str | None, revision: int,
          show_all: bool, output_format: str) -> None:
     """Before a rollout: how REVISION would change each machine's effective configuration,
-    module by module, and which machines would not change at all."""
+    module by module, what it removes there (the host restores or removes each) against
+    what it keeps, and which machines would not change at all."""
     data = _call(_client(server, token_file, ca_file).call, "GET", f"/v1/rollouts/plan/{revision}")
     if output_format == "json":
         _echo_json(data)
         return
     click.echo(f"revision {revision}: {data['changed']} machine(s) change, "
                f"{data['unchanged']} unchanged (active revision {data['active'] or 'none'})")
+    if data.get("exceeds_kept"):
+        click.echo(f"removes more than it keeps on {len(data['exceeds_kept'])} machine(s): "
+                   f"{', '.join(data['exceeds_kept'])} (a push of it needs --allow-removals)")
     for machine in data["machines"]:
         if not machine["changed"]:
             if show_all:
@@ -136,6 +147,13 @@ def plan(server: str, token_file: Path | None, ca_file: str | None, revision: in
             continue
         click.echo(f"\n~ {machine['name']} ({machine['id']}), "
                    f"from revision {machine['from_revision'] or 'none'}:")
+        removals = machine.get("removals") or {}
+        if removals.get("modules"):
+            click.echo("  removed (the host restores or removes each):")
+            for line in removal_lines({**removals, "name": machine["name"]})[1:]:
+                click.echo(f"  {line}")
+            click.echo(f"    {removals['removed']} removed, {removals['kept']} kept"
+                       + ("  MORE THAN IT KEEPS" if removals.get("exceeds_kept") else ""))
         for module, lines in machine["modules"].items():
             click.echo(f"  [{module}]")
             for line in lines:

@@ -68,12 +68,6 @@ def load_document(files: Iterable[Path], *, allow_empty: bool = False) -> ValidD
     return load_contents(read_documents(files), allow_empty=allow_empty)
 
 
-def allows_mass_removal(document: ValidDocument) -> bool:
-    """The document says removing more than it keeps is intended: `allow_mass_removal: true`,
-    or `conf: {}` written out (an explicit "nothing here")."""
-    return bool(document.model.allow_mass_removal) or document.loaded.data.get("conf") == {}
-
-
 def load_document_text(data: bytes | str, name: str) -> ValidDocument:
     """Like load_document, for a document received as bytes (the fleet service's PUT): the
     same loader and validation, problems located as `name:line`."""
@@ -133,7 +127,7 @@ def resolve_files(files: Sequence[Path], node: str, labels: Mapping[str, str],
             return hit
     document = load_contents(contents, allow_empty=allow_empty)
     resolved = cache.Resolved(node_config(document, node, labels), revision(document),
-                              list(document.notes), allows_mass_removal(document))
+                              list(document.notes))
     if cache_file is not None:
         cache.store(cache_file, key, resolved)
     return resolved

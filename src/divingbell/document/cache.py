@@ -34,7 +34,6 @@ class Resolved:
     config: NodeConfig
     revision: str
     notes: list[str] = field(default_factory=list)
-    allow_mass_removal: bool = False  # the document says removing more than it keeps is meant
 
 
 def cache_key(contents: Sequence[tuple[str, bytes]], node: str,
@@ -100,8 +99,7 @@ def _decode_entry(entry: dict[str, Any]) -> Resolved:
     config = NodeConfig(str(entry["node"]), dict(entry["labels"]),
                         {str(name): decode(data) for name, data in dict(entry["modules"]).items()},
                         overrides)
-    return Resolved(config, str(entry["revision"]), [str(note) for note in entry["notes"]],
-                    entry.get("allow_mass_removal") is True)
+    return Resolved(config, str(entry["revision"]), [str(note) for note in entry["notes"]])
 
 
 def store(cache_path: Path, key: str, resolved: Resolved) -> None:
@@ -115,7 +113,6 @@ def store(cache_path: Path, key: str, resolved: Resolved) -> None:
         "labels": dict(config.labels),
         "revision": resolved.revision,
         "notes": resolved.notes,
-        "allow_mass_removal": resolved.allow_mass_removal,
         "modules": {name: encode(model) for name, model in config.modules.items()},
         "overrides": {name: [a.kind, list(a.path), a.description]
                       for name, a in config.overrides.items()},

@@ -848,8 +848,8 @@ class Document(StrictModel):
     # What the agent does when the host drifts from the document between applies: put it
     # back (correct) or only report it (report: metrics, a node event, the status annotation).
     drift: Literal["correct", "report"] = "correct"
-    # A document that would remove more than it keeps on a node is refused (an empty or
-    # truncated document must never roll a node back) unless it says so here.
+    # Retired: it switched off a guard that refused plans removing more than they keep.
+    # Documents that say it still validate (with a note); it changes nothing.
     allow_mass_removal: bool = False
 
 

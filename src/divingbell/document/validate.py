@@ -80,6 +80,16 @@ def _without_chart_keys(loaded: Loaded) -> tuple[dict[str, Any], list[str]]:
     return data, notes
 
 
+NO_CONF = "the document has no `conf:`"
+"""How the problem of a document without `conf:` begins: an agent tells it apart (it is
+evidently not a whole document) from other invalid ones."""
+
+
+def is_missing_conf(error: DocumentError) -> bool:
+    """The document has no `conf:` at all (an empty file, or one cut before it)."""
+    return any(p.path == "conf" and p.message.startswith(NO_CONF) for p in error.problems)
+
+
 def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
     """`allow_empty`: a document without `conf:` (an empty file) means "nothing on this node"
     instead of an error; removing everything must be asked for."""
@@ -90,7 +100,7 @@ def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
     if "conf" not in loaded.data and not allow_empty:
         where = loaded.sources[0] if loaded.sources else None
         problems.append(Problem(
-            "conf", "the document has no `conf:` (an empty or truncated file?). divingbell "
+            "conf", NO_CONF + " (an empty or truncated file?). divingbell "
             "never takes a missing document to mean \"remove everything\": write `conf: {}` "
             "or run `divingbell apply --allow-empty` if that is what you want", where))
     # Not raised yet: a misspelt `conf` is also named by the schema check ("did you mean").
@@ -108,6 +118,13 @@ def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
     if problems:
         raise DocumentError(_unique(problems))
     assert model is not None
+    if "allow_mass_removal" in data:
+        where = loaded.location(("allow_mass_removal",))
+        notes.append("allow_mass_removal no longer does anything and can be removed: "
+                     "`divingbell apply` does what the document says, an agent refuses only "
+                     "a document that is evidently not whole, and a fleet revision that "
+                     "removes more than it keeps is pushed with `--allow-removals`"
+                     + (f" ({where})" if where else ""))
     return ValidDocument(Loaded(data, loaded.marks, loaded.sources), model, notes)
 
 

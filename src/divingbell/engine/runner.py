@@ -29,7 +29,6 @@ from divingbell.engine.journal import (
 from divingbell.engine.lock import host_lock
 from divingbell.errors import (
     CommandError,
-    DivingbellError,
     ModuleError,
     OutcomeFailed,
     UnsafePath,
@@ -309,38 +308,6 @@ def _os_error(exc: OSError) -> str:
     return f"{exc.filename}: {exc.strerror}"
 
 
-class MassRemoval(DivingbellError):
-    """The plan would remove more than it keeps, and nobody said that is intended."""
-
-
-def removal_counts(plan: Plan) -> tuple[int, int]:
-    """(removed, kept): changes that take something away (restore an original, delete a file,
-    expire or purge an account) against everything the document still has on this host."""
-    removed = kept = 0
-    for change in plan.changes:
-        taking = change.action in (Action.RESTORE, Action.DELETE) or (
-            change.action is Action.SET and change.after == "expired")
-        if taking and change.changes_host:
-            removed += 1
-        elif not change.forget and not taking:
-            kept += 1
-    return removed, kept
-
-
-def check_mass_removal(plan: Plan, allowed: bool) -> None:
-    """Refuse a plan that removes more than it keeps (an empty or truncated document rolling
-    back a node) unless `allowed` (the document's `allow_mass_removal: true`, `conf: {}`, or
-    `apply --allow-empty`)."""
-    removed, kept = removal_counts(plan)
-    if allowed or removed == 0 or removed <= kept:
-        return
-    raise MassRemoval(
-        f"refusing to apply: this document would remove {removed} thing(s) divingbell manages "
-        f"on this host and keep only {kept}, as an empty or truncated document would. Nothing "
-        "was changed. If that is intended, say so: set `allow_mass_removal: true` at the top "
-        "of the document, or run `divingbell apply --allow-empty`.")
-
-
 def apply_node(
     host: Host,
     config: NodeConfig,
@@ -349,14 +316,13 @@ def apply_node(
     lock_timeout: float = 10.0,
     listener: ChangeListener | None = None,
     adopt: bool = False,
-    removal_guard: bool = False,
-    allow_mass_removal: bool = False,
 ) -> ApplyReport:
     """Converge the host to `config` under the host lock, and record the outcome.
 
     `adopt`: the journal is missing but divingbell's own files are on the host; start a fresh
-    journal that owns them. `removal_guard`: refuse (MassRemoval) a plan that removes more
-    than it keeps unless `allow_mass_removal`.
+    journal that owns them. What the document no longer has is restored, however much that
+    is: whether a document is whole is decided before (the agent refuses one that evidently
+    is not; the fleet asks for `--allow-removals` where a revision enters it).
     """
     with host_lock(host, lock_timeout):
         started = time.time()
@@ -364,8 +330,6 @@ def apply_node(
         journal = store.load(adopt=adopt)
         cleaned = clean_stale_temp_files(host, journal)
         plan = make_plan(host, config, journal)
-        if removal_guard and not plan.errors:
-            check_mass_removal(plan, allow_mass_removal)
         warnings = [f"removed a temp file a killed write left: {path}" for path in cleaned]
         results: list[ModuleResult] = []
         if not plan.errors:

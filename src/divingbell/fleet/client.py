@@ -234,8 +234,10 @@ class FleetClient:
 
     # Documents -------------------------------------------------------------------------------
 
-    def push_document(self, text: bytes, name: str = "document.yaml") -> dict[str, Any]:
-        query = urllib.parse.urlencode({"name": name})
+    def push_document(self, text: bytes, name: str = "document.yaml", *,
+                      allow_removals: bool = False) -> dict[str, Any]:
+        query = urllib.parse.urlencode({"name": name, **(
+            {"allow_removals": "true"} if allow_removals else {})})
         result: dict[str, Any] = self.request("PUT", f"/v1/document?{query}", data=text,
                                               content_type="application/yaml").json()
         return result

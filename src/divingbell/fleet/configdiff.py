@@ -137,3 +137,127 @@ def _yaml(value: Any) -> str:
 
 def _at(items: list[Any], index: int) -> Any:
     return items[index] if index < len(items) else None
+
+
+# What leaves a machine's configuration ---------------------------------------------------------
+
+EFFECTS = {
+    "sysctl": "original values restored",
+    "limits": "limits files removed",
+    "mounts": "unmounted, mount units removed",
+    "ethtool": "original NIC settings restored",
+    "apt": "packages removed, sources removed",
+    "uamlite": "accounts expired (purged with purge_expired_users)",
+    "perm": "original owner and mode restored",
+    "apparmor": "profiles removed",
+    "exec": "scripts forgotten (a script reverts nothing)",
+}
+"""What the host does with an entry that left the document, module by module."""
+
+UNCOUNTED = frozenset({"exec"})
+"""Modules whose removals take nothing back from the host: shown, never counted as removals."""
+
+NAMED: dict[str, list[tuple[str, str | None, str]]] = {
+    "apt": [("packages", "name", "package"), ("repositories", None, "repository")],
+    "uamlite": [("users", "user_name", "user")],
+    "perm": [("paths", "path", "path")],
+    "apparmor": [("profiles", None, "profile")],
+}
+"""Modules whose entries are named inside lists or maps: (key, the name's field in each item
+or None for a map's keys, the word shown before the name)."""
+
+PURGE = "purge_expired_users (expired accounts and their homes are deleted)"
+
+
+def entries(module: str, settings: Any) -> set[str]:
+    """The things one module's effective settings manage on a machine, by name: what the host
+    restores or removes when one of them leaves the document."""
+    if not isinstance(settings, dict):
+        return set()
+    if module in ("sysctl", "limits", "mounts", "exec"):
+        return {str(key) for key in settings}
+    if module == "ethtool":
+        return {f"{nic} {key}" + (f".{sub}" if sub is not None else "")
+                for nic, values in settings.items() if isinstance(values, dict)
+                for key, value in values.items()
+                for sub in (value if isinstance(value, dict) else [None])}
+    found = set()
+    for key, field_name, word in NAMED.get(module, []):
+        items = settings.get(key) or []
+        names = (list(items) if field_name is None else
+                 [item.get(field_name) for item in items if isinstance(item, dict)])
+        found |= {f"{word} {name}" for name in names}
+    if module == "uamlite" and settings.get("purge_expired_users"):
+        found.add(PURGE)
+    return found
+
+
+@dataclass
+class Removals:
+    """What a new configuration takes away from one machine, against what it keeps."""
+
+    modules: dict[str, list[str]] = field(default_factory=dict)  # module -> entries leaving
+    kept: int = 0
+
+    @property
+    def removed(self) -> int:
+        return sum(len(names) for module, names in self.modules.items()
+                   if module not in UNCOUNTED)
+
+    @property
+    def exceeds_kept(self) -> bool:
+        """Removes more than it keeps: pushing it to the fleet needs `--allow-removals`."""
+        return self.removed > self.kept
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"removed": self.removed, "kept": self.kept,
+                "exceeds_kept": self.exceeds_kept,
+                "modules": {module: {"entries": names, "effect": EFFECTS.get(module, "removed")}
+                            for module, names in self.modules.items()}}
+
+
+def removals(old: ValidDocument | None, new: ValidDocument, target: Target) -> Removals:
+    """Per module, the entries of `target`'s effective configuration under `old` that `new`
+    no longer has (the host restores or removes them), and how many entries `new` keeps.
+    Turning `purge_expired_users` on counts as a removal: it deletes accounts."""
+    before, after = effective(old, target).shown, effective(new, target).shown
+    result = Removals()
+    for module in sorted(set(before) | set(after)):
+        if module == "maintenance":
+            continue  # the agent's own settings: nothing on the host to restore
+        kept = entries(module, after.get(module))
+        gone = entries(module, before.get(module)) - kept
+        if PURGE in kept and PURGE not in entries(module, before.get(module)):
+            gone.add(PURGE)
+        kept.discard(PURGE)
+        result.kept += len(kept)
+        if gone:
+            result.modules[module] = sorted(gone)
+    return result
+
+
+def override_names(*documents: ValidDocument) -> tuple[set[str], set[tuple[str, str]]]:
+    """The host names and the (label key, value) pairs the documents' overrides select on."""
+    hosts: set[str] = set()
+    labels: set[tuple[str, str]] = set()
+    for document in documents:
+        for section in (document.raw_conf.get("overrides") or {}).values():
+            if not isinstance(section, dict):
+                continue
+            hosts |= {str(h.get("name")) for h in section.get("hosts") or []
+                      if isinstance(h, dict)}
+            for entry in section.get("labels") or []:
+                label = entry.get("label") if isinstance(entry, dict) else None
+                if isinstance(label, dict):
+                    labels |= {(str(label.get("key")), str(v)) for v in label.get("values") or []}
+    return hosts, labels
+
+
+def override_targets(*documents: ValidDocument) -> list[Target]:
+    """Without a fleet, the kinds of node the documents tell apart: every host override's
+    node, one node per label override value, and any other node. What `divingbell manifests
+    --previous` compares when it cannot know the cluster's nodes."""
+    hosts, labels = override_names(*documents)
+    return ([Target(name, name, {}) for name in sorted(hosts)]
+            + [Target(f"{k}={v}", f"nodes labelled {k}={v}", {k: v}) for k, v in sorted(labels)]
+            + [Target("*", "any other node", {})])

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from sqlalchemy import Connection, Row, bindparam, select
 from sqlalchemy.orm import Session
 
+from divingbell.document.validate import ValidDocument
 from divingbell.fleet import rollout as logic
 from divingbell.fleet import states
-from divingbell.fleet.configdiff import Target, fleet_diff
+from divingbell.fleet.configdiff import (
+    Removals,
+    Target,
+    machine_diff,
+    override_names,
+    removals,
+)
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import (
     Machine,
@@ -324,29 +331,100 @@ def get(session: Session, rollout_id: int) -> RolloutRow:
     return row
 
 
+_SERVED_ALL = (
+    select(RolloutMember.machine_id, RolloutRow.status, RolloutRow.revision,
+           RolloutRow.rollback, RolloutMember.progress, RolloutMember.previous_revision)
+    .select_from(RolloutRow)
+    .join(RolloutMember, RolloutMember.rollout_id == RolloutRow.id)
+    .where(RolloutRow.id == _LATEST))
+
+
+def _machines_with_served(session: Session
+                          ) -> list[tuple[Target, int | None, ValidDocument | None]]:
+    """Every machine not decommissioned, by name, with the revision it is served now and that
+    revision's document (None before the first push). Two queries, whatever the fleet's size."""
+    from divingbell.fleet import service
+
+    active = service.active_revision(session)
+    # The columns `membership` answers (read by name), with the machine's id in front.
+    memberships = {row.machine_id: cast(Membership, row)
+                   for row in session.execute(_SERVED_ALL)}
+    machines = list(session.scalars(select(Machine).where(
+        Machine.state != states.DECOMMISSIONED).order_by(Machine.hostname)))
+    documents: dict[int, ValidDocument] = {}
+    found = []
+    for machine in machines:
+        number = served_by(memberships.get(machine.id), active)
+        if number is not None and number not in documents:
+            old = session.get(Revision, number)
+            if old is not None:
+                documents[number] = service.revision_document(old)
+        target = Target(machine.id, machine.hostname or machine.id, service.labels_of(machine))
+        found.append((target, number, documents.get(number) if number is not None else None))
+    found.sort(key=lambda item: item[0].name)
+    return found
+
+
+def _keyer(served: list[tuple[Target, int | None, ValidDocument | None]],
+           new_document: ValidDocument) -> Callable[[Target, int | None], tuple[Any, ...]]:
+    """Machines with the same served revision, labels and (where an override names it) host
+    name have the same configurations, old and new: keyed alike, compared once."""
+    documents = {id(d): d for _, _, d in served if d is not None}
+    named = override_names(new_document, *documents.values())[0]
+
+    def key(target: Target, number: int | None) -> tuple[Any, ...]:
+        return (number, tuple(sorted(target.labels.items())),
+                target.name if target.name in named else None)
+
+    return key
+
+
 def plan(session: Session, revision_number: int) -> dict[str, Any]:
     """Per machine, how its effective configuration would change if `revision_number` became
-    current: the blast radius before anything moves."""
+    current, and what it would remove (restored or removed on the host) against what it
+    keeps: the blast radius before anything moves."""
     from divingbell.fleet import service
 
     new = session.get(Revision, revision_number)
     if new is None:
         raise not_found("revision", revision_number)
-    active = service.active_revision(session)
-    machines = list(session.scalars(select(Machine).where(
-        Machine.state != states.DECOMMISSIONED).order_by(Machine.hostname)))
     new_document = service.revision_document(new)
-    diffs = []
-    by_revision: dict[int | None, list[Machine]] = {}
-    for machine in machines:
-        by_revision.setdefault(served_revision(session, machine.id, active), []).append(machine)
-    for number, group in by_revision.items():
-        old = session.get(Revision, number) if number is not None else None
-        old_document = service.revision_document(old) if old is not None else None
-        targets = [Target(m.id, m.hostname or m.id, service.labels_of(m)) for m in group]
-        for diff in fleet_diff(old_document, new_document, targets):
-            diffs.append({**diff.as_dict(), "from_revision": number})
-    diffs.sort(key=lambda d: d["name"])
+    diffs: list[dict[str, Any]] = []
+    served = _machines_with_served(session)
+    configuration = _keyer(served, new_document)
+    seen: dict[tuple[Any, ...], tuple[dict[str, list[str]], dict[str, Any]]] = {}
+    for target, number, old_document in served:
+        key = configuration(target, number)
+        if key not in seen:
+            seen[key] = (machine_diff(old_document, new_document, target).modules,
+                         removals(old_document, new_document, target).as_dict())
+        modules, removed = seen[key]
+        diffs.append({"id": target.id, "name": target.name, "changed": bool(modules),
+                      "modules": modules, "from_revision": number, "removals": removed})
     changed = [d for d in diffs if d["changed"]]
-    return {"revision": revision_number, "active": active, "machines": diffs,
-            "changed": len(changed), "unchanged": len(diffs) - len(changed)}
+    return {"revision": revision_number, "active": service.active_revision(session),
+            "machines": diffs, "changed": len(changed), "unchanged": len(diffs) - len(changed),
+            "exceeds_kept": [d["name"] for d in diffs if d["removals"]["exceeds_kept"]]}
+
+
+def removals_by_machine(session: Session, new_document: ValidDocument) -> list[dict[str, Any]]:
+    """What `new_document` would take away from the machines, grouped: machines that lose the
+    same entries (per module) and keep as many are one group, naming each (`machines`, by
+    name). Groups that remove more than they keep come first."""
+    served = _machines_with_served(session)
+    configuration = _keyer(served, new_document)
+    seen: dict[tuple[Any, ...], Removals] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for target, number, old_document in served:
+        key = configuration(target, number)
+        if key not in seen:
+            seen[key] = removals(old_document, new_document, target)
+        removed = seen[key]
+        if not removed.modules:
+            continue
+        summary = removed.as_dict()
+        group = groups.setdefault(json.dumps(summary, sort_keys=True),
+                                  {"machines": [], **summary})
+        group["machines"].append({"id": target.id, "name": target.name,
+                                  "from_revision": number})
+    return sorted(groups.values(), key=lambda g: (not g["exceeds_kept"], g["machines"][0]["name"]))

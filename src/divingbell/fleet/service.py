@@ -478,16 +478,18 @@ def active_revision(session: Session | Connection) -> int | None:
     return int(value) if value else None
 
 
-def push_document(session: Session, data: bytes, name: str, who: str) -> tuple[int, bool]:
+def push_document(session: Session, data: bytes, name: str, who: str, *,
+                  allow_removals: bool = False) -> tuple[int, bool, list[dict[str, Any]]]:
     """Validate exactly as `divingbell validate` does and store a new revision (made active).
-    Returns (revision, created); pushing the active document's exact text again creates
-    nothing."""
+    Returns (revision, created, what it removes, machines grouped); pushing the active document's
+    exact text again creates nothing. A revision that removes more than it keeps on some
+    machine is refused (409, naming them) unless `allow_removals`."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         text = None
     try:
-        load_document_text(data, name)
+        document = load_document_text(data, name)
     except DocumentError as exc:
         raise ApiError(422, {"error": "invalid-document", "problems": [
             {"path": p.path, "message": p.message, "location": p.location}
@@ -498,16 +500,31 @@ def push_document(session: Session, data: bytes, name: str, who: str) -> tuple[i
     if active is not None:
         current = session.get(Revision, active)
         if current is not None and current.digest == digest:
-            return active, False
+            return active, False, []
+    removed = rollouts.removals_by_machine(session, document)
+    beyond = sorted(m["name"] for group in removed if group["exceeds_kept"]
+                    for m in group["machines"])
+    named = ", ".join(beyond[:20]) + (f" and {len(beyond) - 20} more" if len(beyond) > 20
+                                      else "")
+    if beyond and not allow_removals:
+        raise ApiError(409, {
+            "error": "removals-need-consent", "field": "allow_removals",
+            "message": f"this revision removes more than it keeps on {len(beyond)} machine(s): "
+                       f"{named}; nothing was stored. Check what it removes, then push again "
+                       "with --allow-removals (allow_removals=true)",
+            "removals": [group for group in removed if group["exceeds_kept"]]})
     number = (session.scalar(select(func.max(Revision.number))) or 0) + 1
     session.add(Revision(number=number, source_name=name, text=text, digest=digest,
                          created_at=utcnow(), created_by=who))
     set_active(session, number)
-    audit(session, who, "push", f"revision {number}", f"{name} sha256:{digest[:12]}")
+    consent = (f"; removals allowed: removes more than it keeps on {len(beyond)} "
+               f"machine(s): {named}" if beyond else "")
+    audit(session, who, "push", f"revision {number}",
+          f"{name} sha256:{digest[:12]}{consent}")
     session.flush()
-    log.info("revision %d stored from %s by %s", number, name, who)
+    log.info("revision %d stored from %s by %s%s", number, name, who, consent)
     rollouts.start(session, number, active, who)
-    return number, True
+    return number, True, removed
 
 
 def set_active(session: Session, number: int) -> None:

@@ -26,10 +26,16 @@ RevisionNumber = Annotated[int, Path(ge=1, le=2**31 - 1)]
                 "text/plain": {"schema": {"type": "string"}}}}})
 async def put_document(request: Request, principal: Admin, name: Annotated[
         str, Query(max_length=255, description="file name used in problem locations")
-        ] = "document.yaml") -> JSONResponse:
+        ] = "document.yaml", allow_removals: Annotated[bool, Query(
+            description="consent to a revision that removes more than it keeps on some "
+                        "machine (recorded in the audit log)")] = False) -> JSONResponse:
     """Store a new revision after validating it exactly as `divingbell validate` does; the
     new revision becomes active. A rejected document changes nothing: 422 with every problem
-    (path, message, file:line). Pushing the active text again answers 200 with its number."""
+    (path, message, file:line). A revision that removes more than it keeps on some machine
+    (what leaves its effective configuration, against what stays) answers 409 naming those
+    machines, with what it removes per module, unless `allow_removals=true`. The answer
+    lists, per machine, what the revision removes (the host restores or removes it).
+    Pushing the active text again answers 200 with its number."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():  # read at most the limit, never the whole upload
@@ -44,13 +50,16 @@ async def put_document(request: Request, principal: Admin, name: Annotated[
         raise ApiError(422, {"error": "invalid-name", "field": "name",
                              "message": "NUL characters are not allowed"})
 
-    def store() -> tuple[int, bool]:
+    def store() -> tuple[int, bool, list[dict[str, Any]]]:
         with request.app.state.db.write() as session:
-            return service.push_document(session, data, source, principal.label)
+            return service.push_document(session, data, source, principal.label,
+                                         allow_removals=allow_removals)
 
-    number, created = await run_in_threadpool(store)
-    return JSONResponse({"revision": number, "created": created},
-                        status_code=201 if created else 200)
+    number, created, removals = await run_in_threadpool(store)
+    answer: dict[str, Any] = {"revision": number, "created": created}
+    if removals:
+        answer["removals"] = removals
+    return JSONResponse(answer, status_code=201 if created else 200)
 
 
 @router.get("/revisions")
