@@ -147,12 +147,17 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               "(default: the discovery image from --assets).")
 @click.option("--boot-token-ttl", default="15m", show_default=True, metavar="DURATION",
               help="Lifetime of the bootstrap token a network boot carries (it only registers).")
+@click.option("--slot-concurrency", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Maintenance slots per group for a machine served no document (with one, "
+              "its maintenance.reboot.concurrency decides; never the claimer).")
+@click.option("--slot-ttl-max", default="4h", show_default=True, metavar="DURATION",
+              help="The longest a slot claim or renewal may hold a slot for.")
 @bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
           workers: int, no_migrate: bool, log_level: str, assets: str | None,
           public_url: str | None, boot_profiles: str | None, boot_token_ttl: str,
-          **bootstrap_settings: Any) -> None:
+          slot_concurrency: int, slot_ttl_max: str, **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -179,6 +184,10 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
         ttl = parse_duration(install_ttl).total_seconds()
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--install-ttl") from None
+    try:
+        slot_ttl = parse_duration(slot_ttl_max).total_seconds()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--slot-ttl-max") from None
     boot_ttl = _check_boot_options(public_url, boot_profiles, boot_token_ttl)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -187,7 +196,8 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              reports_kept=reports_kept, migrate_at_start=not no_migrate,
                              assets_dir=assets, public_url=public_url,
                              boot_profiles=boot_profiles, boot_token_ttl_seconds=boot_ttl,
-                             **bootstrap_settings)
+                             slot_concurrency=slot_concurrency,
+                             slot_ttl_max_seconds=slot_ttl, **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
     common: dict[str, Any] = {"host": host, "port": port, "log_config": None,
                               "access_log": False, "ssl_certfile": tls_cert,
