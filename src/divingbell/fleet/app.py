@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -133,6 +134,62 @@ class RequestLog:
                 "client": client[0] if client else None, "caller": principal}))
 
 
+MAX_JSON_DEPTH = 64
+"""As deep as a document may nest (document/loader.py): no request body needs more."""
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when a body that looks like JSON nests arrays/objects deeper than `limit`
+    (brackets inside strings do not count). Python's parser would otherwise recurse until a
+    RecursionError."""
+    start = body.lstrip()[:1]
+    if start not in (b"[", b"{") or body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    for bracket in _JSON_STRING.sub(b'""', body).translate(None, _NOT_BRACKETS):
+        depth += 1 if bracket in (0x5B, 0x7B) else -1
+        if depth > limit:
+            return True
+    return False
+
+
+class JsonDepthGuard:
+    """Every POST/PUT/PATCH body that looks like JSON is checked for depth before any route
+    parses it: 422 naming `body` instead of a parser's RecursionError (a 500). One guard for
+    every route, including those that parse their body themselves."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        if json_too_deep(b"".join(chunks)):
+            response = JSONResponse({"detail": {
+                "error": "too-deep", "field": "body",
+                "message": f"JSON nested deeper than {MAX_JSON_DEPTH} levels"}}, status_code=422)
+            await response(scope, receive, send)
+            return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
 def _field(loc: Any) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     out = ""
@@ -232,6 +289,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
                                         "message": "the store is unavailable; retry"}},
                             status_code=503, headers={"Retry-After": "5"})
 
+    app.add_middleware(JsonDepthGuard)
     app.add_middleware(RequestLog, metrics=metrics)
     return app
 
