@@ -35,7 +35,7 @@ from divingbell.fleet.api import (
     slots,
     ui,
 )
-from divingbell.fleet.db import Database, redact
+from divingbell.fleet.db import Database, StoreReplaced, redact
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.settings import FleetSettings
 
@@ -239,8 +239,11 @@ def create_app(settings: FleetSettings) -> FastAPI:
     @app.get("/readyz", tags=["probes"])
     def readyz(request: Request) -> JSONResponse:
         """Ready: the store answers and its schema is at the migrations' head."""
+        db: Database = request.app.state.db
+        problem = db.store_problem()
+        if problem is not None:
+            return JSONResponse({"ready": False, "reason": problem}, status_code=503)
         try:
-            db: Database = request.app.state.db
             with db.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
             current = migrations.current(db.engine)
@@ -281,6 +284,11 @@ def create_app(settings: FleetSettings) -> FastAPI:
     async def bad_value(_: Request, exc: DataError) -> JSONResponse:
         return JSONResponse({"detail": {"error": "invalid-value", "message":
                                         "a value the store cannot hold"}}, status_code=422)
+
+    @app.exception_handler(StoreReplaced)
+    async def store_replaced(_: Request, exc: StoreReplaced) -> JSONResponse:
+        return JSONResponse({"detail": {"error": "store-replaced", "message": str(exc)}},
+                            status_code=503, headers={"Retry-After": "30"})
 
     @app.exception_handler(OperationalError)
     async def store_down(_: Request, exc: OperationalError) -> JSONResponse:
