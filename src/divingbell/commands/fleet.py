@@ -515,8 +515,9 @@ def backup(db_url: str, file: Path) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file (0600) instead of standard output.")
 def export(db_url: str, output: Path | None) -> None:
-    """Print machines, roles and revisions as replayable JSON (see `fleet import`). Carries
-    credential hashes, never credentials: keep the file private."""
+    """Print the store as replayable JSON (see `fleet import`): every table (machines and
+    their history, reports, revisions, rollouts, leases, audit events, settings) except tokens
+    and UI sessions. Carries credential hashes, never credentials: keep the file private."""
     from divingbell.fleet.backup import export as make_export
     from divingbell.fleet.client import write_secret
 
@@ -534,8 +535,9 @@ def export(db_url: str, output: Path | None) -> None:
 @_db_option
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def import_cmd(db_url: str, file: Path) -> None:
-    """Replay an export into the store (for example, SQLite into PostgreSQL). Revisions are
-    validated again; machines are matched by UUID. All or nothing."""
+    """Replay an export into the store (for example, SQLite into PostgreSQL), all or nothing.
+    Meant for an empty store: a row already there must be identical (replaying the same export
+    adds nothing). Stop the old service first: live slots and grants move with the export."""
     from divingbell.fleet.backup import BackupError, import_
 
     try:
@@ -549,7 +551,9 @@ def import_cmd(db_url: str, file: Path) -> None:
         raise click.ClickException(f"import failed, nothing changed: {exc}") from None
     finally:
         db.dispose()
-    click.echo(f"imported {counts['revisions']} revision(s), {counts['machines']} machine(s)")
+    added = ", ".join(f"{table} {count}" for table, count in counts.items() if count)
+    click.echo(f"imported {sum(counts.values())} row(s)" + (f": {added}" if added else
+                                                             " (all already there)"))
 
 
 @fleet.command()
