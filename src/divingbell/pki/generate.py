@@ -99,7 +99,7 @@ def _authority(out: Path, authority: Authority, now: datetime.datetime,
         reason = _ca_mismatch(cert, key, authority, window)
         if reason == "":
             return cert, key, Outcome("ca", authority.name, "reused", "matches the catalog")
-        if crypto.key_algorithm(key) != authority.algorithm:
+        if _algorithm_differs(key, authority.algorithm, authority.algorithm_stated):
             key = None
     fresh = key is None
     if key is None:
@@ -121,9 +121,15 @@ def _ca_mismatch(cert: x509.Certificate, key: PrivateKey, authority: Authority,
         return f"not a CA with subject CN={authority.name}"
     if not crypto.signed_by(cert, cert):
         return "not self-signed"
-    if crypto.key_algorithm(key) != authority.algorithm:
+    if _algorithm_differs(key, authority.algorithm, authority.algorithm_stated):
         return f"key is {crypto.key_algorithm(key)}, the catalog asks for {authority.algorithm}"
     return _expiry(cert, window)
+
+
+def _algorithm_differs(key: PrivateKey, wanted: str, stated: bool) -> bool:
+    """Only an algorithm the catalog names replaces a key: the default is for new keys (keys
+    made under an older default are kept, never rotated by an upgrade)."""
+    return stated and crypto.key_algorithm(key) != wanted
 
 
 def _expiry(cert: x509.Certificate, window: datetime.datetime) -> str:
@@ -145,10 +151,10 @@ def _certificate(out: Path, certificate: Certificate, ca_cert: x509.Certificate,
     reason = "new"
     if cert_path.exists():
         cert, key = crypto.read_cert(cert_path), crypto.read_key(key_path)
-        reason = _leaf_mismatch(cert, key, profile, ca_cert, certificate.algorithm, window)
+        reason = _leaf_mismatch(cert, key, profile, ca_cert, certificate, window)
         if reason == "":
             return Outcome("certificate", spec.document_name, "reused", "matches the catalog")
-        if crypto.key_algorithm(key) != certificate.algorithm:
+        if _algorithm_differs(key, certificate.algorithm, certificate.algorithm_stated):
             key = None
     if key is None:
         key = crypto.new_key(certificate.algorithm)
@@ -161,7 +167,8 @@ def _certificate(out: Path, certificate: Certificate, ca_cert: x509.Certificate,
 
 
 def _leaf_mismatch(cert: x509.Certificate, key: PrivateKey, profile: crypto.LeafProfile,
-                   ca_cert: x509.Certificate, algorithm: str, window: datetime.datetime) -> str:
+                   ca_cert: x509.Certificate, certificate: Certificate,
+                   window: datetime.datetime) -> str:
     if not crypto.same_public_key(crypto.public_key_of(cert), key.public_key()):
         return "its key does not match the certificate"
     found = crypto.leaf_profile(cert)
@@ -176,8 +183,9 @@ def _leaf_mismatch(cert: x509.Certificate, key: PrivateKey, profile: crypto.Leaf
                 f"{', '.join(profile.usages)}")
     if cert.issuer != ca_cert.subject or not crypto.signed_by(cert, ca_cert):
         return f"not signed by the current CA {ca_cert.subject.rfc4514_string()}"
-    if crypto.key_algorithm(key) != algorithm:
-        return f"key is {crypto.key_algorithm(key)}, the catalog asks for {algorithm}"
+    if _algorithm_differs(key, certificate.algorithm, certificate.algorithm_stated):
+        return (f"key is {crypto.key_algorithm(key)}, the catalog asks for "
+                f"{certificate.algorithm}")
     return _expiry(cert, window)
 
 
@@ -188,7 +196,7 @@ def _keypair(out: Path, keypair: Keypair, pending: _Pending) -> Outcome:
         if not crypto.same_public_key(public, key.public_key()):
             raise PkiError([f"{public_path} is not the public half of {key_path}: restore the "
                             "right file, or remove both to generate a new keypair"])
-        if crypto.key_algorithm(key) != keypair.algorithm:
+        if _algorithm_differs(key, keypair.algorithm, keypair.algorithm_stated):
             # Rotating a signing key invalidates what it signed: never done silently.
             raise PkiError([f"{key_path} is {crypto.key_algorithm(key)}, the catalog asks for "
                             f"{keypair.algorithm}: remove {public_path.name} and "
