@@ -109,6 +109,45 @@ def test_keys_made_before_the_rsa_default_are_kept(cli: Cli, tmp_path: Path) -> 
     assert "Public-Key: (2048 bit)" in text(out / "admin.pem")
 
 
+def test_generate_restores_loosened_modes(cli: Cli, catalog: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    generate(cli, catalog, "-o", out)
+    (out / "admin-key.pem").chmod(0o644)
+    (out / "kubernetes-key.pem").chmod(0o640)
+    out.chmod(0o755)
+    result = cli("pki", "generate", catalog, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert f"restored  mode        {out / 'admin-key.pem'}  (was 0644, now 0600)" in result.stdout
+    assert f"restored  mode        {out}  (was 0755, now 0700)" in result.stdout
+    assert stat.S_IMODE((out / "admin-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "kubernetes-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    again = cli("pki", "generate", catalog, "-o", out)
+    assert "restored" not in again.stdout
+
+
+def test_generate_refuses_a_key_it_cannot_make_private(cli: Cli, catalog: Path,
+                                                       tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "pki"
+    generate(cli, catalog, "-o", out)
+    before = snapshot(out)
+    os.chown(out / "admin-key.pem", 65534, 65534)  # another user owns it: it can read it
+    refused = cli("pki", "generate", catalog, "-o", out)
+    assert refused.returncode != 0
+    assert f"{out / 'admin-key.pem'} is owned by uid 65534" in refused.stderr
+    os.chown(out / "admin-key.pem", 0, 0)
+    elsewhere = tmp_path / "elsewhere-key.pem"
+    (out / "admin-key.pem").rename(elsewhere)
+    (out / "admin-key.pem").symlink_to(elsewhere)
+    refused = cli("pki", "generate", catalog, "-o", out)
+    assert refused.returncode != 0 and "is a symbolic link" in refused.stderr
+    (out / "admin-key.pem").unlink()
+    elsewhere.rename(out / "admin-key.pem")
+    assert snapshot(out) == before
+
+
 def _serve_once(server_ctx: ssl.SSLContext, listener: socket.socket, seen: dict[str, Any]) -> None:
     conn, _ = listener.accept()
     try:

@@ -9,6 +9,8 @@ Nothing is written until every existing file has been read and checked.
 from __future__ import annotations
 
 import datetime
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,9 @@ DEFAULT_RENEWAL_DAYS = 30
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: str      # "ca" | "certificate" | "keypair"
+    kind: str      # "ca" | "certificate" | "keypair" | "mode"
     name: str
-    action: str    # "created" | "reused" | "reissued"
+    action: str    # "created" | "reused" | "reissued" | "restored"
     reason: str
 
     def as_dict(self) -> dict[str, str]:
@@ -57,6 +59,7 @@ def generate(catalog: Catalog, out: Path, *, renewal_days: float = DEFAULT_RENEW
     names = [*catalog.authorities, *(c.spec.document_name for c in catalog.certificates),
              *(k.name for k in catalog.keypairs)]
     _check_half_pairs(out, names)
+    modes = _mode_fixes(out, names)
     pending = _Pending({})
     outcomes: list[Outcome] = []
     authorities: dict[str, tuple[x509.Certificate, PrivateKey]] = {}
@@ -70,6 +73,10 @@ def generate(catalog: Catalog, out: Path, *, renewal_days: float = DEFAULT_RENEW
     for keypair in catalog.keypairs:
         outcomes.append(_keypair(out, keypair, pending))
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path, mode, was in modes:
+        path.chmod(mode)
+        outcomes.append(Outcome("mode", str(path), "restored",
+                                f"was {was:04o}, now {mode:04o}"))
     for path, (data, mode) in pending.files.items():
         crypto.write_file(path, data, mode)
     write_bundle(out)
@@ -86,6 +93,37 @@ def _check_half_pairs(out: Path, names: list[str]) -> None:
                             f"remove {have.name} to generate a new pair")
     if problems:
         raise PkiError(problems)
+
+
+def _mode_fixes(out: Path, names: list[str]) -> list[tuple[Path, int, int]]:
+    """The directory (0700) and every private key and the bundle (0600) someone loosened:
+    (path, mode wanted, mode found), restored once everything is decided. A key this user does
+    not own, or a link, is refused: its owner or the link's target can be read by others no
+    matter what mode this sets."""
+    if not out.exists():
+        return []
+    problems: list[str] = []
+    fixes: list[tuple[Path, int, int]] = []
+    secrets = [out / f"{name}-key.pem" for name in names] + [out / BUNDLE]
+    for path, wanted in [(out, 0o700), *((p, 0o600) for p in secrets)]:
+        try:
+            found = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(found.st_mode):
+            problems.append(f"{path} is a symbolic link: keys must be regular files in the "
+                            "directory; replace the link with the file")
+            continue
+        if found.st_uid != os.geteuid():
+            problems.append(f"{path} is owned by uid {found.st_uid}, not by the user generating "
+                            f"(uid {os.geteuid()}): chown it, or remove it to generate anew")
+            continue
+        mode = stat.S_IMODE(found.st_mode)
+        if mode & 0o077:
+            fixes.append((path, wanted, mode))
+    if problems:
+        raise PkiError(problems)
+    return fixes
 
 
 def _authority(out: Path, authority: Authority, now: datetime.datetime,
