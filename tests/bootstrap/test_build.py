@@ -197,31 +197,6 @@ def test_build_from_the_pki_bundle_gives_the_same_scripts(cli: Cli, workspace: P
             f"(deckhand/CertificateKey/v1) in {bundle} not found") in missing.stderr
 
 
-def test_a_separate_api_credential_for_the_wait_and_the_labels(cli: Cli, workspace: Path
-                                                               ) -> None:
-    design = workspace / "design.yaml"
-    design.write_text(DESIGN + "pki: {api_certificate: bootstrap-labeller}\n")
-    out = workspace / "scripts"
-    missing = cli("bootstrap", "build", design, "--pki", workspace / "pki", "-o", out)
-    assert missing.returncode == 2
-    assert "pki.api_certificate: " in missing.stderr
-    assert "bootstrap-labeller.pem" in missing.stderr
-    catalog = workspace / "catalog.yaml"
-    catalog.write_text(CATALOG + "      - {document_name: bootstrap-labeller, common_name: "
-                       "divingbell-bootstrap, usages: [client]}\n")
-    assert cli("pki", "generate", catalog, "-o", workspace / "pki").returncode == 0
-    built = cli("bootstrap", "build", design, "--pki", workspace / "pki", "-o", out)
-    assert built.returncode == 0, built.stderr
-    script = (out / "join-n1.sh").read_text()
-    assert "readonly API_CERT_FILE=/etc/kubernetes/pki/bootstrap-api.pem\n" in script
-    assert "readonly API_KEY_FILE=/etc/kubernetes/pki/bootstrap-api-key.pem\n" in script
-    archive = embedded_archive(out / "join-n1.sh", workspace / "unpacked")
-    modes = {m.name: stat.S_IMODE(m.mode) for m in archive.getmembers()}
-    assert modes["files/etc/kubernetes/pki/bootstrap-api-key.pem"] == 0o600
-    assert (workspace / "unpacked/files/etc/kubernetes/pki/bootstrap-api.pem").read_text() == (
-        workspace / "pki/bootstrap-labeller.pem").read_text()
-
-
 def test_the_wait_for_ready_is_bounded(cli: Cli, workspace: Path, tmp_path: Path) -> None:
     """The script's own wait, run against an API server that never answers: it gives up
     after the design's timeout with a hint, rather than hanging the unit forever."""

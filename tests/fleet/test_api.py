@@ -323,10 +323,10 @@ def test_a_lost_control_plane_member_is_replaced_and_workers_keep_their_roles(
 def test_slots_claim_renew_release(fleet: ThreadServer) -> None:
     a, ca = register(fleet, 1)
     b, cb = register(fleet, 2)
-    slot = ca.claim_slot(a, "rack1", slots=1, ttl_seconds=60)
+    slot = ca.claim_slot(a, "rack1", ttl_seconds=60)
     assert slot["slot"] == "rack1/0" and slot["holder"] == a and slot["taken_over_from"] is None
-    assert ca.claim_slot(a, "rack1", slots=1)["slot"] == "rack1/0"  # held: same slot
-    busy = error_of(lambda: cb.claim_slot(b, "rack1", slots=1))
+    assert ca.claim_slot(a, "rack1")["slot"] == "rack1/0"  # held: same slot
+    busy = error_of(lambda: cb.claim_slot(b, "rack1"))
     assert busy.status == 409 and busy.detail["error"] == "no-free-slot"
     assert [h["holder"] for h in busy.detail["holders"]] == [a]
     assert error_of(lambda: cb.renew_slot("rack1/0", a)).status == 403  # not its own
@@ -335,14 +335,14 @@ def test_slots_claim_renew_release(fleet: ThreadServer) -> None:
     assert [s["holder"] for s in fleet.reader.call("GET", "/v1/slots")] == [a]
     assert ca.release_slot("rack1/0", a)["released"] is True
     assert error_of(lambda: ca.release_slot("rack1/0", a)).status == 409
-    assert cb.claim_slot(b, "rack1", slots=1)["holder"] == b
+    assert cb.claim_slot(b, "rack1")["holder"] == b
     assert fleet.admin.call("DELETE", "/v1/slots/rack1/0")["released"] is True
     # An expired slot is taken over, naming the previous holder.
-    cb.claim_slot(b, "quick", slots=1, ttl_seconds=0.001)
+    cb.claim_slot(b, "quick", ttl_seconds=0.001)
     import time
 
     time.sleep(0.05)
-    taken = ca.claim_slot(a, "quick", slots=1)
+    taken = ca.claim_slot(a, "quick")
     assert taken["taken_over_from"] == b
 
 

@@ -40,7 +40,8 @@ def replicas(postgres: PostgresCluster, tmp_path: Path
         for name in ("a", "b"):
             servers.append(ProcessServer(
                 url, args=("--control-plane-size", "3", "--install-parallel",
-                           str(INSTALL_PARALLEL))).start(tmp_path / f"serve-{name}.log"))
+                           str(INSTALL_PARALLEL), "--slot-concurrency",
+                           str(SLOTS))).start(tmp_path / f"serve-{name}.log"))
         yield [FleetClient(s.url, admin) for s in servers], admin, bootstrap
     finally:
         for server in servers:
@@ -111,7 +112,7 @@ def test_concurrent_claimers_on_two_replicas_never_share_a_grant_or_slot(
             client = FleetClient((a, b)[i % 2].base_url, admin)
             barrier.wait()
             try:
-                return client.claim_slot(f"holder-{i}", "race", slots=SLOTS, ttl_seconds=60)
+                return client.claim_slot(f"holder-{i}", "race", ttl_seconds=60)
             except FleetApiError as exc:
                 assert exc.status == 409 and exc.detail["error"] == "no-free-slot", exc
                 return None

@@ -46,14 +46,17 @@ def test_generated_chain_sans_usages_and_modes(cli: Cli, catalog: Path, tmp_path
     assert "Subject: CN = apiserver" in api
     assert "Issuer: CN = kubernetes" in api
     assert "CA:FALSE" in api
-    assert "ASN1 OID: prime256v1" in api
+    # Promenade's default (cfssl, kubeadm): RSA 2048, and so Key Encipherment on leaves.
+    assert "Public Key Algorithm: rsaEncryption" in api and "Public-Key: (2048 bit)" in api
+    assert "Digital Signature, Key Encipherment" in api
     assert "Subject: O = system:masters, CN = admin" in text(out / "admin.pem")
     ca = text(out / "kubernetes.pem")
     assert "Subject: CN = kubernetes" in ca
     assert "CA:TRUE" in ca
+    assert "Public-Key: (2048 bit)" in ca
     assert "Certificate Sign, CRL Sign" in ca
     public = openssl("pkey", "-pubin", "-in", out / "service-account.pem", "-noout", "-text")
-    assert "prime256v1" in public.stdout
+    assert "Public-Key: (2048 bit)" in public.stdout
     matching = openssl("pkey", "-in", out / "service-account-key.pem", "-pubout").stdout
     assert matching == (out / "service-account.pem").read_text()
     for path in out.iterdir():
@@ -65,6 +68,84 @@ def test_generated_chain_sans_usages_and_modes(cli: Cli, catalog: Path, tmp_path
     assert bundle.count("schema: deckhand/CertificateKey/v1") == 2
     assert "schema: deckhand/CertificateAuthority/v1" in bundle
     assert "schema: deckhand/PrivateKey/v1" in bundle
+
+
+def test_ecdsa_is_one_line_away(cli: Cli, tmp_path: Path) -> None:
+    from tests.pki.conftest import CATALOG
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text("algorithm: ecdsa-p256\n" + CATALOG)
+    out = tmp_path / "pki"
+    generate(cli, catalog, "-o", out)
+    api = text(out / "apiserver.pem")
+    assert "ASN1 OID: prime256v1" in api and "Key Encipherment" not in api
+    assert "ASN1 OID: prime256v1" in text(out / "kubernetes.pem")
+
+
+def test_keys_made_before_the_rsa_default_are_kept(cli: Cli, tmp_path: Path) -> None:
+    """A PKI generated when ECDSA was the default: generating again from the same catalog (no
+    algorithm named) reuses every key and certificate; the default only shapes new keys. Only
+    a catalog that names another algorithm re-issues."""
+    from tests.pki.conftest import CATALOG
+
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text("algorithm: ecdsa-p256\n" + CATALOG)
+    out = tmp_path / "pki"
+    generate(cli, catalog, "-o", out)
+    before = snapshot(out)
+    catalog.write_text(CATALOG)
+    items = generate(cli, catalog, "-o", out)
+    assert {item["action"] for item in items.values()} == {"reused"}
+    assert snapshot(out) == before
+    catalog.write_text("algorithm: rsa-2048\n" + CATALOG)
+    named = cli("pki", "generate", catalog, "-o", out)
+    assert named.returncode != 0  # a signing keypair is never rotated silently
+    assert "service-account-key.pem is ecdsa-p256, the catalog asks for rsa-2048" in (
+        named.stdout + named.stderr)
+    catalog.write_text(CATALOG.replace("admin\n        groups", "admin\n        algorithm: "
+                                       "rsa-2048\n        groups"))
+    items = generate(cli, catalog, "-o", out)
+    assert items["admin"]["action"] == "reissued" and items["apiserver"]["action"] == "reused"
+    assert "Public-Key: (2048 bit)" in text(out / "admin.pem")
+
+
+def test_generate_restores_loosened_modes(cli: Cli, catalog: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    generate(cli, catalog, "-o", out)
+    (out / "admin-key.pem").chmod(0o644)
+    (out / "kubernetes-key.pem").chmod(0o640)
+    out.chmod(0o755)
+    result = cli("pki", "generate", catalog, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert f"restored  mode        {out / 'admin-key.pem'}  (was 0644, now 0600)" in result.stdout
+    assert f"restored  mode        {out}  (was 0755, now 0700)" in result.stdout
+    assert stat.S_IMODE((out / "admin-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "kubernetes-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    again = cli("pki", "generate", catalog, "-o", out)
+    assert "restored" not in again.stdout
+
+
+def test_generate_refuses_a_key_it_cannot_make_private(cli: Cli, catalog: Path,
+                                                       tmp_path: Path) -> None:
+    import os
+
+    out = tmp_path / "pki"
+    generate(cli, catalog, "-o", out)
+    before = snapshot(out)
+    os.chown(out / "admin-key.pem", 65534, 65534)  # another user owns it: it can read it
+    refused = cli("pki", "generate", catalog, "-o", out)
+    assert refused.returncode != 0
+    assert f"{out / 'admin-key.pem'} is owned by uid 65534" in refused.stderr
+    os.chown(out / "admin-key.pem", 0, 0)
+    elsewhere = tmp_path / "elsewhere-key.pem"
+    (out / "admin-key.pem").rename(elsewhere)
+    (out / "admin-key.pem").symlink_to(elsewhere)
+    refused = cli("pki", "generate", catalog, "-o", out)
+    assert refused.returncode != 0 and "is a symbolic link" in refused.stderr
+    (out / "admin-key.pem").unlink()
+    elsewhere.rename(out / "admin-key.pem")
+    assert snapshot(out) == before
 
 
 def _serve_once(server_ctx: ssl.SSLContext, listener: socket.socket, seen: dict[str, Any]) -> None:

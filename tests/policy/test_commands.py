@@ -326,3 +326,13 @@ def test_tenants_sync_on_a_port_it_cannot_listen_on_says_so(tmp_path: Path) -> N
                              str(kubeconfig), "--listen", listen)
             assert run.returncode == code, run.stderr
             assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_policy_check_refuses_a_registry_the_runtime_would_read_as_a_docker_hub_path(
+        tmp_path: Path) -> None:
+    dotless = tmp_path / "dotless.yaml"
+    dotless.write_text("registry_enforcer: {enabled: true, registries: [internal]}\n")
+    run = divingbell("policy", "check", "--config", str(dotless))
+    assert run.returncode == 2, run.stdout
+    assert "registry_enforcer.registries[0]" in run.stderr
+    assert "docker.io/internal/x" in run.stderr

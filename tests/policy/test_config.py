@@ -49,6 +49,10 @@ def test_the_issue_example_loads(tmp_path: Path) -> None:
     ("host_path_enforcer:\n  paths: [etc/x]\n", "must be an absolute path"),
     ("registry_enforcer: {enabled: true}\n", "would refuse every image"),
     ("registry_enforcer: {registries: ['https://r.example/']}\n", "is not a registry host"),
+    ("registry_enforcer: {enabled: true, registries: [internal]}\n",
+     "'internal' has no '.' or ':': the runtime reads 'internal/x' as docker.io/internal/x"),
+    ("registry_enforcer: {enabled: true, registries: [r.example.org, mirror]}\n",
+     "registry_enforcer.registries[1]"),
     ("host_path_enforcer:\n  prefixes: [/]\n", "would allow every host path"),
     ("host_path_enforcer:\n  paths: [etc/x]\n", "/policy.yaml:2)"),
     ("host_path_enforcer:\n  paths: [/data/../etc]\n", "write '/etc'"),
@@ -85,3 +89,10 @@ def test_paths_are_normalised_and_deduplicated(tmp_path: Path) -> None:
     config = load_policy(write(tmp_path, "host_auto_mounter:\n  enabled: true\n"
                                          "  paths: [/etc/ldap.conf, /etc/ldap.conf/]\n"))
     assert config.host_auto_mounter.paths == ["/etc/ldap.conf"]
+
+
+@pytest.mark.parametrize("registry", ["localhost", "localhost:5000", "internal:5000",
+                                      "registry.internal", "r.example.org:443"])
+def test_registry_hosts_a_runtime_reads_as_hosts_load(tmp_path: Path, registry: str) -> None:
+    text = f"registry_enforcer: {{enabled: true, registries: ['{registry}']}}\n"
+    assert load_policy(write(tmp_path, text)).registry_enforcer.registries == [registry]

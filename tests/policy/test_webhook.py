@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from divingbell.policy.admission import pointer, pointer_token
+from divingbell.policy.admission import image_allowed, pointer, pointer_token
 from divingbell.policy.config import PolicyConfig
 from divingbell.policy.kube import ClusterError
 from tests.policy.conftest import POLICY, RunningWebhook, start_webhook, tenant_cluster
@@ -225,6 +225,16 @@ def test_bad_images_are_refused_in_pods_and_every_workload(webhook: RunningWebho
                       .replace(f"{REGISTRY}.evil.example", REGISTRY)
                       .replace('"busybox"', f'"{REGISTRY}/busybox"'))
     assert webhook.client.post("/validate/registry", review(good))["allowed"]
+
+
+def test_an_images_registry_is_read_as_the_runtime_reads_it() -> None:
+    # The first component is a registry only with a '.' or ':' or as 'localhost'; otherwise
+    # the runtime pulls docker.io/<the whole name>.
+    assert not image_allowed("internal/evil:1", ["internal"])
+    assert image_allowed("localhost/x:1", ["localhost"])
+    assert image_allowed("internal:5000/x", ["internal:5000"])
+    assert image_allowed(f"{REGISTRY}/x", [REGISTRY])
+    assert not image_allowed(f"{REGISTRY}.evil.example/x", [REGISTRY])
 
 
 def test_ephemeral_container_images_are_checked(webhook: RunningWebhook) -> None:

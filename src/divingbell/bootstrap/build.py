@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from divingbell.bootstrap.design import Design, Node, Role
+from divingbell.bootstrap.design import Design, Node, Role, node_may_set
 from divingbell.errors import DivingbellError
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -38,8 +38,6 @@ PATHS = {
     "kubeconfig": "/etc/kubernetes/kubelet/kubeconfig",
     "kubelet_dropin": "/etc/systemd/system/kubelet.service.d/10-divingbell.conf",
     "containerd_config": "/etc/containerd/config.toml",
-    "api_cert": "/etc/kubernetes/pki/bootstrap-api.pem",
-    "api_key": "/etc/kubernetes/pki/bootstrap-api-key.pem",
 }
 
 
@@ -53,12 +51,12 @@ class BuildError(DivingbellError):
 
 @dataclass(frozen=True)
 class NodeCredentials:
+    """The CA and the node's own certificate and key: the only credential a script carries
+    (the API steps too ask as the node, so a node's script can act on that node alone)."""
+
     ca_pem: str
     cert_pem: str
     key_pem: str
-    # What the script uses for the API steps when not the node's own (pki.api_certificate).
-    api_cert_pem: str | None = None
-    api_key_pem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,8 +84,8 @@ _USER_ENV = _env()
 
 
 def read_credentials(pki_dir: Path, design: Design, hostname: str) -> NodeCredentials:
-    """The CA, the node's own certificate and key, and the API credential if the design names
-    one, from a `divingbell pki` directory or from its `certificates.yaml` bundle."""
+    """The CA and the node's own certificate and key, from a `divingbell pki` directory or from
+    its `certificates.yaml` bundle."""
     name = design.pki.node_certificate.format(hostname=hostname)
     pems, missing = _read_pems(pki_dir, {"ca": (design.pki.ca, "ca"), "cert": (name, "cert"),
                                          "key": (name, "key")})
@@ -97,21 +95,7 @@ def read_credentials(pki_dir: Path, design: Design, hostname: str) -> NodeCreden
             f"'system:node:{hostname}', groups: ['system:nodes'], hosts: [{hostname}]}} under "
             f"certificate_authorities.{design.pki.ca} in the catalog and run "
             "`divingbell pki generate`"])
-    api_cert, api_key = read_api_credential(pki_dir, design)
-    return NodeCredentials(pems["ca"], pems["cert"], pems["key"], api_cert, api_key)
-
-
-def read_api_credential(pki_dir: Path, design: Design) -> tuple[str | None, str | None]:
-    """`pki.api_certificate` (certificate, key), or (None, None) when the node's own is used."""
-    name = design.pki.api_certificate
-    if name is None:
-        return None, None
-    pems, missing = _read_pems(pki_dir, {"cert": (name, "cert"), "key": (name, "key")})
-    if missing:
-        raise BuildError([f"pki.api_certificate: {', '.join(missing)} not found: add "
-                          f"{{document_name: {name}, common_name: {name}, usages: [client]}} "
-                          "to the catalog (and RBAC letting it get and patch nodes)"])
-    return pems["cert"], pems["key"]
+    return NodeCredentials(pems["ca"], pems["cert"], pems["key"])
 
 
 _BUNDLE_SCHEMAS = {"ca": "deckhand/CertificateAuthority/v1", "cert": "deckhand/Certificate/v1",
@@ -157,14 +141,16 @@ def build_node_script(design: Design, node: Node, credentials: NodeCredentials, 
     role = design.roles[node.role]
     genesis = design.cluster.genesis == node.hostname
     static = {**role.labels.static, **node.labels.static, **(extra_static or {})}
-    dynamic = {**role.labels.dynamic, **node.labels.dynamic, **(extra_dynamic or {})}
-    own = credentials.api_cert_pem is None
+    wanted = {**role.labels.dynamic, **node.labels.dynamic, **(extra_dynamic or {})}
+    # The script asks as its node, which NodeRestriction lets set only some labels on itself;
+    # the others (node-role.kubernetes.io/...) are left for the fleet or an operator.
+    dynamic = {k: v for k, v in wanted.items() if node_may_set(k)}
+    left = {k: v for k, v in wanted.items() if not node_may_set(k)}
     context: dict[str, Any] = {
         "cluster": design.cluster, "node": node, "role": role, "role_name": node.role,
         "paths": PATHS, "api_server": design.cluster.api_endpoints[0],
-        "api_cert": PATHS["cert"] if own else PATHS["api_cert"],
-        "api_key": PATHS["key"] if own else PATHS["api_key"],
-        "static_labels": static, "dynamic_labels": dynamic,
+        "api_cert": PATHS["cert"], "api_key": PATHS["key"],
+        "static_labels": static, "dynamic_labels": wanted,
     }
     files = _node_files(design, node, role, credentials, context)
     runtime = design.cluster.container_runtime
@@ -188,6 +174,7 @@ def build_node_script(design: Design, node: Node, credentials: NodeCredentials, 
             "labels": dict(sorted(dynamic.items())),
             "annotations": {OWNED_ANNOTATION: ",".join(owned)}}}, separators=(",", ":"))
         if dynamic else "",
+        labels_left=json.dumps(dict(sorted(left.items())), separators=(",", ":")) if left else "",
         archive=_archive(files), **context)
     return BuiltScript(node.hostname, script_name, text, [(p, m) for p, (_, m) in files.items()])
 
@@ -204,9 +191,6 @@ def _node_files(design: Design, node: Node, role: Role, credentials: NodeCredent
         PATHS["kubelet_dropin"]: (_builtin("kubelet-dropin.conf.j2", context), "0644"),
         PATHS["containerd_config"]: (_builtin("containerd-config.toml.j2", context), "0644"),
     }
-    if credentials.api_cert_pem is not None and credentials.api_key_pem is not None:
-        files[PATHS["api_cert"]] = (credentials.api_cert_pem, "0644")
-        files[PATHS["api_key"]] = (credentials.api_key_pem, "0600")
     for repo in design.apt_repositories:
         files[f"/etc/apt/sources.list.d/divingbell-{repo.name}.sources"] = (
             _builtin("apt.sources.j2", {**context, "repo": repo}), "0644")

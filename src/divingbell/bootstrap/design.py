@@ -48,6 +48,13 @@ def label_problem(key: str, value: str) -> str | None:
     return None
 
 
+def node_may_set(key: str) -> bool:
+    """A label a node's own credential may set on its Node (NodeRestriction): anything outside
+    kubernetes.io/k8s.io, and the kubelet's own there."""
+    return not is_protected(key) or key in KUBELET_ALLOWED or key.startswith(
+        KUBELET_ALLOWED_PREFIXES)
+
+
 def is_protected(key: str) -> bool:
     """Labels in the kubernetes.io and k8s.io domains belong to Kubernetes: never removed."""
     domain = key.rpartition("/")[0]
@@ -82,8 +89,7 @@ class Labels(_Strict):
     @classmethod
     def _kubelet_may_set(cls, value: dict[str, str]) -> dict[str, str]:
         for key in value:
-            if is_protected(key) and key not in KUBELET_ALLOWED and not key.startswith(
-                    KUBELET_ALLOWED_PREFIXES):
+            if not node_may_set(key):
                 raise ValueError(f"the kubelet may not set {key!r} on its own Node: put it "
                                  "under labels.dynamic")
         return value
@@ -241,10 +247,21 @@ class Pki(_Strict):
     ca: str = "kubernetes"
     node_certificate: str = Field(default="kubelet-{hostname}",
                                   description="The node's certificate in the PKI directory")
-    # With the API server's NodeRestriction admission, a node may not label itself under
-    # kubernetes.io/ (node-role.kubernetes.io/...): name a certificate that RBAC lets get and
-    # patch nodes, and the scripts use it for the wait and the labels.
+    # Once a certificate every script carried for the wait and the labels: refused now (one
+    # node's copy could patch every Node). Kept as a field so the refusal says why.
     api_certificate: str | None = None
+
+    @field_validator("api_certificate")
+    @classmethod
+    def _no_shared_credential(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError(
+                "every join script would carry this one credential, so whoever holds one node "
+                "could patch every Node: remove it. Scripts ask as their node (NodeRestriction "
+                "lets it label only itself); labels under kubernetes.io/ (node-role...) are "
+                "applied by the fleet (PUT /v1/nodes/{name}/labels) or `divingbell bootstrap "
+                "labels` with an operator's kubeconfig")
+        return value
 
 
 class Node(_Strict):

@@ -20,8 +20,6 @@ from divingbell.bootstrap.build import (
     BuildError,
     NodeCredentials,
     build_node_script,
-    read_api_credential,
-    read_credentials,
 )
 from divingbell.bootstrap.design import (
     HOSTNAME,
@@ -141,14 +139,13 @@ def join_script(design_paths: Sequence[Path], pki_dir: Path, *, hostname: str, i
 
 
 def _credentials(pki_dir: Path, design: Design, node: Node) -> NodeCredentials:
-    """The node's certificate from the PKI directory; for a host the catalog does not list,
-    one issued now from the cluster CA (like Promenade's join-scripts API), never stored."""
-    try:
-        return read_credentials(pki_dir, design, node.hostname)
-    except BuildError:
-        ca_cert, ca_key = pki_dir / f"{design.pki.ca}.pem", pki_dir / f"{design.pki.ca}-key.pem"
-        if not (ca_cert.is_file() and ca_key.is_file()):
-            raise
+    """A key and certificate issued now from the cluster CA (like Promenade's join-scripts
+    API) and never stored, so no node key is ever handed out twice: not even the catalog's
+    own `kubelet-<node>` key, which stays for `bootstrap build` (scripts an operator copies)."""
+    ca_cert, ca_key = pki_dir / f"{design.pki.ca}.pem", pki_dir / f"{design.pki.ca}-key.pem"
+    if not (ca_cert.is_file() and ca_key.is_file()):
+        raise BuildError([f"pki: {ca_cert.name} and {ca_key.name} are needed in {pki_dir}: the "
+                          "fleet issues each node's key itself, and never serves a stored one"])
     from divingbell.pki import crypto
 
     authority = crypto.read_cert(ca_cert)
@@ -157,9 +154,8 @@ def _credentials(pki_dir: Path, design: Design, node: Node) -> NodeCredentials:
                                  (node.hostname,), (node.ip,), ("server", "client"))
     cert = crypto.issue_leaf(profile, key.public_key(), authority, crypto.read_key(ca_key),
                              NODE_CERT_DAYS, datetime.datetime.now(datetime.UTC))
-    api_cert, api_key = read_api_credential(pki_dir, design)
     return NodeCredentials(ca_cert.read_text(), crypto.cert_pem(cert).decode(),
-                           crypto.key_pem(key).decode(), api_cert, api_key)
+                           crypto.key_pem(key).decode())
 
 
 def validate_design(text: str) -> Reply:

@@ -147,12 +147,17 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               "(default: the discovery image from --assets).")
 @click.option("--boot-token-ttl", default="15m", show_default=True, metavar="DURATION",
               help="Lifetime of the bootstrap token a network boot carries (it only registers).")
+@click.option("--slot-concurrency", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Maintenance slots per group for a machine served no document (with one, "
+              "its maintenance.reboot.concurrency decides; never the claimer).")
+@click.option("--slot-ttl-max", default="4h", show_default=True, metavar="DURATION",
+              help="The longest a slot claim or renewal may hold a slot for.")
 @bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
           workers: int, no_migrate: bool, log_level: str, assets: str | None,
           public_url: str | None, boot_profiles: str | None, boot_token_ttl: str,
-          **bootstrap_settings: Any) -> None:
+          slot_concurrency: int, slot_ttl_max: str, **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -179,6 +184,10 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
         ttl = parse_duration(install_ttl).total_seconds()
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--install-ttl") from None
+    try:
+        slot_ttl = parse_duration(slot_ttl_max).total_seconds()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--slot-ttl-max") from None
     boot_ttl = _check_boot_options(public_url, boot_profiles, boot_token_ttl)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -187,7 +196,8 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              reports_kept=reports_kept, migrate_at_start=not no_migrate,
                              assets_dir=assets, public_url=public_url,
                              boot_profiles=boot_profiles, boot_token_ttl_seconds=boot_ttl,
-                             **bootstrap_settings)
+                             slot_concurrency=slot_concurrency,
+                             slot_ttl_max_seconds=slot_ttl, **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
     common: dict[str, Any] = {"host": host, "port": port, "log_config": None,
                               "access_log": False, "ssl_certfile": tls_cert,
@@ -538,8 +548,9 @@ def backup(db_url: str, file: Path) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write to this file (0600) instead of standard output.")
 def export(db_url: str, output: Path | None) -> None:
-    """Print machines, roles and revisions as replayable JSON (see `fleet import`). Carries
-    credential hashes, never credentials: keep the file private."""
+    """Print the store as replayable JSON (see `fleet import`): every table (machines and
+    their history, reports, revisions, rollouts, leases, audit events, settings) except tokens
+    and UI sessions. Carries credential hashes, never credentials: keep the file private."""
     from divingbell.fleet.backup import export as make_export
     from divingbell.fleet.client import write_secret
 
@@ -557,8 +568,9 @@ def export(db_url: str, output: Path | None) -> None:
 @_db_option
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def import_cmd(db_url: str, file: Path) -> None:
-    """Replay an export into the store (for example, SQLite into PostgreSQL). Revisions are
-    validated again; machines are matched by UUID. All or nothing."""
+    """Replay an export into the store (for example, SQLite into PostgreSQL), all or nothing.
+    Meant for an empty store: a row already there must be identical (replaying the same export
+    adds nothing). Stop the old service first: live slots and grants move with the export."""
     from divingbell.fleet.backup import BackupError, import_
 
     try:
@@ -572,7 +584,9 @@ def import_cmd(db_url: str, file: Path) -> None:
         raise click.ClickException(f"import failed, nothing changed: {exc}") from None
     finally:
         db.dispose()
-    click.echo(f"imported {counts['revisions']} revision(s), {counts['machines']} machine(s)")
+    added = ", ".join(f"{table} {count}" for table, count in counts.items() if count)
+    click.echo(f"imported {sum(counts.values())} row(s)" + (f": {added}" if added else
+                                                             " (all already there)"))
 
 
 @fleet.command()

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from itertools import accumulate
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,7 +37,7 @@ from divingbell.fleet.api import (
     slots,
     ui,
 )
-from divingbell.fleet.db import Database, redact
+from divingbell.fleet.db import Database, StoreReplaced, redact
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.settings import FleetSettings
 
@@ -133,6 +136,61 @@ class RequestLog:
                 "client": client[0] if client else None, "caller": principal}))
 
 
+MAX_JSON_DEPTH = 64
+"""As deep as a document may nest (document/loader.py): no request body needs more."""
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+
+
+def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when a body that looks like JSON nests arrays/objects deeper than `limit`
+    (brackets inside strings do not count). Python's parser would otherwise recurse until a
+    RecursionError."""
+    start = body.lstrip()[:1]
+    if start not in (b"[", b"{") or body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    # Each bracket outside strings becomes a signed step (+1 opens, -1 closes); the running
+    # sum is the depth. Done by translate, array and accumulate, not a Python loop per byte.
+    steps = array("b", _JSON_STRING.sub(b'""', body).translate(_DEPTH_STEPS, _NOT_BRACKETS))
+    return max(accumulate(steps), default=0) > limit
+
+
+class JsonDepthGuard:
+    """Every POST/PUT/PATCH body that looks like JSON is checked for depth before any route
+    parses it: 422 naming `body` instead of a parser's RecursionError (a 500). One guard for
+    every route, including those that parse their body themselves."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        if json_too_deep(b"".join(chunks)):
+            response = JSONResponse({"detail": {
+                "error": "too-deep", "field": "body",
+                "message": f"JSON nested deeper than {MAX_JSON_DEPTH} levels"}}, status_code=422)
+            await response(scope, receive, send)
+            return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
 def _field(loc: Any) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     out = ""
@@ -182,8 +240,11 @@ def create_app(settings: FleetSettings) -> FastAPI:
     @app.get("/readyz", tags=["probes"])
     def readyz(request: Request) -> JSONResponse:
         """Ready: the store answers and its schema is at the migrations' head."""
+        db: Database = request.app.state.db
+        problem = db.store_problem()
+        if problem is not None:
+            return JSONResponse({"ready": False, "reason": problem}, status_code=503)
         try:
-            db: Database = request.app.state.db
             with db.engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
             current = migrations.current(db.engine)
@@ -225,6 +286,11 @@ def create_app(settings: FleetSettings) -> FastAPI:
         return JSONResponse({"detail": {"error": "invalid-value", "message":
                                         "a value the store cannot hold"}}, status_code=422)
 
+    @app.exception_handler(StoreReplaced)
+    async def store_replaced(_: Request, exc: StoreReplaced) -> JSONResponse:
+        return JSONResponse({"detail": {"error": "store-replaced", "message": str(exc)}},
+                            status_code=503, headers={"Retry-After": "30"})
+
     @app.exception_handler(OperationalError)
     async def store_down(_: Request, exc: OperationalError) -> JSONResponse:
         log.error("store error: %s", type(exc.orig).__name__)
@@ -232,6 +298,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
                                         "message": "the store is unavailable; retry"}},
                             status_code=503, headers={"Retry-After": "5"})
 
+    app.add_middleware(JsonDepthGuard)
     app.add_middleware(RequestLog, metrics=metrics)
     return app
 

@@ -252,11 +252,13 @@ class FleetClient:
 
     # Maintenance slots -----------------------------------------------------------------------
 
-    def claim_slot(self, holder: str, group: str = "default", slots: int = 1,
-                   ttl_seconds: float = 600.0) -> dict[str, Any]:
-        """The held slot; raises FleetApiError(409, {"error": "no-free-slot", ...}) if none."""
+    def claim_slot(self, holder: str, group: str = "default", ttl_seconds: float = 600.0,
+                   **extra: Any) -> dict[str, Any]:
+        """The held slot; raises FleetApiError(409, {"error": "no-free-slot", ...}) if none.
+        How many slots `group` has is the service's to say (`extra` only for tests that
+        send what an older or hostile claimer would)."""
         result: dict[str, Any] = self.call("POST", "/v1/slots/claim", {
-            "group": group, "holder": holder, "slots": slots, "ttl_seconds": ttl_seconds})
+            "group": group, "holder": holder, "ttl_seconds": ttl_seconds, **extra})
         return result
 
     def renew_slot(self, slot: str, holder: str, ttl_seconds: float = 600.0) -> dict[str, Any]:

@@ -7,6 +7,7 @@ concurrent writers queue instead of failing. PostgreSQL URLs (`postgresql://...`
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+log = logging.getLogger("divingbell.fleet")
+
+
+class StoreReplaced(Exception):
+    """The SQLite file this service opened was removed or replaced while it ran: its open
+    connections still write to the old file, which nothing will read again."""
 
 
 def normalise_url(url: str) -> str:
@@ -62,6 +69,34 @@ class Database:
         # never depends on this lock.
         self._writer: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if self.sqlite else contextlib.nullcontext())
+        database = make_url(self.url).database if self.sqlite else None
+        self._file = Path(database) if database and database != ":memory:" else None
+        self._identity = _identity(self._file) if self._file is not None else None
+        self._reported = False
+
+    def store_problem(self) -> str | None:
+        """Why this SQLite store can no longer be trusted (its file removed or replaced since
+        it was opened), logged once; None while it is the file it was (and for PostgreSQL)."""
+        if self._file is None:
+            return None
+        try:
+            found = _identity(self._file)
+        except FileNotFoundError:
+            problem = f"the store file {self._file} was removed while the service ran"
+        else:
+            if found == self._identity:
+                return None
+            problem = f"the store file {self._file} was replaced while the service ran"
+        problem += ": writes are refused; restart the service (and restore the file if lost)"
+        if not self._reported:
+            self._reported = True
+            log.error("%s", problem)
+        return problem
+
+    def _check_store(self) -> None:
+        problem = self.store_problem()
+        if problem is not None:
+            raise StoreReplaced(problem)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -71,6 +106,7 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         with self._writer, self._write() as session, session.begin():
+            self._check_store()
             yield session
 
     @contextmanager
@@ -88,12 +124,18 @@ class Database:
     @contextmanager
     def write_conn(self) -> Iterator[Connection]:
         with self._writer, self.write_engine.begin() as connection:
+            self._check_store()
             yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()
         if self.write_engine is not self.engine:
             self.write_engine.dispose()
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
 
 
 def _make_engine(url: str, *, immediate: bool) -> Engine:

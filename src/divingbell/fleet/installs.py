@@ -52,6 +52,7 @@ def grant_install(session: Session, machine: Machine, settings: FleetSettings
         raise ApiError(409, {"granted": False, "reason": "throttle-full",
                              "retry_after": max(1, int((soonest - now).total_seconds()) + 1),
                              "installing": [h.holder for h in result.holders]})
+    assert isinstance(result, leases.Held)  # install grants are not one per holder
     transition(session, machine, states.INSTALLING,
                f"install grant {result.name} until {iso(result.expires_at)}", now)
     return result

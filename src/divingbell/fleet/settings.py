@@ -35,9 +35,18 @@ class FleetSettings:
     """A YAML file of boot profiles (fleet/boot.py BootProfiles); default: the discovery image."""
     boot_token_ttl_seconds: float = 900.0
     """Lifetime of the bootstrap token a network boot carries (it can only register)."""
+    slot_concurrency: int = 1
+    """Maintenance slots per group when the claimer is served no document (with one, its
+    `maintenance.reboot.concurrency` decides): never the claimer's own number."""
+    slot_ttl_max_seconds: float = 4 * 3600.0
+    """A slot claim or renewal asking for longer gets this (a holder renews while it works)."""
 
     def __post_init__(self) -> None:
         if self.control_plane_size not in (1, 3, 5, 7):
             raise ValueError("control_plane_size must be an odd quorum: 1, 3, 5 or 7")
         if self.install_parallel < 1:
             raise ValueError("install_parallel must be at least 1")
+        if not 1 <= self.slot_concurrency <= 1000:
+            raise ValueError("slot_concurrency must be between 1 and 1000")
+        if self.slot_ttl_max_seconds <= 0:
+            raise ValueError("slot_ttl_max_seconds must be positive")

@@ -190,11 +190,14 @@ class FleetSlots:
         self.client = client
 
     def claim(self, group: str, holder: str, slots: int, ttl: float) -> ClaimResult:
+        """`slots` is not sent: the service decides a group's count (the document it serves
+        this machine says the same) and caps `ttl`."""
         status, body = self._ask("POST", "/v1/slots/claim", {
-            "group": group, "holder": holder, "slots": slots, "ttl_seconds": round(ttl, 3)},
-            ok=(409,))
+            "group": group, "holder": holder, "ttl_seconds": round(ttl, 3)}, ok=(409,))
         if status == 409:
             detail = body.get("detail") if isinstance(body, dict) else None
+            if isinstance(detail, dict) and detail.get("error") == "holds-another-slot":
+                raise SlotError(str(detail.get("message", "holds another slot")))
             holders = detail.get("holders", []) if isinstance(detail, dict) else []
             return ClaimResult(None, [_fleet_slot(h) for h in holders])
         return ClaimResult(_fleet_slot(body), [], body.get("taken_over_from"))

@@ -127,7 +127,10 @@ class WrappedCatalog(_Strict):
     data: CatalogData
 
 
-DEFAULT_ALGORITHM: Algorithm = "ecdsa-p256"
+DEFAULT_ALGORITHM: Algorithm = "rsa-2048"
+"""Promenade's (cfssl's) and kubeadm's: RSA 2048, so leaves get Key Encipherment too. A catalog
+says `algorithm: ecdsa-p256` for ECDSA. The default shapes new keys only: an existing key of
+another algorithm is kept unless the catalog names one (an upgrade never rotates a CA)."""
 DEFAULT_VALIDITY_DAYS = 365
 DEFAULT_CA_VALIDITY_DAYS = 3650
 
@@ -139,6 +142,8 @@ class Certificate:
     algorithm: Algorithm
     validity_days: int
     location: str | None
+    algorithm_stated: bool = False
+    """The catalog names the algorithm (else it is the default, for new keys only)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,7 @@ class Authority:
     algorithm: Algorithm
     validity_days: int
     location: str | None
+    algorithm_stated: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,7 @@ class Keypair:
     name: str
     algorithm: Algorithm
     location: str | None
+    algorithm_stated: bool = False
 
 
 @dataclass
@@ -243,19 +250,21 @@ def _merge(parts: Iterable[tuple[Loaded, PathKey, CatalogData]]) -> Catalog:
                 catalog.authorities[ca_name] = Authority(
                     ca_name, ca.description, ca.algorithm or default_algorithm,
                     ca.validity_days or data.ca_validity_days or DEFAULT_CA_VALIDITY_DAYS,
-                    loaded.location(ca_path))
+                    loaded.location(ca_path), bool(ca.algorithm or data.algorithm))
             for index, cert in enumerate(ca.certificates):
                 cert_path = (*ca_path, "certificates", index, "document_name")
                 if claim(cert.document_name, cert_path, loaded):
                     catalog.certificates.append(Certificate(
                         cert, ca_name, cert.algorithm or ca.algorithm or default_algorithm,
                         cert.validity_days or data.validity_days or DEFAULT_VALIDITY_DAYS,
-                        loaded.location(cert_path)))
+                        loaded.location(cert_path),
+                        bool(cert.algorithm or ca.algorithm or data.algorithm)))
         for index, keypair in enumerate(data.keypairs):
             path = (*prefix, "keypairs", index, "name")
             if claim(keypair.name, path, loaded):
                 catalog.keypairs.append(Keypair(
-                    keypair.name, keypair.algorithm or default_algorithm, loaded.location(path)))
+                    keypair.name, keypair.algorithm or default_algorithm, loaded.location(path),
+                    bool(keypair.algorithm or data.algorithm)))
     if problems:
         raise DocumentError(problems)
     return catalog

@@ -9,6 +9,8 @@ Nothing is written until every existing file has been read and checked.
 from __future__ import annotations
 
 import datetime
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,9 @@ DEFAULT_RENEWAL_DAYS = 30
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: str      # "ca" | "certificate" | "keypair"
+    kind: str      # "ca" | "certificate" | "keypair" | "mode"
     name: str
-    action: str    # "created" | "reused" | "reissued"
+    action: str    # "created" | "reused" | "reissued" | "restored"
     reason: str
 
     def as_dict(self) -> dict[str, str]:
@@ -57,6 +59,7 @@ def generate(catalog: Catalog, out: Path, *, renewal_days: float = DEFAULT_RENEW
     names = [*catalog.authorities, *(c.spec.document_name for c in catalog.certificates),
              *(k.name for k in catalog.keypairs)]
     _check_half_pairs(out, names)
+    modes = _mode_fixes(out, names)
     pending = _Pending({})
     outcomes: list[Outcome] = []
     authorities: dict[str, tuple[x509.Certificate, PrivateKey]] = {}
@@ -70,6 +73,10 @@ def generate(catalog: Catalog, out: Path, *, renewal_days: float = DEFAULT_RENEW
     for keypair in catalog.keypairs:
         outcomes.append(_keypair(out, keypair, pending))
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path, mode, was in modes:
+        path.chmod(mode)
+        outcomes.append(Outcome("mode", str(path), "restored",
+                                f"was {was:04o}, now {mode:04o}"))
     for path, (data, mode) in pending.files.items():
         crypto.write_file(path, data, mode)
     write_bundle(out)
@@ -88,6 +95,37 @@ def _check_half_pairs(out: Path, names: list[str]) -> None:
         raise PkiError(problems)
 
 
+def _mode_fixes(out: Path, names: list[str]) -> list[tuple[Path, int, int]]:
+    """The directory (0700) and every private key and the bundle (0600) someone loosened:
+    (path, mode wanted, mode found), restored once everything is decided. A key this user does
+    not own, or a link, is refused: its owner or the link's target can be read by others no
+    matter what mode this sets."""
+    if not out.exists():
+        return []
+    problems: list[str] = []
+    fixes: list[tuple[Path, int, int]] = []
+    secrets = [out / f"{name}-key.pem" for name in names] + [out / BUNDLE]
+    for path, wanted in [(out, 0o700), *((p, 0o600) for p in secrets)]:
+        try:
+            found = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(found.st_mode):
+            problems.append(f"{path} is a symbolic link: keys must be regular files in the "
+                            "directory; replace the link with the file")
+            continue
+        if found.st_uid != os.geteuid():
+            problems.append(f"{path} is owned by uid {found.st_uid}, not by the user generating "
+                            f"(uid {os.geteuid()}): chown it, or remove it to generate anew")
+            continue
+        mode = stat.S_IMODE(found.st_mode)
+        if mode & 0o077:
+            fixes.append((path, wanted, mode))
+    if problems:
+        raise PkiError(problems)
+    return fixes
+
+
 def _authority(out: Path, authority: Authority, now: datetime.datetime,
                window: datetime.datetime, pending: _Pending
                ) -> tuple[x509.Certificate, PrivateKey, Outcome]:
@@ -99,7 +137,7 @@ def _authority(out: Path, authority: Authority, now: datetime.datetime,
         reason = _ca_mismatch(cert, key, authority, window)
         if reason == "":
             return cert, key, Outcome("ca", authority.name, "reused", "matches the catalog")
-        if crypto.key_algorithm(key) != authority.algorithm:
+        if _algorithm_differs(key, authority.algorithm, authority.algorithm_stated):
             key = None
     fresh = key is None
     if key is None:
@@ -121,9 +159,15 @@ def _ca_mismatch(cert: x509.Certificate, key: PrivateKey, authority: Authority,
         return f"not a CA with subject CN={authority.name}"
     if not crypto.signed_by(cert, cert):
         return "not self-signed"
-    if crypto.key_algorithm(key) != authority.algorithm:
+    if _algorithm_differs(key, authority.algorithm, authority.algorithm_stated):
         return f"key is {crypto.key_algorithm(key)}, the catalog asks for {authority.algorithm}"
     return _expiry(cert, window)
+
+
+def _algorithm_differs(key: PrivateKey, wanted: str, stated: bool) -> bool:
+    """Only an algorithm the catalog names replaces a key: the default is for new keys (keys
+    made under an older default are kept, never rotated by an upgrade)."""
+    return stated and crypto.key_algorithm(key) != wanted
 
 
 def _expiry(cert: x509.Certificate, window: datetime.datetime) -> str:
@@ -145,10 +189,10 @@ def _certificate(out: Path, certificate: Certificate, ca_cert: x509.Certificate,
     reason = "new"
     if cert_path.exists():
         cert, key = crypto.read_cert(cert_path), crypto.read_key(key_path)
-        reason = _leaf_mismatch(cert, key, profile, ca_cert, certificate.algorithm, window)
+        reason = _leaf_mismatch(cert, key, profile, ca_cert, certificate, window)
         if reason == "":
             return Outcome("certificate", spec.document_name, "reused", "matches the catalog")
-        if crypto.key_algorithm(key) != certificate.algorithm:
+        if _algorithm_differs(key, certificate.algorithm, certificate.algorithm_stated):
             key = None
     if key is None:
         key = crypto.new_key(certificate.algorithm)
@@ -161,7 +205,8 @@ def _certificate(out: Path, certificate: Certificate, ca_cert: x509.Certificate,
 
 
 def _leaf_mismatch(cert: x509.Certificate, key: PrivateKey, profile: crypto.LeafProfile,
-                   ca_cert: x509.Certificate, algorithm: str, window: datetime.datetime) -> str:
+                   ca_cert: x509.Certificate, certificate: Certificate,
+                   window: datetime.datetime) -> str:
     if not crypto.same_public_key(crypto.public_key_of(cert), key.public_key()):
         return "its key does not match the certificate"
     found = crypto.leaf_profile(cert)
@@ -176,8 +221,9 @@ def _leaf_mismatch(cert: x509.Certificate, key: PrivateKey, profile: crypto.Leaf
                 f"{', '.join(profile.usages)}")
     if cert.issuer != ca_cert.subject or not crypto.signed_by(cert, ca_cert):
         return f"not signed by the current CA {ca_cert.subject.rfc4514_string()}"
-    if crypto.key_algorithm(key) != algorithm:
-        return f"key is {crypto.key_algorithm(key)}, the catalog asks for {algorithm}"
+    if _algorithm_differs(key, certificate.algorithm, certificate.algorithm_stated):
+        return (f"key is {crypto.key_algorithm(key)}, the catalog asks for "
+                f"{certificate.algorithm}")
     return _expiry(cert, window)
 
 
@@ -188,7 +234,7 @@ def _keypair(out: Path, keypair: Keypair, pending: _Pending) -> Outcome:
         if not crypto.same_public_key(public, key.public_key()):
             raise PkiError([f"{public_path} is not the public half of {key_path}: restore the "
                             "right file, or remove both to generate a new keypair"])
-        if crypto.key_algorithm(key) != keypair.algorithm:
+        if _algorithm_differs(key, keypair.algorithm, keypair.algorithm_stated):
             # Rotating a signing key invalidates what it signed: never done silently.
             raise PkiError([f"{key_path} is {crypto.key_algorithm(key)}, the catalog asks for "
                             f"{keypair.algorithm}: remove {public_path.name} and "

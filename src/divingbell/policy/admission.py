@@ -189,9 +189,19 @@ def containers(spec: Mapping[str, Any], spec_path: Sequence[str],
 
 # RegistryEnforcer --------------------------------------------------------------------------
 
+def image_registry(image: str) -> str:
+    """The registry a container runtime pulls `image` from: its first component when that has
+    a `.` or `:` or is `localhost` (the distribution reference rule), else Docker Hub."""
+    first, slash, _ = image.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return "docker.io"
+
+
 def image_allowed(image: str, registries: Sequence[str]) -> bool:
-    """Exact registry host, then `/`: `reg.example.org.evil/x` is not `reg.example.org`."""
-    return any(image.startswith(registry + "/") for registry in registries)
+    """The exact registry host: `reg.example.org.evil/x` is not `reg.example.org`, and
+    `internal/x` is Docker Hub's, not a registry called `internal`."""
+    return image_registry(image) in registries
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,16 @@ import posixpath
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from divingbell.policy.schema_errors import load_model
 
@@ -92,17 +99,22 @@ class UidEnforcerConf(_Scoped):
     allow_host_namespaces: bool = False
 
 
-class RegistryEnforcerConf(_Scoped):
-    registries: list[str] = Field(default_factory=list)
+def _registry_host(registry: str) -> str:
+    if not _REGISTRY.match(registry):
+        raise ValueError(f"{registry!r} is not a registry host (like "
+                         "registry.example.org or registry.example.org:5000)")
+    if "." not in registry and ":" not in registry and registry != "localhost":
+        # A runtime reads a first component without them as a Docker Hub path.
+        raise ValueError(
+            f"{registry!r} has no '.' or ':': the runtime reads '{registry}/x' as "
+            f"docker.io/{registry}/x, so images from Docker Hub would pass; name the "
+            f"host fully (like {registry}.example.org) or with its port ({registry}:5000)")
+    return registry
 
-    @field_validator("registries")
-    @classmethod
-    def _hosts(cls, value: list[str]) -> list[str]:
-        for registry in value:
-            if not _REGISTRY.match(registry):
-                raise ValueError(f"{registry!r} is not a registry host (like "
-                                 "registry.example.org or registry.example.org:5000)")
-        return value
+
+class RegistryEnforcerConf(_Scoped):
+    registries: list[Annotated[str, AfterValidator(_registry_host)]] = Field(
+        default_factory=list)
 
     @model_validator(mode="after")
     def _needs_registries(self) -> RegistryEnforcerConf:

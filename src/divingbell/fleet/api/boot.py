@@ -174,6 +174,7 @@ def ipxe(request: Request, uuid: str | None = None, mac: str | None = None,
 
 
 AssetPath = Annotated[str, PathParam(max_length=1024)]
+NAME_MAX = 255
 
 
 @router.get("/v1/assets/{path:path}")
@@ -186,8 +187,13 @@ def asset(path: AssetPath, request: Request) -> Response:
     # The path is checked as text (no "..", no hidden files, no absolute path); symlinks the
     # operator put in the directory are followed.
     target = Path(directory) / path
-    if not ASSET_PATH.match(path) or any(part.startswith(".") for part in path.split("/")) \
+    parts = path.split("/")
+    if any(len(part.encode()) > NAME_MAX for part in parts):  # stat would say ENAMETOOLONG
+        raise ApiError(404, {"error": "not-found", "field": "path", "path": path[:200],
+                             "message": f"no such asset: a path component is longer than "
+                                        f"{NAME_MAX} bytes"})
+    if not ASSET_PATH.match(path) or any(part.startswith(".") for part in parts) \
             or not target.is_file():
-        raise ApiError(404, {"error": "not-found", "path": path[:200],
+        raise ApiError(404, {"error": "not-found", "field": "path", "path": path[:200],
                              "message": "no such asset"})
     return FileResponse(target, media_type="application/octet-stream")

@@ -220,7 +220,9 @@ class SlotClaim(Strict):
     group: Name = "default"
     holder: Annotated[str, Field(min_length=1, max_length=128)]
     slots: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Ignored (older agents send it): the service decides a group's slot count."""
     ttl_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 600.0
+    """Capped by the service (`slot_ttl_max_seconds`)."""
 
 
 class SlotRenew(Strict):

@@ -8,10 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 
 from divingbell.fleet import leases, service
+from divingbell.fleet import slots as fleet_slots
 from divingbell.fleet.api.schemas import SlotClaim, SlotRelease, SlotRenew
 from divingbell.fleet.auth import Admin, CurrentPrincipal, Principal, Reader
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import utcnow
+from divingbell.fleet.settings import FleetSettings
 
 router = APIRouter(prefix="/v1/slots", tags=["slots"])
 log = logging.getLogger("divingbell.fleet")
@@ -29,15 +31,27 @@ def _may_hold(principal: Principal, holder: str) -> None:
 
 @router.post("/claim")
 def claim(body: SlotClaim, request: Request, principal: CurrentPrincipal) -> dict[str, Any]:
-    """Take one of `slots` slots of `group` for `ttl_seconds`. Claiming again while holding
-    one renews and returns it; an expired slot is taken over (`taken_over_from`)."""
+    """Take one of the slots of `group` for `ttl_seconds` (capped by the service). How many
+    slots a group has is the service's to say: the claimer's served document
+    (`maintenance.reboot.concurrency`), else the fleet's `slot_concurrency`; the `slots`
+    field is ignored. Claiming again while holding one renews and returns it; a holder has one
+    slot at a time (409 `holds-another-slot`); an expired slot is taken over
+    (`taken_over_from`)."""
     _may_hold(principal, body.holder)
+    settings: FleetSettings = request.app.state.settings
+    ttl = fleet_slots.capped_ttl(body.ttl_seconds, settings)
     with request.app.state.db.write() as session:
-        result = leases.claim(session, service.SLOT, body.group, body.slots, body.holder,
-                              body.ttl_seconds, utcnow())
+        count = fleet_slots.slot_count(session, body.holder, settings)
+        result = leases.claim(session, service.SLOT, body.group, count, body.holder, ttl,
+                              utcnow(), one_per_holder=True)
         if isinstance(result, leases.Busy):
-            raise ApiError(409, {"error": "no-free-slot",
+            raise ApiError(409, {"error": "no-free-slot", "slots": count,
                                  "holders": [service.lease_dict(h) for h in result.holders]})
+        if isinstance(result, leases.HoldsAnother):
+            raise ApiError(409, {"error": "holds-another-slot", "field": "group",
+                                 "slot": result.held.name,
+                                 "message": f"{body.holder} already holds slot "
+                                            f"{result.held.name}: release it first"})
         if result.taken_over_from:
             log.warning("slot %s taken over from %s (expired) by %s", result.name,
                         result.taken_over_from, result.holder)
@@ -49,8 +63,9 @@ def renew(group: Group, index: Index, body: SlotRenew, request: Request,
           principal: CurrentPrincipal) -> dict[str, Any]:
     _may_hold(principal, body.holder)
     with request.app.state.db.write() as session:
-        held = leases.renew(session, service.SLOT, group, index, body.holder, body.ttl_seconds,
-                            utcnow())
+        held = leases.renew(session, service.SLOT, group, index, body.holder,
+                            fleet_slots.capped_ttl(body.ttl_seconds,
+                                                   request.app.state.settings), utcnow())
         if held is None:
             raise ApiError(409, {"error": "not-holder", "field": "holder",
                                  "message": f"{body.holder} does not hold slot {group}/{index}"})

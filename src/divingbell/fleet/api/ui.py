@@ -15,6 +15,7 @@ import secrets
 from datetime import timedelta
 from pathlib import Path as FsPath
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -38,6 +39,14 @@ router = APIRouter(include_in_schema=False)
 templates = Environment(loader=FileSystemLoader(HERE / "templates"),
                         autoescape=select_autoescape(["html"]), auto_reload=False)
 static = StaticFiles(directory=HERE / "static")
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
+"""Every page, the login page included."""
+LOGIN_COOKIE = "divingbell_login"
+LOGIN_MINUTES = 60
 
 
 def _page(request: Request, template: str, page: str, title: str, principal: Principal,
@@ -46,11 +55,7 @@ def _page(request: Request, template: str, page: str, title: str, principal: Pri
         page=page, title=title, role=principal.role, who=principal.id,
         csrf=getattr(request.state, "csrf", ""), url_prefix=request.scope.get("root_path", ""),
         data=data or {})
-    return HTMLResponse(html, headers={
-        "Cache-Control": "no-store",
-        "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                                   "frame-ancestors 'none'",
-        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"})
+    return HTMLResponse(html, headers=PAGE_HEADERS)
 
 
 def _who(request: Request) -> Principal | None:
@@ -62,15 +67,48 @@ def _login_redirect(request: Request) -> RedirectResponse:
 
 
 @router.get("/ui/login", response_class=HTMLResponse)
-def login_form(request: Request, error: str = "") -> HTMLResponse:
+def login_page(request: Request, error: Annotated[str, Query(max_length=200)] = ""
+               ) -> HTMLResponse:
+    return login_form(request, error)
+
+
+def login_form(request: Request, error: str = "", status_code: int = 200) -> HTMLResponse:
+    """The form carries a login token that must come back with the cookie set here (SameSite
+    Strict, HttpOnly): a page elsewhere can post a form, but can neither read this token nor
+    make the browser send the cookie, so it cannot log the browser in under its own token."""
+    login_csrf = secrets.token_urlsafe(24)
     html = templates.get_template("login.html").render(
-        error=error, url_prefix=request.scope.get("root_path", ""))
-    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+        error=error, url_prefix=request.scope.get("root_path", ""), login_csrf=login_csrf)
+    response = HTMLResponse(html, status_code=status_code, headers=PAGE_HEADERS)
+    response.set_cookie(LOGIN_COOKIE, login_csrf, max_age=LOGIN_MINUTES * 60, httponly=True,
+                        samesite="strict", secure=request.url.scheme == "https",
+                        path=f"{request.scope.get('root_path', '')}/ui/login")
+    return response
+
+
+def _same_origin(request: Request) -> bool:
+    """A browser's Origin, when sent, names this service: the address the request came to, or
+    the configured public URL (behind a proxy)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not from a browser form (browsers send Origin on every POST)
+    netloc = urlsplit(origin).netloc
+    public_url = request.app.state.settings.public_url
+    return netloc != "" and (netloc == request.headers.get("host")
+                             or (public_url is not None and netloc == urlsplit(public_url).netloc))
 
 
 @router.post("/ui/login", response_model=None)
-def login(request: Request, token: Annotated[str, Form(max_length=512)]
+def login(request: Request, token: Annotated[str, Form(max_length=512)],
+          login_csrf: Annotated[str, Form(max_length=128)] = ""
           ) -> HTMLResponse | RedirectResponse:
+    expected = request.cookies.get(LOGIN_COOKIE, "")
+    if not _same_origin(request) or not expected or not hmac.compare_digest(
+            login_csrf.encode(), expected.encode()):
+        log.info("ui login refused: not posted from this service's login page (origin %s)",
+                 request.headers.get("origin", "none")[:100])
+        return login_form(request, "This login did not come from this service's own login "
+                          "page: log in here.", status_code=403)
     parsed = parse_token(token.strip())
     db = request.app.state.db
     failure = "That token is not valid (or has expired, or was revoked)."
@@ -95,6 +133,7 @@ def login(request: Request, token: Annotated[str, Form(max_length=512)]
                               expires_at=now + timedelta(hours=SESSION_HOURS)))
     log.info("ui login: token:%s (%s)", token_id, row.role)
     response = RedirectResponse(f"{request.scope.get('root_path', '')}/ui", status_code=303)
+    response.delete_cookie(LOGIN_COOKIE, path=f"{request.scope.get('root_path', '')}/ui/login")
     response.set_cookie(SESSION_COOKIE, f"{session_id}_{session_secret}",
                         max_age=SESSION_HOURS * 3600, httponly=True, samesite="strict",
                         secure=request.url.scheme == "https", path="/")

@@ -1,0 +1,40 @@
+"""The fleet's rules for maintenance slots (issue 22): how many slots a group has and how long
+one may be held are the service's to say, never the claimer's.
+
+A group's slot count is the `maintenance.reboot.concurrency` of the document the claiming
+machine is served (its rollout's revision, its labels and host overrides: what its agent
+obeys), or `FleetSettings.slot_concurrency` when it is served none (or the holder is not a
+machine). A TTL is capped at `FleetSettings.slot_ttl_max_seconds`.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from divingbell.document.api import node_config
+from divingbell.fleet import rollouts, service
+from divingbell.fleet.models import Machine, Revision
+from divingbell.fleet.settings import FleetSettings
+
+
+def slot_count(session: Session, holder: str, settings: FleetSettings) -> int:
+    """How many slots each group has, for a claim by `holder`."""
+    machine = session.get(Machine, holder)
+    if machine is None:
+        return settings.slot_concurrency
+    revision = rollouts.served_revision(session, machine.id, service.active_revision(session))
+    if revision is None:
+        return settings.slot_concurrency
+    row = session.execute(select(Revision.number, Revision.digest, Revision.text,
+                                 Revision.source_name).where(Revision.number == revision)).one()
+    config = node_config(service.revision_document(row), machine.hostname,
+                         service.labels_of(machine))
+    maintenance = config.modules.get("maintenance")
+    reboot = getattr(maintenance, "reboot", None)
+    concurrency = getattr(reboot, "concurrency", None)
+    return int(concurrency) if concurrency is not None else settings.slot_concurrency
+
+
+def capped_ttl(asked: float, settings: FleetSettings) -> float:
+    return min(asked, settings.slot_ttl_max_seconds)
