@@ -42,3 +42,35 @@ def test_the_demo_refuses_documents_with_sysctls_outside_the_sandbox(tmp_path: P
     assert "vm.swappiness" in result.stderr
     assert "not in the demo's network namespace" in result.stderr
     assert "\033[" not in result.stdout + result.stderr, "no escape codes into a pipe"
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_the_fleet_demo_leaves_no_process_namespace_or_file_behind() -> None:
+    """The whole demo runs; afterwards none of its processes (the service, the agents), network
+    namespaces or its work directory remain."""
+    demo = subprocess.Popen([str(REPO / "scripts/demo-fleet")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    output, _ = demo.communicate(timeout=600)
+    assert demo.returncode == 0, output[-4000:]
+    work = next(word for word in output.split() if word.startswith("/tmp/divingbell-fleet-demo."))
+    work = work.removesuffix("/fleet.db)").removesuffix("/fleet.db")
+    assert "divingbell serve" in output and "halted" in output, output[-4000:]
+    assert _processes_mentioning(work) == []
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                check=True).stdout
+    assert f"dbdemo-s{demo.pid}" not in namespaces
+    assert f"dbdemo-a{demo.pid}-" not in namespaces
+    assert not Path(work).exists()
