@@ -131,7 +131,7 @@ def base_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ])
 def test_a_command_needing_an_extra_names_it_without_a_traceback(
         base_install: Path, tmp_path: Path, argv: list[str], extra: str | None) -> None:
-    from tests.policy.conftest import ScratchCa
+    from tests.policy.pki import ScratchCa
     from tests.policy.test_config import EXAMPLE
 
     (tmp_path / "policy.yaml").write_text(EXAMPLE)
