@@ -101,6 +101,21 @@ def test_scripts_run_in_name_order_with_args_env_and_output(host: Host, clock: C
     assert env_file.read_text() == "GREETING=hello\n"
 
 
+def test_a_script_sees_its_absolute_stored_path_as_0(host: Host, clock: Clock) -> None:
+    """Divingbell ran `./NNN-name`; divingbell runs the stored copy by its absolute path, so
+    `$0` and `BASH_SOURCE` are `/var/lib/divingbell/exec/NNN-name` (documented), and the working
+    directory is the store, so `./` paths still work. Both with and without a `#!` line."""
+    report = apply(host, doc({
+        "010-bash": {"data": '#!/bin/bash\necho "$0|${BASH_SOURCE[0]}|$PWD" >> /tmp/zero\n'},
+        "020-plain": {"data": 'echo "$0||$PWD" >> /tmp/zero\n'},
+    }))
+    assert report.ok, report.as_dict()
+    assert (host.read_text("/tmp/zero") or "").splitlines() == [
+        f"{STORE}/010-bash|{STORE}/010-bash|{STORE}",
+        f"{STORE}/020-plain||{STORE}",
+    ]
+
+
 def test_rerun_policies_across_applies(host: Host, clock: Clock) -> None:
     fail_once = ('#!/bin/sh\nif [ -e /tmp/ok ]; then exit 0; fi\ntouch /tmp/ok\n'
                  'echo not yet >&2\nexit 3\n')

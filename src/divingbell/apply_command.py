@@ -12,6 +12,7 @@ whatever `parse_fast` accepts, click parses to the same options.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import sys
 from collections.abc import Mapping, Sequence
@@ -140,6 +141,7 @@ def run_apply(options: ApplyOptions) -> NoReturn:
                                        options.root, output_format, console.EXIT_INVALID,
                                        allow_empty=options.allow_empty)
     config = resolved.config
+    console.signal_point("resolved")
     shown = {"header": False, "module": ""}
 
     def header() -> None:
@@ -166,6 +168,7 @@ def run_apply(options: ApplyOptions) -> NoReturn:
     except LockTimeout as exc:
         console.fail(f"{exc} Nothing was changed (--lock-timeout waits longer).",
                      output_format, console.EXIT_LOCKED, node=config.node, result="locked")
+    console.signal_point("applied")
     if output_format == "json":
         console.print_json({**report.as_dict(), "notes": resolved.notes})
     else:
@@ -173,8 +176,19 @@ def run_apply(options: ApplyOptions) -> NoReturn:
         console.echo(report_tail(report))
     for warning in report.warnings:
         console.echo(f"warning: {warning}", err=True)
+    console.signal_point("reported")
+    # From here a signal is left pending and dies with the process: divingbell has decided how
+    # to end, and says below whether a signal came before that.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    done = f"{len(report.applied)} of {report.planned_count} changes applied"
     if report.interrupted:
-        console.echo(f"interrupted: {len(report.applied)} of {report.planned_count} changes "
-                     "applied; run apply again", err=True)
-        sys.exit(128 + (received[0] if received else 15))
+        signum = received[0] if received else signal.SIGTERM
+        console.echo(f"interrupted by {signal.Signals(signum).name}: {done}; run apply again",
+                     err=True)
+        sys.exit(128 + signum)
+    if received:
+        outcome = "the host matches the document" if report.ok else "the run failed"
+        console.echo(f"stopped by {signal.Signals(received[0]).name} after the run had "
+                     f"finished: {done}, {outcome}", err=True)
+        sys.exit(128 + received[0])
     sys.exit(0 if report.ok else console.EXIT_FAILED)

@@ -53,8 +53,31 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# The extra (pyproject.toml) each lazily imported group's optional dependencies come from.
+EXTRAS = {"serve": "fleet", "fleet": "fleet", "pki": "bootstrap",
+          "bootstrap": "bootstrap", "policy": "policy", "tenants": "policy"}
+
+
+def _missing_dependency(command: str, exc: ModuleNotFoundError) -> click.ClickException:
+    extra = EXTRAS.get(command, "fleet,bootstrap,policy")
+    return click.ClickException(
+        f"'divingbell {command}' needs {exc.name}, which is not installed: "
+        f"pip install 'divingbell[{extra}]'")
+
+
 class LazyGroup(click.Group):
     """A click group whose extra commands are imported on first use."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        # A group's optional dependencies are imported when a subcommand needs them (so its
+        # --help works without them): a missing one is a line naming the extra, not a traceback.
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as exc:
+            command = ctx.invoked_subcommand
+            if command is None or not exc.name or exc.name.partition(".")[0] == "divingbell":
+                raise
+            raise _missing_dependency(command, exc) from exc
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         import importlib.util
@@ -86,10 +109,7 @@ class LazyGroup(click.Group):
         except ModuleNotFoundError as exc:
             if exc.name and module_name.startswith(exc.name):
                 return None
-            raise click.ClickException(
-                f"'divingbell {cmd_name}' needs {exc.name}, which is not installed: "
-                "install divingbell with its extras, e.g. pip install 'divingbell[fleet]'"
-            ) from exc
+            raise _missing_dependency(cmd_name, exc) from exc
         loaded = getattr(module, attr)
         assert isinstance(loaded, click.Command)
         return loaded

@@ -173,6 +173,21 @@ def host(root: Path, proc_sys: Path) -> Host:
     return Host(root=root, proc_sys=proc_sys)
 
 
+SIGNAL_POINT_ENV = "DIVINGBELL_FAULT_SIGNAL_AT"
+
+
+def signal_point(point: str) -> None:
+    """Test hook: with DIVINGBELL_FAULT_SIGNAL_AT=<point>:<SIGNAME> set, send this process that
+    signal at that point (`start`, and apply's `resolved`, `applied`, `reported`), so the
+    interrupt tests hit every window, however short, every time."""
+    spec = os.environ.get(SIGNAL_POINT_ENV)
+    if spec is None or spec.partition(":")[0] != point:
+        return
+    import signal
+
+    os.kill(os.getpid(), signal.Signals[spec.partition(":")[2]])
+
+
 def stop_between_changes() -> list[int]:
     """SIGTERM and SIGINT ask the engine to stop between two changes (and kill a running
     operator script's process group) instead of dying mid-change. Returns the list the

@@ -3,6 +3,7 @@ divingbell.apply_command); everything else goes to the click CLI in divingbell.c
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.machinery
 import os
@@ -33,12 +34,29 @@ class _ImportedOnFirstUse(types.ModuleType):
         return getattr(real, attribute)
 
 
+def _stopped(signum: int, _frame: object) -> None:
+    """SIGTERM or SIGINT before a command takes them over (apply stops between changes; the
+    agent and the service shut down): one line saying so, the shell's code for the signal,
+    never a KeyboardInterrupt traceback, click's "Aborted!" or a silent death."""
+    import signal
+
+    doing = " before changing anything" if sys.argv[1:2] == ["apply"] else ""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(OSError):
+        os.write(2, f"divingbell: stopped by {signal.Signals(signum).name}{doing}\n".encode())
+    os._exit(128 + signum)
+
+
 def main() -> None:
     import signal
 
-    # Ctrl-C anywhere outside apply (which stops between changes instead) ends quietly with
-    # the shell's code for it, never a KeyboardInterrupt traceback or click's "Aborted!".
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    # First of all: from here on, no signal ends divingbell without a word.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stopped)
+    from divingbell import console
+
+    console.signal_point("start")
     if sys.argv[1:2] == ["apply"]:
         if "inspect" not in sys.modules:
             sys.modules["inspect"] = _ImportedOnFirstUse("inspect")

@@ -4,6 +4,7 @@ pydantic, and anything doubtful about the cache file is a miss."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,28 @@ def test_a_cached_configuration_knows_which_fields_the_document_wrote(tmp_path: 
         assert light.model_fields_set == model.model_fields_set
     assert "user_sshkeys" not in decoded[0].model_fields_set
     assert "user_sshkeys" in decoded[1].model_fields_set
+
+
+def test_a_full_state_filesystem_leaves_no_cache_temp_file(cli: Cli, tmp_path: Path,
+                                                           root: Path) -> None:
+    """The cache is best effort: with no room under the state directory (a one-page tmpfs in
+    this session's private mount namespace, filled) plan still works, no cache is written and
+    no `.document-cache.json.NNNN` temp file is left behind."""
+    state = root / "var/lib/divingbell"
+    state.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k,mode=0700", "tmpfs", str(state)],
+                   check=True)
+    try:
+        fd = os.open(state / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    os.write(fd, b"x" * 512)
+        finally:
+            os.close(fd)
+        doc = write(tmp_path / "d.yaml", DOC)
+        result = cli("plan", doc, "--root", root, "--node", "n1")
+        assert result.returncode == 0, result.stderr
+        assert sorted(p.name for p in state.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)

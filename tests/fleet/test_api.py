@@ -139,6 +139,41 @@ def test_enjoliver_discovery_payload_is_translated(fleet: ThreadServer) -> None:
     assert machine["disks"][0]["size_bytes"] == 21474836480
 
 
+def enjoliver_payload(disk: dict[str, Any]) -> dict[str, Any]:
+    """Enjoliver's discovery client sends every interface `ip addr` lists, loopback first."""
+    return {
+        "boot-info": {"uuid": "AB0F5A4E-0000-4000-8000-000000000043",
+                      "mac": "52:54:00:95:24:10", "random-id": "c1c2"},
+        "interfaces": [
+            {"name": "lo", "mac": "", "netmask": 8, "ipv4": "127.0.0.1",
+             "cidrv4": "127.0.0.1/8", "gateway": "", "fqdn": ["localhost"]},
+            {"name": "eth0", "mac": "52:54:00:95:24:10", "netmask": 21,
+             "ipv4": "172.20.0.66", "cidrv4": "172.20.0.66/21", "gateway": "172.20.0.1",
+             "fqdn": ["node-43.example.org"]}],
+        "disks": [disk],
+        "lldp": {"is_file": False, "data": None},
+    }
+
+
+def test_enjoliver_loopback_is_not_a_nic(fleet: ThreadServer) -> None:
+    answer = fleet.bootstrap.discover(enjoliver_payload(
+        {"path": "/dev/sda", "size-bytes": 21474836480}))
+    machine = fleet.admin.machine(answer["machine_id"])
+    assert [i["name"] for i in machine["interfaces"]] == ["eth0"]
+    assert machine["hostname"] == "node-43"
+    listed = next(m for m in fleet.admin.machines() if m["id"] == answer["machine_id"])
+    assert "127.0.0.1" not in json.dumps(listed)
+    assert "127.0.0.1" not in json.dumps(machine)
+
+
+def test_enjoliver_disk_without_its_size_is_a_422_naming_the_field(fleet: ThreadServer) -> None:
+    exc = error_of(lambda: fleet.bootstrap.discover(enjoliver_payload({"path": "/dev/sda"})))
+    assert exc.status == 422
+    # Named as the native schema names it (Enjoliver's `size-bytes` is translated to it).
+    assert [(d["field"], d["type"]) for d in exc.detail] == [("disks[0].size_bytes", "missing")]
+    assert fleet.admin.machines() == []
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"uuid": "x" * 65}, "uuid"),
     ({"uuid": "a1", "interfaces": [{"name": "eth0", "mac": "zz:zz"}]}, "interfaces[0].mac"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def test_a_signal_during_a_script_kills_its_group_and_records_it(
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == code, out + err
-    assert "interrupted: 1 of 2 changes applied; run apply again" in err
+    assert f"interrupted by {signal.Signals(signum).name}: 1 of 2 changes applied; " \
+        "run apply again" in err
     assert "Traceback" not in err and "Aborted" not in err
     assert "Stopped by a signal between two changes" in out
     for _ in range(100):  # the group got SIGTERM then SIGKILL; give the kernel a moment
@@ -133,3 +135,50 @@ def test_a_user_created_just_before_a_kill_is_known_to_the_journal(debian_host: 
                           check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "crashy:" not in (root / "etc/passwd").read_text()
+
+
+SIGNAL_POINTS = {
+    # point: (changed by the time the signal lands, what the message must say)
+    "start": (False, "before changing anything"),
+    "resolved": (False, "interrupted by SIG"),
+    "applied": (True, "after the run had finished"),
+    "reported": (True, "after the run had finished"),
+}
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("point", sorted(SIGNAL_POINTS))
+def test_a_signal_very_early_or_very_late_is_said_with_what_was_done(
+        scratch_host: object, tmp_path: Path, point: str, signame: str) -> None:
+    """A signal landing before the engine starts, or after it finished, once ended apply with
+    no word (killed by SIGTERM, a silent exit 130, or exit 0). Whenever divingbell stops on a
+    signal it says so, and what it did. The signal is real, sent by the process to itself at a
+    named point (DIVINGBELL_FAULT_SIGNAL_AT), so every window is hit every time."""
+    from divingbell.host import Host
+
+    assert isinstance(scratch_host, Host)
+    doc = write(tmp_path / "doc.yaml", "conf:\n  sysctl:\n    vm.swappiness: 10\n")
+    signum = signal.Signals[signame]
+    result = subprocess.run(
+        [sys.executable, "-m", "divingbell", "apply", "--root", str(scratch_host.root),
+         "--proc-sys", str(scratch_host.proc_sys), "--node", "n1", str(doc)],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "DIVINGBELL_FAULT_SIGNAL_AT": f"{point}:{signame}"})
+    changed, said = SIGNAL_POINTS[point]
+    assert result.returncode == 128 + signum, result.stdout + result.stderr
+    assert f"{signame}" in result.stderr and said in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    if point != "start":  # what it did: how many of the planned changes were made
+        assert re.search(rf"\b{2 if changed else 0} of 2 changes applied", result.stderr)
+    swappiness = (scratch_host.proc_sys / "vm/swappiness").read_text().strip()
+    assert swappiness == ("10" if changed else "60")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_early_in_another_command_is_said(tmp_path: Path, signame: str) -> None:
+    doc = write(tmp_path / "doc.yaml", "conf:\n  sysctl:\n    vm.swappiness: 10\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "divingbell", "validate", str(doc)], capture_output=True,
+        text=True, check=False, env={**os.environ, "DIVINGBELL_FAULT_SIGNAL_AT": f"start:{signame}"})
+    assert result.returncode == 128 + signal.Signals[signame], result.stdout + result.stderr
+    assert f"divingbell: stopped by {signame}" in result.stderr

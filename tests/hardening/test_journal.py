@@ -79,7 +79,21 @@ DAMAGE: dict[str, Callable[[str], str]] = {
         {"version": 1, "modules": {"sysctl": {"originals": ["x"]}}}),
     "modes not numbers": lambda text: json.dumps(
         {"version": 1, "modules": {"limits": {"file_modes": {"/x": ["a", 0, 0]}}}}),
+    "relative original path": lambda text: _with_module(
+        text, "perm", {"originals": {"srv/x": "root:root 0644"}}),
+    "relative owned file": lambda text: _with_module(
+        text, "limits", {"owned_files": ["etc/security/limits.d/x.conf"]}),
+    "relative created dir": lambda text: _with_module(
+        text, "mounts", {"created_dirs": ["srv/x"]}),
+    "relative file mode key": lambda text: _with_module(
+        text, "limits", {"file_modes": {"etc/x": [33188, 0, 0]}}),
 }
+
+
+def _with_module(text: str, module: str, record: dict[str, object]) -> str:
+    data = json.loads(text)
+    data["modules"][module] = record
+    return json.dumps(data)
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -90,6 +104,28 @@ def test_a_damaged_journal_is_a_clear_error_before_any_change(host: Host, damage
         apply(host, "conf: {}\n")
     assert "recover" in str(caught.value)
     assert swappiness(host) == "10" and (host.root / DROPIN).exists()
+
+
+def test_a_relative_path_in_the_journal_is_located_and_recover_gets_past_it(
+        host: Host, cli: Cli) -> None:
+    """A journal entry naming a relative path (`srv/x`) once ended `apply`, and the empty apply
+    meant to restore, in a traceback (`host paths are absolute`). It is journal damage: a
+    located error, nothing changed, and `recover --previous` gets the host restored."""
+    assert apply(host, DOC).ok  # a previous generation to recover from
+    journal = host.root / JOURNAL_FILE.lstrip("/")
+    journal.write_text(DAMAGE["relative original path"](journal.read_text()))
+    for text in (DOC, "conf: {}\n"):
+        result = cli("apply", "--root", host.root, "--proc-sys", host.proc_sys, "--node", "n1",
+                     write(host.root.parent / "d.yaml", text))
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "modules.perm.originals" in result.stderr and "'srv/x'" in result.stderr
+        assert str(journal) in result.stderr and "Nothing was changed" in result.stderr
+        assert swappiness(host) == "10" and (host.root / DROPIN).exists()
+    done = cli("recover", "--root", host.root, "--previous")
+    assert done.returncode == 0, done.stderr
+    assert apply(host, "conf: {}\n").ok
+    assert swappiness(host) == "60" and not (host.root / DROPIN).exists()
 
 
 def test_a_directory_in_place_of_the_journal_or_the_state_dir(host: Host) -> None:

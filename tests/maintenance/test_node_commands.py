@@ -81,6 +81,11 @@ def test_a_drain_blocked_by_a_budget_names_it_and_exits_1(live: MaintenanceApiSt
     assert live.backing.node_state("n1").unschedulable  # stays cordoned
     warning = [e for e in live.backing.events("n1") if e["reason"] == "DrainTimeout"]
     assert warning and warning[0]["type"] == "Warning"
+    # What happened, not what the agent's sequence would do: no uncordon, no slot involved.
+    message = warning[0]["message"]
+    assert "shop/web-2 (PodDisruptionBudget shop/web)" in message
+    assert "uncordon if" not in message and "slot" not in message, message
+    assert "n1 stays cordoned" in message and "nothing was deleted" in message, message
 
 
 def test_a_drain_evicts_all_but_daemonset_mirror_and_finished_pods(

@@ -11,6 +11,7 @@ is a miss: the document is then validated in full, with every error as usual.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -118,15 +119,19 @@ def store(cache_path: Path, key: str, resolved: Resolved) -> None:
                       for name, a in config.overrides.items()},
     }
     data = json.dumps(entry, separators=(",", ":")).encode()
+    tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
     try:
         cache_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, data)
+            rest = memoryview(data)
+            while rest:  # a short write (a nearly full disk) must not cut the entry short
+                rest = rest[os.write(fd, rest):]
         finally:
             os.close(fd)
         os.replace(tmp, cache_path)
     except OSError:
-        return
+        # A full or read-only state filesystem: no cache this time, and no temp file left.
+        with contextlib.suppress(OSError):
+            tmp.unlink()

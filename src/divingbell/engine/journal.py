@@ -11,7 +11,7 @@ import contextlib
 import copy
 import json
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,6 +23,8 @@ JOURNAL_FILE = f"{STATE_DIR}/journal.json"
 LAST_RUN_FILE = f"{STATE_DIR}/last-run.json"
 PREVIOUS_FILE = f"{STATE_DIR}/journal.prev.json"
 FORMAT_VERSION = 1
+# Modules whose every originals key is a file path (others mix names and "/"-paths).
+PATH_KEYED_ORIGINALS = frozenset({"perm"})
 
 
 @dataclass
@@ -131,9 +133,22 @@ class Journal:
                     and all(isinstance(i, int) and not isinstance(i, bool) for i in m)
                     for m in modes.values()):
                 raise ValueError(f"{where}.file_modes is not an object of [mode, uid, gid]")
+            _check_absolute(f"{where}.owned_files", owned)
+            _check_absolute(f"{where}.created_dirs", dirs)
+            _check_absolute(f"{where}.file_modes", modes)
+            if name in PATH_KEYED_ORIGINALS:
+                _check_absolute(f"{where}.originals", originals)
             out[str(name)] = ModuleRecord(dict(originals), list(owned), dict(state),
                                           list(dirs), {k: list(v) for k, v in modes.items()})
         return cls(out)
+
+
+def _check_absolute(where: str, paths: Iterable[str]) -> None:
+    """divingbell only ever records host paths as absolute: anything else is damage, refused
+    here rather than as a traceback from the first module that touches it."""
+    for path in paths:
+        if not path.startswith("/"):
+            raise ValueError(f"{where} holds {path!r}, which is not an absolute path")
 
 
 class JournalStore(Protocol):

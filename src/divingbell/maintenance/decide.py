@@ -267,19 +267,26 @@ def budgets_for(pod: PodView, budgets: Sequence[BudgetView]) -> list[BudgetView]
 
 @dataclass(frozen=True)
 class TimeoutDecision:
-    action: str  # "abort" or "force"
+    action: str  # "abort" or "force" (the agent's sequence), "stop" (`divingbell node drain`)
     blocking: list[tuple[str, list[str]]]  # (pod, the budgets protecting it)
     message: str
 
 
 def on_drain_timeout(policy: str, remaining: Sequence[PodView],
-                     budgets: Sequence[BudgetView], timeout: float) -> TimeoutDecision:
-    """Name the pods still there and the budgets protecting them, and say what happens."""
+                     budgets: Sequence[BudgetView], timeout: float,
+                     node: str = "the node") -> TimeoutDecision:
+    """Name the pods still there and the budgets protecting them, and say what happens: the
+    agent's sequence aborts (uncordon, release its slot) or forces; an operator's `node drain`
+    just stops, leaving the node cordoned and holding no slot."""
     blocking = [(p.ref, [b.ref for b in budgets_for(p, budgets)]) for p in remaining]
     named = "; ".join(f"{pod} (PodDisruptionBudget {', '.join(pdbs)})" if pdbs
                       else f"{pod} (still terminating)" for pod, pdbs in blocking)
-    then = ("aborting: uncordon if divingbell cordoned, release the slot, retry later"
-            if policy == "abort" else "forcing: deleting them without the budget")
+    then = {
+        "abort": "aborting: uncordon if divingbell cordoned, release the slot, retry later",
+        "force": "forcing: deleting them without the budget",
+        "stop": f"stopped: {node} stays cordoned and nothing was deleted (`divingbell node "
+                "uncordon` lifts the cordon; `node drain --force` deletes what is left)",
+    }[policy]
     return TimeoutDecision(policy, blocking,
                            f"drain timed out after {int(timeout)}s; blocking: {named}; {then}")
 

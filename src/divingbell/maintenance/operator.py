@@ -85,8 +85,8 @@ def drain(kube: MaintenanceKube, node: str, *, grace_seconds: int, timeout: floa
             report.blocking, report.seconds = [], clock() - started
             return report
         if clock() - started >= timeout and not forced:
-            decision = decide.on_drain_timeout("force" if force_on_timeout else "abort",
-                                               plan.remaining, kube.budgets(), timeout)
+            decision = decide.on_drain_timeout("force" if force_on_timeout else "stop",
+                                               plan.remaining, kube.budgets(), timeout, node)
             report.blocking, report.seconds = decision.blocking, clock() - started
             if not force_on_timeout:
                 _event(kube, node, "DrainTimeout", decision.message, warning=True)

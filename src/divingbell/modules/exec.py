@@ -14,7 +14,9 @@
   apply runs it again at once (as Divingbell, which recorded an exit only when a script ended).
   A run whose end was never recorded (divingbell itself was killed) is different: it may have
   finished, or still be running, so it counts as a run that did not succeed.
-- Scripts run with their stored directory as the working directory (`./helper` works).
+- Scripts run with their stored directory as the working directory (`./helper` works), by
+  their absolute stored path: `$0` is `/var/lib/divingbell/exec/NNN-name` (Divingbell's was
+  `./NNN-name`).
 - A timeout kills the script's whole process group: TERM, then KILL after a grace period.
 - A failing script fails the run; the run is not rolled back (a script's effects are its own).
   `foreground_halt_pod_on_failure` also skips the scripts after it.

@@ -144,6 +144,20 @@ class Discovery(Strict):
         return self
 
 
+def _is_loopback(item: dict[str, Any]) -> bool:
+    """Enjoliver's `lo`: no MAC, and the loopback name or only loopback addresses."""
+    if item.get("mac"):
+        return False
+    if item.get("name") == "lo":
+        return True
+    addresses = [item.get("ipv4"), str(item.get("cidrv4") or "").partition("/")[0]]
+    present = [a for a in addresses if isinstance(a, str) and a]
+    try:
+        return bool(present) and all(ipaddress.ip_address(a).is_loopback for a in present)
+    except ValueError:
+        return False  # left for the schema to name
+
+
 def from_enjoliver(data: dict[str, Any]) -> dict[str, Any]:
     """Enjoliver's discovery payload -> ours (unknown shapes are left for validation to name)."""
     boot = data.get("boot-info") or {}
@@ -156,6 +170,8 @@ def from_enjoliver(data: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(item, dict):
             interfaces.append(item)
             continue
+        if _is_loopback(item):
+            continue  # Enjoliver reports `lo` like any interface; `discover` leaves it out too
         addresses = []
         ipv4, cidr = item.get("ipv4"), item.get("cidrv4")
         if isinstance(cidr, str) and "/" in cidr:
@@ -171,7 +187,9 @@ def from_enjoliver(data: dict[str, Any]) -> dict[str, Any]:
             "name": item.get("name"), "mac": item.get("mac"), "addresses": addresses,
             "gateway": item.get("gateway") or None, "fqdns": fqdn_list,
             "boot": bool(boot_mac) and item.get("mac") == boot_mac})
-    disks = [{"path": d.get("path"), "size_bytes": d.get("size-bytes", 0)}
+    # A disk without its size is refused by the native schema, never stored as 0 bytes.
+    disks = [{"path": d.get("path")} | ({"size_bytes": d["size-bytes"]} if "size-bytes" in d
+                                         else {})
              if isinstance(d, dict) else d for d in data.get("disks") or []]
     lldp = []
     raw_lldp = data.get("lldp") or {}
