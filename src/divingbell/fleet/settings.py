@@ -34,10 +34,19 @@ class FleetSettings:
     boot_profiles: str | None = None
     """A YAML file of boot profiles (fleet/boot.py BootProfiles); default: the discovery image."""
     boot_token_ttl_seconds: float = 900.0
-    """Lifetime of the bootstrap token a network boot carries (it can only register)."""
+    """Lifetime of the boot token a network boot carries (it can only enrol that machine,
+    once); also how long a `booting` row that never enrolled is kept."""
+    max_pending_boots: int = 1000
+    """At most this many boot tokens are pending (issued, unused, unexpired); a boot request
+    that needs another is answered 429, and iPXE retries. Bounds what anonymous boot requests
+    can add to the store."""
+    boot_history_kept: int = 10
+    """Boot requests kept in each machine's history (its state changes are all kept)."""
 
     def __post_init__(self) -> None:
         if self.control_plane_size not in (1, 3, 5, 7):
             raise ValueError("control_plane_size must be an odd quorum: 1, 3, 5 or 7")
         if self.install_parallel < 1:
             raise ValueError("install_parallel must be at least 1")
+        if self.max_pending_boots < 1:
+            raise ValueError("max_pending_boots must be at least 1")
