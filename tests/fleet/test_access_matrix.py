@@ -88,7 +88,7 @@ class Callers:
         revoke_token(db, revoked_id)
         db.dispose()
         other = fleet.bootstrap.discover(machine_facts(fresh_uuid(), 2))
-        self.other = other["credential"]
+        self.other: str = other["credential"]
 
     def target(self) -> tuple[str, dict[str, Any], str]:
         facts = machine_facts(fresh_uuid(), 1)
@@ -96,10 +96,12 @@ class Callers:
         return enrolled["machine_id"], facts, enrolled["credential"]
 
     def token(self, caller: str, self_credential: str) -> str | None:
-        return {"none": None, "expired": self.expired, "revoked": self.revoked,
+        tokens: dict[str, str | None] = {
+                "none": None, "expired": self.expired, "revoked": self.revoked,
                 "reader": self.fleet.reader_token, "bootstrap": self.fleet.bootstrap_token,
                 "self": self_credential, "other": self.other,
-                "admin": self.fleet.admin_token}[caller]
+                "admin": self.fleet.admin_token}
+        return tokens[caller]
 
 
 def request_for(method: str, path: str, machine: str, facts: dict[str, Any], caller: str,
