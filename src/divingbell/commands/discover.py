@@ -73,8 +73,19 @@ def discover(server: str | None, bootstrap_token_file: Path | None, credential_f
         raise click.UsageError("--server needs --bootstrap-token-file (or this machine's "
                                f"credential in {credential_file})")
     try:
-        token = own if own is not None else read_token(bootstrap_token_file or "")
-        answer = FleetClient(server, token, ca_file=ca_file).discover(facts)
+        answer = None
+        if own is not None:
+            try:
+                answer = FleetClient(server, own, ca_file=ca_file).discover(facts)
+            except FleetApiError as exc:
+                if exc.status != 401 or bootstrap_token_file is None:
+                    raise
+                # Revoked (decommissioned, or an admin allowed a new enrolment): enrol again.
+                click.echo(f"the credential in {credential_file} was revoked: enrolling with "
+                           "the bootstrap token", err=True)
+        if answer is None:
+            answer = FleetClient(server, read_token(bootstrap_token_file or ""),
+                                 ca_file=ca_file).discover(facts)
     except FleetApiError as exc:
         detail = exc.detail if isinstance(exc.detail, dict) else {}
         if detail.get("error") in ("mac-conflict", "hostname-conflict"):
