@@ -97,10 +97,9 @@ class Callers:
 
     def token(self, caller: str, self_credential: str) -> str | None:
         tokens: dict[str, str | None] = {
-                "none": None, "expired": self.expired, "revoked": self.revoked,
-                "reader": self.fleet.reader_token, "bootstrap": self.fleet.bootstrap_token,
-                "self": self_credential, "other": self.other,
-                "admin": self.fleet.admin_token}
+            "none": None, "expired": self.expired, "revoked": self.revoked,
+            "reader": self.fleet.reader_token, "bootstrap": self.fleet.bootstrap_token,
+            "self": self_credential, "other": self.other, "admin": self.fleet.admin_token}
         return tokens[caller]
 
 
