@@ -288,6 +288,9 @@ def test_an_anonymous_flood_leaves_a_bounded_store(tmp_path: Path) -> None:
             status = http.get(f"/v1/ipxe?uuid=00000000-0000-4000-9000-{n:012d}").status_code
             statuses[status] = statuses.get(status, 0) + 1
         assert statuses == {200: 200, 429: 9_800}
+        refused = http.get(f"/v1/ipxe?uuid={UUID}")
+        assert refused.status_code == 429 and refused.headers["retry-after"].isdigit()
+        assert refused.text.startswith("#!ipxe\n") and "divingbell.token" not in refused.text
         db = store(fleet)
         assert count(db, Machine) == 200
         assert count(db, Token, Token.role == "boot") == 200
