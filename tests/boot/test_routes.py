@@ -79,13 +79,15 @@ def test_a_machine_boots_through_its_life_and_every_boot_is_in_its_history(
     machine = service.reader.machines()[0]
     assert (machine["uuid"], machine["state"], machine["hostname"]) == (UUID, "booting", "node1")
 
-    # The token on the command line registers the machine, and does nothing else.
+    # The token on the command line enrols the machine, once, and does nothing else.
     token = boot_token(script)
     registered = service.client(token).discover(facts())
     assert registered["machine_id"] == machine["id"]
-    with pytest.raises(FleetApiError) as refused:
-        service.client(token).machines()
-    assert refused.value.status == 403
+    for spent in (lambda: service.client(token).machines(),
+                  lambda: service.client(token).discover(facts())):
+        with pytest.raises(FleetApiError) as refused:
+            spent()
+        assert refused.value.status == 401
 
     machine_client = service.client(registered["credential"])
     path = f"/v1/machines/{machine['id']}/install/grant"
@@ -119,7 +121,8 @@ def test_the_boot_token_is_short_lived_and_expired_ones_are_cleaned_up(
     try:
         with db.write() as session:
             row = session.get(Token, ident)
-            assert row is not None and row.role == "bootstrap"
+            assert row is not None and row.role == "boot"
+            assert (row.bound_uuid, row.bound_mac) == (UUID, None)
             assert row.expires_at is not None
             assert row.expires_at - row.created_at == timedelta(seconds=900)
             row.expires_at = utcnow() - timedelta(seconds=1)

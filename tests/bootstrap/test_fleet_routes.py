@@ -40,7 +40,7 @@ def call(server: ThreadServer, method: str, path: str, token: str | None,
 
 
 def test_join_scripts(server: ThreadServer, tmp_path: Path) -> None:
-    reply = call(server, "GET", "/v1/join-scripts", server.bootstrap_token,
+    reply = call(server, "GET", "/v1/join-scripts", server.admin_token,
                  params=[("hostname", "n1"), ("ip", "10.0.0.11"), ("labels.static", "disk=ssd"),
                          ("labels.dynamic", "tier=gold")])
     assert reply.status_code == 200, reply.text
@@ -56,7 +56,7 @@ def test_join_scripts(server: ThreadServer, tmp_path: Path) -> None:
         "interfaces": [{"name": "eth0", "mac": "52:54:00:00:00:09",
                         "addresses": [{"address": "10.0.0.19", "prefix": 24}]}]})
     server.admin.set_roles(machine["machine_id"], ["worker"])
-    fleet = call(server, "GET", "/v1/join-scripts", server.bootstrap_token,
+    fleet = call(server, "GET", "/v1/join-scripts", server.admin_token,
                  params={"hostname": "n9", "ip": "10.0.0.19"})
     assert fleet.status_code == 200, fleet.text
     assert '"node-role.kubernetes.io/worker":""' in fleet.text
@@ -64,14 +64,14 @@ def test_join_scripts(server: ThreadServer, tmp_path: Path) -> None:
 
 
 def test_join_scripts_bad_input(server: ThreadServer) -> None:
-    conflict = call(server, "GET", "/v1/join-scripts", server.bootstrap_token,
+    conflict = call(server, "GET", "/v1/join-scripts", server.admin_token,
                     params={"hostname": "n1", "ip": "10.0.0.10"})
     assert conflict.status_code == 400
     assert conflict.json()["detail"]["error"] == "conflict"
     messages = [p["message"] for p in conflict.json()["detail"]["problems"]]
     assert messages == ["the design gives n1 the address 10.0.0.11, not 10.0.0.10",
                         "10.0.0.10 is the address of n0 in the design"]
-    bad = call(server, "GET", "/v1/join-scripts", server.bootstrap_token,
+    bad = call(server, "GET", "/v1/join-scripts", server.admin_token,
                params=[("hostname", "Bad_Name"), ("labels.dynamic", "oops")])
     assert bad.status_code == 400
     assert {p["field"] for p in bad.json()["detail"]["problems"]} == {
@@ -136,7 +136,7 @@ def test_unconfigured_bootstrap_is_a_clear_404(tmp_path: Path) -> None:
     # fuzzer holds every route to "never a server error").
     with thread_server(FleetSettings(db_url=f"sqlite:///{tmp_path / 'f.db'}",
                                      control_plane_size=1)) as bare:
-        reply = call(bare, "GET", "/v1/join-scripts", bare.bootstrap_token,
+        reply = call(bare, "GET", "/v1/join-scripts", bare.admin_token,
                      params={"hostname": "n1", "ip": "10.0.0.11"})
         assert reply.status_code == 404
         assert reply.json()["detail"]["error"] == "bootstrap-not-configured"

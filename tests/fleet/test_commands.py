@@ -241,6 +241,10 @@ def test_every_api_command_ends_an_api_error_the_same_way(cli: Cli, tmp_path: Pa
             (forged, ("machines",), 1, "GET /v1/machines?limit=1000: 401 invalid token"),
             (forged, ("status",), 1, "GET /v1/machines?limit=1000: 401 invalid token"),
             (admin, ("decommission", "nope"), 2, "POST /v1/machines/nope/decommission: 404"),
+            (reader, ("reenroll", machine), 1,
+             f"POST /v1/machines/{machine}/reenroll: 403 needs a admin token"),
+            (admin, ("accept", machine, "--hostname", "Bad_Name"), 2,
+             f"PUT /v1/machines/{machine}/hostname: 422"),
             (forged, ("audit",), 1, "GET /v1/audit?limit=50: 401 invalid token"),
             (admin, ("rollout", "status"), 2, "GET /v1/rollouts/current: 404 no rollout yet"),
             (admin, ("rollout", "plan", "9"), 2, "GET /v1/rollouts/plan/9: 404 no revision 9"),
@@ -272,6 +276,10 @@ def test_every_api_command_ends_an_api_error_the_same_way(cli: Cli, tmp_path: Pa
         assert [r["revision"] for r in json.loads(listed.stdout)] == [1]
         shown = fleet(reader, "machine", machine, "--format", "json")
         assert json.loads(shown.stdout)["id"] == machine
+        accepted = fleet(admin, "accept", machine, "--hostname", "db7")
+        assert (accepted.returncode, accepted.stdout) == (0, f"{machine}: hostname db7 accepted\n")
+        reenrolled = fleet(admin, "reenroll", machine, "--format", "json")
+        assert json.loads(reenrolled.stdout) == {"id": machine, "state": "booting"}
 
 
 def test_fleet_machines_and_status_fetch_every_page(cli: Cli, tmp_path: Path) -> None:

@@ -182,13 +182,25 @@ def test_agents_in_fleet_mode_converge_report_and_follow_new_revisions(
             lab.service_ns, "fleet", "machine", ids[1], *api, "--format", "json")))["history"]]
         assert history[-2:] == ["updating", "ready"]
 
-        # Registering again rotates the credential; the running agent picks the new one up
-        # from its file when the old one is refused, and follows the next revision too.
+        # Registering again updates the facts with the machine's own credential (enrolment
+        # happens once: the credential stays).
         root0 = tmp_path / "root0"
-        ok(divingbell(lab.agent_ns[0], "discover", "--server", server.url,
-                      "--bootstrap-token-file", tokens["bootstrap"], "--credential-file",
-                      root0 / "credential", "--uuid", "00000000-0000-4000-8000-000000000000",
-                      "--hostname", "node0"))
+        discover0 = ("discover", "--server", server.url, "--bootstrap-token-file",
+                     tokens["bootstrap"], "--credential-file", root0 / "credential", "--uuid",
+                     "00000000-0000-4000-8000-000000000000", "--hostname", "node0")
+        before = (root0 / "credential").read_text()
+        ok(divingbell(lab.agent_ns[0], *discover0))
+        assert (root0 / "credential").read_text() == before
+        # An admin allows a new enrolment (a reinstall): the old credential is revoked, the
+        # next discover enrols with the bootstrap token, and the running agent picks the new
+        # credential up from its file when the old one is refused, following the next
+        # revision too.
+        assert "may enrol it again" in ok(divingbell(lab.service_ns, "fleet", "reenroll",
+                                                     ids[0], *api))
+        again = divingbell(lab.agent_ns[0], *discover0)
+        assert again.returncode == 0, again.stderr
+        assert "was revoked: enrolling with the bootstrap token" in again.stderr
+        assert (root0 / "credential").read_text() != before
         doc.write_text(DOC.format(base=32, worker=14))
         ok(divingbell(lab.service_ns, "fleet", "document", "push", doc, *api))
         wait_for(lambda: all_up_to_date(3), timeout=60, interval=0.5)

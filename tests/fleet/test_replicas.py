@@ -4,6 +4,7 @@ never get the same install grant or slot twice."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -126,3 +127,43 @@ def test_concurrent_claimers_on_two_replicas_never_share_a_grant_or_slot(
         assert listed == {w["slot"]: w["holder"] for w in won}
         for i, winner in enumerate(won):
             (a, b)[i % 2].release_slot(winner["slot"], winner["holder"])
+
+
+def test_two_replicas_enrolling_one_machine_at_once_issue_one_credential(
+        replicas: tuple[list[FleetClient], str, str]) -> None:
+    """The same machine booted twice (a boot token from each replica) and an operator's
+    bootstrap token, all enrolling one UUID at the same instant through both replicas: one
+    credential comes back; every other attempt is refused (spent token, or already enrolled)."""
+    (a, b), _admin, bootstrap = replicas
+    uuid, mac = "8c6f0a1e-0000-4000-8000-00000000c0de", "52:54:00:c0:00:de"
+    tokens = []
+    for replica in (a, b):
+        script = FleetClient(replica.base_url).request(
+            "GET", f"/v1/ipxe?uuid={uuid}&mac={mac}").body.decode()
+        found = re.search(r"divingbell\.token=(\S+)", script)
+        assert found, script
+        tokens.append(found.group(1))
+    body = {"uuid": uuid, "boot_id": "b",
+            "interfaces": [{"name": "eth0", "mac": mac, "boot": True}]}
+    attempts = 24
+    start = threading.Barrier(attempts)
+
+    def enrol(i: int) -> tuple[int, str | None]:
+        token = (*tokens, bootstrap)[i % 3]
+        client = FleetClient((a, b)[i % 2].base_url, token)
+        start.wait()
+        try:
+            answer = client.request("POST", "/v1/discovery", body)
+        except FleetApiError as exc:
+            return exc.status, None
+        return answer.status, answer.json()["credential"]
+
+    with ThreadPoolExecutor(attempts) as pool:
+        results = list(pool.map(enrol, range(attempts)))
+    credentials = [credential for _status, credential in results if credential]
+    assert len(credentials) == 1, results
+    assert sorted({status for status, _ in results}) in ([201, 401, 409], [201, 409])
+    machine_id = a.machines()[0]["id"]
+    enrolments = [e for e in a.call("GET", "/v1/audit") if e["action"] == "enrol"]
+    assert [e["subject"] for e in enrolments] == [machine_id]
+    assert FleetClient(b.base_url, credentials[0]).machine(machine_id)["uuid"] == uuid

@@ -22,7 +22,8 @@ import click
 @click.option("--credential-file", type=click.Path(dir_okay=False, path_type=Path),
               default="/var/lib/divingbell/fleet-credential", show_default=True,
               help="Where the machine credential received is stored (0600); the agent's "
-              "fleet mode reads it from there.")
+              "fleet mode reads it from there. When it already holds this machine's "
+              "credential, that credential updates the facts (enrolment happens once).")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), metavar="FILE",
               help="CA certificate to trust for an https:// server.")
 @click.option("--uuid", "uuid_override", metavar="UUID",
@@ -38,6 +39,11 @@ def discover(server: str | None, bootstrap_token_file: Path | None, credential_f
              dry_run: bool, output_format: str) -> None:
     """Gather this machine's facts (UUID, boot id, interfaces, routes, disks, LLDP) and
     register it with the fleet service, storing the machine credential it gets back.
+
+    A machine is enrolled once: the bootstrap token enrols a machine that has no credential;
+    after that, running discover again updates its facts with the credential in
+    --credential-file. A machine enrolled elsewhere (its credential lost) is refused until an
+    admin runs `divingbell fleet reenroll ID`.
 
     \b
     An installed host joins the fleet with two commands:
@@ -62,19 +68,41 @@ def discover(server: str | None, bootstrap_token_file: Path | None, credential_f
         if server is None and not dry_run:
             click.echo("(not registered: give --server to register)", err=True)
         return
-    if bootstrap_token_file is None:
-        raise click.UsageError("--server needs --bootstrap-token-file")
+    own = _own_credential(credential_file)
+    if own is None and bootstrap_token_file is None:
+        raise click.UsageError("--server needs --bootstrap-token-file (or this machine's "
+                               f"credential in {credential_file})")
     try:
-        client = FleetClient(server, read_token(bootstrap_token_file), ca_file=ca_file)
-        answer = client.discover(facts)
+        answer = None
+        if own is not None:
+            try:
+                answer = FleetClient(server, own, ca_file=ca_file).discover(facts)
+            except FleetApiError as exc:
+                if exc.status != 401 or bootstrap_token_file is None:
+                    raise
+                # Revoked (decommissioned, or an admin allowed a new enrolment): enrol again.
+                click.echo(f"the credential in {credential_file} was revoked: enrolling with "
+                           "the bootstrap token", err=True)
+        if answer is None:
+            answer = FleetClient(server, read_token(bootstrap_token_file or ""),
+                                 ca_file=ca_file).discover(facts)
     except FleetApiError as exc:
         detail = exc.detail if isinstance(exc.detail, dict) else {}
-        if detail.get("error") == "mac-conflict":
-            click.echo(f"error: MAC {detail.get('mac')} is already registered to machine(s) "
+        if detail.get("error") in ("mac-conflict", "hostname-conflict"):
+            what = (f"MAC {detail.get('mac')}" if detail["error"] == "mac-conflict"
+                    else f"hostname {detail.get('hostname')}")
+            click.echo(f"error: {what} is already registered to machine(s) "
                        f"{', '.join(map(str, detail.get('machines', [])))}", err=True)
             sys.exit(2)
+        if detail.get("error") == "already-enrolled":
+            click.echo(f"error: this machine is enrolled as {detail.get('machine')} and "
+                       f"{credential_file} does not hold its credential: an admin can allow "
+                       f"a new enrolment with `divingbell fleet reenroll {detail.get('machine')}`",
+                       err=True)
+            sys.exit(2)
         raise click.ClickException(str(exc)) from None
-    write_secret(credential_file, answer["credential"])
+    if answer.get("credential"):
+        write_secret(credential_file, answer["credential"])
     if output_format == "json":
         click.echo(json.dumps({"machine_id": answer["machine_id"], "state": answer["state"],
                                "roles": answer.get("roles", []),
@@ -83,6 +111,20 @@ def discover(server: str | None, bootstrap_token_file: Path | None, credential_f
         roles = ", ".join(answer.get("roles") or []) or "none yet"
         click.echo(f"registered as {answer['machine_id']} ({answer['state']}, roles: {roles}); "
                    f"credential stored in {credential_file}")
+
+
+def _own_credential(path: Path) -> str | None:
+    """The machine credential already in `path`, if any (a bootstrap token is never kept
+    there)."""
+    from divingbell.fleet.client import FleetApiError, machine_id_of, read_token
+
+    if not path.exists():
+        return None
+    try:
+        credential = read_token(path)
+    except FleetApiError as exc:
+        raise click.ClickException(str(exc)) from None
+    return credential if machine_id_of(credential) else None
 
 
 def _print_facts(facts: dict[str, object]) -> None:

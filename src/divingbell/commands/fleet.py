@@ -146,7 +146,12 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               help="YAML: kernel, initrds and command line per boot phase and role "
               "(default: the discovery image from --assets).")
 @click.option("--boot-token-ttl", default="15m", show_default=True, metavar="DURATION",
-              help="Lifetime of the bootstrap token a network boot carries (it only registers).")
+              help="Lifetime of the boot token a network boot carries (it enrols that machine, "
+              "once); never-enrolled boots are forgotten after it too.")
+@click.option("--max-pending-boots", type=click.IntRange(1, 1_000_000), default=1000,
+              show_default=True, metavar="N",
+              help="At most N boot tokens pending at once; further boot requests that need one "
+              "get 429 and retry (bounds what anonymous boots can store). See docs/security.md.")
 @click.option("--slot-concurrency", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Maintenance slots per group for a machine served no document (with one, "
               "its maintenance.reboot.concurrency decides; never the claimer).")
@@ -157,7 +162,8 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
           workers: int, no_migrate: bool, log_level: str, assets: str | None,
           public_url: str | None, boot_profiles: str | None, boot_token_ttl: str,
-          slot_concurrency: int, slot_ttl_max: str, **bootstrap_settings: Any) -> None:
+          max_pending_boots: int, slot_concurrency: int, slot_ttl_max: str,
+          **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -196,6 +202,7 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              reports_kept=reports_kept, migrate_at_start=not no_migrate,
                              assets_dir=assets, public_url=public_url,
                              boot_profiles=boot_profiles, boot_token_ttl_seconds=boot_ttl,
+                             max_pending_boots=max_pending_boots,
                              slot_concurrency=slot_concurrency,
                              slot_ttl_max_seconds=slot_ttl, **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
@@ -594,11 +601,61 @@ def import_cmd(db_url: str, file: Path) -> None:
 @click.argument("machine_id")
 def decommission(server: str, token_file: Path | None, ca_file: str | None,
                  machine_id: str) -> None:
-    """Take a machine out of the fleet (its role, grant and slots are released; a missing
-    control-plane member is replaced by the scheduler)."""
+    """Take a machine out of the fleet: its credential is revoked (configuration, reports,
+    slots, install flow and join script stop working for it at once), its role, grant and
+    slots released; a missing control-plane member is replaced by the scheduler. Booting
+    again enrols it anew."""
     data = _call(_client(server, token_file, ca_file).call,
                  "POST", f"/v1/machines/{machine_id}/decommission")
     click.echo(f"{data['id']}: {data['state']}")
+
+
+@fleet.command()
+@_api_options
+@click.argument("machine_id")
+@_format_option
+def reenroll(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+             output_format: str) -> None:
+    """Let the next network boot of MACHINE_ID enrol it again (an admin's act, audited).
+
+    An enrolled machine is updated only with its own credential; nobody else, not even an
+    admin's discovery, can register it again (docs/security.md). For a reinstall or a lost
+    credential, this revokes its credential at once, releases its install grant and slots
+    and makes it `booting`: its next boot gets a boot token bound to it and enrols, keeping
+    its roles.
+
+    \b
+      divingbell fleet reenroll m1a2b3c4d5e6 --server https://fleet:8500 --token-file admin.token
+    """
+    data = _call(_client(server, token_file, ca_file).call,
+                 "POST", f"/v1/machines/{machine_id}/reenroll")
+    if output_format == "json":
+        _echo_json(data)
+        return
+    click.echo(f"{data['id']}: {data['state']}; its next boot may enrol it again")
+
+
+@fleet.command()
+@_api_options
+@click.argument("machine_id")
+@click.option("--hostname", metavar="NAME",
+              help="Accept this name instead of the one the machine claimed (RFC 1123).")
+@_format_option
+def accept(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+           hostname: str | None, output_format: str) -> None:
+    """Accept MACHINE_ID's host name (an admin's act, audited).
+
+    A name a machine claims for itself at a network boot is only its word: it selects the
+    document's host overrides and the machine's own join script only once accepted. Names
+    are unique among active machines: a conflict names both.
+    """
+    body = {} if hostname is None else {"hostname": hostname}
+    data = _call(_client(server, token_file, ca_file).call,
+                 "PUT", f"/v1/machines/{machine_id}/hostname", body)
+    if output_format == "json":
+        _echo_json(data)
+        return
+    click.echo(f"{data['id']}: hostname {data['hostname']} accepted")
 
 
 @fleet.command()

@@ -49,3 +49,40 @@ def _mask_strings(data: Any) -> Any:
     if isinstance(data, str) and "://" in data:
         return _URL_PASSWORD.sub(lambda m: m["head"] + MASK, data)
     return data
+
+
+def mask_document(data: Any) -> Any:
+    """A copy of a whole document (as loaded YAML, overrides included) with every secret
+    masked: each module's base conf and each of its label and host overrides. For showing a
+    stored revision to someone who may read it but not its secrets (a fleet reader)."""
+    if not isinstance(data, dict) or not isinstance(data.get("conf"), dict):
+        return _mask_strings(data)
+    conf: dict[str, Any] = {}
+    for module, value in data["conf"].items():
+        if module == "overrides" and isinstance(value, dict):
+            conf[module] = {section: _mask_overrides(str(section).removeprefix("divingbell_"),
+                                                     overrides)
+                            for section, overrides in value.items()}
+        else:
+            conf[module] = mask_secrets(str(module), value)
+    return {**_mask_strings({k: v for k, v in data.items() if k != "conf"}), "conf": conf}
+
+
+def _mask_overrides(module: str, overrides: Any) -> Any:
+    """An override's conf holds its module's section (`conf: {sysctl: {...}}`)."""
+    if not isinstance(overrides, dict):
+        return _mask_strings(overrides)
+    masked = dict(overrides)
+    for kind in ("labels", "hosts"):
+        entries = overrides.get(kind)
+        if isinstance(entries, list):
+            masked[kind] = [
+                {**entry, "conf": _mask_sections(entry.get("conf"), module)}
+                if isinstance(entry, dict) else _mask_strings(entry) for entry in entries]
+    return masked
+
+
+def _mask_sections(conf: Any, module: str) -> Any:
+    if not isinstance(conf, dict):
+        return mask_secrets(module, conf)
+    return {name: mask_secrets(str(name), value) for name, value in conf.items()}

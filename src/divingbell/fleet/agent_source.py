@@ -129,6 +129,11 @@ class FleetAgent(Agent):
                 self.source.machine_id):
             log.info("credential in %s changed (the machine registered again): using it", path)
             self.source.client.token = credential
+        else:
+            # A machine's credential is issued once per enrolment: refused means revoked.
+            log.warning("the fleet service refuses this machine's credential: it was revoked "
+                        "(decommissioned, or an admin allowed it to enrol again: run "
+                        "divingbell discover --server URL to enrol)")
 
     def converge(self, target: tuple[str, tuple[tuple[str, str], ...]], now: float) -> None:
         self._apply_report = None

@@ -22,6 +22,10 @@ from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import Machine, Token, utcnow
 
 ROLES: Final = ("admin", "reader", "bootstrap")
+"""The roles an operator can create a token for (`fleet token create --role`)."""
+BOOT: Final = "boot"
+"""The role of the token a network boot receives (fleet/api/boot.py): it can enrol the machine
+that booted, once, and nothing else. Never created by hand."""
 TOKEN_PREFIX, MACHINE_PREFIX = "dbt", "dbm"
 
 
@@ -114,13 +118,15 @@ def bearer(authorization: Annotated[
 
 def verify(connection: Connection, credentials: Credentials) -> Principal:
     """Check credentials against the store, on every request (no cache): a revoked token or
-    a rotated credential stops working at once, on every replica. The hot routes call this
-    inside their own transaction; the others through `authenticate`."""
+    a revoked credential (decommission, reenroll) stops working at once, on every replica.
+    The hot routes call this inside their own transaction; the others through
+    `authenticate`."""
     secret_hash = hash_secret(credentials.secret)
     if credentials.prefix == MACHINE_PREFIX:
         stored = connection.execute(select(Machine.credential_hash).where(
             Machine.id == credentials.ident)).scalar()
-        if stored is None or not hmac.compare_digest(stored, secret_hash):
+        # An empty hash is a machine without a credential (booting, decommissioned).
+        if not stored or not hmac.compare_digest(stored, secret_hash):
             raise unauthorized("invalid token")
         return Principal("machine", credentials.ident, "machine")
     token = connection.execute(select(
@@ -179,6 +185,18 @@ def require_role(role: str) -> Callable[[Principal], Principal]:
     return dependency
 
 
+def enroller(principal: CurrentPrincipal) -> Principal:
+    """Who may call POST /v1/discovery: a boot token (enrols the machine that booted), an
+    operator's bootstrap or admin token (enrols a machine without a credential), or a
+    machine's own credential (updates its facts). The enrolment rules are in
+    service.discover."""
+    if principal.kind == "machine" or principal.role in ("admin", "bootstrap", BOOT):
+        return principal
+    raise ApiError(403, {"error": "forbidden",
+                         "message": "needs a bootstrap, boot or admin token, or the machine's "
+                                    "own credential"})
+
+
 def check_machine_or_admin(principal: Principal, machine_id: str) -> Principal:
     if principal.role == "admin" or (principal.kind == "machine" and principal.id == machine_id):
         return principal
@@ -207,6 +225,7 @@ def machine_or_reader(machine_id: str, principal: CurrentPrincipal) -> Principal
 Admin = Annotated[Principal, Depends(require_role("admin"))]
 Reader = Annotated[Principal, Depends(require_role("reader"))]
 Bootstrap = Annotated[Principal, Depends(require_role("bootstrap"))]
+Enroller = Annotated[Principal, Depends(enroller)]
 MachineOrAdmin = Annotated[Principal, Depends(machine_or_admin)]
 MachineOrReader = Annotated[Principal, Depends(machine_or_reader)]
 Bearer = Annotated[Credentials, Depends(bearer)]

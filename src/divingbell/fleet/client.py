@@ -165,6 +165,18 @@ class FleetClient:
         result: dict[str, Any] = self.call("POST", "/v1/discovery", facts)
         return result
 
+    def reenroll(self, machine_id: str) -> dict[str, Any]:
+        """Admin: revoke the machine's credential so that its next boot may enrol it again."""
+        result: dict[str, Any] = self.call("POST", f"/v1/machines/{_q(machine_id)}/reenroll")
+        return result
+
+    def accept_hostname(self, machine_id: str, hostname: str | None = None) -> dict[str, Any]:
+        """Admin: accept the machine's claimed host name (or this one)."""
+        body = {} if hostname is None else {"hostname": hostname}
+        result: dict[str, Any] = self.call("PUT", f"/v1/machines/{_q(machine_id)}/hostname",
+                                           body)
+        return result
+
     def machines(self, state: str | None = None, *, limit: int | None = None,
                  page_size: int = MACHINES_PAGE) -> list[dict[str, Any]]:
         """Every machine (or the first `limit`), in the order they were first seen, fetched a

@@ -9,7 +9,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -27,7 +38,12 @@ class Base(DeclarativeBase):
 
 
 class Token(Base):
-    """An operator or bootstrap token: only the SHA-256 of its secret is kept."""
+    """An operator, bootstrap or boot token: only the SHA-256 of its secret is kept.
+
+    A `boot` token is issued by a network boot (`/v1/ipxe`) and is bound to that boot: the
+    `booting` row it created or found (`machine_id`) and the UUID and MAC the request carried
+    (`bound_uuid`, `bound_mac`). It enrols at most one machine and is deleted when it does
+    (migration 0005)."""
 
     __tablename__ = "tokens"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -37,6 +53,11 @@ class Token(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime())
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    machine_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    bound_uuid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    bound_mac: Mapped[str | None] = mapped_column(String(17), nullable=True)
+    # Boot tokens are counted (the cap on pending enrolments) and purged by expiry.
+    __table_args__ = (Index("ix_tokens_role_expires", "role", "expires_at"),)
 
 
 class Machine(Base):
@@ -47,7 +68,11 @@ class Machine(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     uuid: Mapped[str] = mapped_column(String(64), unique=True)
     boot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    hostname: Mapped[str] = mapped_column(String(253), default="")
+    hostname: Mapped[str] = mapped_column(String(253), default="", index=True)
+    hostname_accepted: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                    server_default=false())
+    """Whether an operator vouched for `hostname` (an operator's bootstrap token, or `fleet
+    accept`): only then does it select the document's host overrides (migration 0005)."""
     serial: Mapped[str | None] = mapped_column(String(128), nullable=True)
     state: Mapped[str] = mapped_column(String(32), index=True)
     state_changed_at: Mapped[datetime] = mapped_column(DateTime())
@@ -65,7 +90,8 @@ class Machine(Base):
     last_report_etag: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_report_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     install_output: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
-    # The order machines are listed and paged in (migration 0004).
+    # The order machines are listed and paged in (migration 0004); booting rows purged by age
+    # (migration 0005).
     __table_args__ = (Index("ix_machines_created", "created_at", "id"),)
 
 

@@ -46,6 +46,7 @@ from divingbell.errors import DocumentError
 from divingbell.fleet import leases, rollouts, states
 from divingbell.fleet.api.schemas import Discovery, ReportBody
 from divingbell.fleet.auth import (
+    BOOT,
     MACHINE_PREFIX,
     Credentials,
     Principal,
@@ -67,6 +68,7 @@ from divingbell.fleet.models import (
     Revision,
     Setting,
     StateChange,
+    Token,
     iso,
     utcnow,
 )
@@ -103,31 +105,75 @@ def transition(session: Session, machine: Machine, wanted: str, reason: str,
     machine.state_changed_at = now
 
 
-def discover(session: Session, facts: Discovery, settings: FleetSettings
-             ) -> tuple[Machine, str, bool]:
-    """Register or update a machine by UUID. Returns (machine, new credential, created)."""
+@dataclass(frozen=True)
+class Enrolment:
+    machine: Machine
+    credential: str | None
+    """The new machine credential (`dbm_...`), issued once per enrolment; None when a machine
+    updated its own facts with the credential it has."""
+    created: bool
+
+
+ACTIVE_EXCLUDED = (states.BOOTING, states.DECOMMISSIONED)
+"""States whose machines hold no hostname: a hostname is unique among the others."""
+
+
+def discover(session: Session, facts: Discovery, settings: FleetSettings,
+             principal: Principal) -> Enrolment:
+    """Enrol a machine, or update its facts (by UUID). Enrolment binds identity once:
+
+    - a machine that has a credential is updated only with that credential (its facts; the
+      credential stays); anyone else gets 409 `already-enrolled` (an operator's `fleet
+      reenroll` clears the credential so that the next boot may enrol it again);
+    - a boot token enrols only the machine of the boot that received it (its UUID, MAC and
+      `booting` row), once: it is deleted here, in the enrolling transaction;
+    - an operator's bootstrap or admin token enrols a machine that has no credential.
+
+    Every replica serialises on the scheduler lock first, so two concurrent enrolments of one
+    machine issue one credential."""
     lock_scheduler(session)
     now = utcnow()
     machine = session.scalars(select(Machine).where(Machine.uuid == facts.uuid)).first()
     macs = [i.mac for i in facts.interfaces if i.mac]
+    if principal.kind == "machine":
+        if machine is None or machine.id != principal.id:
+            raise ApiError(403, {"error": "forbidden", "field": "uuid", "message": (
+                "a machine credential registers only its own machine: uuid "
+                f"{facts.uuid} is not machine {principal.id}")})
+    elif machine is not None and machine.credential_hash:
+        raise ApiError(409, {"error": "already-enrolled", "machine": machine.id, "message": (
+            f"machine {machine.id} (uuid {facts.uuid}) is enrolled: registering it again "
+            "needs its own credential, or an operator's `divingbell fleet reenroll "
+            f"{machine.id}`")})
+    elif principal.role == BOOT:
+        _spend_boot_token(session, principal.id, facts, macs, machine, now)
     if macs:
         owners = session.execute(select(MachineMac.mac, MachineMac.machine_id).where(
             MachineMac.mac.in_(macs))).all()
         for mac, owner in owners:
             if machine is None or owner != machine.id:
                 raise mac_conflict(mac, owner, machine.id if machine else f"uuid:{facts.uuid}")
-    secret = new_secret()
+    if facts.hostname:
+        _check_hostname_free(session, facts.hostname, machine.id if machine else None,
+                             machine.id if machine is not None else f"uuid:{facts.uuid}")
     created = machine is None
     if machine is None:
         machine = Machine(id="m" + secrets.token_hex(6), uuid=facts.uuid, state=states.DISCOVERED,
                           state_changed_at=now, created_at=now, discovered_at=now, roles=[],
-                          pinned=False, credential_hash="")
+                          pinned=False, credential_hash="", hostname_accepted=False)
         session.add(machine)
         session.add(StateChange(machine_id=machine.id, from_state=None,
                                 to_state=states.DISCOVERED, reason="first discovery", at=now))
     elif machine.state in (states.BOOTING, states.DECOMMISSIONED):
         transition(session, machine, states.DISCOVERED, "discovered again", now)
         machine.discovered_at = now
+        if machine.roles:  # re-enrolled with its roles kept (a reinstall)
+            transition(session, machine, states.SCHEDULED, "enrolled again with its roles", now)
+    # An operator's token vouches for the name it registers; a machine's own word (a boot
+    # token, its credential) keeps an accepted name only while it does not change it.
+    operator = principal.kind == "token" and principal.role in ("admin", "bootstrap")
+    machine.hostname_accepted = bool(facts.hostname) and (
+        operator or (machine.hostname_accepted and machine.hostname == facts.hostname))
     machine.boot_id = facts.boot_id
     machine.hostname = facts.hostname
     machine.serial = facts.serial
@@ -135,7 +181,13 @@ def discover(session: Session, facts: Discovery, settings: FleetSettings
     machine.disks = [d.model_dump() for d in facts.disks]
     machine.lldp = [n.model_dump() for n in facts.lldp]
     machine.rack = rack_of(machine.lldp)
-    machine.credential_hash = hash_secret(secret)
+    credential = None
+    if principal.kind != "machine":
+        secret = new_secret()
+        machine.credential_hash = hash_secret(secret)
+        credential = format_token(MACHINE_PREFIX, machine.id, secret)
+        audit(session, principal.label, "enrol", machine.id,
+              f"uuid {facts.uuid}{f' as {facts.hostname}' if facts.hostname else ''}")
     session.flush()
     session.execute(delete(MachineMac).where(MachineMac.machine_id == machine.id))
     for mac in macs:
@@ -149,7 +201,28 @@ def discover(session: Session, facts: Discovery, settings: FleetSettings
                              "message": "a MAC of this machine was registered by another "
                                         "machine concurrently; retry to see which"}) from None
     run_scheduler(session, settings)
-    return machine, format_token(MACHINE_PREFIX, machine.id, secret), created
+    return Enrolment(machine, credential, created)
+
+
+def _spend_boot_token(session: Session, token_id: str, facts: Discovery, macs: Sequence[str],
+                      machine: Machine | None, now: datetime) -> None:
+    """A boot token enrols the machine of its own boot, once: checked against its binding and
+    deleted in this transaction (a second use, on any replica, finds it gone)."""
+    token = session.get(Token, token_id)
+    if token is None or token.role != BOOT or (
+            token.expires_at is not None and token.expires_at <= now):
+        raise unauthorized("boot token already used or expired: boot again for a fresh one")
+    bound_row = token.machine_id is not None and machine is not None \
+        and machine.id != token.machine_id
+    if (token.bound_uuid is not None and token.bound_uuid != facts.uuid) or bound_row \
+            or (token.bound_uuid is None and machine is not None):
+        raise ApiError(403, {"error": "forbidden", "field": "uuid", "message": (
+            f"this boot token was issued to another boot: it cannot enrol uuid {facts.uuid}")})
+    if token.bound_mac is not None and token.bound_mac not in macs:
+        raise ApiError(403, {"error": "forbidden", "field": "interfaces", "message": (
+            f"this boot token was issued to the boot of MAC {token.bound_mac}, which these "
+            "interfaces do not have")})
+    session.delete(token)
 
 
 def record_boot(session: Session, uuid: str, mac: str | None = None) -> Machine:
@@ -218,16 +291,70 @@ def set_roles(session: Session, machine: Machine, roles: Sequence[str], pinned: 
 
 
 def decommission(session: Session, machine: Machine, settings: FleetSettings, who: str) -> None:
+    """Out of the fleet, and out of trust: its credential (so its config, reports, slots,
+    install flow and join script), its MACs, roles, grants, slots and pending boot tokens go.
+    Booting again is how it comes back, enrolling anew."""
     lock_scheduler(session)
     transition(session, machine, states.DECOMMISSIONED, f"decommissioned by {who}")
     audit(session, who, "decommission", machine.id)
     machine.roles = []
     machine.pinned = False
+    _revoke(session, machine)
     session.execute(delete(MachineMac).where(MachineMac.machine_id == machine.id))
-    leases.release_all(session, INSTALL, machine.id)
-    leases.release_all(session, SLOT, machine.id)
     session.flush()
     run_scheduler(session, settings)
+
+
+def reenroll(session: Session, machine: Machine, who: str) -> None:
+    """An operator lets the next boot of this machine enrol it again (a reinstall, a lost
+    credential): its credential is revoked, its grants and slots released, and it is
+    `booting`, so /v1/ipxe hands its next boot the discovery profile and a boot token bound
+    to it. Roles, MACs and history stay."""
+    lock_scheduler(session)
+    if machine.state == states.DECOMMISSIONED:
+        raise ApiError(409, {"error": "decommissioned", "message": (
+            f"machine {machine.id} is decommissioned: booting it enrols it again")})
+    audit(session, who, "reenroll", machine.id)
+    transition(session, machine, states.BOOTING, f"re-enrolment allowed by {who}")
+    _revoke(session, machine)
+    session.flush()
+
+
+def accept_hostname(session: Session, machine: Machine, hostname: str | None, who: str) -> None:
+    """An operator vouches for a machine's host name (the claimed one when None)."""
+    lock_scheduler(session)
+    name = machine.hostname if hostname is None else hostname
+    if not name:
+        raise ApiError(422, {"error": "no-hostname", "field": "hostname", "message": (
+            f"machine {machine.id} claimed no hostname: give one")})
+    if machine.state in ACTIVE_EXCLUDED:
+        raise ApiError(409, {"error": "not-enrolled", "message": (
+            f"machine {machine.id} is {machine.state}: accept its name once it enrolled")})
+    _check_hostname_free(session, name, machine.id, machine.id)
+    machine.hostname, machine.hostname_accepted = name, True
+    audit(session, who, "accept-hostname", machine.id, name)
+    session.add(StateChange(machine_id=machine.id, from_state=machine.state,
+                            to_state=machine.state, reason=f"hostname {name} accepted by {who}",
+                            at=utcnow()))
+
+
+def _check_hostname_free(session: Session, hostname: str, machine_id: str | None,
+                         newcomer: str) -> None:
+    holder = session.execute(select(Machine.id).where(
+        Machine.hostname == hostname, Machine.state.not_in(ACTIVE_EXCLUDED),
+        *([Machine.id != machine_id] if machine_id is not None else [])).limit(1)).scalar()
+    if holder is not None:
+        raise ApiError(409, {"error": "hostname-conflict", "field": "hostname",
+                             "hostname": hostname, "machines": [holder, newcomer],
+                             "message": f"hostname {hostname} is already machine {holder}'s; "
+                                        f"{newcomer} cannot have it"})
+
+
+def _revoke(session: Session, machine: Machine) -> None:
+    machine.credential_hash = ""
+    session.execute(delete(Token).where(Token.role == BOOT, Token.machine_id == machine.id))
+    leases.release_all(session, INSTALL, machine.id)
+    leases.release_all(session, SLOT, machine.id)
 
 
 def lock_scheduler(session: Session) -> None:
@@ -242,10 +369,12 @@ def lock_scheduler(session: Session) -> None:
 # every registration: reading them made a registration into a 10,000-machine fleet take 150 ms.
 # The roles column is JSON, compared as its text (the same on SQLite and PostgreSQL).
 _ROLES_TEXT = sql_cast(Machine.roles, Text)
+# Booting machines have no facts and never count: selecting by the states that do (through the
+# state index) keeps a registration's cost independent of anonymous boot requests.
 _SCHEDULER_CANDIDATES = select(
     Machine.id, Machine.uuid, Machine.discovered_at, Machine.roles, Machine.pinned,
     Machine.rack, Machine.state).where(
-    Machine.state != states.DECOMMISSIONED,
+    Machine.state.in_(sorted(states.HAS_FACTS)),
     or_(Machine.roles.is_(None), _ROLES_TEXT == "[]",
         _ROLES_TEXT.like(f'%"{CONTROL_PLANE}"%')))
 
@@ -279,6 +408,8 @@ class MachineLike(Protocol):
     @property
     def hostname(self) -> str: ...
     @property
+    def hostname_accepted(self) -> bool: ...
+    @property
     def roles(self) -> list[Any]: ...
     @property
     def rack(self) -> str | None: ...
@@ -302,11 +433,19 @@ class View:
     last_report_revision: int | None
     last_report_etag: str | None
     last_report_state: str | None
+    hostname_accepted: bool
 
 
 VIEW_COLUMNS = (Machine.id, Machine.state, Machine.hostname, Machine.roles, Machine.rack,
                 Machine.last_report_revision, Machine.last_report_etag,
-                Machine.last_report_state)
+                Machine.last_report_state, Machine.hostname_accepted)
+
+
+def served_name(machine: MachineLike) -> str:
+    """The host name that selects the document's host overrides: the machine's only once an
+    operator accepted it (a claimed name is the machine's own word, and would hand it another
+    host's override)."""
+    return machine.hostname if machine.hostname_accepted else ""
 
 
 # The hot paths' statements, built once: constructing SQLAlchemy statements per request costs
@@ -374,7 +513,8 @@ def labels_of(machine: MachineLike) -> dict[str, str]:
 def machine_summary(machine: Machine, active: int | None) -> dict[str, Any]:
     return {
         "id": machine.id, "uuid": machine.uuid, "hostname": machine.hostname,
-        "state": machine.state, "state_changed_at": iso(machine.state_changed_at),
+        "hostname_accepted": machine.hostname_accepted, "state": machine.state,
+        "state_changed_at": iso(machine.state_changed_at),
         "roles": list(machine.roles or []), "pinned": machine.pinned, "rack": machine.rack,
         "revision": machine.last_report_revision,
         "up_to_date": up_to_date(machine, active),
@@ -527,6 +667,24 @@ def push_document(session: Session, data: bytes, name: str, who: str, *,
     return number, True, removed
 
 
+def sees_secrets(principal: Principal) -> bool:
+    """Only an admin reads a document's secrets through the API (and a machine its own
+    configuration): readers and reader UI sessions see them masked everywhere."""
+    return principal.role == "admin"
+
+
+def shown_text(text: str, principal: Principal) -> str:
+    """A stored revision's text as this caller may see it: as pushed for an admin; for anyone
+    else, re-serialised with every secret masked (comments and layout are not kept)."""
+    if sees_secrets(principal):
+        return text
+    from divingbell.document.loader import load_text
+    from divingbell.document.secrets import mask_document
+
+    data = load_text(text, "revision").data
+    return yaml.safe_dump(mask_document(data), sort_keys=False, default_flow_style=False)
+
+
 def set_active(session: Session, number: int) -> None:
     updated = session.execute(update(Setting).where(Setting.key == ACTIVE_REVISION)
                               .values(value=str(number))).rowcount  # type: ignore[attr-defined]
@@ -569,7 +727,7 @@ def config_etag(revision: int, hostname: str, labels: Mapping[str, str]) -> str:
 def current_etag(machine: MachineLike, active: int | None) -> str | None:
     if active is None:
         return None
-    return config_etag(active, machine.hostname, labels_of(machine))
+    return config_etag(active, served_name(machine), labels_of(machine))
 
 
 def up_to_date(machine: MachineLike, active: int | None) -> bool:
@@ -590,24 +748,31 @@ class Rendered:
 
 
 def render_config(connection: Connection, machine: MachineLike, if_none_match: str | None,
-                  active: int | None) -> Rendered:
+                  active: int | None, *, masked: bool = False) -> Rendered:
+    """The document this machine is served. `masked`: secrets masked, for readers."""
     # What this machine is served: its rollout's decision (machines wait for their wave).
     active = rollouts.served_revision(connection, machine.id, active)
     if active is None:
         raise ApiError(404, {"error": "no-document",
                              "message": "no document pushed yet: divingbell fleet document push"})
     labels = labels_of(machine)
-    etag = config_etag(active, machine.hostname, labels)
+    name = served_name(machine)
+    etag = config_etag(active, name, labels)
     if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
         return Rendered(active, etag, None)
     revision = connection.execute(select(
         Revision.number, Revision.digest, Revision.text, Revision.source_name).where(
         Revision.number == active)).one()
     document = revision_document(revision)
-    config = node_config(document, machine.hostname, labels)
-    text = f"# divingbell revision {active} for {machine.hostname or 'this machine'}\n"
-    text += yaml.safe_dump(effective_document(document, config), sort_keys=False,
-                           default_flow_style=False)
+    config = node_config(document, name, labels)
+    # Every value in a served document is serialised, never pasted: the machine id and name
+    # go into the comment as JSON strings (one line, whatever they hold).
+    text = (f"# divingbell revision {active} for machine {json.dumps(machine.id)}"
+            f"{f' as {json.dumps(name)}' if name else ''}\n")
+    body = effective_document(document, config)
+    if masked:
+        body["conf"] = config.dump()
+    text += yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
     return Rendered(active, etag, text)
 
 
@@ -701,8 +866,10 @@ def counts_by_state(session: Session) -> dict[str, int]:
 def up_to_date_counts(session: Session) -> tuple[int, int]:
     active = active_revision(session)
     fresh = outdated = 0
+    # Machines with facts only (through the state index): booting rows are anonymous boot
+    # requests, not members of the fleet, and must not make /metrics slower.
     for row in session.execute(select(*VIEW_COLUMNS).where(
-            Machine.state != states.DECOMMISSIONED)):
+            Machine.state.in_(sorted(states.HAS_FACTS)))):
         if up_to_date(View(*row), active):
             fresh += 1
         else:

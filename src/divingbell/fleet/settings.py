@@ -34,7 +34,14 @@ class FleetSettings:
     boot_profiles: str | None = None
     """A YAML file of boot profiles (fleet/boot.py BootProfiles); default: the discovery image."""
     boot_token_ttl_seconds: float = 900.0
-    """Lifetime of the bootstrap token a network boot carries (it can only register)."""
+    """Lifetime of the boot token a network boot carries (it can only enrol that machine,
+    once); also how long a `booting` row that never enrolled is kept."""
+    max_pending_boots: int = 1000
+    """At most this many boot tokens are pending (issued, unused, unexpired); a boot request
+    that needs another is answered 429, and iPXE retries. Bounds what anonymous boot requests
+    can add to the store."""
+    boot_history_kept: int = 10
+    """Boot requests kept in each machine's history (its state changes are all kept)."""
     slot_concurrency: int = 1
     """Maintenance slots per group when the claimer is served no document (with one, its
     `maintenance.reboot.concurrency` decides): never the claimer's own number."""
@@ -50,3 +57,5 @@ class FleetSettings:
             raise ValueError("slot_concurrency must be between 1 and 1000")
         if self.slot_ttl_max_seconds <= 0:
             raise ValueError("slot_ttl_max_seconds must be positive")
+        if self.max_pending_boots < 1:
+            raise ValueError("max_pending_boots must be at least 1")

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Final
 
 BOOTING: Final = "booting"
-"""A network boot request was seen; the machine has not reported its facts yet."""
+"""No credential: a network boot request was seen and the machine has not enrolled yet (or an
+operator allowed it to enrol again)."""
 DISCOVERED: Final = "discovered"
 """Facts reported; no role yet."""
 SCHEDULED: Final = "scheduled"
@@ -35,19 +36,24 @@ DECOMMISSIONED: Final = "decommissioned"
 STATES: Final = (BOOTING, DISCOVERED, SCHEDULED, INSTALLING, INSTALLED, FAILED, READY, UPDATING,
                  DEGRADED, DECOMMISSIONED)
 
+# Any enrolled machine can be sent back to `booting` by an operator's `fleet reenroll` (its
+# credential revoked; its next boot enrols it again).
 # A converged or failed report can come from a host that joined without a network install
 # (`divingbell discover` on an installed host), hence the edges from discovered/scheduled.
 _RUNNING = (READY, UPDATING, DEGRADED)
 TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     BOOTING: frozenset({DISCOVERED, DECOMMISSIONED}),
-    DISCOVERED: frozenset({DISCOVERED, SCHEDULED, *_RUNNING, DECOMMISSIONED}),
-    SCHEDULED: frozenset({DISCOVERED, SCHEDULED, INSTALLING, *_RUNNING, DECOMMISSIONED}),
-    INSTALLING: frozenset({INSTALLED, FAILED, DECOMMISSIONED}),
-    INSTALLED: frozenset({SCHEDULED, INSTALLING, *_RUNNING, DECOMMISSIONED}),
-    FAILED: frozenset({SCHEDULED, INSTALLING, DISCOVERED, *_RUNNING, DECOMMISSIONED}),
-    READY: frozenset({SCHEDULED, DISCOVERED, INSTALLING, *_RUNNING, DECOMMISSIONED}),
-    UPDATING: frozenset({SCHEDULED, DISCOVERED, INSTALLING, *_RUNNING, DECOMMISSIONED}),
-    DEGRADED: frozenset({SCHEDULED, DISCOVERED, INSTALLING, *_RUNNING, DECOMMISSIONED}),
+    DISCOVERED: frozenset({DISCOVERED, SCHEDULED, *_RUNNING, DECOMMISSIONED, BOOTING}),
+    SCHEDULED: frozenset({DISCOVERED, SCHEDULED, INSTALLING, *_RUNNING, DECOMMISSIONED,
+                          BOOTING}),
+    INSTALLING: frozenset({INSTALLED, FAILED, DECOMMISSIONED, BOOTING}),
+    INSTALLED: frozenset({SCHEDULED, INSTALLING, *_RUNNING, DECOMMISSIONED, BOOTING}),
+    FAILED: frozenset({SCHEDULED, INSTALLING, DISCOVERED, *_RUNNING, DECOMMISSIONED, BOOTING}),
+    READY: frozenset({SCHEDULED, DISCOVERED, INSTALLING, *_RUNNING, DECOMMISSIONED, BOOTING}),
+    UPDATING: frozenset({SCHEDULED, DISCOVERED, INSTALLING, *_RUNNING, DECOMMISSIONED,
+                         BOOTING}),
+    DEGRADED: frozenset({SCHEDULED, DISCOVERED, INSTALLING, *_RUNNING, DECOMMISSIONED,
+                         BOOTING}),
     DECOMMISSIONED: frozenset({DISCOVERED, BOOTING}),
 }
 

@@ -8,7 +8,7 @@ import secrets
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from divingbell.fleet.auth import ROLES, TOKEN_PREFIX, format_token, hash_secret, new_secret
 from divingbell.fleet.db import Database
@@ -34,9 +34,12 @@ def create_token(db: Database, role: str, description: str = "",
     secret = new_secret()
     now = utcnow()
     with db.write() as session:
-        session.add(Token(id=ident, role=role, description=description[:200],
-                          secret_hash=hash_secret(secret), created_at=now,
-                          expires_at=now + ttl if ttl else None))
+        # Only the columns every schema revision has: the first admin token is created
+        # before the service (and its migrations) first runs.
+        session.execute(insert(Token).values(
+            id=ident, role=role, description=description[:200],
+            secret_hash=hash_secret(secret), created_at=now,
+            expires_at=now + ttl if ttl else None))
     return ident, format_token(TOKEN_PREFIX, ident, secret)
 
 

@@ -4,7 +4,11 @@ records every boot request in the machine's history and issues the short-lived b
 token a discovery boot carries on its kernel command line.
 
 Firmware cannot authenticate, so these routes take no token; they reveal nothing about a
-machine but which script it should run, and never a 500 for what a machine sends.
+machine but which script it should run, and never a 500 for what a machine sends. What an
+anonymous caller can make them store is bounded (docs/security.md): a boot token can only
+enrol the machine of its own boot, once; at most `max_pending_boots` are pending (429 beyond);
+unused tokens and `booting` rows that never enrolled are purged once they expire; a machine
+keeps its last `boot_history_kept` boot requests in its history, and all its state changes.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from typing import Annotated
 from fastapi import APIRouter, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, Response
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from divingbell.fleet import service, states
-from divingbell.fleet.auth import TOKEN_PREFIX, format_token, hash_secret, new_secret
+from divingbell.fleet.auth import BOOT, TOKEN_PREFIX, format_token, hash_secret, new_secret
 from divingbell.fleet.boot import (
     ASSET_PATH,
     BootMachine,
@@ -30,10 +34,12 @@ from divingbell.fleet.boot import (
     BootProfiles,
     BootQuery,
     chain_script,
+    check_base_url,
     load_profiles,
     machine_script,
     needs_bootstrap_token,
     parse_query,
+    retry_script,
 )
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import Lease, Machine, MachineMac, StateChange, Token, utcnow
@@ -95,16 +101,46 @@ def _install_granted(session: Session, machine: Machine, now: datetime) -> bool:
     return lease is not None
 
 
-def _issue_boot_token(session: Session, ttl_seconds: float, now: datetime) -> str:
-    """A bootstrap token for one boot: it can only register, and expires soon. Expired boot
-    tokens are deleted as new ones are issued, so they do not pile up."""
-    session.execute(delete(Token).where(Token.description == BOOT_TOKEN_DESCRIPTION,
-                                        Token.expires_at < now))
+def _purge_expired_boots(session: Session, now: datetime, ttl_seconds: float) -> None:
+    """Expired boot tokens, and `booting` rows created by a boot request that never enrolled
+    within a token's lifetime (with their history and boot MAC), are deleted."""
+    session.execute(delete(Token).where(Token.role == BOOT, Token.expires_at <= now))
+    stale = select(Machine.id).where(
+        Machine.state == states.BOOTING, Machine.credential_hash == "",
+        Machine.discovered_at == Machine.created_at,
+        Machine.created_at < now - timedelta(seconds=ttl_seconds))
+    ids = list(session.scalars(stale.limit(1000)))
+    if ids:
+        session.execute(delete(StateChange).where(StateChange.machine_id.in_(ids)))
+        session.execute(delete(MachineMac).where(MachineMac.machine_id.in_(ids)))
+        session.execute(delete(Machine).where(Machine.id.in_(ids)))
+
+
+def _pending_boot_tokens(session: Session, now: datetime) -> int:
+    return session.scalar(select(func.count()).select_from(Token).where(
+        Token.role == BOOT, Token.expires_at > now)) or 0
+
+
+def _issue_boot_token(session: Session, ttl_seconds: float, now: datetime,
+                      machine_id: str | None, query: BootQuery) -> str:
+    """A boot token for one boot: it can enrol only the machine of this boot (its `booting`
+    row, the UUID and MAC this request carried), once, and expires soon."""
     ident, secret = secrets.token_hex(6), new_secret()
-    session.add(Token(id=ident, role="bootstrap", description=BOOT_TOKEN_DESCRIPTION,
+    session.add(Token(id=ident, role=BOOT, description=BOOT_TOKEN_DESCRIPTION,
                       secret_hash=hash_secret(secret), created_at=now,
-                      expires_at=now + timedelta(seconds=ttl_seconds)))
+                      expires_at=now + timedelta(seconds=ttl_seconds), machine_id=machine_id,
+                      bound_uuid=query.machine_uuid, bound_mac=query.mac))
     return format_token(TOKEN_PREFIX, ident, secret)
+
+
+def _trim_boot_history(session: Session, machine_id: str, keep: int) -> None:
+    """Boot requests are anyone's to make: keep the newest `keep` of them in a machine's
+    history, so they can never push its state changes out of view."""
+    boots = (StateChange.machine_id == machine_id, StateChange.reason.like("boot request:%"),
+             StateChange.from_state == StateChange.to_state)
+    cutoff = (select(StateChange.id).where(*boots).order_by(StateChange.id.desc())
+              .offset(keep).limit(1).scalar_subquery())
+    session.execute(delete(StateChange).where(*boots, StateChange.id <= cutoff))
 
 
 def _describe(query: BootQuery) -> str:
@@ -135,6 +171,7 @@ def ipxe(request: Request, uuid: str | None = None, mac: str | None = None,
     base = _base_url(request)
     now = utcnow()
     with request.app.state.db.write() as session:
+        _purge_expired_boots(session, now, settings.boot_token_ttl_seconds)
         machine = _find_machine(session, query)
         view = None
         if machine is not None:
@@ -143,16 +180,28 @@ def ipxe(request: Request, uuid: str | None = None, mac: str | None = None,
             view = BootMachine(machine.id, machine.state, tuple(machine.roles or ()), macs,
                                machine.state == states.INSTALLING
                                and _install_granted(session, machine, now))
-        token = _issue_boot_token(session, settings.boot_token_ttl_seconds, now) \
-            if needs_bootstrap_token(query, view) else None
+        token = None
+        new_id = "m" + secrets.token_hex(6) if machine is None else None
+        if needs_bootstrap_token(query, view):
+            if _pending_boot_tokens(session, now) >= settings.max_pending_boots:
+                log.warning("boot: %d boot tokens pending; refusing another (429)",
+                            settings.max_pending_boots)
+                return PlainTextResponse(
+                    retry_script_for(base, profiles.retry_seconds), status_code=429,
+                    media_type=IPXE, headers={"Retry-After": str(profiles.retry_seconds)})
+            bound = machine.id if machine is not None else (
+                new_id if query.machine_uuid is not None else None)
+            token = _issue_boot_token(session, settings.boot_token_ttl_seconds, now, bound,
+                                      query)
         decision = machine_script(query, view, profiles, base, token)
         seen = _describe(query)
         reason = f"boot request: {decision.reason}" + (f" ({seen})" if seen else "")
         if machine is None and query.machine_uuid is not None:
+            assert new_id is not None
             machine = Machine(
-                id="m" + secrets.token_hex(6), uuid=query.machine_uuid, state=states.BOOTING,
+                id=new_id, uuid=query.machine_uuid, state=states.BOOTING,
                 state_changed_at=now, created_at=now, discovered_at=now, roles=[], pinned=False,
-                credential_hash="", hostname=query.hostname or "", serial=query.serial,
+                credential_hash="", hostname=(query.hostname or "").lower(), serial=query.serial,
                 interfaces=[{"name": "net0", "mac": query.mac, "addresses": [], "gateway": None,
                              "fqdns": [], "boot": True}] if query.mac else [],
                 disks=[], lldp=[])
@@ -161,16 +210,27 @@ def ipxe(request: Request, uuid: str | None = None, mac: str | None = None,
                                     to_state=states.BOOTING, reason=reason, at=now))
         elif machine is not None and machine.state == states.DECOMMISSIONED \
                 and decision.action == "discovery":
-            # Booting is how a retired machine comes back: it registers again from here.
+            # Booting is how a retired machine comes back: it enrols again from here.
             service.transition(session, machine, states.BOOTING, reason, now)
         elif machine is not None:
             # A boot of a known machine is history, not a state change (an installed machine
-            # that reboots is still installed).
+            # that reboots is still installed); anyone can send one, so only the last few
+            # are kept.
             session.add(StateChange(machine_id=machine.id, from_state=machine.state,
                                     to_state=machine.state, reason=reason, at=now))
+            session.flush()
+            _trim_boot_history(session, machine.id, settings.boot_history_kept)
         who = machine.id if machine is not None else "unidentified machine"
     log.info("boot: %s -> %s (%s)", who, decision.action, decision.reason)
     return PlainTextResponse(decision.script, media_type=IPXE)
+
+
+def retry_script_for(base: str, seconds: int) -> str:
+    try:
+        return retry_script(check_base_url(base), "too many machines enrolling at once; "
+                            "retrying", seconds)
+    except ValueError:
+        return "#!ipxe\nexit\n"
 
 
 AssetPath = Annotated[str, PathParam(max_length=1024)]

@@ -16,8 +16,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
-from divingbell.fleet import scheduler
-from divingbell.fleet.auth import Admin, Bootstrap, CurrentPrincipal
+from divingbell.fleet import scheduler, service
+from divingbell.fleet.auth import Admin, CurrentPrincipal, Principal, Reader
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import Machine
 from divingbell.fleet.settings import FleetSettings
@@ -43,7 +43,7 @@ def _reply(reply: Any) -> Response:
     "content": {"text/x-shellscript": {"schema": {"type": "string"}}},
     "description": "The node's self-contained join script"}})
 def join_scripts(
-    request: Request, _: Bootstrap,
+    request: Request, principal: CurrentPrincipal,
     hostname: Annotated[str, Query(max_length=253, description="the node's name")] = "",
     ip: Annotated[str, Query(max_length=64, description="the node's address")] = "",
     role: Annotated[str | None, Query(max_length=63, description=(
@@ -56,9 +56,14 @@ def join_scripts(
 ) -> Response:
     """The join script for a host, built from the current design. A machine the fleet knows
     (by hostname) gets its fleet role, and that role's labels. 400 with the reasons for a
-    hostname or IP that conflicts with the design."""
+    hostname or IP that conflicts with the design.
+
+    A join script holds the node's private keys: only an admin may ask for any host's; a
+    machine's own credential gets only its own, for its accepted hostname and one of its
+    addresses, with its fleet role. Anyone else is refused (403), before anything is built."""
     from divingbell.bootstrap.service import FleetMachine, join_script
 
+    _may_get_join_script(request, principal, hostname, ip, role)
     settings = _settings(request)
     if not settings.bootstrap_design or not settings.bootstrap_pki:
         raise ApiError(404, {"error": "bootstrap-not-configured", "message": (
@@ -67,8 +72,9 @@ def join_scripts(
 
     def fleet_machine(name: str) -> FleetMachine | None:
         with request.app.state.db.read() as session:
-            machine = session.execute(select(Machine).where(Machine.hostname == name)
-                                      .limit(1)).scalar_one_or_none()
+            machine = session.execute(select(Machine).where(
+                Machine.hostname == name, Machine.state.not_in(service.ACTIVE_EXCLUDED))
+                .limit(1)).scalar_one_or_none()
             if machine is None:
                 return None
             roles = [str(r) for r in machine.roles or []]
@@ -80,11 +86,38 @@ def join_scripts(
                               static=static, dynamic=dynamic, role=role, machine=fleet_machine))
 
 
+def _may_get_join_script(request: Request, principal: Principal, hostname: str, ip: str,
+                         role: str | None) -> None:
+    if principal.role == "admin":
+        return
+    if principal.kind != "machine":
+        raise ApiError(403, {"error": "forbidden", "message": (
+            "join scripts hold node keys: an admin token, or the machine's own credential")})
+    with request.app.state.db.read() as session:
+        machine = session.get(Machine, principal.id)
+        if machine is None:
+            raise ApiError(403, {"error": "forbidden", "message": "unknown machine"})
+        addresses = {str(a.get("address")) for i in machine.interfaces or []
+                     for a in i.get("addresses") or []}
+        problem = None
+        if role is not None:
+            problem = ("role", "a machine gets its fleet role; only an admin names one")
+        elif not machine.hostname_accepted or hostname != machine.hostname:
+            problem = ("hostname", f"machine {machine.id} may fetch only the join script of its "
+                                   "own accepted hostname"
+                                   + ("" if machine.hostname_accepted else
+                                      " (none accepted yet: divingbell fleet accept)"))
+        elif ip not in addresses:
+            problem = ("ip", f"{ip or '(none)'} is not an address machine {machine.id} reported")
+    if problem is not None:
+        raise ApiError(403, {"error": "forbidden", "field": problem[0], "message": problem[1]})
+
+
 @router.post("/designs/validate", openapi_extra={"requestBody": {
     "required": True,
     "content": {"application/yaml": {"schema": {"type": "string"}},
                 "text/plain": {"schema": {"type": "string"}}}}})
-async def validate_design(request: Request, _: CurrentPrincipal) -> Response:
+async def validate_design(request: Request, _: Reader) -> Response:
     """Every problem in a design (YAML body), with its path and line: 200 `{"status":
     "Success"}` when valid, 422 with `problems` when not."""
     from divingbell.bootstrap.service import validate_design as validate

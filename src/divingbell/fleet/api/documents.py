@@ -75,14 +75,18 @@ def list_revisions(request: Request, _: Reader) -> list[dict[str, Any]]:
 
 
 @router.get("/revisions/{number}")
-def get_revision(number: RevisionNumber, request: Request, _: Reader) -> dict[str, Any]:
+def get_revision(number: RevisionNumber, request: Request, principal: Reader) -> dict[str, Any]:
+    """A stored revision. An admin gets the text as pushed; a reader gets it re-serialised with
+    every secret masked (`masked: true`)."""
     with request.app.state.db.read() as session:
         revision = session.get(Revision, number)
         if revision is None:
             raise not_found("revision", number)
         return {"revision": revision.number, "name": revision.source_name,
                 "digest": revision.digest, "created_at": iso(revision.created_at),
-                "created_by": revision.created_by, "text": revision.text,
+                "created_by": revision.created_by,
+                "text": service.shown_text(revision.text, principal),
+                "masked": not service.sees_secrets(principal),
                 "active": service.active_revision(session) == revision.number}
 
 

@@ -8,11 +8,17 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from divingbell.fleet import installs, service, states
-from divingbell.fleet.api.schemas import Discovery, InstallResult, ReportBody, RolesBody
+from divingbell.fleet.api.schemas import (
+    Discovery,
+    HostnameBody,
+    InstallResult,
+    ReportBody,
+    RolesBody,
+)
 from divingbell.fleet.auth import (
     Admin,
     Bearer,
-    Bootstrap,
+    Enroller,
     MachineOrAdmin,
     MachineOrReader,
     Reader,
@@ -26,15 +32,20 @@ MachineId = Annotated[str, Path(max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
 
 @router.post("/discovery", status_code=201)
 def discovery(facts: Discovery, request: Request, response: Response,
-              principal: Bootstrap) -> dict[str, Any]:
-    """Register a machine (or update it, by UUID) and issue its credential (rotated on every
-    registration). A MAC already on another machine is a 409 naming both machines."""
+              principal: Enroller) -> dict[str, Any]:
+    """Enrol a machine and issue its credential, once: with the boot token of its own network
+    boot (bound to that boot's UUID and MAC, single use), or an operator's bootstrap token.
+    A machine already enrolled is updated only with its own credential (`credential` is then
+    null: it keeps the one it has); for anyone else it is a 409 `already-enrolled` until an
+    operator runs `divingbell fleet reenroll ID`. A MAC or hostname already on another
+    machine is a 409 naming both."""
     with request.app.state.db.write() as session:
-        machine, credential, created = service.discover(session, facts,
-                                                        request.app.state.settings)
+        enrolment = service.discover(session, facts, request.app.state.settings, principal)
+        machine = enrolment.machine
         result = {"machine_id": machine.id, "state": machine.state, "roles": machine.roles,
-                  "credential": credential}
-    response.status_code = 201 if created else 200
+                  "hostname_accepted": machine.hostname_accepted,
+                  "credential": enrolment.credential}
+    response.status_code = 201 if enrolment.credential else 200
     return result
 
 
@@ -107,6 +118,30 @@ def decommission(machine_id: MachineId, request: Request, principal: Admin) -> d
         return {"id": machine.id, "state": machine.state}
 
 
+@router.post("/machines/{machine_id}/reenroll")
+def reenroll(machine_id: MachineId, request: Request, principal: Admin) -> dict[str, Any]:
+    """Let the next network boot of this machine enrol it again (a reinstall, a lost
+    credential): its credential is revoked at once, its grants and slots released, and it is
+    `booting` until it enrols. Audited."""
+    with request.app.state.db.write() as session:
+        machine = service.get_machine(session, machine_id)
+        service.reenroll(session, machine, principal.label)
+        return {"id": machine.id, "state": machine.state}
+
+
+@router.put("/machines/{machine_id}/hostname")
+def accept_hostname(machine_id: MachineId, body: HostnameBody, request: Request,
+                    principal: Admin) -> dict[str, Any]:
+    """Accept a host name for this machine (the one it claimed when `hostname` is omitted):
+    from then on it selects the document's host overrides for it and its join script.
+    Unique among active machines: a conflict is a 409 naming both."""
+    with request.app.state.db.write() as session:
+        machine = service.get_machine(session, machine_id)
+        service.accept_hostname(session, machine, body.hostname, principal.label)
+        return {"id": machine.id, "hostname": machine.hostname,
+                "hostname_accepted": machine.hostname_accepted}
+
+
 @router.post("/scheduler/run")
 def run_scheduler(request: Request, _: Admin) -> dict[str, Any]:
     """Run a scheduling pass now (it also runs after every discovery and role change)."""
@@ -121,9 +156,9 @@ async def get_config(machine_id: MachineId, request: Request, credentials: Beare
                      if_none_match: Annotated[str | None, Header(max_length=1024)] = None
                      ) -> Response:
     """The machine's effective configuration: a complete document with no overrides (its
-    labels and hostname already applied). `ETag: "<revision>-<digest>"`; send it back as
-    `If-None-Match` to get 304 while nothing changed. (That machine's credential, or a
-    reader or admin token.)"""
+    labels and accepted hostname already applied). `ETag: "<revision>-<digest>"`; send it
+    back as `If-None-Match` to get 304 while nothing changed. (That machine's credential, or
+    a reader or admin token; a reader sees secrets masked.)"""
     db = request.app.state.db
 
     def work() -> tuple[service.Rendered, str, str]:
@@ -132,7 +167,9 @@ async def get_config(machine_id: MachineId, request: Request, credentials: Beare
             principal, machine, active = service.authorized_view(
                 connection, credentials, machine_id, readers=True)
             request.state.principal = principal
-            return (service.render_config(connection, machine, if_none_match, active),
+            masked = principal.kind != "machine" and not service.sees_secrets(principal)
+            return (service.render_config(connection, machine, if_none_match, active,
+                                          masked=masked),
                     principal.kind, machine.state)
 
     rendered, kind, state = await run_in_threadpool(work)

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from divingbell.fleet import rollouts
+from divingbell.fleet import rollouts, service
 from divingbell.fleet.auth import Admin, Reader
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import Revision
@@ -97,16 +97,18 @@ def plan(number: RevisionNumber, request: Request, _: Reader) -> dict[str, Any]:
 
 
 @router.get("/revisions/{old}/diff/{new}")
-def diff(old: RevisionNumber, new: RevisionNumber, request: Request, _: Reader
+def diff(old: RevisionNumber, new: RevisionNumber, request: Request, principal: Reader
          ) -> dict[str, Any]:
-    """The unified diff between two revisions' documents."""
+    """The unified diff between two revisions' documents (of their masked texts for a
+    reader)."""
     with request.app.state.db.read() as session:
         texts = []
         for number in (old, new):
             revision = session.get(Revision, number)
             if revision is None:
                 raise not_found("revision", number)
-            texts.append((revision.source_name, revision.text))
+            texts.append((revision.source_name,
+                          service.shown_text(revision.text, principal)))
     lines = difflib.unified_diff(texts[0][1].splitlines(), texts[1][1].splitlines(),
                                  f"revision {old} ({texts[0][0]})",
                                  f"revision {new} ({texts[1][0]})", lineterm="")

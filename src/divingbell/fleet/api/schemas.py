@@ -14,6 +14,19 @@ Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][
 MAX_INT = 2**62
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+"""RFC 1123 host names, lower case (what Kubernetes accepts as a node name)."""
+
+
+def check_hostname(value: str) -> str:
+    """A host name as the fleet stores it: lower-cased, RFC 1123; ValueError naming why."""
+    name = value.strip().lower()
+    if name and not HOSTNAME_RE.fullmatch(name):
+        raise ValueError(f"{value[:64]!r} is not an RFC 1123 host name (letters, digits and "
+                         "'-' in dot-separated labels of at most 63, each starting and ending "
+                         "with a letter or digit; 253 at most)")
+    return name
 
 
 def normalise_mac(value: str) -> str:
@@ -124,6 +137,11 @@ class Discovery(Strict):
     def _uuid(cls, value: str) -> str:
         return value.lower()
 
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        return check_hostname(value)
+
     @model_validator(mode="before")
     @classmethod
     def _enjoliver(cls, data: Any) -> Any:
@@ -205,6 +223,16 @@ def from_enjoliver(data: dict[str, Any]) -> dict[str, Any]:
     return {"uuid": boot.get("uuid"), "boot_id": boot.get("random-id"),
             "hostname": fqdns[0].split(".")[0] if fqdns else "",
             "interfaces": interfaces, "disks": disks, "lldp": lldp}
+
+
+class HostnameBody(Strict):
+    hostname: Annotated[str, Field(max_length=253)] | None = None
+    """None: accept the name the machine claimed."""
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str | None) -> str | None:
+        return None if value is None else check_hostname(value)
 
 
 class RolesBody(Strict):

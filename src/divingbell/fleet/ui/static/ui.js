@@ -144,7 +144,8 @@ async function renderMachine() {
   const row = machineRow(m);
   document.getElementById("machine-name").textContent = row.name;
   const facts = [["State", badge(m.state)], ["Role", row.role], ["Rack", row.rack], ["Revision", row.revision],
-    ["Up to date", row.up_to_date], ["Last report", age(m.last_report_at)], ["UUID", m.uuid || "–"], ["Boot id", m.boot_id || "–"]];
+    ["Up to date", row.up_to_date], ["Last report", age(m.last_report_at)], ["UUID", m.uuid || "–"], ["Boot id", m.boot_id || "–"],
+    ["Hostname", m.hostname ? m.hostname + (m.hostname_accepted ? "" : " (claimed; not accepted: divingbell fleet accept)") : "–"]];
   replaceRows(document.getElementById("machine-facts"), facts.map(([k, v]) => el("div", { class: "card" }, el("h2", {}, k), el("p", {}, v))));
   replaceRows(document.getElementById("interfaces"), (m.interfaces || []).map((i) => el("tr", {},
     el("td", {}, i.name), el("td", {}, i.mac), el("td", {}, (i.addresses || []).map((a) => `${a.address}/${a.prefix}`).join(" ")), el("td", {}, i.gateway || "–"))));
