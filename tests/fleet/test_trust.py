@@ -352,7 +352,10 @@ def test_readers_see_secrets_masked_everywhere(fleet: ThreadServer) -> None:
     }
     # The web UI's reader session reads through the same routes, with its cookie.
     with httpx.Client(base_url=fleet.url, follow_redirects=False) as browser:
-        assert browser.post("/ui/login", data={"token": fleet.reader_token}).status_code == 303
+        form = browser.get("/ui/login").text
+        login_csrf = form.split('name="login_csrf" value="', 1)[1].split('"', 1)[0]
+        assert browser.post("/ui/login", data={"token": fleet.reader_token,
+                                               "login_csrf": login_csrf}).status_code == 303
         reader_views["ui revision"] = browser.get("/v1/revisions/1").json()["text"]
         reader_views["ui diff"] = browser.get("/v1/revisions/1/diff/2").json()["diff"]
     for where, text in reader_views.items():
