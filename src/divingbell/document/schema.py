@@ -602,6 +602,17 @@ class AppArmorConf(StrictModel):
 
 # exec -----------------------------------------------------------------------------------------
 
+_UNIT = r"[A-Za-z0-9:_.@\\-]+"  # systemd unit names, \x2d escapes included
+_DISRUPTION = re.compile(rf"none|reboot|(restart|reload):{_UNIT}(,{_UNIT})*")
+
+
+def _check_disruption(value: str) -> str:
+    if not _DISRUPTION.fullmatch(value):
+        raise ValueError("must be none, reboot, restart:<unit>[,<unit>...] or "
+                         "reload:<unit>[,<unit>...]")
+    return value
+
+
 class Script(StrictModel):
     data: str
     args: list[Text] = []
@@ -617,6 +628,9 @@ class Script(StrictModel):
         Field(ge=1, le=MAX_SECONDS, validation_alias=AliasChoices("timeout", "script_timeout"))
     ] = 1800
     blocking_policy: Literal["foreground", "foreground_halt_pod_on_failure"] = "foreground"
+    # What running the script costs the node's workloads: divingbell cannot see what a script
+    # does, so the document says it (an extension; Divingbell had no such key).
+    disruption: Annotated[str, AfterValidator(_check_disruption)] = "none"
 
     @model_validator(mode="after")
     def _consistent_policy(self) -> Script:
