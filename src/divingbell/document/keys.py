@@ -34,5 +34,9 @@ MERGE_KEY_CANONICALIZERS: dict[str, Callable[[str], str]] = {"sysctl": canonical
 """Modules whose mapping keys have several spellings: overrides merge by the canonical one."""
 
 
+REBOOT_PACKAGES = r"^linux-(image|modules)-|^(intel|amd64)-microcode$"
+"""Packages whose new version only takes effect after a reboot (a pattern on the name)."""
+
+
 CRYPT_PREFIXES = ("$1$", "$5$", "$6$", "$y$", "$2b$")
 """crypt(3) hash prefixes divingbell accepts (md5, sha256, sha512, yescrypt, bcrypt)."""

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from divingbell.document.keys import REBOOT_PACKAGES as REBOOT_PACKAGE_NAMES
 from divingbell.engine.change import NONE, REBOOT, Action, Change, restart
 from divingbell.engine.files import FileSpec, plan_files
 from divingbell.engine.journal import ModuleRecord
@@ -45,8 +46,7 @@ STRICT_STATES = "/var/lib/divingbell/apt-strict.extended_states"
 REBOOT_REQUIRED = "/run/reboot-required"
 DPKG_INFO = "/var/lib/dpkg/info"
 UNIT_DIRS = ("/lib/systemd/system/", "/usr/lib/systemd/system/")
-# Packages whose new version only runs after a reboot.
-REBOOT_PACKAGES = re.compile(r"^linux-(image|modules)-|^(intel|amd64)-microcode$")
+REBOOT_PACKAGES = re.compile(REBOOT_PACKAGE_NAMES)
 HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
 DISABLED = "# Disabled by divingbell (apt.exclusive_sources); its original returns after.\n"
 
