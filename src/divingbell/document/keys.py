@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 MODULE_NAMES: tuple[str, ...] = (
-    "sysctl", "limits", "mounts", "ethtool", "apt", "uamlite", "perm", "apparmor", "exec",
+    "sysctl", "limits", "mounts", "ethtool", "apt", "uamlite", "perm", "apparmor", "kernel",
+    "exec",
 )
 """Every host module, in the order divingbell applies them (packages before users that need
-them, mounts before permissions on what they mount, one-off scripts last)."""
+them, mounts before permissions on what they mount, the kernel command line after the packages
+that bring GRUB, one-off scripts last)."""
 
 
 def sysctl_components(key: str) -> list[str]:

@@ -150,6 +150,7 @@ EFFECTS = {
     "uamlite": "accounts expired (purged with purge_expired_users)",
     "perm": "original owner and mode restored",
     "apparmor": "profiles removed",
+    "kernel": "parameters leave the boot line (drop-in removed, update-grub): at the next boot",
     "exec": "scripts forgotten (a script reverts nothing)",
 }
 """What the host does with an entry that left the document, module by module."""
@@ -162,6 +163,7 @@ NAMED: dict[str, list[tuple[str, str | None, str]]] = {
     "uamlite": [("users", "user_name", "user")],
     "perm": [("paths", "path", "path")],
     "apparmor": [("profiles", None, "profile")],
+    "kernel": [("cmdline", None, "parameter"), ("flags", None, "parameter")],
 }
 """Modules whose entries are named inside lists or maps: (key, the name's field in each item
 or None for a map's keys, the word shown before the name)."""
