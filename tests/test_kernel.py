@@ -4,6 +4,7 @@ running kernel booted with and what GRUB boots next, both in the plan."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from divingbell.modules.kernel import (
     default_entry,
     render_dropin,
 )
-from tests.conftest import make_proc_sys
+from tests.conftest import Cli, make_proc_sys
 from tests.grubroot import KERNEL, build_image, grub_root
 
 BOOTED = f"BOOT_IMAGE={KERNEL} root=/dev/sda1 ro quiet\n"
@@ -313,3 +314,17 @@ def test_a_failing_update_grub_rolls_the_dropin_back(grub_host: Host) -> None:
     assert result.error is not None and "update-grub failed" in result.error
     assert grub_host.read_text(DROPIN) is None
     assert grub_host.path(GRUB_CFG).read_text() == before
+
+
+def test_status_says_a_reboot_is_pending(grub_host: Host, cli: Cli, tmp_path: Path) -> None:
+    document = tmp_path / "doc.yaml"
+    document.write_text(DOC)
+    args = ("--root", grub_host.root, "--proc-sys", grub_host.proc_sys, "--node", "n1")
+    applied = cli("apply", *args, "--format", "json", document)
+    assert applied.returncode == 0, applied.stderr
+    assert json.loads(applied.stdout)["disruption"] == REBOOT
+    status = cli("status", "--root", grub_host.root)
+    assert "  disruption: reboot (pending until the node boots again" in status.stdout
+    plan = cli("plan", *args, document)
+    assert ("  = pending reboot: the running kernel booted without hugepages=16 isolcpus=2-7 "
+            "nosmt  [reboot]") in plan.stdout

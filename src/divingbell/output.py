@@ -75,7 +75,9 @@ def plan_text(plan: Plan, *, verbose: bool = False, diff: bool = False) -> str:
         if module.error:
             lines.extend(f"  ! {part}" for part in module.error.split("; "))
             continue
-        shown = [c for c in module.changes if verbose or c.changes_host]
+        # A settled change that still costs something (a reboot pending) is always shown.
+        shown = [c for c in module.changes
+                 if verbose or c.changes_host or c.disruption != NONE]
         for change in shown:
             lines.append(change_line(change))
             text = file_diff(change) if diff else None
@@ -158,6 +160,12 @@ def status_text(root: str, journal: dict[str, Any], last_run: dict[str, Any] | N
                 f"{m['module']}: {m['error']}" for m in last_run.get("modules", [])
                 if m.get("error")]
         lines.extend(f"  ! {error}" for error in errors)
+        disruption = last_run.get("disruption")
+        if disruption == "reboot":
+            lines.append("  disruption: reboot (pending until the node boots again: "
+                         "`divingbell plan` shows what the running kernel lacks)")
+        elif disruption not in (None, "none"):
+            lines.append(f"  disruption: {disruption}")
     return "\n".join(lines)
 
 

@@ -169,6 +169,9 @@ class ApplyReport:
             "finished": self.finished,
             "duration_seconds": round(self.finished - self.started, 4),
             "summary": summarise(self.applied),
+            # What the plan cost the node; `reboot` also when an earlier apply's reboot is
+            # still pending (the kernel module compares /proc/cmdline with the next boot).
+            "disruption": self.plan.disruption,
             "errors": self.errors,
             "modules": [result.as_dict() for result in self.results],
         }
