@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from divingbell.host import Host
 from tests.booted import CACHE, debian_tarball, overlay
 
 GRUB_PACKAGES = ("grub2-common", "grub-pc-bin")
@@ -134,3 +135,24 @@ def grub_root(prepared: Path, scratch: Path) -> Iterator[Path]:
             yield root
     finally:
         image.unlink(missing_ok=True)
+
+
+BOOTED = f"BOOT_IMAGE={KERNEL} root=/dev/sda1 ro quiet\n"
+
+
+@pytest.fixture(scope="session")
+def grub_image(debian_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    image = build_image(debian_root, tmp_path_factory.mktemp("grub"))
+    yield image
+    image.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def grub_host(grub_image: Path, tmp_path: Path) -> Iterator[Host]:
+    from tests.conftest import make_proc_sys
+
+    with grub_root(grub_image, tmp_path) as root:
+        proc = tmp_path / "proc"
+        proc_sys = make_proc_sys(proc / "sys", {"vm/swappiness": "60"})
+        (proc / "cmdline").write_text(BOOTED)
+        yield Host(root=root, proc_sys=proc_sys)

@@ -32,6 +32,7 @@ DROPIN = "/etc/default/grub.d/divingbell.cfg"
 GRUB_CFG = "/boot/grub/grub.cfg"
 GRUBENV = "/boot/grub/grubenv"
 UPDATE_GRUB = "/usr/sbin/update-grub"
+REBOOT_REQUIRED = "/run/reboot-required"
 BOOT_CONFIG = "boot configuration"
 RUNNING = "running kernel"
 HEADER = (
@@ -231,7 +232,11 @@ class Kernel(HostModule["KernelConf", KernelObserved]):
         payload: UpdateGrub = change.payload
         self._update_grub(host)
         record.state["names"] = list(payload.names)
-        return ["the new kernel command line takes effect at the next boot"]
+        # The sentinel the maintenance sequence reboots for (as after a kernel upgrade): slot,
+        # window, blockers, drain, reboot, health. /run is empty again after the reboot.
+        host.write_atomic(REBOOT_REQUIRED, "*** System restart required ***\n", 0o644)
+        return ["the new kernel command line takes effect at the next boot "
+                f"({REBOOT_REQUIRED} written: maintenance reboots the node)"]
 
     def undo(self, host: Host, change: Change) -> None:
         # The drop-in is put back first; grub.cfg is regenerated from it (undoing the
