@@ -273,6 +273,10 @@ def test_removal_restores_the_boot_line(grub_host: Host) -> None:
     reboot(grub_host)
     plan = plan_node(grub_host, config("conf:\n  sysctl: {vm.swappiness: 60}\n"))
     assert plan.disruption == NONE
+    # Gone everywhere: the module forgets it, and leaves the journal.
+    apply(grub_host, "conf:\n  sysctl: {vm.swappiness: 60}\n")
+    plan = plan_node(grub_host, config("conf:\n  sysctl: {vm.swappiness: 60}\n"))
+    assert "kernel" not in [m.module for m in plan.modules]
 
 
 def test_an_edited_grub_cfg_is_drift_and_regenerated(grub_host: Host) -> None:

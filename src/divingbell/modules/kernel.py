@@ -169,6 +169,11 @@ class UpdateGrub:
     names: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ForgetNames:
+    """Payload of the last change after removal: the parameters are gone everywhere."""
+
+
 class Kernel(HostModule["KernelConf", KernelObserved]):
     name = "kernel"
 
@@ -218,7 +223,14 @@ class Kernel(HostModule["KernelConf", KernelObserved]):
                                   disruption=REBOOT))
         if observed.running is not None:
             running = managed(observed.running, names)
-            if running == after:
+            if running == after and desired is None and not changes:
+                # Gone from the document, the boot line and the running kernel: nothing left
+                # to watch, and the module leaves the journal.
+                changes.append(Change(self.name, RUNNING, Action.NOOP, _line(running),
+                                      _line(after), "the running kernel no longer has "
+                                      "divingbell's parameters; forgetting them",
+                                      payload=ForgetNames()))
+            elif running == after:
                 changes.append(Change(self.name, RUNNING, Action.NOOP, _line(running),
                                       _line(after), "the running kernel booted with the "
                                       "document's parameters"))
@@ -227,6 +239,12 @@ class Kernel(HostModule["KernelConf", KernelObserved]):
                                       _line(after), "pending reboot: "
                                       + _pending(running, after), disruption=REBOOT))
         return changes
+
+    def apply(self, host: Host, change: Change, record: ModuleRecord) -> list[str]:
+        if isinstance(change.payload, ForgetNames):
+            record.state.pop("names", None)
+            return []
+        return super().apply(host, change, record)
 
     def apply_setting(self, host: Host, change: Change, record: ModuleRecord) -> list[str]:
         payload: UpdateGrub = change.payload
