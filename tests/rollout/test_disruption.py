@@ -77,3 +77,15 @@ def test_overrides_make_machines_differ(tmp_path: Path) -> None:
     assert disruption(old, new, Target("a", "s1", {"role": "storage"})).kind == "reboot"
     assert disruption(old, new, Target("b", "c1", {"role": "compute"})).kind == "none"
     assert disruption(None, new, Target("a", "s1", {"role": "storage"})).kind == "reboot"
+
+
+def test_kernel_parameters_that_leave_are_removals(tmp_path: Path) -> None:
+    from divingbell.fleet.configdiff import removals
+
+    old = doc(tmp_path, "old.yaml", conf("  kernel: {cmdline: {hugepages: 16, isolcpus: 2-7}, "
+                                         "flags: [nosmt]}\n"))
+    new = doc(tmp_path, "new.yaml", conf("  kernel: {cmdline: {hugepages: 16}}\n"))
+    found = removals(old, new, Target("a", "n1", {}))
+    assert found.modules == {"kernel": ["parameter isolcpus", "parameter nosmt"]}
+    assert (found.removed, found.kept) == (2, 1)
+    assert disruption(old, new, Target("a", "n1", {})).kind == "reboot"
