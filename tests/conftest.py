@@ -186,3 +186,7 @@ def debian_host(debian_root: Path, tmp_path: Path) -> Iterator[Host]:
         yield Host(root=merged)
     finally:
         subprocess.run(["umount", "-R", "-l", tmp_path / "debian"], check=False)
+
+
+# Debian's GRUB on a loop-device root, for the kernel module (fixtures defined there).
+from tests.grubroot import grub_host, grub_image  # noqa: E402, F401

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from divingbell.engine.change import Action, Change
+from divingbell.engine.change import NONE, Action, Change
 from divingbell.engine.runner import ApplyReport, Plan, summarise
 
 SYMBOL = {Action.SET: "~", Action.WRITE: "+", Action.RESTORE: "<", Action.DELETE: "-",
@@ -13,7 +13,7 @@ SYMBOL = {Action.SET: "~", Action.WRITE: "+", Action.RESTORE: "<", Action.DELETE
 
 def change_line(change: Change) -> str:
     if change.action is Action.NOOP:
-        return f"  = {change.reason}"
+        return f"  = {change.reason}" + _disruption(change)
     symbol = SYMBOL[change.action]
     if change.action is Action.WRITE and change.before is not None:
         symbol = "~"
@@ -22,7 +22,11 @@ def change_line(change: Change) -> str:
     text = f"  {symbol} {change.target}: {_value(before)} -> {_value(after)}"
     if change.action in (Action.RESTORE, Action.DELETE, Action.WRITE):
         text += f"  ({change.reason})"
-    return text
+    return text + _disruption(change)
+
+
+def _disruption(change: Change) -> str:
+    return "" if change.disruption == NONE else f"  [{change.disruption}]"
 
 
 def _value(value: str | None) -> str:
@@ -71,7 +75,9 @@ def plan_text(plan: Plan, *, verbose: bool = False, diff: bool = False) -> str:
         if module.error:
             lines.extend(f"  ! {part}" for part in module.error.split("; "))
             continue
-        shown = [c for c in module.changes if verbose or c.changes_host]
+        # A settled change that still costs something (a reboot pending) is always shown.
+        shown = [c for c in module.changes
+                 if verbose or c.changes_host or c.disruption != NONE]
         for change in shown:
             lines.append(change_line(change))
             text = file_diff(change) if diff else None
@@ -83,7 +89,7 @@ def plan_text(plan: Plan, *, verbose: bool = False, diff: bool = False) -> str:
         lines.append(f"Plan failed: {len(plan.errors)} module(s) cannot be applied; "
                      "nothing will change.")
     else:
-        lines.append("Plan: " + summary_line(plan.summary()) + ".")
+        lines.append("Plan: " + summary_line(plan.summary()) + f"; disruption: {plan.disruption}.")
     return "\n".join(lines)
 
 
@@ -154,6 +160,12 @@ def status_text(root: str, journal: dict[str, Any], last_run: dict[str, Any] | N
                 f"{m['module']}: {m['error']}" for m in last_run.get("modules", [])
                 if m.get("error")]
         lines.extend(f"  ! {error}" for error in errors)
+        disruption = last_run.get("disruption")
+        if disruption == "reboot":
+            lines.append("  disruption: reboot (pending until the node boots again: "
+                         "`divingbell plan` shows what the running kernel lacks)")
+        elif disruption not in (None, "none"):
+            lines.append(f"  disruption: {disruption}")
     return "\n".join(lines)
 
 

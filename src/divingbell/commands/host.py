@@ -144,8 +144,14 @@ def plan(
 ) -> None:
     """Show what apply would change on this host, touching nothing.
 
-    Each change shows the value before and after. Exits 1 if some module cannot be applied,
-    2 if the document is invalid (with --detailed-exitcode: 0 / 2 / 1, see below).
+    Each change shows the value before and after, and what carrying it out costs the node's
+    workloads when that is more than nothing: [restart:<unit>] (services restart),
+    [reload:<unit>] or [reboot] (only a reboot makes it take effect). The last line gives the
+    whole plan's disruption, the strongest of its changes: none < reload < restart < reboot
+    (JSON: `disruption` on each change and module, and at the top).
+
+    Exits 1 if some module cannot be applied, 2 if the document is invalid (with
+    --detailed-exitcode: 0 / 2 / 1, see below).
     """
     from divingbell.engine.runner import plan_node
     from divingbell.output import plan_text

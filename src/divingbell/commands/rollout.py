@@ -121,6 +121,10 @@ def abort(server: str, token_file: Path | None, ca_file: str | None, rollback: b
     _verb("abort", server, token_file, ca_file, output_format, rollback)
 
 
+DISRUPTION_WORDS = {"none": "live changes only", "restart": "restarts services",
+                    "reboot": "REBOOTS"}
+
+
 @rollout.command()
 @_api_options
 @click.argument("revision", type=click.IntRange(min=1))
@@ -130,13 +134,18 @@ def plan(server: str, token_file: Path | None, ca_file: str | None, revision: in
          show_all: bool, output_format: str) -> None:
     """Before a rollout: how REVISION would change each machine's effective configuration,
     module by module, what it removes there (the host restores or removes each) against
-    what it keeps, and which machines would not change at all."""
+    what it keeps, what it would do to each machine's workloads (live changes only, restart
+    services, or reboot, with the reason, and how many machines of each), and which machines
+    would not change at all."""
     data = _call(_client(server, token_file, ca_file).call, "GET", f"/v1/rollouts/plan/{revision}")
     if output_format == "json":
         _echo_json(data)
         return
     click.echo(f"revision {revision}: {data['changed']} machine(s) change, "
                f"{data['unchanged']} unchanged (active revision {data['active'] or 'none'})")
+    counts = data.get("disruption") or {}
+    click.echo("disruption: " + ", ".join(f"{counts.get(kind, 0)} {word}" for kind, word in (
+        ("reboot", "reboot"), ("restart", "restart services"), ("none", "live only"))))
     if data.get("exceeds_kept"):
         click.echo(f"removes more than it keeps on {len(data['exceeds_kept'])} machine(s): "
                    f"{', '.join(data['exceeds_kept'])} (a push of it needs --allow-removals)")
@@ -145,8 +154,12 @@ def plan(server: str, token_file: Path | None, ca_file: str | None, revision: in
             if show_all:
                 click.echo(f"\n= {machine['name']} ({machine['id']}): no change")
             continue
+        disrupts = machine.get("disruption") or {"kind": "none", "modules": {}}
         click.echo(f"\n~ {machine['name']} ({machine['id']}), "
-                   f"from revision {machine['from_revision'] or 'none'}:")
+                   f"from revision {machine['from_revision'] or 'none'}: "
+                   f"{DISRUPTION_WORDS[disrupts['kind']]}")
+        for module, why in disrupts["modules"].items():
+            click.echo(f"  {module}: {why}")
         removals = machine.get("removals") or {}
         if removals.get("modules"):
             click.echo("  removed (the host restores or removes each):")

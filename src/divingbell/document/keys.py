@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 MODULE_NAMES: tuple[str, ...] = (
-    "sysctl", "limits", "mounts", "ethtool", "apt", "uamlite", "perm", "apparmor", "exec",
+    "sysctl", "limits", "mounts", "ethtool", "apt", "uamlite", "perm", "apparmor", "kernel",
+    "exec",
 )
 """Every host module, in the order divingbell applies them (packages before users that need
-them, mounts before permissions on what they mount, one-off scripts last)."""
+them, mounts before permissions on what they mount, the kernel command line after the packages
+that bring GRUB, one-off scripts last)."""
 
 
 def sysctl_components(key: str) -> list[str]:
@@ -32,6 +34,10 @@ def canonical_sysctl_key(key: str) -> str:
 
 MERGE_KEY_CANONICALIZERS: dict[str, Callable[[str], str]] = {"sysctl": canonical_sysctl_key}
 """Modules whose mapping keys have several spellings: overrides merge by the canonical one."""
+
+
+REBOOT_PACKAGES = r"^linux-(image|modules)-|^(intel|amd64)-microcode$"
+"""Packages whose new version only takes effect after a reboot (a pattern on the name)."""
 
 
 CRYPT_PREFIXES = ("$1$", "$5$", "$6$", "$y$", "$2b$")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from divingbell.document.nodeconfig import NodeConfig
-from divingbell.engine.change import Action, Change
+from divingbell.engine.change import Action, Change, strongest
 from divingbell.engine.files import note_original_meta, original_of
 from divingbell.engine.journal import (
     JOURNAL_FILE,
@@ -48,10 +48,15 @@ class ModulePlan:
     error: str | None = None
     override: str | None = None
 
+    @property
+    def disruption(self) -> str:
+        return strongest(change.disruption for change in self.changes)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "module": self.module,
             "override": self.override,
+            "disruption": self.disruption,
             "error": self.error,
             "changes": [change.as_dict() for change in self.changes],
         }
@@ -75,9 +80,15 @@ class Plan:
     def summary(self) -> dict[str, int]:
         return summarise(self.changes)
 
+    @property
+    def disruption(self) -> str:
+        """The strongest disruption of any change: what applying the plan costs the node."""
+        return strongest(change.disruption for change in self.changes)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "node": self.node,
+            "disruption": self.disruption,
             "modules": [module.as_dict() for module in self.modules],
             "summary": self.summary(),
             "errors": self.errors,
@@ -158,6 +169,9 @@ class ApplyReport:
             "finished": self.finished,
             "duration_seconds": round(self.finished - self.started, 4),
             "summary": summarise(self.applied),
+            # What the plan cost the node; `reboot` also when an earlier apply's reboot is
+            # still pending (the kernel module compares /proc/cmdline with the next boot).
+            "disruption": self.plan.disruption,
             "errors": self.errors,
             "modules": [result.as_dict() for result in self.results],
         }

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from divingbell.agent import DEGRADED, Agent, AgentSettings
+from divingbell.engine.change import REBOOT
 from divingbell.engine.runner import ApplyReport
 from divingbell.fleet.client import (
     FleetApiError,
@@ -177,10 +178,21 @@ class FleetAgent(Agent):
             modules["engine"] = {"changes": 0, "failures": [self.reason[:4000]]}
         self._last_report = {
             "revision": self.source.revision, "etag": self.source.etag,
-            "state": "converged" if self.ready else "failed", "modules": modules,
+            "state": self._state(report), "modules": modules,
             "drift": self._drift, "duration_seconds": round(duration, 3),
             "boot_id": _boot_id()}
         self._send(self._last_report, now)
+
+    def _state(self, report: ApplyReport | None) -> str:
+        """converged, failed, or rebooting: applied, but a reboot is still pending (the plan's
+        disruption is `reboot`: a new kernel command line the running kernel lacks, or a
+        package upgrade that left /run/reboot-required). Maintenance reboots the node; the
+        first pass after it reports converged."""
+        if not self.ready:
+            return "failed"
+        if report is not None and report.plan.disruption == REBOOT:
+            return "rebooting"
+        return "converged"
 
     def _send(self, report: dict[str, Any], now: float) -> None:
         self._last_report_sent = now

@@ -150,6 +150,7 @@ EFFECTS = {
     "uamlite": "accounts expired (purged with purge_expired_users)",
     "perm": "original owner and mode restored",
     "apparmor": "profiles removed",
+    "kernel": "parameters leave the boot line (drop-in removed, update-grub): at the next boot",
     "exec": "scripts forgotten (a script reverts nothing)",
 }
 """What the host does with an entry that left the document, module by module."""
@@ -162,6 +163,7 @@ NAMED: dict[str, list[tuple[str, str | None, str]]] = {
     "uamlite": [("users", "user_name", "user")],
     "perm": [("paths", "path", "path")],
     "apparmor": [("profiles", None, "profile")],
+    "kernel": [("cmdline", None, "parameter"), ("flags", None, "parameter")],
 }
 """Modules whose entries are named inside lists or maps: (key, the name's field in each item
 or None for a map's keys, the word shown before the name)."""
@@ -261,3 +263,102 @@ def override_targets(*documents: ValidDocument) -> list[Target]:
     return ([Target(name, name, {}) for name in sorted(hosts)]
             + [Target(f"{k}={v}", f"nodes labelled {k}={v}", {k: v}) for k, v in sorted(labels)]
             + [Target("*", "any other node", {})])
+
+
+# What a new configuration costs each machine's workloads ------------------------------------
+
+DISRUPTION_KINDS = ("none", "restart", "reboot")
+"""Weakest first. The host decides the exact units when it plans (`divingbell plan`); before a
+rollout the fleet can tell the kind from the two configurations."""
+
+
+@dataclass
+class MachineDisruption:
+    """What applying a new configuration would do to one machine: the strongest kind, and per
+    module that disrupts anything, why."""
+
+    kind: str = "none"
+    modules: dict[str, str] = field(default_factory=dict)
+
+    def add(self, module: str, kind: str, why: str) -> None:
+        self.modules[module] = f"{kind}: {why}"
+        if DISRUPTION_KINDS.index(kind) > DISRUPTION_KINDS.index(self.kind):
+            self.kind = kind
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "modules": self.modules}
+
+
+def _packages(settings: Any) -> dict[str, Any]:
+    """apt's packages by name -> the whole entry (version pin, debconf answers)."""
+    if not isinstance(settings, dict):
+        return {}
+    packages = settings.get("packages") or []
+    if isinstance(packages, dict):  # groups of packages
+        packages = [p for group in packages.values() for p in group or []]
+    return {str(p.get("name")): p for p in packages if isinstance(p, dict)}
+
+
+def _apt_disruption(before: Any, after: Any) -> tuple[str, str] | None:
+    import re
+
+    from divingbell.document.keys import REBOOT_PACKAGES
+
+    old, new = _packages(before), _packages(after)
+    touched = sorted(name for name in set(old) | set(new)
+                     if name in old and old.get(name) != new.get(name))
+    kernels = sorted(name for name in (set(old) ^ set(new)) | set(touched)
+                     if re.match(REBOOT_PACKAGES, name))
+    if kernels:
+        return "reboot", f"kernel or microcode packages change ({', '.join(kernels)})"
+    upgrade = isinstance(after, dict) and after.get("upgrade") and not (
+        isinstance(before, dict) and before.get("upgrade"))
+    if upgrade:
+        return "reboot", "upgrade turns on: it may bring a new kernel (the host decides)"
+    if touched:
+        return "restart", (f"packages change or leave ({', '.join(touched)}): the services "
+                           "they ship restart")
+    return None
+
+
+def _exec_disruption(before: Any, after: Any) -> tuple[str, str] | None:
+    old = before if isinstance(before, dict) else {}
+    new = after if isinstance(after, dict) else {}
+    declared = {name: str(script.get("disruption") or "none") for name, script in new.items()
+                if isinstance(script, dict) and old.get(name) != script}
+    disrupting = {name: d for name, d in declared.items() if d != "none"}
+    if not disrupting:
+        return None
+    kind = "reboot" if "reboot" in disrupting.values() else "restart"
+    return kind, "new or changed scripts declare it (" + ", ".join(
+        f"{name}: {d}" for name, d in sorted(disrupting.items())) + ")"
+
+
+def _kernel_disruption(before: Any, after: Any) -> tuple[str, str] | None:
+    def line(settings: Any) -> tuple[Any, Any]:
+        settings = settings if isinstance(settings, dict) else {}
+        return settings.get("cmdline") or {}, sorted(settings.get("flags") or [])
+
+    if line(before) == line(after):
+        return None
+    return "reboot", "the kernel command line changes: it takes effect at the next boot"
+
+
+MODULE_DISRUPTION = {"apt": _apt_disruption, "exec": _exec_disruption,
+                     "kernel": _kernel_disruption}
+"""Modules whose changes can cost more than nothing; every other module's changes are live."""
+
+
+def disruption(old: ValidDocument | None, new: ValidDocument, target: Target
+               ) -> MachineDisruption:
+    """What `new` would do to `target` against `old`: none (live changes only), restart
+    (services restart) or reboot, with the reason per module. Compared on the real values."""
+    before, after = effective(old, target).served, effective(new, target).served
+    result = MachineDisruption()
+    for module, decide in MODULE_DISRUPTION.items():
+        if before.get(module) == after.get(module):
+            continue
+        found = decide(before.get(module), after.get(module))
+        if found is not None:
+            result.add(module, *found)
+    return result

@@ -21,8 +21,10 @@ from divingbell.document.validate import ValidDocument
 from divingbell.fleet import rollout as logic
 from divingbell.fleet import states
 from divingbell.fleet.configdiff import (
+    DISRUPTION_KINDS,
     Removals,
     Target,
+    disruption,
     machine_diff,
     override_names,
     removals,
@@ -392,19 +394,24 @@ def plan(session: Session, revision_number: int) -> dict[str, Any]:
     diffs: list[dict[str, Any]] = []
     served = _machines_with_served(session)
     configuration = _keyer(served, new_document)
-    seen: dict[tuple[Any, ...], tuple[dict[str, list[str]], dict[str, Any]]] = {}
+    seen: dict[tuple[Any, ...],
+               tuple[dict[str, list[str]], dict[str, Any], dict[str, Any]]] = {}
     for target, number, old_document in served:
         key = configuration(target, number)
         if key not in seen:
             seen[key] = (machine_diff(old_document, new_document, target).modules,
-                         removals(old_document, new_document, target).as_dict())
-        modules, removed = seen[key]
+                         removals(old_document, new_document, target).as_dict(),
+                         disruption(old_document, new_document, target).as_dict())
+        modules, removed, disrupts = seen[key]
         diffs.append({"id": target.id, "name": target.name, "changed": bool(modules),
-                      "modules": modules, "from_revision": number, "removals": removed})
+                      "modules": modules, "from_revision": number, "removals": removed,
+                      "disruption": disrupts})
     changed = [d for d in diffs if d["changed"]]
     return {"revision": revision_number, "active": service.active_revision(session),
             "machines": diffs, "changed": len(changed), "unchanged": len(diffs) - len(changed),
-            "exceeds_kept": [d["name"] for d in diffs if d["removals"]["exceeds_kept"]]}
+            "exceeds_kept": [d["name"] for d in diffs if d["removals"]["exceeds_kept"]],
+            "disruption": {kind: sum(1 for d in diffs if d["disruption"]["kind"] == kind)
+                           for kind in DISRUPTION_KINDS}}
 
 
 def removals_by_machine(session: Session, new_document: ValidDocument) -> list[dict[str, Any]]:

@@ -840,8 +840,10 @@ def add_report(connection: Connection, machine: View, active: int | None, body: 
     connection.execute(_trim_statement(keep), {"mid": machine_id})
     failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
                 for failure in module.failures]
-    rollouts.on_report(connection, machine_id, place, body.revision,
-                       body.state == "converged", "; ".join(failures) or f"report: {body.state}")
+    if body.state != "rebooting":  # a machine waiting for its reboot is still updating
+        rollouts.on_report(connection, machine_id, place, body.revision,
+                           body.state == "converged",
+                           "; ".join(failures) or f"report: {body.state}")
     return after
 
 

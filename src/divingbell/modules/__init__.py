@@ -19,6 +19,7 @@ _CLASSES = {
     "uamlite": "divingbell.modules.uamlite:Uamlite",
     "perm": "divingbell.modules.perm:Perm",
     "apparmor": "divingbell.modules.apparmor:AppArmor",
+    "kernel": "divingbell.modules.kernel:Kernel",
     "exec": "divingbell.modules.exec:Exec",
 }
 assert tuple(_CLASSES) == MODULE_NAMES

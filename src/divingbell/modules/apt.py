@@ -25,7 +25,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
-from divingbell.engine.change import Action, Change
+from divingbell.document.keys import REBOOT_PACKAGES as REBOOT_PACKAGE_NAMES
+from divingbell.engine.change import NONE, REBOOT, Action, Change, restart
 from divingbell.engine.files import FileSpec, plan_files
 from divingbell.engine.journal import ModuleRecord
 from divingbell.engine.settings import converge, left_the_document, restore
@@ -43,6 +44,9 @@ PREFERENCES = "/etc/apt/preferences.d/divingbell.pref"
 DEBCONF_DB = ("/var/cache/debconf/config.dat", "/var/cache/debconf/passwords.dat")
 STRICT_STATES = "/var/lib/divingbell/apt-strict.extended_states"
 REBOOT_REQUIRED = "/run/reboot-required"
+DPKG_INFO = "/var/lib/dpkg/info"
+UNIT_DIRS = ("/lib/systemd/system/", "/usr/lib/systemd/system/")
+REBOOT_PACKAGES = re.compile(REBOOT_PACKAGE_NAMES)
 HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
 DISABLED = "# Disabled by divingbell (apt.exclusive_sources); its original returns after.\n"
 
@@ -150,6 +154,30 @@ class AptObserved:
     planned: list[tuple[Transaction, list[Step], dict[str, str]]] = field(default_factory=list)
     deferred: list[Package] = field(default_factory=list)
     reboot_required: str | None = None
+    services: dict[str, list[str]] = field(default_factory=dict)  # package -> its units
+
+
+def package_services(listing: str | None) -> list[str]:
+    """The service units a package ships (its dpkg `.list`), templates excepted: the ones
+    its maintainer scripts restart on upgrade and stop on removal."""
+    units = set()
+    for line in (listing or "").splitlines():
+        if line.startswith(UNIT_DIRS) and line.endswith(".service"):
+            unit = line.rsplit("/", 1)[-1]
+            if "@" not in unit:
+                units.add(unit)
+    return sorted(units)
+
+
+def package_disruption(op: str, name: str, services: dict[str, list[str]]) -> str:
+    """What one package step costs the node: a kernel or microcode only takes effect after a
+    reboot; upgrading, downgrading, reconfiguring or removing an installed package restarts
+    (or stops) the services it ships; a fresh install starts what was not running."""
+    if REBOOT_PACKAGES.match(name):
+        return REBOOT
+    if op == "install":
+        return NONE
+    return restart(*services.get(name, []))
 
 
 def parse_dpkg_status(text: str) -> dict[str, Installed]:
@@ -248,6 +276,15 @@ class Apt(HostModule["AptConf", AptObserved]):
             # only) so the plan shows what the upgrade would really do.
             self._update(host, run)
         self._plan_transactions(host, desired, record, observed, sources_change)
+        touched = {step.name for _, steps, _ in observed.planned for step in steps
+                   if step.op != "install"}
+        touched |= {pkg.name for pkg in (desired.all_packages if desired else [])
+                    if pkg.debconf}
+        for name in sorted(touched & set(packages)):
+            arch = packages[name].arch
+            listing = (host.read_text(f"{DPKG_INFO}/{name}.list")
+                       or host.read_text(f"{DPKG_INFO}/{name}:{arch}.list"))
+            observed.services[name] = package_services(listing)
         return observed
 
     def _installed(self, host: Host) -> dict[str, Installed]:
@@ -455,7 +492,8 @@ class Apt(HostModule["AptConf", AptObserved]):
                         "changed sources", payload=tx))
         if desired is not None and desired.upgrade and observed.reboot_required is not None:
             changes.append(Change(self.name, "reboot", Action.NOOP, None, None,
-                                  "the host already needs a reboot (/run/reboot-required)"))
+                                  "the host already needs a reboot (/run/reboot-required)",
+                                  disruption=REBOOT))
         return changes
 
     def _plan_files(self, desired: AptConf | None, observed: AptObserved, record: ModuleRecord
@@ -491,7 +529,8 @@ class Apt(HostModule["AptConf", AptObserved]):
         for name in sorted(reconfigure):
             changes.append(Change(self.name, f"package {name}", Action.SET, "configured",
                                   "reconfigured", "its debconf answers changed: "
-                                  "dpkg-reconfigure", payload=Reconfigure(name)))
+                                  "dpkg-reconfigure", payload=Reconfigure(name),
+                                  disruption=restart(*observed.services.get(name, []))))
         return changes
 
     def _package_change(self, tx: Transaction, step: Step, why: dict[str, str],
@@ -500,13 +539,17 @@ class Apt(HostModule["AptConf", AptObserved]):
         if step.op in ("remove", "purge"):
             return Change(self.name, target, Action.DELETE, step.old, None,
                           why.get(step.name, f"{step.op}d by apt along with the rest"),
-                          payload=tx)
+                          payload=tx,
+                          disruption=package_disruption(step.op, step.name, observed.services))
         op = "downgrade" if step.name in tx.downgrades else step.op
         default = {"install": "dependency of the requested packages",
                    "upgrade": "upgrade" if tx.argv[2] == "dist-upgrade" else "dependency upgrade",
                    "downgrade": "downgrade"}[op]
+        # An upgrade apt could not list yet (its lists come with the apply) may hold a kernel.
+        disruption = (REBOOT if step.name == "(all)"
+                      else package_disruption(op, step.name, observed.services))
         return Change(self.name, target, Action.SET, step.old or "absent", step.new,
-                      why.get(step.name, default), payload=tx)
+                      why.get(step.name, default), payload=tx, disruption=disruption)
 
     # apply ----------------------------------------------------------------------------------
 

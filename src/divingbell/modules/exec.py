@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from divingbell.engine.change import Action, Change
+from divingbell.engine.change import NONE, Action, Change
 from divingbell.engine.journal import ModuleRecord
 from divingbell.errors import OutcomeFailed
 from divingbell.host import Host
@@ -153,7 +153,8 @@ class Exec(HostModule["ExecConf", ExecObserved]):
             before = None if last is None else ending(last)
             changes.append(Change(self.name, f"script {name}", Action.SET if run else Action.NOOP,
                                   before, "run" if run else None, why,
-                                  payload=RunScript(name, script, script_hash(script))))
+                                  payload=RunScript(name, script, script_hash(script)),
+                                  disruption=script.disruption if run else NONE))
         for name in sorted(set(state) - set(scripts)):
             changes.append(Change(
                 self.name, f"script {name}", Action.DELETE, "stored", None,

@@ -247,7 +247,9 @@ class ModuleReport(Strict):
 
 class ReportBody(Strict):
     revision: Annotated[int, Field(ge=1, le=2**31 - 1)]
-    state: Literal["converged", "failed"]
+    # rebooting: applied, but what it applied takes effect only after a reboot (a kernel
+    # command line, a kernel package) and the node has not rebooted yet: still updating.
+    state: Literal["converged", "rebooting", "failed"]
     modules: Annotated[dict[Annotated[str, Field(max_length=64)], ModuleReport],
                        Field(max_length=64)] = {}
     drift: bool = False

@@ -1,0 +1,132 @@
+"""`fleet rollout plan` says, before anything starts, what each machine will do: live changes
+only, restart services or reboot, and how many machines of each."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from divingbell.fleet.client import FleetClient
+from divingbell.fleet.settings import FleetSettings
+from divingbell.host import Host
+from tests.conftest import Cli
+from tests.fleet.servers import ThreadServer, thread_server
+from tests.fleet.test_push_removals import FULL, fleet_on, roles
+from tests.fleet.test_rollouts_api import DOC, current, fleet_of, served
+
+# Workers get a script that declares a reboot; every machine gets one more sysctl (live).
+REBOOT_WORKERS = FULL.replace("    net.core.somaxconn: 1024\n",
+                              "    net.core.somaxconn: 1024\n    vm.dirty_ratio: 5\n") + """\
+    divingbell_exec:
+      labels:
+        - label: {key: divingbell.io/role, values: [worker]}
+          conf:
+            exec:
+              hugepages.sh: {data: 'echo 16 > /proc/sys/vm/nr_hugepages', disruption: reboot}
+"""
+
+
+def test_the_rollout_plan_shows_each_machine_disruption_and_counts(cli: Cli,
+                                                                  tmp_path: Path) -> None:
+    settings = FleetSettings(db_url=f"sqlite:///{tmp_path / 'fleet.db'}", control_plane_size=1)
+    document = tmp_path / "site.yaml"
+    with thread_server(settings) as server:
+        fleet_on(server, FULL)
+        control = next(name for name, r in roles(server).items() if "control-plane" in r)
+        workers = sorted(set(roles(server)) - {control})
+        new = server.admin.push_document(REBOOT_WORKERS.encode())["revision"]
+        server.admin.activate(new - 1)
+
+        plan = server.reader.call("GET", f"/v1/rollouts/plan/{new}")
+        assert plan["disruption"] == {"none": 1, "restart": 0, "reboot": 2}
+        kinds = {m["name"]: m["disruption"] for m in plan["machines"]}
+        assert kinds[control] == {"kind": "none", "modules": {}}
+        for worker in workers:
+            assert kinds[worker] == {"kind": "reboot", "modules": {
+                "exec": "reboot: new or changed scripts declare it (hugepages.sh: reboot)"}}
+
+        def fleet(*args: str | Path) -> subprocess.CompletedProcess[str]:
+            return cli("fleet", *args, "--server", server.url,
+                       env={"DIVINGBELL_TOKEN": server.admin_token})
+
+        document.write_text(REBOOT_WORKERS)
+        shown = fleet("rollout", "plan", str(new))
+        assert shown.returncode == 0, shown.stderr
+        assert "disruption: 2 reboot, 0 restart services, 1 live only\n" in shown.stdout
+        assert f"~ {control} (" in shown.stdout
+        for worker in workers:
+            assert f"~ {worker} (" in shown.stdout
+        lines = shown.stdout.splitlines()
+        control_line = next(line for line in lines if line.startswith(f"~ {control} ("))
+        assert control_line.endswith(": live changes only")
+        worker_line = next(line for line in lines if line.startswith(f"~ {workers[0]} ("))
+        assert worker_line.endswith(": REBOOTS")
+        assert ("  exec: reboot: new or changed scripts declare it (hugepages.sh: reboot)"
+                in lines)
+
+
+def report(client: FleetClient, machine: str, state: str) -> int:
+    config = client.config(machine)
+    assert config.revision is not None
+    client.report(machine, {"revision": config.revision, "etag": config.etag, "state": state,
+                            "modules": {"kernel": {"changes": 2, "failures": []}},
+                            "drift": False, "duration_seconds": 0.1, "boot_id": "b"})
+    return config.revision
+
+
+def test_a_machine_waiting_for_its_reboot_is_still_updating(fleet: ThreadServer) -> None:
+    machines = fleet_of(fleet, 2)
+    second = fleet.admin.push_document(DOC.format(value=20).encode())["revision"]
+    waves = [[m["id"] for m in wave] for wave in current(fleet)["waves"]]
+    control, worker = waves[0][0], waves[1][0]
+    assert report(machines[control], control, "rebooting") == second
+    rollout = current(fleet)
+    assert rollout["status"] == "running"
+    assert rollout["waves"][0][0]["progress"] == "updating"
+    assert fleet.admin.machine(control)["state"] == "updating"
+    assert served(machines[worker], worker) == second - 1, "the next wave waits for the reboot"
+    # Back from the reboot: the kernel has what it applied.
+    report(machines[control], control, "converged")
+    assert current(fleet)["waves"][0][0]["progress"] == "done"
+    assert fleet.admin.machine(control)["state"] == "ready"
+    assert served(machines[worker], worker) == second
+
+
+KERNEL_DOC = """\
+conf:
+  kernel:
+    cmdline: {hugepages: 16}
+"""
+
+
+def test_a_fleet_agent_reports_rebooting_until_the_kernel_has_its_command_line(
+        fleet: ThreadServer, grub_host: Host) -> None:
+    from divingbell.fleet.agent_source import build
+    from tests.fleet.test_api import facts
+    from tests.grubroot import KERNEL
+
+    answer = fleet.bootstrap.discover(facts(1))
+    machine = answer["machine_id"]
+    fleet.admin.push_document(KERNEL_DOC.encode())
+    agent = build(fleet.url, answer["credential"], grub_host, poll_interval=1,
+                  fetch_interval=0, report_interval=0, drift_interval=3600, backoff_max=60)
+    agent.tick()
+    assert agent.ready, agent.reason
+    assert grub_host.exists("/run/reboot-required"), "maintenance reboots for it"
+    (last, *_) = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
+    assert last["state"] == "rebooting"
+    assert fleet.admin.machine(machine)["state"] != "ready"
+    # The node reboots into what GRUB boots next.
+    from divingbell.modules.kernel import GRUB_CFG, default_entry
+
+    entry = default_entry(grub_host.read_text(GRUB_CFG) or "")
+    assert entry is not None and "hugepages=16" in entry.params
+    (grub_host.proc_sys.parent / "cmdline").write_text(
+        f"BOOT_IMAGE={KERNEL} {' '.join(entry.params)}\n")
+    (grub_host.path("/run/reboot-required")).unlink()  # /run is empty after a boot
+    agent = build(fleet.url, answer["credential"], grub_host, poll_interval=1,
+                  fetch_interval=0, report_interval=0, drift_interval=3600, backoff_max=60)
+    agent.tick()
+    (last, *_) = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
+    assert last["state"] == "converged"
+    assert fleet.admin.machine(machine)["state"] == "ready"
