@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from divingbell.host import Host
+from tests.kube.fixtures import kube_admin, kube_cluster, kube_namespace  # noqa: F401
 from tests.skip_summary import pytest_terminal_summary  # noqa: F401  (the skip summary hook)
 
 REPO = Path(__file__).resolve().parent.parent
