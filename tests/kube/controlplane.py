@@ -251,6 +251,16 @@ class Rest:
     token: str | None = None
     _client: httpx.Client | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_kubeconfig(cls, path: Path) -> Rest:
+        """The first user of a kubeconfig as kubeconfig() writes them (files or a token)."""
+        config = yaml.safe_load(path.read_text())
+        user, cluster = config["users"][0]["user"], config["clusters"][0]["cluster"]
+        cert = ((Path(user["client-certificate"]), Path(user["client-key"]))
+                if "client-certificate" in user else None)
+        return cls(cluster["server"], Path(cluster["certificate-authority"]), cert=cert,
+                   token=user.get("token"))
+
     @property
     def client(self) -> httpx.Client:
         if self._client is None:

@@ -40,6 +40,17 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPl
 
 
 @pytest.fixture
+def kube_kubeconfig(request: pytest.FixtureRequest) -> str:
+    """An admin kubeconfig: DIVINGBELL_TEST_KUBECONFIG's cluster when set (tests then use
+    names prefixed `dbtest-` and remove what they made), else the session's control plane."""
+    named = os.environ.get("DIVINGBELL_TEST_KUBECONFIG")
+    if named:
+        return named
+    plane: ControlPlane = request.getfixturevalue("kube_cluster")
+    return str(plane.admin_kubeconfig)
+
+
+@pytest.fixture
 def kube_admin(kube_cluster: ControlPlane) -> Iterator[Rest]:
     admin = kube_cluster.admin()
     yield admin

@@ -1,18 +1,20 @@
 """The real adapter (lightkube) and the fake agree on the wire: the same tenant runs against
 the fake directly and through lightkube to an HTTP API server backed by another fake must send
-identical requests and reach identical results. With DIVINGBELL_TEST_KUBECONFIG set, the
-adapter also runs against that real cluster."""
+identical requests and reach identical results. The adapter also runs against the session's
+real control plane (tests/kube/), or the cluster DIVINGBELL_TEST_KUBECONFIG names."""
 
 from __future__ import annotations
 
 import copy
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from divingbell.policy.kube import (
     ClusterError,
@@ -110,30 +112,75 @@ def test_errors_keep_their_code_and_reason(stub: tuple[ApiStub, World]) -> None:
         ClusterNamespaces(LightkubeCluster(server="http://127.0.0.1:9")).namespace("x")
 
 
-@pytest.mark.skipif(not os.environ.get("DIVINGBELL_TEST_KUBECONFIG"),
-                    reason="set DIVINGBELL_TEST_KUBECONFIG to run against a real cluster")
-def test_tenants_against_a_real_cluster(tmp_path: Path, ca: ScratchCa) -> None:
+def _kubectl(kubeconfig: Path, *args: str, input_text: str | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    from tests.kube.controlplane import assets
+
+    return subprocess.run([str(assets() / "kubectl"), f"--kubeconfig={kubeconfig}", *args],
+                          capture_output=True, text=True, check=False, timeout=60,
+                          input=input_text)
+
+
+def _as_tenant_controller(kube_kubeconfig: str, tmp_path: Path) -> LightkubeCluster:
+    """The tenant controller's own credentials: its ServiceAccount's token, with the RBAC
+    objects `divingbell policy manifests` ships applied."""
+    from divingbell.policy.manifests import tenant_rbac
+    from tests.kube.controlplane import Rest, kubeconfig
+
+    namespace = "dbtest-tenants"
+    manifests = yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Namespace",
+                                     "metadata": {"name": namespace}}, *tenant_rbac(namespace)])
+    applied = _kubectl(Path(kube_kubeconfig), "apply", "-f", "-", input_text=manifests)
+    assert applied.returncode == 0, applied.stderr
+    admin = Rest.from_kubeconfig(Path(kube_kubeconfig))
+    answer = admin.post(f"/api/v1/namespaces/{namespace}/serviceaccounts/divingbell-tenants/token",
+                        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                         "spec": {"expirationSeconds": 3600}})
+    admin.close()
+    path = kubeconfig(tmp_path / "tenants-controller.kubeconfig", admin.server, admin.ca,
+                      token=answer["status"]["token"])
+    return LightkubeCluster(str(path))
+
+
+@pytest.mark.kube
+def test_tenants_against_a_real_cluster(tmp_path: Path, ca: ScratchCa,
+                                        kube_kubeconfig: str) -> None:
     """The same provisioning against a real API server: its CSR signer issues the
     certificates. Uses the prefix `dbtest-` and removes what it created."""
-    api = LightkubeCluster(os.environ["DIVINGBELL_TEST_KUBECONFIG"])
+    api = LightkubeCluster(kube_kubeconfig)
     world = World(tmp_path, ca)
     world.settings.update({"namespace_prefix": "dbtest-",
                            "status": {"namespace": "default",
                                       "configmap": "divingbell-tenants-test"}})
+    cluster = yaml.safe_load(Path(kube_kubeconfig).read_text())["clusters"][0]["cluster"]
+    if "certificate-authority" in cluster:
+        # The session's own control plane: the controller runs as its ServiceAccount with
+        # RBAC as `divingbell policy manifests` ships it, and the kubeconfigs it writes
+        # point at this cluster.
+        api = _as_tenant_controller(kube_kubeconfig, tmp_path)
+        world.settings["cluster"] = {"server": cluster["server"],
+                                     "ca_file": cluster["certificate-authority"]}
+        world.settings["status"] = {"namespace": "dbtest-tenants",
+                                    "configmap": "divingbell-tenants-test"}
     try:
         report = world.controller(api=api).run()
         assert report.ok, report.as_dict()
         assert api.get("RoleBinding", "tenant", "dbtest-alice")["subjects"][0]["name"] == "alice"
-        assert (world.home("alice") / ".kube" / "config").exists()
+        tenant_config = world.home("alice") / ".kube" / "config"
+        if "certificate-authority" in cluster:
+            whoami = _kubectl(tenant_config, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
+            assert whoami.stdout == "alice", whoami.stderr
+            assert _kubectl(tenant_config, "-n", "dbtest-alice", "get", "pods").returncode == 0
+            refused = _kubectl(tenant_config, "-n", "default", "get", "pods")
+            assert refused.returncode != 0 and "forbidden" in refused.stderr, refused.stderr
     finally:
         world.write_tenants([])
         world.settings["removal"] = {"max_per_run": 10}
         world.controller(api=api).run()
 
 
-@pytest.mark.skipif(not os.environ.get("DIVINGBELL_TEST_KUBECONFIG"),
-                    reason="set DIVINGBELL_TEST_KUBECONFIG to run against a real cluster")
-def test_webhook_namespace_lookups_against_a_real_cluster() -> None:
+@pytest.mark.kube
+def test_webhook_namespace_lookups_against_a_real_cluster(kube_kubeconfig: str) -> None:
     """The webhook's decisions with namespaces read from a real API server."""
     import json
 
@@ -142,7 +189,7 @@ def test_webhook_namespace_lookups_against_a_real_cluster() -> None:
     from tests.policy.conftest import POLICY
     from tests.policy.reviews import pod, review
 
-    api = LightkubeCluster(os.environ["DIVINGBELL_TEST_KUBECONFIG"])
+    api = LightkubeCluster(kube_kubeconfig)
     name = "dbtest-webhook"
     api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {
         "name": name, "labels": {"tenancy": "tool"}, "annotations": {"RunAsUser": "52001"}}})
