@@ -8,7 +8,8 @@ checkout, unpacked once into a cache outside it and checked against its SHA256SU
 
 There is no kubelet: tests create Nodes through the API and act as the kubelet themselves
 (they patch pod status), so the node lifecycle controller is off (it would mark every such
-Node unreachable after 40 s and taint it).
+Node unreachable after 40 s and taint it), and so is the garbage collector (it would delete
+test pods whose ownerReferences name owners that do not exist, as FakeKube's pods do).
 """
 
 from __future__ import annotations
@@ -431,8 +432,12 @@ def start(directory: Path, binaries: Path, *, timeout: float = 120.0) -> Control
             "--use-service-account-credentials=true", "--leader-elect=false",
             f"--root-ca-file={ca_cert}", f"--service-account-private-key-file={sa_path}",
             f"--cluster-signing-cert-file={ca_cert}", f"--cluster-signing-key-file={ca_key}",
+            # No node lifecycle (no kubelets to heartbeat), no garbage collector (test pods
+            # name owners, as FakeKube's do, that need not exist), no TTL annotation on
+            # Nodes (a hint for kubelets, which there are none of).
             "--controllers=*,-node-lifecycle-controller,-node-ipam-controller,"
-            "-service-lb-controller,-node-route-controller,-cloud-node-lifecycle-controller",
+            "-service-lb-controller,-node-route-controller,-cloud-node-lifecycle-controller,"
+            "-garbage-collector-controller,-ttl-controller",
             "--secure-port=0", "--profiling=false"],
         "kube-scheduler": [
             f"--kubeconfig={scheduler_kubeconfig}",
