@@ -6,7 +6,9 @@ real control plane (tests/kube/), or the cluster DIVINGBELL_TEST_KUBECONFIG name
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -201,3 +203,71 @@ def test_webhook_namespace_lookups_against_a_real_cluster(kube_kubeconfig: str) 
         assert verdict.allowed and verdict.patch
     finally:
         api.delete("Namespace", name)
+
+
+@pytest.mark.kube
+def test_the_fake_cluster_keeps_the_real_servers_codes(kube_kubeconfig: str) -> None:
+    """FakeCluster's errors, against the real API server's: the same code and reason for a
+    missing object, an existing name and a stale resourceVersion."""
+    name = "dbtest-codes"
+    outcomes = []
+    real = LightkubeCluster(kube_kubeconfig)
+    for api in (real, FakeCluster()):
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        found: list[Any] = []
+        for call, argument in ((api.get, ("Namespace", "dbtest-nope")),
+                               (api.create, (namespace,)), (api.create, (namespace,))):
+            try:
+                call(*argument)
+                found.append("ok")
+            except ClusterError as error:
+                found.append((error.code, error.reason))
+        current = api.get("Namespace", name)
+        api.merge_patch("Namespace", name, {"metadata": {"labels": {"a": "b"}}})
+        try:
+            api.replace(current)
+            found.append("ok")
+        except ClusterError as error:
+            found.append((error.code, error.reason))
+        found.append(ClusterNamespaces(api).namespace(name).labels.get("a"))
+        outcomes.append(found)
+    real.delete("Namespace", name)
+    assert outcomes[0] == outcomes[1] == [(404, "NotFound"), "ok", (409, "AlreadyExists"),
+                                          (409, "Conflict"), "b"]
+
+
+def _timeless(reports: list[Any], root: Path) -> list[Any]:
+    """Reports without what the real signer decides by its own clock (the scenario moves the
+    world's clock a year on; the server's cannot move): certificate expiry dates."""
+    text = json.dumps(reports).replace(str(root), "<root>")
+    text = re.sub(r"\d{4}-\d\d-\d\dT[\d:]+\+00:00", "<time>", text)
+    return list(json.loads(re.sub(r"valid until \d{4}-\d\d-\d\d", "valid until <date>", text)))
+
+
+@pytest.mark.kube
+def test_the_fake_cluster_and_the_real_server_agree_on_a_tenant_scenario(
+        tmp_path: Path, ca: ScratchCa, kube_kubeconfig: str) -> None:
+    """The provision, renew, disable and remove scenario, through lightkube to the real API
+    server (as the controller's own ServiceAccount) and on FakeCluster: the same reports."""
+    cluster = yaml.safe_load(Path(kube_kubeconfig).read_text())["clusters"][0]["cluster"]
+    if "certificate-authority" not in cluster:
+        pytest.skip("needs the session's own control plane (its controller credentials)")
+    outcomes = []
+    for use_real in (True, False):
+        root = tmp_path / ("real" if use_real else "fake")
+        root.mkdir()
+        world = World(root, ca)
+        world.settings.update({"namespace_prefix": "dbtest-",
+                               "status": {"namespace": "dbtest-tenants",
+                                          "configmap": "divingbell-tenants-scenario"}})
+        if use_real:
+            api: Any = _as_tenant_controller(kube_kubeconfig, tmp_path)
+        else:
+            api = world.cluster
+            api.put({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": "dbtest-tenants"}})
+        outcomes.append(_timeless(scenario(world, api), root))
+        world.write_tenants([])
+        world.settings["removal"] = {"max_per_run": 10}
+        world.controller(api=api).run()
+    assert outcomes[0] == outcomes[1]
