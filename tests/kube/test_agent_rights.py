@@ -6,98 +6,20 @@ node-name claim the policies check. Own node allowed; everything about the other
 from __future__ import annotations
 
 import datetime
-import os
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from divingbell.manifests import build, to_yaml
+from tests.kube.agents import Agents, policies
 from tests.kube.controlplane import ApiError, ControlPlane, Rest
-from tests.kube.kubelet import add_node, add_pod, pod_token
 
 pytestmark = pytest.mark.kube
 
-DOCUMENT = {"site.yaml": "conf:\n  sysctl:\n    net.ipv4.ip_forward: 1\n"}
-
-
-@dataclass
-class Agents:
-    namespace: str  # the agent's
-    workloads: str  # a tenant's
-    node_a: str
-    node_b: str
-    a: Rest  # as node A's agent
-    b: Rest
-    admin: Rest
-    manifests: str
 
 
 def _microtime(seconds_from_now: float) -> str:
     moment = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds_from_now)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@pytest.fixture(scope="module")
-def agents(kube_cluster: ControlPlane) -> Iterator[Agents]:
-    admin = kube_cluster.admin()
-    namespace = f"dbagent-{os.getpid()}"
-    workloads = f"{namespace}-shop"
-    manifests = to_yaml(build(DOCUMENT, namespace=namespace, image="registry.example/db:1"))
-    kube_cluster.kubectl("apply", "--server-side", "-f", "-", input_text=manifests)
-    admin.post("/api/v1/namespaces", {"metadata": {"name": workloads}})
-    node_a, node_b = f"{namespace}-a", f"{namespace}-b"
-    tokens = {}
-    for node in (node_a, node_b):
-        add_node(admin, node)
-        pod = add_pod(admin, namespace, f"agent-{node[-1]}", node, service_account="divingbell")
-        tokens[node] = pod_token(admin, namespace, "divingbell", pod)
-        for index in (1, 2):
-            add_pod(admin, workloads, f"web-{node[-1]}{index}", node, labels={"app": "web"})
-    found = Agents(namespace, workloads, node_a, node_b, kube_cluster.as_token(tokens[node_a]),
-                   kube_cluster.as_token(tokens[node_b]), admin, manifests)
-    _wait_for_policies(found)
-    yield found
-    for client in (found.a, found.b):
-        client.close()
-    for name in (namespace, workloads):
-        admin.request("DELETE", f"/api/v1/namespaces/{name}")
-    for node in (node_a, node_b):
-        admin.request("DELETE", f"/api/v1/nodes/{node}")
-    admin.close()
-
-
-def _policies(admin: Rest) -> list[dict[str, Any]]:
-    items = admin.get("/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies",
-                      labelSelector="app.kubernetes.io/name=divingbell")["items"]
-    return list(items)
-
-
-def _wait_for_policies(agents: Agents) -> None:
-    """Until the status controller type-checked every policy (observedGeneration), and the
-    admission plugin enforces them: a change the node policy refuses is refused."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        policies = _policies(agents.admin)
-        if policies and all(p.get("status", {}).get("observedGeneration") ==
-                            p["metadata"]["generation"] for p in policies):
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError(f"policies not type-checked in 60 s: {_policies(agents.admin)}")
-    probe = {"metadata": {"annotations": {"divingbell.io/probe": "1"}}}
-    while True:
-        try:
-            agents.a.patch(f"/api/v1/nodes/{agents.node_b}", probe)
-        except ApiError as error:
-            if error.code == 403:
-                return
-            raise
-        if time.monotonic() > deadline:
-            raise AssertionError("the admission policies were not enforced within 60 s")
-        time.sleep(0.5)
 
 
 def refused(call: Any, *args: Any) -> ApiError:
@@ -109,7 +31,7 @@ def refused(call: Any, *args: Any) -> ApiError:
 
 
 def test_every_policy_type_checks_without_errors(agents: Agents) -> None:
-    for policy in _policies(agents.admin):
+    for policy in policies(agents.admin):
         status = policy.get("status", {})
         warnings = status.get("typeChecking", {}).get("expressionWarnings", [])
         assert warnings == [], f"{policy['metadata']['name']}: {warnings}"

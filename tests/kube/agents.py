@@ -1,0 +1,105 @@
+"""Two agents on a real API server, as `divingbell manifests` deploys them: the manifests
+applied server-side into a namespace of the module's own, Nodes A and B, an agent pod bound to
+each and its token (a TokenRequest bound to that pod, as the kubelet projects it), and a
+tenant namespace with two pods on each node."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from divingbell.manifests import build, to_yaml
+from tests.kube.controlplane import ApiError, ControlPlane, Rest, kubeconfig
+from tests.kube.kubelet import add_node, add_pod, pod_token
+
+DOCUMENT = {"site.yaml": "conf:\n  sysctl:\n    net.ipv4.ip_forward: 1\n"}
+
+
+_modules = itertools.count()
+
+
+@dataclass
+class Agents:
+    namespace: str  # the agent's
+    workloads: str  # a tenant's
+    node_a: str
+    node_b: str
+    a: Rest  # as node A's agent
+    b: Rest
+    admin: Rest
+    manifests: str
+    tokens: dict[str, str]  # node name -> its agent's token
+    plane: ControlPlane
+
+    def kubeconfig(self, node: str) -> str:
+        """A kubeconfig with `node`'s agent token, for the product's own clients."""
+        path = self.plane.directory / f"{self.namespace}-{node}.kubeconfig"
+        return str(kubeconfig(path, self.plane.server, self.plane.ca_path,
+                              token=self.tokens[node]))
+
+
+@pytest.fixture(scope="module")
+def agents(kube_cluster: ControlPlane) -> Iterator[Agents]:
+    admin = kube_cluster.admin()
+    namespace = f"dbagent-{os.getpid()}-{next(_modules)}"
+    workloads = f"{namespace}-shop"
+    manifests = to_yaml(build(DOCUMENT, namespace=namespace, image="registry.example/db:1"))
+    kube_cluster.kubectl("apply", "--server-side", "-f", "-", input_text=manifests)
+    admin.post("/api/v1/namespaces", {"metadata": {"name": workloads}})
+    node_a, node_b = f"{namespace}-a", f"{namespace}-b"
+    tokens = {}
+    for node in (node_a, node_b):
+        add_node(admin, node)
+        pod = add_pod(admin, namespace, f"agent-{node[-1]}", node, service_account="divingbell")
+        tokens[node] = pod_token(admin, namespace, "divingbell", pod)
+        for index in (1, 2):
+            add_pod(admin, workloads, f"web-{node[-1]}{index}", node, labels={"app": "web"})
+    found = Agents(namespace, workloads, node_a, node_b, kube_cluster.as_token(tokens[node_a]),
+                   kube_cluster.as_token(tokens[node_b]), admin, manifests, tokens,
+                   kube_cluster)
+    _wait_for_policies(found)
+    yield found
+    for client in (found.a, found.b):
+        client.close()
+    for name in (namespace, workloads):
+        admin.request("DELETE", f"/api/v1/namespaces/{name}")
+    for node in (node_a, node_b):
+        admin.request("DELETE", f"/api/v1/nodes/{node}")
+    admin.close()
+
+
+def policies(admin: Rest) -> list[dict[str, Any]]:
+    items = admin.get("/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies",
+                      labelSelector="app.kubernetes.io/name=divingbell")["items"]
+    return list(items)
+
+
+def _wait_for_policies(agents: Agents) -> None:
+    """Until the status controller type-checked every policy (observedGeneration), and the
+    admission plugin enforces them: a change the node policy refuses is refused."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = policies(agents.admin)
+        if found and all(p.get("status", {}).get("observedGeneration") ==
+                         p["metadata"]["generation"] for p in found):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"policies not type-checked in 60 s: {policies(agents.admin)}")
+    probe = {"metadata": {"annotations": {"divingbell.io/probe": "1"}}}
+    while True:
+        try:
+            agents.a.patch(f"/api/v1/nodes/{agents.node_b}", probe)
+        except ApiError as error:
+            if error.code == 403:
+                return
+            raise
+        if time.monotonic() > deadline:
+            raise AssertionError("the admission policies were not enforced within 60 s")
+        time.sleep(0.5)
