@@ -1,11 +1,11 @@
 """Two agents on a real API server, as `divingbell manifests` deploys them: the manifests
-applied server-side into a namespace of the module's own, Nodes A and B, an agent pod bound to
+applied server-side into a namespace of the session's own (one per session: the policies and
+RBAC are cluster-wide objects naming that namespace's ServiceAccount), Nodes A and B, an agent pod bound to
 each and its token (a TokenRequest bound to that pod, as the kubelet projects it), and a
 tenant namespace with two pods on each node."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -19,9 +19,6 @@ from tests.kube.controlplane import ApiError, ControlPlane, Rest, kubeconfig
 from tests.kube.kubelet import add_node, add_pod, pod_token
 
 DOCUMENT = {"site.yaml": "conf:\n  sysctl:\n    net.ipv4.ip_forward: 1\n"}
-
-
-_modules = itertools.count()
 
 
 @dataclass
@@ -44,10 +41,10 @@ class Agents:
                               token=self.tokens[node]))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def agents(kube_cluster: ControlPlane) -> Iterator[Agents]:
     admin = kube_cluster.admin()
-    namespace = f"dbagent-{os.getpid()}-{next(_modules)}"
+    namespace = f"dbagent-{os.getpid()}"
     workloads = f"{namespace}-shop"
     manifests = to_yaml(build(DOCUMENT, namespace=namespace, image="registry.example/db:1"))
     kube_cluster.kubectl("apply", "--server-side", "-f", "-", input_text=manifests)

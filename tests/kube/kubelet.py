@@ -54,7 +54,8 @@ def add_pod(admin: Rest, namespace: str, name: str, node: str, *,
     return pod
 
 
-def set_ready(admin: Rest, namespace: str, name: str, ready: bool = True) -> None:
+def set_ready(admin: Rest, namespace: str, name: str, ready: bool = True,
+              container: str = "main") -> None:
     """What the kubelet reports for a running container: phase Running, Ready as given."""
     status = "True" if ready else "False"
     stamp = now_rfc3339()
@@ -64,7 +65,7 @@ def set_ready(admin: Rest, namespace: str, name: str, ready: bool = True) -> Non
                        for t in ("Ready", "ContainersReady")] + [
             {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp},
             {"type": "Initialized", "status": "True", "lastTransitionTime": stamp}],
-        "containerStatuses": [{"name": "main", "ready": ready, "restartCount": 0,
+        "containerStatuses": [{"name": container, "ready": ready, "restartCount": 0,
                                "image": "registry.invalid/pause:1", "imageID": "",
                                "started": True,
                                "state": {"running": {"startedAt": stamp}}}]}},

@@ -1,0 +1,120 @@
+"""The DaemonSet from `divingbell manifests`, rolled out by the real DaemonSet controller onto
+two test nodes whose pods a stand-in kubelet runs (tests/kube/standin.py): the real agent
+process converges a net.* sysctl in each node's network namespace with its pod-bound token,
+a new document rolls node by node, a failing one halts at the first node while the other
+keeps its value, and `kubectl rollout undo` brings the previous document back.
+
+The DaemonSet is given a nodeSelector for these two nodes (other tests' Nodes in the same
+control plane have no kubelet at all)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from divingbell.manifests import build, to_yaml
+from tests.kube.agents import Agents
+from tests.kube.controlplane import ControlPlane
+from tests.kube.kubelet import add_node
+from tests.kube.standin import StandInKubelet, wait_for
+
+pytestmark = [pytest.mark.kube, pytest.mark.kernel]
+KEY = "net.ipv4.tcp_fin_timeout"
+SELECTOR = {"divingbell.test/rollout": "yes"}
+
+
+def document(value: str) -> dict[str, str]:
+    return {"site.yaml": f"conf:\n  sysctl:\n    {KEY}: {value}\n"}
+
+
+@dataclass
+class Rollout:
+    agents: Agents
+    plane: ControlPlane
+    kubelet: StandInKubelet
+    nodes: dict[str, str]  # node -> network namespace
+
+    def apply(self, files: dict[str, str]) -> None:
+        objects = build(files, namespace=self.agents.namespace, image="registry.example/db:1")
+        daemonset = objects[-1]
+        daemonset["spec"]["template"]["spec"]["nodeSelector"] = dict(SELECTOR)
+        daemonset["spec"]["minReadySeconds"] = 1
+        self.plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                           input_text=to_yaml(objects))
+
+    def sysctl(self, node: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.nodes[node], "cat",
+                               "/proc/sys/" + KEY.replace(".", "/")],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    def daemonset(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.agents.admin.get(
+            f"/apis/apps/v1/namespaces/{self.agents.namespace}/daemonsets/divingbell")
+        return found
+
+    def rolled_out(self) -> bool:
+        status, meta = self.daemonset().get("status", {}), self.daemonset()["metadata"]
+        return bool(status.get("observedGeneration") == meta["generation"]
+                and status.get("desiredNumberScheduled") == len(self.nodes)
+                and status.get("updatedNumberScheduled") == len(self.nodes)
+                and status.get("numberAvailable") == len(self.nodes))
+
+    def explain(self) -> str:
+        return f"{self.daemonset().get('status')}\n" + "\n".join(
+            f"{node}: {self.kubelet.log(node)[-2000:]}" for node in self.nodes)
+
+
+@pytest.fixture
+def rollout(agents: Agents, kube_cluster: ControlPlane, tmp_path: Path) -> Iterator[Rollout]:
+    nodes = {f"{agents.namespace}-r{i}": f"dbr-{os.getpid()}-{i}" for i in (1, 2)}
+    for node, netns in nodes.items():
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        add_node(agents.admin, node, labels=SELECTOR)
+        (tmp_path / "nodes" / node).mkdir(parents=True)
+    kubelet = StandInKubelet(kube_cluster, agents.admin, agents.namespace, nodes, tmp_path)
+    kubelet.start()
+    try:
+        yield Rollout(agents, kube_cluster, kubelet, nodes)
+    finally:
+        kubelet.close()
+        for node, netns in nodes.items():
+            agents.admin.request("DELETE", f"/api/v1/nodes/{node}")
+            subprocess.run(["ip", "netns", "del", netns], check=False)
+
+
+def test_a_document_rolls_out_node_by_node_halts_on_failure_and_is_undone(
+        rollout: Rollout) -> None:
+    rollout.apply(document("21"))
+    wait_for("the first rollout", rollout.rolled_out, 120, rollout.explain)
+    assert {rollout.sysctl(node) for node in rollout.nodes} == {"21"}
+    for node in rollout.nodes:
+        annotations = rollout.agents.admin.get(f"/api/v1/nodes/{node}")["metadata"][
+            "annotations"]
+        assert annotations.get("divingbell.io/state") == "Done", annotations
+
+    rollout.apply(document("22"))
+    wait_for("the second rollout", lambda: rollout.rolled_out() and all(
+        rollout.sysctl(node) == "22" for node in rollout.nodes), 120, rollout.explain)
+
+    # A document the kernel refuses: the first replaced pod never becomes ready, so the
+    # DaemonSet stops there and the other node keeps its value.
+    rollout.apply(document("nonsense"))
+    wait_for("one node on the failing document", lambda: rollout.daemonset().get(
+        "status", {}).get("updatedNumberScheduled") == 1, 60, rollout.explain)
+    wait_for("its pod to stay unready", lambda: rollout.daemonset()["status"].get(
+        "numberUnavailable") == 1, 60, rollout.explain)
+    status = rollout.daemonset()["status"]
+    assert status["updatedNumberScheduled"] == 1 and status["numberAvailable"] == 1, status
+    assert sorted(rollout.sysctl(node) for node in rollout.nodes) == ["22", "22"]
+
+    rollout.plane.kubectl("-n", rollout.agents.namespace, "rollout", "undo",
+                          "daemonset/divingbell")
+    wait_for("the undo", lambda: rollout.rolled_out() and all(
+        rollout.sysctl(node) == "22" for node in rollout.nodes), 120, rollout.explain)
