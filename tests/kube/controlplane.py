@@ -125,7 +125,7 @@ def assets() -> Path:
         missing = [b for b in BINARIES if not os.access(directory / b, os.X_OK)]
         if missing:
             raise AssetsMissing(f"DIVINGBELL_KUBE_ASSETS={named} has no executable "
-                                f"{', '.join(missing)}")
+                                f"{', '.join(missing)}: {HOW_TO_GET}")
         return directory
     shared = next((p for p in _shared_candidates() if (p / "SHA256SUMS").exists()), None)
     if shared is None:
@@ -341,13 +341,15 @@ class ControlPlane:
         return (self.directory / f"{component}.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        """Stop the processes by their PIDs, newest first; a second signal after 10 s."""
+        """Stop the processes by their PIDs, newest first. SIGKILL after 2 s: the apiserver's
+        graceful shutdown waits for its watchers for several seconds, and nothing of this
+        cluster outlives the session."""
         for process in reversed(list(self.processes.values())):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for process in reversed(list(self.processes.values())):
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
