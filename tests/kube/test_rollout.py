@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from divingbell.manifests import build, to_yaml
+from divingbell.manifests import build, document_digest, to_yaml
+from tests.conftest import Cli
 from tests.kube.agents import Agents
 from tests.kube.controlplane import ControlPlane
 from tests.kube.kubelet import add_node
@@ -118,3 +119,19 @@ def test_a_document_rolls_out_node_by_node_halts_on_failure_and_is_undone(
                           "daemonset/divingbell")
     wait_for("the undo", lambda: rollout.rolled_out() and all(
         rollout.sysctl(node) == "22" for node in rollout.nodes), 120, rollout.explain)
+
+    # What an operator sees afterwards: every node's state, and which document each kept
+    # revision mounts.
+    admin_config = str(rollout.plane.admin_kubeconfig)
+    status = Cli()("status", "--kube", "--kubeconfig", admin_config)
+    rows = {line.split()[0]: line.split() for line in status.stdout.splitlines()[1:-1]}
+    assert all(rows[node][2] == "Done" for node in rollout.nodes), status.stdout
+    documents = Cli()("documents", "--namespace", rollout.agents.namespace,
+                      "--kubeconfig", admin_config)
+    assert documents.returncode == 0, documents.stderr
+    usage = {line.split()[1]: line for line in documents.stdout.splitlines()[1:-1]}
+    assert "current" in usage[document_digest(document("22"))], documents.stdout
+    for value in ("21", "nonsense"):
+        assert "revision" in usage[document_digest(document(value))], documents.stdout
+    assert documents.stdout.splitlines()[-1].endswith("0 unused."), documents.stdout
+
