@@ -214,7 +214,7 @@ class StandInKubelet:
         log = directory / "agent.log"
         process = subprocess.Popen(
             ["ip", "netns", "exec", self.nodes[node], sys.executable, "-m", "divingbell",
-             *args, "--poll-interval", "0.5"],
+             *args, "--poll-interval", "0.5", "--label-interval", "0.5"],
             env=env, stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT,
             start_new_session=True)
         return RunningPod(meta["uid"], process, log)

@@ -135,3 +135,21 @@ def test_a_document_rolls_out_node_by_node_halts_on_failure_and_is_undone(
         assert "revision" in usage[document_digest(document(value))], documents.stdout
     assert documents.stdout.splitlines()[-1].endswith("0 unused."), documents.stdout
 
+
+
+def test_a_label_change_reconverges_the_node_without_a_rollout(rollout: Rollout) -> None:
+    first = next(iter(rollout.nodes))
+    rollout.apply({"site.yaml": (
+        f"conf:\n  sysctl:\n    {KEY}: 30\n  overrides:\n    divingbell_sysctl:\n"
+        "      labels:\n        - label:\n            key: dbtest-tier\n"
+        f"            values: [fast]\n          conf:\n            sysctl:\n"
+        f"              {KEY}: 31\n")})
+    wait_for("the rollout", lambda: rollout.rolled_out() and all(
+        rollout.sysctl(node) == "30" for node in rollout.nodes), 120, rollout.explain)
+    generation = rollout.daemonset()["metadata"]["generation"]
+    rollout.agents.admin.patch(f"/api/v1/nodes/{first}",
+                               {"metadata": {"labels": {"dbtest-tier": "fast"}}})
+    wait_for("the relabelled node to converge", lambda: rollout.sysctl(first) == "31", 60,
+             rollout.explain)
+    assert [rollout.sysctl(node) for node in rollout.nodes if node != first] == ["30"]
+    assert rollout.daemonset()["metadata"]["generation"] == generation
