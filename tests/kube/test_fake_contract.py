@@ -20,6 +20,7 @@ from tests.kube.controlplane import ApiError, ControlPlane, Rest
 from tests.kube.kubelet import now_rfc3339
 from tests.maintenance.conftest import Clock, cluster
 from tests.maintenance.test_kube_contract import exercise as maintenance_exercise
+from tests.test_kube import NODES, exercise_labels
 from tests.test_kube import exercise as events_exercise
 
 pytestmark = pytest.mark.kube
@@ -142,3 +143,16 @@ def test_fake_and_real_server_agree_on_events_and_annotations(
         (e["reason"], e["count"]) for e in fake.events("n1"))
     for event in stored:
         real_cluster.delete(f"{EVENTS_PATH}/{event['metadata']['name']}")
+
+
+def test_fake_and_real_server_agree_on_label_patches(kube_cluster: ControlPlane,
+                                                     real_cluster: Rest) -> None:
+    fake = FakeKube()
+    for name, labels in NODES.items():
+        fake.add_node(name, labels)
+        real_cluster.post("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node",
+                                            "metadata": {"name": name, "labels": labels}})
+    from_server = exercise_labels(LightkubeApi(str(kube_cluster.admin_kubeconfig)))
+    assert from_server == exercise_labels(fake)
+    assert from_server[1].labels == {"rack": "r1"}
+
