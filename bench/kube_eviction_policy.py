@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from divingbell.manifests import build, to_yaml  # noqa: E402
-from tests.kube.controlplane import Rest, assets, start  # noqa: E402
-from tests.kube.kubelet import add_node, add_pod, pod_token, set_ready  # noqa: E402
+from tests.kube.controlplane import Rest, assets, start
+from tests.kube.kubelet import add_node, add_pod, pod_token, set_ready
+
+from divingbell.manifests import build, to_yaml
 
 NAMESPACE = "divingbell"
 
