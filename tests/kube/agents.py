@@ -19,6 +19,16 @@ from tests.kube.controlplane import ApiError, ControlPlane, Rest, kubeconfig
 from tests.kube.kubelet import add_node, add_pod, pod_token
 
 DOCUMENT = {"site.yaml": "conf:\n  sysctl:\n    net.ipv4.ip_forward: 1\n"}
+# The DaemonSet runs only on the Nodes test_rollout.py makes (a stand-in kubelet runs their
+# pods); every other test Node has no kubelet, and DaemonSet pods there would show up in
+# other tests' pod listings.
+ROLLOUT_NODES = {"divingbell.test/rollout": "yes"}
+
+
+def on_rollout_nodes(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    (daemonset,) = [o for o in objects if o["kind"] == "DaemonSet"]
+    daemonset["spec"]["template"]["spec"]["nodeSelector"] = dict(ROLLOUT_NODES)
+    return objects
 
 
 @dataclass
@@ -46,7 +56,8 @@ def agents(kube_cluster: ControlPlane) -> Iterator[Agents]:
     admin = kube_cluster.admin()
     namespace = f"dbagent-{os.getpid()}"
     workloads = f"{namespace}-shop"
-    manifests = to_yaml(build(DOCUMENT, namespace=namespace, image="registry.example/db:1"))
+    manifests = to_yaml(on_rollout_nodes(build(DOCUMENT, namespace=namespace,
+                                               image="registry.example/db:1")))
     kube_cluster.kubectl("apply", "--server-side", "-f", "-", input_text=manifests)
     admin.post("/api/v1/namespaces", {"metadata": {"name": workloads}})
     node_a, node_b = f"{namespace}-a", f"{namespace}-b"

@@ -4,8 +4,8 @@ process converges a net.* sysctl in each node's network namespace with its pod-b
 a new document rolls node by node, a failing one halts at the first node while the other
 keeps its value, and `kubectl rollout undo` brings the previous document back.
 
-The DaemonSet is given a nodeSelector for these two nodes (other tests' Nodes in the same
-control plane have no kubelet at all)."""
+The DaemonSet is given a nodeSelector for these nodes (other tests' Nodes in the same control
+plane have no kubelet at all): tests/kube/agents.py, `on_rollout_nodes`."""
 
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ import pytest
 
 from divingbell.manifests import build, document_digest, to_yaml
 from tests.conftest import Cli
-from tests.kube.agents import Agents
+from tests.kube.agents import ROLLOUT_NODES, Agents, on_rollout_nodes
 from tests.kube.controlplane import ControlPlane
 from tests.kube.kubelet import add_node
 from tests.kube.standin import StandInKubelet, wait_for
 
 pytestmark = [pytest.mark.kube, pytest.mark.kernel]
 KEY = "net.ipv4.tcp_fin_timeout"
-SELECTOR = {"divingbell.test/rollout": "yes"}
 
 
 def document(value: str) -> dict[str, str]:
@@ -42,10 +41,9 @@ class Rollout:
     nodes: dict[str, str]  # node -> network namespace
 
     def apply(self, files: dict[str, str]) -> None:
-        objects = build(files, namespace=self.agents.namespace, image="registry.example/db:1")
-        daemonset = objects[-1]
-        daemonset["spec"]["template"]["spec"]["nodeSelector"] = dict(SELECTOR)
-        daemonset["spec"]["minReadySeconds"] = 1
+        objects = on_rollout_nodes(build(files, namespace=self.agents.namespace,
+                                         image="registry.example/db:1"))
+        objects[-1]["spec"]["minReadySeconds"] = 1
         self.plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                            input_text=to_yaml(objects))
 
@@ -77,7 +75,7 @@ def rollout(agents: Agents, kube_cluster: ControlPlane, tmp_path: Path) -> Itera
     for node, netns in nodes.items():
         subprocess.run(["ip", "netns", "add", netns], check=True)
         subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
-        add_node(agents.admin, node, labels=SELECTOR)
+        add_node(agents.admin, node, labels=ROLLOUT_NODES)
         (tmp_path / "nodes" / node).mkdir(parents=True)
     kubelet = StandInKubelet(kube_cluster, agents.admin, agents.namespace, nodes, tmp_path)
     kubelet.start()
