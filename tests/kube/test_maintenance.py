@@ -154,3 +154,4 @@ def test_a_drain_waits_for_the_budget_and_its_timeout_names_pod_and_budget(
                             progress=progress.append)
     assert report.done and report.evicted == [f"{ns}/db-1"], report
     operator.uncordon(api, node, "divingbell-agent", force=False)
+    agents.admin.delete(f"/apis/policy/v1/namespaces/{ns}/poddisruptionbudgets/db")
