@@ -90,7 +90,8 @@ def policies(admin: Rest) -> list[dict[str, Any]]:
 
 def _wait_for_policies(agents: Agents) -> None:
     """Until the status controller type-checked every policy (observedGeneration), and the
-    admission plugin enforces them: a change the node policy refuses is refused."""
+    admission plugin enforces each of them (they arrive one by one; the eviction policy also
+    waits for its informer of Pods): a dry run of what each must refuse is refused."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         found = policies(agents.admin)
@@ -100,14 +101,37 @@ def _wait_for_policies(agents: Agents) -> None:
         time.sleep(0.5)
     else:
         raise AssertionError(f"policies not type-checked in 60 s: {policies(agents.admin)}")
-    probe = {"metadata": {"annotations": {"divingbell.io/probe": "1"}}}
-    while True:
-        try:
-            agents.a.patch(f"/api/v1/nodes/{agents.node_b}", probe)
-        except ApiError as error:
-            if error.code == 403:
-                return
-            raise
-        if time.monotonic() > deadline:
-            raise AssertionError("the admission policies were not enforced within 60 s")
-        time.sleep(0.5)
+    other = agents.node_b
+    pod = f"/api/v1/namespaces/{agents.workloads}/pods/web-b1"
+    probes: list[tuple[str, str, Any]] = [
+        ("PATCH", f"/api/v1/nodes/{other}",
+         {"metadata": {"annotations": {"divingbell.io/probe": "1"}}}),
+        ("DELETE", pod, None),
+        ("POST", f"{pod}/eviction", {"apiVersion": "policy/v1", "kind": "Eviction",
+                                     "metadata": {"name": "web-b1",
+                                                  "namespace": agents.workloads}}),
+        ("POST", "/api/v1/namespaces/default/events", {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{other}.probe", "namespace": "default"},
+            "involvedObject": {"kind": "Node", "name": other, "apiVersion": "v1"},
+            "reason": "Probe", "message": "probe", "type": "Normal"}),
+        ("POST", f"/apis/coordination.k8s.io/v1/namespaces/{agents.namespace}/leases", {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "probe", "namespace": agents.namespace},
+            "spec": {"holderIdentity": other, "leaseDurationSeconds": 60}}),
+    ]
+    for method, path, body in probes:
+        while True:
+            try:
+                agents.a.request(method, path, body,
+                                 content_type="application/merge-patch+json"
+                                 if method == "PATCH" else "application/json",
+                                 params={"dryRun": "All"})
+            except ApiError as error:
+                if error.code == 403:
+                    break
+                raise
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{method} {path} by node A's agent still allowed "
+                                     "after 60 s: the policy is not enforced")
+            time.sleep(0.5)
