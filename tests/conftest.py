@@ -20,6 +20,12 @@ from pathlib import Path
 import pytest
 
 from divingbell.host import Host
+from tests.kube.fixtures import (  # noqa: F401
+    kube_admin,
+    kube_cluster,
+    kube_kubeconfig,
+    kube_namespace,
+)
 from tests.skip_summary import pytest_terminal_summary  # noqa: F401  (the skip summary hook)
 
 REPO = Path(__file__).resolve().parent.parent

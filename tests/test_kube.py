@@ -1,7 +1,7 @@
 """The Kubernetes adapter: the real lightkube client against a recording HTTP API server stub
 agrees with the fake on every request; generated manifests are valid Kubernetes objects; and
-`status --kube` reads the fleet. With DIVINGBELL_TEST_KUBECONFIG set, the adapter also runs
-against that real cluster."""
+`status --kube` reads the fleet. The adapter also runs against the session's real control
+plane (tests/kube/), or the cluster DIVINGBELL_TEST_KUBECONFIG names."""
 
 from __future__ import annotations
 
@@ -224,10 +224,16 @@ def test_adapter_errors_are_clear(stub: ApiStub) -> None:
         LightkubeApi(server="http://127.0.0.1:9").node_labels("n1")
 
 
-@pytest.mark.skipif(not os.environ.get("DIVINGBELL_TEST_KUBECONFIG"),
-                    reason="set DIVINGBELL_TEST_KUBECONFIG to run against a real cluster")
-def test_adapter_against_a_real_cluster() -> None:
-    api = LightkubeApi(os.environ["DIVINGBELL_TEST_KUBECONFIG"])
+@pytest.mark.kube
+def test_adapter_against_a_real_cluster(kube_kubeconfig: str) -> None:
+    if not os.environ.get("DIVINGBELL_TEST_KUBECONFIG"):
+        from tests.kube.controlplane import Rest
+        from tests.kube.kubelet import add_node
+
+        admin = Rest.from_kubeconfig(Path(kube_kubeconfig))
+        add_node(admin, "dbtest-adapter")
+        admin.close()
+    api = LightkubeApi(kube_kubeconfig)
     node = api.nodes()[0].name
     assert isinstance(api.node_labels(node), dict)
     api.annotate_node(node, {"test": "divingbell-adapter-test"})

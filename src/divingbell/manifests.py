@@ -10,17 +10,19 @@ every document Secret carries the label `divingbell.io/document=true` and its di
 
 A Secret, not a ConfigMap: documents hold crypt hashes and exec env secrets.
 
-The agent's ServiceAccount may get and patch Nodes (RBAC cannot narrow a patch further), so a
-ValidatingAdmissionPolicy confines it: only `divingbell.io/` annotations, and only on the node
-named in its own token's node-name claim. Events about a Node can only live in the `default`
-namespace (the API server rejects a core/v1 Event about a cluster-scoped object anywhere else),
-so the agent gets a Role for events in `default` alone, never a ClusterRole.
+RBAC cannot narrow a request to one node, so ValidatingAdmissionPolicies confine the agent's
+ServiceAccount to the node named in its own token's node-name claim: only `divingbell.io/`
+annotations and the cordon on that Node; deletes and evictions of its pods; Events about it;
+slot Leases held in its name (docs/kubernetes.md has the table and the residual rights).
+Events about a Node can only live in the `default` namespace (the API server rejects a core/v1
+Event about a cluster-scoped object anywhere else), so the agent gets a Role for events in
+`default` alone, never a ClusterRole.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import io
 import re
 from collections.abc import Mapping
 from pathlib import PurePosixPath
@@ -205,7 +207,11 @@ def _document_secret(files: Mapping[str, str], name: str, digest: str, namespace
         # Immutable: the kubelet never re-projects it into running pods, and nobody can edit
         # a document under a node's feet. A new document is a new Secret.
         "immutable": True,
-        "stringData": {PurePosixPath(n).name: text for n, text in sorted(files.items())},
+        # `data`, not `stringData`: the API server stores only `data`, so a client-side
+        # `kubectl apply` of `stringData` finds it missing and says `configured` on every
+        # run. to_yaml prints the files readable, as a comment above the Secret.
+        "data": {PurePosixPath(n).name: base64.b64encode(text.encode()).decode()
+                 for n, text in sorted(files.items())},
     }
 
 
@@ -255,9 +261,12 @@ POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
 
 
 # Events: only about the agent's own Node (the Role already limits them to `default`).
+# `dyn`: the API server's type checker resolves the rule's resource `events` in every group,
+# and events.k8s.io/v1 Events have no involvedObject, which it would report in the policy's
+# status; the policy only ever sees core/v1 Events (matchPolicy Exact).
 EVENT_POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
-    ("object.involvedObject.kind == 'Node'"
-     " && object.involvedObject.name in variables.nodeNames",
+    ("dyn(object).involvedObject.kind == 'Node'"
+     " && dyn(object).involvedObject.name in variables.nodeNames",
      "the divingbell agent may record Events only about the node its pod runs on"),
 )
 
@@ -268,50 +277,102 @@ POD_POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
      "the divingbell agent may delete only pods on the node its pod runs on"),
 )
 
+# Evictions: the admission request for pods/eviction carries the Eviction, not the pod, so
+# the policy takes the pods of the eviction's namespace as its parameters (paramKind Pod) and
+# checks the one the eviction names. Evaluated once per pod of that namespace, only for the
+# agent's own evictions (the match condition comes first).
+EVICTION_POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
+    ("params.metadata.name != request.name"
+     " || (has(params.spec.nodeName) && params.spec.nodeName in variables.nodeNames)",
+     "the divingbell agent may evict only pods on the node its pod runs on"),
+)
+
+# Slot Leases: the holder is always the writer's own node (or nobody); a Lease another node
+# holds may change only once it expired: its renewTime plus its duration lie before the
+# new renewTime. The new renewTime is the writer's own clock (CEL has none), so an agent
+# could claim a later time to take over a live slot: docs/kubernetes.md, "Residual rights".
+LEASE_POLICY_VARIABLES: tuple[tuple[str, str], ...] = (
+    ("newHolder",
+     "has(object.spec.holderIdentity) ? object.spec.holderIdentity : ''"),
+    ("oldHolder",
+     "oldObject == null || !has(oldObject.spec.holderIdentity)"
+     " ? '' : oldObject.spec.holderIdentity"),
+)
+LEASE_POLICY_VALIDATIONS: tuple[tuple[str, str], ...] = (
+    ("variables.newHolder == '' || variables.newHolder in variables.nodeNames",
+     "the divingbell agent may hold a slot Lease only in the name of the node its pod runs "
+     "on"),
+    ("variables.oldHolder == '' || variables.oldHolder in variables.nodeNames"
+     " || (variables.newHolder != '' && has(object.spec.renewTime)"
+     " && has(oldObject.spec.renewTime) && has(oldObject.spec.leaseDurationSeconds)"
+     " && timestamp(object.spec.renewTime) > timestamp(oldObject.spec.renewTime)"
+     " + duration(string(oldObject.spec.leaseDurationSeconds) + 's'))",
+     "the divingbell agent may not free or take another node's slot Lease before it expired"),
+)
+
 
 def admission_policy(namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
-    """ValidatingAdmissionPolicies (and bindings) that confine the agent's ServiceAccount: Node
-    updates to divingbell.io/ annotations of its own node; Events to ones about that node."""
+    """ValidatingAdmissionPolicies (and bindings) that confine the agent's ServiceAccount to
+    its own node: Node updates to divingbell.io/ annotations and the cordon; pod deletes and
+    evictions to its pods; Events to ones about it; slot Leases to its own name."""
     node_names = [{"name": n, "expression": e} for n, e in POLICY_VARIABLES[:1]]
+    core = {"apiGroups": [""], "apiVersions": ["v1"]}
     return [
         *_policy(f"{APP}-agent-own-node", namespace, labels,
-                 {"apiGroups": [""], "apiVersions": ["v1"],
-                  "operations": ["UPDATE"],  # a PATCH is admitted as an UPDATE
+                 {**core, "operations": ["UPDATE"],  # a PATCH is admitted as an UPDATE
                   "resources": ["nodes", "nodes/status"]},
                  [{"name": n, "expression": e} for n, e in POLICY_VARIABLES],
                  POLICY_VALIDATIONS),
         *_policy(f"{APP}-agent-own-pods", namespace, labels,
-                 {"apiGroups": [""], "apiVersions": ["v1"],
-                  "operations": ["DELETE"], "resources": ["pods"]},
+                 {**core, "operations": ["DELETE"], "resources": ["pods"]},
                  node_names, POD_POLICY_VALIDATIONS),
+        *_policy(f"{APP}-agent-own-evictions", namespace, labels,
+                 {**core, "operations": ["CREATE"], "resources": ["pods/eviction"]},
+                 node_names, EVICTION_POLICY_VALIDATIONS, params=True),
+        # Exact: only core/v1 Events (the agent's Role). events.k8s.io/v1 Events have no
+        # involvedObject (`regarding`), and RBAC gives the agent nothing in that group.
         *_policy(f"{APP}-agent-own-events", namespace, labels,
-                 {"apiGroups": [""], "apiVersions": ["v1"],
-                  "operations": ["CREATE", "UPDATE"], "resources": ["events"]},
-                 node_names, EVENT_POLICY_VALIDATIONS),
+                 {**core, "operations": ["CREATE", "UPDATE"], "resources": ["events"]},
+                 node_names, EVENT_POLICY_VALIDATIONS, match_policy="Exact"),
+        *_policy(f"{APP}-agent-own-slots", namespace, labels,
+                 {"apiGroups": ["coordination.k8s.io"], "apiVersions": ["v1"],
+                  "operations": ["CREATE", "UPDATE"], "resources": ["leases"]},
+                 [*node_names, *({"name": n, "expression": e}
+                                 for n, e in LEASE_POLICY_VARIABLES)],
+                 LEASE_POLICY_VALIDATIONS),
     ]
 
 
 def _policy(name: str, namespace: str, labels: Mapping[str, str], rule: dict[str, Any],
-            variables: list[dict[str, str]], validations: tuple[tuple[str, str], ...]
-            ) -> list[dict[str, Any]]:
+            variables: list[dict[str, str]], validations: tuple[tuple[str, str], ...], *,
+            params: bool = False, match_policy: str = "Equivalent") -> list[dict[str, Any]]:
+    # Every field the API server would default is written out (scope, matchPolicy, the
+    # selectors): a list the server completes differs from the applied one, so a
+    # client-side `kubectl apply` would report `configured` on every run.
+    spec: dict[str, Any] = {
+        "failurePolicy": "Fail",
+        "matchConstraints": {"resourceRules": [{**rule, "scope": "*"}],
+                             "matchPolicy": match_policy,
+                             "namespaceSelector": {}, "objectSelector": {}},
+        "matchConditions": [{
+            "name": "divingbell-agent",
+            "expression": f"request.userInfo.username == "
+                          f"'{service_account_user(namespace)}'"}],
+        "variables": variables,
+        "validations": [{"expression": e, "message": m, "reason": "Forbidden"}
+                        for e, m in validations],
+    }
+    binding: dict[str, Any] = {"policyName": name, "validationActions": ["Deny"]}
+    if params:
+        spec["paramKind"] = {"apiVersion": "v1", "kind": "Pod"}
+        # Every pod of the request's namespace; none there (the pod is gone): denied.
+        binding["paramRef"] = {"selector": {}, "parameterNotFoundAction": "Deny"}
     return [
         {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
-         "metadata": {"name": name, "labels": dict(labels)},
-         "spec": {
-             "failurePolicy": "Fail",
-             "matchConstraints": {"resourceRules": [rule]},
-             "matchConditions": [{
-                 "name": "divingbell-agent",
-                 "expression": f"request.userInfo.username == "
-                               f"'{service_account_user(namespace)}'"}],
-             "variables": variables,
-             "validations": [{"expression": e, "message": m, "reason": "Forbidden"}
-                             for e, m in validations],
-         }},
+         "metadata": {"name": name, "labels": dict(labels)}, "spec": spec},
         {"apiVersion": "admissionregistration.k8s.io/v1",
          "kind": "ValidatingAdmissionPolicyBinding",
-         "metadata": {"name": name, "labels": dict(labels)},
-         "spec": {"policyName": name, "validationActions": ["Deny"]}},
+         "metadata": {"name": name, "labels": dict(labels)}, "spec": binding},
     ]
 
 
@@ -428,26 +489,51 @@ def secret_size_problem(size: int) -> tuple[str | None, str | None]:
         return (f"the document files hold {size} bytes; a Kubernetes Secret holds at most "
                 f"{SECRET_LIMIT} (1 MiB), so the API server would refuse it. Move large "
                 "script bodies out of the document (an apt package, an image)"), None
-    if size > ANNOTATIONS_LIMIT - 16 * 1024:
+    # The last-applied copy holds the data base64-encoded: 4 bytes for every 3.
+    if (size + 2) // 3 * 4 > ANNOTATIONS_LIMIT - 16 * 1024:
         return None, (f"the document files hold {size} bytes: a client-side `kubectl apply` "
-                      "copies the Secret into its last-applied-configuration annotation, "
-                      "which holds at most 256 KiB; use `kubectl apply --server-side`")
+                      "copies the Secret (base64, a third larger) into its "
+                      "last-applied-configuration annotation, which holds at most 256 KiB; "
+                      "use `kubectl apply --server-side`")
     return None, None
 
 
+# What a YAML comment cannot hold: characters outside YAML's printable set, and line breaks
+# other than "\n" (one would end the comment and let the rest be read as YAML).
+_NOT_IN_COMMENT = re.compile(
+    "[^\t\n\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd"
+    "\U00010000-\U0010ffff]")
+
+
 def unreadable_reason(text: str) -> str | None:
-    """Why a multi-line `text` cannot be shown as a literal block (it is then one quoted,
-    escaped string), or None. A literal block cannot keep spaces at a line's end."""
-    if "\n" not in text:
+    """Why `text` cannot be shown as a readable comment beside its Secret, or None."""
+    found = _NOT_IN_COMMENT.search(text)
+    if found is None:
         return None
-    for number, line in enumerate(text.split("\n"), 1):
-        if line != line.rstrip(" "):
-            return f"line {number} ends in spaces"
-    if not _ManifestDumper(io.StringIO()).analyze_scalar(text).allow_block:
-        return "it holds control characters"
-    return None
+    line = text.count("\n", 0, found.start()) + 1
+    return f"line {line} holds U+{ord(found.group()):04X}, which a YAML comment cannot hold"
+
+
+def _readable_copy(secret: Mapping[str, Any]) -> str:
+    """The document files a Secret holds, as comment lines (`data` shows them base64)."""
+    lines = [f"# {secret['metadata']['name']} holds these files (base64 in `data`):"]
+    for name, encoded in secret.get("data", {}).items():
+        text = base64.b64decode(encoded).decode(errors="replace")
+        if unreadable_reason(text):
+            lines.append(f"# --- {name}: not shown (control characters)")
+            continue
+        lines.append(f"# --- {name}")
+        lines.extend(f"#   {line}".rstrip(" ") if not line.strip() else f"#   {line}"
+                     for line in text.removesuffix("\n").split("\n"))
+    return "\n".join(lines) + "\n"
 
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:
-    return yaml.dump_all(objects, Dumper=_ManifestDumper, sort_keys=False,
+    parts = []
+    for obj in objects:
+        text = yaml.dump(obj, Dumper=_ManifestDumper, sort_keys=False,
                          default_flow_style=False, allow_unicode=True, width=100)
+        if obj.get("kind") == "Secret" and DOCUMENT_LABEL in obj["metadata"].get("labels", {}):
+            text = _readable_copy(obj) + text
+        parts.append(text)
+    return "---\n".join(parts)

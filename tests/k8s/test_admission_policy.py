@@ -162,3 +162,39 @@ def test_the_agent_records_events_only_about_its_own_node(
             "the divingbell agent may record Events only about the node its pod runs on"]
     assert admit(event_policy, request(), event("node-1"), None) != []
     assert admit(event_policy, request("kubelet"), event("node-2"), None) == []
+
+
+def lease(holder: str | None, renewed: str = "2026-12-06T10:00:00.000000Z",
+          seconds: int = 60) -> dict[str, Any]:
+    spec: dict[str, Any] = {"leaseDurationSeconds": seconds, "leaseTransitions": 0}
+    if holder is not None:
+        spec |= {"holderIdentity": holder, "acquireTime": renewed, "renewTime": renewed}
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "divingbell-slot-rack-0", "namespace": "ops"}, "spec": spec}
+
+
+def test_the_agent_holds_slot_leases_only_in_its_own_name(
+        objects: list[dict[str, Any]]) -> None:
+    """The same cases the real API server runs (tests/kube/test_agent_rights.py), without
+    one: a Lease names the writer's node or nobody; another node's only once expired."""
+    slots = policy_named(objects, "divingbell-agent-own-slots")
+    create = {**request(node_names=["node-1"]), "operation": "CREATE"}
+    update = {**request(node_names=["node-1"]), "operation": "UPDATE"}
+    holder_message = ("the divingbell agent may hold a slot Lease only in the name of the node "
+                      "its pod runs on")
+    live_message = ("the divingbell agent may not free or take another node's slot Lease "
+                     "before it expired")
+    assert admit(slots, create, lease("node-1"), None) == []
+    assert admit(slots, create, lease("node-2"), None) == [holder_message]
+    assert admit(slots, update, lease("node-1", "2026-12-06T10:00:30.000000Z"),
+                 lease("node-1")) == []  # renew
+    assert admit(slots, update, lease(None), lease("node-1")) == []  # release its own
+    assert admit(slots, update, lease(None), lease(None)) == []
+    assert admit(slots, update, lease("node-1"), lease(None)) == []  # a free slot
+    assert admit(slots, update, lease("node-1", "2026-12-06T10:00:30.000000Z"),
+                 lease("node-2")) == [live_message]
+    assert admit(slots, update, lease(None), lease("node-2")) == [live_message]
+    assert admit(slots, update, lease("node-1", "2026-12-06T10:01:01.000000Z"),
+                 lease("node-2")) == []  # expired at 10:01:00
+    assert admit(slots, {**request("kubernetes-admin"), "operation": "UPDATE"},
+                 lease(None), lease("node-2")) == []

@@ -36,7 +36,6 @@ def cluster_objects() -> list[dict[str, Any]]:
         secret = copy.deepcopy(next(o for o in built if o["kind"] == "Secret"))
         secret["metadata"]["creationTimestamp"] = f"2026-11-0{version}T10:00:00Z"
         secret["data"] = {"site.yaml": ""}
-        del secret["stringData"]
         daemonset = next(o for o in built if o["kind"] == "DaemonSet")
         objects.append(secret)
         if version > 1:

@@ -1,18 +1,23 @@
 """The real adapter (lightkube) and the fake agree on the wire: the same tenant runs against
 the fake directly and through lightkube to an HTTP API server backed by another fake must send
-identical requests and reach identical results. With DIVINGBELL_TEST_KUBECONFIG set, the
-adapter also runs against that real cluster."""
+identical requests and reach identical results. The adapter also runs against the session's
+real control plane (tests/kube/), or the cluster DIVINGBELL_TEST_KUBECONFIG names."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
+import re
 import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from divingbell.policy.kube import (
     ClusterError,
@@ -110,30 +115,75 @@ def test_errors_keep_their_code_and_reason(stub: tuple[ApiStub, World]) -> None:
         ClusterNamespaces(LightkubeCluster(server="http://127.0.0.1:9")).namespace("x")
 
 
-@pytest.mark.skipif(not os.environ.get("DIVINGBELL_TEST_KUBECONFIG"),
-                    reason="set DIVINGBELL_TEST_KUBECONFIG to run against a real cluster")
-def test_tenants_against_a_real_cluster(tmp_path: Path, ca: ScratchCa) -> None:
+def _kubectl(kubeconfig: Path, *args: str, input_text: str | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    from tests.kube.controlplane import assets
+
+    return subprocess.run([str(assets() / "kubectl"), f"--kubeconfig={kubeconfig}", *args],
+                          capture_output=True, text=True, check=False, timeout=60,
+                          input=input_text)
+
+
+def _as_tenant_controller(kube_kubeconfig: str, tmp_path: Path) -> LightkubeCluster:
+    """The tenant controller's own credentials: its ServiceAccount's token, with the RBAC
+    objects `divingbell policy manifests` ships applied."""
+    from divingbell.policy.manifests import tenant_rbac
+    from tests.kube.controlplane import Rest, kubeconfig
+
+    namespace = "dbtest-tenants"
+    manifests = yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Namespace",
+                                     "metadata": {"name": namespace}}, *tenant_rbac(namespace)])
+    applied = _kubectl(Path(kube_kubeconfig), "apply", "-f", "-", input_text=manifests)
+    assert applied.returncode == 0, applied.stderr
+    admin = Rest.from_kubeconfig(Path(kube_kubeconfig))
+    answer = admin.post(f"/api/v1/namespaces/{namespace}/serviceaccounts/divingbell-tenants/token",
+                        {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                         "spec": {"expirationSeconds": 3600}})
+    admin.close()
+    path = kubeconfig(tmp_path / "tenants-controller.kubeconfig", admin.server, admin.ca,
+                      token=answer["status"]["token"])
+    return LightkubeCluster(str(path))
+
+
+@pytest.mark.kube
+def test_tenants_against_a_real_cluster(tmp_path: Path, ca: ScratchCa,
+                                        kube_kubeconfig: str) -> None:
     """The same provisioning against a real API server: its CSR signer issues the
     certificates. Uses the prefix `dbtest-` and removes what it created."""
-    api = LightkubeCluster(os.environ["DIVINGBELL_TEST_KUBECONFIG"])
+    api = LightkubeCluster(kube_kubeconfig)
     world = World(tmp_path, ca)
     world.settings.update({"namespace_prefix": "dbtest-",
                            "status": {"namespace": "default",
                                       "configmap": "divingbell-tenants-test"}})
+    cluster = yaml.safe_load(Path(kube_kubeconfig).read_text())["clusters"][0]["cluster"]
+    if "certificate-authority" in cluster:
+        # The session's own control plane: the controller runs as its ServiceAccount with
+        # RBAC as `divingbell policy manifests` ships it, and the kubeconfigs it writes
+        # point at this cluster.
+        api = _as_tenant_controller(kube_kubeconfig, tmp_path)
+        world.settings["cluster"] = {"server": cluster["server"],
+                                     "ca_file": cluster["certificate-authority"]}
+        world.settings["status"] = {"namespace": "dbtest-tenants",
+                                    "configmap": "divingbell-tenants-test"}
     try:
         report = world.controller(api=api).run()
         assert report.ok, report.as_dict()
         assert api.get("RoleBinding", "tenant", "dbtest-alice")["subjects"][0]["name"] == "alice"
-        assert (world.home("alice") / ".kube" / "config").exists()
+        tenant_config = world.home("alice") / ".kube" / "config"
+        if "certificate-authority" in cluster:
+            whoami = _kubectl(tenant_config, "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
+            assert whoami.stdout == "alice", whoami.stderr
+            assert _kubectl(tenant_config, "-n", "dbtest-alice", "get", "pods").returncode == 0
+            refused = _kubectl(tenant_config, "-n", "default", "get", "pods")
+            assert refused.returncode != 0 and "forbidden" in refused.stderr, refused.stderr
     finally:
         world.write_tenants([])
         world.settings["removal"] = {"max_per_run": 10}
         world.controller(api=api).run()
 
 
-@pytest.mark.skipif(not os.environ.get("DIVINGBELL_TEST_KUBECONFIG"),
-                    reason="set DIVINGBELL_TEST_KUBECONFIG to run against a real cluster")
-def test_webhook_namespace_lookups_against_a_real_cluster() -> None:
+@pytest.mark.kube
+def test_webhook_namespace_lookups_against_a_real_cluster(kube_kubeconfig: str) -> None:
     """The webhook's decisions with namespaces read from a real API server."""
     import json
 
@@ -142,7 +192,7 @@ def test_webhook_namespace_lookups_against_a_real_cluster() -> None:
     from tests.policy.conftest import POLICY
     from tests.policy.reviews import pod, review
 
-    api = LightkubeCluster(os.environ["DIVINGBELL_TEST_KUBECONFIG"])
+    api = LightkubeCluster(kube_kubeconfig)
     name = "dbtest-webhook"
     api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {
         "name": name, "labels": {"tenancy": "tool"}, "annotations": {"RunAsUser": "52001"}}})
@@ -154,3 +204,86 @@ def test_webhook_namespace_lookups_against_a_real_cluster() -> None:
         assert verdict.allowed and verdict.patch
     finally:
         api.delete("Namespace", name)
+
+
+@pytest.mark.kube
+def test_the_fake_cluster_keeps_the_real_servers_codes(kube_kubeconfig: str) -> None:
+    """FakeCluster's errors, against the real API server's: the same code and reason for a
+    missing object, an existing name and a stale resourceVersion."""
+    name = "dbtest-codes"
+    outcomes = []
+    real = LightkubeCluster(kube_kubeconfig)
+    for api in (real, FakeCluster()):
+        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        found: list[Any] = []
+        for call, argument in ((api.get, ("Namespace", "dbtest-nope")),
+                               (api.create, (namespace,)), (api.create, (namespace,))):
+            try:
+                call(*argument)
+                found.append("ok")
+            except ClusterError as error:
+                found.append((error.code, error.reason))
+        current = api.get("Namespace", name)
+        api.merge_patch("Namespace", name, {"metadata": {"labels": {"a": "b"}}})
+        try:
+            api.replace(current)
+            found.append("ok")
+        except ClusterError as error:
+            found.append((error.code, error.reason))
+        found.append(ClusterNamespaces(api).namespace(name).labels.get("a"))
+        outcomes.append(found)
+    real.delete("Namespace", name)
+    assert outcomes[0] == outcomes[1] == [(404, "NotFound"), "ok", (409, "AlreadyExists"),
+                                          (409, "Conflict"), "b"]
+
+
+def _wait_until_no_tenant_namespaces(kube_kubeconfig: str) -> None:
+    """Tenant namespaces another test removed may still be terminating; the controller would
+    report removing them again."""
+    from divingbell.policy.tenants import MANAGED_BY, MANAGER
+
+    admin = LightkubeCluster(kube_kubeconfig)
+    deadline = time.monotonic() + 60
+    while admin.list("Namespace", labels={MANAGED_BY: MANAGER}):
+        assert time.monotonic() < deadline, "tenant namespaces still there after 60 s"
+        time.sleep(0.5)
+
+
+def _timeless(reports: list[Any], root: Path) -> list[Any]:
+    """Reports without what the real signer decides by its own clock (the scenario moves the
+    world's clock a year on; the server's cannot move): certificate expiry dates."""
+    text = json.dumps(reports).replace(str(root), "<root>")
+    text = re.sub(r"\d{4}-\d\d-\d\dT[\d:]+\+00:00", "<time>", text)
+    return list(json.loads(re.sub(r"valid until \d{4}-\d\d-\d\d", "valid until <date>", text)))
+
+
+@pytest.mark.kube
+def test_the_fake_cluster_and_the_real_server_agree_on_a_tenant_scenario(
+        tmp_path: Path, ca: ScratchCa, kube_kubeconfig: str) -> None:
+    """The provision, renew, disable and remove scenario, through lightkube to the real API
+    server (as the controller's own ServiceAccount) and on FakeCluster: the same reports."""
+    cluster = yaml.safe_load(Path(kube_kubeconfig).read_text())["clusters"][0]["cluster"]
+    if "certificate-authority" not in cluster:
+        pytest.skip("needs the session's own control plane (its controller credentials)")
+    _wait_until_no_tenant_namespaces(kube_kubeconfig)
+    outcomes = []
+    for use_real in (True, False):
+        root = tmp_path / ("real" if use_real else "fake")
+        root.mkdir()
+        world = World(root, ca)
+        # A prefix of its own: namespaces another test removed may still be terminating.
+        world.settings.update({"namespace_prefix": "dbscenario-",
+                               "status": {"namespace": "dbtest-tenants",
+                                          "configmap": "divingbell-tenants-scenario"}})
+        if use_real:
+            api: Any = _as_tenant_controller(kube_kubeconfig, tmp_path)
+        else:
+            api = world.cluster
+            api.put({"apiVersion": "v1", "kind": "Namespace",
+                     "metadata": {"name": "dbtest-tenants"}})
+        outcomes.append(_timeless(scenario(world, api), root))
+        world.write_tenants([])
+        world.settings["removal"] = {"max_per_run": 10}
+        world.controller(api=api).run()
+    for real_report, fake_report in zip(outcomes[0], outcomes[1], strict=True):
+        assert json.dumps(real_report, indent=1) == json.dumps(fake_report, indent=1)

@@ -351,8 +351,8 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
         for f in files:
             reason = unreadable_reason(f.read_text())
             if reason:
-                click.echo(f"note: {f}: {reason}, so the Secret shows it as one quoted "
-                           "string; remove that for a readable block", err=True)
+                click.echo(f"note: {f}: {reason}, so the output has no readable copy of "
+                           "it beside the Secret (whose data is base64)", err=True)
     click.echo(to_yaml(objects), nl=False)
 
 

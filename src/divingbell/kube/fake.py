@@ -256,8 +256,10 @@ class _FakeMaintenance:
                            "nodeInfo": {**_NODE_INFO, "bootID": state.boot_ids.get(node, "")}}}
 
     def _terminate(self, pod: FakePod, grace_seconds: int) -> None:
+        # Ready stays as it was: only the kubelet reports it, and only once the containers
+        # stopped (seen on a real API server). The disruption controller does not count a
+        # pod that is being deleted as healthy anyway (_allowed).
         pod.gone_at = self.clock() + min(float(grace_seconds), pod.stop_seconds)
-        pod.ready = False
         self._reap()
 
     def _reap(self) -> None:
