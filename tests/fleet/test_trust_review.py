@@ -3,14 +3,22 @@ attack from the provisioning network, on the real service."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from datetime import timedelta
+from urllib.parse import urlsplit
 
+import httpx
+import pytest
 import yaml
 from sqlalchemy import select, update
 
+from divingbell.fleet.app import MAX_BODY_BYTES
 from divingbell.fleet.models import Machine, utcnow
 from tests.fleet.servers import ThreadServer
 from tests.fleet.test_api import error_of, register
+from tests.fleet.test_hostile_bodies import service  # noqa: F401  (fixture)
 from tests.fleet.test_trust import (
     HOST_DOC,
     UUID,
@@ -102,3 +110,54 @@ def test_a_claimed_hostname_does_not_choose_the_slot_count(fleet: ThreadServer) 
     busy = error_of(lambda: claimer_client.claim_slot(claimer, "rack9"))
     assert busy.status == 409 and busy.detail["slots"] == 1
 
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+def test_json_in_another_encoding_json_accepts_is_depth_checked_too(
+        service: ThreadServer, encoding: str) -> None:  # noqa: F811
+    """json.loads reads UTF-8 with a BOM, UTF-16 and UTF-32 too: the depth guard looked for a
+    leading `[` or `{` byte and let those through to a RecursionError (a 500)."""
+    deep = ("[" * 100_000 + "]" * 100_000).encode(encoding)
+    reply = httpx.put(service.url + "/v1/nodes/n1/labels", content=deep, timeout=30,
+                      headers={"Authorization": f"Bearer {service.admin_token}",
+                               "Content-Type": "application/json"})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["detail"]["field"] == "body"
+
+
+def _raw_post(server: ThreadServer, head: bytes, body: bytes) -> bytes:
+    """Send a request over a plain socket (the body in the background: the service may answer
+    before it has read it all) and return the start of the answer."""
+    host, port = urlsplit(server.url).hostname, urlsplit(server.url).port
+    with socket.create_connection((host, port), timeout=30) as connection:
+        def send() -> None:
+            with contextlib.suppress(OSError):  # the service closes once it answered
+                connection.sendall(head + body)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        answer = connection.recv(4096)
+        sender.join()
+        return answer
+
+
+def test_an_anonymous_body_past_the_largest_any_route_takes_is_refused_unread(
+        service: ThreadServer) -> None:  # noqa: F811
+    """The depth guard read every POST/PUT body whole, before authentication: an anonymous
+    caller could make the service hold any amount in memory (and it undid the document
+    route's own streaming limit)."""
+    declared = _raw_post(service, b"POST /v1/discovery HTTP/1.1\r\nHost: fleet\r\n"
+                         b"Content-Type: application/json\r\n"
+                         b"Content-Length: 100000000000\r\n\r\n", b" " * 65536)
+    assert declared.startswith(b"HTTP/1.1 413"), declared
+    assert b'"field":"body"' in declared
+    chunk = b" " * (1 << 20)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk)
+                       for _ in range(MAX_BODY_BYTES // len(chunk) + 1)) + b"0\r\n\r\n"
+    streamed = _raw_post(service, b"POST /v1/discovery HTTP/1.1\r\nHost: fleet\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert streamed.startswith(b"HTTP/1.1 413"), streamed
+    # A document at its own limit still gets through to the route's own check.
+    at_limit = b"conf: {}\n" + b"#" * (4 * 1024 * 1024 - 10) + b"\n"
+    pushed = httpx.put(service.url + "/v1/document", content=at_limit, timeout=60,
+                       headers={"Authorization": f"Bearer {service.admin_token}"})
+    assert pushed.status_code != 413, pushed.text
