@@ -161,3 +161,22 @@ def test_an_anonymous_body_past_the_largest_any_route_takes_is_refused_unread(
     pushed = httpx.put(service.url + "/v1/document", content=at_limit, timeout=60,
                        headers={"Authorization": f"Bearer {service.admin_token}"})
     assert pushed.status_code != 413, pushed.text
+
+
+def test_an_unaccepted_claimed_name_does_not_shape_that_hosts_join_script(
+        bootstrap_fleet: ThreadServer) -> None:  # noqa: F811
+    """The join-script route looked the fleet's machine up by hostname whether or not an
+    operator accepted it: a machine enrolled from the provisioning network claiming `n1` (or a
+    host the design does not list) chose the role and labels of the script an admin fetches
+    for that host."""
+    fleet = bootstrap_fleet
+    machine, own = enrol_by_boot(fleet, hostname="n5")
+    fleet.admin.set_roles(machine, ["control-plane"])
+    assert own.machine(machine)["hostname_accepted"] is False
+    unlisted = join(fleet, fleet.admin_token, hostname="n5", ip="10.0.0.15")
+    assert unlisted.status_code == 400, unlisted.text
+    assert unlisted.json()["detail"]["problems"][0]["field"] == "hostname"
+    fleet.admin.call("PUT", f"/v1/machines/{machine}/hostname", {})
+    accepted = join(fleet, fleet.admin_token, hostname="n5", ip="10.0.0.15")
+    assert accepted.status_code == 200, accepted.text
+    assert "divingbell.io/role" in accepted.text and "control-plane" in accepted.text
