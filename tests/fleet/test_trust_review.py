@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import threading
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -14,6 +16,7 @@ import pytest
 import yaml
 from sqlalchemy import select, update
 
+import divingbell.image
 from divingbell.fleet.app import MAX_BODY_BYTES
 from divingbell.fleet.models import Machine, utcnow
 from tests.fleet.servers import ThreadServer
@@ -180,3 +183,19 @@ def test_an_unaccepted_claimed_name_does_not_shape_that_hosts_join_script(
     accepted = join(fleet, fleet.admin_token, hostname="n5", ip="10.0.0.15")
     assert accepted.status_code == 200, accepted.text
     assert "divingbell.io/role" in accepted.text and "control-plane" in accepted.text
+
+
+def test_the_discovery_client_never_prints_its_boot_token(tmp_path: Path) -> None:
+    """Without divingbell.url= the discovery client printed the whole kernel command line to
+    the console (and so to a BMC's serial log), boot token included."""
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("quiet divingbell.token=dbt_0123abcd_s3cr3t-boot-token BOOTIF=01-aa\n")
+    client = Path(divingbell.image.__file__).parent / "initramfs" / "discovery"
+    # Its own mount namespace: the client sees this command line and a /run of its own.
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"mount --bind {cmdline} /proc/cmdline && "
+         f"mount -t tmpfs tmpfs /run && exec busybox sh {client}"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    assert "divingbell.url=" in result.stdout and "BOOTIF=01-aa" in result.stdout
+    assert "s3cr3t-boot-token" not in result.stdout + result.stderr
