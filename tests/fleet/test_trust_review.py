@@ -7,6 +7,7 @@ import contextlib
 import socket
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,6 +19,7 @@ from sqlalchemy import select, update
 
 import divingbell.image
 from divingbell.fleet.app import MAX_BODY_BYTES
+from divingbell.fleet.client import FleetApiError
 from divingbell.fleet.models import Machine, utcnow
 from tests.fleet.servers import ThreadServer
 from tests.fleet.test_api import error_of, register
@@ -199,3 +201,27 @@ def test_the_discovery_client_never_prints_its_boot_token(tmp_path: Path) -> Non
     assert result.returncode == 1, result.stderr
     assert "divingbell.url=" in result.stdout and "BOOTIF=01-aa" in result.stdout
     assert "s3cr3t-boot-token" not in result.stdout + result.stderr
+
+
+def test_one_slot_per_holder_holds_when_it_claims_many_groups_at_once(
+        fleet: ThreadServer) -> None:
+    """One slot per holder was checked by reading what the holder had, then claiming: two
+    claims of different groups at the same instant (threads here, replicas in production;
+    PostgreSQL reads committed rows) both found nothing held and both took a slot."""
+    machine, own = register(fleet, 1)
+    groups = [f"rack{n}" for n in range(16)]
+    start = threading.Barrier(len(groups))
+
+    def claim(group: str) -> int:
+        start.wait()
+        try:
+            own.claim_slot(machine, group)
+            return 1
+        except FleetApiError as exc:
+            assert exc.status == 409 and exc.detail["error"] == "holds-another-slot"
+            return 0
+
+    with ThreadPoolExecutor(len(groups)) as pool:
+        taken = sum(pool.map(claim, groups))
+    assert taken == 1
+    assert len(fleet.admin.call("GET", "/v1/slots")) == 1
