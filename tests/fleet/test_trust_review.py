@@ -20,7 +20,7 @@ from sqlalchemy import select, update
 import divingbell.image
 from divingbell.fleet.app import MAX_BODY_BYTES
 from divingbell.fleet.client import FleetApiError
-from divingbell.fleet.models import Machine, utcnow
+from divingbell.fleet.models import Lease, Machine, utcnow
 from tests.fleet.servers import ThreadServer
 from tests.fleet.test_api import error_of, register
 from tests.fleet.test_hostile_bodies import service  # noqa: F401  (fixture)
@@ -225,3 +225,24 @@ def test_one_slot_per_holder_holds_when_it_claims_many_groups_at_once(
         taken = sum(pool.map(claim, groups))
     assert taken == 1
     assert len(fleet.admin.call("GET", "/v1/slots")) == 1
+
+
+def test_a_machine_asking_for_an_install_grant_many_times_at_once_holds_one(
+        fleet: ThreadServer) -> None:
+    """The same read-then-claim: concurrent grant requests by one machine took several of the
+    `install_parallel` grants, so one stolen credential could hold every install slot."""
+    machine, own = register(fleet, 1)
+    fleet.admin.set_roles(machine, ["worker"])
+    start = threading.Barrier(16)
+
+    def ask(_: int) -> str:
+        start.wait()
+        return str(own.install_grant(machine)["grant"])
+
+    with ThreadPoolExecutor(16) as pool:
+        grants = set(pool.map(ask, range(16)))
+    assert len(grants) == 1, grants
+    with store(fleet).read() as session:
+        held = session.scalars(select(Lease).where(Lease.kind == "install",
+                                                   Lease.holder == machine)).all()
+        assert len(held) == 1
