@@ -143,10 +143,22 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _DEPTH_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""No route takes more (documents: 4 MiB, designs: 1 MiB): a body past it is refused as it
+arrives, before authentication, never held whole in memory."""
+
+
 def json_too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """True when a body that looks like JSON nests arrays/objects deeper than `limit`
     (brackets inside strings do not count). Python's parser would otherwise recurse until a
     RecursionError."""
+    # json.loads also reads UTF-8 with a BOM, UTF-16 and UTF-32: look at what it would read.
+    encoding = json.detect_encoding(body)
+    if encoding != "utf-8":
+        try:
+            body = body.decode(encoding).encode()
+        except UnicodeDecodeError:
+            return False  # not text json.loads can read: its own error, not a recursion
     start = body.lstrip()[:1]
     if start not in (b"[", b"{") or body.count(b"[") + body.count(b"{") <= limit:
         return False
@@ -170,14 +182,24 @@ class JsonDepthGuard:
             return
         messages: list[Message] = []
         chunks: list[bytes] = []
-        while True:
+        declared, received = _declared_length(scope), 0
+        while max(declared, received) <= MAX_BODY_BYTES:
             message = await receive()
             messages.append(message)
             if message["type"] != "http.request":
                 break
             chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
             if not message.get("more_body", False):
                 break
+        size = max(declared, received)
+        if size > MAX_BODY_BYTES:
+            response = JSONResponse({"detail": {
+                "error": "too-large", "field": "body",
+                "message": f"request bodies are limited to {MAX_BODY_BYTES} bytes"}},
+                status_code=413, headers={"Connection": "close"})
+            await response(scope, receive, send)
+            return
         if json_too_deep(b"".join(chunks)):
             response = JSONResponse({"detail": {
                 "error": "too-deep", "field": "body",
@@ -189,6 +211,13 @@ class JsonDepthGuard:
             return messages.pop(0) if messages else await receive()
 
         await self.app(scope, replay, send)
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0  # the server refuses a bad one
+    return 0
 
 
 def _field(loc: Any) -> str:

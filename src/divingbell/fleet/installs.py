@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from divingbell.fleet import leases, states
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import Lease, Machine, iso, utcnow
-from divingbell.fleet.service import INSTALL, transition
+from divingbell.fleet.service import INSTALL, lock_scheduler, transition
 from divingbell.fleet.settings import FleetSettings
 
 
@@ -34,6 +34,10 @@ def expire_stuck_installs(session: Session, now: datetime) -> None:
 
 def grant_install(session: Session, machine: Machine, settings: FleetSettings
                   ) -> leases.Held:
+    # Read-then-claim (a machine renews the grant it holds): grants serialise on the
+    # scheduler's lock, or one machine asking twice at once would hold two.
+    lock_scheduler(session)
+    session.refresh(machine)  # as the last grant holding the lock left it
     now = utcnow()
     expire_stuck_installs(session, now)
     if not machine.roles:

@@ -169,11 +169,13 @@ def discover(session: Session, facts: Discovery, settings: FleetSettings,
         machine.discovered_at = now
         if machine.roles:  # re-enrolled with its roles kept (a reinstall)
             transition(session, machine, states.SCHEDULED, "enrolled again with its roles", now)
-    # An operator's token vouches for the name it registers; a machine's own word (a boot
-    # token, its credential) keeps an accepted name only while it does not change it.
+    # An operator's token vouches for the name it registers; a machine's own credential keeps
+    # an accepted name only while it does not change it. A boot token never inherits one: the
+    # machine it enrols again (after reenroll or decommission) may be whoever booted first.
     operator = principal.kind == "token" and principal.role in ("admin", "bootstrap")
     machine.hostname_accepted = bool(facts.hostname) and (
-        operator or (machine.hostname_accepted and machine.hostname == facts.hostname))
+        operator or (principal.kind == "machine" and machine.hostname_accepted
+                     and machine.hostname == facts.hostname))
     machine.boot_id = facts.boot_id
     machine.hostname = facts.hostname
     machine.serial = facts.serial

@@ -28,7 +28,7 @@ def slot_count(session: Session, holder: str, settings: FleetSettings) -> int:
         return settings.slot_concurrency
     row = session.execute(select(Revision.number, Revision.digest, Revision.text,
                                  Revision.source_name).where(Revision.number == revision)).one()
-    config = node_config(service.revision_document(row), machine.hostname,
+    config = node_config(service.revision_document(row), service.served_name(machine),
                          service.labels_of(machine))
     maintenance = config.modules.get("maintenance")
     reboot = getattr(maintenance, "reboot", None)

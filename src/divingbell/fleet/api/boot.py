@@ -105,10 +105,15 @@ def _purge_expired_boots(session: Session, now: datetime, ttl_seconds: float) ->
     """Expired boot tokens, and `booting` rows created by a boot request that never enrolled
     within a token's lifetime (with their history and boot MAC), are deleted."""
     session.execute(delete(Token).where(Token.role == BOOT, Token.expires_at <= now))
+    # Never enrolled: its history holds nothing but boot requests. (discovered_at equal to
+    # created_at is not enough: a machine an operator enrolled directly has those equal, and
+    # after `fleet reenroll` it is `booting` without a credential too.)
+    enrolled_once = select(StateChange.id).where(
+        StateChange.machine_id == Machine.id, StateChange.to_state != states.BOOTING).exists()
     stale = select(Machine.id).where(
         Machine.state == states.BOOTING, Machine.credential_hash == "",
         Machine.discovered_at == Machine.created_at,
-        Machine.created_at < now - timedelta(seconds=ttl_seconds))
+        Machine.created_at < now - timedelta(seconds=ttl_seconds), ~enrolled_once)
     ids = list(session.scalars(stale.limit(1000)))
     if ids:
         session.execute(delete(StateChange).where(StateChange.machine_id.in_(ids)))

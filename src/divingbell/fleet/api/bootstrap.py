@@ -72,9 +72,10 @@ def join_scripts(
 
     def fleet_machine(name: str) -> FleetMachine | None:
         with request.app.state.db.read() as session:
+            # Only a name an operator accepted: a claimed one is the machine's own word.
             machine = session.execute(select(Machine).where(
-                Machine.hostname == name, Machine.state.not_in(service.ACTIVE_EXCLUDED))
-                .limit(1)).scalar_one_or_none()
+                Machine.hostname == name, Machine.hostname_accepted.is_(True),
+                Machine.state.not_in(service.ACTIVE_EXCLUDED)).limit(1)).scalar_one_or_none()
             if machine is None:
                 return None
             roles = [str(r) for r in machine.roles or []]

@@ -41,6 +41,9 @@ def claim(body: SlotClaim, request: Request, principal: CurrentPrincipal) -> dic
     settings: FleetSettings = request.app.state.settings
     ttl = fleet_slots.capped_ttl(body.ttl_seconds, settings)
     with request.app.state.db.write() as session:
+        # One slot per holder is read-then-claim: claims serialise (replicas included) on the
+        # scheduler's lock, or two claims of different groups at once would both find none.
+        service.lock_scheduler(session)
         count = fleet_slots.slot_count(session, body.holder, settings)
         result = leases.claim(session, service.SLOT, body.group, count, body.holder, ttl,
                               utcnow(), one_per_holder=True)
