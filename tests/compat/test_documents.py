@@ -80,4 +80,4 @@ def test_an_override_for_a_non_module_is_ignored_with_a_suggestion() -> None:
         "conf.overrides.divingbell_nothing does not override a divingbell module; ignored "
         "(modules: divingbell_sysctl, divingbell_limits, divingbell_mounts, divingbell_ethtool,"
         " divingbell_apt, divingbell_uamlite, divingbell_perm, divingbell_apparmor, "
-        "divingbell_exec, divingbell_maintenance) (d.yaml:3)"]
+        "divingbell_kernel, divingbell_exec, divingbell_maintenance) (d.yaml:3)"]
