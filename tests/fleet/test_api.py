@@ -542,3 +542,38 @@ def test_a_bad_page_request_is_a_422_naming_the_field(fleet: ThreadServer, query
         d["field"] for d in exc.detail]
     assert named == [field], exc.detail
     assert field in str(exc)
+
+
+def test_reprovision_sends_a_running_machine_back_to_install_as_itself(
+        fleet: ThreadServer) -> None:
+    m, client = register(fleet, 1)
+    fleet.admin.push_document(DOC.encode())
+    assert client.install_grant(m)["granted"] is True
+    assert client.install_result(m, True, "ok")["state"] == "installed"
+    config = client.config(m)
+    assert client.report(m, {"revision": 1, "etag": config.etag,
+                             "state": "converged"})["state"] == "ready"
+    denied = error_of(lambda: fleet.reader.call("POST", f"/v1/machines/{m}/reprovision"))
+    assert denied.status == 403
+
+    answer = fleet.admin.call("POST", f"/v1/machines/{m}/reprovision")
+    assert answer == {"id": m, "state": "scheduled"}
+    machine = fleet.admin.machine(m)
+    assert machine["roles"] == ["control-plane"] and len(fleet.admin.machines()) == 1
+    last = machine["history"][-1]
+    assert (last["from"], last["to"]) == ("ready", "scheduled")
+    assert "reprovision requested by" in last["reason"]
+    assert machine["reports"], "the machine's reports are kept"
+    events = fleet.admin.call("GET", "/v1/audit")
+    assert (events[0]["action"], events[0]["subject"]) == ("reprovision", m)
+    # Its next network boot is the discovery image again, and it may install again.
+    assert client.install_grant(m)["granted"] is True
+    assert client.install_result(m, True, "again")["state"] == "installed"
+
+    busy, _ = register(fleet, 2)
+    fleet.admin.set_roles(busy, ["worker"])
+    assert fleet.admin.machine(busy)["state"] == "scheduled"
+    refused = error_of(lambda: fleet.admin.call("POST", f"/v1/machines/{busy}/reprovision"))
+    assert refused.status == 409 and "not installed" in refused.detail["message"]
+    missing = error_of(lambda: fleet.admin.call("POST", "/v1/machines/mnothere0000/reprovision"))
+    assert missing.status == 404

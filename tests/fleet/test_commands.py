@@ -241,6 +241,10 @@ def test_every_api_command_ends_an_api_error_the_same_way(cli: Cli, tmp_path: Pa
             (forged, ("machines",), 1, "GET /v1/machines?limit=1000: 401 invalid token"),
             (forged, ("status",), 1, "GET /v1/machines?limit=1000: 401 invalid token"),
             (admin, ("decommission", "nope"), 2, "POST /v1/machines/nope/decommission: 404"),
+            (admin, ("reprovision", machine), 2, f"POST /v1/machines/{machine}/reprovision: "
+             f"409 machine {machine} is scheduled, not installed"),
+            (reader, ("reprovision", machine), 1,
+             f"POST /v1/machines/{machine}/reprovision: 403"),
             (forged, ("audit",), 1, "GET /v1/audit?limit=50: 401 invalid token"),
             (admin, ("rollout", "status"), 2, "GET /v1/rollouts/current: 404 no rollout yet"),
             (admin, ("rollout", "plan", "9"), 2, "GET /v1/rollouts/plan/9: 404 no revision 9"),

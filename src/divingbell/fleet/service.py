@@ -230,6 +230,23 @@ def decommission(session: Session, machine: Machine, settings: FleetSettings, wh
     run_scheduler(session, settings)
 
 
+REPROVISIONABLE = frozenset({states.INSTALLED, states.FAILED, states.READY, states.UPDATING,
+                             states.DEGRADED})
+
+
+def reprovision(session: Session, machine: Machine, who: str) -> None:
+    """Install the machine again: back to `scheduled` (its roles, id, history and reports
+    kept), so its next network boot gets the discovery image and it takes an install grant like
+    a new machine. Its leases are released (the OS holding them is about to be replaced)."""
+    if machine.state not in REPROVISIONABLE:
+        raise states.TransitionError(machine.state, states.SCHEDULED)
+    wanted = states.SCHEDULED if machine.roles else states.DISCOVERED
+    transition(session, machine, wanted, f"reprovision requested by {who}")
+    audit(session, who, "reprovision", machine.id)
+    leases.release_all(session, INSTALL, machine.id)
+    leases.release_all(session, SLOT, machine.id)
+
+
 def lock_scheduler(session: Session) -> None:
     """Hold the scheduler row's lock until the transaction ends (FOR UPDATE on PostgreSQL; on
     SQLite the write transaction already excludes other writers). Taken first by every
