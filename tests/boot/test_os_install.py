@@ -16,7 +16,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -24,7 +24,7 @@ from divingbell.fleet.settings import FleetSettings
 from divingbell.image.discovery import DiscoveryImage
 from divingbell.image.os import OsImage, OsImageError, build_os_image
 from tests.boot.conftest import VmSupport
-from tests.boot.qemu import GUEST_HOST, VM, read_mbr_partitions, start_vm
+from tests.boot.qemu import GUEST_HOST, VM, missing_uefi_firmware, read_mbr_partitions, start_vm
 from tests.boot.test_network_boot import transitions, wait_until
 from tests.fleet.servers import ThreadServer, thread_server
 
@@ -88,15 +88,19 @@ def os_service(discovery_image: DiscoveryImage, os_image: OsImage,
         yield server
 
 
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
 def test_a_vm_goes_from_power_on_to_a_converged_debian_node(
-        os_service: ThreadServer, vm_support: VmSupport, tmp_path: Path) -> None:
+        os_service: ThreadServer, vm_support: VmSupport, tmp_path: Path,
+        firmware: Literal["bios", "uefi"]) -> None:
+    if firmware == "uefi" and (reason := missing_uefi_firmware()):
+        pytest.skip(reason)
     admin, reader = os_service.admin, os_service.reader
     first = admin.push_document(DOC.format(value=37, revision=1).encode())
     bootfile = f"http://{GUEST_HOST}:{os_service.port}/boot.ipxe"
     times: dict[str, float] = {}
     vm = start_vm(tmp_path, "node-os", mac="52:54:00:d1:0e:01",
                   uuid="8c6f0a1e-0000-4000-8000-00000000e001", bootfile=bootfile,
-                  disk_size="4G", kvm=vm_support.kvm, memory_mb=1024)
+                  disk_size="4G", kvm=vm_support.kvm, memory_mb=1024, firmware=firmware)
     vms: list[VM] = [vm]
 
     def machine_in(*states: str) -> Any:
@@ -121,7 +125,10 @@ def test_a_vm_goes_from_power_on_to_a_converged_debian_node(
         mark("installed")
         assert machine["state"] == "installed", machine["install_output"]
         output = machine["install_output"]
-        assert "installing GRUB for BIOS on /dev/sda" in output
+        if firmware == "bios":
+            assert "installing GRUB for BIOS on /dev/sda" in output
+        else:
+            assert "installing GRUB for UEFI" in output
         assert "installed Debian GNU/Linux 12 (bookworm) on /dev/sda" in output
 
         # The disk as the hook left it: an EFI system partition, then the root to the end.
@@ -141,6 +148,10 @@ def test_a_vm_goes_from_power_on_to_a_converged_debian_node(
         assert transitions(ready["history"]) == [
             "booting", "discovered", "scheduled", "installing", "installed", "ready"]
         assert len(reader.machines()) == 1, "the installed OS registered as a new machine"
+        # After the install the machine still network-booted first and was sent to its disk:
+        # the hook left the firmware's boot order alone (UEFI: no NVRAM entry of GRUB's).
+        assert any("boot from the local disk" in row["reason"]
+                   for row in ready["history"] if row["from"] == row["to"] == "installed")
         assert ready["up_to_date"] is True
         assert ready["revision"] == first["revision"]
         vm.wait_for("divingbell-proof: revision 1 net.ipv4.tcp_fin_timeout=37", 120,
@@ -155,7 +166,46 @@ def test_a_vm_goes_from_power_on_to_a_converged_debian_node(
         wait_until("the report of revision 2", lambda: (
             m := reader.machine(machine["id"]))["revision"] == second["revision"]
             and m["up_to_date"], 240, vms)
-        print(f"\nVM step times (s since power-on, {'KVM' if vm_support.kvm else 'TCG'}): "
+        print(f"\n{firmware} VM step times (s since power-on, "
+              f"{'KVM' if vm_support.kvm else 'TCG'}): "
               f"{times}")
+    finally:
+        vm.stop()
+
+
+def foreign_mbr() -> bytes:
+    """An MBR with one NTFS partition (type 0x07) from sector 2048: someone's data."""
+    sector = bytearray(512)
+    entry = bytes([0, 0xFE, 0xFF, 0xFF, 0x07, 0xFE, 0xFF, 0xFF]) \
+        + (2048).to_bytes(4, "little") + (8192).to_bytes(4, "little")
+    sector[446:462] = entry
+    sector[510:512] = b"\x55\xaa"
+    return bytes(sector)
+
+
+def test_a_disk_holding_foreign_partitions_is_refused_and_left_as_it_was(
+        os_service: ThreadServer, vm_support: VmSupport, tmp_path: Path) -> None:
+    reader = os_service.reader
+    bootfile = f"http://{GUEST_HOST}:{os_service.port}/boot.ipxe"
+    data = b"someone's data".ljust(512, b"\0")
+    vm = start_vm(tmp_path, "node-foreign", mac="52:54:00:d1:0e:02",
+                  uuid="8c6f0a1e-0000-4000-8000-00000000e002", bootfile=bootfile,
+                  disk_size="2G", kvm=vm_support.kvm, disk_sectors={0: foreign_mbr(),
+                                                                    2048: data})
+    try:
+        machine = wait_until("the install result", lambda: next(
+            (m for m in reader.machines() if m["uuid"] == vm.uuid
+             and m["state"] in ("installed", "failed")), None), 600, [vm])
+        failed = reader.machine(machine["id"])
+        assert failed["state"] == "failed"
+        assert "/dev/sda holds partitions that are not a divingbell install: refusing" \
+            in failed["install_output"]
+        assert "divingbell.wipe=1" in failed["install_output"]
+        vm.wait_for("install failure reported; this machine stays up", 60)
+        assert vm.disk is not None
+        with vm.disk.open("rb") as stream:
+            assert stream.read(512) == foreign_mbr()
+            stream.seek(2048 * 512)
+            assert stream.read(512) == data
     finally:
         vm.stop()
