@@ -158,14 +158,28 @@ def lock_constraints(source: Path) -> str:
     return "".join(re.sub(r"\[[^]]*\]", "", pin) + "\n" for pin in pins)
 
 
-def build_wheels(source: Path, into: Path, env: dict[str, str]) -> list[Path]:
+def build_wheels(source: Path, into: Path, env: dict[str, str],
+                 kept: Path | None = None) -> list[Path]:
+    """divingbell's wheel and its dependencies' in `into`. With `kept` (a directory of wheels
+    from earlier builds) pip first tries offline from there, so a rebuild asks no index; the
+    wheels it had to download are added to `kept`."""
     into.mkdir(parents=True, exist_ok=True)
-    constraints = into / "constraints.txt"
+    constraints = into.parent / f"{into.name}-constraints.txt"
     constraints.write_text(lock_constraints(source))
-    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
-          "-c", str(constraints), "-w", str(into), str(source)],
-         "building the divingbell wheels (pip wheel)", env=env)
-    return sorted(into.glob("*.whl"))
+    pip = [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
+           "-c", str(constraints), "-w", str(into)]
+    offline = kept is not None and kept.is_dir() and subprocess.run(
+        [*pip, "--no-index", "--find-links", str(kept), str(source)], capture_output=True,
+        env=env, stdin=subprocess.DEVNULL, check=False).returncode == 0
+    if not offline:
+        _run([*pip, str(source)], "building the divingbell wheels (pip wheel)", env=env)
+    wheels = sorted(into.glob("*.whl"))
+    if kept is not None and not offline:
+        kept.mkdir(parents=True, exist_ok=True)
+        for wheel in wheels:
+            if not wheel.name.startswith("divingbell-") and not (kept / wheel.name).exists():
+                shutil.copyfile(wheel, kept / wheel.name)
+    return wheels
 
 
 def pack(root: Path, tarball: Path, epoch: int) -> None:
@@ -315,7 +329,7 @@ def build_os_image(output: Path, *, release: str = DEFAULT_RELEASE,
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".build-") as scratch_name:
         scratch = Path(scratch_name)
-        wheels = build_wheels(source, scratch / "wheels", env)
+        wheels = build_wheels(source, scratch / "wheels", env, kept=cache / "wheels")
         key = _key(release, mirror, wanted, wheels, epoch)
         built = cache / f"os-{key}"
         reused = (built / MANIFEST).is_file()
