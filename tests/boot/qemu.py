@@ -132,10 +132,17 @@ def start_vm(workdir: Path, name: str, *, mac: str, uuid: str, bootfile: str,
              disk_size: str | None = None, disk_bus: str = "ide", serial: str | None = None,
              dhcp_hostname: str | None = None, dhcp_domain: str | None = None,
              kvm: bool = False, memory_mb: int = 512,
-             firmware: Literal["bios", "uefi"] = "bios") -> VM:
+             firmware: Literal["bios", "uefi"] = "bios",
+             disk_sectors: dict[int, bytes] | None = None) -> VM:
     """Start a VM that network-boots from `bootfile` (an http URL the guest can reach);
-    qemu's DHCP hands it `dhcp_hostname` and `dhcp_domain` when given."""
+    qemu's DHCP hands it `dhcp_hostname` and `dhcp_domain` when given; `disk_sectors` are
+    written to its disk (sector number: bytes) before it starts."""
     disk = create_disk(workdir / f"{name}.raw", disk_size) if disk_size else None
+    if disk is not None and disk_sectors:
+        with disk.open("r+b") as stream:
+            for sector, data in disk_sectors.items():
+                stream.seek(sector * 512)
+                stream.write(data)
     log = workdir / f"{name}.console.log"
     uefi = firmware == "uefi"
     # SeaBIOS takes the order from -boot; OVMF from bootindex (network first, then the disk).

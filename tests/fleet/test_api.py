@@ -549,3 +549,44 @@ def test_a_bad_page_request_is_a_422_naming_the_field(fleet: ThreadServer, query
         d["field"] for d in exc.detail]
     assert named == [field], exc.detail
     assert field in str(exc)
+
+
+def test_reprovision_sends_a_running_machine_back_to_install_as_itself(
+        fleet: ThreadServer) -> None:
+    m, client = register(fleet, 1)
+    fleet.admin.push_document(DOC.encode())
+    assert client.install_grant(m)["granted"] is True
+    assert client.install_result(m, True, "ok")["state"] == "installed"
+    config = client.config(m)
+    assert client.report(m, {"revision": 1, "etag": config.etag,
+                             "state": "converged"})["state"] == "ready"
+    denied = error_of(lambda: fleet.reader.call("POST", f"/v1/machines/{m}/reprovision"))
+    assert denied.status == 403
+
+    answer = fleet.admin.call("POST", f"/v1/machines/{m}/reprovision")
+    assert answer == {"id": m, "state": "booting"}
+    # The OS that held the credential is about to be replaced: it is revoked at once, and the
+    # next boot enrols the machine again as itself (docs/security.md).
+    assert error_of(lambda: client.config(m)).status == 401
+    machine = fleet.admin.machine(m)
+    assert machine["roles"] == ["control-plane"] and len(fleet.admin.machines()) == 1
+    last = machine["history"][-1]
+    assert (last["from"], last["to"]) == ("ready", "booting")
+    assert "reprovision requested by" in last["reason"]
+    assert machine["reports"], "the machine's reports are kept"
+    events = fleet.admin.call("GET", "/v1/audit")
+    assert (events[0]["action"], events[0]["subject"]) == ("reprovision", m)
+    # Its next boot enrols it again, as the same machine with its roles, and it installs again.
+    again, client = register(fleet, 1)
+    assert again == m and fleet.admin.machine(m)["state"] == "scheduled"
+    assert len(fleet.admin.machines()) == 1
+    assert client.install_grant(m)["granted"] is True
+    assert client.install_result(m, True, "again")["state"] == "installed"
+
+    busy, _ = register(fleet, 2)
+    fleet.admin.set_roles(busy, ["worker"])
+    assert fleet.admin.machine(busy)["state"] == "scheduled"
+    refused = error_of(lambda: fleet.admin.call("POST", f"/v1/machines/{busy}/reprovision"))
+    assert refused.status == 409 and "not installed" in refused.detail["message"]
+    missing = error_of(lambda: fleet.admin.call("POST", "/v1/machines/mnothere0000/reprovision"))
+    assert missing.status == 404

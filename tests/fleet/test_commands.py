@@ -245,6 +245,10 @@ def test_every_api_command_ends_an_api_error_the_same_way(cli: Cli, tmp_path: Pa
              f"POST /v1/machines/{machine}/reenroll: 403 needs a admin token"),
             (admin, ("accept", machine, "--hostname", "Bad_Name"), 2,
              f"PUT /v1/machines/{machine}/hostname: 422"),
+            (admin, ("reprovision", machine), 2, f"POST /v1/machines/{machine}/reprovision: "
+             f"409 machine {machine} is scheduled, not installed"),
+            (reader, ("reprovision", machine), 1,
+             f"POST /v1/machines/{machine}/reprovision: 403"),
             (forged, ("audit",), 1, "GET /v1/audit?limit=50: 401 invalid token"),
             (admin, ("rollout", "status"), 2, "GET /v1/rollouts/current: 404 no rollout yet"),
             (admin, ("rollout", "plan", "9"), 2, "GET /v1/rollouts/plan/9: 404 no revision 9"),

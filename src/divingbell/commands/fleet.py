@@ -660,6 +660,23 @@ def accept(server: str, token_file: Path | None, ca_file: str | None, machine_id
 
 @fleet.command()
 @_api_options
+@click.argument("machine_id")
+def reprovision(server: str, token_file: Path | None, ca_file: str | None,
+                machine_id: str) -> None:
+    """Install MACHINE_ID again on its next boot, as the same machine.
+
+    The machine goes back to `scheduled` (its id, roles, history and reports are kept; the
+    action is in `divingbell fleet audit`). Its next network boot gets the discovery image,
+    which takes an install grant and runs the install hook again (the default hook overwrites
+    its own previous install). Power-cycle the machine, or reboot it, to start.
+    """
+    data = _call(_client(server, token_file, ca_file).call,
+                 "POST", f"/v1/machines/{machine_id}/reprovision")
+    click.echo(f"{data['id']}: {data['state']} (installs again on its next network boot)")
+
+
+@fleet.command()
+@_api_options
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @_format_option
 def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,

@@ -19,7 +19,7 @@ from divingbell.image.discovery import (
 
 @click.group()
 def image() -> None:
-    """Build boot images (the network-boot discovery image)."""
+    """Build boot images (the network-boot discovery image, the OS the install writes)."""
 
 
 @image.command()
@@ -76,3 +76,57 @@ def discovery(output: Path, cache: Path, kernel_package: str, modules: tuple[str
     click.echo(f"built in {built.seconds:.1f} s"
                f"{' (kernel reused from the cache)' if built.reused_kernel_bundle else ''}; "
                f"manifest {built.manifest}")
+
+
+@image.command("os")
+@click.option("-o", "--output", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for root.tar.gz, root.tar.gz.sha256 and os.json (created if "
+              "missing). Put it under the assets directory as `os`, e.g. ASSETS/os: the default "
+              "install hook fetches /v1/assets/os/root.tar.gz.")
+@click.option("--release", default="bookworm", show_default=True,
+              help="The Debian release to debootstrap.")
+@click.option("--packages", "packages", multiple=True, metavar="NAME[,NAME...]",
+              help="More Debian packages to install (repeat, or separate with commas). Always "
+              "installed: the kernel, GRUB for BIOS and UEFI, systemd, openssh-server, python3.")
+@click.option("--mirror", default="http://deb.debian.org/debian", show_default=True,
+              help="The Debian mirror (also written to the image's sources.list).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/var/cache/divingbell/os"), show_default=True,
+              help="Keeps the .debs and finished builds: the same inputs are not built twice.")
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Output for people or for scripts.")
+def os_image(output: Path, release: str, packages: tuple[str, ...], mirror: str, cache: Path,
+             output_format: str) -> None:
+    """Build the operating system the default install hook writes to a machine's disk.
+
+    A Debian root (debootstrap from --mirror) with its kernel, GRUB for BIOS and UEFI,
+    systemd, openssh-server and divingbell in /opt/divingbell with the fleet agent's unit
+    enabled, packed as a gzip'd tarball with its SHA256. Machines installed from it boot their
+    disk and their agent reports to the fleet service as the same machine. Run as root
+    (debootstrap, chroot). The same inputs give the same bytes (SOURCE_DATE_EPOCH sets the
+    clamped file times); a build is cached by its inputs.
+
+    \b
+    Example:
+      divingbell image discovery -o /srv/divingbell/assets
+      divingbell image os -o /srv/divingbell/assets/os
+      divingbell serve --assets /srv/divingbell/assets
+    """
+    from divingbell.image.os import OsImageError, build_os_image
+
+    names = [name for group in packages for name in group.split(",") if name]
+    try:
+        built = build_os_image(output, release=release, packages=names, mirror=mirror,
+                               cache=cache)
+    except OsImageError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if output_format == "json":
+        click.echo(json.dumps(built.summary(), indent=2))
+        return
+    click.echo(f"image   {built.tarball} ({built.size / 1e6:.1f} MB, sha256 {built.sha256})")
+    click.echo(f"from    Debian {release}, {len(built.packages)} packages, "
+               f"Linux {built.kernel_version}")
+    click.echo(f"{'reused from the cache' if built.reused else 'built'} in "
+               f"{built.seconds:.1f} s")

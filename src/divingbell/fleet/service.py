@@ -359,6 +359,25 @@ def _revoke(session: Session, machine: Machine) -> None:
     leases.release_all(session, SLOT, machine.id)
 
 
+REPROVISIONABLE = frozenset({states.INSTALLED, states.FAILED, states.READY, states.UPDATING,
+                             states.DEGRADED})
+
+
+def reprovision(session: Session, machine: Machine, who: str) -> None:
+    """Install the machine again, as itself: an operator's re-enrolment of an installed (or
+    failed) machine. Its credential is revoked (the OS holding it is about to be replaced) and
+    its leases released; it is `booting`, so its next network boot gets a boot token bound to
+    it, enrols keeping its id, roles, history and reports, and, having roles, is scheduled and
+    takes an install grant like a new machine."""
+    lock_scheduler(session)
+    if machine.state not in REPROVISIONABLE:
+        raise states.TransitionError(machine.state, states.BOOTING)
+    audit(session, who, "reprovision", machine.id)
+    transition(session, machine, states.BOOTING, f"reprovision requested by {who}")
+    _revoke(session, machine)
+    session.flush()
+
+
 def lock_scheduler(session: Session) -> None:
     """Hold the scheduler row's lock until the transaction ends (FOR UPDATE on PostgreSQL; on
     SQLite the write transaction already excludes other writers). Taken first by every

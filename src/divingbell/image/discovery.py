@@ -35,11 +35,14 @@ from divingbell.image.efi import esp_head
 DEFAULT_CACHE = Path("/var/cache/divingbell/image")
 KERNEL_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-# Drivers for the NICs and disk controllers of common virtual machines and servers. Debian builds
-# them as modules; modprobe pulls in what each depends on (libata, scsi_mod, virtio_ring, ...).
+# Drivers for the NICs and disk controllers of common virtual machines and servers, and the
+# filesystems the default install hook writes (ext4 root, FAT EFI system partition). Debian builds
+# them as modules; modprobe pulls in what each depends on (libata, scsi_mod, virtio_ring, jbd2...),
+# but not soft dependencies: ext4 needs crc32c through the crypto API, hence crc32c_generic.
 DEFAULT_MODULES = (
     "e1000", "e1000e", "igb", "ixgbe", "virtio_net", "virtio_pci", "virtio_blk", "virtio_scsi",
     "ata_piix", "ahci", "sd_mod", "nvme",
+    "ext4", "crc32c_generic", "vfat", "nls_cp437", "nls_ascii", "nls_utf8",
 )
 KERNEL_CMDLINE = "console=tty0 console=ttyS0,115200n8 panic=10 quiet"
 # The files in the initramfs that are ours (src/divingbell/image/initramfs/).
