@@ -15,6 +15,7 @@ import bcrypt
 import pytest
 
 from divingbell.fleet.settings import FleetSettings
+from tests.fleet.conftest import postgres  # noqa: F401  (the session's PostgreSQL, shared)
 from tests.fleet.servers import ThreadServer, free_port, thread_server, wait_for
 from tests.power.faults import HttpFaultProxy, UdpFaultRelay
 
@@ -122,3 +123,11 @@ def power_fleet(tmp_path: Path) -> Iterator[ThreadServer]:
     """A fleet on SQLite whose secrets key is generated beside the store."""
     with thread_server(power_settings(f"sqlite:///{tmp_path / 'store' / 'fleet.db'}")) as fleet:
         yield fleet
+
+
+@pytest.fixture
+def postgres_url_or_skip(request: pytest.FixtureRequest) -> str:
+    from tests.fleet.servers import PostgresCluster
+
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.create_database()

@@ -152,12 +152,22 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               "its maintenance.reboot.concurrency decides; never the claimer).")
 @click.option("--slot-ttl-max", default="4h", show_default=True, metavar="DURATION",
               help="The longest a slot claim or renewal may hold a slot for.")
+@click.option("--secrets-key-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The key BMC credentials are encrypted with (0600; shared by every "
+              "replica). Default with an SQLite store: fleet-secrets.key beside it, generated "
+              "on first start. Without one on PostgreSQL, BMCs cannot be set.")
+@click.option("--power-interval", type=click.FloatRange(0, 60), default=1.0,
+              show_default=True, metavar="SECONDS",
+              help="Requests to one BMC at least this far apart.")
+@click.option("--power-timeout", default="2m", show_default=True, metavar="DURATION",
+              help="A power change the BMC has not confirmed by then is reported as failed.")
 @bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
           workers: int, no_migrate: bool, log_level: str, assets: str | None,
           public_url: str | None, boot_profiles: str | None, boot_token_ttl: str,
-          slot_concurrency: int, slot_ttl_max: str, **bootstrap_settings: Any) -> None:
+          slot_concurrency: int, slot_ttl_max: str, secrets_key_file: str | None,
+          power_interval: float, power_timeout: str, **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -189,6 +199,10 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--slot-ttl-max") from None
     boot_ttl = _check_boot_options(public_url, boot_profiles, boot_token_ttl)
+    try:
+        power_seconds = parse_duration(power_timeout).total_seconds()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--power-timeout") from None
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = FleetSettings(db_url=db_url, control_plane_size=int(control_plane_size),
@@ -197,8 +211,11 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              assets_dir=assets, public_url=public_url,
                              boot_profiles=boot_profiles, boot_token_ttl_seconds=boot_ttl,
                              slot_concurrency=slot_concurrency,
-                             slot_ttl_max_seconds=slot_ttl, **bootstrap_settings)
+                             slot_ttl_max_seconds=slot_ttl, secrets_key_file=secrets_key_file,
+                             power_min_interval_seconds=power_interval,
+                             power_timeout_seconds=power_seconds, **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
+    _check_secrets_key(secrets_key_file, db_url)
     common: dict[str, Any] = {"host": host, "port": port, "log_config": None,
                               "access_log": False, "ssl_certfile": tls_cert,
                               "ssl_keyfile": tls_key, "timeout_graceful_shutdown": 5,
@@ -216,6 +233,18 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
 
     os.environ[SETTINGS_ENV] = json.dumps(asdict(replace(settings, migrate_at_start=False)))
     uvicorn.run("divingbell.fleet.app:app_from_env", factory=True, workers=workers, **common)
+
+
+def _check_secrets_key(key_file: str | None, db_url: str) -> None:
+    """The BMC credentials' key, opened (or generated) before the service starts: a bad key
+    file stops `serve` with one line, and the generation is said on standard error."""
+    from divingbell.power.secrets import SecretsError, open_key
+
+    try:
+        _, note = open_key(key_file, db_url)
+    except (SecretsError, OSError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--secrets-key-file") from None
+    click.echo(note, err=True)
 
 
 def _check_boot_options(public_url: str | None, boot_profiles: str | None,
@@ -617,6 +646,128 @@ def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,
     click.echo(table(["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
                      [[r["at"], r["actor"], r["action"], r["subject"], r["detail"]]
                       for r in rows]))
+
+
+@fleet.command()
+@_api_options
+@click.argument("machine_id")
+@click.option("--redfish", "redfish_url", metavar="URL",
+              help="The BMC's Redfish system URL (https://bmc/redfish/v1/Systems/1), or its "
+              "root when it manages one system.")
+@click.option("--ipmi", "ipmi_address", metavar="HOST[:PORT]",
+              help="The BMC's IPMI 2.0 address (port 623 by default; IPMI has no TLS: keep "
+              "the BMC network private).")
+@click.option("--username", help="The BMC user.")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file (0600) holding the BMC user's password (first line).")
+@click.option("--bmc-ca-file", "bmc_ca", type=click.Path(exists=True, dir_okay=False,
+                                                     path_type=Path),
+              help="Verify the BMC's certificate against this CA (PEM) instead of the "
+              "system's trust store.")
+@click.option("--insecure", is_flag=True,
+              help="Do not verify the BMC's TLS certificate (recorded in the audit log).")
+@click.option("--remove", is_flag=True, help="Forget the machine's BMC.")
+@_format_option
+def bmc(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+        redfish_url: str | None, ipmi_address: str | None, username: str | None,
+        password_file: Path | None, bmc_ca: Path | None, insecure: bool, remove: bool,
+        output_format: str) -> None:
+    """Show or set a machine's BMC (admin to set). Its credentials are stored encrypted with
+    the service's secrets key and never shown again.
+
+    \b
+      divingbell fleet bmc m0123 --redfish https://10.0.9.11/redfish/v1/Systems/1 \\
+          --username admin --password-file bmc.pass --bmc-ca-file bmc-ca.pem
+      divingbell fleet bmc m0123 --ipmi 10.0.9.12 --username admin --password-file bmc.pass
+      divingbell fleet bmc m0123          # show it (never the credentials)
+    """
+    from divingbell.fleet.client import read_token as read_first_line
+
+    client = _client(server, token_file, ca_file)
+    path = f"/v1/machines/{machine_id}/bmc"
+    if remove:
+        _call(client.call, "DELETE", path)
+        click.echo(f"{machine_id}: BMC removed")
+        return
+    if redfish_url and ipmi_address:
+        raise click.UsageError("give --redfish or --ipmi, not both")
+    if redfish_url or ipmi_address:
+        if not username or password_file is None:
+            raise click.UsageError("--username and --password-file are needed with "
+                                   "--redfish or --ipmi")
+        try:
+            password = read_first_line(password_file)
+        except FleetApiError as exc:
+            raise click.BadParameter(str(exc).replace("token file", "password file"),
+                                     param_hint="--password-file") from None
+        body: dict[str, Any] = {
+            "protocol": "redfish" if redfish_url else "ipmi",
+            "address": redfish_url or ipmi_address, "username": username,
+            "password": password, "insecure": insecure}
+        if bmc_ca is not None:
+            body["ca_pem"] = bmc_ca.read_text()
+        data = _call(client.call, "PUT", path, body)
+    elif username or password_file or bmc_ca or insecure:
+        raise click.UsageError("--username, --password-file, --bmc-ca-file and --insecure go "
+                               "with --redfish or --ipmi")
+    else:
+        data = _call(client.call, "GET", path)
+    if output_format == "json":
+        _echo_json(data)
+        return
+    trust = "" if data["protocol"] == "ipmi" else (
+        "; TLS NOT verified" if not data["verify_tls"] else
+        "; TLS verified" + (" with its CA" if data["ca"] else ""))
+    click.echo(f"{data['machine_id']}: {data['protocol']} {data['address']}{trust}; "
+               f"credentials {data['credentials']}; power {data['power_state']}"
+               + (f" at {data['power_checked_at']}" if data["power_checked_at"] else ""))
+
+
+@fleet.command("power")
+@_api_options
+@click.argument("machine_id")
+@click.argument("action", type=click.Choice(["status", "on", "off", "soft-off", "cycle"]))
+@click.option("--boot-once", type=click.Choice(["pxe", "disk"]),
+              help="Boot from the network (pxe) or the disk at the next boot only, set before "
+              "the power action.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(1, 3600), default=600,
+              show_default=True, metavar="SECONDS",
+              help="How long to wait for the service's answer.")
+@_format_option
+def power_cmd(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+              action: str, boot_once: str | None, wait_seconds: float,
+              output_format: str) -> None:
+    """Power a machine through its BMC, with a confirmed outcome (admin; status: reader).
+
+    Nothing is sent unless the BMC reports the same state twice in a row; `on` is sent only
+    from a confirmed off; `cycle` is off, confirmed, then on, confirmed; each change is read
+    back until the BMC confirms it or the service's --power-timeout passes. Exit 0 when
+    confirmed, 1 when not (the answer says what was sent and what was read).
+
+    \b
+      divingbell fleet power m0123 status
+      divingbell fleet power m0123 cycle --boot-once pxe
+    """
+    client = _client(server, token_file, ca_file)
+    client.timeout = wait_seconds
+    path = f"/v1/machines/{machine_id}/power"
+    try:
+        if action == "status" and boot_once is None:
+            data = client.call("GET", path)
+        else:
+            data = client.call("POST", path, {"action": action, "boot_once": boot_once})
+    except FleetApiError as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        if detail.get("error") != "bmc-unconfirmed":
+            _fail(exc)
+        data = detail
+    if output_format == "json":
+        _echo_json(data)
+    else:
+        sent = ", ".join(data["actions"]) or "nothing"
+        click.echo(f"{machine_id}: {data['state']} (sent: {sent}): {data['message']}",
+                   err=not data["ok"])
+    sys.exit(0 if data["ok"] else 1)
 
 
 def _add_rollout_group() -> None:
