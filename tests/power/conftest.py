@@ -4,6 +4,7 @@ fleet service whose power settings suit a test (short intervals and timeouts).""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -74,6 +75,42 @@ def redfish(tmp_path: Path) -> Iterator[Emulator]:
     wait_for(up, timeout=30)
     try:
         yield emulator
+    finally:
+        emulator.stop()
+
+
+@dataclass
+class TlsRedfish:
+    emulator: Emulator
+    url: str
+    ca_pem: str
+
+
+@pytest.fixture
+def redfish_tls(tmp_path: Path) -> Iterator[TlsRedfish]:
+    """The Redfish emulator serving HTTPS with a certificate from a scratch CA."""
+    from tests.policy.pki import ScratchCa
+
+    ca = ScratchCa.create("BMC test CA")
+    cert, key = ca.server_cert(tmp_path, "bmc")
+    auth = tmp_path / "htpasswd"
+    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt()).decode()}\n")
+    port = free_port()
+    log = tmp_path / "redfish-tls.log"
+    emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
+                                str(tmp_path / "state"), str(cert), str(key)], log), port, log)
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            assert emulator.process.poll() is None, log.read_text()
+            return False
+
+    wait_for(up, timeout=30)
+    try:
+        yield TlsRedfish(emulator, f"https://127.0.0.1:{port}", ca.pem.decode())
     finally:
         emulator.stop()
 

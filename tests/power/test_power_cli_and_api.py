@@ -15,7 +15,7 @@ from divingbell.power.secrets import KEY_FILE_NAME, Credentials, SecretBox, open
 from tests.conftest import Cli
 from tests.fleet.servers import ThreadServer, thread_server
 from tests.fleet.test_api import error_of, register
-from tests.power.conftest import PASSWORD, USER, Emulator, power_settings
+from tests.power.conftest import PASSWORD, USER, Emulator, TlsRedfish, power_settings
 from tests.power.faults import UdpFaultRelay
 
 
@@ -147,3 +147,30 @@ def test_serve_says_where_the_key_is_and_refuses_a_readable_one(cli: Cli, tmp_pa
     refused = cli("serve", "--db", f"sqlite:///{tmp_path / 'fleet.db'}",
                   "--secrets-key-file", key, "--listen", "127.0.0.1:1")
     assert refused.returncode == 2 and "readable by others" in refused.stderr
+
+
+def test_redfish_tls_is_verified_unless_told_otherwise(power_fleet: ThreadServer,
+                                                       redfish_tls: TlsRedfish) -> None:
+    machine, _ = register(power_fleet, 1)
+    path = f"/v1/machines/{machine}/bmc"
+    base = {"protocol": "redfish", "address": redfish_tls.url, "username": USER,
+            "password": PASSWORD}
+    client = power_fleet.admin
+    client.timeout = 60
+    power_fleet.admin.call("PUT", path, base)
+    untrusted = error_of(lambda: client.call("POST", f"/v1/machines/{machine}/power",
+                                             {"action": "on"}))
+    assert untrusted.status == 502 and "CERTIFICATE_VERIFY_FAILED" in str(untrusted)
+    assert untrusted.detail["actions"] == []
+
+    shown = power_fleet.admin.call("PUT", path, {**base, "ca_pem": redfish_tls.ca_pem})
+    assert shown["ca"] is True and shown["verify_tls"] is True
+    assert client.call("GET", f"/v1/machines/{machine}/power")["state"] == "off"
+
+    shown = power_fleet.admin.call("PUT", path, {**base, "insecure": True})
+    assert shown["verify_tls"] is False
+    assert client.call("GET", f"/v1/machines/{machine}/power")["state"] == "off"
+    audit = [e for e in power_fleet.admin.call("GET", "/v1/audit?limit=20")
+             if e["action"] == "bmc"]
+    assert "TLS NOT verified (insecure)" in audit[0]["detail"]
+    assert "TLS verified with its CA" in audit[1]["detail"]
