@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,28 @@ def test_wrong_credentials_are_a_clear_refusal(
     detail = refused(power_fleet, machine, "off")
     assert "401" in detail["message"] and detail["actions"] == []
     assert "wrong-password" not in json.dumps(detail)
+
+
+def test_the_machine_page_shows_the_last_confirmed_power_state(
+        power_fleet: ThreadServer, ipmi: Emulator, udp_relay: UdpFaultRelay) -> None:
+    from tests.fleet.test_ui import CHROMIUM, FLAGS, login, new_page
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"needs Debian's chromium at {CHROMIUM}")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    machine, _ = register(power_fleet, 1)
+    other, _ = register(power_fleet, 2)
+    set_bmc(power_fleet, machine, "ipmi", f"127.0.0.1:{udp_relay.port}")
+    power(power_fleet, machine, "on")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = new_page(browser)
+            login(page, power_fleet, power_fleet.reader_token)
+            page.goto(f"{power_fleet.url}/ui/machines/{machine}")
+            page.wait_for_selector("#machine-facts .card:has-text('Power') .badge.on")
+            assert "ipmi" in page.inner_text("#machine-facts")
+            page.goto(f"{power_fleet.url}/ui/machines/{other}")
+            page.wait_for_selector("#machine-facts .card:has-text('no BMC')")
+        finally:
+            browser.close()

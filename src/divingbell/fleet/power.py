@@ -103,14 +103,14 @@ def policy_of(settings: FleetSettings) -> control.Policy:
                           timeout=settings.power_timeout_seconds)
 
 
-def power(db: Database, settings: FleetSettings, box: SecretBox | None, machine_id: str,
-          verb: str, boot_once: str | None, who: str) -> control.Outcome:
+def power(db: Database, settings: FleetSettings, box_or_none: SecretBox | None,
+          machine_id: str, verb: str, boot_once: str | None, who: str) -> control.Outcome:
     """Run one power verb against a machine's BMC, holding its lease; audit the outcome."""
-    box = require_box(box)
     holder = f"{who[:80]}/{secrets.token_hex(4)}"
     now = utcnow()
     with db.write() as session:
-        row = get_bmc(session, machine_id)
+        row = get_bmc(session, machine_id)  # 404 (no machine, no BMC) before 503 (no key)
+        box = require_box(box_or_none)
         held = leases.claim(session, LEASE_KIND, machine_id, 1, holder, lease_ttl(settings),
                             now)
         if not isinstance(held, leases.Held):

@@ -145,6 +145,11 @@ async function renderMachine() {
   document.getElementById("machine-name").textContent = row.name;
   const facts = [["State", badge(m.state)], ["Role", row.role], ["Rack", row.rack], ["Revision", row.revision],
     ["Up to date", row.up_to_date], ["Last report", age(m.last_report_at)], ["UUID", m.uuid || "–"], ["Boot id", m.boot_id || "–"]];
+  // The BMC's last confirmed power state (from the store: the page never queries the BMC).
+  try {
+    const b = await api("/v1/machines/" + encodeURIComponent(id) + "/bmc");
+    facts.push(["Power", el("span", {}, badge(b.power_state), ` ${b.protocol}, ${age(b.power_checked_at)}`)]);
+  } catch (e) { facts.push(["Power", "no BMC"]); }
   replaceRows(document.getElementById("machine-facts"), facts.map(([k, v]) => el("div", { class: "card" }, el("h2", {}, k), el("p", {}, v))));
   replaceRows(document.getElementById("interfaces"), (m.interfaces || []).map((i) => el("tr", {},
     el("td", {}, i.name), el("td", {}, i.mac), el("td", {}, (i.addresses || []).map((a) => `${a.address}/${a.prefix}`).join(" ")), el("td", {}, i.gateway || "–"))));
