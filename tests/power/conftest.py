@@ -23,6 +23,7 @@ from tests.power.faults import HttpFaultProxy, UdpFaultRelay
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "bmcadmin", "S3cret-bmc-pass-7f1e"
 """Distinctive enough to grep every output, log and export for."""
+SYSTEM_UUID = "27946b59-9e44-4fa7-8e91-f3527a1ef094"
 
 
 @dataclass
@@ -71,6 +72,38 @@ def redfish(tmp_path: Path) -> Iterator[Emulator]:
             assert emulator.process.poll() is None, log.read_text()
             return False
         return True
+
+    wait_for(up, timeout=30)
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def redfish_qemu(tmp_path: Path) -> Iterator[Emulator]:
+    """The Redfish emulator whose system is a real qemu VM (QemuDriver in redfish_bmc.py)."""
+    import shutil
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs qemu-system-x86_64 (.ci/run installs it)")
+    auth = tmp_path / "htpasswd"
+    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt()).decode()}\n")
+    port = free_port()
+    workdir = tmp_path / "vm"
+    workdir.mkdir()
+    log = tmp_path / "redfish-qemu.log"
+    emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
+                                str(tmp_path / "state"), "--qemu", str(workdir)], log),
+                        port, log, workdir / f"{SYSTEM_UUID}.console.log")
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            assert emulator.process.poll() is None, log.read_text()
+            return False
 
     wait_for(up, timeout=30)
     try:

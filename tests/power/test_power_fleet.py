@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from divingbell.fleet.backup import export
+from divingbell.fleet.client import FleetApiError
 from divingbell.fleet.db import Database
-from tests.fleet.servers import ThreadServer
+from tests.fleet.servers import ThreadServer, wait_for
 from tests.fleet.test_api import error_of, register
 from tests.power.conftest import PASSWORD, USER, Emulator
 from tests.power.faults import HttpFaultProxy, UdpFaultRelay
@@ -236,3 +237,34 @@ def test_the_machine_page_shows_the_last_confirmed_power_state(
             page.wait_for_selector("#machine-facts .card:has-text('no BMC')")
         finally:
             browser.close()
+
+
+def test_a_qemu_vm_is_network_booted_and_switched_off_through_redfish(
+        power_fleet: ThreadServer, redfish_qemu: Emulator) -> None:
+    """The emulator's system is a real qemu VM: powered off (no process), it is powered on
+    through its BMC with PXE once and boots from the network (iPXE on its console); a soft-off
+    it ignores (no OS) is reported unconfirmed after the timeout, nothing more sent; a hard
+    off ends the process, confirmed."""
+    console = redfish_qemu.state_file
+    assert console is not None
+    machine, _ = register(power_fleet, 1)
+    set_bmc(power_fleet, machine, "redfish", f"http://127.0.0.1:{redfish_qemu.port}{SYSTEM}")
+    assert power(power_fleet, machine, "status")["state"] == "off" and not console.exists()
+
+    try:
+        on = power(power_fleet, machine, "on", boot_once="pxe")
+    except FleetApiError as exc:  # say why: qemu's own words, and the emulator's
+        seen = console.read_text(errors="replace") if console.exists() else "(no qemu started)"
+        raise AssertionError(f"{exc}\nconsole: {seen[-2000:]}\nemulator: "
+                             f"{redfish_qemu.log.read_text(errors='replace')[-3000:]}") from None
+    assert on["ok"] and on["actions"] == ["boot-once pxe", "on"]
+    wait_for(lambda: "iPXE" in console.read_text(errors="replace"), timeout=60)
+    assert "boot from network" in console.read_text()
+
+    ignored = refused(power_fleet, machine, "soft-off")
+    assert ignored["actions"] == ["soft-off"] and "off not confirmed" in ignored["message"]
+    assert power(power_fleet, machine, "status")["state"] == "on"  # still running
+
+    off = power(power_fleet, machine, "off")
+    assert off["ok"] and off["state"] == "off"
+    assert power(power_fleet, machine, "status")["state"] == "off"
