@@ -56,7 +56,7 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
 @pytest.fixture
 def redfish(tmp_path: Path) -> Iterator[Emulator]:
     auth = tmp_path / "htpasswd"
-    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt()).decode()}\n")
+    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
     port = free_port()
     log = tmp_path / "redfish.log"
     emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
@@ -88,7 +88,7 @@ def redfish_qemu(tmp_path: Path) -> Iterator[Emulator]:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("needs qemu-system-x86_64 (.ci/run installs it)")
     auth = tmp_path / "htpasswd"
-    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt()).decode()}\n")
+    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
     port = free_port()
     workdir = tmp_path / "vm"
     workdir.mkdir()
@@ -127,7 +127,7 @@ def redfish_tls(tmp_path: Path) -> Iterator[TlsRedfish]:
     ca = ScratchCa.create("BMC test CA")
     cert, key = ca.server_cert(tmp_path, "bmc")
     auth = tmp_path / "htpasswd"
-    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt()).decode()}\n")
+    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
     port = free_port()
     log = tmp_path / "redfish-tls.log"
     emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),

@@ -22,6 +22,9 @@ class HttpFaults:
     """Accept requests and never answer (the client times out)."""
     stop_after: int | None = None
     """Forward this many requests, then hang on every later one (a BMC that froze)."""
+    silent_after_commands: int | None = None
+    """Forward this many POST/PATCH commands, then hang on every later request."""
+    commands: int = 0
     lie_once: str | None = None
     """Rewrite the PowerState of the next system read to this value, once."""
     forwarded: int = 0
@@ -51,7 +54,9 @@ class HttpFaultProxy:
                 faults.requests.append((self.command, self.path))
                 faults.bodies.append(body or b"")
                 if faults.hang or (faults.stop_after is not None
-                                   and faults.forwarded >= faults.stop_after):
+                                   and faults.forwarded >= faults.stop_after) or (
+                        faults.silent_after_commands is not None
+                        and faults.commands >= faults.silent_after_commands):
                     proxy.stopping.wait(60)
                     self.close_connection = True
                     return
@@ -61,6 +66,8 @@ class HttpFaultProxy:
                                  {"Retry-After": "1"})
                     return
                 faults.forwarded += 1
+                if self.command in ("POST", "PATCH"):
+                    faults.commands += 1
                 upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("host", "connection")}

@@ -16,10 +16,12 @@ ignores it, like a hung one), and the power state is whether the process runs.
 from __future__ import annotations
 
 import atexit
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,10 @@ class _OneSecond:
 
 def qemu_driver(workdir: Path) -> Any:
     from sushy_tools.emulator.resources.systems import fakedriver
+
+    # Monitor sockets in a short directory: a UNIX socket path must be under 108 bytes, and
+    # pytest's temporary directories can be longer.
+    sockets = Path(tempfile.mkdtemp(prefix="bmc-"))
 
     class QemuDriver(fakedriver.FakeDriver):  # type: ignore[misc]
         processes: dict[str, subprocess.Popen[bytes]] = {}  # noqa: RUF012 (one per system)
@@ -53,7 +59,7 @@ def qemu_driver(workdir: Path) -> Any:
                 self._kill(uuid)
             elif state == "GracefulShutdown" and self._running(identity):
                 with socket.socket(socket.AF_UNIX) as monitor:
-                    monitor.connect(str(workdir / f"{uuid}.monitor"))
+                    monitor.connect(str(sockets / f"{uuid[:8]}.monitor"))
                     monitor.sendall(b"system_powerdown\n")
             elif "Restart" in state:
                 self._kill(uuid)
@@ -72,7 +78,7 @@ def qemu_driver(workdir: Path) -> Any:
                  "-uuid", uuid, "-accel", "tcg",
                  "-netdev", "user,id=n0", "-device", f"e1000,netdev=n0,mac={QEMU_MAC}",
                  "-boot", "n" if network else "c",
-                 "-monitor", f"unix:{workdir / f'{uuid}.monitor'},server,nowait"],
+                 "-monitor", f"unix:{sockets / f'{uuid[:8]}.monitor'},server,nowait"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
         def _kill(self, uuid: str) -> None:
@@ -83,6 +89,7 @@ def qemu_driver(workdir: Path) -> Any:
     def kill_all() -> None:
         for process in QemuDriver.processes.values():
             process.kill()
+        shutil.rmtree(sockets, ignore_errors=True)
 
     def terminated(*_: Any) -> None:
         kill_all()

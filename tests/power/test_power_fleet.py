@@ -165,9 +165,9 @@ def test_a_bmc_that_stops_answering_mid_change_is_reported_not_retried(
     machine, _ = register(power_fleet, 1)
     set_bmc(power_fleet, machine, "redfish", http_proxy.url + SYSTEM)
     power(power_fleet, machine, "on")
-    # Connect (root, systems), two confirming reads, the off: then silence.
-    http_proxy.faults.forwarded = 0
-    http_proxy.faults.stop_after = 5
+    # The BMC takes the off, then answers nothing more.
+    http_proxy.faults.commands = 0
+    http_proxy.faults.silent_after_commands = 1
     detail = refused(power_fleet, machine, "cycle")
     assert detail["actions"] == ["off"], detail  # never "on" after an unconfirmed off
     assert "off not confirmed" in detail["message"] and "nothing more sent" in detail["message"]
