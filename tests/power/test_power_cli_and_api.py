@@ -174,3 +174,22 @@ def test_redfish_tls_is_verified_unless_told_otherwise(power_fleet: ThreadServer
              if e["action"] == "bmc"]
     assert "TLS NOT verified (insecure)" in audit[0]["detail"]
     assert "TLS verified with its CA" in audit[1]["detail"]
+
+
+def test_decommission_can_power_the_machine_off_after(
+        power_fleet: ThreadServer, ipmi: Emulator, udp_relay: UdpFaultRelay, cli: Cli) -> None:
+    machine, _ = register(power_fleet, 1)
+    power_fleet.admin.call("PUT", f"/v1/machines/{machine}/bmc", {
+        "protocol": "ipmi", "address": f"127.0.0.1:{udp_relay.port}", "username": USER,
+        "password": PASSWORD})
+    client = power_fleet.admin
+    client.timeout = 60
+    client.call("POST", f"/v1/machines/{machine}/power", {"action": "on"})
+    result = cli("fleet", "decommission", machine, "--power-off", "--server", power_fleet.url,
+                 env={"DIVINGBELL_TOKEN": power_fleet.admin_token})
+    assert result.returncode == 0, result.stderr
+    assert "decommissioned" in result.stdout and "power off" in result.stdout
+    assert ipmi.state()["commands"][-1] == "off" and ipmi.state()["power"] == "off"
+    actions = [e["action"] for e in power_fleet.admin.call("GET", "/v1/audit?limit=10")
+               if e["subject"] == machine]
+    assert actions[:2] == ["power off", "decommission"]

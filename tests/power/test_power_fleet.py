@@ -16,6 +16,7 @@ import pytest
 from divingbell.fleet.backup import export
 from divingbell.fleet.client import FleetApiError
 from divingbell.fleet.db import Database
+from tests.conftest import Cli
 from tests.fleet.servers import ThreadServer, wait_for
 from tests.fleet.test_api import error_of, register
 from tests.power.conftest import PASSWORD, USER, Emulator
@@ -268,3 +269,30 @@ def test_a_qemu_vm_is_network_booted_and_switched_off_through_redfish(
     off = power(power_fleet, machine, "off")
     assert off["ok"] and off["state"] == "off"
     assert power(power_fleet, machine, "status")["state"] == "off"
+
+
+def test_reprovision_schedules_the_machine_then_network_boots_it_through_its_bmc(
+        power_fleet: ThreadServer, redfish_qemu: Emulator, cli: Cli) -> None:
+    from tests.fleet.test_rollouts_api import fleet_of
+
+    console = redfish_qemu.state_file
+    assert console is not None
+    machine = next(iter(fleet_of(power_fleet, 1)))  # ready: its boots go to its disk
+    set_bmc(power_fleet, machine, "redfish", f"http://127.0.0.1:{redfish_qemu.port}{SYSTEM}")
+    assert power(power_fleet, machine, "on")["state"] == "on"
+    wait_for(lambda: "boot from disk" in console.read_text(errors="replace"), timeout=30)
+
+    result = cli("fleet", "reprovision", machine, "--server", power_fleet.url, "--format",
+                 "json", env={"DIVINGBELL_TOKEN": power_fleet.admin_token})
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["actions"] == ["boot-once pxe", "off", "on"] and answer["state"] == "on"
+    detail = power_fleet.admin.machine(machine)
+    assert detail["state"] == "scheduled"
+    assert detail["history"][-1]["reason"].startswith("reprovision by token:")
+    text = console.read_text(errors="replace")
+    assert text.index("boot from disk") < text.index("boot from network")
+    wait_for(lambda: "iPXE" in console.read_text(errors="replace").split(
+        "boot from network")[-1], timeout=60)
+    assert [e["action"] for e in audit_of(power_fleet, machine)][:2] == [
+        "power cycle", "reprovision"]

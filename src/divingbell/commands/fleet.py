@@ -621,13 +621,29 @@ def import_cmd(db_url: str, file: Path) -> None:
 @fleet.command()
 @_api_options
 @click.argument("machine_id")
+@click.option("--power-off", is_flag=True,
+              help="Then switch it off through its BMC (confirmed; after it is out of the "
+              "fleet, so nothing of the fleet's is left running on it).")
 def decommission(server: str, token_file: Path | None, ca_file: str | None,
-                 machine_id: str) -> None:
+                 machine_id: str, power_off: bool) -> None:
     """Take a machine out of the fleet (its role, grant and slots are released; a missing
     control-plane member is replaced by the scheduler)."""
-    data = _call(_client(server, token_file, ca_file).call,
-                 "POST", f"/v1/machines/{machine_id}/decommission")
+    client = _client(server, token_file, ca_file)
+    data = _call(client.call, "POST", f"/v1/machines/{machine_id}/decommission")
     click.echo(f"{data['id']}: {data['state']}")
+    if not power_off:
+        return
+    client.timeout = 600
+    try:
+        outcome = client.call("POST", f"/v1/machines/{machine_id}/power", {"action": "off"})
+    except FleetApiError as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        if detail.get("error") != "bmc-unconfirmed":
+            _fail(exc)
+        outcome = detail
+    click.echo(f"{machine_id}: power {outcome['state']}: {outcome['message']}",
+               err=not outcome["ok"])
+    sys.exit(0 if outcome["ok"] else 1)
 
 
 @fleet.command()
@@ -767,6 +783,37 @@ def power_cmd(server: str, token_file: Path | None, ca_file: str | None, machine
         sent = ", ".join(data["actions"]) or "nothing"
         click.echo(f"{machine_id}: {data['state']} (sent: {sent}): {data['message']}",
                    err=not data["ok"])
+    sys.exit(0 if data["ok"] else 1)
+
+
+@fleet.command()
+@_api_options
+@click.argument("machine_id")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(1, 3600), default=600,
+              show_default=True, metavar="SECONDS",
+              help="How long to wait for the service's answer.")
+@_format_option
+def reprovision(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+                wait_seconds: float, output_format: str) -> None:
+    """Reinstall a machine without hands, through its BMC (admin): it becomes `scheduled`
+    again (its next network boot installs it), boots from the network once, and is power
+    cycled (off confirmed, then on confirmed). Exit 1 when the BMC did not confirm (the
+    machine then reinstalls at its next network boot)."""
+    client = _client(server, token_file, ca_file)
+    client.timeout = wait_seconds
+    try:
+        data = client.call("POST", f"/v1/machines/{machine_id}/reprovision")
+    except FleetApiError as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        if detail.get("error") != "bmc-unconfirmed":
+            _fail(exc)
+        data = detail
+    if output_format == "json":
+        _echo_json(data)
+    else:
+        sent = ", ".join(data["actions"]) or "nothing"
+        click.echo(f"{machine_id}: scheduled for reinstall; power {data['state']} (sent: "
+                   f"{sent}): {data['message']}", err=not data["ok"])
     sys.exit(0 if data["ok"] else 1)
 
 

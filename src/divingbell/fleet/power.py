@@ -144,6 +144,27 @@ def power(db: Database, settings: FleetSettings, box_or_none: SecretBox | None,
     return outcome
 
 
+def reprovision(db: Database, settings: FleetSettings, box_or_none: SecretBox | None,
+                machine_id: str, who: str) -> control.Outcome:
+    """Reinstall a machine without hands: back to `scheduled` (so its next network boot gets
+    the discovery and install profiles instead of its disk), then PXE once and a confirmed
+    power cycle. The state changes first: a machine that booted before it would be sent to
+    its disk. If the BMC does not confirm, the machine stays scheduled and reinstalls at its
+    next network boot; its agent reporting again brings it back to ready."""
+    from divingbell.fleet import states
+
+    with db.write() as session:
+        get_bmc(session, machine_id)
+        require_box(box_or_none)
+        machine = service.get_machine(session, machine_id)
+        try:
+            service.transition(session, machine, states.SCHEDULED, f"reprovision by {who}")
+        except states.TransitionError as exc:
+            raise ApiError(409, {"error": "bad-transition", "message": str(exc)}) from None
+        service.audit(session, who, "reprovision", machine_id)
+    return power(db, settings, box_or_none, machine_id, "cycle", "pxe", who)
+
+
 def _speak(endpoint: Endpoint, box: SecretBox, sealed: str, verb: str, boot_once: str | None,
            policy: control.Policy, previous: float | None) -> control.Outcome:
     try:

@@ -98,10 +98,26 @@ def post_power(machine_id: MachineId, body: PowerBody, request: Request,
     return _run(request, machine_id, body.action, body.boot_once, principal.label)
 
 
+@router.post("/machines/{machine_id}/reprovision")
+def post_reprovision(machine_id: MachineId, request: Request, principal: Admin
+                     ) -> JSONResponse:
+    """Reinstall the machine through its BMC: `scheduled` again (its next network boot
+    installs), PXE once, power cycle (each step confirmed). 502 when the BMC did not confirm:
+    the machine then reinstalls at its next network boot."""
+    app = request.app
+    outcome = power.reprovision(app.state.db, app.state.settings, app.state.secret_box,
+                                machine_id, principal.label)
+    return _answer(machine_id, outcome)
+
+
 def _run(request: Request, machine_id: str, verb: str, boot_once: str | None,
          who: str) -> JSONResponse:
     outcome = power.power(request.app.state.db, request.app.state.settings,
                           request.app.state.secret_box, machine_id, verb, boot_once, who)
+    return _answer(machine_id, outcome)
+
+
+def _answer(machine_id: str, outcome: Any) -> JSONResponse:
     body = {"machine_id": machine_id, **outcome.as_dict()}
     if outcome.ok:
         return JSONResponse(body)
