@@ -89,6 +89,10 @@ class HttpFaultProxy:
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
+                # One request per connection: a kept-alive connection this server closes
+                # while the client sends on it would be a fault of the proxy, not the BMC's.
+                self.send_header("Connection", "close")
+                self.close_connection = True
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

@@ -178,7 +178,9 @@ def test_a_bmc_that_stops_answering_mid_change_is_reported_not_retried(
 
 
 def test_ipmi_status_on_boot_once_cycle_soft_off(
-        power_fleet: ThreadServer, ipmi: Emulator, udp_relay: UdpFaultRelay) -> None:
+        power_fleet: ThreadServer, ipmi: Emulator, udp_relay: UdpFaultRelay,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     machine, _ = register(power_fleet, 1)
     set_bmc(power_fleet, machine, "ipmi", f"127.0.0.1:{udp_relay.port}")
     assert power(power_fleet, machine, "status")["state"] == "off"
@@ -190,6 +192,7 @@ def test_ipmi_status_on_boot_once_cycle_soft_off(
     soft = power(power_fleet, machine, "soft-off")
     assert soft["state"] == "off"
     assert ipmi.state()["commands"] == ["bootdev network", "on", "off", "on", "shutdown"]
+    assert PASSWORD not in caplog.text and "power soft-off" in caplog.text
 
 
 def test_an_ipmi_bmc_that_goes_silent_gets_no_action(
