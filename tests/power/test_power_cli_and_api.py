@@ -11,7 +11,13 @@ from pathlib import Path
 from divingbell.fleet import leases, power
 from divingbell.fleet.db import Database
 from divingbell.fleet.models import utcnow
-from divingbell.power.secrets import KEY_FILE_NAME, Credentials, SecretBox, open_key
+from divingbell.power.secrets import (
+    KEY_FILE_NAME,
+    Credentials,
+    SecretBox,
+    create_key,
+    open_key,
+)
 from tests.conftest import Cli
 from tests.fleet.servers import ThreadServer, thread_server
 from tests.fleet.test_api import error_of, register
@@ -193,3 +199,19 @@ def test_decommission_can_power_the_machine_off_after(
     actions = [e["action"] for e in power_fleet.admin.call("GET", "/v1/audit?limit=10")
                if e["subject"] == machine]
     assert actions[:2] == ["power off", "decommission"]
+
+
+def test_a_store_moved_without_its_key_cannot_open_bmc_credentials(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    with thread_server(power_settings(url)) as fleet:  # the key generated beside the store
+        machine, _ = register(fleet, 1)
+        fleet.admin.call("PUT", f"/v1/machines/{machine}/bmc", {
+            "protocol": "ipmi", "address": "127.0.0.1:9", "username": USER,
+            "password": PASSWORD})
+    other_key = tmp_path / "other.key"
+    create_key(other_key)
+    with thread_server(power_settings(url, secrets_key_file=str(other_key))) as fleet:
+        failure = error_of(lambda: fleet.admin.call(
+            "POST", f"/v1/machines/{machine}/power", {"action": "off"}))
+        assert failure.status == 502 and "cannot be decrypted" in str(failure)
+        assert failure.detail["actions"] == [] and failure.detail["requests"] == 0

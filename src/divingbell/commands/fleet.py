@@ -579,7 +579,8 @@ def backup(db_url: str, file: Path) -> None:
 def export(db_url: str, output: Path | None) -> None:
     """Print the store as replayable JSON (see `fleet import`): every table (machines and
     their history, reports, revisions, rollouts, leases, audit events, settings) except tokens
-    and UI sessions. Carries credential hashes, never credentials: keep the file private."""
+    and UI sessions. Carries credential hashes, never credentials (BMC credentials only sealed
+    with the service's secrets key, which is not in it): keep the file private."""
     from divingbell.fleet.backup import export as make_export
     from divingbell.fleet.client import write_secret
 
