@@ -218,7 +218,7 @@ def test_wrong_credentials_are_a_clear_refusal(
     assert "wrong-password" not in json.dumps(detail)
 
 
-def test_the_machine_page_shows_the_last_confirmed_power_state(
+def test_the_machine_page_shows_the_power_state_and_powers_for_admins_only(
         power_fleet: ThreadServer, ipmi: Emulator, udp_relay: UdpFaultRelay) -> None:
     from tests.fleet.test_ui import CHROMIUM, FLAGS, login, new_page
 
@@ -228,19 +228,34 @@ def test_the_machine_page_shows_the_last_confirmed_power_state(
     machine, _ = register(power_fleet, 1)
     other, _ = register(power_fleet, 2)
     set_bmc(power_fleet, machine, "ipmi", f"127.0.0.1:{udp_relay.port}")
-    power(power_fleet, machine, "on")
+    power(power_fleet, machine, "status")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
             page = new_page(browser)
-            login(page, power_fleet, power_fleet.reader_token)
+            login(page, power_fleet, power_fleet.admin_token)
             page.goto(f"{power_fleet.url}/ui/machines/{machine}")
-            page.wait_for_selector("#machine-facts .card:has-text('Power') .badge.on")
+            page.wait_for_selector("#machine-facts .card:has-text('Power') .badge.off")
             assert "ipmi" in page.inner_text("#machine-facts")
+            page.check("#boot-pxe")
+            page.click("#power-actions button[data-action=on]")  # with the session's CSRF token
+            page.wait_for_selector("#machine-facts .card:has-text('Power') .badge.on",
+                                   timeout=30_000)
+            assert ipmi.state()["bootdev"] == "network"
             page.goto(f"{power_fleet.url}/ui/machines/{other}")
             page.wait_for_selector("#machine-facts .card:has-text('no BMC')")
+            assert not page.is_visible("#power-actions")
+
+            reader = new_page(browser)
+            login(reader, power_fleet, power_fleet.reader_token)
+            reader.goto(f"{power_fleet.url}/ui/machines/{machine}")
+            reader.wait_for_selector("#machine-facts .card:has-text('Power') .badge.on")
+            assert not reader.is_visible("#power-actions")
         finally:
             browser.close()
+    event = audit_of(power_fleet, machine)[0]
+    assert event["action"] == "power on" and event["actor"].startswith("token:")
+    assert json.loads(event["detail"])["sent"] == ["boot-once pxe", "on"]
 
 
 def test_a_qemu_vm_is_network_booted_and_switched_off_through_redfish(

@@ -149,6 +149,7 @@ async function renderMachine() {
   try {
     const b = await api("/v1/machines/" + encodeURIComponent(id) + "/bmc");
     facts.push(["Power", el("span", {}, badge(b.power_state), ` ${b.protocol}, ${age(b.power_checked_at)}`)]);
+    document.getElementById("power-actions").hidden = role !== "admin";
   } catch (e) { facts.push(["Power", "no BMC"]); }
   replaceRows(document.getElementById("machine-facts"), facts.map(([k, v]) => el("div", { class: "card" }, el("h2", {}, k), el("p", {}, v))));
   replaceRows(document.getElementById("interfaces"), (m.interfaces || []).map((i) => el("tr", {},
@@ -239,6 +240,29 @@ function setupRollout() {
   }
 }
 
+function setupMachine() {
+  // Power through the machine's BMC (admin; the session's CSRF token like every action). The
+  // service answers once the BMC confirmed, or with what it sent and why it stopped.
+  for (const button of document.querySelectorAll("#power-actions button")) {
+    button.addEventListener("click", async () => {
+      const action = button.dataset.action;
+      const id = document.body.dataset.machine;
+      if (action !== "on" && !window.confirm(`Power ${action} ${id}? It stops whatever runs on it.`)) return;
+      const body = { action };
+      if (document.getElementById("boot-pxe").checked) body.boot_once = "pxe";
+      for (const b of document.querySelectorAll("#power-actions button")) b.disabled = true;
+      status(`power ${action}: waiting for the BMC to confirm…`);
+      try {
+        const answer = await api("/v1/machines/" + encodeURIComponent(id) + "/power", { method: "POST",
+          headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf }, body: JSON.stringify(body) });
+        status(`power ${action}: ${answer.message}`);
+      } catch (e) { status(`power ${action} failed: ${e.message}`, true); }
+      for (const b of document.querySelectorAll("#power-actions button")) b.disabled = false;
+      refresh();
+    });
+  }
+}
+
 async function renderRevisions() {
   const revisions = list(await api("/v1/revisions"), "revisions");
   replaceRows(document.getElementById("revisions"), revisions.slice().reverse().map((r) => el("tr", {},
@@ -263,7 +287,7 @@ async function renderDiff() {
 
 const pages = {
   overview: { render: renderOverview }, machines: { render: renderMachines, setup: setupMachines },
-  machine: { render: renderMachine }, rollout: { render: renderRollout, setup: setupRollout },
+  machine: { render: renderMachine, setup: setupMachine }, rollout: { render: renderRollout, setup: setupRollout },
   revisions: { render: renderRevisions }, diff: { render: renderDiff, once: true },
 };
 
