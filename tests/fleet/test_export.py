@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,21 @@ from divingbell.fleet.client import FleetClient
 from divingbell.fleet.db import Database
 from divingbell.fleet.models import Base
 from divingbell.fleet.settings import FleetSettings
+from divingbell.power.secrets import create_key
 from tests.conftest import Cli
 from tests.fleet.servers import PostgresCluster, thread_server
 from tests.fleet.test_api import error_of, register
 from tests.fleet.test_rollouts_api import DOC, converge
 
+BMC_PASSWORD = "bmc-password-never-in-an-export"
+
 
 def fill(url: str) -> dict[str, Any]:
     """A store with rows in every carried table, made the way the service makes them."""
-    with thread_server(FleetSettings(db_url=url, control_plane_size=1)) as fleet:
+    key = Path(tempfile.mkdtemp(prefix="divingbell-key-")) / "secrets.key"
+    create_key(key)
+    with thread_server(FleetSettings(db_url=url, control_plane_size=1,
+                                     secrets_key_file=str(key))) as fleet:
         machines = dict(register(fleet, n) for n in range(1, 4))
         fleet.admin.push_document(DOC.format(value=30).encode())
         for machine, client in machines.items():
@@ -38,6 +45,9 @@ def fill(url: str) -> dict[str, Any]:
         cb.install_grant(b)
         fleet.admin.claim_slot(c, "rack2")
         fleet.admin.call("DELETE", "/v1/slots/rack2/0")  # audited
+        fleet.admin.call("PUT", f"/v1/machines/{a}/bmc", {  # sealed with the key
+            "protocol": "ipmi", "address": "192.0.2.1", "username": "bmc-user",
+            "password": BMC_PASSWORD})
         return {"a": (a, ca.token), "b": (b, cb.token)}
 
 
@@ -80,6 +90,7 @@ def test_export_import_export_is_identical_for_every_table(store_url: str, other
                                                            ) -> None:
     held = fill(store_url)
     first = exported(store_url)
+    assert BMC_PASSWORD not in json.dumps(first) and "bmc-user" not in json.dumps(first)
     for table, rows in first["tables"].items():
         assert rows, f"the fixture leaves {table} empty: make fill() write it"
     assert set(first["tables"]) == {t.name for t in carried_tables()}

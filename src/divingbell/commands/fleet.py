@@ -157,12 +157,22 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               "its maintenance.reboot.concurrency decides; never the claimer).")
 @click.option("--slot-ttl-max", default="4h", show_default=True, metavar="DURATION",
               help="The longest a slot claim or renewal may hold a slot for.")
+@click.option("--secrets-key-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="The key BMC credentials are encrypted with (0600; shared by every "
+              "replica). Default with an SQLite store: fleet-secrets.key beside it, generated "
+              "on first start. Without one on PostgreSQL, BMCs cannot be set.")
+@click.option("--power-interval", type=click.FloatRange(0, 60), default=1.0,
+              show_default=True, metavar="SECONDS",
+              help="Requests to one BMC at least this far apart.")
+@click.option("--power-timeout", default="2m", show_default=True, metavar="DURATION",
+              help="A power change the BMC has not confirmed by then is reported as failed.")
 @bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
           workers: int, no_migrate: bool, log_level: str, assets: str | None,
           public_url: str | None, boot_profiles: str | None, boot_token_ttl: str,
           max_pending_boots: int, slot_concurrency: int, slot_ttl_max: str,
+          secrets_key_file: str | None, power_interval: float, power_timeout: str,
           **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
@@ -195,6 +205,10 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--slot-ttl-max") from None
     boot_ttl = _check_boot_options(public_url, boot_profiles, boot_token_ttl)
+    try:
+        power_seconds = parse_duration(power_timeout).total_seconds()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--power-timeout") from None
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = FleetSettings(db_url=db_url, control_plane_size=int(control_plane_size),
@@ -204,8 +218,11 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              boot_profiles=boot_profiles, boot_token_ttl_seconds=boot_ttl,
                              max_pending_boots=max_pending_boots,
                              slot_concurrency=slot_concurrency,
-                             slot_ttl_max_seconds=slot_ttl, **bootstrap_settings)
+                             slot_ttl_max_seconds=slot_ttl, secrets_key_file=secrets_key_file,
+                             power_min_interval_seconds=power_interval,
+                             power_timeout_seconds=power_seconds, **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
+    _check_secrets_key(secrets_key_file, db_url)
     common: dict[str, Any] = {"host": host, "port": port, "log_config": None,
                               "access_log": False, "ssl_certfile": tls_cert,
                               "ssl_keyfile": tls_key, "timeout_graceful_shutdown": 5,
@@ -223,6 +240,18 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
 
     os.environ[SETTINGS_ENV] = json.dumps(asdict(replace(settings, migrate_at_start=False)))
     uvicorn.run("divingbell.fleet.app:app_from_env", factory=True, workers=workers, **common)
+
+
+def _check_secrets_key(key_file: str | None, db_url: str) -> None:
+    """The BMC credentials' key, opened (or generated) before the service starts: a bad key
+    file stops `serve` with one line, and the generation is said on standard error."""
+    from divingbell.power.secrets import SecretsError, open_key
+
+    try:
+        _, note = open_key(key_file, db_url)
+    except (SecretsError, OSError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--secrets-key-file") from None
+    click.echo(note, err=True)
 
 
 def _check_boot_options(public_url: str | None, boot_profiles: str | None,
@@ -557,7 +586,8 @@ def backup(db_url: str, file: Path) -> None:
 def export(db_url: str, output: Path | None) -> None:
     """Print the store as replayable JSON (see `fleet import`): every table (machines and
     their history, reports, revisions, rollouts, leases, audit events, settings) except tokens
-    and UI sessions. Carries credential hashes, never credentials: keep the file private."""
+    and UI sessions. Carries credential hashes, never credentials (BMC credentials only sealed
+    with the service's secrets key, which is not in it): keep the file private."""
     from divingbell.fleet.backup import export as make_export
     from divingbell.fleet.client import write_secret
 
@@ -599,15 +629,31 @@ def import_cmd(db_url: str, file: Path) -> None:
 @fleet.command()
 @_api_options
 @click.argument("machine_id")
+@click.option("--power-off", is_flag=True,
+              help="Then switch it off through its BMC (confirmed; after it is out of the "
+              "fleet, so nothing of the fleet's is left running on it).")
 def decommission(server: str, token_file: Path | None, ca_file: str | None,
-                 machine_id: str) -> None:
+                 machine_id: str, power_off: bool) -> None:
     """Take a machine out of the fleet: its credential is revoked (configuration, reports,
     slots, install flow and join script stop working for it at once), its role, grant and
     slots released; a missing control-plane member is replaced by the scheduler. Booting
-    again enrols it anew."""
-    data = _call(_client(server, token_file, ca_file).call,
-                 "POST", f"/v1/machines/{machine_id}/decommission")
+    again enrols it anew. With --power-off, its BMC then switches it off (confirmed)."""
+    client = _client(server, token_file, ca_file)
+    data = _call(client.call, "POST", f"/v1/machines/{machine_id}/decommission")
     click.echo(f"{data['id']}: {data['state']}")
+    if not power_off:
+        return
+    client.timeout = 600
+    try:
+        outcome = client.call("POST", f"/v1/machines/{machine_id}/power", {"action": "off"})
+    except FleetApiError as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        if detail.get("error") != "bmc-unconfirmed":
+            _fail(exc)
+        outcome = detail
+    click.echo(f"{machine_id}: power {outcome['state']}: {outcome['message']}",
+               err=not outcome["ok"])
+    sys.exit(0 if outcome["ok"] else 1)
 
 
 @fleet.command()
@@ -660,23 +706,6 @@ def accept(server: str, token_file: Path | None, ca_file: str | None, machine_id
 
 @fleet.command()
 @_api_options
-@click.argument("machine_id")
-def reprovision(server: str, token_file: Path | None, ca_file: str | None,
-                machine_id: str) -> None:
-    """Install MACHINE_ID again on its next boot, as the same machine.
-
-    The machine goes back to `scheduled` (its id, roles, history and reports are kept; the
-    action is in `divingbell fleet audit`). Its next network boot gets the discovery image,
-    which takes an install grant and runs the install hook again (the default hook overwrites
-    its own previous install). Power-cycle the machine, or reboot it, to start.
-    """
-    data = _call(_client(server, token_file, ca_file).call,
-                 "POST", f"/v1/machines/{machine_id}/reprovision")
-    click.echo(f"{data['id']}: {data['state']} (installs again on its next network boot)")
-
-
-@fleet.command()
-@_api_options
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
 @_format_option
 def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,
@@ -691,6 +720,167 @@ def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,
     click.echo(table(["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
                      [[r["at"], r["actor"], r["action"], r["subject"], r["detail"]]
                       for r in rows]))
+
+
+@fleet.command()
+@_api_options
+@click.argument("machine_id")
+@click.option("--redfish", "redfish_url", metavar="URL",
+              help="The BMC's Redfish system URL (https://bmc/redfish/v1/Systems/1), or its "
+              "root when it manages one system.")
+@click.option("--ipmi", "ipmi_address", metavar="HOST[:PORT]",
+              help="The BMC's IPMI 2.0 address (port 623 by default; IPMI has no TLS: keep "
+              "the BMC network private).")
+@click.option("--username", help="The BMC user.")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file (0600) holding the BMC user's password (first line).")
+@click.option("--bmc-ca-file", "bmc_ca", type=click.Path(exists=True, dir_okay=False,
+                                                     path_type=Path),
+              help="Verify the BMC's certificate against this CA (PEM) instead of the "
+              "system's trust store.")
+@click.option("--insecure", is_flag=True,
+              help="Do not verify the BMC's TLS certificate (recorded in the audit log).")
+@click.option("--remove", is_flag=True, help="Forget the machine's BMC.")
+@_format_option
+def bmc(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+        redfish_url: str | None, ipmi_address: str | None, username: str | None,
+        password_file: Path | None, bmc_ca: Path | None, insecure: bool, remove: bool,
+        output_format: str) -> None:
+    """Show or set a machine's BMC (admin to set). Its credentials are stored encrypted with
+    the service's secrets key and never shown again.
+
+    \b
+      divingbell fleet bmc m0123 --redfish https://10.0.9.11/redfish/v1/Systems/1 \\
+          --username admin --password-file bmc.pass --bmc-ca-file bmc-ca.pem
+      divingbell fleet bmc m0123 --ipmi 10.0.9.12 --username admin --password-file bmc.pass
+      divingbell fleet bmc m0123          # show it (never the credentials)
+    """
+    from divingbell.fleet.client import read_token as read_first_line
+
+    client = _client(server, token_file, ca_file)
+    path = f"/v1/machines/{machine_id}/bmc"
+    if remove:
+        _call(client.call, "DELETE", path)
+        click.echo(f"{machine_id}: BMC removed")
+        return
+    if redfish_url and ipmi_address:
+        raise click.UsageError("give --redfish or --ipmi, not both")
+    if redfish_url or ipmi_address:
+        if not username or password_file is None:
+            raise click.UsageError("--username and --password-file are needed with "
+                                   "--redfish or --ipmi")
+        try:
+            password = read_first_line(password_file)
+        except FleetApiError as exc:
+            raise click.BadParameter(str(exc).replace("token file", "password file"),
+                                     param_hint="--password-file") from None
+        body: dict[str, Any] = {
+            "protocol": "redfish" if redfish_url else "ipmi",
+            "address": redfish_url or ipmi_address, "username": username,
+            "password": password, "insecure": insecure}
+        if bmc_ca is not None:
+            body["ca_pem"] = bmc_ca.read_text()
+        data = _call(client.call, "PUT", path, body)
+    elif username or password_file or bmc_ca or insecure:
+        raise click.UsageError("--username, --password-file, --bmc-ca-file and --insecure go "
+                               "with --redfish or --ipmi")
+    else:
+        data = _call(client.call, "GET", path)
+    if output_format == "json":
+        _echo_json(data)
+        return
+    trust = "" if data["protocol"] == "ipmi" else (
+        "; TLS NOT verified" if not data["verify_tls"] else
+        "; TLS verified" + (" with its CA" if data["ca"] else ""))
+    click.echo(f"{data['machine_id']}: {data['protocol']} {data['address']}{trust}; "
+               f"credentials {data['credentials']}; power {data['power_state']}"
+               + (f" at {data['power_checked_at']}" if data["power_checked_at"] else ""))
+
+
+@fleet.command("power")
+@_api_options
+@click.argument("machine_id")
+@click.argument("action", type=click.Choice(["status", "on", "off", "soft-off", "cycle"]))
+@click.option("--boot-once", type=click.Choice(["pxe", "disk"]),
+              help="Boot from the network (pxe) or the disk at the next boot only, set before "
+              "the power action.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(1, 3600), default=600,
+              show_default=True, metavar="SECONDS",
+              help="How long to wait for the service's answer.")
+@_format_option
+def power_cmd(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+              action: str, boot_once: str | None, wait_seconds: float,
+              output_format: str) -> None:
+    """Power a machine through its BMC, with a confirmed outcome (admin; status: reader).
+
+    Nothing is sent unless the BMC reports the same state twice in a row; `on` is sent only
+    from a confirmed off; `cycle` is off, confirmed, then on, confirmed; each change is read
+    back until the BMC confirms it or the service's --power-timeout passes. Exit 0 when
+    confirmed, 1 when not (the answer says what was sent and what was read).
+
+    \b
+      divingbell fleet power m0123 status
+      divingbell fleet power m0123 cycle --boot-once pxe
+    """
+    client = _client(server, token_file, ca_file)
+    client.timeout = wait_seconds
+    path = f"/v1/machines/{machine_id}/power"
+    try:
+        if action == "status" and boot_once is None:
+            data = client.call("GET", path)
+        else:
+            data = client.call("POST", path, {"action": action, "boot_once": boot_once})
+    except FleetApiError as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        if detail.get("error") != "bmc-unconfirmed":
+            _fail(exc)
+        data = detail
+    if output_format == "json":
+        _echo_json(data)
+    else:
+        sent = ", ".join(data["actions"]) or "nothing"
+        click.echo(f"{machine_id}: {data['state']} (sent: {sent}): {data['message']}",
+                   err=not data["ok"])
+    sys.exit(0 if data["ok"] else 1)
+
+
+@fleet.command()
+@_api_options
+@click.argument("machine_id")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(1, 3600), default=600,
+              show_default=True, metavar="SECONDS",
+              help="How long to wait for the service's answer.")
+@_format_option
+def reprovision(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
+                wait_seconds: float, output_format: str) -> None:
+    """Install MACHINE_ID again, as the same machine (admin; audited).
+
+    Its id, roles, history and reports are kept; its credential is revoked (the OS holding it
+    is about to be replaced) and it is `booting`: its next network boot enrols it again and,
+    having roles, installs (the default hook overwrites its own previous install). With a BMC
+    (`fleet bmc`) no hands are needed: it boots from the network once and is power cycled,
+    off confirmed, then on confirmed; exit 1 when the BMC did not confirm (the machine then
+    reinstalls at its next network boot). Without one, power-cycle it yourself.
+    """
+    client = _client(server, token_file, ca_file)
+    client.timeout = wait_seconds
+    try:
+        data = client.call("POST", f"/v1/machines/{machine_id}/reprovision")
+    except FleetApiError as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        if detail.get("error") != "bmc-unconfirmed":
+            _fail(exc)
+        data = detail
+    if output_format == "json":
+        _echo_json(data)
+    elif "actions" not in data:
+        click.echo(f"{machine_id}: {data['state']}; it installs again at its next network boot "
+                   "(no BMC: power-cycle it to start)")
+    else:
+        sent = ", ".join(data["actions"]) or "nothing"
+        click.echo(f"{machine_id}: reinstall at its next network boot; power {data['state']} "
+                   f"(sent: {sent}): {data['message']}", err=not data["ok"])
+    sys.exit(0 if data.get("ok", True) else 1)
 
 
 def _add_rollout_group() -> None:

@@ -33,6 +33,7 @@ from divingbell.fleet.api import (
     bootstrap,
     documents,
     machines,
+    power,
     rollouts,
     slots,
     ui,
@@ -82,6 +83,9 @@ class _StoreCollector(Collector):
                 counts = service.counts_by_state(session)
                 fresh, outdated = service.up_to_date_counts(session)
                 active = service.active_revision(session)
+                from divingbell.fleet.power import counts_by_power_state
+
+                power_states = counts_by_power_state(session)
         except OperationalError:
             return
         from divingbell.fleet.states import STATES
@@ -98,6 +102,12 @@ class _StoreCollector(Collector):
                                 "Machines (not decommissioned) not up to date", value=outdated)
         yield GaugeMetricFamily("divingbell_fleet_active_revision",
                                 "The active document revision (0: none)", value=active or 0)
+        by_power = GaugeMetricFamily("divingbell_fleet_power_state",
+                                     "Machines with a BMC by their last confirmed power state",
+                                     labels=["state"])
+        for power_state in ("on", "off", "unknown"):
+            by_power.add_metric([power_state], power_states.get(power_state, 0))
+        yield by_power
 
 
 class RequestLog:
@@ -237,6 +247,10 @@ def create_app(settings: FleetSettings) -> FastAPI:
         db = Database(settings.db_url)
         if settings.migrate_at_start:
             migrations.upgrade(db.write_engine)
+        from divingbell.power.secrets import open_key
+
+        app.state.secret_box, key_note = open_key(settings.secrets_key_file, settings.db_url)
+        log.info("%s", key_note)
         holder["db"] = db
         app.state.db = db
         log.info("fleet service %s on %s", __version__, redact(settings.db_url))
@@ -259,6 +273,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
     app.include_router(bootstrap.router)
     app.include_router(ui.router)
     app.include_router(boot.router)
+    app.include_router(power.router)
     app.mount("/ui/static", ui.static, name="ui-static")
 
     @app.get("/healthz", tags=["probes"], response_class=PlainTextResponse)

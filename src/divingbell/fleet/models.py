@@ -227,3 +227,23 @@ class UiSession(Base):
     csrf: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime())
     expires_at: Mapped[datetime] = mapped_column(DateTime())
+
+
+class BmcRow(Base):
+    """A machine's BMC (migration 0006): where it is, how to trust it, its credentials sealed
+    with the service's secrets key (power/secrets.py; exports carry the ciphertext only), and
+    the last power state it confirmed."""
+
+    __tablename__ = "bmcs"
+    machine_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("machines.id", ondelete="CASCADE"), primary_key=True)
+    protocol: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(512))
+    verify_tls: Mapped[bool] = mapped_column(Boolean, default=True)
+    ca_pem: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sealed_credentials: Mapped[str] = mapped_column(Text)
+    power_state: Mapped[str] = mapped_column(String(16), default="unknown")
+    power_checked_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    last_request_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime())
+    updated_by: Mapped[str] = mapped_column(String(64))

@@ -47,6 +47,16 @@ class FleetSettings:
     `maintenance.reboot.concurrency` decides): never the claimer's own number."""
     slot_ttl_max_seconds: float = 4 * 3600.0
     """A slot claim or renewal asking for longer gets this (a holder renews while it works)."""
+    # Out-of-band power (fleet/power.py, power/).
+    secrets_key_file: str | None = None
+    """The key BMC credentials are sealed with; default: beside an SQLite store (generated)."""
+    power_min_interval_seconds: float = 1.0
+    """Requests to one BMC are at least this far apart (IPMI BMCs freeze after a burst)."""
+    power_timeout_seconds: float = 120.0
+    """A power change not confirmed by the BMC within this time is reported as failed."""
+    power_confirm_reads: int = 2
+    """Identical reads in a row that confirm a power state."""
+    bmc_request_timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if self.control_plane_size not in (1, 3, 5, 7):
@@ -59,3 +69,5 @@ class FleetSettings:
             raise ValueError("slot_ttl_max_seconds must be positive")
         if self.max_pending_boots < 1:
             raise ValueError("max_pending_boots must be at least 1")
+        if self.power_min_interval_seconds < 0 or self.power_timeout_seconds <= 0:
+            raise ValueError("power intervals and timeouts must be positive")

@@ -142,20 +142,6 @@ def accept_hostname(machine_id: MachineId, body: HostnameBody, request: Request,
                 "hostname_accepted": machine.hostname_accepted}
 
 
-@router.post("/machines/{machine_id}/reprovision")
-def reprovision(machine_id: MachineId, request: Request, principal: Admin) -> dict[str, Any]:
-    """Install an installed (or failed) machine again on its next network boot, as the same
-    machine: id, roles, history and reports kept; audited."""
-    with request.app.state.db.write() as session:
-        machine = service.get_machine(session, machine_id)
-        if machine.state not in service.REPROVISIONABLE:
-            raise ApiError(409, {"error": "bad-transition", "message": (
-                f"machine {machine.id} is {machine.state}, not installed: only "
-                f"{', '.join(sorted(service.REPROVISIONABLE))} machines can be reprovisioned")})
-        service.reprovision(session, machine, principal.label)
-        return {"id": machine.id, "state": machine.state}
-
-
 @router.post("/scheduler/run")
 def run_scheduler(request: Request, _: Admin) -> dict[str, Any]:
     """Run a scheduling pass now (it also runs after every discovery and role change)."""

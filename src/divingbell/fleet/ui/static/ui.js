@@ -146,6 +146,12 @@ async function renderMachine() {
   const facts = [["State", badge(m.state)], ["Role", row.role], ["Rack", row.rack], ["Revision", row.revision],
     ["Up to date", row.up_to_date], ["Last report", age(m.last_report_at)], ["UUID", m.uuid || "–"], ["Boot id", m.boot_id || "–"],
     ["Hostname", m.hostname ? m.hostname + (m.hostname_accepted ? "" : " (claimed; not accepted: divingbell fleet accept)") : "–"]];
+  // The BMC's last confirmed power state (from the store: the page never queries the BMC).
+  try {
+    const b = await api("/v1/machines/" + encodeURIComponent(id) + "/bmc");
+    facts.push(["Power", el("span", {}, badge(b.power_state), ` ${b.protocol}, ${age(b.power_checked_at)}`)]);
+    document.getElementById("power-actions").hidden = role !== "admin";
+  } catch (e) { facts.push(["Power", "no BMC"]); }
   replaceRows(document.getElementById("machine-facts"), facts.map(([k, v]) => el("div", { class: "card" }, el("h2", {}, k), el("p", {}, v))));
   replaceRows(document.getElementById("interfaces"), (m.interfaces || []).map((i) => el("tr", {},
     el("td", {}, i.name), el("td", {}, i.mac), el("td", {}, (i.addresses || []).map((a) => `${a.address}/${a.prefix}`).join(" ")), el("td", {}, i.gateway || "–"))));
@@ -235,6 +241,29 @@ function setupRollout() {
   }
 }
 
+function setupMachine() {
+  // Power through the machine's BMC (admin; the session's CSRF token like every action). The
+  // service answers once the BMC confirmed, or with what it sent and why it stopped.
+  for (const button of document.querySelectorAll("#power-actions button")) {
+    button.addEventListener("click", async () => {
+      const action = button.dataset.action;
+      const id = document.body.dataset.machine;
+      if (action !== "on" && !window.confirm(`Power ${action} ${id}? It stops whatever runs on it.`)) return;
+      const body = { action };
+      if (document.getElementById("boot-pxe").checked) body.boot_once = "pxe";
+      for (const b of document.querySelectorAll("#power-actions button")) b.disabled = true;
+      status(`power ${action}: waiting for the BMC to confirm…`);
+      try {
+        const answer = await api("/v1/machines/" + encodeURIComponent(id) + "/power", { method: "POST",
+          headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf }, body: JSON.stringify(body) });
+        status(`power ${action}: ${answer.message}`);
+      } catch (e) { status(`power ${action} failed: ${e.message}`, true); }
+      for (const b of document.querySelectorAll("#power-actions button")) b.disabled = false;
+      refresh();
+    });
+  }
+}
+
 async function renderRevisions() {
   const revisions = list(await api("/v1/revisions"), "revisions");
   replaceRows(document.getElementById("revisions"), revisions.slice().reverse().map((r) => el("tr", {},
@@ -259,7 +288,7 @@ async function renderDiff() {
 
 const pages = {
   overview: { render: renderOverview }, machines: { render: renderMachines, setup: setupMachines },
-  machine: { render: renderMachine }, rollout: { render: renderRollout, setup: setupRollout },
+  machine: { render: renderMachine, setup: setupMachine }, rollout: { render: renderRollout, setup: setupRollout },
   revisions: { render: renderRevisions }, diff: { render: renderDiff, once: true },
 };
 

@@ -1,0 +1,203 @@
+"""BMC emulators as real processes on loopback, the fault proxies in front of them, and a
+fleet service whose power settings suit a test (short intervals and timeouts)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+
+from divingbell.fleet.settings import FleetSettings
+from tests.fleet.conftest import postgres  # noqa: F401  (the session's PostgreSQL, shared)
+from tests.fleet.servers import ThreadServer, free_port, thread_server, wait_for
+from tests.power.faults import HttpFaultProxy, UdpFaultRelay
+
+ROOT = Path(__file__).resolve().parents[2]
+USER, PASSWORD = "bmcadmin", "S3cret-bmc-pass-7f1e"
+"""Distinctive enough to grep every output, log and export for."""
+SYSTEM_UUID = "27946b59-9e44-4fa7-8e91-f3527a1ef094"
+
+
+@dataclass
+class Emulator:
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    state_file: Path | None = None
+
+    def state(self) -> dict[str, Any]:
+        assert self.state_file is not None
+        data: dict[str, Any] = json.loads(self.state_file.read_text())
+        return data
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", *argv], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+@pytest.fixture
+def redfish(tmp_path: Path) -> Iterator[Emulator]:
+    auth = tmp_path / "htpasswd"
+    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
+    port = free_port()
+    log = tmp_path / "redfish.log"
+    emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
+                                str(tmp_path / "redfish-state")], log),
+                        port, log)
+
+    def up() -> bool:
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/redfish/v1/", timeout=1).read()
+        except OSError:
+            assert emulator.process.poll() is None, log.read_text()
+            return False
+        return True
+
+    wait_for(up, timeout=30)
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def redfish_qemu(tmp_path: Path) -> Iterator[Emulator]:
+    """The Redfish emulator whose system is a real qemu VM (QemuDriver in redfish_bmc.py)."""
+    import shutil
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs qemu-system-x86_64 (.ci/run installs it)")
+    auth = tmp_path / "htpasswd"
+    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
+    port = free_port()
+    workdir = tmp_path / "vm"
+    workdir.mkdir()
+    log = tmp_path / "redfish-qemu.log"
+    emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
+                                str(tmp_path / "state"), "--qemu", str(workdir)], log),
+                        port, log, workdir / f"{SYSTEM_UUID}.console.log")
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            assert emulator.process.poll() is None, log.read_text()
+            return False
+
+    wait_for(up, timeout=30)
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+@dataclass
+class TlsRedfish:
+    emulator: Emulator
+    url: str
+    ca_pem: str
+
+
+@pytest.fixture
+def redfish_tls(tmp_path: Path) -> Iterator[TlsRedfish]:
+    """The Redfish emulator serving HTTPS with a certificate from a scratch CA."""
+    from tests.policy.pki import ScratchCa
+
+    ca = ScratchCa.create("BMC test CA")
+    cert, key = ca.server_cert(tmp_path, "bmc")
+    auth = tmp_path / "htpasswd"
+    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
+    port = free_port()
+    log = tmp_path / "redfish-tls.log"
+    emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
+                                str(tmp_path / "state"), str(cert), str(key)], log), port, log)
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            assert emulator.process.poll() is None, log.read_text()
+            return False
+
+    wait_for(up, timeout=30)
+    try:
+        yield TlsRedfish(emulator, f"https://127.0.0.1:{port}", ca.pem.decode())
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def ipmi(tmp_path: Path) -> Iterator[Emulator]:
+    port = free_port()
+    state = tmp_path / "ipmi-state.json"
+    log = tmp_path / "ipmi.log"
+    emulator = Emulator(_start(["tests.power.ipmi_bmc", str(port), USER, PASSWORD, str(state)],
+                               log), port, log, state)
+    wait_for(lambda: state.exists() or emulator.process.poll() is not None, timeout=30)
+    assert emulator.process.poll() is None, log.read_text()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture
+def http_proxy(redfish: Emulator) -> Iterator[HttpFaultProxy]:
+    proxy = HttpFaultProxy(redfish.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def udp_relay(ipmi: Emulator) -> Iterator[UdpFaultRelay]:
+    relay = UdpFaultRelay(ipmi.port)
+    try:
+        yield relay
+    finally:
+        relay.close()
+
+
+def power_settings(db_url: str, **extra: Any) -> FleetSettings:
+    values: dict[str, Any] = {"db_url": db_url, "control_plane_size": 1,
+                              "power_min_interval_seconds": 0.05, "power_timeout_seconds": 6.0,
+                              "bmc_request_timeout_seconds": 2.0, **extra}
+    return FleetSettings(**values)
+
+
+@pytest.fixture
+def power_fleet(tmp_path: Path) -> Iterator[ThreadServer]:
+    """A fleet on SQLite whose secrets key is generated beside the store."""
+    with thread_server(power_settings(f"sqlite:///{tmp_path / 'store' / 'fleet.db'}")) as fleet:
+        yield fleet
+
+
+@pytest.fixture
+def postgres_url_or_skip(request: pytest.FixtureRequest) -> str:
+    from tests.fleet.servers import PostgresCluster
+
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.create_database()
