@@ -215,7 +215,7 @@ async def run_load(host: str, port: int, requests: list[bytes], rate: float,
     return Result(rate, total, len(latencies), errors, elapsed, latencies, statuses)
 
 
-def registrations(url: str, token: str, count: int) -> dict[str, float]:
+def registrations(url: str, token: str, count: int, first: int = 0) -> dict[str, float]:
     """`count` machines registering (POST /v1/discovery) one at a time: each runs the
     scheduler's pass over the fleet, under its lock, so this is what a rack powering on costs."""
     import statistics
@@ -225,7 +225,7 @@ def registrations(url: str, token: str, count: int) -> dict[str, float]:
 
     client = FleetClient(url, token)
     times = []
-    for n in range(count):
+    for n in range(first, first + count):
         facts = {"uuid": f"00000000-0000-4000-9000-{n:012d}", "boot_id": "bench",
                  "hostname": f"new{n}", "interfaces": [{"name": "eth0", "mac": (
                      f"52:55:00:00:{n >> 8 & 255:02x}:{n & 255:02x}"), "boot": True}],
@@ -235,6 +235,24 @@ def registrations(url: str, token: str, count: int) -> dict[str, float]:
         times.append((time.perf_counter() - started) * 1000)
     return {"count": count, "p50_ms": round(statistics.median(times), 1),
             "max_ms": round(max(times), 1)}
+
+
+def registration_at(url: str, size: int, args: argparse.Namespace,
+                    work: Path) -> dict[str, float]:
+    """A new machine's registration timed in a fleet of `size` (nothing else running)."""
+    from tests.fleet.servers import ProcessServer
+
+    _machines, token = seeded_store(url, size)
+    server = ProcessServer(url).start(work / f"serve-registration-{size}.log")
+    try:
+        registrations(server.url, token, 3)  # warm-up: connections, caches
+        result = registrations(server.url, token, args.registrations, first=100)
+    finally:
+        server.stop()
+    print(f"\n[sqlite] registration in a fleet of {size} machines: median "
+          f"{result['p50_ms']:.1f} ms, max {result['max_ms']:.1f} ms "
+          f"({args.registrations} machines, one after another)")
+    return result
 
 
 def process_tree(pid: int) -> list[int]:
@@ -263,17 +281,22 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from tests.fleet.servers import ProcessServer
-
+def seeded_store(url: str, count: int) -> tuple[list[SimMachine], str]:
+    """A migrated store with `count` machines and a bootstrap token."""
     db = Database(url)
     migrations.upgrade(db.write_engine)
-    machines = seed(db, args.machines)
+    machines = seed(db, count)
     bootstrap_token = create_token(db, "bootstrap", "bench")[1]
     db.dispose()
-    workers = args.workers if name == "postgresql" else 1
+    return machines, bootstrap_token
+
+
+def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, workers: int,
+                machines: list[SimMachine], bootstrap_token: str) -> dict[str, Any]:
+    from tests.fleet.servers import ProcessServer
+
     server = ProcessServer(url, args=("--workers", str(workers))).start(
-        work / f"serve-{name}.log")
+        work / f"serve-{name}-{workers}.log")
     assert server.process is not None
     host, port = server.host, server.port
     try:
@@ -315,7 +338,8 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> di
             if not ok:
                 break
             best = rate
-        registration = registrations(server.url, bootstrap_token, args.registrations)
+        registration = registrations(server.url, bootstrap_token, args.registrations,
+                                     first=1000 * workers)
         print(f"  {args.registrations} new machines registering one after another into the "
               f"fleet (each runs a scheduling pass): median {registration['p50_ms']:.1f} ms, "
               f"max {registration['max_ms']:.1f} ms")
@@ -339,8 +363,12 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=10.0)
     parser.add_argument("--max-rate", type=float, default=3000.0)
     parser.add_argument("--store", default="sqlite,postgresql")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="service worker processes on PostgreSQL (SQLite: always 1)")
+    parser.add_argument("--processes", default="1,2,4",
+                        help="service process counts to run against one PostgreSQL, one after "
+                             "another (SQLite: always 1)")
+    parser.add_argument("--registration-fleets", default="1000,100000",
+                        help="fleet sizes (SQLite) at which a new machine's registration is "
+                             "timed on its own ('' to skip)")
     parser.add_argument("--registrations", type=int, default=50,
                         help="new machines registered one at a time after the ramp")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
@@ -350,8 +378,9 @@ def main() -> None:
         work = Path(tmp)
         for store in args.store.split(","):
             if store == "sqlite":
-                summary.append(bench_store("sqlite", f"sqlite:///{work / 'fleet.db'}", args,
-                                           work))
+                url = f"sqlite:///{work / 'fleet.db'}"
+                summary.append(bench_store("sqlite", url, args, work, 1,
+                                           *seeded_store(url, args.machines)))
             elif store == "postgresql":
                 from tests.fleet.servers import PostgresCluster
 
@@ -361,12 +390,30 @@ def main() -> None:
                     continue
                 cluster = PostgresCluster.start()
                 try:
-                    summary.append(bench_store("postgresql", cluster.create_database(), args,
-                                               work))
+                    url = cluster.create_database()
+                    machines, token = seeded_store(url, args.machines)
+                    per_count = []
+                    for count in (int(n) for n in args.processes.split(",")):
+                        result = bench_store("postgresql", url, args, work, count, machines,
+                                             token)
+                        summary.append(result)
+                        per_count.append(result)
+                    print(f"\n[postgresql] {args.machines} machines, by service processes "
+                          "(one PostgreSQL, same machine):")
+                    print("  processes | fleet p99 ms | CPU ms/request | highest report rate "
+                          "with p99 <= 100 ms")
+                    for result in per_count:
+                        print(f"  {result['workers']:9d} | {result['fleet_p99_ms']:12.1f} | "
+                              f"{result['cpu_ms_per_request']:14.2f} | "
+                              f"{result['max_report_rate']:.0f}/s")
                 finally:
                     cluster.stop()
             else:
                 parser.error(f"unknown store {store!r}")
+        for size in (int(n) for n in args.registration_fleets.split(",") if n):
+            url = f"sqlite:///{work / f'registration-{size}.db'}"
+            summary.append({"registration_fleet": size, **registration_at(url, size, args,
+                                                                           work)})
     if args.json:
         print(json.dumps(summary, indent=2))
     print(f"\n(cpu: {os.cpu_count()} cores, shared; load generator in this process)")

@@ -156,9 +156,14 @@ def _make_engine(url: str, *, immediate: bool) -> Engine:
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         # pysqlite's own transaction handling is turned off (isolation_level None in
         # _sqlite_pragmas) so that this BEGIN is the one that runs.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
+        # Straight to the driver: through exec_driver_sql this costs as much as the query.
+        event.listen(engine, "begin",
+                     lambda conn: conn.connection.dbapi_connection.execute(begin))
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    # No pre-ping: it is one more round trip on every request. A connection that died with
+    # the server fails its request with a 503 and Retry-After (app.error_response), and that
+    # disconnect discards the whole pool, so the next requests reconnect.
+    return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=3600)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

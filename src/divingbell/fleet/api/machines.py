@@ -158,10 +158,10 @@ def serve_config(db: Database, credentials: Credentials, machine_id: str,
     one transaction; a running machine fetching a configuration it has not converged is then
     marked updating. Shared by the route and the hot path (fleet/hotpath.py)."""
     with db.read_conn() as connection:
-        principal, machine, active = service.authorized_view(
+        principal, machine, active, place = service.authorized_view(
             connection, credentials, machine_id, readers=True)
         masked = principal.kind != "machine" and not service.sees_secrets(principal)
-        rendered = service.render_config(connection, machine, if_none_match, active,
+        rendered = service.render_config(connection, machine, if_none_match, active, place,
                                          masked=masked)
     if (rendered.text is not None and principal.kind == "machine"
             and machine.state in (states.READY, states.DEGRADED)):
@@ -183,9 +183,9 @@ def store_report(db: Database, credentials: Credentials, machine_id: str, body: 
     """A report, in one worker thread and one write transaction. Shared by the route and the
     hot path (fleet/hotpath.py)."""
     with db.write_conn() as connection:
-        principal, machine, active = service.authorized_view(
+        principal, machine, active, place = service.authorized_view(
             connection, credentials, machine_id, readers=False)
-        machine = service.add_report(connection, machine, active, body, keep)
+        machine = service.add_report(connection, machine, active, place, body, keep)
     return principal, {"state": machine.state,
                        "up_to_date": service.up_to_date(machine, active), "revision": active}
 
