@@ -8,6 +8,7 @@ its number and digest (a revision's text never changes).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -747,7 +748,13 @@ def revision_document(revision: Revision | Row[int, str, str, str]) -> ValidDocu
 
 def config_etag(revision: int, hostname: str, labels: Mapping[str, str]) -> str:
     """`"<revision>-<digest of what else shapes the config>"`: a role change changes it too."""
-    digest = hashlib.sha256(json.dumps([hostname, sorted(labels.items())]).encode())
+    return _etag(revision, hostname, tuple(sorted(labels.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _etag(revision: int, hostname: str, labels: tuple[tuple[str, str], ...]) -> str:
+    # Cached: a report asks it twice (state, then the answer's up_to_date), a pure function.
+    digest = hashlib.sha256(json.dumps([hostname, [list(pair) for pair in labels]]).encode())
     return f'"{revision}-{digest.hexdigest()[:10]}"'
 
 
