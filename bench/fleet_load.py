@@ -4,13 +4,17 @@ throwaway PostgreSQL; then report rates stepped up until p99 passes 100 ms.
 
     sudo .venv/bin/python bench/fleet_load.py [--machines 10000] [--duration 30]
          [--store sqlite,postgresql] [--step-seconds 10] [--max-rate 3000]
+         [--processes 1,2,4] [--registration-fleets 1000,100000]
 
 Prints, per store: sustained requests/s, p50/p99 latency and the service's RSS at the fleet
 load; then each step of the ramp and the highest report rate sustained (achieved >= 95% of
 the target) with p99 under 100 ms; then how long a new machine's registration takes in that
-fleet. Open loop: every request is sent at its scheduled time
-whatever the earlier ones do, and its latency counts from that time (no coordinated
-omission). Bounded: the whole run stops after (duration + steps x step-seconds) per store.
+fleet. On PostgreSQL all of that runs once per service process count (`--processes`), against
+the one database, with a table per count at the end; then a new machine's registration is
+timed in SQLite fleets of each `--registration-fleets` size. Open loop: every request is
+sent at its scheduled time whatever the earlier ones do, and its latency counts from that
+time (no coordinated omission). Bounded: the whole run stops after (duration + steps x
+step-seconds) per store and process count.
 
 The machines are written straight into the store (registration is not what is measured);
 each knows its configuration's ETag already, as a settled fleet does, so polls are
