@@ -4,13 +4,17 @@ throwaway PostgreSQL; then report rates stepped up until p99 passes 100 ms.
 
     sudo .venv/bin/python bench/fleet_load.py [--machines 10000] [--duration 30]
          [--store sqlite,postgresql] [--step-seconds 10] [--max-rate 3000]
+         [--processes 1,2,4] [--registration-fleets 1000,100000]
 
 Prints, per store: sustained requests/s, p50/p99 latency and the service's RSS at the fleet
 load; then each step of the ramp and the highest report rate sustained (achieved >= 95% of
 the target) with p99 under 100 ms; then how long a new machine's registration takes in that
-fleet. Open loop: every request is sent at its scheduled time
-whatever the earlier ones do, and its latency counts from that time (no coordinated
-omission). Bounded: the whole run stops after (duration + steps x step-seconds) per store.
+fleet. On PostgreSQL all of that runs once per service process count (`--processes`), against
+the one database, with a table per count at the end; then a new machine's registration is
+timed in SQLite fleets of each `--registration-fleets` size. Open loop: every request is
+sent at its scheduled time whatever the earlier ones do, and its latency counts from that
+time (no coordinated omission). Bounded: the whole run stops after (duration + steps x
+step-seconds) per store and process count.
 
 The machines are written straight into the store (registration is not what is measured);
 each knows its configuration's ETag already, as a settled fleet does, so polls are
@@ -80,12 +84,14 @@ def seed(db: Database, count: int) -> list[SimMachine]:
         rows.append({
             "id": machine_id, "uuid": f"00000000-0000-4000-8000-{n:012d}", "hostname": hostname,
             "state": "ready", "state_changed_at": now, "roles": roles, "pinned": False,
+            "hostname_accepted": True,
             "interfaces": [{"name": "eth0", "mac": f"52:54:{n >> 24 & 255:02x}:"
                             f"{n >> 16 & 255:02x}:{n >> 8 & 255:02x}:{n & 255:02x}",
                             "addresses": [], "gateway": None, "fqdns": [], "boot": True}],
             "disks": [], "lldp": [], "credential_hash": hash_secret(secret), "created_at": now,
             "discovered_at": now, "last_report_revision": 1, "last_report_state": "converged",
             "last_report_at": now})
+        # The ETag the service computes: the served name is the accepted hostname.
         etag = config_etag(1, hostname, node_labels(roles, None))
         rows[-1]["last_report_etag"] = etag
         machines.append(SimMachine(machine_id, format_token(MACHINE_PREFIX, machine_id, secret),
@@ -213,7 +219,7 @@ async def run_load(host: str, port: int, requests: list[bytes], rate: float,
     return Result(rate, total, len(latencies), errors, elapsed, latencies, statuses)
 
 
-def registrations(url: str, token: str, count: int) -> dict[str, float]:
+def registrations(url: str, token: str, count: int, first: int = 0) -> dict[str, float]:
     """`count` machines registering (POST /v1/discovery) one at a time: each runs the
     scheduler's pass over the fleet, under its lock, so this is what a rack powering on costs."""
     import statistics
@@ -223,7 +229,7 @@ def registrations(url: str, token: str, count: int) -> dict[str, float]:
 
     client = FleetClient(url, token)
     times = []
-    for n in range(count):
+    for n in range(first, first + count):
         facts = {"uuid": f"00000000-0000-4000-9000-{n:012d}", "boot_id": "bench",
                  "hostname": f"new{n}", "interfaces": [{"name": "eth0", "mac": (
                      f"52:55:00:00:{n >> 8 & 255:02x}:{n & 255:02x}"), "boot": True}],
@@ -233,6 +239,24 @@ def registrations(url: str, token: str, count: int) -> dict[str, float]:
         times.append((time.perf_counter() - started) * 1000)
     return {"count": count, "p50_ms": round(statistics.median(times), 1),
             "max_ms": round(max(times), 1)}
+
+
+def registration_at(url: str, size: int, args: argparse.Namespace,
+                    work: Path) -> dict[str, float]:
+    """A new machine's registration timed in a fleet of `size` (nothing else running)."""
+    from tests.fleet.servers import ProcessServer
+
+    _machines, token = seeded_store(url, size)
+    server = ProcessServer(url).start(work / f"serve-registration-{size}.log")
+    try:
+        registrations(server.url, token, 3)  # warm-up: connections, caches
+        result = registrations(server.url, token, args.registrations, first=100)
+    finally:
+        server.stop()
+    print(f"\n[sqlite] registration in a fleet of {size} machines: median "
+          f"{result['p50_ms']:.1f} ms, max {result['max_ms']:.1f} ms "
+          f"({args.registrations} machines, one after another)")
+    return result
 
 
 def process_tree(pid: int) -> list[int]:
@@ -261,17 +285,22 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from tests.fleet.servers import ProcessServer
-
+def seeded_store(url: str, count: int) -> tuple[list[SimMachine], str]:
+    """A migrated store with `count` machines and a bootstrap token."""
     db = Database(url)
     migrations.upgrade(db.write_engine)
-    machines = seed(db, args.machines)
+    machines = seed(db, count)
     bootstrap_token = create_token(db, "bootstrap", "bench")[1]
     db.dispose()
-    workers = args.workers if name == "postgresql" else 1
+    return machines, bootstrap_token
+
+
+def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, workers: int,
+                machines: list[SimMachine], bootstrap_token: str) -> dict[str, Any]:
+    from tests.fleet.servers import ProcessServer
+
     server = ProcessServer(url, args=("--workers", str(workers))).start(
-        work / f"serve-{name}.log")
+        work / f"serve-{name}-{workers}.log")
     assert server.process is not None
     host, port = server.host, server.port
     try:
@@ -292,6 +321,9 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> di
               f"p50 {fleet.pct(0.5):.1f} ms, p99 {fleet.pct(0.99):.1f} ms, "
               f"errors {fleet.errors}, statuses {fleet.statuses}, service RSS {fleet_rss:.0f} MB")
         print(f"  service CPU per request (mixed poll/report): {cpu_per_request * 1000:.2f} ms")
+        if fleet.statuses.get(200):
+            print("  WARNING: polls answered 200, not 304: the seeded ETags do not match the "
+                  "service's, so this measured full renders")
         best = 0.0
         steps = []
         for rate in RAMP:
@@ -310,7 +342,8 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path) -> di
             if not ok:
                 break
             best = rate
-        registration = registrations(server.url, bootstrap_token, args.registrations)
+        registration = registrations(server.url, bootstrap_token, args.registrations,
+                                     first=1000 * workers)
         print(f"  {args.registrations} new machines registering one after another into the "
               f"fleet (each runs a scheduling pass): median {registration['p50_ms']:.1f} ms, "
               f"max {registration['max_ms']:.1f} ms")
@@ -334,8 +367,12 @@ def main() -> None:
     parser.add_argument("--step-seconds", type=float, default=10.0)
     parser.add_argument("--max-rate", type=float, default=3000.0)
     parser.add_argument("--store", default="sqlite,postgresql")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="service worker processes on PostgreSQL (SQLite: always 1)")
+    parser.add_argument("--processes", default="1,2,4",
+                        help="service process counts to run against one PostgreSQL, one after "
+                             "another (SQLite: always 1)")
+    parser.add_argument("--registration-fleets", default="1000,100000",
+                        help="fleet sizes (SQLite) at which a new machine's registration is "
+                             "timed on its own ('' to skip)")
     parser.add_argument("--registrations", type=int, default=50,
                         help="new machines registered one at a time after the ramp")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
@@ -345,8 +382,9 @@ def main() -> None:
         work = Path(tmp)
         for store in args.store.split(","):
             if store == "sqlite":
-                summary.append(bench_store("sqlite", f"sqlite:///{work / 'fleet.db'}", args,
-                                           work))
+                url = f"sqlite:///{work / 'fleet.db'}"
+                summary.append(bench_store("sqlite", url, args, work, 1,
+                                           *seeded_store(url, args.machines)))
             elif store == "postgresql":
                 from tests.fleet.servers import PostgresCluster
 
@@ -356,12 +394,30 @@ def main() -> None:
                     continue
                 cluster = PostgresCluster.start()
                 try:
-                    summary.append(bench_store("postgresql", cluster.create_database(), args,
-                                               work))
+                    url = cluster.create_database()
+                    machines, token = seeded_store(url, args.machines)
+                    per_count = []
+                    for count in (int(n) for n in args.processes.split(",")):
+                        result = bench_store("postgresql", url, args, work, count, machines,
+                                             token)
+                        summary.append(result)
+                        per_count.append(result)
+                    print(f"\n[postgresql] {args.machines} machines, by service processes "
+                          "(one PostgreSQL, same machine):")
+                    print("  processes | fleet p99 ms | CPU ms/request | highest report rate "
+                          "with p99 <= 100 ms")
+                    for result in per_count:
+                        print(f"  {result['workers']:9d} | {result['fleet_p99_ms']:12.1f} | "
+                              f"{result['cpu_ms_per_request']:14.2f} | "
+                              f"{result['max_report_rate']:.0f}/s")
                 finally:
                     cluster.stop()
             else:
                 parser.error(f"unknown store {store!r}")
+        for size in (int(n) for n in args.registration_fleets.split(",") if n):
+            url = f"sqlite:///{work / f'registration-{size}.db'}"
+            summary.append({"registration_fleet": size, **registration_at(url, size, args,
+                                                                           work)})
     if args.json:
         print(json.dumps(summary, indent=2))
     print(f"\n(cpu: {os.cpu_count()} cores, shared; load generator in this process)")

@@ -111,15 +111,11 @@ class Database:
 
     @contextmanager
     def read_conn(self) -> Iterator[Connection]:
-        """A Core connection for the hot read paths (no ORM unit of work). On PostgreSQL it
-        runs in autocommit: each of these reads is one statement (or reads immutable rows),
-        and BEGIN/COMMIT would double the round trips."""
-        if self.sqlite:
-            with self.engine.begin() as connection:
-                yield connection
-        else:
-            with self._autocommit.connect() as connection:
-                yield connection
+        """A Core connection for the hot read paths (no ORM unit of work), in autocommit:
+        each of these reads is one statement (or reads immutable rows), and BEGIN/COMMIT would
+        double the round trips (PostgreSQL) or the driver calls (SQLite)."""
+        with self._autocommit.connect() as connection:
+            yield connection
 
     @contextmanager
     def write_conn(self) -> Iterator[Connection]:
@@ -156,9 +152,21 @@ def _make_engine(url: str, *, immediate: bool) -> Engine:
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         # pysqlite's own transaction handling is turned off (isolation_level None in
         # _sqlite_pragmas) so that this BEGIN is the one that runs.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql(begin))
+
+        def start(connection: Connection) -> None:
+            # Straight to the driver: through exec_driver_sql this costs as much as the query.
+            # Autocommit connections (read_conn) run each statement on its own.
+            if connection.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+                dbapi = connection.connection.dbapi_connection
+                assert dbapi is not None
+                dbapi.execute(begin)
+
+        event.listen(engine, "begin", start)
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    # No pre-ping: it is one more round trip on every request. A connection that died with
+    # the server fails its request with a 503 and Retry-After (app.error_response), and that
+    # disconnect discards the whole pool, so the next requests reconnect.
+    return create_engine(url, pool_size=20, max_overflow=20, pool_recycle=3600)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, TypeAlias, cast
+from typing import Any, NamedTuple, TypeAlias, cast
 
 from sqlalchemy import Connection, Row, bindparam, select
 from sqlalchemy.orm import Session
@@ -213,14 +213,28 @@ def advance(session: Session) -> None:
 
 # One query on the hot paths (every config poll and report): the newest rollout's row joined
 # with this machine's membership in it.
-_LATEST = select(RolloutRow.id).order_by(RolloutRow.id.desc()).limit(1).scalar_subquery()
-Membership: TypeAlias = "Row[str, int, bool, str, int | None]"
+LATEST = select(RolloutRow.id).order_by(RolloutRow.id.desc()).limit(1).scalar_subquery()
+
+
+class Place(NamedTuple):
+    """A machine's place in the latest rollout, read along with the machine itself on the
+    hot paths (service.authorized_view)."""
+
+    status: str
+    revision: int
+    rollback: bool
+    progress: str
+    previous_revision: int | None
+
+
+Membership: TypeAlias = "Row[str, int, bool, str, int | None] | Place"
+MEMBERSHIP_COLUMNS = (RolloutRow.status, RolloutRow.revision, RolloutRow.rollback,
+                      RolloutMember.progress, RolloutMember.previous_revision)
 _MEMBERSHIP = (
-    select(RolloutRow.status, RolloutRow.revision, RolloutRow.rollback,
-           RolloutMember.progress, RolloutMember.previous_revision)
+    select(*MEMBERSHIP_COLUMNS)
     .select_from(RolloutRow)
     .join(RolloutMember, RolloutMember.rollout_id == RolloutRow.id)
-    .where(RolloutRow.id == _LATEST, RolloutMember.machine_id == bindparam("mid")))
+    .where(RolloutRow.id == LATEST, RolloutMember.machine_id == bindparam("mid")))
 
 
 def membership(connection: Session | Connection, machine_id: str) -> Membership | None:
@@ -338,7 +352,7 @@ _SERVED_ALL = (
            RolloutRow.rollback, RolloutMember.progress, RolloutMember.previous_revision)
     .select_from(RolloutRow)
     .join(RolloutMember, RolloutMember.rollout_id == RolloutRow.id)
-    .where(RolloutRow.id == _LATEST))
+    .where(RolloutRow.id == LATEST))
 
 
 def _machines_with_served(session: Session

@@ -8,6 +8,7 @@ its number and digest (a revision's text never changes).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -19,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 import yaml
 from sqlalchemy import (
@@ -66,6 +67,8 @@ from divingbell.fleet.models import (
     MachineMac,
     Report,
     Revision,
+    RolloutMember,
+    RolloutRow,
     Setting,
     StateChange,
     Token,
@@ -478,8 +481,20 @@ _SETTINGS = cast(Table, Setting.__table__)
 _ACTIVE = (select(_SETTINGS.c.value).where(_SETTINGS.c.key == ACTIVE_REVISION)
            .scalar_subquery())
 _VIEW_COLUMNS = [_MACHINES.c[c.key] for c in VIEW_COLUMNS]
-_SELF_VIEW = select(_MACHINES.c.credential_hash, _ACTIVE, *_VIEW_COLUMNS).where(
-    _MACHINES.c.id == bindparam("id"))
+_MEMBERS = cast(Table, RolloutMember.__table__)
+_ROLLOUTS = cast(Table, RolloutRow.__table__)
+# The machine asking about itself: its credential hash, the active revision, its view and its
+# place in the latest rollout (NULLs when it has none), in one statement.
+_SELF_VIEW = select(
+    _MACHINES.c.credential_hash, _ACTIVE, *_VIEW_COLUMNS,
+    _ROLLOUTS.c.status, _ROLLOUTS.c.revision, _ROLLOUTS.c.rollback, _MEMBERS.c.progress,
+    _MEMBERS.c.previous_revision,  # rollouts.Place, in its order
+).select_from(
+    _MACHINES.outerjoin(_MEMBERS, and_(_MEMBERS.c.machine_id == _MACHINES.c.id,
+                                       _MEMBERS.c.rollout_id == rollouts.LATEST))
+    .outerjoin(_ROLLOUTS, _ROLLOUTS.c.id == _MEMBERS.c.rollout_id)
+).where(_MACHINES.c.id == bindparam("id"))
+_PLACE_AT = 2 + len(_VIEW_COLUMNS)
 _INSERT_REPORT = insert(_REPORTS)
 _INSERT_HISTORY = insert(_HISTORY)
 _REPORT_COLUMNS = ("last_report_at", "last_report_revision", "last_report_etag",
@@ -509,22 +524,35 @@ def machine_view(connection: Connection, machine_id: str) -> View:
     return View(*row)
 
 
+class Authorized(NamedTuple):
+    principal: Principal
+    machine: View
+    active: int | None
+    place: rollouts.Membership | None
+    """The machine's place in the latest rollout (None: not in it)."""
+
+
 def authorized_view(connection: Connection, credentials: Credentials, machine_id: str,
-                    *, readers: bool) -> tuple[Principal, View, int | None]:
-    """Check the caller, load the machine's view and the active revision: one query when the
-    machine asks about itself (every poll and report). `readers`: reader tokens may read."""
+                    *, readers: bool) -> Authorized:
+    """Check the caller, load the machine's view, the active revision and the machine's place
+    in the latest rollout: one query when the machine asks about itself (every poll and
+    report). `readers`: reader tokens may read."""
     if credentials.prefix == MACHINE_PREFIX and credentials.ident == machine_id:
         row = connection.execute(_SELF_VIEW, {"id": machine_id}).first()
         if row is None or not hmac.compare_digest(row[0], hash_secret(credentials.secret)):
             raise unauthorized("invalid token")
         active = int(row[1]) if row[1] else None
-        return Principal("machine", machine_id, "machine"), View(*row[2:]), active
+        place = row[_PLACE_AT:]
+        return Authorized(Principal("machine", machine_id, "machine"),
+                          View(*row[2:_PLACE_AT]), active,
+                          None if place[3] is None else rollouts.Place(*place))
     principal = verify(connection, credentials)
     if readers:
         check_machine_or_reader(principal, machine_id)
     else:
         check_machine_or_admin(principal, machine_id)
-    return principal, machine_view(connection, machine_id), active_revision(connection)
+    return Authorized(principal, machine_view(connection, machine_id),
+                      active_revision(connection), rollouts.membership(connection, machine_id))
 
 
 def labels_of(machine: MachineLike) -> dict[str, str]:
@@ -741,7 +769,13 @@ def revision_document(revision: Revision | Row[int, str, str, str]) -> ValidDocu
 
 def config_etag(revision: int, hostname: str, labels: Mapping[str, str]) -> str:
     """`"<revision>-<digest of what else shapes the config>"`: a role change changes it too."""
-    digest = hashlib.sha256(json.dumps([hostname, sorted(labels.items())]).encode())
+    return _etag(revision, hostname, tuple(sorted(labels.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _etag(revision: int, hostname: str, labels: tuple[tuple[str, str], ...]) -> str:
+    # Cached: a report asks it twice (state, then the answer's up_to_date), a pure function.
+    digest = hashlib.sha256(json.dumps([hostname, [list(pair) for pair in labels]]).encode())
     return f'"{revision}-{digest.hexdigest()[:10]}"'
 
 
@@ -769,10 +803,12 @@ class Rendered:
 
 
 def render_config(connection: Connection, machine: MachineLike, if_none_match: str | None,
-                  active: int | None, *, masked: bool = False) -> Rendered:
-    """The document this machine is served. `masked`: secrets masked, for readers."""
+                  active: int | None, place: rollouts.Membership | None, *,
+                  masked: bool = False) -> Rendered:
+    """The document this machine is served (`place`: its place in the latest rollout).
+    `masked`: secrets masked, for readers."""
     # What this machine is served: its rollout's decision (machines wait for their wave).
-    active = rollouts.served_revision(connection, machine.id, active)
+    active = rollouts.served_by(place, active)
     if active is None:
         raise ApiError(404, {"error": "no-document",
                              "message": "no document pushed yet: divingbell fleet document push"})
@@ -823,8 +859,8 @@ def revision_exists(connection: Connection, number: int) -> bool:
     return found
 
 
-def add_report(connection: Connection, machine: View, active: int | None, body: ReportBody,
-               keep: int) -> View:
+def add_report(connection: Connection, machine: View, active: int | None,
+               place: rollouts.Membership | None, body: ReportBody, keep: int) -> View:
     """Store a report, update the machine's freshness and state, keep the last `keep`.
     Prebuilt Core statements only: this is the busiest write path of the service."""
     machine_id = machine.id
@@ -844,7 +880,6 @@ def add_report(connection: Connection, machine: View, active: int | None, body: 
         "v_last_report_etag": body.etag, "v_last_report_state": body.state}
     # Ready means it converged what it is served: during a rollout, that may be the previous
     # revision (outdated, but healthy and available).
-    place = rollouts.membership(connection, machine_id)
     served = rollouts.served_by(place, active)
     wanted = states.DEGRADED if body.state == "failed" else (
         states.READY if up_to_date(after, served) else states.UPDATING)

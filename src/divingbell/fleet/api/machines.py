@@ -18,11 +18,14 @@ from divingbell.fleet.api.schemas import (
 from divingbell.fleet.auth import (
     Admin,
     Bearer,
+    Credentials,
     Enroller,
     MachineOrAdmin,
     MachineOrReader,
+    Principal,
     Reader,
 )
+from divingbell.fleet.db import Database
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import iso
 
@@ -149,6 +152,44 @@ def run_scheduler(request: Request, _: Admin) -> dict[str, Any]:
         return {"assigned": service.run_scheduler(session, request.app.state.settings)}
 
 
+def serve_config(db: Database, credentials: Credentials, machine_id: str,
+                 if_none_match: str | None) -> tuple[Principal, service.Rendered]:
+    """A configuration poll, in one worker thread: credentials, machine and configuration in
+    one transaction; a running machine fetching a configuration it has not converged is then
+    marked updating. Shared by the route and the hot path (fleet/hotpath.py)."""
+    with db.read_conn() as connection:
+        principal, machine, active, place = service.authorized_view(
+            connection, credentials, machine_id, readers=True)
+        masked = principal.kind != "machine" and not service.sees_secrets(principal)
+        rendered = service.render_config(connection, machine, if_none_match, active, place,
+                                         masked=masked)
+    if (rendered.text is not None and principal.kind == "machine"
+            and machine.state in (states.READY, states.DEGRADED)):
+        with db.write() as session:
+            service.note_config_served(session, service.get_machine(session, machine_id),
+                                       rendered)
+    return principal, rendered
+
+
+def config_response(rendered: service.Rendered) -> Response:
+    headers = {"ETag": rendered.etag, "X-Divingbell-Revision": str(rendered.revision)}
+    if rendered.text is None:
+        return Response(status_code=304, headers=headers)
+    return Response(rendered.text, media_type="application/yaml", headers=headers)
+
+
+def store_report(db: Database, credentials: Credentials, machine_id: str, body: ReportBody,
+                 keep: int) -> tuple[Principal, dict[str, Any]]:
+    """A report, in one worker thread and one write transaction. Shared by the route and the
+    hot path (fleet/hotpath.py)."""
+    with db.write_conn() as connection:
+        principal, machine, active, place = service.authorized_view(
+            connection, credentials, machine_id, readers=False)
+        machine = service.add_report(connection, machine, active, place, body, keep)
+    return principal, {"state": machine.state,
+                       "up_to_date": service.up_to_date(machine, active), "revision": active}
+
+
 @router.get("/machines/{machine_id}/config", response_class=Response, responses={
     200: {"content": {"application/yaml": {}}, "description": "the effective document"},
     304: {"description": "not modified"}})
@@ -159,31 +200,10 @@ async def get_config(machine_id: MachineId, request: Request, credentials: Beare
     labels and accepted hostname already applied). `ETag: "<revision>-<digest>"`; send it
     back as `If-None-Match` to get 304 while nothing changed. (That machine's credential, or
     a reader or admin token; a reader sees secrets masked.)"""
-    db = request.app.state.db
-
-    def work() -> tuple[service.Rendered, str, str]:
-        # One thread hop and one transaction: credentials, machine, configuration.
-        with db.read_conn() as connection:
-            principal, machine, active = service.authorized_view(
-                connection, credentials, machine_id, readers=True)
-            request.state.principal = principal
-            masked = principal.kind != "machine" and not service.sees_secrets(principal)
-            return (service.render_config(connection, machine, if_none_match, active,
-                                          masked=masked),
-                    principal.kind, machine.state)
-
-    rendered, kind, state = await run_in_threadpool(work)
-    headers = {"ETag": rendered.etag, "X-Divingbell-Revision": str(rendered.revision)}
-    if rendered.text is None:
-        return Response(status_code=304, headers=headers)
-    if kind == "machine" and state in (states.READY, states.DEGRADED):
-        def note() -> None:
-            with db.write() as session:
-                service.note_config_served(session, service.get_machine(session, machine_id),
-                                           rendered)
-
-        await run_in_threadpool(note)
-    return Response(rendered.text, media_type="application/yaml", headers=headers)
+    principal, rendered = await run_in_threadpool(
+        serve_config, request.app.state.db, credentials, machine_id, if_none_match)
+    request.state.principal = principal
+    return config_response(rendered)
 
 
 @router.post("/machines/{machine_id}/reports", status_code=201)
@@ -191,19 +211,11 @@ async def post_report(machine_id: MachineId, body: ReportBody, request: Request,
                       credentials: Bearer) -> dict[str, Any]:
     """What the agent applied: revision, outcome, per-module changes and failures, drift.
     (That machine's credential, or an admin token.)"""
-    db = request.app.state.db
-    keep = request.app.state.settings.reports_kept
-
-    def work() -> dict[str, Any]:
-        with db.write_conn() as connection:
-            principal, machine, active = service.authorized_view(
-                connection, credentials, machine_id, readers=False)
-            request.state.principal = principal
-            machine = service.add_report(connection, machine, active, body, keep)
-        return {"state": machine.state, "up_to_date": service.up_to_date(machine, active),
-                "revision": active}
-
-    return await run_in_threadpool(work)
+    principal, answer = await run_in_threadpool(
+        store_report, request.app.state.db, credentials, machine_id, body,
+        request.app.state.settings.reports_kept)
+    request.state.principal = principal
+    return answer
 
 
 @router.get("/machines/{machine_id}/reports")

@@ -1,0 +1,190 @@
+"""The two requests every machine makes every minute, answered without the framework.
+
+A machine's configuration poll (`GET /v1/machines/{id}/config`, mostly a 304) and its report
+(`POST /v1/machines/{id}/reports`) are nearly all of a fleet's traffic. Through FastAPI each
+costs routing over every route, dependency solving, body parsing twice and response
+serialisation: several times the store work. `HotPaths` answers them as plain ASGI when the
+caller is the machine itself (its own `dbm_` credential), with the very functions the routes
+use (`api/machines.serve_config`, `store_report`), so both answer alike:
+
+- the credential is checked against the store on every request, in the same transaction as
+  the work (no cache that could outlive a revocation);
+- the body is bounded, checked for depth (the app's `json_too_deep`) and validated by the same
+  pydantic model, in one call from the raw bytes;
+- anything else (another caller, a malformed header, an invalid or oversized body) goes on
+  to the FastAPI route unchanged, body replayed, so every error keeps its one shape and the
+  OpenAPI document stays complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response
+
+from divingbell.fleet.api.machines import config_response, serve_config, store_report
+from divingbell.fleet.api.schemas import ReportBody
+from divingbell.fleet.auth import MACHINE_PREFIX, Credentials, parse_token
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+T = TypeVar("T")
+
+_HOT = re.compile(r"^/v1/machines/([A-Za-z0-9_-]{1,32})/(config|reports)$")
+MAX_REPORT_BYTES = 256 * 1024
+"""A report larger than this goes the framework's way (a real one is a few hundred bytes)."""
+MAX_IF_NONE_MATCH = 1024
+WORKER_THREADS = 16
+
+
+@dataclass(frozen=True)
+class RouteName:
+    """What the request log and metrics read from `scope["route"]`: the route's template."""
+
+    path: str
+
+
+CONFIG_ROUTE = RouteName("/v1/machines/{machine_id}/config")
+REPORTS_ROUTE = RouteName("/v1/machines/{machine_id}/reports")
+
+
+def machine_credentials(scope: Scope, machine_id: str) -> tuple[Credentials | None, str | None]:
+    """The machine's own credential from the Authorization header (None for any other caller
+    or shape), and If-None-Match (None when absent)."""
+    authorization = if_none_match = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if authorization is not None:
+                return None, None
+            authorization = value
+        elif name == b"if-none-match":
+            if if_none_match is not None or len(value) > MAX_IF_NONE_MATCH:
+                return None, None
+            if_none_match = value.decode("latin-1")
+    if authorization is None or authorization[:7].lower() != b"bearer ":
+        return None, None
+    parsed = parse_token(authorization[7:].decode("latin-1").strip())
+    if parsed is None or parsed[0] != MACHINE_PREFIX or parsed[1] != machine_id:
+        return None, None
+    return Credentials(*parsed), if_none_match
+
+
+class HotPaths:
+    """ASGI middleware: the machine's own polls and reports, straight to the store.
+    `error_response` turns the exceptions the app has handlers for into the same responses;
+    `too_deep` is the app's JSON depth guard."""
+
+    def __init__(self, app: ASGIApp, error_response: Callable[[Exception], Response | None],
+                 too_deep: Callable[[bytes], bool]) -> None:
+        self.app = app
+        self.error_response = error_response
+        self.too_deep = too_deep
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def _in_thread(self, function: Callable[[], T]) -> T:
+        # A pool of our own: the loop's default one is small and shared with the framework.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="hot")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = _HOT.match(scope["path"]) if scope["type"] == "http" else None
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        machine_id, what = found.groups()
+        method = scope["method"]
+        if what == "config" and method == "GET" and not scope.get("query_string"):
+            credentials, if_none_match = machine_credentials(scope, machine_id)
+            if credentials is not None:
+                await self._config(scope, receive, send, credentials, machine_id,
+                                   if_none_match)
+                return
+        elif what == "reports" and method == "POST":
+            credentials, _ = machine_credentials(scope, machine_id)
+            if credentials is not None:
+                await self._report(scope, receive, send, credentials, machine_id)
+                return
+        await self.app(scope, receive, send)
+
+    async def _config(self, scope: Scope, receive: Receive, send: Send,
+                      credentials: Credentials, machine_id: str,
+                      if_none_match: str | None) -> None:
+        scope["route"] = CONFIG_ROUTE
+        app = scope["app"]
+        try:
+            principal, rendered = await self._in_thread(partial(
+                serve_config, app.state.db, credentials, machine_id, if_none_match))
+        except Exception as exc:
+            await self._error(exc, scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await config_response(rendered)(scope, receive, send)
+
+    async def _report(self, scope: Scope, receive: Receive, send: Send,
+                      credentials: Credentials, machine_id: str) -> None:
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        size = 0
+        complete = False
+        while size <= MAX_REPORT_BYTES:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
+            if not message.get("more_body", False):
+                complete = True
+                break
+        body = b"".join(chunks)
+        report: ReportBody | None = None
+        if complete and size <= MAX_REPORT_BYTES and _is_json(scope) and not self.too_deep(body):
+            try:
+                report = ReportBody.model_validate_json(body)
+            except ValidationError:
+                report = None
+        if report is None:
+            # The framework's way, with the body as it came: its errors, its shapes.
+            async def replay() -> Message:
+                return messages.pop(0) if messages else await receive()
+
+            await self.app(scope, replay, send)
+            return
+        scope["route"] = REPORTS_ROUTE
+        app = scope["app"]
+        try:
+            principal, answer = await self._in_thread(partial(
+                store_report, app.state.db, credentials, machine_id, report,
+                app.state.settings.reports_kept))
+        except Exception as exc:
+            await self._error(exc, scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await JSONResponse(answer, status_code=201)(scope, receive, send)
+
+    async def _error(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+        response = self.error_response(exc)
+        if response is None:
+            raise exc
+        await response(scope, receive, send)
+
+
+def _is_json(scope: Scope) -> bool:
+    """FastAPI reads a body as JSON only with a JSON content type (or none at all)."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            kind: bytes = value.split(b";", 1)[0].strip().lower()
+            return kind == b"application/json"
+    return False
