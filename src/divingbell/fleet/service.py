@@ -188,6 +188,7 @@ def discover(session: Session, facts: Discovery, settings: FleetSettings,
         secret = new_secret()
         machine.credential_hash = hash_secret(secret)
         credential = format_token(MACHINE_PREFIX, machine.id, secret)
+        machine.enrolled_with = "boot" if principal.role == BOOT else "operator"
         audit(session, principal.label, "enrol", machine.id,
               f"uuid {facts.uuid}{f' as {facts.hostname}' if facts.hostname else ''}")
     session.flush()
@@ -301,6 +302,7 @@ def decommission(session: Session, machine: Machine, settings: FleetSettings, wh
     audit(session, who, "decommission", machine.id)
     machine.roles = []
     machine.pinned = False
+    machine.enrolled_with = None  # out of trust: booting again is a new enrolment
     _revoke(session, machine)
     session.execute(delete(MachineMac).where(MachineMac.machine_id == machine.id))
     session.flush()
