@@ -5,6 +5,7 @@ On the real service, both stores."""
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -43,6 +44,11 @@ def machine_rows(server: ThreadServer) -> int:
             return int(session.scalar(select(func.count()).select_from(Machine)) or 0)
     finally:
         db.dispose()
+
+
+def metrics(server: ThreadServer) -> str:
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as answer:
+        return str(answer.read().decode())
 
 
 def flood(server: ThreadServer, start: int, boots: int) -> dict[str, int]:
@@ -104,6 +110,7 @@ def test_bulk_accept_frees_room_and_is_audited(capped: ThreadServer, cli: Cli) -
         enrol_by_boot(capped, uuid_of(n), mac_of(n), f"node{n}")
     nameless, _ = enrol_by_boot(capped, uuid_of(CAP - 1), mac_of(CAP - 1))
     assert flood(capped, 100, 1) == {"ipxe-429": 1}
+    assert f"divingbell_fleet_machines_unadmitted {CAP}.0" in metrics(capped)
     api = ["--server", capped.url, "--format", "json"]
     denied = cli("fleet", "accept", "--all-unadmitted", *api,
                  env={"DIVINGBELL_TOKEN": capped.reader_token})
@@ -117,6 +124,7 @@ def test_bulk_accept_frees_room_and_is_audited(capped: ThreadServer, cli: Cli) -
     assert [(r["id"], "claimed no hostname" in r["reason"]) for r in answer["refused"]] == [
         (nameless, True)]
     assert answer["unadmitted"] == 1
+    assert "divingbell_fleet_machines_unadmitted 1.0" in metrics(capped)
     events = [e for e in capped.admin.call("GET", "/v1/audit")
               if e["action"] == "accept-unadmitted"]
     assert len(events) == 1 and events[0]["detail"].startswith(f"{CAP - 1} accepted")
@@ -144,3 +152,11 @@ def test_operator_enrolments_never_count_and_decommission_frees_room(
     # A decommissioned machine booting again is a new anonymous enrolment: it waits too.
     status, _ = ipxe(capped, f"?uuid={uuid_of(0)}")
     assert status == 429
+
+
+def test_accept_names_one_machine_or_all_unadmitted_never_both(cli: Cli) -> None:
+    api = ["--server", "http://127.0.0.1:9"]
+    neither = cli("fleet", "accept", *api)
+    assert neither.returncode == 2 and "give MACHINE_ID, or --all-unadmitted" in neither.stderr
+    both = cli("fleet", "accept", "m1", "--all-unadmitted", *api)
+    assert both.returncode == 2 and "--all-unadmitted takes no MACHINE_ID" in both.stderr
