@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
 from sqlalchemy import func, select
 
+from divingbell.fleet.client import FleetApiError
 from divingbell.fleet.db import Database
 from divingbell.fleet.models import Machine
 from divingbell.fleet.settings import FleetSettings
@@ -160,3 +162,23 @@ def test_accept_names_one_machine_or_all_unadmitted_never_both(cli: Cli) -> None
     assert neither.returncode == 2 and "give MACHINE_ID, or --all-unadmitted" in neither.stderr
     both = cli("fleet", "accept", "m1", "--all-unadmitted", *api)
     assert both.returncode == 2 and "--all-unadmitted takes no MACHINE_ID" in both.stderr
+
+
+def test_concurrent_enrolments_cannot_pass_the_cap_together(capped: ThreadServer) -> None:
+    # Tokens taken while there was room, spent all at once: the count is taken under the
+    # scheduler's lock, so exactly CAP get through.
+    extra = 4
+    tokens = [boot_token(capped, f"?uuid={uuid_of(n)}&mac={mac_of(n).replace(':', '-')}")
+              for n in range(CAP + extra)]
+
+    def enrol(n: int) -> int:
+        try:
+            capped.client(tokens[n]).discover(booted_facts(uuid_of(n), mac_of(n)))
+        except FleetApiError as exc:  # its status is the outcome under test
+            return exc.status
+        return 201
+
+    with ThreadPoolExecutor(max_workers=CAP + extra) as pool:
+        statuses = sorted(pool.map(enrol, range(CAP + extra)))
+    assert statuses == [201] * CAP + [429] * extra
+    assert machine_rows(capped) == CAP + extra  # the refused keep their `booting` rows only
