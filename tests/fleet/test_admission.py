@@ -113,6 +113,9 @@ def test_bulk_accept_frees_room_and_is_audited(capped: ThreadServer, cli: Cli) -
     nameless, _ = enrol_by_boot(capped, uuid_of(CAP - 1), mac_of(CAP - 1))
     assert flood(capped, 100, 1) == {"ipxe-429": 1}
     assert f"divingbell_fleet_machines_unadmitted {CAP}.0" in metrics(capped)
+    admin = {"DIVINGBELL_TOKEN": capped.admin_token}
+    listed = cli("fleet", "machines", "--server", capped.url, env=admin)
+    assert listed.stdout.count("(unadmitted)") == CAP, listed.stdout
     api = ["--server", capped.url, "--format", "json"]
     denied = cli("fleet", "accept", "--all-unadmitted", *api,
                  env={"DIVINGBELL_TOKEN": capped.reader_token})
@@ -127,6 +130,9 @@ def test_bulk_accept_frees_room_and_is_audited(capped: ThreadServer, cli: Cli) -
         (nameless, True)]
     assert answer["unadmitted"] == 1
     assert "divingbell_fleet_machines_unadmitted 1.0" in metrics(capped)
+    listed = cli("fleet", "machines", "--server", capped.url, env=admin)
+    assert "node0 (unadmitted)" not in listed.stdout and "node0" in listed.stdout
+    assert listed.stdout.count("(unadmitted)") == 1
     events = [e for e in capped.admin.call("GET", "/v1/audit")
               if e["action"] == "accept-unadmitted"]
     assert len(events) == 1 and events[0]["detail"].startswith(f"{CAP - 1} accepted")

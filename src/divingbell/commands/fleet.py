@@ -397,7 +397,8 @@ def machines(server: str, token_file: Path | None, ca_file: str | None, state: s
         return
     click.echo(table(
         ["ID", "HOSTNAME", "STATE", "ROLES", "RACK", "REVISION", "UP-TO-DATE", "LAST REPORT"],
-        [[m["id"], m["hostname"] or "-", m["state"],
+        [[m["id"], (m["hostname"] or "-") + (" (unadmitted)" if m.get("unadmitted") else ""),
+          m["state"],
           ",".join(m["roles"]) + (" (pinned)" if m["pinned"] else "") or "-",
           m["rack"] or "-", str(m["revision"] or "-"), "yes" if m["up_to_date"] else "no",
           m["last_report_at"] or "never"] for m in rows]))

@@ -537,6 +537,8 @@ def machine_summary(machine: Machine, active: int | None) -> dict[str, Any]:
     return {
         "id": machine.id, "uuid": machine.uuid, "hostname": machine.hostname,
         "hostname_accepted": machine.hostname_accepted, "state": machine.state,
+        "unadmitted": machine.enrolled_with == "boot" and not machine.hostname_accepted
+        and machine.state != states.DECOMMISSIONED,
         "state_changed_at": iso(machine.state_changed_at),
         "roles": list(machine.roles or []), "pinned": machine.pinned, "rack": machine.rack,
         "revision": machine.last_report_revision,
