@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from divingbell.fleet.client import FleetApiError
 from divingbell.fleet.db import Database
@@ -188,3 +188,21 @@ def test_concurrent_enrolments_cannot_pass_the_cap_together(capped: ThreadServer
         statuses = sorted(pool.map(enrol, range(CAP + extra)))
     assert statuses == [201] * CAP + [429] * extra
     assert machine_rows(capped) == CAP + extra  # the refused keep their `booting` rows only
+
+
+def test_bulk_accept_leaves_a_name_another_active_machine_holds(capped: ThreadServer) -> None:
+    claimer, _ = enrol_by_boot(capped, uuid_of(1), mac_of(1), "twin")
+    holder = capped.bootstrap.discover(booted_facts(uuid_of(2), mac_of(2), "other"))
+    # A row from before names were unique (or an older export): same name, enrolment unknown.
+    db = Database(capped.settings.db_url)
+    try:
+        with db.write() as session:
+            session.execute(update(Machine).where(Machine.id == holder["machine_id"]).values(
+                hostname="twin", enrolled_with=None))
+    finally:
+        db.dispose()
+    answer = capped.admin.accept_unadmitted()
+    assert answer["accepted"] == []
+    assert [(r["id"], r["hostname"]) for r in answer["refused"]] == [(claimer, "twin")]
+    assert "already another active machine's" in answer["refused"][0]["reason"]
+    assert capped.admin.machine(claimer)["hostname_accepted"] is False

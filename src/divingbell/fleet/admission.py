@@ -86,11 +86,13 @@ def accept_all_unadmitted(session: Session, who: str) -> BulkAcceptance:
     service.lock_scheduler(session)
     # Names are unique among active machines when claimed; this also covers rows older
     # than that rule.
-    taken = set(session.scalars(select(Machine.hostname).where(
-        Machine.hostname != "", Machine.state.not_in(service.ACTIVE_EXCLUDED),
-        ~UNADMITTED)))
     candidates = session.scalars(select(Machine).where(UNADMITTED).order_by(
         Machine.created_at, Machine.id)).all()
+    waiting = {machine.id for machine in candidates}
+    taken = {hostname for ident, hostname in session.execute(
+        select(Machine.id, Machine.hostname).where(
+            Machine.hostname != "", Machine.state.not_in(service.ACTIVE_EXCLUDED)))
+        if ident not in waiting}
     now = utcnow()
     accepted: list[dict[str, str]] = []
     refused: list[Refusal] = []
