@@ -198,7 +198,7 @@ def test_bulk_accept_leaves_a_name_another_active_machine_holds(capped: ThreadSe
     try:
         with db.write() as session:
             session.execute(update(Machine).where(Machine.id == holder["machine_id"]).values(
-                hostname="twin", enrolled_with=None))
+                hostname="twin", hostname_accepted=False, enrolled_with=None))
     finally:
         db.dispose()
     answer = capped.admin.accept_unadmitted()
