@@ -128,3 +128,32 @@ def test_migration_0005_drops_unbound_boot_tokens_and_accepts_unique_hostnames(
             assert len(session.execute(text("SELECT id FROM machines")).all()) == 4
     finally:
         db.dispose()
+
+
+def test_migration_0007_counts_existing_unaccepted_enrolments_as_unadmitted(
+        store_url: str) -> None:
+    db = Database(store_url)
+    try:
+        migrations.upgrade(db.write_engine, "0006")
+        now = utcnow()
+        with db.write() as session:
+            for ident, accepted, credential, state in (
+                    ("m1", True, "h", "ready"), ("m2", False, "h", "discovered"),
+                    ("m3", False, "", "booting"), ("m4", False, "", "decommissioned")):
+                session.execute(text(
+                    "INSERT INTO machines (id, uuid, hostname, hostname_accepted, state,"
+                    " state_changed_at, roles, pinned, interfaces, disks, lldp,"
+                    " credential_hash, created_at, discovered_at) VALUES (:id, :id, :id, :a,"
+                    " :s, :now, '[]', false, '[]', '[]', '[]', :c, :now, :now)"),
+                    {"id": ident, "a": accepted, "s": state, "c": credential, "now": now})
+        migrations.upgrade(db.write_engine)
+        assert "ix_machines_unadmitted" in {
+            index["name"] for index in inspect(db.engine).get_indexes("machines")}
+        with db.read() as session:
+            enrolled_with = {m.id: m.enrolled_with for m in session.query(Machine)}
+        assert enrolled_with == {"m1": "operator", "m2": "boot", "m3": None, "m4": None}
+        migrations.downgrade(db.write_engine, "0006")
+        assert "ix_machines_unadmitted" not in {
+            index["name"] for index in inspect(db.engine).get_indexes("machines")}
+    finally:
+        db.dispose()

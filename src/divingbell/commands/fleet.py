@@ -152,6 +152,12 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               show_default=True, metavar="N",
               help="At most N boot tokens pending at once; further boot requests that need one "
               "get 429 and retry (bounds what anonymous boots can store). See docs/security.md.")
+@click.option("--max-unadmitted", type=click.IntRange(1, 1_000_000), default=1000,
+              show_default=True, metavar="N",
+              help="At most N machines enrolled anonymously (network boot) that no operator "
+              "admitted yet; new anonymous enrolments beyond get 429 until you admit them "
+              "(`fleet accept --all-unadmitted`) or decommission some. Machines enrolled with "
+              "a bootstrap token never count. See docs/security.md.")
 @click.option("--slot-concurrency", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Maintenance slots per group for a machine served no document (with one, "
               "its maintenance.reboot.concurrency decides; never the claimer).")
@@ -171,7 +177,8 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
           workers: int, no_migrate: bool, log_level: str, assets: str | None,
           public_url: str | None, boot_profiles: str | None, boot_token_ttl: str,
-          max_pending_boots: int, slot_concurrency: int, slot_ttl_max: str,
+          max_pending_boots: int, max_unadmitted: int, slot_concurrency: int,
+          slot_ttl_max: str,
           secrets_key_file: str | None, power_interval: float, power_timeout: str,
           **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
@@ -217,6 +224,7 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              assets_dir=assets, public_url=public_url,
                              boot_profiles=boot_profiles, boot_token_ttl_seconds=boot_ttl,
                              max_pending_boots=max_pending_boots,
+                             max_unadmitted=max_unadmitted,
                              slot_concurrency=slot_concurrency,
                              slot_ttl_max_seconds=slot_ttl, secrets_key_file=secrets_key_file,
                              power_min_interval_seconds=power_interval,
@@ -389,7 +397,8 @@ def machines(server: str, token_file: Path | None, ca_file: str | None, state: s
         return
     click.echo(table(
         ["ID", "HOSTNAME", "STATE", "ROLES", "RACK", "REVISION", "UP-TO-DATE", "LAST REPORT"],
-        [[m["id"], m["hostname"] or "-", m["state"],
+        [[m["id"], (m["hostname"] or "-") + (" (unadmitted)" if m.get("unadmitted") else ""),
+          m["state"],
           ",".join(m["roles"]) + (" (pinned)" if m["pinned"] else "") or "-",
           m["rack"] or "-", str(m["revision"] or "-"), "yes" if m["up_to_date"] else "no",
           m["last_report_at"] or "never"] for m in rows]))
@@ -683,18 +692,34 @@ def reenroll(server: str, token_file: Path | None, ca_file: str | None, machine_
 
 @fleet.command()
 @_api_options
-@click.argument("machine_id")
+@click.argument("machine_id", required=False)
 @click.option("--hostname", metavar="NAME",
               help="Accept this name instead of the one the machine claimed (RFC 1123).")
+@click.option("--all-unadmitted", is_flag=True,
+              help="Instead of one machine: accept the claimed name of every machine enrolled "
+              "anonymously that no operator accepted yet, where the name is valid and free; "
+              "the others are listed with why. One audit event.")
 @_format_option
-def accept(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
-           hostname: str | None, output_format: str) -> None:
+def accept(server: str, token_file: Path | None, ca_file: str | None, machine_id: str | None,
+           hostname: str | None, all_unadmitted: bool, output_format: str) -> None:
     """Accept MACHINE_ID's host name (an admin's act, audited).
 
     A name a machine claims for itself at a network boot is only its word: it selects the
     document's host overrides and the machine's own join script only once accepted. Names
     are unique among active machines: a conflict names both.
+
+    Accepting a name admits a machine enrolled anonymously: at most `serve --max-unadmitted`
+    such machines wait for it, and new ones get 429 beyond. `--all-unadmitted` admits them
+    all at once (check `divingbell fleet machines` first: each is a machine that booted on
+    your provisioning network).
     """
+    if all_unadmitted:
+        if machine_id is not None or hostname is not None:
+            raise click.UsageError("--all-unadmitted takes no MACHINE_ID or --hostname")
+        _accept_unadmitted(server, token_file, ca_file, output_format)
+        return
+    if machine_id is None:
+        raise click.UsageError("give MACHINE_ID, or --all-unadmitted")
     body = {} if hostname is None else {"hostname": hostname}
     data = _call(_client(server, token_file, ca_file).call,
                  "PUT", f"/v1/machines/{machine_id}/hostname", body)
@@ -702,6 +727,21 @@ def accept(server: str, token_file: Path | None, ca_file: str | None, machine_id
         _echo_json(data)
         return
     click.echo(f"{data['id']}: hostname {data['hostname']} accepted")
+
+
+def _accept_unadmitted(server: str, token_file: Path | None, ca_file: str | None,
+                       output_format: str) -> None:
+    data = _call(_client(server, token_file, ca_file).call,
+                 "POST", "/v1/machines/accept", {"all_unadmitted": True})
+    if output_format == "json":
+        _echo_json(data)
+        return
+    for item in data["accepted"]:
+        click.echo(f"{item['id']}: hostname {item['hostname']} accepted")
+    for item in data["refused"]:
+        click.echo(f"{item['id']}: not accepted: {item['reason']}")
+    click.echo(f"{len(data['accepted'])} accepted, {len(data['refused'])} not; "
+               f"{data['unadmitted']} still unadmitted")
 
 
 @fleet.command()

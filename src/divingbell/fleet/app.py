@@ -27,7 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from divingbell import __version__
-from divingbell.fleet import migrations, service
+from divingbell.fleet import admission, migrations, service
 from divingbell.fleet.api import (
     boot,
     bootstrap,
@@ -87,6 +87,7 @@ class _StoreCollector(Collector):
                 from divingbell.fleet.power import counts_by_power_state
 
                 power_states = counts_by_power_state(session)
+                unadmitted = admission.count_unadmitted(session)
         except OperationalError:
             return
         from divingbell.fleet.states import STATES
@@ -101,6 +102,10 @@ class _StoreCollector(Collector):
                                 value=fresh)
         yield GaugeMetricFamily("divingbell_fleet_machines_outdated",
                                 "Machines (not decommissioned) not up to date", value=outdated)
+        yield GaugeMetricFamily("divingbell_fleet_machines_unadmitted",
+                                "Machines enrolled anonymously that no operator admitted yet "
+                                "(new anonymous enrolments wait at serve --max-unadmitted)",
+                                value=unadmitted)
         yield GaugeMetricFamily("divingbell_fleet_active_revision",
                                 "The active document revision (0: none)", value=active or 0)
         by_power = GaugeMetricFamily("divingbell_fleet_power_state",

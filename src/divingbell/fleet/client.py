@@ -177,6 +177,12 @@ class FleetClient:
                                            body)
         return result
 
+    def accept_unadmitted(self) -> dict[str, Any]:
+        """Admin: accept the claimed host name of every unadmitted machine (valid and free)."""
+        result: dict[str, Any] = self.call("POST", "/v1/machines/accept",
+                                           {"all_unadmitted": True})
+        return result
+
     def machines(self, state: str | None = None, *, limit: int | None = None,
                  page_size: int = MACHINES_PAGE) -> list[dict[str, Any]]:
         """Every machine (or the first `limit`), in the order they were first seen, fetched a

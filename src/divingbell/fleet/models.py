@@ -90,9 +90,16 @@ class Machine(Base):
     last_report_etag: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_report_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     install_output: Mapped[str | None] = mapped_column(Text, nullable=True, deferred=True)
+    enrolled_with: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    """How the machine's current enrolment came about: `boot` (an anonymous boot token),
+    `operator` (a bootstrap or admin token), None (never enrolled, or decommissioned). A
+    `boot` machine whose name no operator accepted is unadmitted, and those are capped
+    (migration 0007)."""
     # The order machines are listed and paged in (migration 0004); booting rows purged by age
-    # (migration 0005).
-    __table_args__ = (Index("ix_machines_created", "created_at", "id"),)
+    # (migration 0005); unadmitted machines counted (0007).
+    __table_args__ = (Index("ix_machines_created", "created_at", "id"),
+                      Index("ix_machines_unadmitted", "enrolled_with", "hostname_accepted",
+                            "state"))
 
 
 class MachineMac(Base):

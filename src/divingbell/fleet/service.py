@@ -191,6 +191,7 @@ def discover(session: Session, facts: Discovery, settings: FleetSettings,
         secret = new_secret()
         machine.credential_hash = hash_secret(secret)
         credential = format_token(MACHINE_PREFIX, machine.id, secret)
+        machine.enrolled_with = "boot" if principal.role == BOOT else "operator"
         audit(session, principal.label, "enrol", machine.id,
               f"uuid {facts.uuid}{f' as {facts.hostname}' if facts.hostname else ''}")
     session.flush()
@@ -304,6 +305,7 @@ def decommission(session: Session, machine: Machine, settings: FleetSettings, wh
     audit(session, who, "decommission", machine.id)
     machine.roles = []
     machine.pinned = False
+    machine.enrolled_with = None  # out of trust: booting again is a new enrolment
     _revoke(session, machine)
     session.execute(delete(MachineMac).where(MachineMac.machine_id == machine.id))
     session.flush()
@@ -563,6 +565,8 @@ def machine_summary(machine: Machine, active: int | None) -> dict[str, Any]:
     return {
         "id": machine.id, "uuid": machine.uuid, "hostname": machine.hostname,
         "hostname_accepted": machine.hostname_accepted, "state": machine.state,
+        "unadmitted": machine.enrolled_with == "boot" and not machine.hostname_accepted
+        and machine.state != states.DECOMMISSIONED,
         "state_changed_at": iso(machine.state_changed_at),
         "roles": list(machine.roles or []), "pinned": machine.pinned, "rack": machine.rack,
         "revision": machine.last_report_revision,

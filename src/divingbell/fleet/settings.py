@@ -40,6 +40,10 @@ class FleetSettings:
     """At most this many boot tokens are pending (issued, unused, unexpired); a boot request
     that needs another is answered 429, and iPXE retries. Bounds what anonymous boot requests
     can add to the store."""
+    max_unadmitted: int = 1000
+    """At most this many machines enrolled anonymously (boot token) that no operator admitted
+    (accepted their host names) exist; beyond it new anonymous enrolments get 429
+    (fleet/admission.py). Bounds what spent boot tokens can add to the store."""
     boot_history_kept: int = 10
     """Boot requests kept in each machine's history (its state changes are all kept)."""
     slot_concurrency: int = 1
@@ -69,5 +73,7 @@ class FleetSettings:
             raise ValueError("slot_ttl_max_seconds must be positive")
         if self.max_pending_boots < 1:
             raise ValueError("max_pending_boots must be at least 1")
+        if self.max_unadmitted < 1:
+            raise ValueError("max_unadmitted must be at least 1")
         if self.power_min_interval_seconds < 0 or self.power_timeout_seconds <= 0:
             raise ValueError("power intervals and timeouts must be positive")

@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from divingbell.fleet import service, states
+from divingbell.fleet import admission, service, states
 from divingbell.fleet.auth import BOOT, TOKEN_PREFIX, format_token, hash_secret, new_secret
 from divingbell.fleet.boot import (
     ASSET_PATH,
@@ -188,9 +188,15 @@ def ipxe(request: Request, uuid: str | None = None, mac: str | None = None,
         token = None
         new_id = "m" + secrets.token_hex(6) if machine is None else None
         if needs_bootstrap_token(query, view):
-            if _pending_boot_tokens(session, now) >= settings.max_pending_boots:
+            full = _pending_boot_tokens(session, now) >= settings.max_pending_boots
+            if full:
                 log.warning("boot: %d boot tokens pending; refusing another (429)",
                             settings.max_pending_boots)
+            elif admission.is_new_enrolment(machine) and admission.at_cap(session, settings):
+                full = True
+                log.warning("boot: %d anonymous enrolments await admission; refusing a boot "
+                            "token to a new machine (429)", settings.max_unadmitted)
+            if full:
                 return PlainTextResponse(
                     retry_script_for(base, profiles.retry_seconds), status_code=429,
                     media_type=IPXE, headers={"Retry-After": str(profiles.retry_seconds)})

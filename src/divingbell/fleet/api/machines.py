@@ -7,8 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from divingbell.fleet import installs, service, states
+from divingbell.fleet import admission, installs, service, states
 from divingbell.fleet.api.schemas import (
+    AcceptUnadmittedBody,
     Discovery,
     HostnameBody,
     InstallResult,
@@ -41,8 +42,10 @@ def discovery(facts: Discovery, request: Request, response: Response,
     A machine already enrolled is updated only with its own credential (`credential` is then
     null: it keeps the one it has); for anyone else it is a 409 `already-enrolled` until an
     operator runs `divingbell fleet reenroll ID`. A MAC or hostname already on another
-    machine is a 409 naming both."""
+    machine is a 409 naming both. A boot token enrolling a new machine while
+    `--max-unadmitted` anonymous enrolments await an operator's acceptance gets 429."""
     with request.app.state.db.write() as session:
+        admission.check_room(session, facts.uuid, request.app.state.settings, principal)
         enrolment = service.discover(session, facts, request.app.state.settings, principal)
         machine = enrolment.machine
         result = {"machine_id": machine.id, "state": machine.state, "roles": machine.roles,
@@ -143,6 +146,21 @@ def accept_hostname(machine_id: MachineId, body: HostnameBody, request: Request,
         service.accept_hostname(session, machine, body.hostname, principal.label)
         return {"id": machine.id, "hostname": machine.hostname,
                 "hostname_accepted": machine.hostname_accepted}
+
+
+@router.post("/machines/accept")
+def accept_unadmitted(body: AcceptUnadmittedBody, request: Request,
+                      principal: Admin) -> dict[str, Any]:
+    """Admit machines in bulk: accept the claimed host name of every machine enrolled
+    anonymously that no operator accepted yet (`{"all_unadmitted": true}`), when the name is
+    valid and free; the others are listed with why. One audit event with the counts. Frees
+    room under `--max-unadmitted`."""
+    with request.app.state.db.write() as session:
+        result = admission.accept_all_unadmitted(session, principal.label)
+        return {"accepted": result.accepted,
+                "refused": [{"id": r.machine_id, "hostname": r.hostname, "reason": r.reason}
+                            for r in result.refused],
+                "unadmitted": admission.count_unadmitted(session)}
 
 
 @router.post("/scheduler/run")

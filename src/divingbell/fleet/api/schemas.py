@@ -235,6 +235,11 @@ class HostnameBody(Strict):
         return None if value is None else check_hostname(value)
 
 
+class AcceptUnadmittedBody(Strict):
+    all_unadmitted: Literal[True]
+    """Must be true: the one selection there is (every unadmitted machine), said out loud."""
+
+
 class RolesBody(Strict):
     roles: Annotated[list[Literal["control-plane", "worker"]], Field(max_length=2)]
     pinned: bool = True
