@@ -140,18 +140,23 @@ function setupMachines() {
 
 async function renderMachine() {
   const id = document.body.dataset.machine;
-  const m = await api("/v1/machines/" + encodeURIComponent(id));
+  const path = "/v1/machines/" + encodeURIComponent(id);
+  // Everything is fetched before anything is drawn, so the page never shows half a machine;
+  // the name is drawn last and marks the page as complete.
+  const [m, bmc] = await Promise.all([api(path), api(path + "/bmc").catch(() => null)]);
+  let reports = m.reports;
+  if (!reports) { try { reports = list(await api(path + "/reports"), "reports"); } catch (e) { reports = []; } }
   const row = machineRow(m);
-  document.getElementById("machine-name").textContent = row.name;
   const facts = [["State", badge(m.state)], ["Role", row.role], ["Rack", row.rack], ["Revision", row.revision],
     ["Up to date", row.up_to_date], ["Last report", age(m.last_report_at)], ["UUID", m.uuid || "–"], ["Boot id", m.boot_id || "–"],
     ["Hostname", m.hostname ? m.hostname + (m.hostname_accepted ? "" : " (claimed; not accepted: divingbell fleet accept)") : "–"]];
   // The BMC's last confirmed power state (from the store: the page never queries the BMC).
-  try {
-    const b = await api("/v1/machines/" + encodeURIComponent(id) + "/bmc");
-    facts.push(["Power", el("span", {}, badge(b.power_state), ` ${b.protocol}, ${age(b.power_checked_at)}`)]);
+  if (bmc) {
+    facts.push(["Power", el("span", {}, badge(bmc.power_state), ` ${bmc.protocol}, ${age(bmc.power_checked_at)}`)]);
     document.getElementById("power-actions").hidden = role !== "admin";
-  } catch (e) { facts.push(["Power", "no BMC"]); }
+  } else {
+    facts.push(["Power", "no BMC"]);
+  }
   replaceRows(document.getElementById("machine-facts"), facts.map(([k, v]) => el("div", { class: "card" }, el("h2", {}, k), el("p", {}, v))));
   replaceRows(document.getElementById("interfaces"), (m.interfaces || []).map((i) => el("tr", {},
     el("td", {}, i.name), el("td", {}, i.mac), el("td", {}, (i.addresses || []).map((a) => `${a.address}/${a.prefix}`).join(" ")), el("td", {}, i.gateway || "–"))));
@@ -159,13 +164,12 @@ async function renderMachine() {
     el("td", {}, d.path), el("td", {}, bytes(d.size_bytes)), el("td", {}, d.model || "–"), el("td", {}, d.serial || "–"))));
   replaceRows(document.getElementById("history"), (m.history || []).slice().reverse().map((h) => el("tr", {},
     el("td", {}, when(h.at)), el("td", {}, h.from || h.from_state || "–"), el("td", {}, badge(h.to || h.to_state)), el("td", {}, h.reason || ""))));
-  let reports = m.reports;
-  if (!reports) { try { reports = list(await api("/v1/machines/" + encodeURIComponent(id) + "/reports"), "reports"); } catch (e) { reports = []; } }
   replaceRows(document.getElementById("reports"), reports.map((r) => el("tr", {},
     el("td", {}, when(r.received_at || r.at)), el("td", {}, r.revision), el("td", {}, badge(r.state)),
     el("td", {}, Object.entries(r.modules || {}).map(([name, mod]) => el("div", {},
       `${name}: ${mod.changes || 0} change(s)`, (mod.failures || []).length ? el("span", { class: "error" }, " — " + mod.failures.join("; ")) : ""))),
     el("td", {}, r.duration_seconds === undefined ? "–" : Number(r.duration_seconds).toFixed(2) + " s"))));
+  document.getElementById("machine-name").textContent = row.name;
 }
 
 function progressOf(rollout) {
