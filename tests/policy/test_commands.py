@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from divingbell.policy.kube import FakeCluster
+from divingbell.kube import FakeKube
 from tests.policy.apistub import ApiStub
 from tests.policy.conftest import namespace, tenant_cluster
 from tests.policy.pki import ScratchCa, csr_signer
@@ -208,7 +208,7 @@ def test_serve_answers_over_https_with_namespaces_from_the_api(
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown tenant homes")
 def test_tenants_sync_once(tmp_path: Path, ca: ScratchCa) -> None:
     world = World(tmp_path, ca)
-    backend = FakeCluster(signer=csr_signer(ca, lambda: world.now[0]))
+    backend = FakeKube(signer=csr_signer(ca, lambda: world.now[0]))
     backend.put(namespace("divingbell-policy"))
     stub = ApiStub(backend)
     try:
@@ -248,7 +248,7 @@ def test_tenants_sync_loop_serves_metrics_and_stops_on_sigterm(tmp_path: Path,
     import urllib.request
 
     world = World(tmp_path, ca)
-    backend = FakeCluster(signer=csr_signer(ca, lambda: world.now[0]))
+    backend = FakeKube(signer=csr_signer(ca, lambda: world.now[0]))
     backend.put(namespace("divingbell-policy"))
     stub = ApiStub(backend)
     port = _free_port()

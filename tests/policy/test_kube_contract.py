@@ -19,14 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from divingbell.policy.kube import (
-    ClusterError,
-    ClusterNamespaces,
-    FakeCluster,
-    LightkubeCluster,
-    Request,
-)
-from divingbell.policy.server import NamespaceNotFound, NamespaceUnavailable
+from divingbell.kube import FakeKube, KubeError, LightkubeApi, Request
+from divingbell.policy import FIELD_MANAGER
+from divingbell.policy.server import ClusterNamespaces, NamespaceNotFound, NamespaceUnavailable
 from tests.policy.apistub import ApiStub
 from tests.policy.pki import ScratchCa, csr_signer
 from tests.policy.tenantworld import TENANTS, World
@@ -48,7 +43,7 @@ def normalised(requests: list[Request]) -> list[Request]:
 @pytest.fixture
 def stub(ca: ScratchCa, tmp_path: Path) -> Iterator[tuple[ApiStub, World]]:
     world = World(tmp_path, ca)
-    backend = FakeCluster(signer=csr_signer(ca, lambda: world.now[0]), clock=world.timestamp)
+    backend = FakeKube(signer=csr_signer(ca, lambda: world.now[0]), clock=world.timestamp)
     backend.put({"apiVersion": "v1", "kind": "Namespace",
                  "metadata": {"name": "divingbell-policy"}})
     api = ApiStub(backend)
@@ -82,7 +77,7 @@ def test_lightkube_and_the_fake_send_the_same_requests(stub: tuple[ApiStub, Worl
     expected = scenario(world, direct)
     reset_homes(world)
     world.now[0] = start
-    real = LightkubeCluster(server=api.url)
+    real = LightkubeApi(server=api.url, field_manager=FIELD_MANAGER)
     got = scenario(world, real)
     assert got == expected
     assert normalised(api.received) == normalised(direct.sent)
@@ -94,25 +89,26 @@ def test_lightkube_and_the_fake_send_the_same_requests(stub: tuple[ApiStub, Worl
 
 def test_errors_keep_their_code_and_reason(stub: tuple[ApiStub, World]) -> None:
     api, _ = stub
-    real = LightkubeCluster(server=api.url)
-    with pytest.raises(ClusterError) as caught:
+    real = LightkubeApi(server=api.url, field_manager=FIELD_MANAGER)
+    with pytest.raises(KubeError) as caught:
         real.get("Namespace", "nope")
     assert (caught.value.code, caught.value.reason) == (404, "NotFound")
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "dup"}}
     real.create(namespace)
-    with pytest.raises(ClusterError) as caught:
+    with pytest.raises(KubeError) as caught:
         real.create(namespace)
     assert (caught.value.code, caught.value.reason) == (409, "AlreadyExists")
     current = real.get("Namespace", "dup")
     real.merge_patch("Namespace", "dup", {"metadata": {"labels": {"a": "b"}}})
-    with pytest.raises(ClusterError) as caught:
+    with pytest.raises(KubeError) as caught:
         real.replace(current)  # a stale resourceVersion
     assert (caught.value.code, caught.value.reason) == (409, "Conflict")
     with pytest.raises(NamespaceNotFound):
         ClusterNamespaces(real).namespace("nope")
     assert ClusterNamespaces(real).namespace("dup").labels == {"a": "b"}
     with pytest.raises(NamespaceUnavailable, match="cannot reach"):
-        ClusterNamespaces(LightkubeCluster(server="http://127.0.0.1:9")).namespace("x")
+        unreachable = LightkubeApi(server="http://127.0.0.1:9", field_manager=FIELD_MANAGER)
+        ClusterNamespaces(unreachable).namespace("x")
 
 
 def _kubectl(kubeconfig: Path, *args: str, input_text: str | None = None
@@ -124,7 +120,7 @@ def _kubectl(kubeconfig: Path, *args: str, input_text: str | None = None
                           input=input_text)
 
 
-def _as_tenant_controller(kube_kubeconfig: str, tmp_path: Path) -> LightkubeCluster:
+def _as_tenant_controller(kube_kubeconfig: str, tmp_path: Path) -> LightkubeApi:
     """The tenant controller's own credentials: its ServiceAccount's token, with the RBAC
     objects `divingbell policy manifests` ships applied."""
     from divingbell.policy.manifests import tenant_rbac
@@ -142,7 +138,7 @@ def _as_tenant_controller(kube_kubeconfig: str, tmp_path: Path) -> LightkubeClus
     admin.close()
     path = kubeconfig(tmp_path / "tenants-controller.kubeconfig", admin.server, admin.ca,
                       token=answer["status"]["token"])
-    return LightkubeCluster(str(path))
+    return LightkubeApi(str(path), field_manager=FIELD_MANAGER)
 
 
 @pytest.mark.kube
@@ -150,7 +146,7 @@ def test_tenants_against_a_real_cluster(tmp_path: Path, ca: ScratchCa,
                                         kube_kubeconfig: str) -> None:
     """The same provisioning against a real API server: its CSR signer issues the
     certificates. Uses the prefix `dbtest-` and removes what it created."""
-    api = LightkubeCluster(kube_kubeconfig)
+    api = LightkubeApi(kube_kubeconfig, field_manager=FIELD_MANAGER)
     world = World(tmp_path, ca)
     world.settings.update({"namespace_prefix": "dbtest-",
                            "status": {"namespace": "default",
@@ -192,7 +188,7 @@ def test_webhook_namespace_lookups_against_a_real_cluster(kube_kubeconfig: str) 
     from tests.policy.conftest import POLICY
     from tests.policy.reviews import pod, review
 
-    api = LightkubeCluster(kube_kubeconfig)
+    api = LightkubeApi(kube_kubeconfig, field_manager=FIELD_MANAGER)
     name = "dbtest-webhook"
     api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {
         "name": name, "labels": {"tenancy": "tool"}, "annotations": {"RunAsUser": "52001"}}})
@@ -208,12 +204,12 @@ def test_webhook_namespace_lookups_against_a_real_cluster(kube_kubeconfig: str) 
 
 @pytest.mark.kube
 def test_the_fake_cluster_keeps_the_real_servers_codes(kube_kubeconfig: str) -> None:
-    """FakeCluster's errors, against the real API server's: the same code and reason for a
+    """FakeKube's errors, against the real API server's: the same code and reason for a
     missing object, an existing name and a stale resourceVersion."""
     name = "dbtest-codes"
     outcomes = []
-    real = LightkubeCluster(kube_kubeconfig)
-    for api in (real, FakeCluster()):
+    real = LightkubeApi(kube_kubeconfig, field_manager=FIELD_MANAGER)
+    for api in (real, FakeKube()):
         namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
         found: list[Any] = []
         for call, argument in ((api.get, ("Namespace", "dbtest-nope")),
@@ -221,14 +217,14 @@ def test_the_fake_cluster_keeps_the_real_servers_codes(kube_kubeconfig: str) -> 
             try:
                 call(*argument)
                 found.append("ok")
-            except ClusterError as error:
+            except KubeError as error:
                 found.append((error.code, error.reason))
         current = api.get("Namespace", name)
         api.merge_patch("Namespace", name, {"metadata": {"labels": {"a": "b"}}})
         try:
             api.replace(current)
             found.append("ok")
-        except ClusterError as error:
+        except KubeError as error:
             found.append((error.code, error.reason))
         found.append(ClusterNamespaces(api).namespace(name).labels.get("a"))
         outcomes.append(found)
@@ -242,7 +238,7 @@ def _wait_until_no_tenant_namespaces(kube_kubeconfig: str) -> None:
     report removing them again."""
     from divingbell.policy.tenants import MANAGED_BY, MANAGER
 
-    admin = LightkubeCluster(kube_kubeconfig)
+    admin = LightkubeApi(kube_kubeconfig, field_manager=FIELD_MANAGER)
     deadline = time.monotonic() + 60
     while admin.list("Namespace", labels={MANAGED_BY: MANAGER}):
         assert time.monotonic() < deadline, "tenant namespaces still there after 60 s"
@@ -261,7 +257,7 @@ def _timeless(reports: list[Any], root: Path) -> list[Any]:
 def test_the_fake_cluster_and_the_real_server_agree_on_a_tenant_scenario(
         tmp_path: Path, ca: ScratchCa, kube_kubeconfig: str) -> None:
     """The provision, renew, disable and remove scenario, through lightkube to the real API
-    server (as the controller's own ServiceAccount) and on FakeCluster: the same reports."""
+    server (as the controller's own ServiceAccount) and on FakeKube: the same reports."""
     cluster = yaml.safe_load(Path(kube_kubeconfig).read_text())["clusters"][0]["cluster"]
     if "certificate-authority" not in cluster:
         pytest.skip("needs the session's own control plane (its controller credentials)")

@@ -56,7 +56,8 @@ def sync(source: str, config_path: Path | None, once: bool, interval: float,
     """
     from divingbell.agent import configure_logging
     from divingbell.errors import DivingbellError, DocumentError
-    from divingbell.policy.kube import LightkubeCluster
+    from divingbell.kube import KubeError, LightkubeApi
+    from divingbell.policy import FIELD_MANAGER
     from divingbell.policy.tenant_sources import open_source
     from divingbell.policy.tenants import Controller, load_config, make_signer
 
@@ -73,13 +74,13 @@ def sync(source: str, config_path: Path | None, once: bool, interval: float,
         sys.exit(EXIT_INVALID)
     try:
         tenant_source = open_source(source, config.ldap, config.namespace_prefix)
-        api = LightkubeCluster(kubeconfig)
+        api = LightkubeApi(kubeconfig, field_manager=FIELD_MANAGER)
         signer = make_signer(config, api)
     except DivingbellError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INVALID)
-    except Exception as exc:  # lightkube's config errors share no base class
-        click.echo(f"error: cannot configure the Kubernetes client: {exc}", err=True)
+    except KubeError as exc:  # the kubeconfig, said in one line
+        click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     controller = Controller(api, tenant_source, config, signer)
     if once:

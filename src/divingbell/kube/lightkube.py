@@ -1,10 +1,11 @@
 """LightkubeApi: the thin real adapter (lightkube: typed, and it imports in ~0.13 s where the
-official client takes ~1 s; only the agent and `status --kube` import it). Every request is
-built by divingbell.kube.api, as the fake's are.
+official client takes ~1 s; only the agent, the policy webhook, the tenant controller and
+`status --kube` import it). Every request is built by divingbell.kube.api, as the fake's are.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from divingbell.kube.api import (
     LeaseView,
     NodeState,
     NodeView,
+    Obj,
     PodView,
     Request,
     annotate_request,
@@ -124,7 +126,7 @@ class _LightkubeMaintenance:
 
     @staticmethod
     def _maintenance_call(action: Callable[[], Any]) -> Any:
-        """As LightkubeApi._call, with the status codes maintenance acts on as their own
+        """As _call, with the status codes maintenance acts on as their own
         errors."""
         from lightkube import ApiError
 
@@ -147,6 +149,87 @@ class _LightkubeMaintenance:
             raise
 
 
+def _call(action: Callable[[], Any]) -> Any:
+    from lightkube import ApiError
+
+    try:
+        return action()
+    except ApiError as exc:
+        message = f"API server: {exc.status.code} {exc.status.message}"
+        error = {404: KubeNotFound, 409: KubeConflict}.get(exc.status.code or 0, KubeError)
+        raise error(message, code=exc.status.code, reason=exc.status.reason or ""
+                    ) from None
+    except OSError as exc:
+        raise KubeError(f"cannot reach the API server: {exc}") from None
+    except Exception as exc:  # httpx transport errors do not share a public base here
+        if type(exc).__module__.startswith(("httpx", "httpcore")):
+            raise KubeError(f"cannot reach the API server: {exc}") from None
+        raise
+
+
+def _resource(kind: str) -> Any:
+    """lightkube's typed resource for a kind of KINDS."""
+    from lightkube.resources import apps_v1, certificates_v1, core_v1, rbac_authorization_v1
+
+    for module in (core_v1, apps_v1, rbac_authorization_v1, certificates_v1):
+        if hasattr(module, kind):
+            return getattr(module, kind)
+    raise KeyError(kind)
+
+
+def _plain(result: Any) -> Any:
+    """An answer as the API server wrote it: plain dicts and lists, times as strings."""
+    if result is None or isinstance(result, list | dict):
+        return result
+    return json.loads(json.dumps(result.to_dict(), default=str))
+
+
+def _object(action: Callable[[], Any]) -> Obj:
+    out = _plain(_call(action))
+    assert isinstance(out, dict)
+    return out
+
+
+class _LightkubeObjects:
+    """The ObjectApi half: objects as plain dicts, errors with their code and reason."""
+
+    _client: Any
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> Obj:
+        return _object(lambda: self._client.get(_resource(kind), name, namespace=namespace))
+
+    def list(self, kind: str, namespace: str | None = None,
+             labels: Mapping[str, str] | None = None) -> list[Obj]:
+        items = _call(lambda: [o.to_dict() for o in self._client.list(
+            _resource(kind), namespace=namespace, labels=dict(labels) if labels else None)])
+        assert isinstance(items, list)
+        return items
+
+    def create(self, obj: Obj) -> Obj:
+        resource = _resource(obj["kind"])
+        return _object(lambda: self._client.create(resource.from_dict(obj)))
+
+    def replace(self, obj: Obj) -> Obj:
+        resource = _resource(obj["kind"])
+        return _object(lambda: self._client.replace(resource.from_dict(obj)))
+
+    def merge_patch(self, kind: str, name: str, patch: Obj, namespace: str | None = None
+                    ) -> Obj:
+        from lightkube.types import PatchType
+
+        return _object(lambda: self._client.patch(
+            _resource(kind), name, patch, namespace=namespace, patch_type=PatchType.MERGE))
+
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
+        _call(lambda: self._client.delete(_resource(kind), name, namespace=namespace))
+
+    def approve_csr(self, csr: Obj) -> Obj:
+        from lightkube.resources.certificates_v1 import CertificateSigningRequestApproval
+
+        body: Any = CertificateSigningRequestApproval.from_dict(csr)
+        return _object(lambda: self._client.replace(body, csr["metadata"]["name"]))
+
+
 def config_problem(kubeconfig: str | None, exc: Exception) -> str:
     """One line saying why no Kubernetes client could be configured, and from what."""
     where = (kubeconfig if kubeconfig is not None
@@ -158,9 +241,12 @@ def config_problem(kubeconfig: str | None, exc: Exception) -> str:
 
 # The real adapter. ------------------------------------------------------------------------
 
-class LightkubeApi(_LightkubeMaintenance):
+class LightkubeApi(_LightkubeMaintenance, _LightkubeObjects):
     def __init__(self, kubeconfig: str | None = None, *, server: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, field_manager: str = COMPONENT
+                 ) -> None:
+        """`field_manager` names the writer in managedFields (the tenant controller and the
+        webhook as `divingbell-policy`)."""
         from lightkube import Client, KubeConfig
         from lightkube.config.models import Cluster, User
 
@@ -171,7 +257,7 @@ class LightkubeApi(_LightkubeMaintenance):
                 config = KubeConfig.from_file(kubeconfig)
             else:
                 config = KubeConfig.from_env()  # in-cluster service account, else ~/.kube/config
-            self._client = Client(config, field_manager=COMPONENT, trust_env=False)
+            self._client = Client(config, field_manager=field_manager, trust_env=False)
         except Exception as exc:  # lightkube's config errors share no base class (KeyError...)
             raise KubeError(config_problem(kubeconfig, exc)) from None
         self._clock = clock
@@ -180,7 +266,7 @@ class LightkubeApi(_LightkubeMaintenance):
     def node_labels(self, node: str) -> dict[str, str]:
         from lightkube.resources.core_v1 import Node
 
-        obj = self._call(lambda: self._client.get(Node, node))
+        obj = _call(lambda: self._client.get(Node, node))
         return dict((obj.metadata.labels if obj.metadata else None) or {})
 
     def annotate_node(self, node: str, status: Mapping[str, str]) -> None:
@@ -188,7 +274,7 @@ class LightkubeApi(_LightkubeMaintenance):
         from lightkube.types import PatchType
 
         body = annotate_request(node, status).body or {}
-        self._call(lambda: self._client.patch(Node, node, body, patch_type=PatchType.MERGE))
+        _call(lambda: self._client.patch(Node, node, body, patch_type=PatchType.MERGE))
 
     def node_event(self, node: str, reason: str, message: str, *, warning: bool = False
                    ) -> None:
@@ -201,14 +287,14 @@ class LightkubeApi(_LightkubeMaintenance):
         if request.method == "POST":
             event = Event.from_dict(request.body or {})
             assert isinstance(event, Event)
-            result = self._call(lambda: self._client.create(event, namespace=EVENTS_NAMESPACE))
+            result = _call(lambda: self._client.create(event, namespace=EVENTS_NAMESPACE))
         else:
             name = request.path.rsplit("/", 1)[1]
             if request.method == "GET":
-                result = self._call(lambda: self._client.get(Event, name,
+                result = _call(lambda: self._client.get(Event, name,
                                                               namespace=EVENTS_NAMESPACE))
             else:
-                result = self._call(lambda: self._client.patch(
+                result = _call(lambda: self._client.patch(
                     Event, name, request.body or {}, namespace=EVENTS_NAMESPACE,
                     patch_type=PatchType.MERGE))
         return dict(result.to_dict())
@@ -218,23 +304,23 @@ class LightkubeApi(_LightkubeMaintenance):
         from lightkube.resources.core_v1 import Secret
 
         key, value = DOCUMENT_SELECTOR.split("=")
-        secrets = self._call(lambda: [s.to_dict() for s in self._client.list(
+        secrets = _call(lambda: [s.to_dict() for s in self._client.list(
             Secret, namespace=namespace, labels={key: value})])
-        found = self._call(lambda: self._client.get(DaemonSet, daemonset,
+        found = _call(lambda: self._client.get(DaemonSet, daemonset,
                                                     namespace=namespace)).to_dict()
-        revisions = self._call(lambda: [r.to_dict() for r in self._client.list(
+        revisions = _call(lambda: [r.to_dict() for r in self._client.list(
             ControllerRevision, namespace=namespace)])
         return document_usage(secrets, found, revisions, daemonset)
 
     def delete_secret(self, namespace: str, name: str) -> None:
         from lightkube.resources.core_v1 import Secret
 
-        self._call(lambda: self._client.delete(Secret, name, namespace=namespace))
+        _call(lambda: self._client.delete(Secret, name, namespace=namespace))
 
     def nodes(self) -> list[NodeView]:
         from lightkube.resources.core_v1 import Node
 
-        items = self._call(lambda: list(self._client.list(Node)))
+        items = _call(lambda: list(self._client.list(Node)))
         return sorted((NodeView(n.metadata.name or "", dict(n.metadata.labels or {}),
                                 dict(n.metadata.annotations or {}))
                        for n in items if n.metadata), key=lambda n: n.name)
@@ -244,7 +330,7 @@ class LightkubeApi(_LightkubeMaintenance):
     def node(self, name: str) -> NodeView:
         from lightkube.resources.core_v1 import Node
 
-        return self._view(self._call(lambda: self._client.get(Node, name)))
+        return self._view(_call(lambda: self._client.get(Node, name)))
 
     def patch_node(self, node: str, *, labels: Mapping[str, str | None] | None = None,
                    annotations: Mapping[str, str | None] | None = None,
@@ -261,19 +347,3 @@ class LightkubeApi(_LightkubeMaintenance):
     def _view(obj: Any) -> NodeView:
         meta = obj.metadata
         return NodeView(meta.name or "", dict(meta.labels or {}), dict(meta.annotations or {}))
-
-    @staticmethod
-    def _call(action: Callable[[], Any]) -> Any:
-        from lightkube import ApiError
-
-        try:
-            return action()
-        except ApiError as exc:
-            raise KubeError(f"API server: {exc.status.code} {exc.status.message}",
-                            code=exc.status.code) from None
-        except OSError as exc:
-            raise KubeError(f"cannot reach the API server: {exc}") from None
-        except Exception as exc:  # httpx transport errors do not share a public base here
-            if type(exc).__module__.startswith(("httpx", "httpcore")):
-                raise KubeError(f"cannot reach the API server: {exc}") from None
-            raise
