@@ -1,7 +1,11 @@
-"""The real adapter (lightkube) and the fake agree on the wire: the same tenant runs against
-the fake directly and through lightkube to an HTTP API server backed by another fake must send
-identical requests and reach identical results. The adapter also runs against the session's
-real control plane (tests/kube/), or the cluster DIVINGBELL_TEST_KUBECONFIG names."""
+"""FakeKube's object half (what the tenant controller and the webhook use: namespaces, quotas,
+limit ranges, config maps, role bindings, CSRs and their approval) against LightkubeApi: the
+same tenant scenario run on the fake directly and through lightkube to an HTTP API server
+backed by another fake must send identical requests and reach identical results. Then the
+adapter against the session's real control plane (tests/kube/, or the cluster
+DIVINGBELL_TEST_KUBECONFIG names), and the fake against it: the same errors (class, code and
+reason) and the same tenant reports. The nodes, events and maintenance half of the contract
+is tests/kube/test_fake_contract.py."""
 
 from __future__ import annotations
 
@@ -12,14 +16,14 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from divingbell.kube import FakeKube, KubeError, LightkubeApi, Request
+from divingbell.kube import FakeKube, KubeError, LightkubeApi, ObjectApi, Request
 from divingbell.policy import FIELD_MANAGER
 from divingbell.policy.server import ClusterNamespaces, NamespaceNotFound, NamespaceUnavailable
 from tests.policy.apistub import ApiStub
@@ -27,6 +31,12 @@ from tests.policy.pki import ScratchCa, csr_signer
 from tests.policy.tenantworld import TENANTS, World
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown tenant homes")
+
+
+@pytest.fixture(scope="module")
+def ca() -> ScratchCa:
+    """The tenants' scratch CA (as tests/policy's fixture)."""
+    return ScratchCa.create()
 
 
 def normalised(requests: list[Request]) -> list[Request]:
@@ -202,35 +212,54 @@ def test_webhook_namespace_lookups_against_a_real_cluster(kube_kubeconfig: str) 
         api.delete("Namespace", name)
 
 
+def _refusal(action: Callable[[], object]) -> Any:
+    try:
+        action()
+    except KubeError as error:
+        return (type(error).__name__, error.code, error.reason)
+    return "ok"
+
+
+def _answers(api: ObjectApi, name: str) -> list[Any]:
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    found: list[Any] = [_refusal(lambda: api.get("Namespace", "dbtest-nope")),
+                        _refusal(lambda: api.create(namespace)),
+                        _refusal(lambda: api.create(namespace))]
+    current = api.get("Namespace", name)
+    api.merge_patch("Namespace", name, {"metadata": {"labels": {"a": "b"}}})
+    found.append(_refusal(lambda: api.replace(current)))
+    found.append(ClusterNamespaces(api).namespace(name).labels.get("a"))
+    found.append(_refusal(lambda: api.create({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "x", "namespace": "dbtest-nope"}})))
+    for index, labels in enumerate(({"pick": "yes"}, {"pick": "no"}, {})):
+        api.create({"apiVersion": "v1", "kind": "ConfigMap", "data": {"n": str(index)},
+                    "metadata": {"name": f"map-{index}", "namespace": name, "labels": labels}})
+    found.append([o["data"] for o in api.list("ConfigMap", name, {"pick": "yes"})])
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "tenant", "namespace": name},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                           "name": "view"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                             "name": "alice"}]}
+    stored = api.create(binding)
+    found.append(_refusal(lambda: api.replace(
+        {**stored, "roleRef": {**binding["roleRef"], "name": "edit"}})))
+    api.delete("Namespace", name)
+    return found
+
+
 @pytest.mark.kube
 def test_the_fake_cluster_keeps_the_real_servers_codes(kube_kubeconfig: str) -> None:
-    """FakeKube's errors, against the real API server's: the same code and reason for a
-    missing object, an existing name and a stale resourceVersion."""
-    name = "dbtest-codes"
-    outcomes = []
+    """FakeKube's errors, against the real API server's: the same class, code and reason for
+    a missing object, an existing name, a stale resourceVersion, a namespace that is not
+    there and a RoleBinding whose roleRef changes; label selectors pick the same objects."""
     real = LightkubeApi(kube_kubeconfig, field_manager=FIELD_MANAGER)
-    for api in (real, FakeKube()):
-        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-        found: list[Any] = []
-        for call, argument in ((api.get, ("Namespace", "dbtest-nope")),
-                               (api.create, (namespace,)), (api.create, (namespace,))):
-            try:
-                call(*argument)
-                found.append("ok")
-            except KubeError as error:
-                found.append((error.code, error.reason))
-        current = api.get("Namespace", name)
-        api.merge_patch("Namespace", name, {"metadata": {"labels": {"a": "b"}}})
-        try:
-            api.replace(current)
-            found.append("ok")
-        except KubeError as error:
-            found.append((error.code, error.reason))
-        found.append(ClusterNamespaces(api).namespace(name).labels.get("a"))
-        outcomes.append(found)
-    real.delete("Namespace", name)
-    assert outcomes[0] == outcomes[1] == [(404, "NotFound"), "ok", (409, "AlreadyExists"),
-                                          (409, "Conflict"), "b"]
+    outcomes = [_answers(api, "dbtest-codes") for api in (real, FakeKube())]
+    assert outcomes[0] == outcomes[1] == [
+        ("KubeNotFound", 404, "NotFound"), "ok", ("KubeConflict", 409, "AlreadyExists"),
+        ("KubeConflict", 409, "Conflict"), "b", ("KubeNotFound", 404, "NotFound"),
+        [{"n": "0"}], ("KubeError", 422, "Invalid")]
 
 
 def _wait_until_no_tenant_namespaces(kube_kubeconfig: str) -> None:
