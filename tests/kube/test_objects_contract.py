@@ -236,12 +236,12 @@ def _answers(api: ObjectApi, name: str) -> list[Any]:
         api.create({"apiVersion": "v1", "kind": "ConfigMap", "data": {"n": str(index)},
                     "metadata": {"name": f"map-{index}", "namespace": name, "labels": labels}})
     found.append([o["data"] for o in api.list("ConfigMap", name, {"pick": "yes"})])
-    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": {"name": "tenant", "namespace": name},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                           "name": "view"},
-               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                             "name": "alice"}]}
+    rbac = "rbac.authorization.k8s.io"
+    binding: dict[str, Any] = {
+        "apiVersion": f"{rbac}/v1", "kind": "RoleBinding",
+        "metadata": {"name": "tenant", "namespace": name},
+        "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "view"},
+        "subjects": [{"apiGroup": rbac, "kind": "User", "name": "alice"}]}
     stored = api.create(binding)
     found.append(_refusal(lambda: api.replace(
         {**stored, "roleRef": {**binding["roleRef"], "name": "edit"}})))
