@@ -23,21 +23,14 @@ _config_option = click.option(
 
 
 def _load(path: Path, output_format: str = "text") -> PolicyConfig:
+    from divingbell.console import invalid_file
     from divingbell.errors import DocumentError
     from divingbell.policy.config import load_policy
 
     try:
         return load_policy(path)
     except DocumentError as exc:
-        if output_format == "json":  # as `divingbell validate --format json`
-            click.echo(json.dumps({"valid": False, "problems": [vars(p) for p in exc.problems]},
-                                  indent=2))
-            sys.exit(EXIT_INVALID)
-        click.echo(f"error: the policy file is invalid ({len(exc.problems)} problem(s)):",
-                   err=True)
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
-        sys.exit(EXIT_INVALID)
+        invalid_file("the policy file", exc, output_format)
 
 
 def _address(listen: str) -> tuple[str, int]:
