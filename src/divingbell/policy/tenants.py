@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from divingbell.errors import DivingbellError
-from divingbell.kube import KubeError, Obj, ObjectApi
+from divingbell.kube import KubeConflict, KubeError, KubeNotFound, Obj, ObjectApi
 from divingbell.policy import kubeconfig
 from divingbell.policy.credentials import (
     CredentialError,
@@ -300,9 +300,7 @@ class Controller:
                        self.config.gid_annotation: str(tenant.gid)}
         try:
             current = self.api.get("Namespace", name)
-        except KubeError as exc:
-            if exc.code != 404:
-                raise
+        except KubeNotFound:
             self.api.create({"apiVersion": "v1", "kind": "Namespace",
                              "metadata": {"name": name, "labels": labels,
                                           "annotations": annotations}})
@@ -368,17 +366,15 @@ class Controller:
         for attempt in range(2):
             try:
                 current = self.api.get(kind, meta["name"], meta["namespace"])
-            except KubeError as exc:
-                if exc.code != 404:
-                    raise
+            except KubeNotFound:
                 try:
                     self.api.create(desired)
-                    status.actions.append(f"created {kind} {meta['name']}")
-                    return
-                except KubeError as create_exc:
-                    if create_exc.code != 409 or attempt:
+                except KubeConflict:
+                    if attempt:
                         raise
                     continue  # someone created it meanwhile: compare with theirs
+                status.actions.append(f"created {kind} {meta['name']}")
+                return
             if all(current.get(k) == desired[k] for k in owned) and all(
                     (current["metadata"].get("labels") or {}).get(k) == v
                     for k, v in meta["labels"].items()):
@@ -392,11 +388,12 @@ class Controller:
                 **meta, "resourceVersion": current["metadata"]["resourceVersion"]}}
             try:
                 self.api.replace(body)
-                status.actions.append(f"updated {kind} {meta['name']}")
-                return
-            except KubeError as exc:
-                if exc.code != 409 or attempt:
+            except KubeConflict:
+                if attempt:
                     raise
+                continue  # changed since we read it: read again
+            status.actions.append(f"updated {kind} {meta['name']}")
+            return
         raise TenantError(f"{kind} {meta['name']} kept changing under us; retrying next run")
 
     # -- credentials --
@@ -479,9 +476,7 @@ class Controller:
         try:
             self.api.get(kind, name, namespace)
             self.api.delete(kind, name, namespace)
-        except KubeError as exc:
-            if exc.code != 404:
-                raise
+        except KubeNotFound:
             return False
         return True
 
