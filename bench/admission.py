@@ -62,11 +62,11 @@ def certificates(directory: Path) -> tuple[Path, Path, bytes]:
 
 
 def serve(cert: Path, key: Path, ready: Any) -> None:
+    from divingbell.kube import FakeKube
     from divingbell.policy.config import PolicyConfig
-    from divingbell.policy.kube import ClusterNamespaces, FakeCluster
-    from divingbell.policy.server import make_server
+    from divingbell.policy.server import ClusterNamespaces, make_server
 
-    cluster = FakeCluster()
+    cluster = FakeKube()
     for index in range(20):
         cluster.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {
             "name": f"tool-{index}", "labels": {"tenancy": "tool"},
@@ -161,12 +161,18 @@ def run(port: int, ca: bytes, connections: int, requests: int) -> dict[str, floa
 
 def in_process(count: int) -> dict[str, float]:
     """The server's own work per review, without sockets: parse, decide, encode."""
+    from divingbell.kube import FakeKube
     from divingbell.policy.config import PolicyConfig
-    from divingbell.policy.kube import ClusterNamespaces, FakeCluster
-    from divingbell.policy.server import NamespaceCache, Reviewer, parse_review, review_response
+    from divingbell.policy.server import (
+        ClusterNamespaces,
+        NamespaceCache,
+        Reviewer,
+        parse_review,
+        review_response,
+    )
     from divingbell.policy.server import routes as policy_routes
 
-    cluster = FakeCluster()
+    cluster = FakeKube()
     for index in range(20):
         cluster.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {
             "name": f"tool-{index}", "labels": {"tenancy": "tool"},

@@ -145,10 +145,3 @@ for _command in [*HOST_COMMANDS, agent]:
     cli.add_command(_command)
 
 gettext.find = _gettext_find  # see the top of the module
-
-
-def main() -> None:
-    """The console script: see divingbell.entry (apply's fast path, then this CLI)."""
-    from divingbell.entry import main as entry_main
-
-    entry_main()

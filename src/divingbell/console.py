@@ -71,6 +71,18 @@ def document_error(exc: DocumentError, output_format: str, exit_code: int) -> No
     sys.exit(exit_code)
 
 
+def invalid_file(what: str, exc: DocumentError, output_format: str) -> NoReturn:
+    """A settings file (`the policy file`, `the tenants config`) that does not validate: as
+    `divingbell validate` says it, every problem with its path; exit 2."""
+    if output_format == "json":
+        print_json({"valid": False, "problems": [vars(p) for p in exc.problems]})
+    else:
+        echo(f"error: {what} is invalid ({len(exc.problems)} problem(s)):", err=True)
+        for problem in exc.problems:
+            echo(f"  {problem}", err=True)
+    sys.exit(EXIT_INVALID)
+
+
 def guarded(action: Callable[[], T], output_format: str, node: str | None = None) -> T:
     """Run `action`, turning the host refusing access, a damaged journal or any other host
     error into one line saying what to do (a held lock is the caller's: it has its own exit

@@ -1,5 +1,5 @@
 """An HTTP API server for the contract test: kube-apiserver's URL scheme and Status errors in
-front of a `FakeCluster`, recording each request exactly as it arrived on the wire."""
+front of a `FakeKube`, recording each request exactly as it arrived on the wire."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from divingbell.policy.kube import KINDS, ClusterError, FakeCluster, Request
+from divingbell.kube import KINDS, FakeKube, KubeError, Request
 
 PLURALS = {kind.plural: kind for kind in KINDS.values()}
 
@@ -28,7 +28,7 @@ def route(path: str) -> tuple[str, str | None, str | None, str | None]:
 
 
 class ApiStub:
-    def __init__(self, backend: FakeCluster) -> None:
+    def __init__(self, backend: FakeKube) -> None:
         self.backend = backend
         self.received: list[Request] = []
         self.field_managers: set[str] = set()
@@ -54,7 +54,7 @@ class ApiStub:
                 stub.field_managers.update(query.get("fieldManager", []))
                 try:
                     self._reply(*self._dispatch(parts.path, selector, body))
-                except ClusterError as exc:
+                except KubeError as exc:
                     self._reply(exc.code or 500, {
                         "kind": "Status", "apiVersion": "v1", "metadata": {},
                         "status": "Failure", "message": str(exc), "reason": exc.reason,

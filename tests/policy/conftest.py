@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from divingbell.kube import FakeKube
 from divingbell.policy.config import PolicyConfig
-from divingbell.policy.kube import ClusterNamespaces, FakeCluster
-from divingbell.policy.server import AdmissionServer, make_server
+from divingbell.policy.server import AdmissionServer, ClusterNamespaces, make_server
 from tests.policy.pki import ScratchCa
 from tests.policy.reviews import Webhook
 
@@ -36,8 +36,8 @@ def namespace(name: str, labels: dict[str, str] | None = None,
             "metadata": {"name": name, "labels": labels or {}, "annotations": annotations or {}}}
 
 
-def tenant_cluster() -> FakeCluster:
-    cluster = FakeCluster()
+def tenant_cluster() -> FakeKube:
+    cluster = FakeKube()
     tool = {"tenancy": "tool"}
     cluster.put(namespace("tool-alice", tool, {"RunAsUser": "52001"}))
     cluster.put(namespace("tool-bob", tool, {"RunAsUser": "52002", "RunAsGroup": "600"}))
@@ -61,12 +61,12 @@ def tls_files(ca: ScratchCa, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 @dataclass
 class RunningWebhook:
     server: AdmissionServer
-    cluster: FakeCluster
+    cluster: FakeKube
     client: Webhook
     now: list[float]
 
 
-def start_webhook(config: PolicyConfig, cluster: FakeCluster, ca_pem: bytes | None,
+def start_webhook(config: PolicyConfig, cluster: FakeKube, ca_pem: bytes | None,
                   tls: tuple[Path, Path] | None) -> RunningWebhook:
     now = [1000.0]
     server = make_server(config, ClusterNamespaces(cluster), cert=tls[0] if tls else None,

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from divingbell.policy.kube import ClusterApi, FakeCluster
+from divingbell.kube import FakeKube, ObjectApi
 from divingbell.policy.tenant_sources import TenantSource, YamlSource
 from divingbell.policy.tenants import Controller, TenantsConfig, make_signer
 from tests.policy.pki import NOW, ScratchCa, csr_signer
@@ -28,11 +28,11 @@ class World:
     root: Path
     ca: ScratchCa
     now: list[datetime.datetime] = field(default_factory=lambda: [NOW])
-    cluster: FakeCluster = field(init=False)
+    cluster: FakeKube = field(init=False)
     settings: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.cluster = FakeCluster(signer=csr_signer(self.ca, lambda: self.now[0]),
+        self.cluster = FakeKube(signer=csr_signer(self.ca, lambda: self.now[0]),
                                    clock=self.timestamp)
         self.cluster.put({"apiVersion": "v1", "kind": "Namespace",
                           "metadata": {"name": "divingbell-policy"}})
@@ -70,7 +70,7 @@ class World:
             base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
         return TenantsConfig.model_validate(base)
 
-    def controller(self, source: TenantSource | None = None, api: ClusterApi | None = None
+    def controller(self, source: TenantSource | None = None, api: ObjectApi | None = None
                    ) -> Controller:
         config = self.config()
         api = api if api is not None else self.cluster

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from divingbell.policy.kube import FakeCluster
+from divingbell.kube import FakeKube
 from tests.policy.apistub import ApiStub
 from tests.policy.conftest import namespace, tenant_cluster
 from tests.policy.pki import ScratchCa, csr_signer
@@ -208,7 +208,7 @@ def test_serve_answers_over_https_with_namespaces_from_the_api(
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown tenant homes")
 def test_tenants_sync_once(tmp_path: Path, ca: ScratchCa) -> None:
     world = World(tmp_path, ca)
-    backend = FakeCluster(signer=csr_signer(ca, lambda: world.now[0]))
+    backend = FakeKube(signer=csr_signer(ca, lambda: world.now[0]))
     backend.put(namespace("divingbell-policy"))
     stub = ApiStub(backend)
     try:
@@ -248,7 +248,7 @@ def test_tenants_sync_loop_serves_metrics_and_stops_on_sigterm(tmp_path: Path,
     import urllib.request
 
     world = World(tmp_path, ca)
-    backend = FakeCluster(signer=csr_signer(ca, lambda: world.now[0]))
+    backend = FakeKube(signer=csr_signer(ca, lambda: world.now[0]))
     backend.put(namespace("divingbell-policy"))
     stub = ApiStub(backend)
     port = _free_port()
@@ -336,3 +336,38 @@ def test_policy_check_refuses_a_registry_the_runtime_would_read_as_a_docker_hub_
     assert run.returncode == 2, run.stdout
     assert "registry_enforcer.registries[0]" in run.stderr
     assert "docker.io/internal/x" in run.stderr
+
+
+def test_an_invalid_tenants_config_is_said_with_its_paths_and_changes_nothing(
+        tmp_path: Path) -> None:
+    source = tmp_path / "tenants.yaml"
+    source.write_text("tenants:\n  - {name: alice, uid: 52001}\n")
+    config = tmp_path / "tenants-config.yaml"
+    config.write_text("removal: {max_per_run: -1}\n")
+    # No cluster is asked: the kubeconfig names a port nothing listens on.
+    kubeconfig = kubeconfig_for("http://127.0.0.1:9", tmp_path / "kubeconfig")
+    for command in (("check",), ("sync", "--once", "--kubeconfig", str(kubeconfig))):
+        run = divingbell("tenants", *command, "--source", str(source), "--config", str(config))
+        assert run.returncode == 2, run.stderr
+        lines = run.stderr.splitlines()
+        assert lines[0] == "error: the tenants config is invalid (1 problem(s)):", lines
+        assert lines[1] == ("  removal.max_per_run: input should be greater than or equal to 0 "
+                            f"(got -1) ({config}:1)"), lines
+        assert run.stdout == "" and "Traceback" not in run.stderr
+
+
+def test_an_unusable_kubeconfig_is_one_line_naming_it(policy_file: Path, tmp_path: Path,
+                                                      tls_files: tuple[Path, Path]) -> None:
+    source = tmp_path / "tenants.yaml"
+    source.write_text("tenants:\n  - {name: alice, uid: 52001}\n")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")  # no cluster, no context
+    cert, key = tls_files
+    for command in (("tenants", "sync", "--once", "--source", str(source)),
+                    ("policy", "serve", "--config", str(policy_file), "--tls-cert", str(cert),
+                     "--tls-key", str(key), "--listen", "127.0.0.1:0")):
+        run = divingbell(*command, "--kubeconfig", str(kubeconfig))
+        assert run.returncode == 1, run.stderr
+        assert run.stderr.startswith(f"error: cannot configure the Kubernetes client from "
+                                     f"{kubeconfig}: "), run.stderr
+        assert len(run.stderr.splitlines()) == 1 and "--kubeconfig FILE" in run.stderr

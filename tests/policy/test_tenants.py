@@ -17,7 +17,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from prometheus_client import generate_latest
 
-from divingbell.policy.kube import ClusterNamespaces, FakeCluster, Obj
+from divingbell.kube import FakeKube, Obj
+from divingbell.policy.server import ClusterNamespaces
 from divingbell.policy.tenants import Controller
 from tests.policy.conftest import namespace
 from tests.policy.pki import ScratchCa
@@ -43,7 +44,7 @@ def status(world: World) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in configmap["data"].items()}
 
 
-def writes(cluster: FakeCluster) -> list[tuple[str, str]]:
+def writes(cluster: FakeKube) -> list[tuple[str, str]]:
     return [(r.method, r.path) for r in cluster.sent if r.method != "GET"]
 
 
@@ -246,7 +247,7 @@ def test_an_invalid_kubeconfig_is_reported_and_left_alone(world: World) -> None:
 class ConcurrentWriter:
     """Another client updates the ResourceQuota between our read and our write, once."""
 
-    def __init__(self, cluster: FakeCluster) -> None:
+    def __init__(self, cluster: FakeKube) -> None:
         self.cluster = cluster
         self.raced = False
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from divingbell.kube import KubeError
 from divingbell.policy.admission import image_allowed, pointer, pointer_token
 from divingbell.policy.config import PolicyConfig
-from divingbell.policy.kube import ClusterError
 from tests.policy.conftest import POLICY, RunningWebhook, start_webhook, tenant_cluster
 from tests.policy.pki import ScratchCa
 from tests.policy.reviews import Webhook, patch_of, patched, pod, review, workload
@@ -152,7 +152,7 @@ def test_namespace_lookups_are_cached_and_failures_refuse(webhook: RunningWebhoo
         webhook.client.post("/mutate/uid", review(pod()))
     assert lookups() == 1
     webhook.now[0] += 11  # past the 10 s cache
-    webhook.cluster.fail_next.append(ClusterError("cannot reach the API server: boom"))
+    webhook.cluster.fail_next.append(KubeError("cannot reach the API server: boom"))
     response = webhook.client.post("/mutate/uid", review(pod()))
     assert not response["allowed"] and "try again" in response["status"]["message"]
     assert webhook.client.post("/mutate/uid", review(pod()))["allowed"]

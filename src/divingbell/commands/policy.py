@@ -23,21 +23,14 @@ _config_option = click.option(
 
 
 def _load(path: Path, output_format: str = "text") -> PolicyConfig:
+    from divingbell.console import invalid_file
     from divingbell.errors import DocumentError
     from divingbell.policy.config import load_policy
 
     try:
         return load_policy(path)
     except DocumentError as exc:
-        if output_format == "json":  # as `divingbell validate --format json`
-            click.echo(json.dumps({"valid": False, "problems": [vars(p) for p in exc.problems]},
-                                  indent=2))
-            sys.exit(EXIT_INVALID)
-        click.echo(f"error: the policy file is invalid ({len(exc.problems)} problem(s)):",
-                   err=True)
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
-        sys.exit(EXIT_INVALID)
+        invalid_file("the policy file", exc, output_format)
 
 
 def _address(listen: str) -> tuple[str, int]:
@@ -121,15 +114,17 @@ def serve(config_path: Path, tls_cert: Path, tls_key: Path, listen: str,
     configure_logging(log_level)
     config = _load(config_path)
     host, port = _address(listen)
-    from divingbell.policy.kube import ClusterNamespaces, LightkubeCluster
-    from divingbell.policy.server import routes
+    from divingbell.kube import KubeError, LightkubeApi
+    from divingbell.policy import FIELD_MANAGER
+    from divingbell.policy.server import ClusterNamespaces, routes
 
     namespaces = None
     if any(route.needs_namespace for route in routes(config).values()):
         try:
-            namespaces = ClusterNamespaces(LightkubeCluster(kubeconfig))
-        except Exception as exc:  # lightkube's config errors share no base class
-            click.echo(f"error: cannot configure the Kubernetes client: {exc}", err=True)
+            namespaces = ClusterNamespaces(LightkubeApi(kubeconfig,
+                                                        field_manager=FIELD_MANAGER))
+        except KubeError as exc:  # the kubeconfig, said in one line
+            click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_FAILED)
     try:
         server = make_server(config, namespaces, cert=tls_cert, key=tls_key, host=host,

@@ -55,8 +55,10 @@ def sync(source: str, config_path: Path | None, once: bool, interval: float,
     ConfigMap (status.namespace/status.configmap) and, with --once, to stdout.
     """
     from divingbell.agent import configure_logging
+    from divingbell.console import invalid_file
     from divingbell.errors import DivingbellError, DocumentError
-    from divingbell.policy.kube import LightkubeCluster
+    from divingbell.kube import KubeError, LightkubeApi
+    from divingbell.policy import FIELD_MANAGER
     from divingbell.policy.tenant_sources import open_source
     from divingbell.policy.tenants import Controller, load_config, make_signer
 
@@ -66,20 +68,16 @@ def sync(source: str, config_path: Path | None, once: bool, interval: float,
     try:
         config = load_config(config_path)
     except DocumentError as exc:
-        click.echo(f"error: the tenants config is invalid ({len(exc.problems)} problem(s)):",
-                   err=True)
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
-        sys.exit(EXIT_INVALID)
+        invalid_file("the tenants config", exc, "text")
     try:
         tenant_source = open_source(source, config.ldap, config.namespace_prefix)
-        api = LightkubeCluster(kubeconfig)
+        api = LightkubeApi(kubeconfig, field_manager=FIELD_MANAGER)
         signer = make_signer(config, api)
     except DivingbellError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_INVALID)
-    except Exception as exc:  # lightkube's config errors share no base class
-        click.echo(f"error: cannot configure the Kubernetes client: {exc}", err=True)
+    except KubeError as exc:  # the kubeconfig, said in one line
+        click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     controller = Controller(api, tenant_source, config, signer)
     if once:
@@ -160,6 +158,7 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
     Exits 0 when both are usable, 1 when the source cannot be read, 2 when the config is
     invalid.
     """
+    from divingbell.console import invalid_file
     from divingbell.errors import DivingbellError, DocumentError
     from divingbell.policy.tenant_sources import open_source
     from divingbell.policy.tenants import load_config
@@ -167,15 +166,7 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
     try:
         config = load_config(config_path)
     except DocumentError as exc:
-        if output_format == "json":  # as `divingbell validate --format json`
-            click.echo(json.dumps({"valid": False, "problems": [vars(p) for p in exc.problems]},
-                                  indent=2))
-            sys.exit(EXIT_INVALID)
-        click.echo(f"error: the tenants config is invalid ({len(exc.problems)} problem(s)):",
-                   err=True)
-        for problem in exc.problems:
-            click.echo(f"  {problem}", err=True)
-        sys.exit(EXIT_INVALID)
+        invalid_file("the tenants config", exc, output_format)
     try:
         read = open_source(source, config.ldap, config.namespace_prefix).read()
     except DivingbellError as exc:

@@ -102,6 +102,82 @@ class Request:
     body: dict[str, Any] | None = None
 
 
+# Objects by kind, as plain dicts (policy: the webhook's namespace lookups, the tenant
+# controller's namespaces, quotas, bindings and certificate requests). ---------------------
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool
+
+    def path(self, name: str | None = None, namespace: str | None = None,
+             sub: str | None = None) -> str:
+        prefix = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        scope = f"/namespaces/{namespace}" if self.namespaced and namespace else ""
+        out = f"{prefix}{scope}/{self.plural}"
+        if name is not None:
+            out += f"/{name}"
+        if sub is not None:
+            out += f"/{sub}"
+        return out
+
+
+KINDS = {k.kind: k for k in (
+    Kind("v1", "Namespace", "namespaces", False),
+    Kind("v1", "ResourceQuota", "resourcequotas", True),
+    Kind("v1", "LimitRange", "limitranges", True),
+    Kind("v1", "ConfigMap", "configmaps", True),
+    Kind("v1", "Secret", "secrets", True),
+    Kind("apps/v1", "DaemonSet", "daemonsets", True),
+    Kind("apps/v1", "ControllerRevision", "controllerrevisions", True),
+    Kind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", True),
+    Kind("certificates.k8s.io/v1", "CertificateSigningRequest", "certificatesigningrequests",
+         False),
+)}
+
+
+class ObjectApi(Protocol):
+    """Objects of the kinds in KINDS. Refusals: KubeNotFound (404), KubeConflict (409:
+    reason `AlreadyExists` on create, `Conflict` on a stale resourceVersion), KubeError with
+    the code and reason otherwise."""
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> Obj: ...
+
+    def list(self, kind: str, namespace: str | None = None,
+             labels: Mapping[str, str] | None = None) -> list[Obj]: ...
+
+    def create(self, obj: Obj) -> Obj: ...
+
+    def replace(self, obj: Obj) -> Obj:
+        """PUT the whole object; 409 Conflict if metadata.resourceVersion is stale."""
+
+    def merge_patch(self, kind: str, name: str, patch: Obj, namespace: str | None = None
+                    ) -> Obj: ...
+
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None: ...
+
+    def approve_csr(self, csr: Obj) -> Obj:
+        """PUT the CSR, carrying an Approved condition, to its approval subresource."""
+
+
+def label_query(labels: Mapping[str, str] | None) -> str:
+    if not labels:
+        return ""
+    return "?labelSelector=" + ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def object_request(method: str, kind: str, name: str | None = None,
+                   namespace: str | None = None, body: Obj | None = None, *,
+                   sub: str | None = None, labels: Mapping[str, str] | None = None) -> Request:
+    """A request of ObjectApi, the query decoded as the contract test's stub records it."""
+    return Request(method, KINDS[kind].path(name, namespace, sub) + label_query(labels), body)
+
+
 def annotate_request(node: str, status: Mapping[str, str]) -> Request:
     return Request("PATCH", f"/api/v1/nodes/{node}", annotation_patch(status))
 
@@ -469,31 +545,37 @@ class NodeLabelApi(KubeApi, Protocol):
 
 class KubeError(Exception):
     """The API server refused or could not be reached; the message says which. `code` is the
-    HTTP status of a refusal (None: not reached)."""
+    HTTP status of a refusal (None: not reached), `reason` its Status reason (`NotFound`,
+    `AlreadyExists`, `Conflict`, `Invalid`...; empty when not known)."""
 
-    def __init__(self, message: str, *, code: int | None = None) -> None:
+    def __init__(self, message: str, *, code: int | None = None, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.reason = reason
 
 
 # Maintenance (issue 15), the real adapter's half: the same requests through lightkube. ------
 
 class KubeConflict(KubeError):
-    """409: the object changed since it was read (stale resourceVersion) or already exists."""
+    """409: the object changed since it was read (`Conflict`: a stale resourceVersion) or
+    already exists (`AlreadyExists`)."""
 
-    def __init__(self, message: str, *, code: int | None = 409) -> None:
-        super().__init__(message, code=code)
+    def __init__(self, message: str, *, code: int | None = 409,
+                 reason: str = "Conflict") -> None:
+        super().__init__(message, code=code, reason=reason)
 
 
 class KubeNotFound(KubeError):
     """404: no such object."""
 
-    def __init__(self, message: str, *, code: int | None = 404) -> None:
-        super().__init__(message, code=code)
+    def __init__(self, message: str, *, code: int | None = 404,
+                 reason: str = "NotFound") -> None:
+        super().__init__(message, code=code, reason=reason)
 
 
 class EvictionRefused(KubeError):
     """429: evicting the pod now would violate its PodDisruptionBudget."""
 
-    def __init__(self, message: str, *, code: int | None = 429) -> None:
-        super().__init__(message, code=code)
+    def __init__(self, message: str, *, code: int | None = 429,
+                 reason: str = "TooManyRequests") -> None:
+        super().__init__(message, code=code, reason=reason)

@@ -1,11 +1,14 @@
-"""FakeKube: in-memory nodes, pods, budgets and leases with the real API's semantics (409 on a
-stale resourceVersion, 429 when an eviction would break a budget, 404s), for tests where no
-API server runs. It records every request it is asked to send, built with the same functions
-as the real adapter's (divingbell.kube.api).
+"""FakeKube: in-memory nodes, pods, budgets, leases and objects (namespaces, quotas, bindings,
+CSRs, secrets...) with the real API's semantics (409 on a stale resourceVersion or an existing
+name, 429 when an eviction would break a budget, 404s, a namespace's objects gone with it, a
+CSR signer), for tests where no API server runs. It records every request it is asked to
+send, built with the same functions as the real adapter's (divingbell.kube.api).
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -14,6 +17,7 @@ from typing import Any
 
 from divingbell.kube.api import (
     DOCUMENT_SELECTOR,
+    KINDS,
     MIRROR_ANNOTATION,
     BudgetView,
     DocumentSecret,
@@ -25,6 +29,7 @@ from divingbell.kube.api import (
     LeaseView,
     NodeState,
     NodeView,
+    Obj,
     PodView,
     Request,
     annotate_request,
@@ -40,6 +45,7 @@ from divingbell.kube.api import (
     lease_view,
     node_patch_request,
     node_state_from,
+    object_request,
     pod_view,
     pods_on_node_request,
     revisions_list_request,
@@ -322,6 +328,166 @@ class _FakeMaintenanceState:
     version: int = 0
 
 
+Signer = Callable[[Obj], str]  # an approved CSR -> base64 PEM certificate
+ObjectKey = tuple[str, str | None, str]  # kind, namespace (None: cluster-scoped), name
+
+
+class _FakeObjects:
+    """The fake's ObjectApi half: objects of the kinds in KINDS, with the API server's
+    semantics: 404 NotFound, 409 AlreadyExists on create (404 in a missing namespace), 409
+    Conflict on a replace with a stale resourceVersion, 422 on a RoleBinding's roleRef
+    changed, a namespace's objects gone with it, and a CSR signer that issues an approved
+    `kubernetes.io/kube-apiserver-client` request as kube-controller-manager does. A test
+    makes the next requests fail by queueing errors in `fail_next`."""
+
+    objects: dict[ObjectKey, Obj]
+    sent: list[Request]
+    clock: Callable[[], float]
+    signer: Signer | None
+    fail_next: list[KubeError]
+    _versions: itertools.count[int]
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> Obj:
+        self._record(object_request("GET", kind, name, namespace))
+        return copy.deepcopy(self._stored(kind, name, namespace))
+
+    def list(self, kind: str, namespace: str | None = None,
+             labels: Mapping[str, str] | None = None) -> list[Obj]:
+        self._record(object_request("GET", kind, namespace=namespace, labels=labels))
+        found = []
+        for (k, ns, _), obj in sorted(self.objects.items(), key=lambda kv: str(kv[0])):
+            if k != kind or (namespace is not None and ns != namespace):
+                continue
+            have = obj["metadata"].get("labels") or {}
+            if all(have.get(key) == value for key, value in (labels or {}).items()):
+                found.append(copy.deepcopy(obj))
+        return found
+
+    def create(self, obj: Obj) -> Obj:
+        kind, name, namespace = _identity(obj)
+        self._record(object_request("POST", kind, namespace=namespace, body=obj))
+        key = self._key(kind, name, namespace)
+        if key in self.objects:
+            raise KubeConflict(f'{KINDS[kind].plural} "{name}" already exists (409)',
+                               reason="AlreadyExists")
+        if KINDS[kind].namespaced and ("Namespace", None, namespace) not in self.objects:
+            raise _not_found("namespaces", str(namespace))
+        stored = copy.deepcopy(obj)
+        stored["metadata"]["uid"] = f"uid-{kind}-{name}"
+        stored["metadata"]["creationTimestamp"] = time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock()))
+        self._store(key, stored)
+        return copy.deepcopy(stored)
+
+    def replace(self, obj: Obj) -> Obj:
+        kind, name, namespace = _identity(obj)
+        self._record(object_request("PUT", kind, name, namespace, body=obj))
+        current = self._stored(kind, name, namespace)
+        version = obj["metadata"].get("resourceVersion")
+        if version is not None and version != current["metadata"]["resourceVersion"]:
+            raise KubeConflict(f'Operation cannot be fulfilled on {KINDS[kind].plural} '
+                               f'"{name}": the object has been modified (409)')
+        stored = copy.deepcopy(obj)
+        stored["metadata"]["uid"] = current["metadata"]["uid"]
+        stored["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"]
+        if kind == "RoleBinding" and stored.get("roleRef") != current.get("roleRef"):
+            raise KubeError("RoleBinding.rbac.authorization.k8s.io is invalid: roleRef: "
+                            "Invalid value: cannot change roleRef (422)", code=422,
+                            reason="Invalid")
+        if kind == "CertificateSigningRequest":
+            stored["status"] = current.get("status", {})
+        self._store(self._key(kind, name, namespace), stored)
+        return copy.deepcopy(stored)
+
+    def merge_patch(self, kind: str, name: str, patch: Obj, namespace: str | None = None
+                    ) -> Obj:
+        self._record(object_request("PATCH", kind, name, namespace, body=patch))
+        merged = _merge_patch(self._stored(kind, name, namespace), patch)
+        self._store(self._key(kind, name, namespace), merged)
+        return copy.deepcopy(merged)
+
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
+        self._record(object_request("DELETE", kind, name, namespace))
+        self._stored(kind, name, namespace)
+        del self.objects[self._key(kind, name, namespace)]
+        if kind == "Namespace":  # the namespace controller removes what it held
+            for key in [k for k in self.objects if k[1] == name]:
+                del self.objects[key]
+
+    def approve_csr(self, csr: Obj) -> Obj:
+        name = csr["metadata"]["name"]
+        self._record(object_request("PUT", "CertificateSigningRequest", name, sub="approval",
+                                    body=csr))
+        current = self._stored("CertificateSigningRequest", name, None)
+        status = copy.deepcopy(csr.get("status") or {})
+        current["status"] = status
+        self._store(self._key("CertificateSigningRequest", name, None), current)
+        approved = any(c.get("type") == "Approved" and c.get("status") == "True"
+                       for c in status.get("conditions") or [])
+        signer = current["spec"].get("signerName")
+        if approved and signer == "kubernetes.io/kube-apiserver-client" and self.signer:
+            current["status"]["certificate"] = self.signer(current)  # the controller-manager
+        return copy.deepcopy(current)
+
+    # Test set-up (not API calls, not recorded)
+    def put(self, obj: Mapping[str, Any]) -> None:
+        """Store an object as if someone else had created it (`kubectl apply`)."""
+        kind, name, namespace = _identity(obj)
+        stored = copy.deepcopy(dict(obj))
+        stored["metadata"].setdefault("uid", f"uid-{kind}-{name}")
+        stored["metadata"].setdefault("creationTimestamp", "2026-01-01T00:00:00Z")
+        self._store(self._key(kind, name, namespace), stored)
+
+    def find(self, kind: str, name: str, namespace: str | None = None) -> Obj | None:
+        return self.objects.get(self._key(kind, name, namespace))
+
+    # Semantics
+    def _record(self, request: Request) -> None:
+        self.sent.append(Request(request.method, request.path, copy.deepcopy(request.body)))
+        if self.fail_next:
+            raise self.fail_next.pop(0)
+
+    @staticmethod
+    def _key(kind: str, name: str, namespace: str | None) -> ObjectKey:
+        return (kind, namespace if KINDS[kind].namespaced else None, name)
+
+    def _stored(self, kind: str, name: str, namespace: str | None) -> Obj:
+        obj = self.objects.get(self._key(kind, name, namespace))
+        if obj is None:
+            raise _not_found(KINDS[kind].plural, name)
+        return obj
+
+    def _store(self, key: ObjectKey, obj: Obj) -> None:
+        obj["metadata"]["resourceVersion"] = str(next(self._versions))
+        self.objects[key] = obj
+
+
+def _by_name(item: tuple[ObjectKey, Obj]) -> str:
+    return item[0][2]
+
+
+def _identity(obj: Mapping[str, Any]) -> tuple[str, str, str | None]:
+    metadata = obj.get("metadata") or {}
+    return obj["kind"], metadata["name"], metadata.get("namespace")
+
+
+def _not_found(plural: str, name: str) -> KubeNotFound:
+    return KubeNotFound(f'{plural} "{name}" not found (404)')
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
 def _merged(current: Mapping[str, str], patch: Mapping[str, str | None]) -> dict[str, str]:
     out = dict(current)
     for key, value in patch.items():
@@ -335,16 +501,18 @@ def _merged(current: Mapping[str, str], patch: Mapping[str, str | None]) -> dict
 # The fake. --------------------------------------------------------------------------------
 
 @dataclass
-class FakeKube(_FakeMaintenance):
-    """In-memory nodes, recording every request it is asked to send."""
+class FakeKube(_FakeMaintenance, _FakeObjects):
+    """In-memory nodes and objects, recording every request it is asked to send."""
 
     node_objects: dict[str, NodeView] = field(default_factory=dict)
     sent: list[Request] = field(default_factory=list)
     clock: Callable[[], float] = time.time
     event_objects: dict[str, dict[str, Any]] = field(default_factory=dict)
     series: EventSeries = field(default_factory=EventSeries)
-    # (namespace, kind, name) -> object: Secrets, DaemonSets and ControllerRevisions.
-    objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    objects: dict[ObjectKey, Obj] = field(default_factory=dict)
+    signer: Signer | None = None
+    fail_next: list[KubeError] = field(default_factory=list)
+    _versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def add_node(self, name: str, labels: Mapping[str, str] | None = None) -> None:
         self.node_objects[name] = NodeView(name, dict(labels or {}), {})
@@ -422,28 +590,24 @@ class FakeKube(_FakeMaintenance):
         return [e for e in self.event_objects.values()
                 if e["involvedObject"]["name"] == node]
 
-    def put(self, obj: Mapping[str, Any]) -> None:
-        """Store a namespaced object as `kubectl apply` would."""
-        meta = obj["metadata"]
-        self.objects[meta["namespace"], obj["kind"], meta["name"]] = dict(obj)
-
     def document_secrets(self, namespace: str, daemonset: str) -> list[DocumentSecret]:
         self.sent.append(secrets_list_request(namespace))
         key, value = DOCUMENT_SELECTOR.split("=")
-        secrets = [o for (ns, kind, _), o in sorted(self.objects.items()) if ns == namespace
-                   and kind == "Secret" and o["metadata"].get("labels", {}).get(key) == value]
+        secrets = [o for (kind, ns, _), o in sorted(self.objects.items(), key=_by_name)
+                   if ns == namespace and kind == "Secret"
+                   and o["metadata"].get("labels", {}).get(key) == value]
         self.sent.append(daemonset_request(namespace, daemonset))
-        found = self.objects.get((namespace, "DaemonSet", daemonset))
+        found = self.find("DaemonSet", daemonset, namespace)
         if found is None:
             raise KubeError(f"API server: 404 daemonsets {daemonset!r} not found", code=404)
         self.sent.append(revisions_list_request(namespace))
-        revisions = [o for (ns, kind, _), o in sorted(self.objects.items())
+        revisions = [o for (kind, ns, _), o in sorted(self.objects.items(), key=_by_name)
                      if ns == namespace and kind == "ControllerRevision"]
         return document_usage(secrets, found, revisions, daemonset)
 
     def delete_secret(self, namespace: str, name: str) -> None:
         self.sent.append(secret_delete_request(namespace, name))
-        if self.objects.pop((namespace, "Secret", name), None) is None:
+        if self.objects.pop(("Secret", namespace, name), None) is None:
             raise KubeError(f"API server: 404 secrets {name!r} not found", code=404)
 
     def _node(self, node: str) -> NodeView:

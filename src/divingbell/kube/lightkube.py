@@ -1,40 +1,16 @@
 """LightkubeApi: the thin real adapter (lightkube: typed, and it imports in ~0.13 s where the
-official client takes ~1 s; only the agent and `status --kube` import it). Every request is
-built by divingbell.kube.api, as the fake's are.
+official client takes ~1 s; only the agent, the policy webhook, the tenant controller and
+`status --kube` import it). Every request is built by divingbell.kube.api, as the fake's are.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from divingbell.kube.api import (
-    COMPONENT,
-    DOCUMENT_SELECTOR,
-    EVENTS_NAMESPACE,
-    BudgetView,
-    DocumentSecret,
-    EventSeries,
-    EvictionRefused,
-    KubeConflict,
-    KubeError,
-    KubeNotFound,
-    LeaseView,
-    NodeState,
-    NodeView,
-    PodView,
-    Request,
-    annotate_request,
-    budget_view,
-    document_usage,
-    eviction_request,
-    lease_body,
-    lease_view,
-    node_patch_request,
-    node_state_from,
-    pod_view,
-)
+from divingbell.kube import api
 
 
 def _lease_resource() -> Any:
@@ -49,46 +25,46 @@ class _LightkubeMaintenance:
     _client: Any
     _clock: Callable[[], float]
 
-    def node_state(self, node: str) -> NodeState:
+    def node_state(self, node: str) -> api.NodeState:
         from lightkube.resources.core_v1 import Node
 
         obj = self._maintenance_call(lambda: self._client.get(Node, node))
-        return node_state_from(obj.to_dict())
+        return api.node_state_from(obj.to_dict())
 
-    def node_states(self) -> list[NodeState]:
+    def node_states(self) -> list[api.NodeState]:
         from lightkube.resources.core_v1 import Node
 
         items = self._maintenance_call(lambda: list(self._client.list(Node)))
-        return sorted((node_state_from(n.to_dict()) for n in items), key=lambda n: n.name)
+        return sorted((api.node_state_from(n.to_dict()) for n in items), key=lambda n: n.name)
 
     def delete_node(self, node: str) -> None:
         from lightkube.resources.core_v1 import Node
 
         self._maintenance_call(lambda: self._client.delete(Node, node))
 
-    def pods_on_node(self, node: str) -> list[PodView]:
+    def pods_on_node(self, node: str) -> list[api.PodView]:
         from lightkube.resources.core_v1 import Pod
 
         items = self._maintenance_call(lambda: list(self._client.list(
             Pod, namespace="*", fields={"spec.nodeName": node})))
-        return sorted((pod_view(p.to_dict()) for p in items), key=lambda p: p.ref)
+        return sorted((api.pod_view(p.to_dict()) for p in items), key=lambda p: p.ref)
 
-    def budgets(self) -> list[BudgetView]:
+    def budgets(self) -> list[api.BudgetView]:
         from lightkube.resources.policy_v1 import PodDisruptionBudget
 
         items = self._maintenance_call(
             lambda: list(self._client.list(PodDisruptionBudget, namespace="*")))
-        return sorted((budget_view(b.to_dict()) for b in items), key=lambda b: b.ref)
+        return sorted((api.budget_view(b.to_dict()) for b in items), key=lambda b: b.ref)
 
     def evict(self, namespace: str, pod: str, grace_seconds: int) -> None:
         from lightkube.resources.core_v1 import Pod
 
-        body = eviction_request(namespace, pod, grace_seconds).body or {}
+        body = api.eviction_request(namespace, pod, grace_seconds).body or {}
         eviction = Pod.Eviction.from_dict(body)
         try:
             self._maintenance_call(
                 lambda: self._client.create(eviction, pod, namespace=namespace))
-        except KubeNotFound:
+        except api.KubeNotFound:
             return
 
     def delete_pod(self, namespace: str, pod: str, grace_seconds: int) -> None:
@@ -97,34 +73,34 @@ class _LightkubeMaintenance:
         self._maintenance_call(lambda: self._client.delete(
             Pod, pod, namespace=namespace, grace_period=grace_seconds))
 
-    def get_lease(self, namespace: str, name: str) -> LeaseView | None:
+    def get_lease(self, namespace: str, name: str) -> api.LeaseView | None:
         Lease = _lease_resource()
         try:
             obj = self._maintenance_call(
                 lambda: self._client.get(Lease, name, namespace=namespace))
-        except KubeNotFound:
+        except api.KubeNotFound:
             return None
-        return lease_view(dict(obj))
+        return api.lease_view(dict(obj))
 
-    def list_leases(self, namespace: str) -> list[LeaseView]:
+    def list_leases(self, namespace: str) -> list[api.LeaseView]:
         Lease = _lease_resource()
         items = self._maintenance_call(
             lambda: list(self._client.list(Lease, namespace=namespace)))
-        return sorted((lease_view(dict(i)) for i in items), key=lambda v: v.name)
+        return sorted((api.lease_view(dict(i)) for i in items), key=lambda v: v.name)
 
-    def create_lease(self, namespace: str, lease: LeaseView) -> LeaseView:
-        obj = _lease_resource()(lease_body(namespace, lease))
+    def create_lease(self, namespace: str, lease: api.LeaseView) -> api.LeaseView:
+        obj = _lease_resource()(api.lease_body(namespace, lease))
         created = self._maintenance_call(lambda: self._client.create(obj, namespace=namespace))
-        return lease_view(dict(created))
+        return api.lease_view(dict(created))
 
-    def replace_lease(self, namespace: str, lease: LeaseView) -> LeaseView:
-        obj = _lease_resource()(lease_body(namespace, lease))
+    def replace_lease(self, namespace: str, lease: api.LeaseView) -> api.LeaseView:
+        obj = _lease_resource()(api.lease_body(namespace, lease))
         replaced = self._maintenance_call(lambda: self._client.replace(obj))
-        return lease_view(dict(replaced))
+        return api.lease_view(dict(replaced))
 
     @staticmethod
     def _maintenance_call(action: Callable[[], Any]) -> Any:
-        """As LightkubeApi._call, with the status codes maintenance acts on as their own
+        """As _call, with the status codes maintenance acts on as their own
         errors."""
         from lightkube import ApiError
 
@@ -133,18 +109,100 @@ class _LightkubeMaintenance:
         except ApiError as exc:
             code, message = exc.status.code, exc.status.message
             if code == 409:
-                raise KubeConflict(f"{message} (409)") from None
+                raise api.KubeConflict(f"{message} (409)") from None
             if code == 404:
-                raise KubeNotFound(f"{message} (404)") from None
+                raise api.KubeNotFound(f"{message} (404)") from None
             if code == 429:
-                raise EvictionRefused(f"429 {message}") from None
-            raise KubeError(f"API server: {code} {message}") from None
+                raise api.EvictionRefused(f"429 {message}") from None
+            raise api.KubeError(f"API server: {code} {message}") from None
         except OSError as exc:
-            raise KubeError(f"cannot reach the API server: {exc}") from None
+            raise api.KubeError(f"cannot reach the API server: {exc}") from None
         except Exception as exc:
             if type(exc).__module__.startswith(("httpx", "httpcore")):
-                raise KubeError(f"cannot reach the API server: {exc}") from None
+                raise api.KubeError(f"cannot reach the API server: {exc}") from None
             raise
+
+
+def _call(action: Callable[[], Any]) -> Any:
+    from lightkube import ApiError
+
+    try:
+        return action()
+    except ApiError as exc:
+        message = f"API server: {exc.status.code} {exc.status.message}"
+        error = {404: api.KubeNotFound, 409: api.KubeConflict}.get(exc.status.code or 0,
+                                                                    api.KubeError)
+        raise error(message, code=exc.status.code, reason=exc.status.reason or ""
+                    ) from None
+    except OSError as exc:
+        raise api.KubeError(f"cannot reach the API server: {exc}") from None
+    except Exception as exc:  # httpx transport errors do not share a public base here
+        if type(exc).__module__.startswith(("httpx", "httpcore")):
+            raise api.KubeError(f"cannot reach the API server: {exc}") from None
+        raise
+
+
+def _resource(kind: str) -> Any:
+    """lightkube's typed resource for a kind of KINDS."""
+    from lightkube.resources import apps_v1, certificates_v1, core_v1, rbac_authorization_v1
+
+    for module in (core_v1, apps_v1, rbac_authorization_v1, certificates_v1):
+        if hasattr(module, kind):
+            return getattr(module, kind)
+    raise KeyError(kind)
+
+
+def _plain(result: Any) -> Any:
+    """An answer as the API server wrote it: plain dicts and lists, times as strings."""
+    if result is None or isinstance(result, list | dict):
+        return result
+    return json.loads(json.dumps(result.to_dict(), default=str))
+
+
+def _object(action: Callable[[], Any]) -> api.Obj:
+    out = _plain(_call(action))
+    assert isinstance(out, dict)
+    return out
+
+
+class _LightkubeObjects:
+    """The ObjectApi half: objects as plain dicts, errors with their code and reason."""
+
+    _client: Any
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> api.Obj:
+        return _object(lambda: self._client.get(_resource(kind), name, namespace=namespace))
+
+    def list(self, kind: str, namespace: str | None = None,
+             labels: Mapping[str, str] | None = None) -> list[api.Obj]:
+        items = _call(lambda: [o.to_dict() for o in self._client.list(
+            _resource(kind), namespace=namespace, labels=dict(labels) if labels else None)])
+        assert isinstance(items, list)
+        return items
+
+    def create(self, obj: api.Obj) -> api.Obj:
+        resource = _resource(obj["kind"])
+        return _object(lambda: self._client.create(resource.from_dict(obj)))
+
+    def replace(self, obj: api.Obj) -> api.Obj:
+        resource = _resource(obj["kind"])
+        return _object(lambda: self._client.replace(resource.from_dict(obj)))
+
+    def merge_patch(self, kind: str, name: str, patch: api.Obj, namespace: str | None = None
+                    ) -> api.Obj:
+        from lightkube.types import PatchType
+
+        return _object(lambda: self._client.patch(
+            _resource(kind), name, patch, namespace=namespace, patch_type=PatchType.MERGE))
+
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
+        _call(lambda: self._client.delete(_resource(kind), name, namespace=namespace))
+
+    def approve_csr(self, csr: api.Obj) -> api.Obj:
+        from lightkube.resources.certificates_v1 import CertificateSigningRequestApproval
+
+        body: Any = CertificateSigningRequestApproval.from_dict(csr)
+        return _object(lambda: self._client.replace(body, csr["metadata"]["name"]))
 
 
 def config_problem(kubeconfig: str | None, exc: Exception) -> str:
@@ -158,9 +216,12 @@ def config_problem(kubeconfig: str | None, exc: Exception) -> str:
 
 # The real adapter. ------------------------------------------------------------------------
 
-class LightkubeApi(_LightkubeMaintenance):
+class LightkubeApi(_LightkubeMaintenance, _LightkubeObjects):
     def __init__(self, kubeconfig: str | None = None, *, server: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, field_manager: str = api.COMPONENT
+                 ) -> None:
+        """`field_manager` names the writer in managedFields (the tenant controller and the
+        webhook as `divingbell-policy`)."""
         from lightkube import Client, KubeConfig
         from lightkube.config.models import Cluster, User
 
@@ -171,109 +232,93 @@ class LightkubeApi(_LightkubeMaintenance):
                 config = KubeConfig.from_file(kubeconfig)
             else:
                 config = KubeConfig.from_env()  # in-cluster service account, else ~/.kube/config
-            self._client = Client(config, field_manager=COMPONENT, trust_env=False)
+            self._client = Client(config, field_manager=field_manager, trust_env=False)
         except Exception as exc:  # lightkube's config errors share no base class (KeyError...)
-            raise KubeError(config_problem(kubeconfig, exc)) from None
+            raise api.KubeError(config_problem(kubeconfig, exc)) from None
         self._clock = clock
-        self._series = EventSeries()
+        self._series = api.EventSeries()
 
     def node_labels(self, node: str) -> dict[str, str]:
         from lightkube.resources.core_v1 import Node
 
-        obj = self._call(lambda: self._client.get(Node, node))
+        obj = _call(lambda: self._client.get(Node, node))
         return dict((obj.metadata.labels if obj.metadata else None) or {})
 
     def annotate_node(self, node: str, status: Mapping[str, str]) -> None:
         from lightkube.resources.core_v1 import Node
         from lightkube.types import PatchType
 
-        body = annotate_request(node, status).body or {}
-        self._call(lambda: self._client.patch(Node, node, body, patch_type=PatchType.MERGE))
+        body = api.annotate_request(node, status).body or {}
+        _call(lambda: self._client.patch(Node, node, body, patch_type=PatchType.MERGE))
 
     def node_event(self, node: str, reason: str, message: str, *, warning: bool = False
                    ) -> None:
         self._series.record(self._send_event, node, reason, message, warning, self._clock())
 
-    def _send_event(self, request: Request) -> dict[str, Any]:
+    def _send_event(self, request: api.Request) -> dict[str, Any]:
         from lightkube.resources.core_v1 import Event
         from lightkube.types import PatchType
 
         if request.method == "POST":
             event = Event.from_dict(request.body or {})
             assert isinstance(event, Event)
-            result = self._call(lambda: self._client.create(event, namespace=EVENTS_NAMESPACE))
+            result = _call(lambda: self._client.create(event, namespace=api.EVENTS_NAMESPACE))
         else:
             name = request.path.rsplit("/", 1)[1]
             if request.method == "GET":
-                result = self._call(lambda: self._client.get(Event, name,
-                                                              namespace=EVENTS_NAMESPACE))
+                result = _call(lambda: self._client.get(Event, name,
+                                                              namespace=api.EVENTS_NAMESPACE))
             else:
-                result = self._call(lambda: self._client.patch(
-                    Event, name, request.body or {}, namespace=EVENTS_NAMESPACE,
+                result = _call(lambda: self._client.patch(
+                    Event, name, request.body or {}, namespace=api.EVENTS_NAMESPACE,
                     patch_type=PatchType.MERGE))
         return dict(result.to_dict())
 
-    def document_secrets(self, namespace: str, daemonset: str) -> list[DocumentSecret]:
+    def document_secrets(self, namespace: str, daemonset: str) -> list[api.DocumentSecret]:
         from lightkube.resources.apps_v1 import ControllerRevision, DaemonSet
         from lightkube.resources.core_v1 import Secret
 
-        key, value = DOCUMENT_SELECTOR.split("=")
-        secrets = self._call(lambda: [s.to_dict() for s in self._client.list(
+        key, value = api.DOCUMENT_SELECTOR.split("=")
+        secrets = _call(lambda: [s.to_dict() for s in self._client.list(
             Secret, namespace=namespace, labels={key: value})])
-        found = self._call(lambda: self._client.get(DaemonSet, daemonset,
+        found = _call(lambda: self._client.get(DaemonSet, daemonset,
                                                     namespace=namespace)).to_dict()
-        revisions = self._call(lambda: [r.to_dict() for r in self._client.list(
+        revisions = _call(lambda: [r.to_dict() for r in self._client.list(
             ControllerRevision, namespace=namespace)])
-        return document_usage(secrets, found, revisions, daemonset)
+        return api.document_usage(secrets, found, revisions, daemonset)
 
     def delete_secret(self, namespace: str, name: str) -> None:
         from lightkube.resources.core_v1 import Secret
 
-        self._call(lambda: self._client.delete(Secret, name, namespace=namespace))
+        _call(lambda: self._client.delete(Secret, name, namespace=namespace))
 
-    def nodes(self) -> list[NodeView]:
+    def nodes(self) -> list[api.NodeView]:
         from lightkube.resources.core_v1 import Node
 
-        items = self._call(lambda: list(self._client.list(Node)))
-        return sorted((NodeView(n.metadata.name or "", dict(n.metadata.labels or {}),
+        items = _call(lambda: list(self._client.list(Node)))
+        return sorted((api.NodeView(n.metadata.name or "", dict(n.metadata.labels or {}),
                                 dict(n.metadata.annotations or {}))
                        for n in items if n.metadata), key=lambda n: n.name)
 
     # Node labels (NodeLabelApi) --------------------------------------------------------
 
-    def node(self, name: str) -> NodeView:
+    def node(self, name: str) -> api.NodeView:
         from lightkube.resources.core_v1 import Node
 
-        return self._view(self._call(lambda: self._client.get(Node, name)))
+        return self._view(_call(lambda: self._client.get(Node, name)))
 
     def patch_node(self, node: str, *, labels: Mapping[str, str | None] | None = None,
                    annotations: Mapping[str, str | None] | None = None,
-                   unschedulable: bool | None = None) -> NodeView:
+                   unschedulable: bool | None = None) -> api.NodeView:
         from lightkube.resources.core_v1 import Node
         from lightkube.types import PatchType
 
-        body = node_patch_request(node, labels=labels, annotations=annotations,
+        body = api.node_patch_request(node, labels=labels, annotations=annotations,
                                   unschedulable=unschedulable).body or {}
         return self._view(self._maintenance_call(lambda: self._client.patch(
             Node, node, body, patch_type=PatchType.MERGE)))
 
     @staticmethod
-    def _view(obj: Any) -> NodeView:
+    def _view(obj: Any) -> api.NodeView:
         meta = obj.metadata
-        return NodeView(meta.name or "", dict(meta.labels or {}), dict(meta.annotations or {}))
-
-    @staticmethod
-    def _call(action: Callable[[], Any]) -> Any:
-        from lightkube import ApiError
-
-        try:
-            return action()
-        except ApiError as exc:
-            raise KubeError(f"API server: {exc.status.code} {exc.status.message}",
-                            code=exc.status.code) from None
-        except OSError as exc:
-            raise KubeError(f"cannot reach the API server: {exc}") from None
-        except Exception as exc:  # httpx transport errors do not share a public base here
-            if type(exc).__module__.startswith(("httpx", "httpcore")):
-                raise KubeError(f"cannot reach the API server: {exc}") from None
-            raise
+        return api.NodeView(meta.name or "", dict(meta.labels or {}), dict(meta.annotations or {}))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,19 +205,37 @@ def image_allowed(image: str, registries: Sequence[str]) -> bool:
     return image_registry(image) in registries
 
 
-@dataclass(frozen=True)
-class RegistryEnforcer:
-    conf: RegistryEnforcerConf
-    name: str = "registry"
-    mutating: bool = False
+class _PodSpecValidator(ABC):
+    """A validating policy: the pod spec of an object created or updated, of a kind that has
+    one, is refused when `_offenders` finds anything in it, `_refusal` saying why."""
 
     def review(self, request: ReviewRequest, namespace: Namespace | None) -> Verdict:
         if request.operation not in ("CREATE", "UPDATE"):
             return ALLOW
         found = pod_spec(request)
-        if found is None:
-            return ALLOW
-        spec_path, spec = found
+        offenders = self._offenders(*found) if found else []
+        return refuse(f"{request.what}: {self._refusal(offenders)}") if offenders else ALLOW
+
+    @abstractmethod
+    def _offenders(self, spec_path: Sequence[str], spec: Mapping[str, Any]) -> list[str]: ...
+
+    @abstractmethod
+    def _refusal(self, offenders: Sequence[str]) -> str: ...
+
+
+@dataclass(frozen=True)
+class RegistryEnforcer(_PodSpecValidator):
+    """Validating: every container's image comes from an allowed registry."""
+
+    conf: RegistryEnforcerConf
+    name: str = "registry"
+    mutating: bool = False
+
+    def _refusal(self, offenders: Sequence[str]) -> str:
+        allowed = ", ".join(f"{r}/..." for r in self.conf.registries)
+        return f"images must come from {allowed}; {'; '.join(offenders)}"
+
+    def _offenders(self, spec_path: Sequence[str], spec: Mapping[str, Any]) -> list[str]:
         offenders = []
         for container in containers(spec, spec_path):
             image = container.body.get("image")
@@ -224,28 +243,26 @@ class RegistryEnforcer:
                 offenders.append(f"{container.label} has no image")
             elif not image_allowed(image, self.conf.registries):
                 offenders.append(f"{container.label} uses {image!r}")
-        if not offenders:
-            return ALLOW
-        allowed = ", ".join(f"{r}/..." for r in self.conf.registries)
-        return refuse(f"{request.what}: images must come from {allowed}; "
-                      f"{'; '.join(offenders)}")
+        return offenders
 
 
 # HostPathEnforcer --------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class HostPathEnforcer:
+class HostPathEnforcer(_PodSpecValidator):
+    """Validating: a hostPath volume names an allowed path, or one under an allowed prefix,
+    after normalisation (`..`, `//`)."""
+
     conf: HostPathEnforcerConf
     name: str = "hostpath"
     mutating: bool = False
 
-    def review(self, request: ReviewRequest, namespace: Namespace | None) -> Verdict:
-        if request.operation not in ("CREATE", "UPDATE"):
-            return ALLOW
-        found = pod_spec(request)
-        if found is None:
-            return ALLOW
-        spec_path, spec = found
+    def _refusal(self, offenders: Sequence[str]) -> str:
+        rules = [*self.conf.paths, *(f"{p}..." for p in self.conf.prefixes)]
+        return (f"host paths not allowed: {'; '.join(offenders)}. "
+                f"Allowed: {', '.join(rules) or 'none'}")
+
+    def _offenders(self, spec_path: Sequence[str], spec: Mapping[str, Any]) -> list[str]:
         offenders = []
         for index, volume in enumerate(_list(spec.get("volumes"), (*spec_path, "volumes"))
                                        or []):
@@ -264,11 +281,7 @@ class HostPathEnforcer:
                 shown = (f"{path!r}" if normal_path(path) == path
                          else f"{path!r} (= {normal_path(path)})")
                 offenders.append(f"volume {name!r}: host path {shown}")
-        if not offenders:
-            return ALLOW
-        rules = [*self.conf.paths, *(f"{p}..." for p in self.conf.prefixes)]
-        return refuse(f"{request.what}: host paths not allowed: {'; '.join(offenders)}. "
-                      f"Allowed: {', '.join(rules) or 'none'}")
+        return offenders
 
 
 # UidEnforcer ------------------------------------------------------------------------------
@@ -310,6 +323,9 @@ def _namespace_id(namespace: Namespace, annotation: str) -> int | str:
 
 @dataclass(frozen=True)
 class UidEnforcer:
+    """Mutating: a new pod runs as its namespace's uid and gid (annotations), unprivileged,
+    without supplementary groups or the node's namespaces; refused when it cannot."""
+
     conf: UidEnforcerConf
     name: str = "uid"
     mutating: bool = True
@@ -413,6 +429,9 @@ def volume_name(path: str, taken: set[str]) -> str:
 
 @dataclass(frozen=True)
 class HostAutoMounter:
+    """Mutating: a new pod gets the configured host paths as read-only volumes, mounted in
+    every container and init container that does not mount them already."""
+
     conf: HostAutoMounterConf
     name: str = "automount"
     mutating: bool = True

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from divingbell.errors import DivingbellError
-from divingbell.policy.kube import ClusterApi, ClusterError
+from divingbell.kube import KubeError, ObjectApi
 
 SIGNER = "kubernetes.io/kube-apiserver-client"
 Clock = Callable[[], datetime.datetime]
@@ -138,7 +138,7 @@ class LocalCaSigner:
 class KubernetesSigner:
     """The CSR API: create, approve, wait for the certificate, delete the request."""
 
-    api: ClusterApi
+    api: ObjectApi
     validity: datetime.timedelta = datetime.timedelta(days=365)
     timeout: float = 60.0
     clock: Clock = utcnow
@@ -167,7 +167,7 @@ class KubernetesSigner:
             return self._wait(name)
         finally:
             # Approved requests are garbage-collected by the cluster anyway.
-            with contextlib.suppress(ClusterError):
+            with contextlib.suppress(KubeError):
                 self.api.delete("CertificateSigningRequest", name)
 
     def _wait(self, name: str) -> bytes:

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from divingbell.kube import KubeError, ObjectApi
 from divingbell.policy.admission import (
     ALLOW,
     HostAutoMounter,
@@ -65,6 +66,24 @@ class NamespaceUnavailable(Exception):
 class NamespaceReader(Protocol):
     def namespace(self, name: str) -> Namespace:
         """Raises NamespaceNotFound or NamespaceUnavailable."""
+
+
+@dataclass
+class ClusterNamespaces:
+    """The webhook's NamespaceReader over the Kubernetes edge."""
+
+    api: ObjectApi
+
+    def namespace(self, name: str) -> Namespace:
+        try:
+            obj = self.api.get("Namespace", name)
+        except KubeError as exc:
+            if exc.code == 404:
+                raise NamespaceNotFound(name) from None
+            raise NamespaceUnavailable(str(exc)) from None
+        metadata = obj.get("metadata") or {}
+        return Namespace(name, dict(metadata.get("labels") or {}),
+                         dict(metadata.get("annotations") or {}))
 
 
 @dataclass

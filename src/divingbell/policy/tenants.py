@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from divingbell.errors import DivingbellError
+from divingbell.kube import KubeConflict, KubeError, KubeNotFound, Obj, ObjectApi
 from divingbell.policy import kubeconfig
 from divingbell.policy.credentials import (
     CredentialError,
@@ -42,7 +43,6 @@ from divingbell.policy.credentials import (
     new_key,
     utcnow,
 )
-from divingbell.policy.kube import ClusterApi, ClusterError, Obj
 from divingbell.policy.schema_errors import load_model
 from divingbell.policy.tenant_sources import LdapSettings, SourceRead, Tenant, TenantSource
 
@@ -227,7 +227,7 @@ def _strings(value: Mapping[str, Quantity]) -> dict[str, str]:
 
 @dataclass
 class Controller:
-    api: ClusterApi
+    api: ObjectApi
     source: TenantSource
     config: TenantsConfig
     signer: Signer
@@ -250,7 +250,7 @@ class Controller:
             report.tenants.append(self._reconcile(tenant))
         try:
             report.tenants.extend(self._remove_absent(wanted, previous, report))
-        except ClusterError as exc:
+        except KubeError as exc:
             report.errors.append(f"cannot list tenant namespaces: {exc}")
         kept = {name: previous[name] for name in read.held if name in previous}
         return self._finish(report, started, write_status=True, kept=kept)
@@ -261,7 +261,7 @@ class Controller:
         if write_status:
             try:
                 self._write_status(report, kept or {})
-            except ClusterError as exc:
+            except KubeError as exc:
                 report.errors.append(f"cannot write the status ConfigMap: {exc}")
         self.metrics.run_seconds.observe(report.seconds)
         for state in (ACTIVE, DISABLED, FAILED):
@@ -287,7 +287,7 @@ class Controller:
             else:
                 self._ensure(self._binding(tenant, namespace), status)
                 self._ensure_credentials(tenant, namespace, home, status)
-        except (ClusterError, CredentialError, kubeconfig.HomeError, TenantError) as exc:
+        except (KubeError, CredentialError, kubeconfig.HomeError, TenantError) as exc:
             status.state = FAILED
             status.messages.append(str(exc))
             self.metrics.accounts.labels("failed").inc()
@@ -300,9 +300,7 @@ class Controller:
                        self.config.gid_annotation: str(tenant.gid)}
         try:
             current = self.api.get("Namespace", name)
-        except ClusterError as exc:
-            if exc.code != 404:
-                raise
+        except KubeNotFound:
             self.api.create({"apiVersion": "v1", "kind": "Namespace",
                              "metadata": {"name": name, "labels": labels,
                                           "annotations": annotations}})
@@ -368,17 +366,15 @@ class Controller:
         for attempt in range(2):
             try:
                 current = self.api.get(kind, meta["name"], meta["namespace"])
-            except ClusterError as exc:
-                if exc.code != 404:
-                    raise
+            except KubeNotFound:
                 try:
                     self.api.create(desired)
-                    status.actions.append(f"created {kind} {meta['name']}")
-                    return
-                except ClusterError as create_exc:
-                    if create_exc.code != 409 or attempt:
+                except KubeConflict:
+                    if attempt:
                         raise
                     continue  # someone created it meanwhile: compare with theirs
+                status.actions.append(f"created {kind} {meta['name']}")
+                return
             if all(current.get(k) == desired[k] for k in owned) and all(
                     (current["metadata"].get("labels") or {}).get(k) == v
                     for k, v in meta["labels"].items()):
@@ -392,11 +388,12 @@ class Controller:
                 **meta, "resourceVersion": current["metadata"]["resourceVersion"]}}
             try:
                 self.api.replace(body)
-                status.actions.append(f"updated {kind} {meta['name']}")
-                return
-            except ClusterError as exc:
-                if exc.code != 409 or attempt:
+            except KubeConflict:
+                if attempt:
                     raise
+                continue  # changed since we read it: read again
+            status.actions.append(f"updated {kind} {meta['name']}")
+            return
         raise TenantError(f"{kind} {meta['name']} kept changing under us; retrying next run")
 
     # -- credentials --
@@ -479,9 +476,7 @@ class Controller:
         try:
             self.api.get(kind, name, namespace)
             self.api.delete(kind, name, namespace)
-        except ClusterError as exc:
-            if exc.code != 404:
-                raise
+        except KubeNotFound:
             return False
         return True
 
@@ -522,7 +517,7 @@ class Controller:
                                          self._entries(name, namespace)):
                         status.actions.append("removed kubeconfig credentials")
                 self.metrics.accounts.labels("removed").inc()
-            except (ClusterError, kubeconfig.HomeError) as exc:
+            except (KubeError, kubeconfig.HomeError) as exc:
                 status.state = FAILED
                 status.messages.append(str(exc))
             removed.append(status)
@@ -533,7 +528,7 @@ class Controller:
         try:
             current = self.api.get("ConfigMap", self.config.status.configmap,
                                    self.config.status.namespace)
-        except ClusterError:
+        except KubeError:
             return {}
         out = {}
         for name, text in (current.get("data") or {}).items():
@@ -559,7 +554,7 @@ class Controller:
         self._ensure(desired, TenantStatus("", "", ""))
 
 
-def make_signer(config: TenantsConfig, api: ClusterApi,
+def make_signer(config: TenantsConfig, api: ObjectApi,
                 clock: Callable[[], datetime.datetime] = utcnow) -> Signer:
     creds = config.credentials
     if creds.signer == "local-ca":

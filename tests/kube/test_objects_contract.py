@@ -1,7 +1,11 @@
-"""The real adapter (lightkube) and the fake agree on the wire: the same tenant runs against
-the fake directly and through lightkube to an HTTP API server backed by another fake must send
-identical requests and reach identical results. The adapter also runs against the session's
-real control plane (tests/kube/), or the cluster DIVINGBELL_TEST_KUBECONFIG names."""
+"""FakeKube's object half (what the tenant controller and the webhook use: namespaces, quotas,
+limit ranges, config maps, role bindings, CSRs and their approval) against LightkubeApi: the
+same tenant scenario run on the fake directly and through lightkube to an HTTP API server
+backed by another fake must send identical requests and reach identical results. Then the
+adapter against the session's real control plane (tests/kube/, or the cluster
+DIVINGBELL_TEST_KUBECONFIG names), and the fake against it: the same errors (class, code and
+reason) and the same tenant reports. The nodes, events and maintenance half of the contract
+is tests/kube/test_fake_contract.py."""
 
 from __future__ import annotations
 
@@ -12,26 +16,27 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from divingbell.policy.kube import (
-    ClusterError,
-    ClusterNamespaces,
-    FakeCluster,
-    LightkubeCluster,
-    Request,
-)
-from divingbell.policy.server import NamespaceNotFound, NamespaceUnavailable
+from divingbell.kube import FakeKube, KubeError, LightkubeApi, ObjectApi, Request
+from divingbell.policy import FIELD_MANAGER
+from divingbell.policy.server import ClusterNamespaces, NamespaceNotFound, NamespaceUnavailable
 from tests.policy.apistub import ApiStub
 from tests.policy.pki import ScratchCa, csr_signer
 from tests.policy.tenantworld import TENANTS, World
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown tenant homes")
+
+
+@pytest.fixture(scope="module")
+def ca() -> ScratchCa:
+    """The tenants' scratch CA (as tests/policy's fixture)."""
+    return ScratchCa.create()
 
 
 def normalised(requests: list[Request]) -> list[Request]:
@@ -48,7 +53,7 @@ def normalised(requests: list[Request]) -> list[Request]:
 @pytest.fixture
 def stub(ca: ScratchCa, tmp_path: Path) -> Iterator[tuple[ApiStub, World]]:
     world = World(tmp_path, ca)
-    backend = FakeCluster(signer=csr_signer(ca, lambda: world.now[0]), clock=world.timestamp)
+    backend = FakeKube(signer=csr_signer(ca, lambda: world.now[0]), clock=world.timestamp)
     backend.put({"apiVersion": "v1", "kind": "Namespace",
                  "metadata": {"name": "divingbell-policy"}})
     api = ApiStub(backend)
@@ -82,7 +87,7 @@ def test_lightkube_and_the_fake_send_the_same_requests(stub: tuple[ApiStub, Worl
     expected = scenario(world, direct)
     reset_homes(world)
     world.now[0] = start
-    real = LightkubeCluster(server=api.url)
+    real = LightkubeApi(server=api.url, field_manager=FIELD_MANAGER)
     got = scenario(world, real)
     assert got == expected
     assert normalised(api.received) == normalised(direct.sent)
@@ -94,25 +99,26 @@ def test_lightkube_and_the_fake_send_the_same_requests(stub: tuple[ApiStub, Worl
 
 def test_errors_keep_their_code_and_reason(stub: tuple[ApiStub, World]) -> None:
     api, _ = stub
-    real = LightkubeCluster(server=api.url)
-    with pytest.raises(ClusterError) as caught:
+    real = LightkubeApi(server=api.url, field_manager=FIELD_MANAGER)
+    with pytest.raises(KubeError) as caught:
         real.get("Namespace", "nope")
     assert (caught.value.code, caught.value.reason) == (404, "NotFound")
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "dup"}}
     real.create(namespace)
-    with pytest.raises(ClusterError) as caught:
+    with pytest.raises(KubeError) as caught:
         real.create(namespace)
     assert (caught.value.code, caught.value.reason) == (409, "AlreadyExists")
     current = real.get("Namespace", "dup")
     real.merge_patch("Namespace", "dup", {"metadata": {"labels": {"a": "b"}}})
-    with pytest.raises(ClusterError) as caught:
+    with pytest.raises(KubeError) as caught:
         real.replace(current)  # a stale resourceVersion
     assert (caught.value.code, caught.value.reason) == (409, "Conflict")
     with pytest.raises(NamespaceNotFound):
         ClusterNamespaces(real).namespace("nope")
     assert ClusterNamespaces(real).namespace("dup").labels == {"a": "b"}
     with pytest.raises(NamespaceUnavailable, match="cannot reach"):
-        ClusterNamespaces(LightkubeCluster(server="http://127.0.0.1:9")).namespace("x")
+        unreachable = LightkubeApi(server="http://127.0.0.1:9", field_manager=FIELD_MANAGER)
+        ClusterNamespaces(unreachable).namespace("x")
 
 
 def _kubectl(kubeconfig: Path, *args: str, input_text: str | None = None
@@ -124,7 +130,7 @@ def _kubectl(kubeconfig: Path, *args: str, input_text: str | None = None
                           input=input_text)
 
 
-def _as_tenant_controller(kube_kubeconfig: str, tmp_path: Path) -> LightkubeCluster:
+def _as_tenant_controller(kube_kubeconfig: str, tmp_path: Path) -> LightkubeApi:
     """The tenant controller's own credentials: its ServiceAccount's token, with the RBAC
     objects `divingbell policy manifests` ships applied."""
     from divingbell.policy.manifests import tenant_rbac
@@ -142,7 +148,7 @@ def _as_tenant_controller(kube_kubeconfig: str, tmp_path: Path) -> LightkubeClus
     admin.close()
     path = kubeconfig(tmp_path / "tenants-controller.kubeconfig", admin.server, admin.ca,
                       token=answer["status"]["token"])
-    return LightkubeCluster(str(path))
+    return LightkubeApi(str(path), field_manager=FIELD_MANAGER)
 
 
 @pytest.mark.kube
@@ -150,7 +156,7 @@ def test_tenants_against_a_real_cluster(tmp_path: Path, ca: ScratchCa,
                                         kube_kubeconfig: str) -> None:
     """The same provisioning against a real API server: its CSR signer issues the
     certificates. Uses the prefix `dbtest-` and removes what it created."""
-    api = LightkubeCluster(kube_kubeconfig)
+    api = LightkubeApi(kube_kubeconfig, field_manager=FIELD_MANAGER)
     world = World(tmp_path, ca)
     world.settings.update({"namespace_prefix": "dbtest-",
                            "status": {"namespace": "default",
@@ -192,7 +198,7 @@ def test_webhook_namespace_lookups_against_a_real_cluster(kube_kubeconfig: str) 
     from tests.policy.conftest import POLICY
     from tests.policy.reviews import pod, review
 
-    api = LightkubeCluster(kube_kubeconfig)
+    api = LightkubeApi(kube_kubeconfig, field_manager=FIELD_MANAGER)
     name = "dbtest-webhook"
     api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {
         "name": name, "labels": {"tenancy": "tool"}, "annotations": {"RunAsUser": "52001"}}})
@@ -206,35 +212,54 @@ def test_webhook_namespace_lookups_against_a_real_cluster(kube_kubeconfig: str) 
         api.delete("Namespace", name)
 
 
+def _refusal(action: Callable[[], object]) -> Any:
+    try:
+        action()
+    except KubeError as error:
+        return (type(error).__name__, error.code, error.reason)
+    return "ok"
+
+
+def _answers(api: ObjectApi, name: str) -> list[Any]:
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    found: list[Any] = [_refusal(lambda: api.get("Namespace", "dbtest-nope")),
+                        _refusal(lambda: api.create(namespace)),
+                        _refusal(lambda: api.create(namespace))]
+    current = api.get("Namespace", name)
+    api.merge_patch("Namespace", name, {"metadata": {"labels": {"a": "b"}}})
+    found.append(_refusal(lambda: api.replace(current)))
+    found.append(ClusterNamespaces(api).namespace(name).labels.get("a"))
+    found.append(_refusal(lambda: api.create({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "x", "namespace": "dbtest-nope"}})))
+    for index, labels in enumerate(({"pick": "yes"}, {"pick": "no"}, {})):
+        api.create({"apiVersion": "v1", "kind": "ConfigMap", "data": {"n": str(index)},
+                    "metadata": {"name": f"map-{index}", "namespace": name, "labels": labels}})
+    found.append([o["data"] for o in api.list("ConfigMap", name, {"pick": "yes"})])
+    rbac = "rbac.authorization.k8s.io"
+    binding: dict[str, Any] = {
+        "apiVersion": f"{rbac}/v1", "kind": "RoleBinding",
+        "metadata": {"name": "tenant", "namespace": name},
+        "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "view"},
+        "subjects": [{"apiGroup": rbac, "kind": "User", "name": "alice"}]}
+    stored = api.create(binding)
+    found.append(_refusal(lambda: api.replace(
+        {**stored, "roleRef": {**binding["roleRef"], "name": "edit"}})))
+    api.delete("Namespace", name)
+    return found
+
+
 @pytest.mark.kube
 def test_the_fake_cluster_keeps_the_real_servers_codes(kube_kubeconfig: str) -> None:
-    """FakeCluster's errors, against the real API server's: the same code and reason for a
-    missing object, an existing name and a stale resourceVersion."""
-    name = "dbtest-codes"
-    outcomes = []
-    real = LightkubeCluster(kube_kubeconfig)
-    for api in (real, FakeCluster()):
-        namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-        found: list[Any] = []
-        for call, argument in ((api.get, ("Namespace", "dbtest-nope")),
-                               (api.create, (namespace,)), (api.create, (namespace,))):
-            try:
-                call(*argument)
-                found.append("ok")
-            except ClusterError as error:
-                found.append((error.code, error.reason))
-        current = api.get("Namespace", name)
-        api.merge_patch("Namespace", name, {"metadata": {"labels": {"a": "b"}}})
-        try:
-            api.replace(current)
-            found.append("ok")
-        except ClusterError as error:
-            found.append((error.code, error.reason))
-        found.append(ClusterNamespaces(api).namespace(name).labels.get("a"))
-        outcomes.append(found)
-    real.delete("Namespace", name)
-    assert outcomes[0] == outcomes[1] == [(404, "NotFound"), "ok", (409, "AlreadyExists"),
-                                          (409, "Conflict"), "b"]
+    """FakeKube's errors, against the real API server's: the same class, code and reason for
+    a missing object, an existing name, a stale resourceVersion, a namespace that is not
+    there and a RoleBinding whose roleRef changes; label selectors pick the same objects."""
+    real = LightkubeApi(kube_kubeconfig, field_manager=FIELD_MANAGER)
+    outcomes = [_answers(api, "dbtest-codes") for api in (real, FakeKube())]
+    assert outcomes[0] == outcomes[1] == [
+        ("KubeNotFound", 404, "NotFound"), "ok", ("KubeConflict", 409, "AlreadyExists"),
+        ("KubeConflict", 409, "Conflict"), "b", ("KubeNotFound", 404, "NotFound"),
+        [{"n": "0"}], ("KubeError", 422, "Invalid")]
 
 
 def _wait_until_no_tenant_namespaces(kube_kubeconfig: str) -> None:
@@ -242,7 +267,7 @@ def _wait_until_no_tenant_namespaces(kube_kubeconfig: str) -> None:
     report removing them again."""
     from divingbell.policy.tenants import MANAGED_BY, MANAGER
 
-    admin = LightkubeCluster(kube_kubeconfig)
+    admin = LightkubeApi(kube_kubeconfig, field_manager=FIELD_MANAGER)
     deadline = time.monotonic() + 60
     while admin.list("Namespace", labels={MANAGED_BY: MANAGER}):
         assert time.monotonic() < deadline, "tenant namespaces still there after 60 s"
@@ -261,7 +286,7 @@ def _timeless(reports: list[Any], root: Path) -> list[Any]:
 def test_the_fake_cluster_and_the_real_server_agree_on_a_tenant_scenario(
         tmp_path: Path, ca: ScratchCa, kube_kubeconfig: str) -> None:
     """The provision, renew, disable and remove scenario, through lightkube to the real API
-    server (as the controller's own ServiceAccount) and on FakeCluster: the same reports."""
+    server (as the controller's own ServiceAccount) and on FakeKube: the same reports."""
     cluster = yaml.safe_load(Path(kube_kubeconfig).read_text())["clusters"][0]["cluster"]
     if "certificate-authority" not in cluster:
         pytest.skip("needs the session's own control plane (its controller credentials)")
