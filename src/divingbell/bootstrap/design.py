@@ -199,6 +199,100 @@ class ContainerRuntime(_Strict):
     sandbox_image: str = "registry.k8s.io/pause:3.9"
 
 
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+_REGISTRY = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)*$")
+_IMAGE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)+(:[A-Za-z0-9._-]+)?"
+                    r"(@sha256:[0-9a-f]{64})?$")
+
+
+class ControlPlanePorts(_Strict):
+    apiserver: int = Field(default=6443, ge=1, le=65535)
+    etcd_client: int = Field(default=2379, ge=1, le=65535)
+    etcd_peer: int = Field(default=2380, ge=1, le=65535)
+    controller_manager: int = Field(default=10257, ge=1, le=65535)
+    scheduler: int = Field(default=10259, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ControlPlanePorts:
+        seen: dict[int, str] = {}
+        for name, port in self.model_dump().items():
+            if port in seen:
+                raise ValueError(f"{name} and {seen[port]} are both port {port}")
+            seen[port] = name
+        return self
+
+
+class ControlPlanePki(_Strict):
+    """Names in the PKI directory (the catalog's document_name / keypair name) of what the
+    control plane's static pods use."""
+
+    apiserver: str = "apiserver"
+    apiserver_kubelet_client: str = "apiserver-kubelet-client"
+    controller_manager: str = "controller-manager"
+    scheduler: str = "scheduler"
+    admin: str = "admin"
+    service_account: str = "service-account"
+
+
+class ControlPlane(_Strict):
+    """The genesis node's static pods: etcd, kube-apiserver, kube-controller-manager and
+    kube-scheduler from divingbell's own templates. Images come from the design's registry
+    only (air-gapped: nothing assumed from the internet)."""
+
+    registry: str = Field(description="HOST[:PORT][/PATH] the control-plane images are in")
+    etcd_version: str = Field(default="3.6.0", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([-+.A-Za-z0-9]*)$")
+    images: dict[str, str] = Field(default_factory=dict,
+                                   description="component -> full image reference override")
+    ports: ControlPlanePorts = Field(default_factory=ControlPlanePorts)
+    bind_address: str | None = Field(default=None, description="the apiserver's; default the "
+                                     "genesis node's ip")
+    service_account_issuer: str | None = None
+    pki: ControlPlanePki = Field(default_factory=ControlPlanePki)
+    extra_args: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="component -> {flag: value}, added or replacing")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, value: str) -> str:
+        if not _REGISTRY.match(value):
+            raise ValueError(f"{value!r} is not a registry like registry.example:5000/kube")
+        return value
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, value: dict[str, str]) -> dict[str, str]:
+        for component, image in value.items():
+            if component not in COMPONENTS:
+                raise ValueError(f"unknown component {component!r}; components: "
+                                 f"{', '.join(COMPONENTS)}")
+            if not _IMAGE.match(image):
+                raise ValueError(f"{component}: {image!r} is not an image reference like "
+                                 "registry.example:5000/kube-apiserver:v1.36.2")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for component, flags in value.items():
+            if component not in COMPONENTS:
+                raise ValueError(f"unknown component {component!r}; components: "
+                                 f"{', '.join(COMPONENTS)}")
+            for flag in flags:
+                if not re.match(r"^[a-z0-9][a-z0-9-]*$", flag):
+                    raise ValueError(f"{component}: {flag!r} is not a flag name (without --)")
+        return value
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address") from None
+        return value
+
+
 class Cluster(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     api_endpoints: list[str] = Field(min_length=1)
@@ -211,6 +305,8 @@ class Cluster(_Strict):
     container_runtime: ContainerRuntime = Field(default_factory=ContainerRuntime)
     ready_timeout_seconds: int = Field(default=600, ge=1, le=86400)
     ready_poll_seconds: int = Field(default=5, ge=1, le=300)
+    # Absent: genesis brings up no control plane (the operator's own files do).
+    control_plane: ControlPlane | None = None
 
     @field_validator("api_endpoints")
     @classmethod
@@ -354,6 +450,8 @@ def cross_checks(design: Design, loaded: Loaded) -> list[Problem]:
         if repo.name in names:
             add(("apt_repositories", index, "name"), f"{repo.name!r} is used twice")
         names.setdefault(repo.name, index)
+    if design.cluster.control_plane is not None and design.cluster.genesis is None:
+        add(("cluster", "control_plane"), "needs cluster.genesis: the node that runs it")
     if "{hostname}" not in design.pki.node_certificate:
         add(("pki", "node_certificate"), "must contain {hostname}: each node has its own")
     return problems
