@@ -65,7 +65,9 @@ cluster:
     registry: registry.test:5000/kube
     ports: {yaml.safe_dump(ports, default_flow_style=True).strip()}
 roles:
-  control-plane: {{}}
+  control-plane:
+    labels:
+      dynamic: {{node-role.kubernetes.io/control-plane: "", team: core}}
 nodes:
   - {{hostname: g0, ip: 127.0.0.1, role: control-plane}}
 """
@@ -123,6 +125,28 @@ def rewrite_kubeconfig(path: Path, root: Path) -> None:
         for key in ("client-certificate", "client-key"):
             user["user"][key] = mapped("=" + user["user"][key], root)[1:]
     path.write_text(yaml.safe_dump(config))
+
+
+def run_genesis_steps(script: Path, root: Path) -> subprocess.CompletedProcess[str]:
+    """The script's steps after the kubelet starts (wait for /readyz, for the Node, label,
+    validate), as the script defines them, with the node's paths mapped under `root`."""
+    functions = "\n".join(f'source <(sed -n "/^{name}() {{/,/^}}/p" {script})' for name in (
+        "api", "node_json", "wait_for_api", "wait_until_ready", "apply_labels",
+        "validate_control_plane"))
+    pki = root / "etc/kubernetes/pki"
+    program = (
+        "set -euo pipefail; shopt -s inherit_errexit\n"
+        "log() { printf 'divingbell-bootstrap: %s\\n' \"$*\" >&2; }\n"
+        "fail() { log \"error: $*\"; exit 1; }\n"
+        f'eval "$(sed -n "/^readonly NODE_NAME=/,/^changes=0$/p" {script} | '
+        'sed "s/^readonly //")"\n'
+        f"CA_FILE={pki}/ca.pem API_CERT_FILE={pki}/admin.pem API_KEY_FILE={pki}/admin-key.pem\n"
+        "READY_TIMEOUT=3 READY_POLL=1 changes=0\n"
+        f"{functions}\n"
+        "wait_for_api; wait_until_ready; apply_labels; validate_control_plane\n"
+        "echo changes=$changes\n")
+    return subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=60,
+                          check=False)
 
 
 def test_the_static_pods_bring_up_a_control_plane_that_signs_csrs(
@@ -238,6 +262,45 @@ def test_the_static_pods_bring_up_a_control_plane_that_signs_csrs(
             assert time.monotonic() < deadline + 60, f"{lease} never took its lease"
             time.sleep(0.25)
     timings["leases held"] = time.monotonic() - began
+
+    # The genesis script's own API steps against this control plane, the test acting as the
+    # kubelet (it registers the Node and reports the static pods' mirror pods Ready).
+    script = tmp_path / "first/genesis.sh"
+    admin.post("/api/v1/nodes", {"metadata": {"name": "g0"}})
+    ready = {"type": "Ready", "status": "True", "reason": "KubeletReady",
+             "message": "kubelet is posting ready status"}
+    admin.patch("/api/v1/nodes/g0/status", {"status": {"conditions": [ready]}},
+                "strategic-merge")
+    for component, manifest in manifests.items():
+        pod = {**manifest, "metadata": {
+            **manifest["metadata"], "name": f"{component}-g0",
+            "annotations": {"kubernetes.io/config.mirror": "test",
+                            "kubernetes.io/config.source": "file"}},
+            "spec": {**manifest["spec"], "nodeName": "g0"}}
+        admin.post("/api/v1/namespaces/kube-system/pods", pod)
+    steps = run_genesis_steps(script, root)
+    assert steps.returncode == 1, steps.stderr
+    assert "control-plane pods not Ready after 3s: etcd-g0 kube-apiserver-g0 " \
+           "kube-controller-manager-g0 kube-scheduler-g0" in steps.stderr
+    assert "labelled node g0" in steps.stderr  # before the validation that failed
+    for component in manifests:
+        admin.patch(f"/api/v1/namespaces/kube-system/pods/{component}-g0/status", {
+            "status": {"phase": "Running", "conditions": [
+                {"type": "Ready", "observedGeneration": 1, "status": "True"}]}},
+            "strategic-merge")
+    began = time.monotonic()
+    steps = run_genesis_steps(script, root)
+    assert steps.returncode == 0, steps.stderr
+    timings["genesis API steps"] = time.monotonic() - began
+    assert "control plane healthy: etcd-g0 kube-apiserver-g0 kube-controller-manager-g0 " \
+           "kube-scheduler-g0 Ready, node g0 Ready" in steps.stderr
+    node = admin.get("/api/v1/nodes/g0")["metadata"]
+    assert node["labels"]["node-role.kubernetes.io/control-plane"] == ""
+    assert node["labels"]["team"] == "core"
+    assert node["annotations"]["divingbell.io/bootstrap-labels"] == (
+        "node-role.kubernetes.io/control-plane,team")
+    assert steps.stdout == "changes=0\n"  # the labels were there: no patch
+    assert "labelled" not in steps.stderr
     admin.close()
 
     # A second build changes nothing: the same bytes, script and every file.
