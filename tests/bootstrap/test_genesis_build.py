@@ -177,3 +177,53 @@ def test_the_wait_for_the_api_is_bounded_and_names_the_last_answer(
     assert result.returncode == 1
     assert "error: the API at https://127.0.0.1:9 is not ready after 2s" in result.stderr
     assert "its last answer: curl: (7)" in result.stderr
+
+
+def test_the_runtime_reaches_the_sites_registry_and_the_kubelet_takes_extra_config(
+        cli: Cli, workspace: Path) -> None:
+    ca = (workspace / "pki/kubernetes.pem").read_text()
+    runtime = """\
+  container_runtime:
+    cgroup_driver: cgroupfs
+    sandbox_image: 10.0.0.1:5000/pause:3.10
+    registries:
+      - {host: "10.0.0.1:5000", plain_http: true}
+      - host: registry.site
+        ca: |
+""" + "".join(f"          {line}\n" for line in ca.splitlines()) + """\
+  kubelet:
+    extra_config: {failCgroupV1: false, maxPods: 50}
+"""
+    (workspace / "design.yaml").write_text(DESIGN.replace("  control_plane:\n",
+                                                          runtime + "  control_plane:\n", 1))
+    out = workspace / "scripts"
+    result = cli("bootstrap", "build", workspace / "design.yaml", "--pki", workspace / "pki",
+                 "-o", out, "--node", "n1")
+    assert result.returncode == 0, result.stderr
+    embedded_archive(out / "join-n1.sh", workspace / "join").close()
+    files = workspace / "join/files/etc"
+    containerd = (files / "containerd/config.toml").read_text()
+    assert "SystemdCgroup = false" in containerd
+    assert 'config_path = "/etc/containerd/certs.d"' in containerd
+    assert 'sandbox_image = "10.0.0.1:5000/pause:3.10"' in containerd
+    assert (files / "containerd/certs.d/10.0.0.1:5000/hosts.toml").read_text().splitlines()[1:] \
+        == ['server = "http://10.0.0.1:5000"', "", '[host."http://10.0.0.1:5000"]',
+            '  capabilities = ["pull", "resolve"]']
+    site = (files / "containerd/certs.d/registry.site/hosts.toml").read_text()
+    assert 'ca = "/etc/containerd/certs.d/registry.site/ca.pem"' in site
+    assert (files / "containerd/certs.d/registry.site/ca.pem").read_text() == ca
+    config = yaml.safe_load((files / "kubernetes/kubelet/config.yaml").read_text())
+    assert config["cgroupDriver"] == "cgroupfs"
+    assert config["failCgroupV1"] is False and config["maxPods"] == 50
+
+    (workspace / "design.yaml").write_text(DESIGN.replace("  control_plane:\n", """\
+  kubelet: {extra_config: {cgroupDriver: systemd}}
+  container_runtime: {cgroup_driver: cgroups, registries: [{host: "http://r"}]}
+  control_plane:
+""", 1))
+    refused = cli("bootstrap", "validate", workspace / "design.yaml")
+    assert refused.returncode == 2
+    assert "cluster.kubelet.extra_config: 'cgroupDriver' is set by divingbell" in refused.stderr
+    assert "cluster.container_runtime.cgroup_driver: " in refused.stderr
+    assert "cluster.container_runtime.registries[0].host: 'http://r' is not a registry host" \
+        in refused.stderr

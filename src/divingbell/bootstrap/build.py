@@ -75,6 +75,8 @@ def _env(**options: Any) -> jinja2.Environment:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
                              keep_trailing_newline=True, **options)
     env.filters["sh"] = lambda value: shlex.quote(str(value))
+    env.filters["to_yaml"] = lambda value: yaml.safe_dump(dict(value), sort_keys=True,
+                                                          default_flow_style=False)
     env.filters["join_labels"] = lambda labels: ",".join(f"{k}={v}" for k, v in
                                                         sorted(labels.items()))
     return env
@@ -218,6 +220,13 @@ def _node_files(design: Design, node: Node, role: Role, credentials: NodeCredent
         PATHS["kubelet_dropin"]: (_builtin("kubelet-dropin.conf.j2", context), "0644"),
         PATHS["containerd_config"]: (_builtin("containerd-config.toml.j2", context), "0644"),
     }
+    for registry in design.cluster.container_runtime.registries:
+        directory = f"/etc/containerd/certs.d/{registry.host}"
+        files[f"{directory}/hosts.toml"] = (
+            _builtin("hosts.toml.j2", {**context, "registry": registry}), "0644")
+        if registry.ca:
+            files[f"{directory}/ca.pem"] = (registry.ca if registry.ca.endswith("\n")
+                                            else registry.ca + "\n", "0644")
     for repo in design.apt_repositories:
         files[f"/etc/apt/sources.list.d/divingbell-{repo.name}.sources"] = (
             _builtin("apt.sources.j2", {**context, "repo": repo}), "0644")

@@ -9,7 +9,7 @@ import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -192,11 +192,71 @@ class HostRequirements(_Strict):
         return value
 
 
+class RegistryHost(_Strict):
+    """How containerd reaches one registry (its hosts.toml): an air-gapped site's own."""
+
+    host: str = Field(description="HOST[:PORT] as image references name it")
+    plain_http: bool = False
+    ca: str | None = Field(default=None, description="PEM of the CA that signed its certificate")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$", value):
+            raise ValueError(f"{value!r} is not a registry host like registry.example:5000")
+        return value
+
+    @field_validator("ca")
+    @classmethod
+    def _pem(cls, value: str | None) -> str | None:
+        if value is not None and "BEGIN CERTIFICATE" not in value:
+            raise ValueError("must be a PEM certificate (-----BEGIN CERTIFICATE-----)")
+        return value
+
+
 class ContainerRuntime(_Strict):
     package: str = "containerd"
     unit: str = "containerd.service"
     endpoint: str = "unix:///run/containerd/containerd.sock"
     sandbox_image: str = "registry.k8s.io/pause:3.9"
+    # The kubelet's cgroupDriver and containerd's SystemdCgroup, which must agree.
+    cgroup_driver: Literal["systemd", "cgroupfs"] = "systemd"
+    registries: list[RegistryHost] = Field(default_factory=list)
+
+    @field_validator("registries")
+    @classmethod
+    def _unique(cls, value: list[RegistryHost]) -> list[RegistryHost]:
+        hosts = [r.host for r in value]
+        for host in hosts:
+            if hosts.count(host) > 1:
+                raise ValueError(f"{host} is named twice")
+        return value
+
+
+# What divingbell's kubelet configuration sets itself: kubelet.extra_config may not repeat them
+# (override the whole file through a role file instead).
+KUBELET_CONFIG_KEYS = ("apiVersion", "kind", "authentication", "authorization", "cgroupDriver",
+                       "clusterDNS", "clusterDomain", "containerRuntimeEndpoint",
+                       "tlsCertFile", "tlsPrivateKeyFile", "failSwapOn", "rotateCertificates",
+                       "staticPodPath")
+
+
+class Kubelet(_Strict):
+    extra_config: dict[str, Any] = Field(
+        default_factory=dict, description="More KubeletConfiguration fields, e.g. "
+        "failCgroupV1: false")
+
+    @field_validator("extra_config")
+    @classmethod
+    def _not_ours(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in KUBELET_CONFIG_KEYS:
+                raise ValueError(f"{key!r} is set by divingbell (cluster.container_runtime, "
+                                 "cluster.cluster_dns, ...); to change it, override "
+                                 "/etc/kubernetes/kubelet/config.yaml with a role file")
+            if not re.match(r"^[a-zA-Z][a-zA-Z0-9]*$", key):
+                raise ValueError(f"{key!r} is not a KubeletConfiguration field name")
+        return value
 
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
@@ -303,6 +363,7 @@ class Cluster(_Strict):
     kubernetes_version: str = Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
     genesis: str | None = None
     container_runtime: ContainerRuntime = Field(default_factory=ContainerRuntime)
+    kubelet: Kubelet = Field(default_factory=Kubelet)
     ready_timeout_seconds: int = Field(default=600, ge=1, le=86400)
     ready_poll_seconds: int = Field(default=5, ge=1, le=300)
     # Absent: genesis brings up no control plane (the operator's own files do).
