@@ -1,7 +1,8 @@
 """What an air-gapped site holds, built here from the kube assets (tests/kube/controlplane.py)
 with no network: a signed apt repository of `kubelet` and `kubectl` packaged with dpkg-deb, and
 a local registry (Debian's `docker-registry` on loopback) holding the control-plane images,
-each one static binary packed with `umoci` and pushed with `skopeo`.
+each one static binary packed with `umoci` and pushed with `skopeo`, and a pause image (the
+pod sandbox containerd's `sandbox_image` names) from a few lines of C built with `gcc -static`.
 
 The .debs and the OCI layouts are cached under the test cache, keyed by the binaries'
 SHA256SUMS, so a later session only starts the registry and pushes.
@@ -31,6 +32,32 @@ from tests.kube import controlplane
 DEB_VERSION = controlplane.VERSION.removeprefix("v") + "-1"
 IMAGES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 ETCD_TAG = "v3.6.0"
+PAUSE_TAG = "3.10"
+# The pod sandbox's process: sleeps until told to stop, reaping what is reparented to it.
+PAUSE_C = r"""
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void stop(int signal_number) { (void)signal_number; _exit(0); }
+static void reap(int signal_number) {
+    (void)signal_number;
+    while (waitpid(-1, NULL, WNOHANG) > 0) {}
+}
+
+int main(void) {
+    if (getpid() != 1) {
+        return 1;  /* only as a container's init */
+    }
+    signal(SIGINT, stop);
+    signal(SIGTERM, stop);
+    signal(SIGCHLD, reap);
+    for (;;) {
+        pause();
+    }
+}
+"""
 KUBELET_UNIT = """\
 [Unit]
 Description=kubelet: the Kubernetes node agent
@@ -144,7 +171,7 @@ def image_layouts() -> Path:
     """One OCI layout holding an image per control-plane component, tagged `<name>`: the
     static binary in /usr/local/bin, as the entrypoint. Built once with umoci."""
     require("umoci")
-    with _cached(f"kube-images-{_key()}") as (directory, ready):
+    with _cached(f"kube-images-{_key()}-pause") as (directory, ready):
         if not ready:
             layout = directory / "layout"
             subprocess.run(["umoci", "init", "--layout", layout], check=True)
@@ -164,7 +191,26 @@ def image_layouts() -> Path:
                              ["umoci", "gc", "--layout", str(layout)]):
                     subprocess.run(argv, check=True, capture_output=True)
                 shutil.rmtree(bundle)
-    return CACHE / f"kube-images-{_key()}" / "layout"
+            _pause_image(directory, layout)
+    return CACHE / f"kube-images-{_key()}-pause" / "layout"
+
+
+def _pause_image(directory: Path, layout: Path) -> None:
+    require("gcc")
+    source = directory / "pause.c"
+    source.write_text(PAUSE_C)
+    bundle = directory / "bundle-pause"
+    for argv in (["umoci", "new", "--image", f"{layout}:pause"],
+                 ["umoci", "unpack", "--image", f"{layout}:pause", str(bundle)]):
+        subprocess.run(argv, check=True, capture_output=True)
+    subprocess.run(["gcc", "-static", "-Os", "-Wall", "-Werror", "-o",
+                    str(bundle / "rootfs/pause"), str(source)], check=True, capture_output=True)
+    for argv in (["umoci", "repack", "--image", f"{layout}:pause", str(bundle)],
+                 ["umoci", "config", "--image", f"{layout}:pause", "--config.entrypoint=/pause",
+                  "--author=divingbell tests", "--created=2026-01-01T00:00:00Z"],
+                 ["umoci", "gc", "--layout", str(layout)]):
+        subprocess.run(argv, check=True, capture_output=True)
+    shutil.rmtree(bundle)
 
 
 @dataclass
@@ -229,12 +275,12 @@ def registry(directory: Path) -> Iterator[Registry]:
 
 
 def push_control_plane(running: Registry, prefix: str = "kube") -> dict[str, str]:
-    """Every control-plane image pushed as <prefix>/<name>:<tag> (the design's naming);
+    """Every control-plane image and the pause image pushed as <prefix>/<name>:<tag> (the design's naming);
     image reference -> digest."""
     layout = image_layouts()
     pushed = {}
-    for name in IMAGES:
-        tag = ETCD_TAG if name == "etcd" else controlplane.VERSION
+    for name in (*IMAGES, "pause"):
+        tag = {"etcd": ETCD_TAG, "pause": PAUSE_TAG}.get(name, controlplane.VERSION)
         reference = f"{prefix}/{name}:{tag}"
         pushed[f"{running.address}/{reference}"] = running.push(layout, name, reference)
     return pushed

@@ -27,6 +27,16 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def has_interpreter(path: Path) -> bool:
+    """Whether an ELF64 executable names a dynamic loader (a PT_INTERP program header)."""
+    data = path.read_bytes()
+    assert data[:5] == b"\x7fELF\x02"
+    offset = int.from_bytes(data[32:40], "little")
+    size, count = (int.from_bytes(data[54:56], "little"), int.from_bytes(data[56:58], "little"))
+    return any(int.from_bytes(data[offset + i * size:offset + i * size + 4], "little") == 3
+               for i in range(count))
+
+
 def test_control_plane_images_pull_back_from_the_registry_by_digest(tmp_path: Path) -> None:
     began = time.monotonic()
     airgap.image_layouts()
@@ -51,8 +61,9 @@ def test_control_plane_images_pull_back_from_the_registry_by_digest(tmp_path: Pa
             """))
         plane = design.cluster.control_plane
         assert plane is not None
-        assert sorted(pushed) == sorted(image(plane, name, design.cluster.kubernetes_version)
-                                        for name in airgap.IMAGES)
+        assert sorted(pushed) == sorted(
+            [image(plane, name, design.cluster.kubernetes_version) for name in airgap.IMAGES]
+            + [f"{running.address}/kube/pause:{airgap.PAUSE_TAG}"])
         for reference, digest in pushed.items():
             by_digest = reference.rpartition(":")[0] + "@" + digest
             inspected = subprocess.run(
@@ -68,6 +79,15 @@ def test_control_plane_images_pull_back_from_the_registry_by_digest(tmp_path: Pa
                        check=True, capture_output=True)
         unpacked = tmp_path / "b/rootfs/usr/local/bin/kube-apiserver"
         assert sha256(unpacked) == sha256(airgap.binary("kube-apiserver"))
+        # The pause image's process: static, and it refuses to run but as a container's init.
+        pause = next(r for r in pushed if "/pause:" in r)
+        subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false",
+                        f"docker://{pause.rpartition(':')[0]}@{pushed[pause]}",
+                        f"oci:{pulled}:pause"], check=True, capture_output=True)
+        subprocess.run(["umoci", "unpack", "--image", f"{pulled}:pause", tmp_path / "p"],
+                       check=True, capture_output=True)
+        assert not has_interpreter(tmp_path / "p/rootfs/pause")  # static: runs in any image
+        assert subprocess.run([tmp_path / "p/rootfs/pause"], check=False).returncode == 1
     assert running.process.poll() is not None  # stopped with the test
     print(f"\nimages built (or cached) in {built:.1f} s, pushed in {push_time:.1f} s")
 
