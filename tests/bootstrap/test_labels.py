@@ -159,6 +159,11 @@ def test_teardown_command(cli: Cli, kube_api: KubeApiStandIn, debian_host: Host)
     assert "n1" not in kube_api.nodes
     assert ("DELETE", "/api/v1/nodes/n1") in [(r["method"], r["path"]) for r in kube_api.requests]
     assert not wants.exists()
+    again = cli("bootstrap", "teardown", "--node", "n1", "--no-drain", "--root",
+                debian_host.root, "--server", kube_api.url)
+    assert again.returncode == 0, again.stderr
+    assert "labels: the Node is already gone\n" in again.stdout
+    assert "node: already gone\nfiles: none left\n" in again.stdout
 
 
 def test_scripts_and_commands_are_documented(cli: Cli) -> None:

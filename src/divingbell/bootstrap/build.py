@@ -176,12 +176,8 @@ def build_node_script(design: Design, node: Node, credentials: NodeCredentials, 
     files = _node_files(design, node, role, credentials, context)
     control_plane: dict[str, Any] = {}
     if plane is not None:
-        paths = controlplane.CONTROL_PLANE_PATHS
-        control_plane = {
-            "local_api_server": controlplane.local_api_server(plane, node),
-            "admin_cert": paths["admin_cert"], "admin_key": paths["admin_key"],
-            "components": list(COMPONENTS),
-            "mirror_pods": [f"{c}-{node.hostname}" for c in COMPONENTS]}
+        control_plane = {"local_api_server": controlplane.local_api_server(plane, node),
+                         "mirror_pods": [f"{c}-{node.hostname}" for c in COMPONENTS]}
     runtime = design.cluster.container_runtime
     packages = list(dict.fromkeys([runtime.package, *role.packages]))
     for needed in ("kubelet", "curl"):
