@@ -152,6 +152,7 @@ def test_missing_control_plane_credentials_say_what_to_add(cli: Cli, workspace: 
     assert result.returncode == 2
     assert f"{workspace}/pki2/scheduler.pem" in result.stderr
     assert "scheduler (common_name: system:kube-scheduler, usages: [client])" in result.stderr
+    assert "apiserver (" not in result.stderr  # only what is missing
     assert not (workspace / "out").exists()
 
 

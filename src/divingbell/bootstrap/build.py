@@ -105,7 +105,7 @@ def read_credentials(pki_dir: Path, design: Design, hostname: str) -> NodeCreden
     if design.cluster.control_plane is not None and design.cluster.genesis == hostname:
         plane, missing = read_pems(pki_dir, controlplane.credential_names(design))
         if missing:
-            raise BuildError([controlplane.missing_hint(design, missing)])
+            raise BuildError([controlplane.missing_hint(design, plane, missing)])
     return NodeCredentials(pems["ca"], pems["cert"], pems["key"], plane)
 
 

@@ -113,16 +113,17 @@ def credential_names(design: Design) -> dict[str, tuple[str, str]]:
     return {key: (names[field], kind) for key, (field, kind, _) in _CREDENTIALS.items()}
 
 
-def missing_hint(design: Design, missing: list[str]) -> str:
+def missing_hint(design: Design, found: Mapping[str, str], missing: list[str]) -> str:
+    """The build error for credentials not in the PKI: what to add to the catalog."""
     plane = design.cluster.control_plane
     assert plane is not None
-    wanted = {getattr(plane.pki, field) if field != "ca" else design.pki.ca: field
-              for field, _, _ in _CREDENTIALS.values()}
-    hints = sorted({f"{name} ({_CATALOG_HINTS[field]})" for name, field in wanted.items()
-                    if field in _CATALOG_HINTS and any(name in m for m in missing)})
-    return (f"pki: the control plane (cluster.control_plane) needs {', '.join(missing)}: add "
-            + "; ".join(hints) + " to the catalog and run `divingbell pki generate`"
-            if hints else f"pki: the control plane needs {', '.join(missing)}")
+    absent = dict.fromkeys(field for key, (field, _, _) in _CREDENTIALS.items()
+                           if key not in found and field in _CATALOG_HINTS)
+    hints = "; ".join(f"{getattr(plane.pki, field)} ({_CATALOG_HINTS[field]})"
+                      for field in absent)
+    return (f"pki: the control plane (cluster.control_plane) needs {', '.join(missing)}"
+            + (f": add {hints} to the catalog and run `divingbell pki generate`" if hints
+               else ""))
 
 
 def control_plane_files(design: Design, node: Node, pems: Mapping[str, str],
