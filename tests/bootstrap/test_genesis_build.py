@@ -135,6 +135,16 @@ registry: "http://10.0.0.1:5000"
     assert "cluster.control_plane.ports: etcd_client and apiserver are both port 2379" in err
     assert "cluster.control_plane.extra_args: unknown component 'kube-proxy'" in err
     assert "Traceback" not in err
+    design.write_text(DESIGN.replace("service_cidr: 10.96.0.0/16", "service_cidr: 10.0.0.0/8")
+                      .replace("cluster_dns: 10.96.0.10", "cluster_dns: 10.0.0.10")
+                      .replace("registry: 10.0.0.1:5000", "registry: 10.0.0.1:5000\n"
+                               "    ports: {apiserver: 7443}"))
+    result = cli("bootstrap", "validate", design)
+    assert result.returncode == 2
+    assert "cluster.service_cidr: 10.0.0.0/8 is too large for the apiserver's " \
+           "--service-cluster-ip-range" in result.stderr
+    assert "cluster.api_endpoints[0]: https://10.0.0.10:6443 is the genesis node, whose " \
+           "apiserver listens on cluster.control_plane.ports.apiserver 7443" in result.stderr
     design.write_text(DESIGN.replace("  genesis: g0\n", ""))
     result = cli("bootstrap", "validate", design)
     assert result.returncode == 2

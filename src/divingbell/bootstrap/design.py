@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -474,6 +474,26 @@ def validate_design(loaded: Loaded) -> Design:
     return design
 
 
+def _control_plane_checks(design: Design, plane: ControlPlane,
+                          add: Callable[[tuple[str | int, ...], str], None]) -> None:
+    """What the apiserver would refuse at start, or what would leave the kubelets unable to
+    reach it, said at validation instead."""
+    network = ipaddress.ip_network(design.cluster.service_cidr)
+    if network.max_prefixlen - network.prefixlen > 20:
+        add(("cluster", "service_cidr"), f"{network} is too large for the apiserver's "
+            f"--service-cluster-ip-range (at most 2^20 addresses: a /{network.max_prefixlen - 20}"
+            " or smaller)")
+    genesis = design.node(design.cluster.genesis or "")
+    endpoint = re.match(r"^https://\[?([^\]/]+?)\]?(?::([0-9]+))?$",
+                        design.cluster.api_endpoints[0])
+    if genesis is not None and endpoint is not None:
+        host, port = endpoint.group(1), int(endpoint.group(2) or 443)
+        if host in (genesis.ip, plane.bind_address) and port != plane.ports.apiserver:
+            add(("cluster", "api_endpoints", 0),
+                f"{design.cluster.api_endpoints[0]} is the genesis node, whose apiserver "
+                f"listens on cluster.control_plane.ports.apiserver {plane.ports.apiserver}")
+
+
 def cross_checks(design: Design, loaded: Loaded) -> list[Problem]:
     """What one field cannot say alone: roles that exist, names and addresses used once."""
     problems: list[Problem] = []
@@ -511,8 +531,11 @@ def cross_checks(design: Design, loaded: Loaded) -> list[Problem]:
         if repo.name in names:
             add(("apt_repositories", index, "name"), f"{repo.name!r} is used twice")
         names.setdefault(repo.name, index)
-    if design.cluster.control_plane is not None and design.cluster.genesis is None:
+    plane = design.cluster.control_plane
+    if plane is not None and design.cluster.genesis is None:
         add(("cluster", "control_plane"), "needs cluster.genesis: the node that runs it")
+    if plane is not None:
+        _control_plane_checks(design, plane, add)
     if "{hostname}" not in design.pki.node_certificate:
         add(("pki", "node_certificate"), "must contain {hostname}: each node has its own")
     return problems
