@@ -71,7 +71,7 @@ class KubeApiStandIn:
                 else:
                     self._reply(code, reply)
 
-            do_GET = do_POST = do_PATCH = _handle
+            do_GET = do_POST = do_PATCH = do_DELETE = _handle
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -125,6 +125,9 @@ class KubeApiStandIn:
                 return 404, {"reason": "NotFound", "message": f'nodes "{name}" not found'}
             if method == "GET":
                 return 200, self.node(name)
+            if method == "DELETE":
+                del self.nodes[name]
+                return 200, {"kind": "Status", "status": "Success", "details": {"name": name}}
             if method == "PATCH":
                 if content_type != "application/merge-patch+json":
                     return 415, {"reason": "UnsupportedMediaType", "message": content_type}

@@ -96,15 +96,44 @@ def test_teardown_removes_only_what_divingbell_set_and_stops_the_kubelet(
     assert len(kube.sent) == sent and wants.is_symlink()  # labels and kubelet untouched
 
     drained: list[str] = []
-    steps = run_teardown(kube, debian_host, "n1", drainer=lambda api, node: drained.append(node))
+    steps = run_teardown(kube, debian_host, "n1", drainer=lambda api, node: drained.append(node),
+                         delete_node=False)
     assert drained == ["n1"]
-    assert [s["step"] for s in steps] == ["drain", "labels", "kubelet"]
+    assert [s["step"] for s in steps] == ["drain", "labels", "kubelet", "files"]
     assert kube.node_objects["n1"].labels == {
         "kubernetes.io/hostname": "n1", "topology.kubernetes.io/zone": "b",
         "node-role.kubernetes.io/worker": "", "someone-else": "keep"}
     assert OWNED not in kube.node_objects["n1"].annotations
     assert not wants.exists()
     assert remove_owned_labels(kube, "n1").removed == []
+
+
+def test_teardown_deletes_the_node_and_the_kubelet_files_but_not_a_control_plane(
+        debian_host: Host) -> None:
+    kube = FakeKube()
+    kube.add_node("n1", START)
+    kubelet_files = ("/etc/kubernetes/pki/kubelet.pem", "/etc/kubernetes/pki/kubelet-key.pem",
+                     "/etc/kubernetes/pki/ca.pem", "/etc/kubernetes/kubelet/config.yaml",
+                     "/etc/kubernetes/kubelet/kubeconfig",
+                     "/etc/systemd/system/kubelet.service.d/10-divingbell.conf")
+    for path in (*kubelet_files, "/etc/containerd/config.toml",
+                 "/etc/kubernetes/manifests/kube-apiserver.yaml"):
+        debian_host.path(path).parent.mkdir(parents=True, exist_ok=True)
+        debian_host.path(path).write_text("x\n")
+    with pytest.raises(TeardownError, match="runs the control plane"):
+        run_teardown(kube, debian_host, "n1", drain=False)
+    assert "n1" in kube.node_objects and debian_host.path(kubelet_files[0]).exists()
+
+    debian_host.path("/etc/kubernetes/manifests/kube-apiserver.yaml").unlink()
+    steps = run_teardown(kube, debian_host, "n1", drain=False)
+    assert [s["step"] for s in steps] == ["drain", "labels", "kubelet", "node", "files"]
+    assert "n1" not in kube.node_objects
+    assert not any(debian_host.path(p).exists() for p in kubelet_files)
+    assert debian_host.path("/etc/containerd/config.toml").exists()
+    # Run again (the Node gone, the files gone): nothing left to do, no error.
+    again = run_teardown(kube, debian_host, "n1", drain=False)
+    assert again[3:] == [{"step": "node", "result": "already gone"},
+                         {"step": "files", "result": "none left"}]
 
 
 def test_teardown_command(cli: Cli, kube_api: KubeApiStandIn, debian_host: Host) -> None:
@@ -124,12 +153,17 @@ def test_teardown_command(cli: Cli, kube_api: KubeApiStandIn, debian_host: Host)
     done = cli("bootstrap", "teardown", "--node", "n1", "--no-drain", "--root",
                debian_host.root, "--server", kube_api.url, "--format", "json")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["steps"][1] == {"step": "labels", "result": "removed rack"}
-    assert kube_api.nodes["n1"]["labels"] == {"kubernetes.io/hostname": "n1"}
-    # Only the cordon the failed drain recorded is left (the node stays cordoned).
-    assert set(kube_api.nodes["n1"]["annotations"]) == {"divingbell.io/cordoned-by",
-                                                        "divingbell.io/cordon-reason"}
+    steps = json.loads(done.stdout)["steps"]
+    assert steps[1] == {"step": "labels", "result": "removed rack"}
+    assert steps[3] == {"step": "node", "result": "deleted"}
+    assert "n1" not in kube_api.nodes
+    assert ("DELETE", "/api/v1/nodes/n1") in [(r["method"], r["path"]) for r in kube_api.requests]
     assert not wants.exists()
+    again = cli("bootstrap", "teardown", "--node", "n1", "--no-drain", "--root",
+                debian_host.root, "--server", kube_api.url)
+    assert again.returncode == 0, again.stderr
+    assert "labels: the Node is already gone\n" in again.stdout
+    assert "node: already gone\nfiles: none left\n" in again.stdout
 
 
 def test_scripts_and_commands_are_documented(cli: Cli) -> None:

@@ -22,7 +22,8 @@ from typing import Any
 import jinja2
 import yaml
 
-from divingbell.bootstrap.design import Design, Node, Role, node_may_set
+from divingbell.bootstrap import controlplane
+from divingbell.bootstrap.design import COMPONENTS, Design, Node, Role, node_may_set
 from divingbell.errors import DivingbellError
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -57,6 +58,9 @@ class NodeCredentials:
     ca_pem: str
     cert_pem: str
     key_pem: str
+    # The genesis node's control plane (cluster.control_plane): CA key, component certificates,
+    # service-account keypair, by CONTROL_PLANE_PATHS key. Empty for every other node.
+    control_plane: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ def _env(**options: Any) -> jinja2.Environment:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
                              keep_trailing_newline=True, **options)
     env.filters["sh"] = lambda value: shlex.quote(str(value))
+    env.filters["to_yaml"] = lambda value: yaml.safe_dump(dict(value), sort_keys=True,
+                                                          default_flow_style=False)
     env.filters["join_labels"] = lambda labels: ",".join(f"{k}={v}" for k, v in
                                                         sorted(labels.items()))
     return env
@@ -87,7 +93,7 @@ def read_credentials(pki_dir: Path, design: Design, hostname: str) -> NodeCreden
     """The CA and the node's own certificate and key, from a `divingbell pki` directory or from
     its `certificates.yaml` bundle."""
     name = design.pki.node_certificate.format(hostname=hostname)
-    pems, missing = _read_pems(pki_dir, {"ca": (design.pki.ca, "ca"), "cert": (name, "cert"),
+    pems, missing = read_pems(pki_dir, {"ca": (design.pki.ca, "ca"), "cert": (name, "cert"),
                                          "key": (name, "key")})
     if missing:
         raise BuildError([
@@ -95,14 +101,22 @@ def read_credentials(pki_dir: Path, design: Design, hostname: str) -> NodeCreden
             f"'system:node:{hostname}', groups: ['system:nodes'], hosts: [{hostname}]}} under "
             f"certificate_authorities.{design.pki.ca} in the catalog and run "
             "`divingbell pki generate`"])
-    return NodeCredentials(pems["ca"], pems["cert"], pems["key"])
+    plane: dict[str, str] = {}
+    if design.cluster.control_plane is not None and design.cluster.genesis == hostname:
+        plane, missing = read_pems(pki_dir, controlplane.credential_names(design))
+        if missing:
+            raise BuildError([controlplane.missing_hint(design, plane, missing)])
+    return NodeCredentials(pems["ca"], pems["cert"], pems["key"], plane)
 
 
 _BUNDLE_SCHEMAS = {"ca": "deckhand/CertificateAuthority/v1", "cert": "deckhand/Certificate/v1",
-                   "key": "deckhand/CertificateKey/v1"}
+                   "key": "deckhand/CertificateKey/v1",
+                   "ca_key": "deckhand/CertificateAuthorityKey/v1",
+                   "public": "deckhand/PublicKey/v1", "private": "deckhand/PrivateKey/v1"}
+_KEY_KINDS = ("key", "ca_key", "private")
 
 
-def _read_pems(pki: Path, wanted: Mapping[str, tuple[str, str]]
+def read_pems(pki: Path, wanted: Mapping[str, tuple[str, str]]
                ) -> tuple[dict[str, str], list[str]]:
     """{key: (name, kind)} -> ({key: PEM text}, what is missing): from the directory's
     <name>.pem / <name>-key.pem, or from the bundle's documents."""
@@ -123,7 +137,7 @@ def _read_pems(pki: Path, wanted: Mapping[str, tuple[str, str]]
                 missing.append(f"{name} ({_BUNDLE_SCHEMAS[kind]}) in {pki}")
         return found, missing
     for key, (name, kind) in wanted.items():
-        path = pki / (f"{name}-key.pem" if kind == "key" else f"{name}.pem")
+        path = pki / (f"{name}-key.pem" if kind in _KEY_KINDS else f"{name}.pem")
         if path.is_file():
             found[key] = path.read_text()
         else:
@@ -146,13 +160,24 @@ def build_node_script(design: Design, node: Node, credentials: NodeCredentials, 
     # the others (node-role.kubernetes.io/...) are left for the fleet or an operator.
     dynamic = {k: v for k, v in wanted.items() if node_may_set(k)}
     left = {k: v for k, v in wanted.items() if not node_may_set(k)}
+    plane = design.cluster.control_plane if genesis else None
+    if plane is not None:
+        # Genesis holds the admin credential for its control plane: it waits for /readyz and
+        # applies every label, those a node may not set on itself too.
+        dynamic, left = wanted, {}
     context: dict[str, Any] = {
         "cluster": design.cluster, "node": node, "role": role, "role_name": node.role,
         "paths": PATHS, "api_server": design.cluster.api_endpoints[0],
-        "api_cert": PATHS["cert"], "api_key": PATHS["key"],
+        "api_cert": controlplane.CONTROL_PLANE_PATHS["admin_cert"] if plane else PATHS["cert"],
+        "api_key": controlplane.CONTROL_PLANE_PATHS["admin_key"] if plane else PATHS["key"],
         "static_labels": static, "dynamic_labels": wanted,
+        "static_pod_path": controlplane.MANIFESTS if plane is not None else None,
     }
     files = _node_files(design, node, role, credentials, context)
+    control_plane: dict[str, Any] = {}
+    if plane is not None:
+        control_plane = {"local_api_server": controlplane.local_api_server(plane, node),
+                         "mirror_pods": [f"{c}-{node.hostname}" for c in COMPONENTS]}
     runtime = design.cluster.container_runtime
     packages = list(dict.fromkeys([runtime.package, *role.packages]))
     for needed in ("kubelet", "curl"):
@@ -175,7 +200,7 @@ def build_node_script(design: Design, node: Node, credentials: NodeCredentials, 
             "annotations": {OWNED_ANNOTATION: ",".join(owned)}}}, separators=(",", ":"))
         if dynamic else "",
         labels_left=json.dumps(dict(sorted(left.items())), separators=(",", ":")) if left else "",
-        archive=_archive(files), **context)
+        control_plane=control_plane, archive=_archive(files), **context)
     return BuiltScript(node.hostname, script_name, text, [(p, m) for p, (_, m) in files.items()])
 
 
@@ -191,12 +216,28 @@ def _node_files(design: Design, node: Node, role: Role, credentials: NodeCredent
         PATHS["kubelet_dropin"]: (_builtin("kubelet-dropin.conf.j2", context), "0644"),
         PATHS["containerd_config"]: (_builtin("containerd-config.toml.j2", context), "0644"),
     }
+    for registry in design.cluster.container_runtime.registries:
+        directory = f"/etc/containerd/certs.d/{registry.host}"
+        files[f"{directory}/hosts.toml"] = (
+            _builtin("hosts.toml.j2", {**context, "registry": registry}), "0644")
+        if registry.ca:
+            files[f"{directory}/ca.pem"] = (registry.ca if registry.ca.endswith("\n")
+                                            else registry.ca + "\n", "0644")
     for repo in design.apt_repositories:
         files[f"/etc/apt/sources.list.d/divingbell-{repo.name}.sources"] = (
             _builtin("apt.sources.j2", {**context, "repo": repo}), "0644")
         files[f"/etc/apt/keyrings/divingbell-{repo.name}.asc"] = (
             repo.key if repo.key.endswith("\n") else repo.key + "\n", "0644")
+    if context["static_pod_path"] is not None:
+        if not credentials.control_plane:
+            raise BuildError([
+                f"cluster.control_plane: genesis node {node.hostname} needs the control "
+                "plane's certificates (the CA key, apiserver, controller-manager, scheduler, "
+                "admin, service-account); build it with `divingbell bootstrap build --pki`"])
+        files.update(controlplane.control_plane_files(design, node, credentials.control_plane,
+                                                      context))
     problems: list[str] = []
+    # A role file at a path divingbell renders replaces it: the operator's override.
     for index, spec in enumerate(role.files):
         where = f"roles.{node.role}.files[{index}].content"
         rendered = _render_user(spec.content, context, where, problems)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -192,11 +192,165 @@ class HostRequirements(_Strict):
         return value
 
 
+class RegistryHost(_Strict):
+    """How containerd reaches one registry (its hosts.toml): an air-gapped site's own."""
+
+    host: str = Field(description="HOST[:PORT] as image references name it")
+    plain_http: bool = False
+    ca: str | None = Field(default=None, description="PEM of the CA that signed its certificate")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$", value):
+            raise ValueError(f"{value!r} is not a registry host like registry.example:5000")
+        return value
+
+    @field_validator("ca")
+    @classmethod
+    def _pem(cls, value: str | None) -> str | None:
+        if value is not None and "BEGIN CERTIFICATE" not in value:
+            raise ValueError("must be a PEM certificate (-----BEGIN CERTIFICATE-----)")
+        return value
+
+
 class ContainerRuntime(_Strict):
     package: str = "containerd"
     unit: str = "containerd.service"
     endpoint: str = "unix:///run/containerd/containerd.sock"
     sandbox_image: str = "registry.k8s.io/pause:3.9"
+    # The kubelet's cgroupDriver and containerd's SystemdCgroup, which must agree.
+    cgroup_driver: Literal["systemd", "cgroupfs"] = "systemd"
+    registries: list[RegistryHost] = Field(default_factory=list)
+
+    @field_validator("registries")
+    @classmethod
+    def _unique(cls, value: list[RegistryHost]) -> list[RegistryHost]:
+        hosts = [r.host for r in value]
+        for host in hosts:
+            if hosts.count(host) > 1:
+                raise ValueError(f"{host} is named twice")
+        return value
+
+
+# What divingbell's kubelet configuration sets itself: kubelet.extra_config may not repeat them
+# (override the whole file through a role file instead).
+KUBELET_CONFIG_KEYS = ("apiVersion", "kind", "authentication", "authorization", "cgroupDriver",
+                       "clusterDNS", "clusterDomain", "containerRuntimeEndpoint",
+                       "tlsCertFile", "tlsPrivateKeyFile", "failSwapOn", "rotateCertificates",
+                       "staticPodPath")
+
+
+class Kubelet(_Strict):
+    extra_config: dict[str, Any] = Field(
+        default_factory=dict, description="More KubeletConfiguration fields, e.g. "
+        "failCgroupV1: false")
+
+    @field_validator("extra_config")
+    @classmethod
+    def _not_ours(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in KUBELET_CONFIG_KEYS:
+                raise ValueError(f"{key!r} is set by divingbell (cluster.container_runtime, "
+                                 "cluster.cluster_dns, ...); to change it, override "
+                                 "/etc/kubernetes/kubelet/config.yaml with a role file")
+            if not re.match(r"^[a-zA-Z][a-zA-Z0-9]*$", key):
+                raise ValueError(f"{key!r} is not a KubeletConfiguration field name")
+        return value
+
+
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+_REGISTRY = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)*$")
+_IMAGE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)+(:[A-Za-z0-9._-]+)?"
+                    r"(@sha256:[0-9a-f]{64})?$")
+
+
+class ControlPlanePorts(_Strict):
+    apiserver: int = Field(default=6443, ge=1, le=65535)
+    etcd_client: int = Field(default=2379, ge=1, le=65535)
+    etcd_peer: int = Field(default=2380, ge=1, le=65535)
+    controller_manager: int = Field(default=10257, ge=1, le=65535)
+    scheduler: int = Field(default=10259, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ControlPlanePorts:
+        seen: dict[int, str] = {}
+        for name, port in self.model_dump().items():
+            if port in seen:
+                raise ValueError(f"{name} and {seen[port]} are both port {port}")
+            seen[port] = name
+        return self
+
+
+class ControlPlanePki(_Strict):
+    """Names in the PKI directory (the catalog's document_name / keypair name) of what the
+    control plane's static pods use."""
+
+    apiserver: str = "apiserver"
+    apiserver_kubelet_client: str = "apiserver-kubelet-client"
+    controller_manager: str = "controller-manager"
+    scheduler: str = "scheduler"
+    admin: str = "admin"
+    service_account: str = "service-account"
+
+
+class ControlPlane(_Strict):
+    """The genesis node's static pods: etcd, kube-apiserver, kube-controller-manager and
+    kube-scheduler from divingbell's own templates. Images come from the design's registry
+    only (air-gapped: nothing assumed from the internet)."""
+
+    registry: str = Field(description="HOST[:PORT][/PATH] the control-plane images are in")
+    etcd_version: str = Field(default="3.6.0", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+([-+.A-Za-z0-9]*)$")
+    images: dict[str, str] = Field(default_factory=dict,
+                                   description="component -> full image reference override")
+    ports: ControlPlanePorts = Field(default_factory=ControlPlanePorts)
+    bind_address: str | None = Field(default=None, description="the apiserver's; default the "
+                                     "genesis node's ip")
+    service_account_issuer: str | None = None
+    pki: ControlPlanePki = Field(default_factory=ControlPlanePki)
+    extra_args: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="component -> {flag: value}, added or replacing")
+
+    @field_validator("registry")
+    @classmethod
+    def _registry(cls, value: str) -> str:
+        if not _REGISTRY.match(value):
+            raise ValueError(f"{value!r} is not a registry like registry.example:5000/kube")
+        return value
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, value: dict[str, str]) -> dict[str, str]:
+        for component, image in value.items():
+            if component not in COMPONENTS:
+                raise ValueError(f"unknown component {component!r}; components: "
+                                 f"{', '.join(COMPONENTS)}")
+            if not _IMAGE.match(image):
+                raise ValueError(f"{component}: {image!r} is not an image reference like "
+                                 "registry.example:5000/kube-apiserver:v1.36.2")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        for component, flags in value.items():
+            if component not in COMPONENTS:
+                raise ValueError(f"unknown component {component!r}; components: "
+                                 f"{', '.join(COMPONENTS)}")
+            for flag in flags:
+                if not re.match(r"^[a-z0-9][a-z0-9-]*$", flag):
+                    raise ValueError(f"{component}: {flag!r} is not a flag name (without --)")
+        return value
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP address") from None
+        return value
 
 
 class Cluster(_Strict):
@@ -209,8 +363,11 @@ class Cluster(_Strict):
     kubernetes_version: str = Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
     genesis: str | None = None
     container_runtime: ContainerRuntime = Field(default_factory=ContainerRuntime)
+    kubelet: Kubelet = Field(default_factory=Kubelet)
     ready_timeout_seconds: int = Field(default=600, ge=1, le=86400)
     ready_poll_seconds: int = Field(default=5, ge=1, le=300)
+    # Absent: genesis brings up no control plane (the operator's own files do).
+    control_plane: ControlPlane | None = None
 
     @field_validator("api_endpoints")
     @classmethod
@@ -317,6 +474,26 @@ def validate_design(loaded: Loaded) -> Design:
     return design
 
 
+def _control_plane_checks(design: Design, plane: ControlPlane,
+                          add: Callable[[tuple[str | int, ...], str], None]) -> None:
+    """What the apiserver would refuse at start, or what would leave the kubelets unable to
+    reach it, said at validation instead."""
+    network = ipaddress.ip_network(design.cluster.service_cidr)
+    if network.max_prefixlen - network.prefixlen > 20:
+        add(("cluster", "service_cidr"), f"{network} is too large for the apiserver's "
+            f"--service-cluster-ip-range (at most 2^20 addresses: a /{network.max_prefixlen - 20}"
+            " or smaller)")
+    genesis = design.node(design.cluster.genesis or "")
+    endpoint = re.match(r"^https://\[?([^\]/]+?)\]?(?::([0-9]+))?$",
+                        design.cluster.api_endpoints[0])
+    if genesis is not None and endpoint is not None:
+        host, port = endpoint.group(1), int(endpoint.group(2) or 443)
+        if host in (genesis.ip, plane.bind_address) and port != plane.ports.apiserver:
+            add(("cluster", "api_endpoints", 0),
+                f"{design.cluster.api_endpoints[0]} is the genesis node, whose apiserver "
+                f"listens on cluster.control_plane.ports.apiserver {plane.ports.apiserver}")
+
+
 def cross_checks(design: Design, loaded: Loaded) -> list[Problem]:
     """What one field cannot say alone: roles that exist, names and addresses used once."""
     problems: list[Problem] = []
@@ -354,6 +531,11 @@ def cross_checks(design: Design, loaded: Loaded) -> list[Problem]:
         if repo.name in names:
             add(("apt_repositories", index, "name"), f"{repo.name!r} is used twice")
         names.setdefault(repo.name, index)
+    plane = design.cluster.control_plane
+    if plane is not None and design.cluster.genesis is None:
+        add(("cluster", "control_plane"), "needs cluster.genesis: the node that runs it")
+    if plane is not None:
+        _control_plane_checks(design, plane, add)
     if "{hostname}" not in design.pki.node_certificate:
         add(("pki", "node_certificate"), "must contain {hostname}: each node has its own")
     return problems

@@ -201,15 +201,20 @@ def labels(node: str, labels: tuple[str, ...], dry_run: bool, kubeconfig: str | 
 @click.option("--node", required=True, metavar="NAME", help="The node to take out.")
 @click.option("--no-drain", is_flag=True,
               help="Skip draining (the node has no workloads, or was drained already).")
+@click.option("--keep-node", is_flag=True,
+              help="Leave the Node object in the API (default: delete it once the kubelet "
+                   "is stopped).")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               default="/", show_default=True,
               help="The node's root filesystem, when run from a pod (/host).")
 @_kube_options
 @_format
-def teardown(node: str, no_drain: bool, root: Path, kubeconfig: str | None,
+def teardown(node: str, no_drain: bool, keep_node: bool, root: Path, kubeconfig: str | None,
              server: str | None, output_format: str) -> None:
     """Take this host out of the cluster: drain NODE, remove the labels divingbell applied,
-    then stop and disable the kubelet. Run it on the node, as root.
+    stop and disable the kubelet, delete the Node and remove the kubelet's files (its
+    certificate, key, kubeconfig, config and unit drop-in). Run it on the node, as root; a
+    second run finishes what the first left. Refused on a node running the control plane.
 
     Draining goes through divingbell's maintenance code when it is installed; without it the
     command stops unless --no-drain says the node may lose its pods as they are.
@@ -220,7 +225,8 @@ def teardown(node: str, no_drain: bool, root: Path, kubeconfig: str | None,
 
     api = _api(kubeconfig, server)
     try:
-        steps = run_teardown(api, Host(root=root), node, drain=not no_drain)
+        steps = run_teardown(api, Host(root=root), node, drain=not no_drain,
+                             delete_node=not keep_node)
     except (TeardownError, KubeError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_FAILED) from None

@@ -540,6 +540,9 @@ class NodeLabelApi(KubeApi, Protocol):
                    annotations: Mapping[str, str | None] | None = None,
                    unschedulable: bool | None = None) -> NodeView: ...
 
+    def delete_node(self, node: str) -> None:
+        """Teardown's last API step, once the kubelet is stopped."""
+
 
 # Errors. ---------------------------------------------------------------------------------------
 
