@@ -279,7 +279,7 @@ def test_profiles_file_errors_name_the_path_and_line(tmp_path: Path) -> None:
     text = str(caught.value)
     assert re.search(r"discovery\.default\.kernel: must be an http\(s\) URL or a relative path"
                      r".*profiles\.yaml:3", text), text
-    assert "discovery.default.initrd.0: is not a plain http(s) URL" in text
+    assert "discovery.default.initrd[0]: is not a plain http(s) URL" in text
     assert "install.Worker.cmdlin: unknown key 'cmdlin'" in text
     assert "install.Worker: is not a role name" in text
     assert "local_boot:" in text

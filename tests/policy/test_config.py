@@ -43,7 +43,7 @@ def test_the_issue_example_loads(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("uid_enforcer: {enabeld: true}\n", "uid_enforcer.enabeld: unknown key; did you mean 'enabled'?"),
+    ("uid_enforcer: {enabeld: true}\n", "uid_enforcer.enabeld: unknown key 'enabeld'; did you mean 'enabled'?"),
     ("namespace_selector: {matchLabel: {a: b}}\n", "did you mean 'matchLabels'?"),
     ("uid_enforcer: {enabeld: true}\n", "/policy.yaml:1)"),
     ("host_path_enforcer:\n  paths: [etc/x]\n", "must be an absolute path"),

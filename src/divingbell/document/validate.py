@@ -7,20 +7,18 @@ the base conf of its module.
 
 from __future__ import annotations
 
-import difflib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, RootModel, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from divingbell.document.loader import Loaded
 from divingbell.document.nodeconfig import Applied
 from divingbell.document.nodeconfig import NodeConfig as NodeConfig  # noqa: PLC0414
 from divingbell.document.overrides import merge_module, select_override
-from divingbell.document.paths import PathKey, format_path
+from divingbell.document.paths import PathKey
+from divingbell.document.problems import check_model, closest, problem_at, problems_from
 from divingbell.document.schema import SECTION_MODELS, Document
 from divingbell.document.types import strings_with_nul
 from divingbell.errors import DocumentError, Problem
@@ -65,7 +63,7 @@ def _without_chart_keys(loaded: Loaded) -> tuple[dict[str, Any], list[str]]:
                 if key in known:
                     continue
                 where = loaded.location(("conf", "overrides", str(key)))
-                close = _closest(str(key).removeprefix("divingbell_"), list(SECTION_MODELS))
+                close = closest(str(key).removeprefix("divingbell_"), list(SECTION_MODELS))
                 hint = f"divingbell_{close}" if close else None
                 notes.append(
                     f"conf.overrides.{key} does not override a divingbell module; ignored"
@@ -93,10 +91,8 @@ def is_missing_conf(error: DocumentError) -> bool:
 def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
     """`allow_empty`: a document without `conf:` (an empty file) means "nothing on this node"
     instead of an error; removing everything must be asked for."""
-    problems: list[Problem] = [
-        Problem(format_path(path), "must not contain a NUL character", loaded.location(path))
-        for path in strings_with_nul(loaded.data)
-    ]
+    problems = [problem_at(loaded, path, "must not contain a NUL character")
+                for path in strings_with_nul(loaded.data)]
     if "conf" not in loaded.data and not allow_empty:
         where = loaded.sources[0] if loaded.sources else None
         problems.append(Problem(
@@ -105,18 +101,15 @@ def validate(loaded: Loaded, *, allow_empty: bool = False) -> ValidDocument:
             "or run `divingbell apply --allow-empty` if that is what you want", where))
     # Not raised yet: a misspelt `conf` is also named by the schema check ("did you mean").
     data, notes = _without_chart_keys(loaded)
-    try:
-        model = Document.model_validate(data)
-    except ValidationError as exc:
-        problems.extend(_problems(exc, loaded, ()))
-        model = None
+    model, schema_problems = check_model(Document, data, loaded)
+    problems += schema_problems
     raw_conf = data.get("conf") if isinstance(data.get("conf"), Mapping) else {}
     overrides = (raw_conf or {}).get("overrides")
     if isinstance(overrides, Mapping):
         for module in SECTION_MODELS:
             problems.extend(_check_module_overrides(loaded, raw_conf or {}, module))
     if problems:
-        raise DocumentError(_unique(problems))
+        raise DocumentError(list(dict.fromkeys(problems)))
     assert model is not None
     if "allow_mass_removal" in data:
         where = loaded.location(("allow_mass_removal",))
@@ -172,11 +165,9 @@ def _check_module_overrides(
                     f"; put it under conf.overrides.divingbell_{key}"
                     if key in SECTION_MODELS else ""
                 )
-                problems.append(Problem(
-                    format_path((*path, key)),
-                    f"an override of divingbell_{module} may only set `{module}`{hint}",
-                    loaded.location((*path, key)),
-                ))
+                problems.append(problem_at(
+                    loaded, (*path, key),
+                    f"an override of divingbell_{module} may only set `{module}`{hint}"))
         if module not in conf:
             continue
         merged = merge_module(module, raw_conf.get(module) or {}, conf[module])
@@ -186,9 +177,9 @@ def _check_module_overrides(
             # A problem the base conf has on its own is reported once, at the base.
             own = [
                 error for error in exc.errors(include_url=False)
-                if (_clean_loc(error["loc"]), error["msg"]) not in base_errors
+                if (error["loc"], error["msg"]) not in base_errors
             ]
-            problems.extend(_problems_from(own, loaded, (*path, module)))
+            problems.extend(problems_from(own, SECTION_MODELS[module], loaded, (*path, module)))
     return problems
 
 
@@ -196,147 +187,5 @@ def _error_locs(model: type[BaseModel], value: Any) -> set[tuple[tuple[Any, ...]
     try:
         model.model_validate(value)
     except ValidationError as exc:
-        return {(_clean_loc(error["loc"]), error["msg"]) for error in exc.errors(include_url=False)}
+        return {(error["loc"], error["msg"]) for error in exc.errors(include_url=False)}
     return set()
-
-
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(part for part in loc if not _is_tag(part))
-
-
-# Error formatting -------------------------------------------------------------------------------
-
-_MESSAGES = {
-    "missing": "field required",
-    "bool_parsing": "must be true or false",
-    "bool_type": "must be true or false",
-    "int_parsing": "must be a whole number",
-    "int_type": "must be a whole number",
-    "string_type": "must be a string",
-    "dict_type": "must be a mapping",
-    "list_type": "must be a list",
-    "model_type": "must be a mapping",
-}
-
-
-# Fields whose values are secrets: never echoed back in an error.
-SENSITIVE_FIELDS = frozenset({"user_crypt_passwd", "answer"})
-
-
-def _problems(exc: ValidationError, loaded: Loaded, prefix: PathKey) -> list[Problem]:
-    return _problems_from(exc.errors(include_url=False), loaded, prefix)
-
-
-def _problems_from(errors: Any, loaded: Loaded, prefix: PathKey) -> list[Problem]:
-    problems = []
-    for error in errors:
-        loc = _clean_loc(error["loc"])
-        sensitive = any(part in SENSITIVE_FIELDS for part in loc)
-        path = (*prefix, *loc)
-        if error["type"] == "extra_forbidden":
-            key = str(loc[-1]) if loc else ""
-            message = f"unknown key {key!r}"
-            suggestion = _closest(key, _allowed_keys(prefix, loc[:-1]))
-            if suggestion:
-                message += f"; did you mean {suggestion!r}?"
-        elif error["type"] == "literal_error" and not sensitive:
-            message = f"{error['input']!r} is not allowed: " + _expected(error)
-        else:
-            message = _MESSAGES.get(error["type"]) or _clean(error["msg"])
-            shown = repr(error.get("input"))
-            if (
-                not sensitive
-                and error["type"] != "missing"
-                and _is_scalar(error.get("input"))
-                and shown not in message
-            ):
-                message += f" (got {shown})"
-        problems.append(Problem(format_path(path), message, loaded.location(path)))
-    return problems
-
-
-def _is_tag(part: Any) -> bool:
-    return isinstance(part, str) and (
-        (part.startswith("<") and part.endswith(">")) or part.startswith("function-")
-    )
-
-
-def _is_scalar(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool)
-
-
-def _clean(message: str) -> str:
-    for prefix in ("Value error, ", "Assertion failed, "):
-        message = message.removeprefix(prefix)
-    return message[:1].lower() + message[1:] if message else message
-
-
-def _expected(error: Mapping[str, Any]) -> str:
-    ctx = error.get("ctx") or {}
-    return f"expected {ctx.get('expected', 'one of the documented values')}"
-
-
-def _closest(key: str, allowed: list[str]) -> str | None:
-    matches = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def _allowed_keys(prefix: PathKey, loc: tuple[Any, ...]) -> list[str]:
-    """The field names valid at `loc` (relative to the model `prefix` is validated with)."""
-    if prefix:
-        module = str(prefix[-1])
-        current: Any = SECTION_MODELS.get(module)
-    else:
-        current = Document
-    for part in loc:
-        current = _step(current, part)
-        if current is None:
-            return []
-    model = _as_model(current)
-    return list(model.model_fields) if model is not None else []
-
-
-def _step(annotation: Any, part: Any) -> Any:
-    """The annotation one path element below `annotation`."""
-    while typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    model = _as_model(annotation)
-    if model is not None:
-        if issubclass(model, RootModel):
-            return _step(model.model_fields["root"].annotation, part)
-        info = model.model_fields.get(str(part))
-        return info.annotation if info is not None else None
-    origin = typing.get_origin(annotation)
-    if origin in (list, dict):
-        return typing.get_args(annotation)[-1]
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if arg is not type(None):
-                found = _step(arg, part)
-                if found is not None:
-                    return found
-    return None
-
-
-def _as_model(annotation: Any) -> type[BaseModel] | None:
-    """The model behind `X`, `Annotated[X, ...]` or `X | None`; None for other types."""
-    while typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            model = _as_model(arg)
-            if model is not None:
-                return model
-    return None
-
-
-def _unique(problems: list[Problem]) -> list[Problem]:
-    seen: set[str] = set()
-    out = []
-    for problem in problems:
-        if str(problem) not in seen:
-            seen.add(str(problem))
-            out.append(problem)
-    return out

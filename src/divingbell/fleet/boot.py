@@ -30,9 +30,9 @@ import uuid as uuid_module
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from divingbell.errors import DivingbellError, Problem
 
@@ -134,33 +134,15 @@ class BootProfiles(BaseModel):
         return self.discovery.get("default", DEFAULT_DISCOVERY)
 
 
-def profiles_from_data(data: Any, source: str = "<profiles>",
-                       locate: Any = None) -> BootProfiles:
-    """Validate loaded YAML; every problem names its path (and file:line when `locate` knows)."""
-    try:
-        return BootProfiles.model_validate(data if data is not None else {})
-    except ValidationError as exc:
-        problems = []
-        for error in exc.errors(include_url=False):
-            loc = tuple(part for part in error["loc"] if part != "[key]")
-            path = ".".join(str(part) for part in loc)
-            message = (f"unknown key {loc[-1]!r}" if error["type"] == "extra_forbidden"
-                       else str(error["msg"]).removeprefix("Value error, "))
-            where = locate(loc) if locate is not None else None
-            problems.append(Problem(path, message, where or source))
-        raise BootProfileError(problems) from None
-
-
 def load_profiles(path: Path) -> BootProfiles:
     """A profiles YAML file, validated; BootProfileError lists every problem with file:line."""
-    from divingbell.document.loader import load_file
+    from divingbell.document.problems import load_model
     from divingbell.errors import DocumentError
 
     try:
-        loaded = load_file(path)
+        return load_model(BootProfiles, path)
     except DocumentError as exc:
         raise BootProfileError(exc.problems) from None
-    return profiles_from_data(loaded.data, str(path), loaded.location)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from divingbell.document.loader import Loaded, load_all_text
-from divingbell.document.modelcheck import check_model
-from divingbell.document.paths import PathKey, format_path
+from divingbell.document.paths import PathKey
+from divingbell.document.problems import check_model, problem_at
 from divingbell.errors import DocumentError, Problem
 
 SCHEMA = "promenade/PKICatalog/v1"
@@ -231,15 +231,13 @@ def _merge(parts: Iterable[tuple[Loaded, PathKey, CatalogData]]) -> Catalog:
     names: dict[str, str | None] = {}  # output file stem -> where it was defined
 
     def claim(name: str, path: PathKey, loaded: Loaded) -> bool:
-        where = loaded.location(path)
         if name in names:
             first = names[name]
-            problems.append(Problem(format_path(path), f"{name!r} is already defined"
-                                    + (f" at {first}" if first else "")
-                                    + "; every CA, certificate and keypair needs its own name",
-                                    where))
+            problems.append(problem_at(loaded, path, f"{name!r} is already defined"
+                                       + (f" at {first}" if first else "")
+                                       + "; every CA, certificate and keypair needs its own name"))
             return False
-        names[name] = where
+        names[name] = loaded.location(path)
         return True
 
     for loaded, prefix, data in parts:

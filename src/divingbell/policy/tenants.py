@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from divingbell.document.problems import load_model
 from divingbell.errors import DivingbellError
 from divingbell.kube import KubeConflict, KubeError, KubeNotFound, Obj, ObjectApi
 from divingbell.policy import kubeconfig
@@ -43,7 +44,6 @@ from divingbell.policy.credentials import (
     new_key,
     utcnow,
 )
-from divingbell.policy.schema_errors import load_model
 from divingbell.policy.tenant_sources import LdapSettings, SourceRead, Tenant, TenantSource
 
 log = logging.getLogger("divingbell.tenants")
