@@ -4,7 +4,6 @@ file:line, before any script is built."""
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -14,8 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from divingbell.document.loader import Loaded, load_files, load_text
-from divingbell.document.modelcheck import check_model
-from divingbell.document.paths import format_path
+from divingbell.document.problems import check_model, closest, problem_at
 from divingbell.errors import DocumentError, Problem
 
 # Label syntax, as the API server checks it.
@@ -499,15 +497,15 @@ def cross_checks(design: Design, loaded: Loaded) -> list[Problem]:
     problems: list[Problem] = []
 
     def add(path: tuple[str | int, ...], message: str) -> None:
-        problems.append(Problem(format_path(path), message, loaded.location(path)))
+        problems.append(problem_at(loaded, path, message))
 
     seen_names: dict[str, int] = {}
     seen_ips: dict[str, int] = {}
     for index, node in enumerate(design.nodes):
         if node.role not in design.roles:
-            close = difflib.get_close_matches(node.role, list(design.roles), n=1)
+            close = closest(node.role, list(design.roles))
             add(("nodes", index, "role"), f"unknown role {node.role!r}"
-                + (f"; did you mean {close[0]!r}?" if close else
+                + (f"; did you mean {close!r}?" if close else
                    f"; roles: {', '.join(sorted(design.roles))}"))
         if node.hostname in seen_names:
             add(("nodes", index, "hostname"),
