@@ -366,7 +366,8 @@ def main() -> None:
                         help="seconds at the fleet load")
     parser.add_argument("--step-seconds", type=float, default=10.0)
     parser.add_argument("--max-rate", type=float, default=3000.0)
-    parser.add_argument("--store", default="sqlite,postgresql")
+    parser.add_argument("--store", default="sqlite,postgresql",
+                        help="stores to load ('' for only the registration timings)")
     parser.add_argument("--processes", default="1,2,4",
                         help="service process counts to run against one PostgreSQL, one after "
                              "another (SQLite: always 1)")
@@ -380,7 +381,7 @@ def main() -> None:
     summary = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         work = Path(tmp)
-        for store in args.store.split(","):
+        for store in (s for s in args.store.split(",") if s):
             if store == "sqlite":
                 url = f"sqlite:///{work / 'fleet.db'}"
                 summary.append(bench_store("sqlite", url, args, work, 1,

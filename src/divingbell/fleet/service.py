@@ -27,7 +27,6 @@ from sqlalchemy import (
     Connection,
     Row,
     Table,
-    Text,
     and_,
     bindparam,
     delete,
@@ -37,7 +36,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy import cast as sql_cast
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
@@ -75,7 +73,14 @@ from divingbell.fleet.models import (
     iso,
     utcnow,
 )
-from divingbell.fleet.scheduler import CONTROL_PLANE, Candidate, node_labels, rack_of, schedule
+from divingbell.fleet.scheduler import (
+    CONTROL_PLANE,
+    UNASSIGNED,
+    Candidate,
+    node_labels,
+    rack_of,
+    schedule,
+)
 from divingbell.fleet.settings import FleetSettings
 
 log = logging.getLogger("divingbell.fleet")
@@ -392,17 +397,14 @@ def lock_scheduler(session: Session) -> None:
 
 # What a scheduling pass can act on: the control plane (its size and racks) and machines with
 # no roles yet. Workers are most of a fleet and never change the outcome, and the pass runs on
-# every registration: reading them made a registration into a 10,000-machine fleet take 150 ms.
-# The roles column is JSON, compared as its text (the same on SQLite and PostgreSQL).
-_ROLES_TEXT = sql_cast(Machine.roles, Text)
-# Booting machines have no facts and never count: selecting by the states that do (through the
-# state index) keeps a registration's cost independent of anonymous boot requests.
+# every registration: its candidates are read through the scheduling index (migration 0008),
+# so a registration costs the same in a fleet of 1,000 or 100,000. Booting machines have no
+# facts and never count, whatever their roles.
 _SCHEDULER_CANDIDATES = select(
     Machine.id, Machine.uuid, Machine.discovered_at, Machine.roles, Machine.pinned,
     Machine.rack, Machine.state).where(
-    Machine.state.in_(sorted(states.HAS_FACTS)),
-    or_(Machine.roles.is_(None), _ROLES_TEXT == "[]",
-        _ROLES_TEXT.like(f'%"{CONTROL_PLANE}"%')))
+    Machine.scheduling.in_((UNASSIGNED, CONTROL_PLANE)),
+    Machine.state.in_(sorted(states.HAS_FACTS)))
 
 
 def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[str]]:
