@@ -57,6 +57,7 @@ from divingbell.fleet.auth import (
     unauthorized,
     verify,
 )
+from divingbell.fleet.db import Prepared
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import (
     AuditEvent,
@@ -499,25 +500,29 @@ _SELF_VIEW = select(
     .outerjoin(_ROLLOUTS, _ROLLOUTS.c.id == _MEMBERS.c.rollout_id)
 ).where(_MACHINES.c.id == bindparam("id"))
 _PLACE_AT = 2 + len(_VIEW_COLUMNS)
-_INSERT_REPORT = insert(_REPORTS)
-_INSERT_HISTORY = insert(_HISTORY)
+_SELF_VIEW_RUN = Prepared(_SELF_VIEW)
+_INSERT_REPORT = Prepared(insert(_REPORTS).values({name: bindparam(name) for name in (
+    "machine_id", "revision", "etag", "state", "modules", "drift", "duration_seconds",
+    "boot_id", "received_at")}))
+_INSERT_HISTORY = Prepared(insert(_HISTORY).values({name: bindparam(name) for name in (
+    "machine_id", "from_state", "to_state", "reason", "at")}))
 _REPORT_COLUMNS = ("last_report_at", "last_report_revision", "last_report_etag",
                    "last_report_state")
 _UPDATE_AFTER_REPORT = {
-    with_state: update(_MACHINES).where(_MACHINES.c.id == bindparam("mid")).values(
+    with_state: Prepared(update(_MACHINES).where(_MACHINES.c.id == bindparam("mid")).values(
         {name: bindparam(f"v_{name}") for name in (
-            *_REPORT_COLUMNS, *(("state", "state_changed_at") if with_state else ()))})
+            *_REPORT_COLUMNS, *(("state", "state_changed_at") if with_state else ()))}))
     for with_state in (False, True)}
-_trims: dict[int, Any] = {}
+_trims: dict[int, Prepared] = {}
 
 
-def _trim_statement(keep: int) -> Any:
+def _trim_statement(keep: int) -> Prepared:
     statement = _trims.get(keep)
     if statement is None:
         cutoff = (select(_REPORTS.c.id).where(_REPORTS.c.machine_id == bindparam("mid"))
                   .order_by(_REPORTS.c.id.desc()).offset(keep).limit(1).scalar_subquery())
-        statement = _trims[keep] = delete(_REPORTS).where(
-            _REPORTS.c.machine_id == bindparam("mid"), _REPORTS.c.id <= cutoff)
+        statement = _trims[keep] = Prepared(delete(_REPORTS).where(
+            _REPORTS.c.machine_id == bindparam("mid"), _REPORTS.c.id <= cutoff))
     return statement
 
 
@@ -542,7 +547,7 @@ def authorized_view(connection: Connection, credentials: Credentials, machine_id
     in the latest rollout: one query when the machine asks about itself (every poll and
     report). `readers`: reader tokens may read."""
     if credentials.prefix == MACHINE_PREFIX and credentials.ident == machine_id:
-        row = connection.execute(_SELF_VIEW, {"id": machine_id}).first()
+        row = _SELF_VIEW_RUN.first(connection, {"id": machine_id})
         if row is None or not hmac.compare_digest(row[0], hash_secret(credentials.secret)):
             raise unauthorized("invalid token")
         active = int(row[1]) if row[1] else None
@@ -874,7 +879,7 @@ def add_report(connection: Connection, machine: View, active: int | None,
         raise ApiError(422, {"error": "unknown-revision", "field": "revision",
                              "message": f"revision {body.revision} does not exist"})
     now = utcnow()
-    connection.execute(_INSERT_REPORT, {
+    _INSERT_REPORT.execute(connection, {
         "machine_id": machine_id, "revision": body.revision, "etag": body.etag,
         "state": body.state, "modules": {k: v.model_dump() for k, v in body.modules.items()},
         "drift": body.drift, "duration_seconds": body.duration_seconds,
@@ -893,13 +898,13 @@ def add_report(connection: Connection, machine: View, active: int | None,
                      and wanted in states.TRANSITIONS.get(machine.state, frozenset()))
     if changes_state:
         values.update(v_state=wanted, v_state_changed_at=now)
-        connection.execute(_INSERT_HISTORY, {
+        _INSERT_HISTORY.execute(connection, {
             "machine_id": machine_id, "from_state": machine.state, "to_state": wanted,
             "reason": f"report: revision {body.revision} {body.state}", "at": now})
         after = replace(after, state=wanted)
-    connection.execute(_UPDATE_AFTER_REPORT[changes_state], values)
+    _UPDATE_AFTER_REPORT[changes_state].execute(connection, values)
     # Keep the newest `keep`: delete everything at or below the (keep+1)-th newest id.
-    connection.execute(_trim_statement(keep), {"mid": machine_id})
+    _trim_statement(keep).execute(connection, {"mid": machine_id})
     failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
                 for failure in module.failures]
     if body.state != "rebooting":  # a machine waiting for its reboot is still updating
