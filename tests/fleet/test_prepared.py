@@ -81,6 +81,7 @@ def test_a_lost_postgresql_connection_is_a_503_then_the_pool_is_fresh(fleet: Thr
     fleet.admin.push_document(DOC.encode())
     machine, client = register(fleet, 1)
     etag = client.config(machine).etag
+    assert etag is not None
     assert hot_poll(fleet, machine, str(client.token), etag)[0] == 304
     # PostgreSQL ends every session of the service (a restart or failover looks the same).
     url = fleet.settings.db_url
