@@ -1,14 +1,15 @@
 """Load on the fleet service: 10,000 simulated machines, each reporting every 60 s and polling
 its configuration with If-None-Match, against a real `divingbell serve` on SQLite and on a
-throwaway PostgreSQL; then report rates stepped up until p99 passes 100 ms.
+throwaway PostgreSQL; then report rates stepped up until the service no longer keeps up.
 
     sudo .venv/bin/python bench/fleet_load.py [--machines 10000] [--duration 30]
          [--store sqlite,postgresql] [--step-seconds 10] [--max-rate 3000]
          [--processes 1,2,4] [--registration-fleets 1000,100000]
 
 Prints, per store: sustained requests/s, p50/p99 latency and the service's RSS at the fleet
-load; then each step of the ramp and the highest report rate sustained (achieved >= 95% of
-the target) with p99 under 100 ms; then how long a new machine's registration takes in that
+load; then each step of the ramp (it goes on while the service keeps up, achieved >= 95% of
+the target: the most achieved is its throughput) and the highest report rate sustained with
+p99 under 100 ms; then how long a new machine's registration takes in that
 fleet. On PostgreSQL all of that runs once per service process count (`--processes`), against
 the one database, with a table per count at the end; then a new machine's registration is
 timed in SQLite fleets of each `--registration-fleets` size. Open loop: every request is
@@ -330,18 +331,22 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, worke
             if rate > args.max_rate:
                 break
             step = asyncio.run(run_load(host, port, reports, rate, args.step_seconds))
-            ok = (step.errors == 0 and step.achieved >= 0.95 * rate
-                  and step.pct(0.99) <= 100 and set(step.statuses) == {201})
+            # Kept up: every report answered 201 at (nearly) the rate sent. The ramp goes on
+            # while it keeps up, so the most achieved is the throughput; ok adds p99 <= 100 ms.
+            kept_up = (step.errors == 0 and step.achieved >= 0.95 * rate
+                       and set(step.statuses) == {201})
+            ok = kept_up and step.pct(0.99) <= 100
             steps.append({"rate": rate, "achieved": round(step.achieved),
                           "p50_ms": round(step.pct(0.5), 1), "p99_ms": round(step.pct(0.99), 1),
                           "errors": step.errors, "ok": ok})
             print(f"  reports at {rate}/s: achieved {step.achieved:.0f}/s, "
                   f"p50 {step.pct(0.5):.1f} ms, p99 {step.pct(0.99):.1f} ms, "
                   f"errors {step.errors}, load average {os.getloadavg()[0]:.1f}"
-                  f"{'' if ok else '  <- past the limit'}")
-            if not ok:
-                break
-            best = rate
+                  f"{'' if ok else '  <- p99 past 100 ms' if kept_up else '  <- past the limit'}")
+            if ok:
+                best = rate
+            elif not kept_up:
+                break  # the service no longer keeps up: its throughput is found
         registration = registrations(server.url, bootstrap_token, args.registrations,
                                      first=1000 * workers)
         print(f"  {args.registrations} new machines registering one after another into the "
@@ -405,12 +410,16 @@ def main() -> None:
                         per_count.append(result)
                     print(f"\n[postgresql] {args.machines} machines, by service processes "
                           "(one PostgreSQL, same machine):")
-                    print("  processes | fleet p99 ms | CPU ms/request | highest report rate "
-                          "with p99 <= 100 ms")
+                    print("  processes | fleet req/s | fleet p50/p99 ms | CPU ms/request | "
+                          "reports/s with p99 <= 100 ms | most reports/s achieved (p99 ms)")
                     for result in per_count:
-                        print(f"  {result['workers']:9d} | {result['fleet_p99_ms']:12.1f} | "
+                        peak = max(result["steps"], key=lambda step: step["achieved"],
+                                   default=None)
+                        print(f"  {result['workers']:9d} | {result['fleet_rps']:11d} | "
+                              f"{result['fleet_p50_ms']:7.1f} / {result['fleet_p99_ms']:6.1f} | "
                               f"{result['cpu_ms_per_request']:14.2f} | "
-                              f"{result['max_report_rate']:.0f}/s")
+                              f"{result['max_report_rate']:28.0f} | "
+                              + (f"{peak['achieved']} ({peak['p99_ms']})" if peak else "-"))
                 finally:
                     cluster.stop()
             else:
