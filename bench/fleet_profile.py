@@ -31,10 +31,11 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from fleet_load import poll_request, report_request, run_load, seeded_store  # noqa: E402
 
-# Inclusive layers: a sample counts for the first of these found on its stack, from the top.
+# Layers: a sample counts for the innermost frame on its stack that belongs to one of these.
 LAYERS = (
     ("store: driver (sqlite3/psycopg)", ("sqlite3/", "psycopg/", "psycopg_binary", "psycopg_c")),
     ("store: SQLAlchemy", ("sqlalchemy/",)),
+    ("store: db.Prepared (the hot statements on the driver)", ("divingbell/fleet/db.py",)),
     ("divingbell service.py (auth, decisions)", ("divingbell/fleet/service.py",
                                                  "divingbell/fleet/rollouts.py",
                                                  "divingbell/fleet/auth.py")),
@@ -63,6 +64,14 @@ def package_of(frame: str) -> str:
     return path or frame
 
 
+def layer_of(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, markers in LAYERS:
+            if any(marker in frame for marker in markers):
+                return name
+    return "other"
+
+
 def summarise(raw: Path, top: int) -> None:
     by_package: collections.Counter[str] = collections.Counter()
     by_layer: collections.Counter[str] = collections.Counter()
@@ -78,17 +87,12 @@ def summarise(raw: Path, top: int) -> None:
         total += count
         by_package[package_of(leaf)] += count
         by_function[leaf] += count
-        for name, markers in LAYERS:
-            if any(marker in frame for frame in frames for marker in markers):
-                by_layer[name] += count
-                break
-        else:
-            by_layer["other"] += count
+        by_layer[layer_of(frames)] += count
     if not total:
         print("no samples (is py-spy allowed to trace? run as root)")
         return
     print(f"\n{total} samples of threads holding the GIL")
-    print("\nby layer (a sample counts for the first layer, top-down, on its stack):")
+    print("\nby layer (a sample counts for the innermost layer on its stack):")
     for name, count in by_layer.most_common():
         print(f"  {100 * count / total:5.1f}%  {name}")
     print("\nby package (self time):")
