@@ -10,7 +10,7 @@ framework (`app.FleetApp.__call__`), not as one of its middlewares: the framewor
 per-request work (its telemetry check, the middleware chain, the error middleware's wrapper)
 and the Response objects were, measured with bench/fleet_profile.py, as much as the store
 work. So it writes its answers as ASGI messages itself, and does the request log and metrics
-itself (`RequestLog.record`, the same line and counters as every other route):
+itself (`FleetMetrics.record`, the same line and counters as every other route):
 
 - the credential is checked against the store on every request, in the same transaction as
   the work (no cache that could outlive a revocation);
