@@ -1,17 +1,20 @@
 """Load on the fleet service: 10,000 simulated machines, each reporting every 60 s and polling
 its configuration with If-None-Match, against a real `divingbell serve` on SQLite and on a
-throwaway PostgreSQL; then report rates stepped up until p99 passes 100 ms.
+throwaway PostgreSQL; then report rates stepped up until the service no longer keeps up.
 
     sudo .venv/bin/python bench/fleet_load.py [--machines 10000] [--duration 30]
          [--store sqlite,postgresql] [--step-seconds 10] [--max-rate 3000]
          [--processes 1,2,4] [--registration-fleets 1000,100000]
+         [--registration-stores sqlite,postgresql]
 
 Prints, per store: sustained requests/s, p50/p99 latency and the service's RSS at the fleet
-load; then each step of the ramp and the highest report rate sustained (achieved >= 95% of
-the target) with p99 under 100 ms; then how long a new machine's registration takes in that
+load; then each step of the ramp (it goes on while the service keeps up, achieved >= 95% of
+the target: the most achieved is its throughput) and the highest report rate sustained with
+p99 under 100 ms; then how long a new machine's registration takes in that
 fleet. On PostgreSQL all of that runs once per service process count (`--processes`), against
 the one database, with a table per count at the end; then a new machine's registration is
-timed in SQLite fleets of each `--registration-fleets` size. Open loop: every request is
+timed in fleets of each `--registration-fleets` size (SQLite, and PostgreSQL with
+`--registration-stores sqlite,postgresql`). Open loop: every request is
 sent at its scheduled time whatever the earlier ones do, and its latency counts from that
 time (no coordinated omission). Bounded: the whole run stops after (duration + steps x
 step-seconds) per store and process count.
@@ -241,19 +244,19 @@ def registrations(url: str, token: str, count: int, first: int = 0) -> dict[str,
             "max_ms": round(max(times), 1)}
 
 
-def registration_at(url: str, size: int, args: argparse.Namespace,
+def registration_at(store: str, url: str, size: int, args: argparse.Namespace,
                     work: Path) -> dict[str, float]:
     """A new machine's registration timed in a fleet of `size` (nothing else running)."""
     from tests.fleet.servers import ProcessServer
 
     _machines, token = seeded_store(url, size)
-    server = ProcessServer(url).start(work / f"serve-registration-{size}.log")
+    server = ProcessServer(url).start(work / f"serve-registration-{store}-{size}.log")
     try:
         registrations(server.url, token, 3)  # warm-up: connections, caches
         result = registrations(server.url, token, args.registrations, first=100)
     finally:
         server.stop()
-    print(f"\n[sqlite] registration in a fleet of {size} machines: median "
+    print(f"\n[{store}] registration in a fleet of {size} machines: median "
           f"{result['p50_ms']:.1f} ms, max {result['max_ms']:.1f} ms "
           f"({args.registrations} machines, one after another)")
     return result
@@ -290,6 +293,12 @@ def seeded_store(url: str, count: int) -> tuple[list[SimMachine], str]:
     db = Database(url)
     migrations.upgrade(db.write_engine)
     machines = seed(db, count)
+    if not db.sqlite:
+        # A fleet that grew to this size has table statistics (autovacuum analyzes as rows
+        # arrive); one written in a few seconds would be planned without them for a minute.
+        with db.engine.connect() as connection:
+            connection.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+                "ANALYZE")
     bootstrap_token = create_token(db, "bootstrap", "bench")[1]
     db.dispose()
     return machines, bootstrap_token
@@ -330,18 +339,22 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, worke
             if rate > args.max_rate:
                 break
             step = asyncio.run(run_load(host, port, reports, rate, args.step_seconds))
-            ok = (step.errors == 0 and step.achieved >= 0.95 * rate
-                  and step.pct(0.99) <= 100 and set(step.statuses) == {201})
+            # Kept up: every report answered 201 at (nearly) the rate sent. The ramp goes on
+            # while it keeps up, so the most achieved is the throughput; ok adds p99 <= 100 ms.
+            kept_up = (step.errors == 0 and step.achieved >= 0.95 * rate
+                       and set(step.statuses) == {201})
+            ok = kept_up and step.pct(0.99) <= 100
             steps.append({"rate": rate, "achieved": round(step.achieved),
                           "p50_ms": round(step.pct(0.5), 1), "p99_ms": round(step.pct(0.99), 1),
                           "errors": step.errors, "ok": ok})
             print(f"  reports at {rate}/s: achieved {step.achieved:.0f}/s, "
                   f"p50 {step.pct(0.5):.1f} ms, p99 {step.pct(0.99):.1f} ms, "
                   f"errors {step.errors}, load average {os.getloadavg()[0]:.1f}"
-                  f"{'' if ok else '  <- past the limit'}")
-            if not ok:
-                break
-            best = rate
+                  f"{'' if ok else '  <- p99 past 100 ms' if kept_up else '  <- past the limit'}")
+            if ok:
+                best = rate
+            elif not kept_up:
+                break  # the service no longer keeps up: its throughput is found
         registration = registrations(server.url, bootstrap_token, args.registrations,
                                      first=1000 * workers)
         print(f"  {args.registrations} new machines registering one after another into the "
@@ -366,13 +379,17 @@ def main() -> None:
                         help="seconds at the fleet load")
     parser.add_argument("--step-seconds", type=float, default=10.0)
     parser.add_argument("--max-rate", type=float, default=3000.0)
-    parser.add_argument("--store", default="sqlite,postgresql")
+    parser.add_argument("--store", default="sqlite,postgresql",
+                        help="stores to load ('' for only the registration timings)")
     parser.add_argument("--processes", default="1,2,4",
                         help="service process counts to run against one PostgreSQL, one after "
                              "another (SQLite: always 1)")
     parser.add_argument("--registration-fleets", default="1000,100000",
                         help="fleet sizes (SQLite) at which a new machine's registration is "
                              "timed on its own ('' to skip)")
+    parser.add_argument("--registration-stores", default="sqlite",
+                        help="stores in which --registration-fleets are timed "
+                             "(sqlite,postgresql)")
     parser.add_argument("--registrations", type=int, default=50,
                         help="new machines registered one at a time after the ramp")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
@@ -380,7 +397,7 @@ def main() -> None:
     summary = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         work = Path(tmp)
-        for store in args.store.split(","):
+        for store in (s for s in args.store.split(",") if s):
             if store == "sqlite":
                 url = f"sqlite:///{work / 'fleet.db'}"
                 summary.append(bench_store("sqlite", url, args, work, 1,
@@ -404,20 +421,44 @@ def main() -> None:
                         per_count.append(result)
                     print(f"\n[postgresql] {args.machines} machines, by service processes "
                           "(one PostgreSQL, same machine):")
-                    print("  processes | fleet p99 ms | CPU ms/request | highest report rate "
-                          "with p99 <= 100 ms")
+                    print("  processes | fleet req/s | fleet p50/p99 ms | CPU ms/request | "
+                          "reports/s with p99 <= 100 ms | most reports/s achieved (p99 ms)")
                     for result in per_count:
-                        print(f"  {result['workers']:9d} | {result['fleet_p99_ms']:12.1f} | "
+                        peak = max(result["steps"], key=lambda step: step["achieved"],
+                                   default=None)
+                        print(f"  {result['workers']:9d} | {result['fleet_rps']:11d} | "
+                              f"{result['fleet_p50_ms']:7.1f} / {result['fleet_p99_ms']:6.1f} | "
                               f"{result['cpu_ms_per_request']:14.2f} | "
-                              f"{result['max_report_rate']:.0f}/s")
+                              f"{result['max_report_rate']:28.0f} | "
+                              + (f"{peak['achieved']} ({peak['p99_ms']})" if peak else "-"))
                 finally:
                     cluster.stop()
             else:
                 parser.error(f"unknown store {store!r}")
-        for size in (int(n) for n in args.registration_fleets.split(",") if n):
-            url = f"sqlite:///{work / f'registration-{size}.db'}"
-            summary.append({"registration_fleet": size, **registration_at(url, size, args,
-                                                                           work)})
+        sizes = [int(n) for n in args.registration_fleets.split(",") if n]
+        for store in (s for s in args.registration_stores.split(",") if s and sizes):
+            if store == "sqlite":
+                for size in sizes:
+                    url = f"sqlite:///{work / f'registration-{size}.db'}"
+                    summary.append({"registration_fleet": size, "store": store,
+                                    **registration_at(store, url, size, args, work)})
+            elif store == "postgresql":
+                from tests.fleet.servers import PostgresCluster
+
+                reason = PostgresCluster.available()
+                if reason:
+                    print(f"\n[postgresql] registration skipped: {reason}")
+                    continue
+                cluster = PostgresCluster.start()
+                try:
+                    for size in sizes:
+                        summary.append({"registration_fleet": size, "store": store,
+                                        **registration_at(store, cluster.create_database(),
+                                                          size, args, work)})
+                finally:
+                    cluster.stop()
+            else:
+                parser.error(f"unknown store {store!r}")
     if args.json:
         print(json.dumps(summary, indent=2))
     print(f"\n(cpu: {os.cpu_count()} cores, shared; load generator in this process)")

@@ -67,6 +67,20 @@ class FleetMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def record(self, scope: Scope, status: int, elapsed: float) -> None:
+        """Count and log one answered request (the request log middleware and the hot paths,
+        fleet/hotpath.py, which answer before the framework)."""
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        self.requests.labels(scope["method"], route, str(status)).inc()
+        self.latency.labels(route).observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):  # else do not build the line
+            principal = getattr(scope.get("state", {}).get("principal"), "label", None)
+            client = scope.get("client")
+            access_log.info(json.dumps({
+                "method": scope["method"], "route": route, "path": scope["path"],
+                "status": status, "ms": round(elapsed * 1000, 2),
+                "client": client[0] if client else None, "caller": principal}))
+
 
 class _StoreCollector(Collector):
     """Machines by state and up to date vs outdated, read from the store at scrape time, so
@@ -140,17 +154,7 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            elapsed = time.perf_counter() - started
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            if access_log.isEnabledFor(logging.INFO):  # else do not build the line
-                principal = getattr(scope.get("state", {}).get("principal"), "label", None)
-                client = scope.get("client")
-                access_log.info(json.dumps({
-                    "method": scope["method"], "route": route, "path": scope["path"],
-                    "status": status, "ms": round(elapsed * 1000, 2),
-                    "client": client[0] if client else None, "caller": principal}))
+            self.metrics.record(scope, status, time.perf_counter() - started)
 
 
 MAX_JSON_DEPTH = 64
@@ -270,7 +274,24 @@ def error_response(exc: Exception) -> JSONResponse | None:
     return None
 
 
-def create_app(settings: FleetSettings) -> FastAPI:
+class FleetApp(FastAPI):
+    """The service's application: a machine's own polls and reports are answered before the
+    framework (fleet/hotpath.py); everything else, and anything those hand back, goes through
+    FastAPI with its middlewares."""
+
+    hot_paths: HotPaths | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.hot_paths is not None and scope["type"] == "http":
+            await self.hot_paths(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: FleetSettings) -> FleetApp:
     holder: dict[str, Database] = {}
     metrics = FleetMetrics(lambda: holder.get("db"))
 
@@ -291,8 +312,11 @@ def create_app(settings: FleetSettings) -> FastAPI:
         finally:
             db.dispose()
 
-    app = FastAPI(
+    app = FleetApp(
         title="divingbell fleet", version=__version__, lifespan=lifespan,
+        # OpenTelemetry is not how the service is observed (metrics, request log, audit):
+        # without this, FastAPI asks OpenTelemetry's global providers on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         description="Machines discovered, given roles and their configuration, reporting back."
                     " Authenticate with `Authorization: Bearer <token>`.")
     app.state.settings = settings
@@ -356,8 +380,9 @@ def create_app(settings: FleetSettings) -> FastAPI:
         app.add_exception_handler(handled, known_error)
 
     app.add_middleware(JsonDepthGuard)
-    app.add_middleware(HotPaths, error_response=error_response, too_deep=json_too_deep)
     app.add_middleware(RequestLog, metrics=metrics)
+    app.hot_paths = HotPaths(app.framework, app, error_response=error_response,
+                             too_deep=json_too_deep, record=metrics.record)
     return app
 
 
@@ -376,7 +401,7 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> FleetApp:
     """The app for `divingbell serve --workers N`: uvicorn imports this in each worker process
     (settings as JSON in the environment; the store is already migrated by then)."""
     import os

@@ -39,7 +39,7 @@ from divingbell.fleet.models import (
     iso,
     utcnow,
 )
-from divingbell.fleet.scheduler import rack_of
+from divingbell.fleet.scheduler import rack_of, scheduling_class
 
 EXPORT_FORMAT = "divingbell-fleet-export/2"
 LEGACY_FORMAT = "divingbell-fleet-export/1"
@@ -122,6 +122,9 @@ def _in(table: Table, item: Any) -> dict[str, Any]:
             value = datetime.fromisoformat(str(value).replace("Z", "+00:00")).replace(
                 tzinfo=None)
         values[column.name] = value
+    if table.name == "machines":
+        # Derived from the roles, never taken from a file (which may predate it, or disagree).
+        values["scheduling"] = scheduling_class(values.get("roles"))
     return values
 
 

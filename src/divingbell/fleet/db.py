@@ -10,14 +10,17 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import Executable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 log = logging.getLogger("divingbell.fleet")
@@ -188,3 +191,86 @@ def file_mode_ok(url: str) -> bool:
         return os.stat(parsed.database).st_mode & 0o077 == 0
     except OSError:
         return True
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    sql: str
+    constants: dict[str, Any]
+    order: Sequence[str] | None
+    """Parameter names in the order of a positional driver (SQLite's `?`); None: by name."""
+    binds: dict[str, Callable[[Any], Any]]
+    results: list[Callable[[Any], Any] | None]
+
+
+class Prepared:
+    """A Core statement compiled once per store and run straight on the driver's cursor, with
+    the SQL, bind conversions and result conversions SQLAlchemy itself would use. For the hot
+    paths only: a poll is one statement, a report four, and SQLAlchemy's per-execution work
+    (cache lookup, parameter processing, events, result set-up) cost more than each statement
+    (bench/fleet_profile.py). The drivers prepare them: sqlite3 keeps the statements of each
+    connection, psycopg prepares a statement run often on one connection. Errors go through
+    SQLAlchemy's own handling, so a lost PostgreSQL connection still invalidates the pool and
+    surfaces as its OperationalError (the 503 with Retry-After)."""
+
+    def __init__(self, statement: Executable) -> None:
+        self.statement = statement
+        self._by_dialect: weakref.WeakKeyDictionary[Dialect, _Compiled] = (
+            weakref.WeakKeyDictionary())
+
+    def _compiled(self, dialect: Dialect) -> _Compiled:
+        found = self._by_dialect.get(dialect)
+        if found is None:
+            compiled = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+            binds = {}
+            constants = {}
+            for name, bind in compiled.binds.items():
+                convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
+                if convert is not None:
+                    binds[name] = convert
+                if not bind.required:
+                    constants[name] = bind.effective_value
+            results = [column.type.dialect_impl(dialect).result_processor(dialect, None)
+                       for column in compiled._result_columns]
+            found = _Compiled(compiled.string, constants,
+                              tuple(compiled.positiontup) if dialect.positional else None,
+                              binds, results)
+            self._by_dialect[dialect] = found
+        return found
+
+    def _run(self, connection: Connection, params: Mapping[str, Any]) -> tuple[Any, Any]:
+        compiled = self._compiled(connection.dialect)
+        values = {**compiled.constants, **params}
+        for name, convert in compiled.binds.items():
+            values[name] = convert(values[name])
+        arguments: Any = (values if compiled.order is None
+                          else tuple(values[name] for name in compiled.order))
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(compiled.sql, arguments)
+        except Exception as exc:
+            cursor.close()
+            if isinstance(exc, connection.dialect.loaded_dbapi.Error):
+                connection._handle_dbapi_exception(exc, compiled.sql, arguments, None, None)
+            raise
+        return cursor, compiled
+
+    def execute(self, connection: Connection, params: Mapping[str, Any]) -> int:
+        """Run a statement that returns no rows; the number of rows it changed."""
+        cursor, _ = self._run(connection, params)
+        try:
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+    def first(self, connection: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """Run a query; its first row, converted as SQLAlchemy would, or None."""
+        cursor, compiled = self._run(connection, params)
+        try:
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        if row is None:
+            return None
+        return tuple(value if convert is None or value is None else convert(value)
+                     for value, convert in zip(row, compiled.results, strict=True))

@@ -5,7 +5,12 @@ A machine's configuration poll (`GET /v1/machines/{id}/config`, mostly a 304) an
 costs routing over every route, dependency solving, body parsing twice and response
 serialisation: several times the store work. `HotPaths` answers them as plain ASGI when the
 caller is the machine itself (its own `dbm_` credential), with the very functions the routes
-use (`api/machines.serve_config`, `store_report`), so both answer alike:
+use (`api/machines.serve_config`, `store_report`), so both answer alike. It runs before the
+framework (`app.FleetApp.__call__`), not as one of its middlewares: the framework's own
+per-request work (its telemetry check, the middleware chain, the error middleware's wrapper)
+and the Response objects were, measured with bench/fleet_profile.py, as much as the store
+work. So it writes its answers as ASGI messages itself, and does the request log and metrics
+itself (`FleetMetrics.record`, the same line and counters as every other route):
 
 - the credential is checked against the store on every request, in the same transaction as
   the work (no cache that could outlive a revocation);
@@ -19,7 +24,9 @@ use (`api/machines.serve_config`, `store_report`), so both answer alike:
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +34,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from divingbell.fleet.api.machines import config_response, serve_config, store_report
 from divingbell.fleet.api.schemas import ReportBody
@@ -80,15 +87,21 @@ def machine_credentials(scope: Scope, machine_id: str) -> tuple[Credentials | No
 
 
 class HotPaths:
-    """ASGI middleware: the machine's own polls and reports, straight to the store.
-    `error_response` turns the exceptions the app has handlers for into the same responses;
-    `too_deep` is the app's JSON depth guard."""
+    """The machine's own polls and reports, straight to the store; everything else to `app`
+    (the framework, with its middlewares). `state_app` is the application whose `state` holds
+    the store and settings; `error_response` turns the exceptions the app has handlers for
+    into the same responses; `too_deep` is the app's JSON depth guard; `record(scope, status,
+    seconds)` logs and counts a request as the request log middleware does."""
 
-    def __init__(self, app: ASGIApp, error_response: Callable[[Exception], Response | None],
-                 too_deep: Callable[[bytes], bool]) -> None:
+    def __init__(self, app: ASGIApp, state_app: Any,
+                 error_response: Callable[[Exception], Response | None],
+                 too_deep: Callable[[bytes], bool],
+                 record: Callable[[Scope, int, float], None]) -> None:
         self.app = app
+        self.state_app = state_app
         self.error_response = error_response
         self.too_deep = too_deep
+        self.record = record
         self._executor: ThreadPoolExecutor | None = None
 
     async def _in_thread(self, function: Callable[[], T]) -> T:
@@ -107,8 +120,8 @@ class HotPaths:
         if what == "config" and method == "GET" and not scope.get("query_string"):
             credentials, if_none_match = machine_credentials(scope, machine_id)
             if credentials is not None:
-                await self._config(scope, receive, send, credentials, machine_id,
-                                   if_none_match)
+                await self._observed(self._config(scope, receive, send, credentials,
+                                                  machine_id, if_none_match), scope)
                 return
         elif what == "reports" and method == "POST":
             credentials, _ = machine_credentials(scope, machine_id)
@@ -117,22 +130,41 @@ class HotPaths:
                 return
         await self.app(scope, receive, send)
 
+    async def _observed(self, answering: Awaitable[int], scope: Scope) -> None:
+        """Await the answer, then log and count it (a 500 when it raised)."""
+        started = time.perf_counter()
+        status = 500
+        try:
+            status = await answering
+        finally:
+            self.record(scope, status, time.perf_counter() - started)
+
     async def _config(self, scope: Scope, receive: Receive, send: Send,
                       credentials: Credentials, machine_id: str,
-                      if_none_match: str | None) -> None:
+                      if_none_match: str | None) -> int:
         scope["route"] = CONFIG_ROUTE
-        app = scope["app"]
+        scope["app"] = self.state_app
         try:
             principal, rendered = await self._in_thread(partial(
-                serve_config, app.state.db, credentials, machine_id, if_none_match))
+                serve_config, self.state_app.state.db, credentials, machine_id,
+                if_none_match))
         except Exception as exc:
-            await self._error(exc, scope, receive, send)
-            return
+            return await self._error(exc, scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
-        await config_response(rendered)(scope, receive, send)
+        if rendered.text is not None:  # a new configuration: rare, the route's response
+            response = config_response(rendered)
+            await response(scope, receive, send)
+            return response.status_code
+        # Not modified: what config_response answers, without building a Response.
+        await send({"type": "http.response.start", "status": 304, "headers": [
+            (b"etag", rendered.etag.encode("latin-1")),
+            (b"x-divingbell-revision", str(rendered.revision).encode())]})
+        await send({"type": "http.response.body", "body": b""})
+        return 304
 
     async def _report(self, scope: Scope, receive: Receive, send: Send,
                       credentials: Credentials, machine_id: str) -> None:
+        started = time.perf_counter()
         messages: list[Message] = []
         chunks: list[bytes] = []
         size = 0
@@ -163,22 +195,34 @@ class HotPaths:
             await self.app(scope, replay, send)
             return
         scope["route"] = REPORTS_ROUTE
-        app = scope["app"]
+        scope["app"] = self.state_app
+        status = 500
         try:
-            principal, answer = await self._in_thread(partial(
-                store_report, app.state.db, credentials, machine_id, report,
-                app.state.settings.reports_kept))
-        except Exception as exc:
-            await self._error(exc, scope, receive, send)
-            return
-        scope.setdefault("state", {})["principal"] = principal
-        await JSONResponse(answer, status_code=201)(scope, receive, send)
+            try:
+                principal, answer = await self._in_thread(partial(
+                    store_report, self.state_app.state.db, credentials, machine_id, report,
+                    self.state_app.state.settings.reports_kept))
+            except Exception as exc:
+                status = await self._error(exc, scope, receive, send)
+                return
+            scope.setdefault("state", {})["principal"] = principal
+            # As JSONResponse renders it (the route's answer), without building one.
+            content = json.dumps(answer, ensure_ascii=False, allow_nan=False, indent=None,
+                                 separators=(",", ":")).encode()
+            await send({"type": "http.response.start", "status": 201, "headers": [
+                (b"content-length", str(len(content)).encode()),
+                (b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": content})
+            status = 201
+        finally:
+            self.record(scope, status, time.perf_counter() - started)
 
-    async def _error(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _error(self, exc: Exception, scope: Scope, receive: Receive, send: Send) -> int:
         response = self.error_response(exc)
         if response is None:
             raise exc
         await response(scope, receive, send)
+        return response.status_code
 
 
 def _is_json(scope: Scope) -> bool:

@@ -21,7 +21,10 @@ from sqlalchemy import (
     Text,
     false,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.engine.default import DefaultExecutionContext
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+
+from divingbell.fleet.scheduler import scheduling_class
 
 
 def utcnow() -> datetime:
@@ -60,6 +63,12 @@ class Token(Base):
     __table_args__ = (Index("ix_tokens_role_expires", "role", "expires_at"),)
 
 
+def _scheduling_default(context: DefaultExecutionContext) -> str | None:
+    """A Core insert that names no `scheduling`: derived from the row's roles (none: [])."""
+    parameters: dict[str, Any] = context.get_current_parameters()  # type: ignore[no-untyped-call]
+    return scheduling_class(parameters.get("roles"))
+
+
 class Machine(Base):
     """A machine. Its facts (interfaces, disks, LLDP) and install output are loaded only when
     used: the hot paths (auth, config, reports) never pay for them."""
@@ -77,6 +86,12 @@ class Machine(Base):
     state: Mapped[str] = mapped_column(String(32), index=True)
     state_changed_at: Mapped[datetime] = mapped_column(DateTime())
     roles: Mapped[list[Any]] = mapped_column(default=list)
+    scheduling: Mapped[str | None] = mapped_column(
+        String(16), nullable=True, default=_scheduling_default)
+    """`scheduler.scheduling_class(roles)`, derived, never set by hand: kept by assigning
+    `roles` (ORM) or by the insert default (Core). Indexed with the state, so a scheduling
+    pass reads the control plane and the unassigned machines only, whatever the fleet's size
+    (migration 0008)."""
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
     rack: Mapped[str | None] = mapped_column(String(128), nullable=True)
     interfaces: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
@@ -96,10 +111,17 @@ class Machine(Base):
     `boot` machine whose name no operator accepted is unadmitted, and those are capped
     (migration 0007)."""
     # The order machines are listed and paged in (migration 0004); booting rows purged by age
-    # (migration 0005); unadmitted machines counted (0007).
+    # (migration 0005); unadmitted machines counted (0007); the scheduler's candidates (0008).
     __table_args__ = (Index("ix_machines_created", "created_at", "id"),
                       Index("ix_machines_unadmitted", "enrolled_with", "hostname_accepted",
-                            "state"))
+                            "state"),
+                      Index("ix_machines_scheduling", "scheduling", "state"))
+
+    @validates("roles")
+    def _keep_scheduling(self, _key: str, roles: list[Any] | None) -> list[Any] | None:
+        self.scheduling = scheduling_class(roles)
+        return roles
+
 
 
 class MachineMac(Base):

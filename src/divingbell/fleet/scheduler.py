@@ -23,6 +23,18 @@ from typing import Final
 CONTROL_PLANE: Final = "control-plane"
 WORKER: Final = "worker"
 ROLES: Final = (CONTROL_PLANE, WORKER)
+UNASSIGNED: Final = "unassigned"
+
+
+def scheduling_class(roles: Iterable[str] | None) -> str | None:
+    """What a scheduling pass needs to know of a machine, kept beside its roles in an indexed
+    column (`machines.scheduling`, migration 0008) so that the pass reads only the machines
+    that can change its outcome: `unassigned` (no roles: a candidate), `control-plane` (the
+    quorum it tops up and spreads), None for everything else (workers: most of a fleet)."""
+    held = list(roles or ())
+    if not held:
+        return UNASSIGNED
+    return CONTROL_PLANE if CONTROL_PLANE in held else None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from sqlalchemy import (
     Connection,
     Row,
     Table,
-    Text,
     and_,
     bindparam,
     delete,
@@ -37,7 +36,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy import cast as sql_cast
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
@@ -59,6 +57,7 @@ from divingbell.fleet.auth import (
     unauthorized,
     verify,
 )
+from divingbell.fleet.db import Prepared
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import (
     AuditEvent,
@@ -75,7 +74,14 @@ from divingbell.fleet.models import (
     iso,
     utcnow,
 )
-from divingbell.fleet.scheduler import CONTROL_PLANE, Candidate, node_labels, rack_of, schedule
+from divingbell.fleet.scheduler import (
+    CONTROL_PLANE,
+    UNASSIGNED,
+    Candidate,
+    node_labels,
+    rack_of,
+    schedule,
+)
 from divingbell.fleet.settings import FleetSettings
 
 log = logging.getLogger("divingbell.fleet")
@@ -392,17 +398,14 @@ def lock_scheduler(session: Session) -> None:
 
 # What a scheduling pass can act on: the control plane (its size and racks) and machines with
 # no roles yet. Workers are most of a fleet and never change the outcome, and the pass runs on
-# every registration: reading them made a registration into a 10,000-machine fleet take 150 ms.
-# The roles column is JSON, compared as its text (the same on SQLite and PostgreSQL).
-_ROLES_TEXT = sql_cast(Machine.roles, Text)
-# Booting machines have no facts and never count: selecting by the states that do (through the
-# state index) keeps a registration's cost independent of anonymous boot requests.
+# every registration: its candidates are read through the scheduling index (migration 0008),
+# so a registration costs the same in a fleet of 1,000 or 100,000. Booting machines have no
+# facts and never count, whatever their roles.
 _SCHEDULER_CANDIDATES = select(
     Machine.id, Machine.uuid, Machine.discovered_at, Machine.roles, Machine.pinned,
     Machine.rack, Machine.state).where(
-    Machine.state.in_(sorted(states.HAS_FACTS)),
-    or_(Machine.roles.is_(None), _ROLES_TEXT == "[]",
-        _ROLES_TEXT.like(f'%"{CONTROL_PLANE}"%')))
+    Machine.scheduling.in_((UNASSIGNED, CONTROL_PLANE)),
+    Machine.state.in_(sorted(states.HAS_FACTS)))
 
 
 def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[str]]:
@@ -497,25 +500,29 @@ _SELF_VIEW = select(
     .outerjoin(_ROLLOUTS, _ROLLOUTS.c.id == _MEMBERS.c.rollout_id)
 ).where(_MACHINES.c.id == bindparam("id"))
 _PLACE_AT = 2 + len(_VIEW_COLUMNS)
-_INSERT_REPORT = insert(_REPORTS)
-_INSERT_HISTORY = insert(_HISTORY)
+_SELF_VIEW_RUN = Prepared(_SELF_VIEW)
+_INSERT_REPORT = Prepared(insert(_REPORTS).values({name: bindparam(name) for name in (
+    "machine_id", "revision", "etag", "state", "modules", "drift", "duration_seconds",
+    "boot_id", "received_at")}))
+_INSERT_HISTORY = Prepared(insert(_HISTORY).values({name: bindparam(name) for name in (
+    "machine_id", "from_state", "to_state", "reason", "at")}))
 _REPORT_COLUMNS = ("last_report_at", "last_report_revision", "last_report_etag",
                    "last_report_state")
 _UPDATE_AFTER_REPORT = {
-    with_state: update(_MACHINES).where(_MACHINES.c.id == bindparam("mid")).values(
+    with_state: Prepared(update(_MACHINES).where(_MACHINES.c.id == bindparam("mid")).values(
         {name: bindparam(f"v_{name}") for name in (
-            *_REPORT_COLUMNS, *(("state", "state_changed_at") if with_state else ()))})
+            *_REPORT_COLUMNS, *(("state", "state_changed_at") if with_state else ()))}))
     for with_state in (False, True)}
-_trims: dict[int, Any] = {}
+_trims: dict[int, Prepared] = {}
 
 
-def _trim_statement(keep: int) -> Any:
+def _trim_statement(keep: int) -> Prepared:
     statement = _trims.get(keep)
     if statement is None:
         cutoff = (select(_REPORTS.c.id).where(_REPORTS.c.machine_id == bindparam("mid"))
                   .order_by(_REPORTS.c.id.desc()).offset(keep).limit(1).scalar_subquery())
-        statement = _trims[keep] = delete(_REPORTS).where(
-            _REPORTS.c.machine_id == bindparam("mid"), _REPORTS.c.id <= cutoff)
+        statement = _trims[keep] = Prepared(delete(_REPORTS).where(
+            _REPORTS.c.machine_id == bindparam("mid"), _REPORTS.c.id <= cutoff))
     return statement
 
 
@@ -540,7 +547,7 @@ def authorized_view(connection: Connection, credentials: Credentials, machine_id
     in the latest rollout: one query when the machine asks about itself (every poll and
     report). `readers`: reader tokens may read."""
     if credentials.prefix == MACHINE_PREFIX and credentials.ident == machine_id:
-        row = connection.execute(_SELF_VIEW, {"id": machine_id}).first()
+        row = _SELF_VIEW_RUN.first(connection, {"id": machine_id})
         if row is None or not hmac.compare_digest(row[0], hash_secret(credentials.secret)):
             raise unauthorized("invalid token")
         active = int(row[1]) if row[1] else None
@@ -872,7 +879,7 @@ def add_report(connection: Connection, machine: View, active: int | None,
         raise ApiError(422, {"error": "unknown-revision", "field": "revision",
                              "message": f"revision {body.revision} does not exist"})
     now = utcnow()
-    connection.execute(_INSERT_REPORT, {
+    _INSERT_REPORT.execute(connection, {
         "machine_id": machine_id, "revision": body.revision, "etag": body.etag,
         "state": body.state, "modules": {k: v.model_dump() for k, v in body.modules.items()},
         "drift": body.drift, "duration_seconds": body.duration_seconds,
@@ -891,13 +898,13 @@ def add_report(connection: Connection, machine: View, active: int | None,
                      and wanted in states.TRANSITIONS.get(machine.state, frozenset()))
     if changes_state:
         values.update(v_state=wanted, v_state_changed_at=now)
-        connection.execute(_INSERT_HISTORY, {
+        _INSERT_HISTORY.execute(connection, {
             "machine_id": machine_id, "from_state": machine.state, "to_state": wanted,
             "reason": f"report: revision {body.revision} {body.state}", "at": now})
         after = replace(after, state=wanted)
-    connection.execute(_UPDATE_AFTER_REPORT[changes_state], values)
+    _UPDATE_AFTER_REPORT[changes_state].execute(connection, values)
     # Keep the newest `keep`: delete everything at or below the (keep+1)-th newest id.
-    connection.execute(_trim_statement(keep), {"mid": machine_id})
+    _trim_statement(keep).execute(connection, {"mid": machine_id})
     failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
                 for failure in module.failures]
     if body.state != "rebooting":  # a machine waiting for its reboot is still updating
