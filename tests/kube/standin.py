@@ -65,13 +65,14 @@ def in_netns(name: str, action: Callable[[], T]) -> T:
 
 
 class Forwarder:
-    """127.0.0.1:6443 inside a network namespace, connected to the apiserver outside."""
+    """ADDRESS:6443 (default 127.0.0.1) inside a network namespace, connected to the
+    apiserver outside."""
 
-    def __init__(self, netns: str, target_port: int) -> None:
+    def __init__(self, netns: str, target_port: int, address: str = "127.0.0.1") -> None:
         def listen() -> socket.socket:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", FORWARDED_PORT))
+            sock.bind((address, FORWARDED_PORT))
             sock.listen(16)
             return sock
 
