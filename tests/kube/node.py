@@ -25,7 +25,8 @@ What this machine needs, each row of ../shared/kube/README.md ("A real node"), a
   namespace at every boot.
 - RBAC only: the kubelet's client certificate is `system:node:NAME` in `system:nodes`, bound
   to the `system:node` ClusterRole.
-- stale kubepods cgroups after a reboot: emptied at boot (`node-prep`).
+- nspawn exits 133 when the node reboots: the supervising shell boots it again, its cgroups
+  emptied in between (the kubelet stalls on a previous boot's kubepods).
 - pods ignoring SIGTERM: `DefaultTimeoutStopSec=10s`.
 
 The root is a debootstrap bookworm (cached as a tarball, under a lock), extracted once per
@@ -68,7 +69,8 @@ from tests.kube.standin import FORWARDED_PORT, Forwarder
 NODE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "containerd", "runc",
                  "containernetworking-plugins", "iptables", "iproute2", "jq")
 PAUSE_IMAGE = "divingbell.test/pause:1"
-SERVICE_IP = "10.0.0.1"
+SERVICE_IP = "10.0.0.1"  # the `kubernetes` Service (tests/kube/controlplane.py's range)
+SERVICE_RANGE = "10.0.0.0/24"
 POD_SUBNET = "10.88.0.0/16"
 IMAGES_IN_NODE = "/opt/node-images"
 # What the kubelet wants these machine-wide sysctls to be (it writes them otherwise).
@@ -102,21 +104,44 @@ int main(void) {
 }
 """
 
-RUNC_WRAPPER = f"""#!/bin/sh
-# containerd's runc: every container's OCI config gets read-only paths over the machine's
-# kernel tunables and devices before runc sees it (a privileged pod here shares the machine's
-# kernel); /proc/sys/net stays writable, it is the node's own.
+# What the runc wrapper does to every container's OCI config: read-only paths over the
+# machine's kernel tunables and devices (a privileged pod here shares the machine's kernel;
+# /proc/sys/net stays writable, it is the node's own), and a hook that shows the container the
+# node's boot id: nspawn gives each boot of the node its own, over
+# /proc/sys/kernel/random/boot_id, but a container's fresh /proc would show the machine's, which
+# no reboot of the node changes. (runc refuses an OCI mount inside /proc; a createContainer
+# hook runs in the container's mount namespace before pivot_root, where the node's /proc is
+# still in sight.)
+OCI_EDIT = f"""
+.linux.readonlyPaths = ((.linux.readonlyPaths // []) + {json.dumps(READONLY_PATHS)} | unique)
+| .hooks.createContainer = ((.hooks.createContainer // [])
+                            + [{{"path": "/usr/local/sbin/node-boot-id"}}])
+"""
+
+BOOT_ID_HOOK = """#!/bin/sh
+# An OCI createContainer hook: the node's boot id over the container's (see OCI_EDIT). nspawn's
+# boot id file is an unlinked one, which cannot be bind-mounted: node-prep copies it to /run.
+set -e
+bundle=$(jq -r .bundle)
+root=$(jq -r .root.path "$bundle/config.json")
+case "$root" in /*) ;; *) root="$bundle/$root" ;; esac
+target="$root/proc/sys/kernel/random/boot_id"
+mount --bind /run/node-boot-id "$target"
+mount -o remount,bind,ro "$target"
+"""
+
+RUNC_WRAPPER = """#!/bin/sh
+# containerd's runc, through /usr/local/lib/oci-edit.jq (tests/kube/node.py says why).
 bundle=
 previous=
 for arg in "$@"; do
   case "$previous" in --bundle|-b) bundle=$arg ;; esac
-  case "$arg" in --bundle=*) bundle=${{arg#--bundle=}} ;; esac
+  case "$arg" in --bundle=*) bundle=${arg#--bundle=} ;; esac
   previous=$arg
 done
 if [ -n "$bundle" ] && [ -f "$bundle/config.json" ]; then
-  jq --argjson paths '{json.dumps(READONLY_PATHS)}' \\
-    '.linux.readonlyPaths = ((.linux.readonlyPaths // []) + $paths | unique)' \\
-    "$bundle/config.json" > "$bundle/config.json.db" && mv "$bundle/config.json.db" "$bundle/config.json"
+  jq -f /usr/local/lib/oci-edit.jq "$bundle/config.json" > "$bundle/config.json.edit" &&
+    mv "$bundle/config.json.edit" "$bundle/config.json"
 fi
 exec /usr/sbin/runc "$@"
 """
@@ -127,12 +152,7 @@ set -e
 for hierarchy in /sys/fs/cgroup/*; do
   mount -o remount,bind,rw "$hierarchy"
 done
-# A reboot leaves the kubepods cgroups of the previous boot behind: a real reboot has none.
-for hierarchy in /sys/fs/cgroup/*/; do
-  if [ -d "$hierarchy/kubepods" ]; then
-    find "$hierarchy/kubepods" -depth -type d -exec rmdir {} + 2>/dev/null || true
-  fi
-done
+cat /proc/sys/kernel/random/boot_id > /run/node-boot-id
 for file in /etc/kubelet-sysctls/*; do
   mount --bind "$file" "/proc/sys/$(basename "$file" | tr . /)"
 done
@@ -247,8 +267,10 @@ class Node:
                         f"workdir={self.base}/work", self.root], check=True)
         self.netns = f"dbnode-{os.getpid()}-{self.index}"
         subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        # The Service range routed (to lo) so that connecting to it reaches the DNAT at all.
         for argv in (["link", "set", "lo", "up"],
-                     ["addr", "add", f"{self.address}/32", "dev", "lo"]):
+                     ["addr", "add", f"{self.address}/32", "dev", "lo"],
+                     ["route", "add", SERVICE_RANGE, "dev", "lo"]):
             subprocess.run(["ip", "-n", self.netns, *argv], check=True)
         for chain in ("OUTPUT", "PREROUTING"):
             subprocess.run(["ip", "netns", "exec", self.netns, "iptables", "-t", "nat", "-A",
@@ -309,6 +331,8 @@ class Node:
         self._write("/usr/local/sbin/node-prep", NODE_PREP, 0o755)
         self._write("/usr/local/sbin/import-images", IMPORT_IMAGES, 0o755)
         self._write("/usr/local/sbin/runc", RUNC_WRAPPER, 0o755)
+        self._write("/usr/local/lib/oci-edit.jq", OCI_EDIT)
+        self._write("/usr/local/sbin/node-boot-id", BOOT_ID_HOOK, 0o755)
         self._write("/etc/containerd/config.toml", f"""version = 2
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
@@ -393,7 +417,16 @@ WantedBy=multi-user.target
             nspawn_dir.mkdir(parents=True, exist_ok=True)
             subprocess.run(["mount", "-t", "tmpfs", "tmpfs", nspawn_dir], check=True)
         log = (self.base / "nspawn.log").open("ab")
-        self.process = subprocess.Popen(["sh", "-c", f'{joins}; exec "$@"', "sh", *argv],
+        # nspawn exits 133 when the node reboots (systemd-nspawn@.service restarts it on that
+        # status): boot it again, with its cgroups emptied in between as a real reboot would
+        # (the kubelet stalls on the previous boot's kubepods).
+        cgroups = " ".join(str(c) for c in self.cgroups)
+        supervisor = (f'{joins}\nwhile :; do\n  "$@"\n  status=$?\n'
+                      '  [ "$status" = 133 ] || exit "$status"\n'
+                      f'  for cgroup in {cgroups}; do\n'
+                      '    find "$cgroup" -mindepth 1 -depth -type d -exec rmdir {} + '
+                      '2>/dev/null\n  done\ndone\n')
+        self.process = subprocess.Popen(["sh", "-c", supervisor, "sh", *argv],
                                         env=env, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT)
 
@@ -401,12 +434,8 @@ WantedBy=multi-user.target
         """The node's init (changes with every boot); 0 while there is none."""
         if self.process is None:
             return 0
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        try:
-            pids = children.read_text().split()
-        except OSError:
-            return 0
-        return int(pids[0]) if pids else 0
+        nspawn = _child(self.process.pid)
+        return _child(nspawn) if nspawn else 0
 
     def run(self, *argv: str | Path, check: bool = True, timeout: float = 120
             ) -> subprocess.CompletedProcess[str]:
@@ -414,11 +443,24 @@ WantedBy=multi-user.target
                               capture_output=True, text=True, check=check, timeout=timeout)
 
     def journal(self, unit: str = "kubelet", lines: int = 40) -> str:
+        """The unit's last lines, without the kubelet's complaints every 10 s that it cannot
+        size containerd's filesystem (a bind of a tmpfs directory; harmless here)."""
         try:
-            return self.run("journalctl", "-u", unit, "-n", str(lines), "--no-pager",
+            text = self.run("journalctl", "-u", unit, "-n", str(lines * 4), "--no-pager",
                             check=False).stdout
+            return "\n".join([line for line in text.splitlines()
+                              if "filesystem info" not in line][-lines:])
         except (subprocess.SubprocessError, OSError) as error:
             return f"(no journal: {error})"
+
+    def pod_logs(self, container: str, lines: int = 20) -> str:
+        """The last lines of every `container` this node ran (the apiserver cannot reach the
+        kubelet for `kubectl logs`: the node's address is only inside its namespace)."""
+        try:
+            return self.run("sh", "-c", f"tail -n {lines} /var/log/pods/*/{container}/*.log",
+                            check=False).stdout
+        except (subprocess.SubprocessError, OSError) as error:
+            return f"(no logs: {error})"
 
     def stop(self) -> None:
         """Power off, then undo everything `prepare` and `boot` did."""
@@ -430,6 +472,11 @@ WantedBy=multi-user.target
             try:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
+                # Its init killed, the node's PID namespace goes with it; then nspawn.
+                for pid in (self.leader(), _child(self.process.pid)):
+                    if pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                 self.process.kill()
                 self.process.wait()
             self.process = None
@@ -442,6 +489,14 @@ WantedBy=multi-user.target
         subprocess.run(["umount", "-R", "-l", self.base], check=False)
         with contextlib.suppress(OSError):
             self.base.rmdir()
+
+
+def _child(pid: int) -> int:
+    try:
+        pids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0
+    return int(pids[0]) if pids else 0
 
 
 def bind_node_role(plane: ControlPlane, name: str) -> None:

@@ -5,6 +5,7 @@ change its node's own net.* sysctls but not the machine's kernel tunables."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ value=$(cat /proc/sys/vm/swappiness)
 if echo "$value" > /proc/sys/vm/swappiness 2>/dev/null; then echo "vm.* writable"; exit 1; fi
 value=$(cat /proc/sys/net/ipv4/tcp_fin_timeout)
 echo "$value" > /proc/sys/net/ipv4/tcp_fin_timeout || { echo "net.* read-only"; exit 2; }
+[ "$(cat /proc/sys/kernel/random/boot_id)" = "$NODE_BOOT_ID" ] || { echo "not the node's boot id"; exit 3; }
 echo guarded
 """
 
@@ -41,7 +43,10 @@ def test_a_privileged_pod_on_a_real_node_changes_only_net_sysctls(
         real_nodes: RealNodes, kube_admin: Rest, kube_namespace: str) -> None:
     node = real_nodes.nodes[0]
     started = time.monotonic()
-    _pod(kube_admin, kube_namespace, node.name, real_nodes.divingbell_image, GUARD_CHECK)
+    boot_id = node.run("cat", "/proc/sys/kernel/random/boot_id").stdout.strip()
+    assert boot_id != Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    _pod(kube_admin, kube_namespace, node.name, real_nodes.divingbell_image,
+         f"NODE_BOOT_ID={boot_id}\n{GUARD_CHECK}")
     path = f"/api/v1/namespaces/{kube_namespace}/pods/guard"
 
     def finished() -> bool:
