@@ -30,7 +30,7 @@ from divingbell.maintenance.decide import CORDONED_BY, lease_name
 from divingbell.manifests import build, to_yaml
 from divingbell.modules.kernel import GRUB_CFG, default_entry
 from tests.grubroot import BOOTED, KERNEL, grub_root
-from tests.kube.agents import Agents
+from tests.kube.agents import Agents, put_back, revisions
 from tests.kube.controlplane import ControlPlane, Rest
 from tests.kube.kubelet import add_node, add_pod, finish_deletions, set_ready
 from tests.kube.standin import StandInKubelet, wait_for
@@ -118,14 +118,13 @@ def node(agents: Agents, kube_cluster: ControlPlane, grub_image: Path, tmp_path:
             host_roots={name: root},
             launchers={name: ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                               f'{mounts} && exec "$@"', "container"]})
+        before = set(revisions(agents))
         kubelet.start()
         try:
             yield Node(name, root, boot_id, cmdline, kubelet, agents.admin)
         finally:
             kubelet.close()
-            # The session's DaemonSet as the other tests expect it.
-            kube_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
-                                 input_text=agents.manifests)
+            put_back(agents, before)
             agents.admin.request("DELETE", f"/api/v1/nodes/{name}")
             subprocess.run(["ip", "netns", "del", netns], check=False)
 

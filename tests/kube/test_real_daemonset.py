@@ -21,7 +21,7 @@ import pytest
 
 from divingbell.maintenance.decide import CORDONED_BY, lease_name
 from divingbell.manifests import build, to_yaml
-from tests.kube.agents import Agents
+from tests.kube.agents import Agents, put_back, revisions
 from tests.kube.controlplane import ControlPlane
 from tests.kube.node import Node, RealNodes, ready, wait_ready
 from tests.kube.standin import wait_for
@@ -111,12 +111,12 @@ def deployment(agents: Agents, real_nodes: RealNodes, kube_cluster: ControlPlane
     for node in real_nodes.nodes:
         agents.admin.patch(f"/api/v1/nodes/{node.name}", {"metadata": {"labels": REAL_NODES}})
     found = Deployment(agents, real_nodes, kube_cluster)
+    before = set(revisions(agents))
     try:
         yield found
     finally:
         # The session's DaemonSet as the other tests expect it; its pods leave the real nodes.
-        kube_cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
-                             input_text=agents.manifests)
+        put_back(agents, before)
         for node in real_nodes.nodes:
             agents.admin.patch(f"/api/v1/nodes/{node.name}", {
                 "metadata": {"labels": {k: None for k in REAL_NODES}},
