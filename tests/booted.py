@@ -26,9 +26,9 @@ PACKAGES = ("systemd", "systemd-sysv", "dbus", "sudo", "openssh-server", "iprout
 CACHE = Path(os.environ.get("DIVINGBELL_TEST_CACHE", "/var/cache/divingbell-test"))
 
 
-def debian_tarball() -> Path:
+def debian_tarball(packages: tuple[str, ...] = PACKAGES) -> Path:
     """A tarball of a minimal Debian root, built with debootstrap once per package list."""
-    key = hashlib.sha256(f"{SUITE} {' '.join(PACKAGES)}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{SUITE} {' '.join(packages)}".encode()).hexdigest()[:12]
     tarball = CACHE / f"debian-{SUITE}-{key}.tar"
     if tarball.exists():
         return tarball
@@ -37,7 +37,7 @@ def debian_tarball() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     build = CACHE / f"build-{os.getpid()}"
     result = subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
+        ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE,
          str(build), MIRROR], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         shutil.rmtree(build, ignore_errors=True)

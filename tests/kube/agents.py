@@ -135,3 +135,37 @@ def _wait_for_policies(agents: Agents) -> None:
                 raise AssertionError(f"{method} {path} by node A's agent still allowed "
                                      "after 60 s: the policy is not enforced")
             time.sleep(0.5)
+
+
+def revisions(agents: Agents) -> dict[str, int]:
+    """The session DaemonSet's ControllerRevisions: name -> revision number."""
+    found = agents.admin.get(f"/apis/apps/v1/namespaces/{agents.namespace}/controllerrevisions")
+    return {r["metadata"]["name"]: int(r["revision"]) for r in found["items"]}
+
+
+def put_back(agents: Agents, before: set[str]) -> None:
+    """The session's DaemonSet as a test found it, after the test applied documents of its own
+    (`before`: the revision names then): the original manifests applied again, the revisions
+    the test added deleted and the document Secrets only they mounted pruned (by `divingbell
+    documents --prune`), so that later tests see the history they would have seen alone."""
+    from tests.conftest import Cli
+    from tests.kube.standin import wait_for
+
+    agents.plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                         input_text=agents.manifests)
+    path = f"/apis/apps/v1/namespaces/{agents.namespace}/daemonsets/divingbell"
+
+    def settled() -> bool:
+        daemonset = agents.admin.get(path)
+        return bool(daemonset.get("status", {}).get("observedGeneration")
+                    == daemonset["metadata"]["generation"])
+
+    wait_for("the DaemonSet controller to see the original manifests", settled, 60)
+    found = revisions(agents)
+    current = max(found, key=lambda name: found[name])
+    for name in set(found) - before - {current}:
+        agents.admin.request(
+            "DELETE", f"/apis/apps/v1/namespaces/{agents.namespace}/controllerrevisions/{name}")
+    pruned = Cli()("documents", "--prune", "--namespace", agents.namespace, "--kubeconfig",
+                   str(agents.plane.admin_kubeconfig))
+    assert pruned.returncode == 0, pruned.stderr

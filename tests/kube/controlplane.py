@@ -83,7 +83,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unpack(shared: Path, cache: Path) -> Path:
+def _unpack(shared: Path, cache: Path, names: tuple[str, ...] = BINARIES) -> Path:
     """Unpack shared/kube's xz files into `cache`, once: the lock makes a second process (an
     xdist worker) wait for the first; each binary is written to a temporary name, checked
     against SHA256SUMS and renamed, so a killed unpack never leaves a half binary. A stamp (the
@@ -92,14 +92,14 @@ def _unpack(shared: Path, cache: Path) -> Path:
     expected = {name: digest for digest, name in (line.split() for line in sums.splitlines()
                                                   if line.strip())}
     cache.mkdir(parents=True, exist_ok=True)
-    stamp = cache / ".verified"
+    stamp = cache / (".verified" if names == BINARIES else f".verified-{'-'.join(names)}")
     with (cache / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if stamp.exists() and stamp.read_text() == sums and all(
-                (cache / name).exists() for name in BINARIES):
+                (cache / name).exists() for name in names):
             return cache
         stamp.unlink(missing_ok=True)
-        for name in BINARIES:
+        for name in names:
             target = cache / name
             if target.exists() and _sha256(target) == expected[name]:
                 continue
@@ -133,6 +133,22 @@ def assets() -> Path:
     if shutil.which("xz") is None:
         raise AssetsMissing(f"{shared} needs xz to unpack (apt-get install xz-utils)")
     return _unpack(shared, CACHE)
+
+
+def kubelet_binary() -> Path:
+    """The kubelet for real nodes (tests/kube/node.py): beside the control plane's binaries
+    in DIVINGBELL_KUBE_ASSETS, else unpacked from shared/kube like them."""
+    named = os.environ.get("DIVINGBELL_KUBE_ASSETS")
+    if named:
+        path = Path(named) / "kubelet"
+        if not os.access(path, os.X_OK):
+            raise AssetsMissing(f"DIVINGBELL_KUBE_ASSETS={named} has no executable kubelet "
+                                "(the release's node tarball has it)")
+        return path
+    shared = next((p for p in _shared_candidates() if (p / "kubelet.xz").exists()), None)
+    if shared is None or shutil.which("xz") is None:
+        raise AssetsMissing(f"no kubelet: {HOW_TO_GET}, with kubelet")
+    return _unpack(shared, CACHE, ("kubelet",)) / "kubelet"
 
 
 def free_port() -> int:
@@ -172,6 +188,13 @@ class Ca:
                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
                 .sign(key, hashes.SHA256()))
         return cls(cert, key)
+
+    @classmethod
+    def load(cls, cert: Path) -> Ca:
+        """The CA `write` wrote (its key beside it), to issue more certificates."""
+        key = serialization.load_pem_private_key(cert.with_name("ca.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cls(x509.load_pem_x509_certificate(cert.read_bytes()), key)
 
     def issue(self, directory: Path, name: str, common_name: str, *,
               organizations: tuple[str, ...] = (), server: bool = False) -> tuple[Path, Path]:

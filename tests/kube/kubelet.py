@@ -84,3 +84,19 @@ def pod_token(admin: Rest, namespace: str, service_account: str, pod: dict[str, 
                 "uid": pod["metadata"]["uid"]}}})
     token: str = answer["status"]["token"]
     return token
+
+
+def finish_deletions(admin: Rest, node: str) -> None:
+    """Remove the pods of `node` that are being deleted, as its kubelet does once they
+    stopped."""
+    pods = admin.get("/api/v1/pods", fieldSelector=f"spec.nodeName={node}")["items"]
+    for pod in pods:
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp"):
+            try:
+                admin.request("DELETE",
+                              f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                              {"gracePeriodSeconds": 0})
+            except ApiError as error:
+                if error.code != 404:
+                    raise

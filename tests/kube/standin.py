@@ -65,13 +65,14 @@ def in_netns(name: str, action: Callable[[], T]) -> T:
 
 
 class Forwarder:
-    """127.0.0.1:6443 inside a network namespace, connected to the apiserver outside."""
+    """ADDRESS:6443 (default 127.0.0.1) inside a network namespace, connected to the
+    apiserver outside."""
 
-    def __init__(self, netns: str, target_port: int) -> None:
+    def __init__(self, netns: str, target_port: int, address: str = "127.0.0.1") -> None:
         def listen() -> socket.socket:
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", FORWARDED_PORT))
+            sock.bind((address, FORWARDED_PORT))
             sock.listen(16)
             return sock
 
@@ -123,6 +124,7 @@ def probe(netns: str, port: int, path: str) -> int:
 @dataclass
 class RunningPod:
     uid: str
+    node: str
     process: subprocess.Popen[bytes]
     log: Path
     ready: bool = False
@@ -138,6 +140,13 @@ class StandInKubelet:
     pods: dict[str, RunningPod] = field(default_factory=dict)
     forwarders: list[Forwarder] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
+    # Per node: the directory its pods' hostPath "/" is (default root/nodes/NODE), and a
+    # command the container's process is started through (after entering the node's network
+    # namespace), e.g. `unshare -m` with the mounts a test needs.
+    host_roots: dict[str, Path] = field(default_factory=dict)
+    launchers: dict[str, list[str]] = field(default_factory=dict)
+    # Nodes whose exited containers are not restarted (yet): a node that is "rebooting".
+    down: set[str] = field(default_factory=set)
 
     def start(self) -> None:
         for netns in self.nodes.values():
@@ -178,6 +187,9 @@ class StandInKubelet:
                 self._remove(pod)
             elif meta["uid"] not in self.pods:
                 self.pods[meta["uid"]] = self._run(pod, node)
+            elif self.pods[meta["uid"]].process.poll() is not None and node not in self.down:
+                # restartPolicy Always: the container starts again, in the same pod.
+                self.pods[meta["uid"]] = self._run(pod, node)
             else:
                 self._report(pod, node)
         for uid in [u for u in self.pods if u not in seen]:
@@ -191,14 +203,15 @@ class StandInKubelet:
         for volume in spec["volumes"]:
             if "secret" in volume:
                 mounted = directory / "volumes" / volume["name"]
-                mounted.mkdir(parents=True)
+                mounted.mkdir(parents=True, exist_ok=True)
                 secret = self.admin.get(f"/api/v1/namespaces/{self.namespace}/secrets/"
                                         f"{volume['secret']['secretName']}")
                 for key, value in secret.get("data", {}).items():
                     (mounted / key).write_bytes(base64.b64decode(value))
                 mounts[volume["name"]] = mounted
             elif "hostPath" in volume:
-                mounts[volume["name"]] = self.root / "nodes" / node
+                mounts[volume["name"]] = self.host_roots.get(node,
+                                                             self.root / "nodes" / node)
         # The projected service-account token volume is left out: the token is handed over
         # as a kubeconfig.
         paths = {m["mountPath"]: mounts[m["name"]] for m in container["volumeMounts"]
@@ -213,11 +226,12 @@ class StandInKubelet:
             env[item["name"]] = _field(pod, item["valueFrom"]["fieldRef"]["fieldPath"])
         log = directory / "agent.log"
         process = subprocess.Popen(
-            ["ip", "netns", "exec", self.nodes[node], sys.executable, "-m", "divingbell",
-             *args, "--poll-interval", "0.5", "--label-interval", "0.5"],
-            env=env, stdin=subprocess.DEVNULL, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            ["ip", "netns", "exec", self.nodes[node], *self.launchers.get(node, []),
+             sys.executable, "-m", "divingbell", *args, "--poll-interval", "0.5",
+             "--label-interval", "0.5"],
+            env=env, stdin=subprocess.DEVNULL, stdout=log.open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True)
-        return RunningPod(meta["uid"], process, log)
+        return RunningPod(meta["uid"], node, process, log)
 
     def _report(self, pod: dict[str, Any], node: str) -> None:
         running = self.pods[pod["metadata"]["uid"]]
@@ -243,9 +257,19 @@ class StandInKubelet:
             if error.code not in (404, 409):
                 raise
 
+    def power_off(self, node: str) -> None:
+        """Stop `node`'s containers and keep them stopped until `power_on`."""
+        self.down.add(node)
+        for running in self.pods.values():
+            if running.node == node:
+                _terminate(running.process)
+
+    def power_on(self, node: str) -> None:
+        self.down.discard(node)
+
     def log(self, node: str) -> str:
         return "\n".join(f"--- {uid}\n{running.log.read_text(errors='replace')}"
-                         for uid, running in self.pods.items())
+                         for uid, running in self.pods.items() if running.node == node)
 
 
 def _mapped(arg: str, paths: dict[str, Path]) -> str:

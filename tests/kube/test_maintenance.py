@@ -17,8 +17,7 @@ from divingbell.kube import LightkubeApi
 from divingbell.maintenance import operator
 from divingbell.maintenance.slots import ClaimResult, LeaseSlots
 from tests.kube.agents import Agents
-from tests.kube.controlplane import ApiError
-from tests.kube.kubelet import add_pod, set_ready
+from tests.kube.kubelet import add_pod, finish_deletions, set_ready
 
 pytestmark = pytest.mark.kube
 
@@ -80,26 +79,6 @@ def test_cordon_belongs_to_who_made_it(agents: Agents) -> None:
     assert not agents.admin.get(f"/api/v1/nodes/{agents.node_a}")["spec"].get("unschedulable")
 
 
-class Kubelet:
-    """Removes pods of `node` that are being deleted, as the kubelet does once they stop."""
-
-    def __init__(self, agents: Agents, node: str) -> None:
-        self.agents, self.node = agents, node
-
-    def finish_deletions(self) -> None:
-        pods = self.agents.admin.get("/api/v1/pods",
-                                     fieldSelector=f"spec.nodeName={self.node}")["items"]
-        for pod in pods:
-            meta = pod["metadata"]
-            if meta.get("deletionTimestamp"):
-                try:
-                    self.agents.admin.request(
-                        "DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                        {"gracePeriodSeconds": 0})
-                except ApiError as error:
-                    assert error.code == 404, error
-
-
 def _budget(agents: Agents, name: str, min_available: int, pods: int) -> None:
     agents.admin.post(f"/apis/policy/v1/namespaces/{agents.workloads}/poddisruptionbudgets", {
         "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
@@ -120,12 +99,11 @@ def test_a_drain_waits_for_the_budget_and_its_timeout_names_pod_and_budget(
         set_ready(agents.admin, ns, name)
     _budget(agents, "db", 2, 2)
     api = LightkubeApi(agents.kubeconfig(node))
-    kubelet = Kubelet(agents, node)
     operator.cordon(api, node, "divingbell-agent", "drain test")
     progress: list[str] = []
 
     def wait(seconds: float) -> None:
-        kubelet.finish_deletions()
+        finish_deletions(agents.admin, node)
         time.sleep(seconds)
 
     blocked = operator.drain(api, node, grace_seconds=5, timeout=3, poll=0.5, sleep=wait,
