@@ -172,6 +172,11 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               help="Requests to one BMC at least this far apart.")
 @click.option("--power-timeout", default="2m", show_default=True, metavar="DURATION",
               help="A power change the BMC has not confirmed by then is reported as failed.")
+@click.option("--reboot-rescue-interval", type=click.FloatRange(0, 3600), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="How often to look for maintenance reboots not back within their health "
+                   "timeout; each gets one power cycle through its BMC and is reported "
+                   "(0: never).")
 @bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
@@ -180,7 +185,7 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           max_pending_boots: int, max_unadmitted: int, slot_concurrency: int,
           slot_ttl_max: str,
           secrets_key_file: str | None, power_interval: float, power_timeout: str,
-          **bootstrap_settings: Any) -> None:
+          reboot_rescue_interval: float, **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -228,7 +233,9 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              slot_concurrency=slot_concurrency,
                              slot_ttl_max_seconds=slot_ttl, secrets_key_file=secrets_key_file,
                              power_min_interval_seconds=power_interval,
-                             power_timeout_seconds=power_seconds, **bootstrap_settings)
+                             power_timeout_seconds=power_seconds,
+                             reboot_rescue_interval_seconds=reboot_rescue_interval,
+                             **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
     _check_secrets_key(secrets_key_file, db_url)
     common: dict[str, Any] = {"host": host, "port": port, "log_config": None,

@@ -254,3 +254,21 @@ class BmcRow(Base):
     last_request_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime())
     updated_by: Mapped[str] = mapped_column(String(64))
+
+
+class RebootWatch(Base):
+    """A maintenance reboot the fleet watches (migration 0009): the machine's agent renewed its
+    slot saying it is rebooting (`started_at`; `heard_at` its last such renewal). Not heard
+    from within `health_timeout_seconds` (its served document's
+    `maintenance.reboot.health.timeout`), it gets one BMC power cycle (`rescued_at`, set before
+    anything is sent, so never twice) and is left for an operator (`fleet/rescue.py`). Removed
+    when the agent is back (a renewal not saying rebooting) or releases its slot."""
+
+    __tablename__ = "reboot_watches"
+    machine_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("machines.id", ondelete="CASCADE"), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime())
+    heard_at: Mapped[datetime] = mapped_column(DateTime())
+    health_timeout_seconds: Mapped[float] = mapped_column(Float)
+    rescued_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    outcome: Mapped[str] = mapped_column(Text, default="")

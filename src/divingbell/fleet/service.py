@@ -87,6 +87,12 @@ SLOT = "slot"
 HISTORY_SHOWN = 50
 
 
+def record_event(session: Session, machine: Machine, reason: str) -> None:
+    """Something that happened to a machine without changing its state, in its history."""
+    session.add(StateChange(machine_id=machine.id, from_state=machine.state,
+                            to_state=machine.state, reason=reason, at=utcnow()))
+
+
 def audit(session: Session, actor: str, action: str, subject: str, detail: str = "") -> None:
     session.add(AuditEvent(at=utcnow(), actor=actor[:64], action=action, subject=subject[:255],
                            detail=detail))

@@ -281,6 +281,9 @@ class SlotClaim(Strict):
 class SlotRenew(Strict):
     holder: Annotated[str, Field(min_length=1, max_length=128)]
     ttl_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 600.0
+    rebooting: bool = False
+    """The holder is in a maintenance reboot (not back yet): the service watches it and
+    power-cycles it once through its BMC when it is not heard from within its health timeout."""
 
 
 class SlotRelease(Strict):
