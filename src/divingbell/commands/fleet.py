@@ -435,6 +435,10 @@ def machine_cmd(server: str, token_file: Path | None, ca_file: str | None, machi
         click.echo(f"  nic {interface['name']}: {interface.get('mac') or '-'} {addresses}")
     for disk in data["disks"]:
         click.echo(f"  disk {disk['path']}: {disk['size_bytes']} bytes {disk.get('model') or ''}")
+    if reported := data.get("reported_bmc"):
+        click.echo(f"  bmc:      {reported['address']} (reported by its discovery, "
+                   f"{reported['source']}; powers nothing until: divingbell fleet bmc "
+                   f"{data['id']} ...)")
     click.echo("  history:")
     for change in data["history"][-10:]:
         click.echo(f"    {change['at']}  {change['from'] or '-'} -> {change['to']}: "

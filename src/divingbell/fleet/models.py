@@ -82,6 +82,9 @@ class Machine(Base):
     interfaces: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
     disks: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
     lldp: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
+    reported_bmc: Mapped[dict[str, Any] | None] = mapped_column(nullable=True, deferred=True)
+    """Where the machine's discovery said its BMC is (migration 0009): shown, never trusted to
+    power anything (that is `BmcRow`, set by an admin)."""
     credential_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime())
     discovered_at: Mapped[datetime] = mapped_column(DateTime())
