@@ -4,6 +4,7 @@ fleet service whose power settings suit a test (short intervals and timeouts).""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +34,8 @@ class Emulator:
     port: int
     log: Path
     state_file: Path | None = None
+    qmp: Path | None = None
+    """The QMP socket of the emulator's VM (QemuDriver), to hang it (`stop`) as a test."""
 
     def state(self) -> dict[str, Any]:
         assert self.state_file is not None
@@ -60,8 +63,8 @@ def _htpasswd(path: Path) -> Path:
 
 
 @contextmanager
-def redfish_emulator(tmp_path: Path, name: str, *extra: str,
-                     console: Path | None = None) -> Iterator[Emulator]:
+def redfish_emulator(tmp_path: Path, name: str, *extra: str, console: Path | None = None,
+                     qmp: Path | None = None) -> Iterator[Emulator]:
     """sushy-tools' emulator (tests/power/redfish_bmc.py) as a process on loopback, up (its
     port accepts connections), stopped when done; `extra` are redfish_bmc.py's own options."""
     auth = _htpasswd(tmp_path / f"{name}.htpasswd")
@@ -69,7 +72,7 @@ def redfish_emulator(tmp_path: Path, name: str, *extra: str,
     log = tmp_path / f"{name}.log"
     emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
                                 str(tmp_path / f"{name}-state"), *extra], log),
-                        port, log, console)
+                        port, log, console, qmp)
 
     def up() -> bool:
         try:
@@ -103,14 +106,20 @@ def require_qemu() -> None:
 def redfish_qemu(tmp_path: Path) -> Iterator[Emulator]:
     """The Redfish emulator whose system is a real qemu VM (QemuDriver in redfish_bmc.py),
     without a disk or a service to boot from: iPXE is all it runs."""
+    import tempfile
+
     require_qemu()
     workdir = tmp_path / "vm"
     workdir.mkdir()
-    spec = VmSpec(str(workdir))
-    with redfish_emulator(tmp_path, "redfish-qemu", "--qemu",
-                          str(spec.write(tmp_path / "vm.json")),
-                          console=spec.console()) as emulator:
-        yield emulator
+    sockets = Path(tempfile.mkdtemp(prefix="qmp-"))
+    spec = VmSpec(str(workdir), qmp=str(sockets / "vm.qmp"))
+    try:
+        with redfish_emulator(tmp_path, "redfish-qemu", "--qemu",
+                              str(spec.write(tmp_path / "vm.json")), console=spec.console(),
+                              qmp=sockets / "vm.qmp") as emulator:
+            yield emulator
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 @dataclass

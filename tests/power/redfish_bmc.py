@@ -42,6 +42,9 @@ class VmSpec:
     memory_mb: int = 64
     kvm: bool = False
     firmware: Literal["bios", "uefi"] = "bios"
+    qmp: str | None = None
+    """Its QMP socket (short: a UNIX socket path must be under 108 bytes); default: in a
+    temporary directory of the emulator's."""
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)))
@@ -54,8 +57,6 @@ class VmSpec:
     def console(self) -> Path:
         return Path(self.workdir) / f"{self.name}.console.log"
 
-    def qmp_socket(self, sockets: Path) -> Path:
-        return sockets / f"{self.name[:16]}.qmp"
 
 
 class _OneSecond:
@@ -72,7 +73,7 @@ def qemu_driver(spec: VmSpec) -> Any:
     # QMP sockets in a short directory: a UNIX socket path must be under 108 bytes, and
     # pytest's temporary directories can be longer.
     sockets = Path(tempfile.mkdtemp(prefix="bmc-"))
-    qmp = spec.qmp_socket(sockets)
+    qmp = Path(spec.qmp) if spec.qmp else sockets / "vm.qmp"
 
     class QemuDriver(fakedriver.FakeDriver):  # type: ignore[misc]
         vms: dict[str, VM] = {}  # noqa: RUF012 (one per system)

@@ -177,3 +177,34 @@ def test_the_service_runs_the_rescue_by_itself(tmp_path: Path, redfish: Emulator
         wait_for(lambda: fleet.admin.machine(machine)["state"] == "degraded", timeout=60)
         assert "power-cycled once" in fleet.admin.machine(machine)["history"][-1]["reason"]
         assert [e["action"] for e in audit_of(fleet, machine)].count("power cycle") == 1
+
+
+def test_a_hung_vm_is_power_cycled_once_through_its_bmc_and_runs_again(
+        tmp_path: Path, redfish_qemu: Emulator) -> None:
+    """The BMC's system is a qemu VM (no OS to hang, so the test hangs it: QMP `stop`
+    halts its CPUs, it stays powered, as a host frozen on its way down). Its reboot is overdue:
+    the service's own loop cycles it once (qemu ended, started again, running) and reports."""
+    from tests.boot.qemu import qmp_command
+
+    console, qmp = redfish_qemu.state_file, redfish_qemu.qmp
+    assert console is not None and qmp is not None
+    settings = power_settings(f"sqlite:///{tmp_path / 'store' / 'fleet.db'}",
+                              reboot_rescue_interval_seconds=0.5)
+    with thread_server(settings) as fleet:
+        machine, _, _ = rebooting_machine(fleet, 2.0,
+                                          bmc=f"http://127.0.0.1:{redfish_qemu.port}")
+        wait_for(qmp.exists, timeout=30)
+        qmp_command(qmp, "stop")
+        assert qmp_command(qmp, "query-status")["return"]["status"] == "paused"
+
+        wait_for(lambda: fleet.admin.machine(machine)["state"] == "degraded", timeout=120)
+        assert qmp_command(qmp, "query-status")["return"]["status"] == "running"
+        text = console.read_text(errors="replace")
+        assert text.count("--- power on, boot from") == 2  # the test's, the rescue's
+        reason = fleet.admin.machine(machine)["history"][-1]["reason"]
+        assert "power-cycled once through its BMC: on -> off -> on" in reason
+        cycles = [json.loads(e["detail"]) for e in audit_of(fleet, machine)
+                  if e["action"] == "power cycle"]
+        assert [c["sent"] for c in cycles] == [["off", "on"]]
+        watch = watch_of(fleet, machine)
+        assert watch is not None and watch["rescued"]  # claimed: no later pass acts on it
