@@ -75,7 +75,8 @@ def released(session: Session, holder: str | None) -> None:
 
 def claim_overdue(session: Session, now: datetime) -> list[RebootWatch]:
     """The overdue watches not acted on yet, each claimed (`rescued_at`) by this caller."""
-    candidates = session.scalars(select(RebootWatch).where(RebootWatch.rescued_at.is_(None)))
+    candidates = session.scalars(select(RebootWatch).where(
+        RebootWatch.rescued_at.is_(None))).all()
     claimed = []
     for watch in candidates:
         if now - watch.heard_at < timedelta(seconds=watch.health_timeout_seconds):
