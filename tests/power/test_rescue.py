@@ -208,3 +208,42 @@ def test_a_hung_vm_is_power_cycled_once_through_its_bmc_and_runs_again(
         assert [c["sent"] for c in cycles] == [["off", "on"]]
         watch = watch_of(fleet, machine)
         assert watch is not None and watch["rescued"]  # claimed: no later pass acts on it
+
+
+def test_replicas_racing_on_postgresql_cycle_an_overdue_reboot_once(
+        tmp_path: Path, postgres_url_or_skip: str, redfish: Emulator,
+        http_proxy: HttpFaultProxy) -> None:
+    """Four passes at once, each on its own connection pool (as four replicas): one claims
+    the watch and cycles; the others find it claimed and send nothing."""
+    import threading
+
+    from divingbell.power.secrets import create_key
+
+    key = tmp_path / "secrets.key"
+    create_key(key)
+    settings = power_settings(postgres_url_or_skip, secrets_key_file=str(key),
+                              reboot_rescue_interval_seconds=0)
+    with thread_server(settings) as fleet:
+        machine, _, _ = rebooting_machine(fleet, bmc=http_proxy.url)
+        sent_before = len(system_posts(http_proxy))
+        barrier = threading.Barrier(4)
+        results: list[list[rescue.Rescue]] = []
+
+        def replica() -> None:
+            db = Database(settings.db_url)
+            try:
+                barrier.wait()
+                results.append(rescue.run_once(db, settings, secret_box(fleet),
+                                               utcnow() + timedelta(seconds=OVERDUE)))
+            finally:
+                db.dispose()
+
+        threads = [threading.Thread(target=replica) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert sorted(len(r) for r in results) == [0, 0, 0, 1]
+        assert reset_types(http_proxy)[-2:] == ["ForceOff", "On"]
+        assert len(system_posts(http_proxy)) == sent_before + 2
+        assert [e["action"] for e in audit_of(fleet, machine)].count("reboot-rescue") == 1
