@@ -104,6 +104,21 @@ def _call(request: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         _fail(exc)
 
 
+def power_answer(request: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """The answer of a request that powers a machine (a FleetClient method and its arguments).
+    The service answers 502 `bmc-unconfirmed` when the BMC did not confirm, with the same body
+    as a confirmed answer (what was sent, what was read): that is an answer, returned, not a
+    failure of the command; any other error ends the command (`_fail`)."""
+    try:
+        data: dict[str, Any] = request(*args)
+    except FleetApiError as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        if detail.get("error") != "bmc-unconfirmed":
+            _fail(exc)
+        return detail
+    return data
+
+
 def _parse_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or not host:
@@ -294,7 +309,31 @@ def _check_boot_options(public_url: str | None, boot_profiles: str | None,
 
 # fleet ---------------------------------------------------------------------------------------
 
-@click.group()
+# Subcommands in modules of their own that use this one's helpers: found by name when used,
+# so this module never imports them (imports go one way: tests/test_architecture.py).
+SUBCOMMANDS: dict[str, str] = {
+    "bmc": "divingbell.commands.power:bmc",
+    "power": "divingbell.commands.power:power_cmd",
+    "reprovision": "divingbell.commands.power:reprovision",
+}
+
+
+class _FleetGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *SUBCOMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in SUBCOMMANDS:
+            import importlib
+
+            module, _, attr = SUBCOMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=_FleetGroup)
 def fleet() -> None:
     """Operate the fleet service: its store (migrate, token, backup, export, import) and its
     machines and documents over the API.
@@ -663,8 +702,6 @@ def decommission(server: str, token_file: Path | None, ca_file: str | None,
     click.echo(f"{data['id']}: {data['state']}")
     if not power_off:
         return
-    from divingbell.commands.power import power_answer
-
     client.timeout = 600
     outcome = power_answer(client.call, "POST", f"/v1/machines/{machine_id}/power",
                            {"action": "off"})
@@ -770,13 +807,10 @@ def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,
                       for r in rows]))
 
 
-def _add_groups() -> None:
-    from divingbell.commands.power import bmc, power_cmd, reprovision
+def _add_rollout_group() -> None:
     from divingbell.commands.rollout import rollout
 
     fleet.add_command(rollout)
-    for command in (bmc, power_cmd, reprovision):
-        fleet.add_command(command)
 
 
-_add_groups()
+_add_rollout_group()

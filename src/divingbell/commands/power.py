@@ -4,7 +4,6 @@ fleet service (docs/power.md)."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +14,10 @@ from divingbell.commands.fleet import (
     _call,
     _client,
     _echo_json,
-    _fail,
     _format_option,
+    power_answer,
 )
 from divingbell.fleet.client import FleetApiError
-
-
-def power_answer(request: Callable[..., Any], *args: Any) -> dict[str, Any]:
-    """The answer of a request that powers a machine (a FleetClient method and its arguments).
-    The service answers 502 `bmc-unconfirmed` when the BMC did not confirm, with the same body
-    as a confirmed answer (what was sent, what was read): that is an answer, returned, not a
-    failure of the command; any other error ends the command (`_fail`)."""
-    try:
-        data: dict[str, Any] = request(*args)
-    except FleetApiError as exc:
-        detail = exc.detail if isinstance(exc.detail, dict) else {}
-        if detail.get("error") != "bmc-unconfirmed":
-            _fail(exc)
-        return detail
-    return data
 
 
 @click.command()
