@@ -143,7 +143,9 @@ def test_a_powered_off_vm_is_installed_then_reprovisioned_through_its_bmc(
             assert states[6] == "booting" and states[-3:] == ["installing", "installed", "ready"]
             assert any(row["reason"].startswith("reprovision requested by token:")
                        for row in history)
-            assert [e["action"] for e in audit_of(fleet, machine)][:3] == [
-                "power cycle", "reprovision", "power off"]
+            # Newest first: its enrolment again, the fleet's power-on, the operator's
+            # reprovision, the operator's power off.
+            assert [e["action"] for e in audit_of(fleet, machine)][:4] == [
+                "enrol", "power cycle", "reprovision", "power off"]
             print(f"\nreprovision through a BMC, step times (s since the first power-on, "
                   f"{'KVM' if vm_support.kvm else 'TCG'}): {steps.times}")
