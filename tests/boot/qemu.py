@@ -11,15 +11,17 @@ up. Every VM is killed when its test ends; every wait is bounded.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 QEMU = "qemu-system-x86_64"
 E1000_ROMS = (Path("/usr/lib/ipxe/qemu/efi-e1000.rom"), Path("/usr/share/qemu/efi-e1000.rom"))
@@ -133,11 +135,21 @@ def start_vm(workdir: Path, name: str, *, mac: str, uuid: str, bootfile: str,
              dhcp_hostname: str | None = None, dhcp_domain: str | None = None,
              kvm: bool = False, memory_mb: int = 512,
              firmware: Literal["bios", "uefi"] = "bios",
-             disk_sectors: dict[int, bytes] | None = None) -> VM:
+             disk_sectors: dict[int, bytes] | None = None,
+             boot: Literal["network", "disk"] = "network", qmp: Path | None = None,
+             power_on_again: bool = False) -> VM:
     """Start a VM that network-boots from `bootfile` (an http URL the guest can reach);
     qemu's DHCP hands it `dhcp_hostname` and `dhcp_domain` when given; `disk_sectors` are
-    written to its disk (sector number: bytes) before it starts."""
-    disk = create_disk(workdir / f"{name}.raw", disk_size) if disk_size else None
+    written to its disk (sector number: bytes) before it starts.
+
+    `boot="disk"` boots it from its disk instead; `qmp` is a UNIX socket for qemu's machine
+    protocol (`qmp_command`); `power_on_again` starts the same machine again after its qemu
+    ended (a power off): its disk and UEFI variables kept, its console appended to."""
+    disk_path = workdir / f"{name}.raw"
+    if power_on_again and disk_size and disk_path.exists():
+        disk: Path | None = disk_path
+    else:
+        disk = create_disk(disk_path, disk_size) if disk_size else None
     if disk is not None and disk_sectors:
         with disk.open("r+b") as stream:
             for sector, data in disk_sectors.items():
@@ -147,6 +159,8 @@ def start_vm(workdir: Path, name: str, *, mac: str, uuid: str, bootfile: str,
     uefi = firmware == "uefi"
     # SeaBIOS takes the order from -boot; OVMF from bootindex (network first, then the disk).
     nic_boot, disk_boot = (",bootindex=1", ",bootindex=2") if uefi else ("", "")
+    if boot == "disk":
+        nic_boot, disk_boot = disk_boot, nic_boot
     argv = [
         QEMU, "-name", name, "-m", str(memory_mb), "-nographic",
         "-uuid", uuid,
@@ -161,13 +175,16 @@ def start_vm(workdir: Path, name: str, *, mac: str, uuid: str, bootfile: str,
             raise RuntimeError(missing_uefi_firmware())
         code, variables = found
         own_variables = workdir / f"{name}.vars.fd"
-        shutil.copyfile(variables, own_variables)
+        if not (power_on_again and own_variables.exists()):
+            shutil.copyfile(variables, own_variables)
         argv += ["-machine", "q35",
                  "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                  "-drive", f"if=pflash,format=raw,unit=1,file={own_variables}"]
     else:
-        argv += ["-boot", "n"]
+        argv += ["-boot", "n" if boot == "network" else "c"]
     argv += ["-enable-kvm"] if kvm else ["-accel", "tcg"]
+    if qmp is not None:
+        argv += ["-qmp", f"unix:{qmp},server=on,wait=off"]
     if serial:
         argv += ["-smbios", f"type=1,serial={serial}"]
     if disk is not None and disk_bus == "virtio":
@@ -178,10 +195,52 @@ def start_vm(workdir: Path, name: str, *, mac: str, uuid: str, bootfile: str,
                  "-device", f"ide-hd,drive=disk0{disk_boot}"]
     elif disk is not None:
         argv += ["-drive", f"file={disk},format=raw,if={disk_bus}"]
-    with log.open("wb") as out:
+    with log.open("ab" if power_on_again else "wb") as out:
+        out.write(f"\n--- power on, boot from {boot} ---\n".encode())
+        out.flush()
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT)
     return VM(name, mac, uuid, disk, log, process)
+
+
+def qmp_command(socket_path: Path, command: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Run one QMP command (`system_powerdown`, `quit`, `stop`, `cont`, `query-status`) on a
+    VM started with `qmp=`; its answer. Raises QmpError when qemu refuses it or is gone."""
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.settimeout(timeout)
+        try:
+            connection.connect(str(socket_path))
+        except OSError as exc:
+            raise QmpError(f"qmp {socket_path}: {exc}") from None
+        stream = connection.makefile("rwb")
+
+        def answer() -> dict[str, Any]:
+            while True:  # events (SHUTDOWN, STOP, ...) may come before the answer
+                line = stream.readline()
+                if not line:
+                    raise QmpError(f"qmp {command}: qemu closed the connection")
+                message: dict[str, Any] = json.loads(line)
+                if "return" in message or "error" in message:
+                    return message
+
+        if b"QMP" not in stream.readline():
+            raise QmpError(f"qmp {socket_path}: no greeting")
+        for name in ("qmp_capabilities", command):
+            stream.write(json.dumps({"execute": name}).encode() + b"\n")
+            stream.flush()
+            try:
+                reply = answer()
+            except QmpError:
+                if name == "quit":  # qemu may close before answering: it is gone, as asked
+                    return {"return": {}}
+                raise
+            if "error" in reply:
+                raise QmpError(f"qmp {name}: {reply['error'].get('desc', reply['error'])}")
+        return reply
+
+
+class QmpError(Exception):
+    pass
 
 
 def read_mbr_partitions(disk: Path) -> list[tuple[int, int, int]]:

@@ -71,9 +71,9 @@ def os_image(tmp_path_factory: pytest.TempPathFactory) -> OsImage:
         raise
 
 
-@pytest.fixture
-def os_service(discovery_image: DiscoveryImage, os_image: OsImage,
-               tmp_path: Path) -> Iterator[ThreadServer]:
+def os_service_settings(discovery_image: DiscoveryImage, os_image: OsImage, tmp_path: Path,
+                        **extra: Any) -> FleetSettings:
+    """A service that network-boots the discovery image and installs the OS image."""
     assets = tmp_path / "assets"
     assets.mkdir()
     for name in ("vmlinuz", "initrd.img"):
@@ -81,10 +81,17 @@ def os_service(discovery_image: DiscoveryImage, os_image: OsImage,
     (assets / "os").symlink_to(os_image.directory)
     profiles = tmp_path / "profiles.yaml"
     profiles.write_text(PROFILES)
-    settings = FleetSettings(db_url=f"sqlite:///{tmp_path / 'fleet.db'}", control_plane_size=1,
-                             install_parallel=1, install_ttl_seconds=1800,
-                             assets_dir=str(assets), boot_profiles=str(profiles))
-    with thread_server(settings) as server:
+    values: dict[str, Any] = {
+        "db_url": f"sqlite:///{tmp_path / 'fleet.db'}", "control_plane_size": 1,
+        "install_parallel": 1, "install_ttl_seconds": 1800, "assets_dir": str(assets),
+        "boot_profiles": str(profiles), **extra}
+    return FleetSettings(**values)
+
+
+@pytest.fixture
+def os_service(discovery_image: DiscoveryImage, os_image: OsImage,
+               tmp_path: Path) -> Iterator[ThreadServer]:
+    with thread_server(os_service_settings(discovery_image, os_image, tmp_path)) as server:
         yield server
 
 

@@ -42,6 +42,7 @@ def fill(url: str) -> dict[str, Any]:
         (a, ca), (b, cb), (c, _) = machines.items()
         fleet.admin.set_roles(b, ["worker"])  # audited
         ca.claim_slot(a, "rack1", ttl_seconds=3600)  # live when moved
+        ca.renew_slot("rack1/0", a, 3600, rebooting=True)  # its reboot watched
         cb.install_grant(b)
         fleet.admin.claim_slot(c, "rack2")
         fleet.admin.call("DELETE", "/v1/slots/rack2/0")  # audited

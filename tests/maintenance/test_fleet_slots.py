@@ -86,6 +86,20 @@ def test_racing_machines_exactly_one_wins(fleet: ThreadServer) -> None:
     assert len(results) == 6 and len(winners) == 1
 
 
+def watched(fleet: ThreadServer) -> list[str]:
+    from sqlalchemy import select
+
+    from divingbell.fleet.db import Database
+    from divingbell.fleet.models import RebootWatch
+
+    db = Database(fleet.settings.db_url)
+    try:
+        with db.read() as session:
+            return list(session.scalars(select(RebootWatch.machine_id)))
+    finally:
+        db.dispose()
+
+
 def test_a_fleet_host_without_kubernetes_reboots_through_the_sequence(
         fleet: ThreadServer, tmp_path: Path) -> None:
     from .conftest import Clock
@@ -99,10 +113,15 @@ def test_a_fleet_host_without_kubernetes_reboots_through_the_sequence(
     second.needs_reboot()
     config = conf()
     assert first.step(config).phase == decide.REBOOTING  # no pods to drain without k8s
+    assert watched(fleet) == [a]  # the service was told: it watches the reboot (rescue.py)
     waiting = second.step(config)
     assert waiting.phase == decide.WAITING and f"default/0 by {a}" in waiting.reason
+    clock.advance(1)
+    assert first.step(config).phase == decide.REBOOTING  # same boot: still rebooting
+    assert watched(fleet) == [a]
     first.boot()
     assert first.step(config, converged=False).phase == decide.VERIFYING
+    assert watched(fleet) == []  # back: the first pass of the new boot said so
     assert first.step(config, converged=True).phase == decide.IDLE
     assert second.step(config).phase == decide.WAITING  # asked the service a moment ago
     clock.advance(15)

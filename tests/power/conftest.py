@@ -4,10 +4,12 @@ fleet service whose power settings suit a test (short intervals and timeouts).""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,11 @@ from divingbell.fleet.settings import FleetSettings
 from tests.fleet.conftest import postgres  # noqa: F401  (the session's PostgreSQL, shared)
 from tests.fleet.servers import ThreadServer, free_port, thread_server, wait_for
 from tests.power.faults import HttpFaultProxy, UdpFaultRelay
+from tests.power.redfish_bmc import VmSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "bmcadmin", "S3cret-bmc-pass-7f1e"
 """Distinctive enough to grep every output, log and export for."""
-SYSTEM_UUID = "27946b59-9e44-4fa7-8e91-f3527a1ef094"
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Emulator:
     port: int
     log: Path
     state_file: Path | None = None
+    qmp: Path | None = None
+    """The QMP socket of the emulator's VM (QemuDriver), to hang it (`stop`) as a test."""
 
     def state(self) -> dict[str, Any]:
         assert self.state_file is not None
@@ -53,49 +57,22 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT)
 
 
-@pytest.fixture
-def redfish(tmp_path: Path) -> Iterator[Emulator]:
-    auth = tmp_path / "htpasswd"
-    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
+def _htpasswd(path: Path) -> Path:
+    path.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
+    return path
+
+
+@contextmanager
+def redfish_emulator(tmp_path: Path, name: str, *extra: str, console: Path | None = None,
+                     qmp: Path | None = None) -> Iterator[Emulator]:
+    """sushy-tools' emulator (tests/power/redfish_bmc.py) as a process on loopback, up (its
+    port accepts connections), stopped when done; `extra` are redfish_bmc.py's own options."""
+    auth = _htpasswd(tmp_path / f"{name}.htpasswd")
     port = free_port()
-    log = tmp_path / "redfish.log"
+    log = tmp_path / f"{name}.log"
     emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
-                                str(tmp_path / "redfish-state")], log),
-                        port, log)
-
-    def up() -> bool:
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/redfish/v1/", timeout=1).read()
-        except OSError:
-            assert emulator.process.poll() is None, log.read_text()
-            return False
-        return True
-
-    wait_for(up, timeout=30)
-    try:
-        yield emulator
-    finally:
-        emulator.stop()
-
-
-@pytest.fixture
-def redfish_qemu(tmp_path: Path) -> Iterator[Emulator]:
-    """The Redfish emulator whose system is a real qemu VM (QemuDriver in redfish_bmc.py)."""
-    import shutil
-
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("needs qemu-system-x86_64 (.ci/run installs it)")
-    auth = tmp_path / "htpasswd"
-    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
-    port = free_port()
-    workdir = tmp_path / "vm"
-    workdir.mkdir()
-    log = tmp_path / "redfish-qemu.log"
-    emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
-                                str(tmp_path / "state"), "--qemu", str(workdir)], log),
-                        port, log, workdir / f"{SYSTEM_UUID}.console.log")
+                                str(tmp_path / f"{name}-state"), *extra], log),
+                        port, log, console, qmp)
 
     def up() -> bool:
         try:
@@ -110,6 +87,39 @@ def redfish_qemu(tmp_path: Path) -> Iterator[Emulator]:
         yield emulator
     finally:
         emulator.stop()
+
+
+@pytest.fixture
+def redfish(tmp_path: Path) -> Iterator[Emulator]:
+    with redfish_emulator(tmp_path, "redfish") as emulator:
+        yield emulator
+
+
+def require_qemu() -> None:
+    from tests.boot.qemu import missing_tools
+
+    if reason := missing_tools():
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def redfish_qemu(tmp_path: Path) -> Iterator[Emulator]:
+    """The Redfish emulator whose system is a real qemu VM (QemuDriver in redfish_bmc.py),
+    without a disk or a service to boot from: iPXE is all it runs."""
+    import tempfile
+
+    require_qemu()
+    workdir = tmp_path / "vm"
+    workdir.mkdir()
+    sockets = Path(tempfile.mkdtemp(prefix="qmp-"))
+    spec = VmSpec(str(workdir), qmp=str(sockets / "vm.qmp"))
+    try:
+        with redfish_emulator(tmp_path, "redfish-qemu", "--qemu",
+                              str(spec.write(tmp_path / "vm.json")), console=spec.console(),
+                              qmp=sockets / "vm.qmp") as emulator:
+            yield emulator
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 @dataclass
@@ -126,26 +136,8 @@ def redfish_tls(tmp_path: Path) -> Iterator[TlsRedfish]:
 
     ca = ScratchCa.create("BMC test CA")
     cert, key = ca.server_cert(tmp_path, "bmc")
-    auth = tmp_path / "htpasswd"
-    auth.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()}\n")
-    port = free_port()
-    log = tmp_path / "redfish-tls.log"
-    emulator = Emulator(_start(["tests.power.redfish_bmc", str(port), str(auth),
-                                str(tmp_path / "state"), str(cert), str(key)], log), port, log)
-
-    def up() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            assert emulator.process.poll() is None, log.read_text()
-            return False
-
-    wait_for(up, timeout=30)
-    try:
-        yield TlsRedfish(emulator, f"https://127.0.0.1:{port}", ca.pem.decode())
-    finally:
-        emulator.stop()
+    with redfish_emulator(tmp_path, "redfish-tls", str(cert), str(key)) as emulator:
+        yield TlsRedfish(emulator, f"https://127.0.0.1:{emulator.port}", ca.pem.decode())
 
 
 @pytest.fixture

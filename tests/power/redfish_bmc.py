@@ -2,30 +2,61 @@
 own process on loopback, with HTTP basic authentication.
 
     python -m tests.power.redfish_bmc PORT AUTH_FILE STATE_DIR [CERT KEY]
-    python -m tests.power.redfish_bmc PORT AUTH_FILE STATE_DIR --qemu WORKDIR
+    python -m tests.power.redfish_bmc PORT AUTH_FILE STATE_DIR --qemu VM_JSON
 
 The fake driver applies a power change 1 to 11 s after it is asked (a random delay); here it
 is 1 s, so a test sees the change pending, then done, within a short test.
 
-With `--qemu`, the system is a real qemu VM instead (`QemuDriver`): power on starts the qemu
-process (from the network when the next boot is Pxe, then the disk again), ForceOff kills it,
-GracefulShutdown presses the ACPI power button through qemu's monitor (a VM without an OS
-ignores it, like a hung one), and the power state is whether the process runs.
+With `--qemu`, the system is a real qemu VM instead (`QemuDriver`), started by the boot tests'
+`tests/boot/qemu.py` with the settings in VM_JSON (`VmSpec`): power on starts its qemu (from
+the network when the next boot is Pxe, once, then from its disk again), ForceOff is QMP `quit`,
+GracefulShutdown QMP `system_powerdown` (the ACPI button: a VM without an OS, or a hung one,
+ignores it), a restart is both, and the power state is whether its qemu runs. A paused VM
+(QMP `stop`: the test's hung host) is on, as a hung server is to its BMC.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 QEMU_MAC = "52:54:00:00:00:01"
+SYSTEM_UUID = "27946b59-9e44-4fa7-8e91-f3527a1ef094"
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """The VM behind the emulator's one system (the arguments of tests.boot.qemu.start_vm)."""
+
+    workdir: str
+    bootfile: str = "http://10.0.2.2:9/none.ipxe"
+    name: str = "bmc-vm"
+    disk_size: str | None = None
+    memory_mb: int = 64
+    kvm: bool = False
+    firmware: Literal["bios", "uefi"] = "bios"
+    qmp: str | None = None
+    """Its QMP socket (short: a UNIX socket path must be under 108 bytes); default: in a
+    temporary directory of the emulator's."""
+
+    def write(self, path: Path) -> Path:
+        path.write_text(json.dumps(asdict(self)))
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> VmSpec:
+        return cls(**json.loads(path.read_text()))
+
+    def console(self) -> Path:
+        return Path(self.workdir) / f"{self.name}.console.log"
+
 
 
 class _OneSecond:
@@ -34,19 +65,23 @@ class _OneSecond:
         return 1
 
 
-def qemu_driver(workdir: Path) -> Any:
+def qemu_driver(spec: VmSpec) -> Any:
     from sushy_tools.emulator.resources.systems import fakedriver
 
-    # Monitor sockets in a short directory: a UNIX socket path must be under 108 bytes, and
+    from tests.boot.qemu import VM, QmpError, qmp_command, start_vm
+
+    # QMP sockets in a short directory: a UNIX socket path must be under 108 bytes, and
     # pytest's temporary directories can be longer.
     sockets = Path(tempfile.mkdtemp(prefix="bmc-"))
+    qmp = Path(spec.qmp) if spec.qmp else sockets / "vm.qmp"
 
     class QemuDriver(fakedriver.FakeDriver):  # type: ignore[misc]
-        processes: dict[str, subprocess.Popen[bytes]] = {}  # noqa: RUF012 (one per system)
+        vms: dict[str, VM] = {}  # noqa: RUF012 (one per system)
+        started: set[str] = set()  # noqa: RUF012 (systems powered on once: disk kept)
 
         def _running(self, identity: str) -> bool:
-            process = self.processes.get(self.uuid(identity))
-            return process is not None and process.poll() is None
+            vm = self.vms.get(self.uuid(identity))
+            return vm is not None and vm.process.poll() is None
 
         def get_power_state(self, identity: str) -> str:
             return "On" if self._running(identity) else "Off"
@@ -56,46 +91,44 @@ def qemu_driver(workdir: Path) -> Any:
             if state in ("On", "ForceOn") and not self._running(identity):
                 self._start(uuid)
             elif state == "ForceOff" and self._running(identity):
-                self._kill(uuid)
+                self._quit(uuid)
             elif state == "GracefulShutdown" and self._running(identity):
-                with socket.socket(socket.AF_UNIX) as monitor:
-                    monitor.connect(str(sockets / f"{uuid[:8]}.monitor"))
-                    monitor.sendall(b"system_powerdown\n")
+                qmp_command(qmp, "system_powerdown")
             elif "Restart" in state:
-                self._kill(uuid)
+                if self._running(identity):
+                    self._quit(uuid)
                 self._start(uuid)
 
         def _start(self, uuid: str) -> None:
             network = self.get_boot_device(uuid) == "Pxe"
             if network:  # once: the boot after this one is from the disk again
                 self.set_boot_device(uuid, "Hdd")
-            log = (workdir / f"{uuid}.console.log").open("ab")
-            log.write(f"\n--- power on, boot from {'network' if network else 'disk'} ---\n"
-                      .encode())
-            log.flush()
-            self.processes[uuid] = subprocess.Popen(
-                ["qemu-system-x86_64", "-name", uuid, "-m", "64", "-nographic",
-                 "-uuid", uuid, "-accel", "tcg",
-                 "-netdev", "user,id=n0", "-device", f"e1000,netdev=n0,mac={QEMU_MAC}",
-                 "-boot", "n" if network else "c",
-                 "-monitor", f"unix:{sockets / f'{uuid[:8]}.monitor'},server,nowait"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.vms[uuid] = start_vm(
+                Path(spec.workdir), spec.name, mac=QEMU_MAC, uuid=uuid, bootfile=spec.bootfile,
+                disk_size=spec.disk_size, kvm=spec.kvm, memory_mb=spec.memory_mb,
+                firmware=spec.firmware, boot="network" if network else "disk", qmp=qmp,
+                power_on_again=uuid in self.started)
+            self.started.add(uuid)
 
-        def _kill(self, uuid: str) -> None:
-            process = self.processes.pop(uuid)
-            process.kill()
-            process.wait()
+        def _quit(self, uuid: str) -> None:
+            vm = self.vms.pop(uuid)
+            try:
+                qmp_command(qmp, "quit")
+                vm.process.wait(timeout=10)
+            except (QmpError, OSError, TimeoutError):
+                vm.process.kill()
+            vm.stop()
 
-    def kill_all() -> None:
-        for process in QemuDriver.processes.values():
-            process.kill()
+    def stop_all() -> None:
+        for vm in QemuDriver.vms.values():
+            vm.stop()
         shutil.rmtree(sockets, ignore_errors=True)
 
     def terminated(*_: Any) -> None:
-        kill_all()
+        stop_all()
         sys.exit(0)
 
-    atexit.register(kill_all)
+    atexit.register(stop_all)
     signal.signal(signal.SIGTERM, terminated)
     return QemuDriver
 
@@ -106,13 +139,14 @@ def main() -> None:
 
     fakedriver.random = _OneSecond
     if "--qemu" in sys.argv:
-        fakedriver.FakeDriver = qemu_driver(Path(sys.argv[sys.argv.index("--qemu") + 1]))
+        fakedriver.FakeDriver = qemu_driver(
+            VmSpec.read(Path(sys.argv[sys.argv.index("--qemu") + 1])))
     port, auth_file, state_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     emulator.app.configure(extra_config={
         "SUSHY_EMULATOR_STATE_DIR": state_dir,  # its systems persist there: one per test
         "SUSHY_EMULATOR_FAKE_DRIVER": True, "SUSHY_EMULATOR_AUTH_FILE": auth_file,
         "SUSHY_EMULATOR_FAKE_SYSTEMS": [{
-            "uuid": "27946b59-9e44-4fa7-8e91-f3527a1ef094", "name": "node1",
+            "uuid": SYSTEM_UUID, "name": "node1",
             "power_state": "Off", "external_notifier": False,
             "nics": [{"mac": QEMU_MAC, "ip": "10.0.0.1"}]}]})
     ssl_context = None

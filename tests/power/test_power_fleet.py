@@ -225,8 +225,11 @@ def test_the_machine_page_shows_the_power_state_and_powers_for_admins_only(
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"needs Debian's chromium at {CHROMIUM}")
     sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.fleet.test_api import facts
+
     machine, _ = register(power_fleet, 1)
-    other, _ = register(power_fleet, 2)
+    other = power_fleet.bootstrap.discover(  # its discovery said where its BMC is
+        {**facts(2), "bmc": {"address": "192.0.2.44", "source": "ipmitool"}})["machine_id"]
     set_bmc(power_fleet, machine, "ipmi", f"127.0.0.1:{udp_relay.port}")
     power(power_fleet, machine, "status")
     with sync_api.sync_playwright() as playwright:
@@ -244,6 +247,8 @@ def test_the_machine_page_shows_the_power_state_and_powers_for_admins_only(
             assert ipmi.state()["bootdev"] == "network"
             page.goto(f"{power_fleet.url}/ui/machines/{other}")
             page.wait_for_selector("#machine-facts .card:has-text('no BMC')")
+            assert page.inner_text("#machine-facts .card:has-text('BMC (reported)')") == (
+                "BMC (reported)\n\n192.0.2.44 (ipmitool; not set: divingbell fleet bmc)")
             assert not page.is_visible("#power-actions")
 
             reader = new_page(browser)

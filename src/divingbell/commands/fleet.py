@@ -104,6 +104,21 @@ def _call(request: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         _fail(exc)
 
 
+def power_answer(request: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """The answer of a request that powers a machine (a FleetClient method and its arguments).
+    The service answers 502 `bmc-unconfirmed` when the BMC did not confirm, with the same body
+    as a confirmed answer (what was sent, what was read): that is an answer, returned, not a
+    failure of the command; any other error ends the command (`_fail`)."""
+    try:
+        data: dict[str, Any] = request(*args)
+    except FleetApiError as exc:
+        detail = exc.detail if isinstance(exc.detail, dict) else {}
+        if detail.get("error") != "bmc-unconfirmed":
+            _fail(exc)
+        return detail
+    return data
+
+
 def _parse_listen(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not port.isdigit() or not host:
@@ -172,6 +187,11 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               help="Requests to one BMC at least this far apart.")
 @click.option("--power-timeout", default="2m", show_default=True, metavar="DURATION",
               help="A power change the BMC has not confirmed by then is reported as failed.")
+@click.option("--reboot-rescue-interval", type=click.FloatRange(0, 3600), default=30.0,
+              show_default=True, metavar="SECONDS",
+              help="How often to look for maintenance reboots not back within their health "
+                   "timeout; each gets one power cycle through its BMC and is reported "
+                   "(0: never).")
 @bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
@@ -180,7 +200,7 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           max_pending_boots: int, max_unadmitted: int, slot_concurrency: int,
           slot_ttl_max: str,
           secrets_key_file: str | None, power_interval: float, power_timeout: str,
-          **bootstrap_settings: Any) -> None:
+          reboot_rescue_interval: float, **bootstrap_settings: Any) -> None:
     """Run the fleet service: the HTTP API (/v1/..., /docs, /openapi.json), /healthz,
     /readyz and /metrics.
 
@@ -228,7 +248,9 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                              slot_concurrency=slot_concurrency,
                              slot_ttl_max_seconds=slot_ttl, secrets_key_file=secrets_key_file,
                              power_min_interval_seconds=power_interval,
-                             power_timeout_seconds=power_seconds, **bootstrap_settings)
+                             power_timeout_seconds=power_seconds,
+                             reboot_rescue_interval_seconds=reboot_rescue_interval,
+                             **bootstrap_settings)
     _open_db(db_url, migrate=not no_migrate).dispose()
     _check_secrets_key(secrets_key_file, db_url)
     common: dict[str, Any] = {"host": host, "port": port, "log_config": None,
@@ -287,7 +309,31 @@ def _check_boot_options(public_url: str | None, boot_profiles: str | None,
 
 # fleet ---------------------------------------------------------------------------------------
 
-@click.group()
+# Subcommands in modules of their own that use this one's helpers: found by name when used,
+# so this module never imports them (imports go one way: tests/test_architecture.py).
+SUBCOMMANDS: dict[str, str] = {
+    "bmc": "divingbell.commands.power:bmc",
+    "power": "divingbell.commands.power:power_cmd",
+    "reprovision": "divingbell.commands.power:reprovision",
+}
+
+
+class _FleetGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *SUBCOMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in SUBCOMMANDS:
+            import importlib
+
+            module, _, attr = SUBCOMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attr)
+            assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=_FleetGroup)
 def fleet() -> None:
     """Operate the fleet service: its store (migrate, token, backup, export, import) and its
     machines and documents over the API.
@@ -428,6 +474,10 @@ def machine_cmd(server: str, token_file: Path | None, ca_file: str | None, machi
         click.echo(f"  nic {interface['name']}: {interface.get('mac') or '-'} {addresses}")
     for disk in data["disks"]:
         click.echo(f"  disk {disk['path']}: {disk['size_bytes']} bytes {disk.get('model') or ''}")
+    if reported := data.get("reported_bmc"):
+        click.echo(f"  bmc:      {reported['address']} (reported by its discovery, "
+                   f"{reported['source']}; powers nothing until: divingbell fleet bmc "
+                   f"{data['id']} ...)")
     click.echo("  history:")
     for change in data["history"][-10:]:
         click.echo(f"    {change['at']}  {change['from'] or '-'} -> {change['to']}: "
@@ -653,13 +703,8 @@ def decommission(server: str, token_file: Path | None, ca_file: str | None,
     if not power_off:
         return
     client.timeout = 600
-    try:
-        outcome = client.call("POST", f"/v1/machines/{machine_id}/power", {"action": "off"})
-    except FleetApiError as exc:
-        detail = exc.detail if isinstance(exc.detail, dict) else {}
-        if detail.get("error") != "bmc-unconfirmed":
-            _fail(exc)
-        outcome = detail
+    outcome = power_answer(client.call, "POST", f"/v1/machines/{machine_id}/power",
+                           {"action": "off"})
     click.echo(f"{machine_id}: power {outcome['state']}: {outcome['message']}",
                err=not outcome["ok"])
     sys.exit(0 if outcome["ok"] else 1)
@@ -760,167 +805,6 @@ def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,
     click.echo(table(["AT", "ACTOR", "ACTION", "SUBJECT", "DETAIL"],
                      [[r["at"], r["actor"], r["action"], r["subject"], r["detail"]]
                       for r in rows]))
-
-
-@fleet.command()
-@_api_options
-@click.argument("machine_id")
-@click.option("--redfish", "redfish_url", metavar="URL",
-              help="The BMC's Redfish system URL (https://bmc/redfish/v1/Systems/1), or its "
-              "root when it manages one system.")
-@click.option("--ipmi", "ipmi_address", metavar="HOST[:PORT]",
-              help="The BMC's IPMI 2.0 address (port 623 by default; IPMI has no TLS: keep "
-              "the BMC network private).")
-@click.option("--username", help="The BMC user.")
-@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A file (0600) holding the BMC user's password (first line).")
-@click.option("--bmc-ca-file", "bmc_ca", type=click.Path(exists=True, dir_okay=False,
-                                                     path_type=Path),
-              help="Verify the BMC's certificate against this CA (PEM) instead of the "
-              "system's trust store.")
-@click.option("--insecure", is_flag=True,
-              help="Do not verify the BMC's TLS certificate (recorded in the audit log).")
-@click.option("--remove", is_flag=True, help="Forget the machine's BMC.")
-@_format_option
-def bmc(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
-        redfish_url: str | None, ipmi_address: str | None, username: str | None,
-        password_file: Path | None, bmc_ca: Path | None, insecure: bool, remove: bool,
-        output_format: str) -> None:
-    """Show or set a machine's BMC (admin to set). Its credentials are stored encrypted with
-    the service's secrets key and never shown again.
-
-    \b
-      divingbell fleet bmc m0123 --redfish https://10.0.9.11/redfish/v1/Systems/1 \\
-          --username admin --password-file bmc.pass --bmc-ca-file bmc-ca.pem
-      divingbell fleet bmc m0123 --ipmi 10.0.9.12 --username admin --password-file bmc.pass
-      divingbell fleet bmc m0123          # show it (never the credentials)
-    """
-    from divingbell.fleet.client import read_token as read_first_line
-
-    client = _client(server, token_file, ca_file)
-    path = f"/v1/machines/{machine_id}/bmc"
-    if remove:
-        _call(client.call, "DELETE", path)
-        click.echo(f"{machine_id}: BMC removed")
-        return
-    if redfish_url and ipmi_address:
-        raise click.UsageError("give --redfish or --ipmi, not both")
-    if redfish_url or ipmi_address:
-        if not username or password_file is None:
-            raise click.UsageError("--username and --password-file are needed with "
-                                   "--redfish or --ipmi")
-        try:
-            password = read_first_line(password_file)
-        except FleetApiError as exc:
-            raise click.BadParameter(str(exc).replace("token file", "password file"),
-                                     param_hint="--password-file") from None
-        body: dict[str, Any] = {
-            "protocol": "redfish" if redfish_url else "ipmi",
-            "address": redfish_url or ipmi_address, "username": username,
-            "password": password, "insecure": insecure}
-        if bmc_ca is not None:
-            body["ca_pem"] = bmc_ca.read_text()
-        data = _call(client.call, "PUT", path, body)
-    elif username or password_file or bmc_ca or insecure:
-        raise click.UsageError("--username, --password-file, --bmc-ca-file and --insecure go "
-                               "with --redfish or --ipmi")
-    else:
-        data = _call(client.call, "GET", path)
-    if output_format == "json":
-        _echo_json(data)
-        return
-    trust = "" if data["protocol"] == "ipmi" else (
-        "; TLS NOT verified" if not data["verify_tls"] else
-        "; TLS verified" + (" with its CA" if data["ca"] else ""))
-    click.echo(f"{data['machine_id']}: {data['protocol']} {data['address']}{trust}; "
-               f"credentials {data['credentials']}; power {data['power_state']}"
-               + (f" at {data['power_checked_at']}" if data["power_checked_at"] else ""))
-
-
-@fleet.command("power")
-@_api_options
-@click.argument("machine_id")
-@click.argument("action", type=click.Choice(["status", "on", "off", "soft-off", "cycle"]))
-@click.option("--boot-once", type=click.Choice(["pxe", "disk"]),
-              help="Boot from the network (pxe) or the disk at the next boot only, set before "
-              "the power action.")
-@click.option("--wait", "wait_seconds", type=click.FloatRange(1, 3600), default=600,
-              show_default=True, metavar="SECONDS",
-              help="How long to wait for the service's answer.")
-@_format_option
-def power_cmd(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
-              action: str, boot_once: str | None, wait_seconds: float,
-              output_format: str) -> None:
-    """Power a machine through its BMC, with a confirmed outcome (admin; status: reader).
-
-    Nothing is sent unless the BMC reports the same state twice in a row; `on` is sent only
-    from a confirmed off; `cycle` is off, confirmed, then on, confirmed; each change is read
-    back until the BMC confirms it or the service's --power-timeout passes. Exit 0 when
-    confirmed, 1 when not (the answer says what was sent and what was read).
-
-    \b
-      divingbell fleet power m0123 status
-      divingbell fleet power m0123 cycle --boot-once pxe
-    """
-    client = _client(server, token_file, ca_file)
-    client.timeout = wait_seconds
-    path = f"/v1/machines/{machine_id}/power"
-    try:
-        if action == "status" and boot_once is None:
-            data = client.call("GET", path)
-        else:
-            data = client.call("POST", path, {"action": action, "boot_once": boot_once})
-    except FleetApiError as exc:
-        detail = exc.detail if isinstance(exc.detail, dict) else {}
-        if detail.get("error") != "bmc-unconfirmed":
-            _fail(exc)
-        data = detail
-    if output_format == "json":
-        _echo_json(data)
-    else:
-        sent = ", ".join(data["actions"]) or "nothing"
-        click.echo(f"{machine_id}: {data['state']} (sent: {sent}): {data['message']}",
-                   err=not data["ok"])
-    sys.exit(0 if data["ok"] else 1)
-
-
-@fleet.command()
-@_api_options
-@click.argument("machine_id")
-@click.option("--wait", "wait_seconds", type=click.FloatRange(1, 3600), default=600,
-              show_default=True, metavar="SECONDS",
-              help="How long to wait for the service's answer.")
-@_format_option
-def reprovision(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
-                wait_seconds: float, output_format: str) -> None:
-    """Install MACHINE_ID again, as the same machine (admin; audited).
-
-    Its id, roles, history and reports are kept; its credential is revoked (the OS holding it
-    is about to be replaced) and it is `booting`: its next network boot enrols it again and,
-    having roles, installs (the default hook overwrites its own previous install). With a BMC
-    (`fleet bmc`) no hands are needed: it boots from the network once and is power cycled,
-    off confirmed, then on confirmed; exit 1 when the BMC did not confirm (the machine then
-    reinstalls at its next network boot). Without one, power-cycle it yourself.
-    """
-    client = _client(server, token_file, ca_file)
-    client.timeout = wait_seconds
-    try:
-        data = client.call("POST", f"/v1/machines/{machine_id}/reprovision")
-    except FleetApiError as exc:
-        detail = exc.detail if isinstance(exc.detail, dict) else {}
-        if detail.get("error") != "bmc-unconfirmed":
-            _fail(exc)
-        data = detail
-    if output_format == "json":
-        _echo_json(data)
-    elif "actions" not in data:
-        click.echo(f"{machine_id}: {data['state']}; it installs again at its next network boot "
-                   "(no BMC: power-cycle it to start)")
-    else:
-        sent = ", ".join(data["actions"]) or "nothing"
-        click.echo(f"{machine_id}: reinstall at its next network boot; power {data['state']} "
-                   f"(sent: {sent}): {data['message']}", err=not data["ok"])
-    sys.exit(0 if data.get("ok", True) else 1)
 
 
 def _add_rollout_group() -> None:

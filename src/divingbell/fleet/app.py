@@ -307,9 +307,16 @@ def create_app(settings: FleetSettings) -> FleetApp:
         holder["db"] = db
         app.state.db = db
         log.info("fleet service %s on %s", __version__, redact(settings.db_url))
+        rescue_loop = None
+        if settings.reboot_rescue_interval_seconds > 0:
+            from divingbell.fleet.rescue import RescueLoop
+
+            rescue_loop = RescueLoop(db, settings, app.state.secret_box).start()
         try:
             yield
         finally:
+            if rescue_loop is not None:
+                rescue_loop.stop()
             db.dispose()
 
     app = FleetApp(

@@ -279,10 +279,11 @@ class FleetClient:
             "group": group, "holder": holder, "ttl_seconds": ttl_seconds, **extra})
         return result
 
-    def renew_slot(self, slot: str, holder: str, ttl_seconds: float = 600.0) -> dict[str, Any]:
+    def renew_slot(self, slot: str, holder: str, ttl_seconds: float = 600.0,
+                   rebooting: bool = False) -> dict[str, Any]:
         group, index = _slot(slot)
-        result: dict[str, Any] = self.call("POST", f"/v1/slots/{group}/{index}/renew",
-                                           {"holder": holder, "ttl_seconds": ttl_seconds})
+        result: dict[str, Any] = self.call("POST", f"/v1/slots/{group}/{index}/renew", {
+            "holder": holder, "ttl_seconds": ttl_seconds, "rebooting": rebooting})
         return result
 
     def release_slot(self, slot: str, holder: str) -> dict[str, Any]:

@@ -97,6 +97,9 @@ class Machine(Base):
     interfaces: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
     disks: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
     lldp: Mapped[list[Any]] = mapped_column(default=list, deferred=True)
+    reported_bmc: Mapped[dict[str, Any] | None] = mapped_column(nullable=True, deferred=True)
+    """Where the machine's discovery said its BMC is (migration 0009): shown, never trusted to
+    power anything (that is `BmcRow`, set by an admin)."""
     credential_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime())
     discovered_at: Mapped[datetime] = mapped_column(DateTime())
@@ -276,3 +279,21 @@ class BmcRow(Base):
     last_request_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime())
     updated_by: Mapped[str] = mapped_column(String(64))
+
+
+class RebootWatch(Base):
+    """A maintenance reboot the fleet watches (migration 0009): the machine's agent renewed its
+    slot saying it is rebooting (`started_at`; `heard_at` its last such renewal). Not heard
+    from within `health_timeout_seconds` (its served document's
+    `maintenance.reboot.health.timeout`), it gets one BMC power cycle (`rescued_at`, set before
+    anything is sent, so never twice) and is left for an operator (`fleet/rescue.py`). Removed
+    when the agent is back (a renewal not saying rebooting) or releases its slot."""
+
+    __tablename__ = "reboot_watches"
+    machine_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("machines.id", ondelete="CASCADE"), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime())
+    heard_at: Mapped[datetime] = mapped_column(DateTime())
+    health_timeout_seconds: Mapped[float] = mapped_column(Float)
+    rescued_at: Mapped[datetime | None] = mapped_column(DateTime(), nullable=True)
+    outcome: Mapped[str] = mapped_column(Text, default="")

@@ -93,6 +93,12 @@ SLOT = "slot"
 HISTORY_SHOWN = 50
 
 
+def record_event(session: Session, machine: Machine, reason: str) -> None:
+    """Something that happened to a machine without changing its state, in its history."""
+    session.add(StateChange(machine_id=machine.id, from_state=machine.state,
+                            to_state=machine.state, reason=reason, at=utcnow()))
+
+
 def audit(session: Session, actor: str, action: str, subject: str, detail: str = "") -> None:
     session.add(AuditEvent(at=utcnow(), actor=actor[:64], action=action, subject=subject[:255],
                            detail=detail))
@@ -192,6 +198,7 @@ def discover(session: Session, facts: Discovery, settings: FleetSettings,
     machine.disks = [d.model_dump() for d in facts.disks]
     machine.lldp = [n.model_dump() for n in facts.lldp]
     machine.rack = rack_of(machine.lldp)
+    machine.reported_bmc = facts.bmc.model_dump() if facts.bmc else None
     credential = None
     if principal.kind != "machine":
         secret = new_secret()
@@ -650,7 +657,8 @@ def machine_detail(session: Session, machine: Machine, active: int | None) -> di
         **machine_summary(machine, active),
         "serial": machine.serial, "boot_id": machine.boot_id,
         "labels": labels_of(machine), "interfaces": machine.interfaces, "disks": machine.disks,
-        "lldp": machine.lldp, "created_at": iso(machine.created_at),
+        "lldp": machine.lldp, "reported_bmc": machine.reported_bmc,
+        "created_at": iso(machine.created_at),
         "discovered_at": iso(machine.discovered_at),
         "last_report_state": machine.last_report_state,
         "install_output": machine.install_output,

@@ -61,6 +61,9 @@ class FleetSettings:
     power_confirm_reads: int = 2
     """Identical reads in a row that confirm a power state."""
     bmc_request_timeout_seconds: float = 10.0
+    reboot_rescue_interval_seconds: float = 30.0
+    """How often the service looks for maintenance reboots not back within their health
+    timeout (each gets one BMC power cycle: fleet/rescue.py); 0: never."""
 
     def __post_init__(self) -> None:
         if self.control_plane_size not in (1, 3, 5, 7):
@@ -77,3 +80,5 @@ class FleetSettings:
             raise ValueError("max_unadmitted must be at least 1")
         if self.power_min_interval_seconds < 0 or self.power_timeout_seconds <= 0:
             raise ValueError("power intervals and timeouts must be positive")
+        if self.reboot_rescue_interval_seconds < 0:
+            raise ValueError("reboot_rescue_interval_seconds must be 0 (off) or positive")

@@ -9,31 +9,48 @@ machine). A TTL is capped at `FleetSettings.slot_ttl_max_seconds`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from divingbell.document.api import node_config
+from divingbell.document.schema import Health
 from divingbell.fleet import rollouts, service
 from divingbell.fleet.models import Machine, Revision
 from divingbell.fleet.settings import FleetSettings
 
+DEFAULT_HEALTH_TIMEOUT = Health().timeout
 
-def slot_count(session: Session, holder: str, settings: FleetSettings) -> int:
-    """How many slots each group has, for a claim by `holder`."""
+
+def served_reboot(session: Session, holder: str) -> Any | None:
+    """`maintenance.reboot` of the document the machine `holder` is served (its rollout's
+    revision, its labels and host overrides: what its agent obeys), or None."""
     machine = session.get(Machine, holder)
     if machine is None:
-        return settings.slot_concurrency
+        return None
     revision = rollouts.served_revision(session, machine.id, service.active_revision(session))
     if revision is None:
-        return settings.slot_concurrency
+        return None
     row = session.execute(select(Revision.number, Revision.digest, Revision.text,
                                  Revision.source_name).where(Revision.number == revision)).one()
     config = node_config(service.revision_document(row), service.served_name(machine),
                          service.labels_of(machine))
-    maintenance = config.modules.get("maintenance")
-    reboot = getattr(maintenance, "reboot", None)
-    concurrency = getattr(reboot, "concurrency", None)
+    return getattr(config.modules.get("maintenance"), "reboot", None)
+
+
+def slot_count(session: Session, holder: str, settings: FleetSettings) -> int:
+    """How many slots each group has, for a claim by `holder`."""
+    concurrency = getattr(served_reboot(session, holder), "concurrency", None)
     return int(concurrency) if concurrency is not None else settings.slot_concurrency
+
+
+def health_timeout(session: Session, holder: str) -> float:
+    """How long the machine's maintenance reboot may take until it is healthy: its served
+    document's `maintenance.reboot.health.timeout` (the schema's default without one)."""
+    health = getattr(served_reboot(session, holder), "health", None)
+    timeout = getattr(health, "timeout", None)
+    return float(timeout) if timeout is not None else DEFAULT_HEALTH_TIMEOUT
 
 
 def capped_ttl(asked: float, settings: FleetSettings) -> float:

@@ -336,6 +336,8 @@ class Sequence:
         self._move(record, REBOOTING, f"rebooting ({reboot.strategy}) from boot "
                    f"{record.boot_id[:8] or '?'}")
         self._publish(record)  # the annotations say `rebooting` before the host goes down
+        # The fleet service watches a reboot it is told of: renewed now, whatever the pace.
+        self._renew(record, reboot, self.clock(), rebooting=True, force=True)
         self._event("Rebooting", f"rebooting by {reboot.strategy}")
         try:
             self._reboot(reboot.strategy)
@@ -360,8 +362,10 @@ class Sequence:
 
     def _rebooting(self, record: Record, reboot: Reboot) -> None:
         now = self.clock()
-        self._renew(record, reboot, now)
         current = self.boot_id()
+        back = bool(current) and current != record.boot_id
+        # The first pass after the boot renews at once: the fleet stops watching the reboot.
+        self._renew(record, reboot, now, rebooting=not back, force=back)
         if current and current != record.boot_id:
             record.booted_at = now
             self._move(record, VERIFYING, f"booted ({current[:8]}); waiting until Ready and "
@@ -457,13 +461,15 @@ class Sequence:
             self._event("SlotReleased", f"maintenance slot {record.slot} released")
         return released
 
-    def _renew(self, record: Record, reboot: Reboot, now: float) -> None:
+    def _renew(self, record: Record, reboot: Reboot, now: float, *, rebooting: bool = False,
+               force: bool = False) -> None:
         if record.slot is None or self.slots is None:
             return
-        if now - self._last_renew < reboot.slot_ttl / 4:
+        if now - self._last_renew < reboot.slot_ttl / 4 and not force:
             return
         try:
-            held = self.slots.renew(record.slot, self.holder, reboot.slot_ttl)
+            held = self.slots.renew(record.slot, self.holder, reboot.slot_ttl,
+                                    rebooting=rebooting)
         except (SlotError, KubeError) as exc:
             log.warning("cannot renew slot %s: %s", record.slot, exc)
             return

@@ -55,8 +55,10 @@ class SlotError(Exception):
 class SlotBackend(Protocol):
     def claim(self, group: str, holder: str, slots: int, ttl: float) -> ClaimResult: ...
 
-    def renew(self, slot: str, holder: str, ttl: float) -> bool:
-        """False: the slot is no longer ours (expired and taken over, or force-released)."""
+    def renew(self, slot: str, holder: str, ttl: float, rebooting: bool = False) -> bool:
+        """False: the slot is no longer ours (expired and taken over, or force-released).
+        `rebooting`: the holder is in its maintenance reboot, not back yet (the fleet service
+        watches such a holder and power-cycles it once if it does not come back)."""
 
     def release(self, slot: str, holder: str) -> bool:
         """False: it was not ours to release (already free or someone else's)."""
@@ -105,7 +107,7 @@ class LeaseSlots:
                                plan.previous if plan.kind == "takeover" else None)
         return ClaimResult(None, [])
 
-    def renew(self, slot: str, holder: str, ttl: float) -> bool:
+    def renew(self, slot: str, holder: str, ttl: float, rebooting: bool = False) -> bool:
         group, index = _split(slot)
         for _ in range(3):
             lease = self.kube.get_lease(self.namespace, lease_name(group, index))
@@ -202,9 +204,10 @@ class FleetSlots:
             return ClaimResult(None, [_fleet_slot(h) for h in holders])
         return ClaimResult(_fleet_slot(body), [], body.get("taken_over_from"))
 
-    def renew(self, slot: str, holder: str, ttl: float) -> bool:
+    def renew(self, slot: str, holder: str, ttl: float, rebooting: bool = False) -> bool:
         status, _ = self._ask("POST", f"/v1/slots/{_path(slot)}/renew",
-                              {"holder": holder, "ttl_seconds": round(ttl, 3)}, ok=(404, 409))
+                              {"holder": holder, "ttl_seconds": round(ttl, 3),
+                               "rebooting": rebooting}, ok=(404, 409))
         return status == 200
 
     def release(self, slot: str, holder: str) -> bool:

@@ -121,6 +121,26 @@ class Neighbour(Strict):
     port_description: Text | None = None
 
 
+class ReportedBmc(Strict):
+    """Where the machine says its BMC is (the discovery image's `ipmitool lan print`, or a file
+    an image of one's own fills). Kept as reported: never credentials, never used to power
+    anything until an admin sets the BMC (`fleet bmc`)."""
+
+    address: Annotated[str, Field(min_length=2, max_length=45)]
+    source: Literal["ipmitool", "image"] = "image"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+        if address.is_unspecified or address.is_multicast:
+            raise ValueError(f"{value} cannot be a BMC's address")
+        return str(address)
+
+
 class Discovery(Strict):
     """What a machine says it is. Enjoliver's payload is accepted too and translated."""
 
@@ -131,6 +151,7 @@ class Discovery(Strict):
     interfaces: Annotated[list[Interface], Field(max_length=256)] = []
     disks: Annotated[list[Disk], Field(max_length=256)] = []
     lldp: Annotated[list[Neighbour], Field(max_length=256)] = []
+    bmc: ReportedBmc | None = None
 
     @field_validator("uuid")
     @classmethod
@@ -281,6 +302,9 @@ class SlotClaim(Strict):
 class SlotRenew(Strict):
     holder: Annotated[str, Field(min_length=1, max_length=128)]
     ttl_seconds: Annotated[float, Field(gt=0, le=7 * 86400)] = 600.0
+    rebooting: bool = False
+    """The holder is in a maintenance reboot (not back yet): the service watches it and
+    power-cycles it once through its BMC when it is not heard from within its health timeout."""
 
 
 class SlotRelease(Strict):

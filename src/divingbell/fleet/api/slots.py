@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 
-from divingbell.fleet import leases, service
+from divingbell.fleet import leases, rescue, service
 from divingbell.fleet import slots as fleet_slots
 from divingbell.fleet.api.schemas import SlotClaim, SlotRelease, SlotRenew
 from divingbell.fleet.auth import Admin, CurrentPrincipal, Principal, Reader
@@ -72,6 +72,7 @@ def renew(group: Group, index: Index, body: SlotRenew, request: Request,
         if held is None:
             raise ApiError(409, {"error": "not-holder", "field": "holder",
                                  "message": f"{body.holder} does not hold slot {group}/{index}"})
+        rescue.heard(session, body.holder, body.rebooting, utcnow())
         return service.lease_dict(held)
 
 
@@ -83,6 +84,7 @@ def release(group: Group, index: Index, body: SlotRelease, request: Request,
         if not leases.release(session, service.SLOT, group, index, body.holder):
             raise ApiError(409, {"error": "not-holder", "field": "holder",
                                  "message": f"{body.holder} does not hold slot {group}/{index}"})
+        rescue.released(session, body.holder)
         return {"slot": f"{group}/{index}", "released": True}
 
 
@@ -99,8 +101,11 @@ def list_slots(request: Request, _: Reader) -> list[dict[str, Any]]:
 def force_release(group: Group, index: Index, request: Request, principal: Admin
                   ) -> dict[str, Any]:
     with request.app.state.db.write() as session:
+        holder = next((lease.holder for lease in leases.holders(session, service.SLOT, group)
+                       if lease.index == index), None)
         released = leases.release(session, service.SLOT, group, index, None)
         if released:
+            rescue.released(session, holder)
             service.audit(session, principal.label, "force-release", f"slot {group}/{index}")
     if not released:
         raise ApiError(404, {"error": "not-held", "message": f"slot {group}/{index} is free"})

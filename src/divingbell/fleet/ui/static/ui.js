@@ -157,6 +157,10 @@ async function renderMachine() {
   } else {
     facts.push(["Power", "no BMC"]);
   }
+  // What the machine's discovery said: shown, never used until an admin sets the BMC.
+  if (m.reported_bmc) {
+    facts.push(["BMC (reported)", `${m.reported_bmc.address} (${m.reported_bmc.source}; ${bmc ? "set: " + bmc.address : "not set: divingbell fleet bmc"})`]);
+  }
   replaceRows(document.getElementById("machine-facts"), facts.map(([k, v]) => el("div", { class: "card" }, el("h2", {}, k), el("p", {}, v))));
   replaceRows(document.getElementById("interfaces"), (m.interfaces || []).map((i) => el("tr", {},
     el("td", {}, i.name), el("td", {}, i.mac), el("td", {}, (i.addresses || []).map((a) => `${a.address}/${a.prefix}`).join(" ")), el("td", {}, i.gateway || "–"))));
