@@ -96,14 +96,23 @@ class FleetAgent(Agent):
         self._last_report: dict[str, Any] | None = None
         self._apply_report: ApplyReport | None = None
         self._drift = False
+        self._fleet_error: str | None = "not reached yet"
+
+    def unhealthy(self) -> str | None:
+        problem = super().unhealthy()
+        if problem is None and self._fleet_error is not None:
+            problem = f"the fleet service cannot be reached ({self._fleet_error})"
+        return problem
 
     def _tick(self, now: float) -> None:
         if now - self._last_fetch >= self.fleet.fetch_interval:
             self._last_fetch = now
             try:
                 self.source.refresh()
+                self._fleet_error = None
             except FleetApiError as exc:
                 log.warning("cannot fetch the configuration: %s", exc)
+                self._fleet_error = str(exc)
                 if exc.status == 401:
                     self._reload_credential()
                 if not self.source.document.exists():
@@ -176,6 +185,10 @@ class FleetAgent(Agent):
                     entry["failures"].append(result.error[:4000])
         elif not self.ready:
             modules["engine"] = {"changes": 0, "failures": [self.reason[:4000]]}
+        why = reverted_because(report) if report is not None else None
+        if why is not None:
+            modules.setdefault("kernel", {"changes": 0, "failures": []})["failures"].append(
+                f"reverted: {why}"[:4000])
         self._last_report = {
             "revision": self.source.revision, "etag": self.source.etag,
             "state": self._state(report), "modules": modules,
@@ -184,12 +197,16 @@ class FleetAgent(Agent):
         self._send(self._last_report, now)
 
     def _state(self, report: ApplyReport | None) -> str:
-        """converged, failed, or rebooting: applied, but a reboot is still pending (the plan's
-        disruption is `reboot`: a new kernel command line the running kernel lacks, or a
-        package upgrade that left /run/reboot-required). Maintenance reboots the node; the
-        first pass after it reports converged."""
+        """converged, failed, reverted, or rebooting: applied, but a reboot is still pending
+        (the plan's disruption is `reboot`: a new kernel command line the running kernel
+        lacks, or a package upgrade that left /run/reboot-required). Maintenance reboots the
+        node; the first pass after it reports converged. reverted: the document's kernel
+        command line was tried once and did not come back healthy; the node holds its
+        last-known-good line (a failure for the rollout)."""
         if not self.ready:
             return "failed"
+        if report is not None and reverted_because(report) is not None:
+            return "reverted"
         if report is not None and report.plan.disruption == REBOOT:
             return "rebooting"
         return "converged"
@@ -203,6 +220,17 @@ class FleetAgent(Agent):
                      "up to date" if answer.get("up_to_date") else "outdated")
         except FleetApiError as exc:
             log.warning("cannot report to the fleet service: %s", exc)
+
+
+def reverted_because(report: ApplyReport) -> str | None:
+    """Why the node holds its last-known-good kernel command line instead of the document's
+    (the kernel module's plan says so), or None."""
+    from divingbell.modules.kernel import Held
+
+    for change in report.plan.changes:
+        if isinstance(change.payload, Held):
+            return change.payload.reason
+    return None
 
 
 def _boot_id() -> str | None:
