@@ -103,7 +103,6 @@ def test_a_fleet_agent_reports_rebooting_until_the_kernel_has_its_command_line(
         fleet: ThreadServer, grub_host: Host) -> None:
     from divingbell.fleet.agent_source import build
     from tests.fleet.test_api import facts
-    from tests.grubroot import KERNEL
 
     answer = fleet.bootstrap.discover(facts(1))
     machine = answer["machine_id"]
@@ -116,17 +115,75 @@ def test_a_fleet_agent_reports_rebooting_until_the_kernel_has_its_command_line(
     (last, *_) = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
     assert last["state"] == "rebooting"
     assert fleet.admin.machine(machine)["state"] != "ready"
-    # The node reboots into what GRUB boots next.
-    from divingbell.modules.kernel import GRUB_CFG, default_entry
+    # The node reboots into what GRUB boots next: the line on trial.
+    from tests.grubroot import boot
 
-    entry = default_entry(grub_host.read_text(GRUB_CFG) or "")
-    assert entry is not None and "hugepages=16" in entry.params
-    (grub_host.proc_sys.parent / "cmdline").write_text(
-        f"BOOT_IMAGE={KERNEL} {' '.join(entry.params)}\n")
-    (grub_host.path("/run/reboot-required")).unlink()  # /run is empty after a boot
+    assert "hugepages=16" in boot(grub_host)
     agent = build(fleet.url, answer["credential"], grub_host, poll_interval=1,
                   fetch_interval=0, report_interval=0, drift_interval=3600, backoff_max=60)
     agent.tick()
     (last, *_) = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
     assert last["state"] == "converged"
     assert fleet.admin.machine(machine)["state"] == "ready"
+
+
+BAD_KERNEL_DOC = """\
+conf:
+  kernel:
+    cmdline: {hugepages: 16, init: /bin/false}
+    allow_unsafe: [init]
+"""
+
+
+def test_a_kernel_line_that_does_not_boot_is_reverted_and_halts_the_rollout(
+        fleet: ThreadServer, grub_host: Host) -> None:
+    from divingbell.fleet.agent_source import FleetAgent, build
+    from divingbell.modules.kernel import GRUBENV, parse_grubenv
+    from tests.fleet.test_api import register
+    from tests.grubroot import boot
+
+    machines = dict(register(fleet, n) for n in (1, 2))
+    fleet.admin.push_document(KERNEL_DOC.encode())
+    control = next(m for m in machines if "control-plane" in fleet.admin.machine(m)["roles"])
+    (worker,) = set(machines) - {control}
+
+    def agent_started() -> FleetAgent:
+        return build(fleet.url, machines[control].token, grub_host, poll_interval=1,
+                     fetch_interval=0, report_interval=0, drift_interval=3600,
+                     backoff_max=60)
+
+    agent = agent_started()
+    agent.tick()
+    boot(grub_host)  # the maintenance reboot: hugepages=16 on trial
+    agent = agent_started()
+    agent.tick()  # converged on the tried line
+    agent.tick()  # healthy: committed
+    good = parse_grubenv(grub_host.read_text(GRUBENV))["divingbell_good"]
+    assert good == "hugepages=16"
+    report(machines[worker], worker, "converged")
+    assert {m["state"] for m in fleet.admin.machines()} == {"ready"}
+
+    second = fleet.admin.push_document(BAD_KERNEL_DOC.encode())["revision"]
+    assert current(fleet)["waves"][0][0]["id"] == control
+    agent.tick()
+    (last, *_) = fleet.admin.call("GET", f"/v1/machines/{control}/reports")
+    assert (last["revision"], last["state"]) == (second, "rebooting")
+    # The tried line panics (init exits; panic=30 reboots) and GRUB boots the default.
+    assert "init=/bin/false" not in boot(grub_host, the_try_fails=True)
+    rebooted: list[str] = []
+    agent = agent_started()
+    agent.reboot = lambda: rebooted.append("reboot")
+    agent.tick()
+    assert not rebooted, "already back on the last-known-good line"
+    (last, *_) = fleet.admin.call("GET", f"/v1/machines/{control}/reports")
+    assert (last["revision"], last["state"]) == (second, "reverted")
+    assert "came back on the last-known-good command line" in \
+        last["modules"]["kernel"]["failures"][0]
+    rollout = current(fleet)
+    assert rollout["status"] == "halted"
+    assert rollout["waves"][0][0]["progress"] == "failed"
+    assert fleet.admin.machine(control)["state"] == "degraded"
+    assert served(machines[worker], worker) == second - 1, "the rollout stops at it"
+    # The node keeps the good line, and does not try the same line again.
+    agent.tick()
+    assert parse_grubenv(grub_host.read_text(GRUBENV)).get("divingbell_try") is None
