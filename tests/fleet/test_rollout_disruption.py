@@ -147,8 +147,11 @@ def test_a_kernel_line_that_does_not_boot_is_reverted_and_halts_the_rollout(
     control = next(m for m in machines if "control-plane" in fleet.admin.machine(m)["roles"])
     (worker,) = set(machines) - {control}
 
+    credential = machines[control].token
+    assert credential is not None
+
     def agent_started() -> FleetAgent:
-        return build(fleet.url, machines[control].token, grub_host, poll_interval=1,
+        return build(fleet.url, credential, grub_host, poll_interval=1,
                      fetch_interval=0, report_interval=0, drift_interval=3600,
                      backoff_max=60)
 
