@@ -190,3 +190,49 @@ def test_a_kernel_line_that_does_not_boot_is_reverted_and_halts_the_rollout(
     # The node keeps the good line, and does not try the same line again.
     agent.tick()
     assert parse_grubenv(grub_host.read_text(GRUBENV)).get("divingbell_try") is None
+
+
+def test_a_tried_line_that_leaves_the_fleet_unreachable_is_reverted_and_reported_later(
+        fleet: ThreadServer, grub_host: Host) -> None:
+    from divingbell.fleet.agent_source import FleetAgent, build
+    from divingbell.modules.kernel import GRUBENV, parse_grubenv
+    from tests.fleet.test_api import register
+    from tests.grubroot import boot
+
+    machine, client = register(fleet, 1)
+    assert client.token is not None
+    credential = client.token
+    revision = fleet.admin.push_document(
+        b"conf:\n  kernel:\n    cmdline: {hugepages: 16}\n    trial_timeout: 60\n")["revision"]
+
+    def agent_started(url: str, now: float) -> FleetAgent:
+        agent = build(url, credential, grub_host, poll_interval=1, fetch_interval=0,
+                      report_interval=0, drift_interval=3600, backoff_max=60)
+        agent.clock = lambda: now
+        return agent
+
+    agent_started(fleet.url, 0.0).tick()
+    boot(grub_host)
+    # The tried line boots, but the machine cannot reach its fleet (a bad ip=, a NIC driver
+    # option): the agent converges from its cached configuration, and does not commit.
+    rebooted: list[float] = []
+    clock = [1000.0]
+    agent = agent_started("http://127.0.0.1:9", 0.0)
+    agent.clock = lambda: clock[-1]
+    agent.reboot = lambda: rebooted.append(clock[-1])
+    for now in (1000.0, 1030.0, 1059.0):
+        clock.append(now)
+        agent.tick()
+        assert agent.ready, agent.reason
+    assert not rebooted
+    assert "divingbell_good" not in parse_grubenv(grub_host.read_text(GRUBENV))
+    clock.append(1060.0)
+    agent.tick()
+    assert rebooted == [1060.0], "reboots onto the last-known-good line"
+    assert "hugepages=16" not in boot(grub_host)
+    # Back on the good line and in reach: it says what happened.
+    agent_started(fleet.url, 2000.0).tick()
+    (last, *_) = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
+    assert (last["revision"], last["state"]) == (revision, "reverted")
+    assert ("not healthy 60s after booting the tried line: the fleet service cannot be "
+            "reached") in last["modules"]["kernel"]["failures"][0]
