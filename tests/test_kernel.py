@@ -431,3 +431,29 @@ def test_status_says_a_reboot_is_pending(grub_host: Host, cli: Cli, tmp_path: Pa
     plan = cli("plan", *args, document)
     assert ("  = pending reboot: the running kernel booted without hugepages=16 isolcpus=2-7 "
             "nosmt  [reboot]") in plan.stdout
+
+
+def test_an_operators_apply_commits_or_reverts_the_trial(grub_host: Host, cli: Cli,
+                                                         tmp_path: Path) -> None:
+    document = tmp_path / "doc.yaml"
+    document.write_text(ONE)
+    args = ("--root", grub_host.root, "--proc-sys", grub_host.proc_sys, "--node", "n1")
+    assert cli("apply", *args, document).returncode == 0
+    boot(grub_host)
+    applied = cli("apply", *args, document)
+    assert applied.returncode == 0, applied.stderr
+    assert "kernel command line hugepages=16 committed: healthy on the tried line" \
+        in applied.stderr
+    assert grubenv(grub_host) == {"divingbell_good": "hugepages=16"}
+    document.write_text("conf:\n  kernel:\n    cmdline: {hugepages: 16, init: /bin/false}\n"
+                        "    allow_unsafe: [init]\n")
+    assert cli("apply", *args, document).returncode == 0
+    boot(grub_host, the_try_fails=True)
+    applied = cli("apply", *args, document)
+    assert applied.returncode == 0, applied.stderr
+    assert "kernel command line hugepages=16 init=/bin/false reverted: the machine came back " \
+        "on the last-known-good command line" in applied.stderr
+    assert "No changes" in applied.stdout, "the same line is not tried again"
+    assert "reverted to the last-known-good line hugepages=16" in cli("plan", *args,
+                                                                      document).stdout
+    assert grubenv(grub_host) == {"divingbell_good": "hugepages=16"}

@@ -439,7 +439,8 @@ class Kernel(HostModule["KernelConf", KernelObserved]):
             if held is not None:
                 changes.append(Change(self.name, RUNNING, Action.NOOP, _line(running),
                                       _line(wanted), f"reverted to the last-known-good line "
-                                      f"{_line(good)}: {held.reason}", payload=Held(held.reason)))
+                                      f"{_line(good)}: {held.reason}", payload=Held(held.reason),
+                                      notice=True))
             elif running == after and desired is None and not changes:
                 # Gone from the document, the boot line and the running kernel: nothing left
                 # to watch, and the module leaves the journal.
