@@ -136,7 +136,7 @@ conf:
 
 
 def test_a_kernel_line_that_does_not_boot_is_reverted_and_halts_the_rollout(
-        fleet: ThreadServer, grub_host: Host) -> None:
+        fleet: ThreadServer, grub_host: Host, cli: Cli) -> None:
     from divingbell.fleet.agent_source import FleetAgent, build
     from divingbell.modules.kernel import GRUBENV, parse_grubenv
     from tests.fleet.test_api import register
@@ -187,6 +187,16 @@ def test_a_kernel_line_that_does_not_boot_is_reverted_and_halts_the_rollout(
     assert rollout["waves"][0][0]["progress"] == "failed"
     assert fleet.admin.machine(control)["state"] == "degraded"
     assert served(machines[worker], worker) == second - 1, "the rollout stops at it"
+    shown = cli("fleet", "machine", control, "--server", fleet.url,
+                env={"DIVINGBELL_TOKEN": fleet.admin_token})
+    assert shown.returncode == 0, shown.stderr
+    assert f"  revision: {second} (outdated), last report " in shown.stdout
+    assert "(reverted)\n  kernel: reverted: the machine came back on the last-known-good " \
+        "command line" in shown.stdout
+    status = cli("fleet", "rollout", "status", "--server", fleet.url,
+                 env={"DIVINGBELL_TOKEN": fleet.admin_token})
+    assert "HALTED" in status.stdout
+    assert "kernel: reverted: the machine came back on the last-known-good" in status.stdout
     # The node keeps the good line, and does not try the same line again.
     agent.tick()
     assert parse_grubenv(grub_host.read_text(GRUBENV)).get("divingbell_try") is None
