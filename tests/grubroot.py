@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -184,9 +185,10 @@ def boot(host: Host, *, the_try_fails: bool = False) -> list[str]:
     from divingbell.modules.kernel import GRUBENV
 
     line = next_boot_line(host)
-    if "divingbell_try=" in (host.read_text(GRUBENV) or ""):
-        subprocess.run(["chroot", host.root, "grub-editenv", GRUBENV, "unset",
-                        "divingbell_try"], check=True)
+    if re.search(r"^divingbell_try=.", host.read_text(GRUBENV) or "", re.MULTILINE):
+        # GRUB's `set divingbell_try=` and `save_env divingbell_try`: kept, empty.
+        subprocess.run(["chroot", host.root, "grub-editenv", GRUBENV, "set",
+                        "divingbell_try="], check=True)
         if the_try_fails:
             line = next_boot_line(host)
     (host.proc_sys.parent / "cmdline").write_text(

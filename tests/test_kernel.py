@@ -272,8 +272,9 @@ def shown(plan: Plan) -> dict[str, tuple[Action, str]]:
 
 
 def grubenv(host: Host) -> dict[str, str]:
+    """divingbell's variables that hold a line (GRUB leaves a used try set to nothing)."""
     return {k: v for k, v in parse_grubenv(host.read_text(GRUBENV)).items()
-            if k.startswith("divingbell_")}
+            if k.startswith("divingbell_") and v}
 
 
 def test_grub_cfg_reads_the_line_from_the_environment_block(grub_host: Host) -> None:

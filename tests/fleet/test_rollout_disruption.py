@@ -199,7 +199,7 @@ def test_a_kernel_line_that_does_not_boot_is_reverted_and_halts_the_rollout(
     assert "kernel: reverted: the machine came back on the last-known-good" in status.stdout
     # The node keeps the good line, and does not try the same line again.
     agent.tick()
-    assert parse_grubenv(grub_host.read_text(GRUBENV)).get("divingbell_try") is None
+    assert not parse_grubenv(grub_host.read_text(GRUBENV)).get("divingbell_try")
 
 
 def test_a_tried_line_that_leaves_the_fleet_unreachable_is_reverted_and_reported_later(
