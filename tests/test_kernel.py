@@ -312,9 +312,9 @@ def test_try_once_then_commit(grub_host: Host) -> None:
     # Booted on trial: nothing to change, nothing to try again, not committed yet.
     plan = plan_node(grub_host, config(DOC))
     assert shown(plan) == {RUNNING: (Action.NOOP, NONE)}
-    assert settle_trial(grub_host, "not converged (starting)", 100.0) is None
+    assert settle_trial(grub_host, lambda: "not converged (starting)", 100.0) is None
     assert "divingbell_good" not in grubenv(grub_host)
-    settled = settle_trial(grub_host, None, 110.0)
+    settled = settle_trial(grub_host, lambda: None, 110.0)
     assert settled is not None and settled.outcome == "committed"
     assert grubenv(grub_host) == {"divingbell_good": "hugepages=16 isolcpus=2-7 nosmt"}
     assert load_trial(grub_host).trying is None
@@ -327,13 +327,13 @@ def test_a_try_that_does_not_boot_is_reverted_and_held(grub_host: Host) -> None:
     base = next_boot_line(grub_host)
     apply(grub_host, ONE)
     boot(grub_host)
-    settle_trial(grub_host, None, 10.0)  # hugepages=16 committed
+    settle_trial(grub_host, lambda: None, 10.0)  # hugepages=16 committed
     bad = "conf:\n  kernel:\n    cmdline: {hugepages: 16, init: /bin/false}\n" \
           "    allow_unsafe: [init]\n"
     apply(grub_host, bad)
     # The try panics (init exits; panic=30 reboots), GRUB boots the default: the good line.
     assert boot(grub_host, the_try_fails=True) == [*base, "hugepages=16"]
-    settled = settle_trial(grub_host, "not converged (starting)", 20.0)
+    settled = settle_trial(grub_host, lambda: "not converged (starting)", 20.0)
     assert settled is not None and settled.outcome == "reverted" and not settled.reboot
     assert "came back on the last-known-good command line" in settled.reason
     assert grubenv(grub_host) == {"divingbell_good": "hugepages=16"}
@@ -351,9 +351,9 @@ def test_a_try_that_boots_unhealthy_is_reverted_after_the_timeout(grub_host: Hos
     doc = "conf:\n  kernel:\n    cmdline: {hugepages: 16}\n    trial_timeout: 60\n"
     apply(grub_host, doc)
     boot(grub_host)
-    assert settle_trial(grub_host, "the fleet service cannot be reached", 1000.0) is None
-    assert settle_trial(grub_host, "the fleet service cannot be reached", 1059.0) is None
-    settled = settle_trial(grub_host, "the fleet service cannot be reached", 1060.0)
+    assert settle_trial(grub_host, lambda: "the fleet service cannot be reached", 1000.0) is None
+    assert settle_trial(grub_host, lambda: "the fleet service cannot be reached", 1059.0) is None
+    settled = settle_trial(grub_host, lambda: "the fleet service cannot be reached", 1060.0)
     assert settled is not None and settled.outcome == "reverted" and settled.reboot
     assert settled.reason == ("not healthy 60s after booting the tried line: the fleet "
                               "service cannot be reached")
@@ -376,7 +376,7 @@ def test_removal_restores_the_boot_line(grub_host: Host) -> None:
     original = next_boot_line(grub_host)
     apply(grub_host, DOC)
     boot(grub_host)
-    settle_trial(grub_host, None, 1.0)
+    settle_trial(grub_host, lambda: None, 1.0)
     apply(grub_host, "conf:\n  sysctl: {vm.swappiness: 60}\n")
     assert grub_host.read_text(DROPIN) is None and grub_host.read_text(SCRIPT) is None
     assert grubenv(grub_host) == {}

@@ -451,7 +451,7 @@ class Agent:
         from divingbell.modules.kernel import settle_trial
 
         try:
-            settled = settle_trial(self.settings.host, self.unhealthy(), now)
+            settled = settle_trial(self.settings.host, self.unhealthy, now)
         except DivingbellError as exc:
             log.error("cannot settle the kernel command line on trial: %s", exc)
             return

@@ -210,7 +210,7 @@ def _settle_kernel_trial(host: Host, unhealthy: str | None) -> None:
     from divingbell.modules.kernel import settle_trial
 
     try:
-        settled = settle_trial(host, unhealthy, time.time())
+        settled = settle_trial(host, lambda: unhealthy, time.time())
     except DivingbellError as exc:
         console.echo(f"warning: {exc}", err=True)
         return

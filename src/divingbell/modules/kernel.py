@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -542,10 +543,12 @@ class Settled:
     reboot: bool = False
 
 
-def settle_trial(host: Host, unhealthy: str | None, now: float) -> Settled | None:
-    """Called by the agent every pass, before it converges. `unhealthy` is why the node is not
-    healthy yet (None: healthy: agent converged, its fleet or API server reachable, the
-    Kubernetes node Ready). Returns what it decided, or None while there is nothing to do."""
+def settle_trial(host: Host, unhealthy: Callable[[], str | None], now: float
+                 ) -> Settled | None:
+    """Called by the agent every pass, before it converges. `unhealthy` says why the node is
+    not healthy yet (None: healthy: agent converged, its fleet or API server reachable, the
+    Kubernetes node Ready); asked only while a line is on trial. Returns what it decided, or
+    None while there is nothing to do."""
     state = load_trial(host)
     trying = state.trying
     if trying is None or trying.boot_id == boot_id(host):
@@ -563,7 +566,8 @@ def settle_trial(host: Host, unhealthy: str | None, now: float) -> Settled | Non
     if trying.booted_seen_at is None:
         trying.booted_seen_at = now
         save_trial(host, state)
-    if unhealthy is None:
+    problem = unhealthy()
+    if problem is None:
         grub_editenv(host, "set", f"{GOOD}={' '.join(trying.params)}")
         state.trying, state.reverted = None, None
         state.committed, state.committed_at = trying.params, now
@@ -573,7 +577,7 @@ def settle_trial(host: Host, unhealthy: str | None, now: float) -> Settled | Non
     waited = now - trying.booted_seen_at
     if waited < trying.timeout:
         return None
-    reason = f"not healthy {waited:.0f}s after booting the tried line: {unhealthy}"
+    reason = f"not healthy {waited:.0f}s after booting the tried line: {problem}"
     # GRUB cleared the try when it booted it: the next boot is the last-known-good line.
     grub_editenv(host, "unset", TRY)
     return _revert(host, state, trying, reason, now, reboot=True)
