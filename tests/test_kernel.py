@@ -245,6 +245,12 @@ def test_plan_removal_unwires_and_waits_for_the_reboot() -> None:
     assert planned[RUNNING][2] == "pending reboot: it still has hugepages=16"
 
 
+def test_apply_looks_for_the_trial_where_the_module_keeps_it() -> None:
+    from divingbell.apply_command import KERNEL_TRIAL_FILE
+
+    assert KERNEL_TRIAL_FILE == TRIAL_FILE
+
+
 def test_parse_grubenv() -> None:
     text = ("# GRUB Environment Block\ndivingbell_good=hugepages=16 nosmt\nsaved_entry=0\n"
             + "#" * 900)

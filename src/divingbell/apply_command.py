@@ -201,9 +201,15 @@ def run_apply(options: ApplyOptions) -> NoReturn:
     sys.exit(0 if report.ok else console.EXIT_FAILED)
 
 
+# modules/kernel.py's TRIAL_FILE, here so that a no-op apply never imports the modules.
+KERNEL_TRIAL_FILE = "/var/lib/divingbell/kernel-trial.json"
+
+
 def _settle_kernel_trial(host: Host, unhealthy: str | None) -> None:
     """Commit or revert a kernel command line on trial (modules/kernel.py); nothing to do
-    (one missing file read) unless one is."""
+    (one missing file) unless one is."""
+    if not host.exists(KERNEL_TRIAL_FILE):
+        return
     import time
 
     from divingbell.errors import DivingbellError
