@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -156,3 +157,44 @@ def grub_host(grub_image: Path, tmp_path: Path) -> Iterator[Host]:
         proc_sys = make_proc_sys(proc / "sys", {"vm/swappiness": "60"})
         (proc / "cmdline").write_text(BOOTED)
         yield Host(root=root, proc_sys=proc_sys)
+
+
+def next_boot_line(host: Host) -> list[str]:
+    """GRUB's default entry as the next boot gets it (the environment block's line in place of
+    divingbell's variable), without root=, which names this copy's loop backing file."""
+    from divingbell.modules.kernel import GRUB_CFG, GRUBENV, KernelObserved, default_entry
+
+    entry = default_entry(host.read_text(GRUB_CFG) or "", host.read_text(GRUBENV))
+    assert entry is not None
+    env = {k: v for k, v in (line.split("=", 1) for line in
+                             (host.read_text(GRUBENV) or "").splitlines()
+                             if "=" in line and not line.startswith("#"))}
+    observed = KernelObserved(None, None, entry, True, env=env)
+    params = observed.next_params()
+    assert params is not None
+    return [p for p in params if not p.startswith("root=")]
+
+
+def boot(host: Host, *, the_try_fails: bool = False) -> list[str]:
+    """What a reboot does to the test root, GRUB's way: a line on trial (divingbell_try) is
+    cleared by GRUB before it boots (save_env); if that boot fails (`the_try_fails`: a panic
+    and panic=N, or a watchdog), the boot after it gets the default line. Then /proc/cmdline
+    and a new boot id, and an empty /run. Returns the booted parameters."""
+    import uuid
+
+    from divingbell.modules.kernel import GRUBENV
+
+    line = next_boot_line(host)
+    if re.search(r"^divingbell_try=.", host.read_text(GRUBENV) or "", re.MULTILINE):
+        # GRUB's `set divingbell_try=` and `save_env divingbell_try`: kept, empty.
+        subprocess.run(["chroot", host.root, "grub-editenv", GRUBENV, "set",
+                        "divingbell_try="], check=True)
+        if the_try_fails:
+            line = next_boot_line(host)
+    (host.proc_sys.parent / "cmdline").write_text(
+        f"BOOT_IMAGE={KERNEL} " + " ".join(line) + "\n")
+    boot_id = host.proc_sys / "kernel/random/boot_id"
+    boot_id.parent.mkdir(parents=True, exist_ok=True)
+    boot_id.write_text(f"{uuid.uuid4()}\n")
+    host.remove("/run/reboot-required")
+    return line

@@ -338,3 +338,19 @@ def test_an_address_the_agent_cannot_listen_on_is_a_message(cli: Cli, tmp_path: 
             run = cli("agent", document, "--root", tmp_path, "--no-kube", "--listen", listen)
             assert run.returncode == code, (listen, run.stderr)
             assert message in run.stderr and "Traceback" not in run.stderr, listen
+
+
+def test_a_kernel_trial_commits_only_when_the_kubernetes_node_is_ready(
+        scratch_host: Host, volume: ConfigMapVolume, kube: FakeKube) -> None:
+    """What the agent counts as healthy on a tried kernel line, where the host is a node."""
+    clock = Clock()
+    volume.publish(DOC)
+    agent = make_agent(scratch_host, volume, kube, clock)
+    problem = agent.unhealthy()
+    assert problem is not None and problem.startswith("not converged")
+    agent.tick()
+    assert agent.ready, agent.reason
+    kube.set_node_ready("n1", False)
+    assert agent.unhealthy() == "the Kubernetes node is not Ready"
+    kube.set_node_ready("n1", True)
+    assert agent.unhealthy() is None

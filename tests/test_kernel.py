@@ -20,16 +20,29 @@ from divingbell.host import Host
 from divingbell.modules.kernel import (
     BOOT_CONFIG,
     DROPIN,
-    GRUB_CFG,
+    DROPIN_TEXT,
+    GRUBENV,
     RUNNING,
+    SCRIPT,
+    SCRIPT_TEXT,
+    TRIAL_FILE,
+    VARIABLE,
     BootEntry,
+    ClearTry,
+    Held,
     Kernel,
     KernelObserved,
+    Reverted,
+    Trial,
+    TrialState,
+    TryOnce,
     default_entry,
-    render_dropin,
+    load_trial,
+    parse_grubenv,
+    settle_trial,
 )
 from tests.conftest import Cli
-from tests.grubroot import KERNEL
+from tests.grubroot import boot, next_boot_line
 
 DOC = """\
 conf:
@@ -140,61 +153,108 @@ def test_unsafe_parameters_pass_when_allowed() -> None:
 
 # Pure: planning ------------------------------------------------------------------------------
 
-def _plan(doc: str | None, observed: KernelObserved, record: ModuleRecord | None = None
-          ) -> dict[str, tuple[Action, str, str]]:
-    desired = config(doc).modules["kernel"] if doc else None
-    changes = Kernel().plan(desired, observed, record or ModuleRecord())
-    return {c.target: (c.action, c.disruption, c.reason) for c in changes}
-
-
 ONE = "conf:\n  kernel:\n    cmdline: {hugepages: 16}\n"
 BASE = ["root=/dev/sda1", "ro", "quiet"]
+WIRED = BootEntry("Debian", [*BASE, VARIABLE])
+OWNED = ModuleRecord(originals={DROPIN: None, SCRIPT: None}, owned_files=[DROPIN, SCRIPT])
 
 
-def test_plan_a_new_parameter_needs_update_grub_and_a_reboot() -> None:
-    planned = _plan(ONE, KernelObserved(None, BASE, BootEntry("Debian", BASE), True))
-    assert {t: (a, d) for t, (a, d, _) in planned.items()} == {
-        DROPIN: (Action.WRITE, REBOOT), BOOT_CONFIG: (Action.SET, REBOOT),
+def observed(running: list[str], env: dict[str, str] | None = None,
+             trial: TrialState | None = None, boot_id: str = "b2") -> KernelObserved:
+    return KernelObserved(DROPIN_TEXT, [*BASE, *running], WIRED, True, SCRIPT_TEXT,
+                          env or {}, trial or TrialState(), boot_id)
+
+
+def _plan(doc: str | None, seen: KernelObserved, record: ModuleRecord | None = None
+          ) -> dict[str, tuple[Action, str, str, object]]:
+    desired = config(doc).modules["kernel"] if doc else None
+    changes = Kernel().plan(desired, seen, record or OWNED)
+    return {c.target: (c.action, c.disruption, c.reason, c.payload) for c in changes}
+
+
+def kinds(planned: dict[str, tuple[Action, str, str, object]]) -> dict[str, tuple[Action, str]]:
+    """Without the wiring files that are as they should be."""
+    return {t: (a, d) for t, (a, d, _, _) in planned.items()
+            if not (t in (DROPIN, SCRIPT) and a == Action.NOOP)}
+
+
+def test_plan_first_use_wires_grub_and_tries_the_line_once() -> None:
+    seen = KernelObserved(None, BASE, BootEntry("Debian", BASE), True)
+    planned = _plan(ONE, seen, ModuleRecord())
+    assert kinds(planned) == {
+        DROPIN: (Action.WRITE, NONE), SCRIPT: (Action.WRITE, NONE),
+        "grub.cfg": (Action.SET, NONE), BOOT_CONFIG: (Action.SET, REBOOT),
         RUNNING: (Action.NOOP, REBOOT)}
-    assert planned[RUNNING][2] == "pending reboot: the running kernel booted without hugepages=16"
+    assert planned[BOOT_CONFIG][3] == TryOnce(("hugepages=16",), 30, 900.0)
+    assert "last-known-good: (none of divingbell's)" in planned[BOOT_CONFIG][2]
 
 
-def test_plan_converged_and_booted_is_no_disruption() -> None:
-    record = ModuleRecord(originals={DROPIN: None}, owned_files=[DROPIN])
-    line = [*BASE, "hugepages=16"]
-    planned = _plan(ONE, KernelObserved(render_dropin(["hugepages=16"]), line,
-                                        BootEntry("Debian", line), True), record)
-    assert {t: (a, d) for t, (a, d, _) in planned.items()} == {
-        DROPIN: (Action.NOOP, NONE), RUNNING: (Action.NOOP, NONE)}
+def test_plan_committed_and_booted_is_no_disruption() -> None:
+    planned = _plan(ONE, observed(["hugepages=16"], {"divingbell_good": "hugepages=16"}))
+    assert kinds(planned) == {RUNNING: (Action.NOOP, NONE)}
 
 
-def test_plan_applied_but_not_rebooted_is_a_pending_reboot() -> None:
-    record = ModuleRecord(originals={DROPIN: None}, owned_files=[DROPIN])
-    planned = _plan(ONE, KernelObserved(render_dropin(["hugepages=16"]), BASE,
-                                        BootEntry("Debian", [*BASE, "hugepages=16"]), True),
-                    record)
-    assert planned[RUNNING][:2] == (Action.NOOP, REBOOT)
-    assert BOOT_CONFIG not in planned
+def test_plan_set_on_trial_but_not_rebooted_is_a_pending_reboot() -> None:
+    env = {"divingbell_try": "hugepages=16 panic=30"}
+    trial = TrialState(Trial(["hugepages=16"], "b1", 0.0, 900.0))
+    planned = _plan(ONE, observed([], env, trial, boot_id="b1"))
+    assert kinds(planned) == {RUNNING: (Action.NOOP, REBOOT)}
 
 
-def test_plan_grub_cfg_regenerated_without_the_dropin_is_drift() -> None:
-    record = ModuleRecord(originals={DROPIN: None}, owned_files=[DROPIN])
-    planned = _plan(ONE, KernelObserved(render_dropin(["hugepages=16"]), BASE,
-                                        BootEntry("Debian", BASE), True), record)
-    assert planned[BOOT_CONFIG][:2] == (Action.SET, REBOOT)
-    assert "does not boot the document's parameters" in planned[BOOT_CONFIG][2]
+def test_plan_booted_on_trial_waits_for_the_commit_and_never_tries_again() -> None:
+    # GRUB cleared divingbell_try when it booted it: not a reason to set it again.
+    trial = TrialState(Trial(["hugepages=16"], "b1", 0.0, 900.0))
+    planned = _plan(ONE, observed(["hugepages=16", "panic=30"], {}, trial))
+    assert kinds(planned) == {RUNNING: (Action.NOOP, NONE)}
+    assert "on trial" in planned[RUNNING][2]
 
 
-def test_plan_removal_deletes_the_dropin_and_waits_for_the_reboot() -> None:
-    record = ModuleRecord(originals={DROPIN: None}, owned_files=[DROPIN])
+def test_plan_a_reverted_line_is_held_and_said() -> None:
+    trial = TrialState(reverted=Reverted(["hugepages=16"], "the try did not boot", 1.0))
+    planned = _plan(ONE, observed([], {}, trial))
+    assert kinds(planned) == {RUNNING: (Action.NOOP, NONE)}
+    assert planned[RUNNING][3] == Held("the try did not boot")
+    # Other parameters are tried afresh.
+    planned = _plan("conf:\n  kernel:\n    cmdline: {hugepages: 32}\n", observed([], {}, trial))
+    assert isinstance(planned[BOOT_CONFIG][3], TryOnce)
+
+
+def test_plan_back_to_the_good_line_clears_a_pending_try() -> None:
+    env = {"divingbell_good": "hugepages=16", "divingbell_try": "hugepages=32 panic=30"}
+    planned = _plan(ONE, observed(["hugepages=16"], env))
+    assert planned[BOOT_CONFIG][3] == ClearTry()
+
+
+def test_plan_grub_cfg_regenerated_without_the_variable_is_drift() -> None:
+    seen = KernelObserved(DROPIN_TEXT, BASE, BootEntry("Debian", BASE), True, SCRIPT_TEXT,
+                          {"divingbell_good": "hugepages=16"})
+    planned = _plan(ONE, seen)
+    assert planned["grub.cfg"][:2] == (Action.SET, NONE)
+    assert "does not take the parameters" in planned["grub.cfg"][2]
+
+
+def test_plan_removal_unwires_and_waits_for_the_reboot() -> None:
+    record = ModuleRecord(originals={DROPIN: None, SCRIPT: None}, owned_files=[DROPIN, SCRIPT])
     record.state["names"] = ["hugepages"]
-    line = [*BASE, "hugepages=16"]
-    planned = _plan(None, KernelObserved(render_dropin(["hugepages=16"]), line,
-                                         BootEntry("Debian", line), True), record)
-    assert {t: (a, d) for t, (a, d, _) in planned.items()} == {
-        DROPIN: (Action.DELETE, REBOOT), BOOT_CONFIG: (Action.SET, REBOOT),
+    planned = _plan(None, observed(["hugepages=16"], {"divingbell_good": "hugepages=16"}),
+                    record)
+    assert kinds(planned) == {
+        DROPIN: (Action.DELETE, REBOOT), SCRIPT: (Action.DELETE, REBOOT),
+        "grub.cfg": (Action.SET, REBOOT), BOOT_CONFIG: (Action.SET, REBOOT),
         RUNNING: (Action.NOOP, REBOOT)}
     assert planned[RUNNING][2] == "pending reboot: it still has hugepages=16"
+
+
+def test_apply_looks_for_the_trial_where_the_module_keeps_it() -> None:
+    from divingbell.apply_command import KERNEL_TRIAL_FILE
+
+    assert KERNEL_TRIAL_FILE == TRIAL_FILE
+
+
+def test_parse_grubenv() -> None:
+    text = ("# GRUB Environment Block\ndivingbell_good=hugepages=16 nosmt\nsaved_entry=0\n"
+            + "#" * 900)
+    assert parse_grubenv(text) == {"divingbell_good": "hugepages=16 nosmt", "saved_entry": "0"}
 
 
 def test_no_grub_refuses_the_plan_and_changes_nothing(scratch_host: Host) -> None:
@@ -203,20 +263,7 @@ def test_no_grub_refuses_the_plan_and_changes_nothing(scratch_host: Host) -> Non
     assert not scratch_host.path(DROPIN).exists()
 
 
-# Real: update-grub chrooted into a Debian root ----------------------------------------------
-
-def boot_line(host: Host) -> list[str]:
-    """The default entry's parameters but root=, which names this copy's loop backing file."""
-    entry = default_entry(host.read_text(GRUB_CFG) or "")
-    assert entry is not None
-    return [p for p in entry.params if not p.startswith("root=")]
-
-
-def reboot(host: Host) -> None:
-    """What the kernel would have been given by the boot that follows."""
-    (host.proc_sys.parent / "cmdline").write_text(
-        f"BOOT_IMAGE={KERNEL} " + " ".join(boot_line(host)) + "\n")
-
+# Real: update-grub and grub-editenv chrooted into a Debian root ------------------------------
 
 def apply(host: Host, text: str, node: str = "n1",
           labels: dict[str, str] | None = None) -> ApplyReport:
@@ -226,51 +273,126 @@ def apply(host: Host, text: str, node: str = "n1",
 
 
 def shown(plan: Plan) -> dict[str, tuple[Action, str]]:
-    return {c.target: (c.action, c.disruption) for c in plan.changes}
+    return {c.target: (c.action, c.disruption) for c in plan.changes
+            if not (c.target in (DROPIN, SCRIPT) and c.action == Action.NOOP)}
 
 
-def test_apply_writes_the_dropin_and_grub_boots_it_next(grub_host: Host) -> None:
-    before = boot_line(grub_host)
-    assert "hugepages=16" not in before
-    plan = plan_node(grub_host, config(DOC))
-    assert plan.disruption == REBOOT
+def grubenv(host: Host) -> dict[str, str]:
+    """divingbell's variables that hold a line (GRUB leaves a used try set to nothing)."""
+    return {k: v for k, v in parse_grubenv(host.read_text(GRUBENV)).items()
+            if k.startswith("divingbell_") and v}
+
+
+def test_grub_cfg_reads_the_line_from_the_environment_block(grub_host: Host) -> None:
+    before = next_boot_line(grub_host)
+    apply(grub_host, DOC)
+    cfg = grub_host.read_text("/boot/grub/grub.cfg") or ""
+    # Debian's update-grub keeps the variable for GRUB to expand at boot, after its load_env.
+    assert VARIABLE in cfg
+    assert cfg.index("load_env") < cfg.index('set divingbell_cmdline="${divingbell_try}"') \
+        < cfg.index(VARIABLE)
+    assert grub_host.read_text(DROPIN) == DROPIN_TEXT
+    assert grubenv(grub_host) == {"divingbell_try": "hugepages=16 isolcpus=2-7 nosmt panic=30"}
+    assert next_boot_line(grub_host) == [*before, "hugepages=16", "isolcpus=2-7", "nosmt",
+                                         "panic=30"]
+
+
+def test_try_once_then_commit(grub_host: Host) -> None:
+    base = next_boot_line(grub_host)
     report = apply(grub_host, DOC)
-    assert any("the new kernel command line takes effect at the next boot" in note
+    assert any("boots once at the next boot, on trial" in note
                for note in report.results[0].notes)
     assert grub_host.read_text("/run/reboot-required") == "*** System restart required ***\n"
-    assert grub_host.read_text(DROPIN) == render_dropin(["hugepages=16", "isolcpus=2-7",
-                                                         "nosmt"])
-    assert boot_line(grub_host) == [*before, "hugepages=16", "isolcpus=2-7", "nosmt"]
+    # The default stays the previous line: only the next boot gets the new one.
+    assert "divingbell_good" not in grubenv(grub_host)
+    trial = load_trial(grub_host)
+    assert trial.trying is not None and trial.trying.params == ["hugepages=16", "isolcpus=2-7",
+                                                                "nosmt"]
+    assert oct(grub_host.path(TRIAL_FILE).stat().st_mode & 0o777) == "0o600"
+    plan = plan_node(grub_host, config(DOC))
+    assert shown(plan) == {RUNNING: (Action.NOOP, REBOOT)}
 
-    # Applied, not yet rebooted: nothing to change, a reboot pending.
+    booted = boot(grub_host)
+    assert booted == [*base, "hugepages=16", "isolcpus=2-7", "nosmt", "panic=30"]
+    assert "divingbell_try" not in grubenv(grub_host), "GRUB boots the try once"
+    # Booted on trial: nothing to change, nothing to try again, not committed yet.
     plan = plan_node(grub_host, config(DOC))
-    assert shown(plan) == {DROPIN: (Action.NOOP, NONE), RUNNING: (Action.NOOP, REBOOT)}
-    assert plan.disruption == REBOOT
-    reboot(grub_host)
-    plan = plan_node(grub_host, config(DOC))
-    assert shown(plan) == {DROPIN: (Action.NOOP, NONE), RUNNING: (Action.NOOP, NONE)}
+    assert shown(plan) == {RUNNING: (Action.NOOP, NONE)}
+    assert settle_trial(grub_host, lambda: "not converged (starting)", 100.0) is None
+    assert "divingbell_good" not in grubenv(grub_host)
+    settled = settle_trial(grub_host, lambda: None, 110.0)
+    assert settled is not None and settled.outcome == "committed"
+    assert grubenv(grub_host) == {"divingbell_good": "hugepages=16 isolcpus=2-7 nosmt"}
+    assert load_trial(grub_host).trying is None
+    # Committed: every boot from now on gets it, without panic= (that was for the trial).
+    assert boot(grub_host) == [*base, "hugepages=16", "isolcpus=2-7", "nosmt"]
+    assert plan_node(grub_host, config(DOC)).disruption == NONE
+
+
+def test_a_try_that_does_not_boot_is_reverted_and_held(grub_host: Host) -> None:
+    base = next_boot_line(grub_host)
+    apply(grub_host, ONE)
+    boot(grub_host)
+    settle_trial(grub_host, lambda: None, 10.0)  # hugepages=16 committed
+    bad = "conf:\n  kernel:\n    cmdline: {hugepages: 16, init: /bin/false}\n" \
+          "    allow_unsafe: [init]\n"
+    apply(grub_host, bad)
+    # The try panics (init exits; panic=30 reboots), GRUB boots the default: the good line.
+    assert boot(grub_host, the_try_fails=True) == [*base, "hugepages=16"]
+    settled = settle_trial(grub_host, lambda: "not converged (starting)", 20.0)
+    assert settled is not None and settled.outcome == "reverted" and not settled.reboot
+    assert "came back on the last-known-good command line" in settled.reason
+    assert grubenv(grub_host) == {"divingbell_good": "hugepages=16"}
+    # Held: the same document tries nothing again and says why; the node converges.
+    plan = plan_node(grub_host, config(bad))
+    held = [c for c in plan.changes if isinstance(c.payload, Held)]
+    assert held and "reverted to the last-known-good line hugepages=16" in held[0].reason
     assert plan.disruption == NONE
+    report = apply(grub_host, bad)
+    assert not report.applied
+    assert "divingbell_try" not in grubenv(grub_host)
+
+
+def test_a_try_that_boots_unhealthy_is_reverted_after_the_timeout(grub_host: Host) -> None:
+    doc = "conf:\n  kernel:\n    cmdline: {hugepages: 16}\n    trial_timeout: 60\n"
+    apply(grub_host, doc)
+    boot(grub_host)
+    assert settle_trial(grub_host, lambda: "the fleet service cannot be reached", 1000.0) is None
+    assert settle_trial(grub_host, lambda: "the fleet service cannot be reached", 1059.0) is None
+    settled = settle_trial(grub_host, lambda: "the fleet service cannot be reached", 1060.0)
+    assert settled is not None and settled.outcome == "reverted" and settled.reboot
+    assert settled.reason == ("not healthy 60s after booting the tried line: the fleet "
+                              "service cannot be reached")
+    assert grubenv(grub_host) == {}, "the next boot is the distribution's line"
+    assert "hugepages=16" not in boot(grub_host)
+    plan = plan_node(grub_host, config(doc))
+    assert any(isinstance(c.payload, Held) for c in plan.changes)
 
 
 def test_label_and_host_overrides(grub_host: Host) -> None:
     apply(grub_host, DOC, "s1", {"role": "storage"})
-    assert boot_line(grub_host)[-3:] == ["hugepages=1024", "isolcpus=2-7", "nosmt"]
+    assert next_boot_line(grub_host)[-4:] == ["hugepages=1024", "isolcpus=2-7", "nosmt",
+                                              "panic=30"]
     apply(grub_host, DOC, "special")
-    assert boot_line(grub_host)[-4:] == ["hugepages=16", "isolcpus=2-7", "nosmt",
-                                         "mitigations-off-please"]
+    assert next_boot_line(grub_host)[-5:] == ["hugepages=16", "isolcpus=2-7", "nosmt",
+                                              "mitigations-off-please", "panic=30"]
 
 
 def test_removal_restores_the_boot_line(grub_host: Host) -> None:
-    original = boot_line(grub_host)
+    original = next_boot_line(grub_host)
     apply(grub_host, DOC)
-    reboot(grub_host)
+    boot(grub_host)
+    settle_trial(grub_host, lambda: None, 1.0)
     apply(grub_host, "conf:\n  sysctl: {vm.swappiness: 60}\n")
-    assert grub_host.read_text(DROPIN) is None
-    assert boot_line(grub_host) == original
+    assert grub_host.read_text(DROPIN) is None and grub_host.read_text(SCRIPT) is None
+    assert grubenv(grub_host) == {}
+    assert grub_host.read_text(TRIAL_FILE) is None
+    assert VARIABLE not in (grub_host.read_text("/boot/grub/grub.cfg") or "")
+    assert next_boot_line(grub_host) == original
     # The running kernel still has them until it reboots.
     plan = plan_node(grub_host, config("conf:\n  sysctl: {vm.swappiness: 60}\n"))
     assert shown(plan)[RUNNING] == (Action.NOOP, REBOOT)
-    reboot(grub_host)
+    boot(grub_host)
     plan = plan_node(grub_host, config("conf:\n  sysctl: {vm.swappiness: 60}\n"))
     assert plan.disruption == NONE
     # Gone everywhere: the module forgets it, and leaves the journal.
@@ -281,26 +403,27 @@ def test_removal_restores_the_boot_line(grub_host: Host) -> None:
 
 def test_an_edited_grub_cfg_is_drift_and_regenerated(grub_host: Host) -> None:
     apply(grub_host, DOC)
-    cfg = grub_host.path(GRUB_CFG)
-    cfg.write_text(cfg.read_text().replace(" hugepages=16", ""))
+    cfg = grub_host.path("/boot/grub/grub.cfg")
+    cfg.write_text(cfg.read_text().replace(f" {VARIABLE}", ""))
     plan = plan_node(grub_host, config(DOC))
-    assert shown(plan)[BOOT_CONFIG] == (Action.SET, REBOOT)
+    assert shown(plan)["grub.cfg"] == (Action.SET, NONE)
     apply(grub_host, DOC)
-    assert "hugepages=16" in boot_line(grub_host)
+    assert "hugepages=16" in next_boot_line(grub_host)
 
 
-def test_a_failing_update_grub_rolls_the_dropin_back(grub_host: Host) -> None:
+def test_a_failing_update_grub_rolls_the_wiring_back(grub_host: Host) -> None:
     # A broken grub.d script makes grub-mkconfig fail; the drop-in goes back to what it was
     # (absent), and the failure names update-grub.
     breaker = grub_host.path("/etc/grub.d/05_broken")
     breaker.write_text("#!/bin/sh\nexit 3\n")
     breaker.chmod(0o755)
-    before = grub_host.path(GRUB_CFG).read_text()
+    before = grub_host.path("/boot/grub/grub.cfg").read_text()
     report = apply_node(grub_host, config(DOC), "r")
     (result,) = report.results
     assert result.error is not None and "update-grub failed" in result.error
     assert grub_host.read_text(DROPIN) is None
-    assert grub_host.path(GRUB_CFG).read_text() == before
+    assert grub_host.path("/boot/grub/grub.cfg").read_text() == before
+    assert grubenv(grub_host) == {}
 
 
 def test_status_says_a_reboot_is_pending(grub_host: Host, cli: Cli, tmp_path: Path) -> None:
@@ -315,3 +438,29 @@ def test_status_says_a_reboot_is_pending(grub_host: Host, cli: Cli, tmp_path: Pa
     plan = cli("plan", *args, document)
     assert ("  = pending reboot: the running kernel booted without hugepages=16 isolcpus=2-7 "
             "nosmt  [reboot]") in plan.stdout
+
+
+def test_an_operators_apply_commits_or_reverts_the_trial(grub_host: Host, cli: Cli,
+                                                         tmp_path: Path) -> None:
+    document = tmp_path / "doc.yaml"
+    document.write_text(ONE)
+    args = ("--root", grub_host.root, "--proc-sys", grub_host.proc_sys, "--node", "n1")
+    assert cli("apply", *args, document).returncode == 0
+    boot(grub_host)
+    applied = cli("apply", *args, document)
+    assert applied.returncode == 0, applied.stderr
+    assert "kernel command line hugepages=16 committed: healthy on the tried line" \
+        in applied.stderr
+    assert grubenv(grub_host) == {"divingbell_good": "hugepages=16"}
+    document.write_text("conf:\n  kernel:\n    cmdline: {hugepages: 16, init: /bin/false}\n"
+                        "    allow_unsafe: [init]\n")
+    assert cli("apply", *args, document).returncode == 0
+    boot(grub_host, the_try_fails=True)
+    applied = cli("apply", *args, document)
+    assert applied.returncode == 0, applied.stderr
+    assert "kernel command line hugepages=16 init=/bin/false reverted: the machine came back " \
+        "on the last-known-good command line" in applied.stderr
+    assert "No changes" in applied.stdout, "the same line is not tried again"
+    assert "reverted to the last-known-good line hugepages=16" in cli("plan", *args,
+                                                                      document).stdout
+    assert grubenv(grub_host) == {"divingbell_good": "hugepages=16"}

@@ -209,6 +209,9 @@ class Agent:
 
         self.maintenance: AgentMaintenance | None = hook_for(settings, kube,
                                                              self.metrics.registry, clock)
+        # How the agent gets the node back onto its last-known-good kernel command line.
+        self.reboot: Callable[[], object] = lambda: settings.host.run(
+            ["systemctl", "reboot", "--no-block"], check=False)
 
     # The loop -------------------------------------------------------------------------------
 
@@ -236,6 +239,7 @@ class Agent:
         """One pass: never raises, whatever the document, the host or the API server do."""
         now = self.clock()
         try:
+            self._settle_trial(now)
             self._tick(now)
         except Exception as exc:  # the loop must outlive any bug in one pass
             log.exception("agent pass failed")
@@ -424,6 +428,47 @@ class Agent:
         else:
             self._set(DONE, f"revision {self.revision} converged; drift reported: {what}",
                       ready=True)
+
+    # Last-known-good kernel command line -------------------------------------------------------
+
+    def unhealthy(self) -> str | None:
+        """Why this node is not healthy enough to commit a kernel command line on trial
+        (None: it is): converged, and its Kubernetes node Ready where it is one."""
+        if not self.ready or self._converged is None:
+            return f"not converged ({self.reason})"
+        node_state = getattr(self.kube, "node_state", None)
+        if node_state is not None:
+            try:
+                if not node_state(self.settings.node).ready:
+                    return "the Kubernetes node is not Ready"
+            except KubeError as exc:
+                return f"the API server cannot be reached ({exc})"
+        return None
+
+    def _settle_trial(self, now: float) -> None:
+        """After a reboot onto a kernel command line on trial: commit it once healthy, or
+        revert to the last-known-good line (see modules/kernel.py)."""
+        from divingbell.modules.kernel import settle_trial
+
+        try:
+            settled = settle_trial(self.settings.host, self.unhealthy, now)
+        except DivingbellError as exc:
+            log.error("cannot settle the kernel command line on trial: %s", exc)
+            return
+        if settled is None:
+            return
+        line = " ".join(settled.params)
+        if settled.outcome == "committed":
+            log.info("kernel command line %s committed as last-known-good", line)
+            self._event("KernelCommitted", f"kernel command line {line} committed: the node "
+                        "is healthy on it")
+            return
+        log.error("kernel command line %s reverted: %s", line, settled.reason)
+        self._event("KernelReverted", f"kernel command line {line} reverted: "
+                    f"{settled.reason}", warning=True)
+        self._converged = None  # converge again: the plan now holds the last-known-good line
+        if settled.reboot:
+            self.reboot()
 
     def _fail(self, target: tuple[str, tuple[tuple[str, str], ...]], now: float, reason: str,
               message: str) -> None:

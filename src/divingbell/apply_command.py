@@ -24,6 +24,7 @@ from divingbell import console
 
 if TYPE_CHECKING:
     from divingbell.engine.change import Change
+    from divingbell.host import Host
 
 
 @dataclass(frozen=True)
@@ -160,15 +161,21 @@ def run_apply(options: ApplyOptions) -> NoReturn:
             shown["module"] = change.module
         console.echo(applied_line(change, status))
 
+    host = console.host(options.root, options.proc_sys)
+    # A kernel line on trial that did not boot is reverted (and held) before planning.
+    _settle_kernel_trial(host, "not applied yet")
     try:
         report = console.guarded(lambda: apply_node(
-            console.host(options.root, options.proc_sys), config, resolved.revision,
+            host, config, resolved.revision,
             lock_timeout=options.lock_timeout, listener=progress, adopt=options.adopt),
             output_format, config.node)
     except LockTimeout as exc:
         console.fail(f"{exc} Nothing was changed (--lock-timeout waits longer).",
                      output_format, console.EXIT_LOCKED, node=config.node, result="locked")
     console.signal_point("applied")
+    if report.ok:
+        # Converged on the line on trial, by an operator's own apply: commit it.
+        _settle_kernel_trial(host, None)
     if output_format == "json":
         console.print_json({**report.as_dict(), "notes": resolved.notes})
     else:
@@ -192,3 +199,27 @@ def run_apply(options: ApplyOptions) -> NoReturn:
                      f"finished: {done}, {outcome}", err=True)
         sys.exit(128 + received[0])
     sys.exit(0 if report.ok else console.EXIT_FAILED)
+
+
+# modules/kernel.py's TRIAL_FILE, here so that a no-op apply never imports the modules.
+KERNEL_TRIAL_FILE = "/var/lib/divingbell/kernel-trial.json"
+
+
+def _settle_kernel_trial(host: Host, unhealthy: str | None) -> None:
+    """Commit or revert a kernel command line on trial (modules/kernel.py); nothing to do
+    (one missing file) unless one is."""
+    if not host.exists(KERNEL_TRIAL_FILE):
+        return
+    import time
+
+    from divingbell.errors import DivingbellError
+    from divingbell.modules.kernel import settle_trial
+
+    try:
+        settled = settle_trial(host, lambda: unhealthy, time.time())
+    except DivingbellError as exc:
+        console.echo(f"warning: {exc}", err=True)
+        return
+    if settled is not None:
+        console.echo(f"kernel command line {' '.join(settled.params)} {settled.outcome}: "
+                     f"{settled.reason}", err=True)

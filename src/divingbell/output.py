@@ -75,9 +75,10 @@ def plan_text(plan: Plan, *, verbose: bool = False, diff: bool = False) -> str:
         if module.error:
             lines.extend(f"  ! {part}" for part in module.error.split("; "))
             continue
-        # A settled change that still costs something (a reboot pending) is always shown.
+        # A settled change that still costs something (a reboot pending), or that the
+        # operator must know of (a reverted kernel line held), is always shown.
         shown = [c for c in module.changes
-                 if verbose or c.changes_host or c.disruption != NONE]
+                 if verbose or c.changes_host or c.disruption != NONE or c.notice]
         for change in shown:
             lines.append(change_line(change))
             text = file_diff(change) if diff else None

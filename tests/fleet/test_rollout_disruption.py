@@ -103,7 +103,6 @@ def test_a_fleet_agent_reports_rebooting_until_the_kernel_has_its_command_line(
         fleet: ThreadServer, grub_host: Host) -> None:
     from divingbell.fleet.agent_source import build
     from tests.fleet.test_api import facts
-    from tests.grubroot import KERNEL
 
     answer = fleet.bootstrap.discover(facts(1))
     machine = answer["machine_id"]
@@ -116,17 +115,134 @@ def test_a_fleet_agent_reports_rebooting_until_the_kernel_has_its_command_line(
     (last, *_) = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
     assert last["state"] == "rebooting"
     assert fleet.admin.machine(machine)["state"] != "ready"
-    # The node reboots into what GRUB boots next.
-    from divingbell.modules.kernel import GRUB_CFG, default_entry
+    # The node reboots into what GRUB boots next: the line on trial.
+    from tests.grubroot import boot
 
-    entry = default_entry(grub_host.read_text(GRUB_CFG) or "")
-    assert entry is not None and "hugepages=16" in entry.params
-    (grub_host.proc_sys.parent / "cmdline").write_text(
-        f"BOOT_IMAGE={KERNEL} {' '.join(entry.params)}\n")
-    (grub_host.path("/run/reboot-required")).unlink()  # /run is empty after a boot
+    assert "hugepages=16" in boot(grub_host)
     agent = build(fleet.url, answer["credential"], grub_host, poll_interval=1,
                   fetch_interval=0, report_interval=0, drift_interval=3600, backoff_max=60)
     agent.tick()
     (last, *_) = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
     assert last["state"] == "converged"
     assert fleet.admin.machine(machine)["state"] == "ready"
+
+
+BAD_KERNEL_DOC = """\
+conf:
+  kernel:
+    cmdline: {hugepages: 16, init: /bin/false}
+    allow_unsafe: [init]
+"""
+
+
+def test_a_kernel_line_that_does_not_boot_is_reverted_and_halts_the_rollout(
+        fleet: ThreadServer, grub_host: Host, cli: Cli) -> None:
+    from divingbell.fleet.agent_source import FleetAgent, build
+    from divingbell.modules.kernel import GRUBENV, parse_grubenv
+    from tests.fleet.test_api import register
+    from tests.grubroot import boot
+
+    machines = dict(register(fleet, n) for n in (1, 2))
+    fleet.admin.push_document(KERNEL_DOC.encode())
+    control = next(m for m in machines if "control-plane" in fleet.admin.machine(m)["roles"])
+    (worker,) = set(machines) - {control}
+
+    credential = machines[control].token
+    assert credential is not None
+
+    def agent_started() -> FleetAgent:
+        return build(fleet.url, credential, grub_host, poll_interval=1,
+                     fetch_interval=0, report_interval=0, drift_interval=3600,
+                     backoff_max=60)
+
+    agent = agent_started()
+    agent.tick()
+    boot(grub_host)  # the maintenance reboot: hugepages=16 on trial
+    agent = agent_started()
+    agent.tick()  # converged on the tried line
+    agent.tick()  # healthy: committed
+    good = parse_grubenv(grub_host.read_text(GRUBENV))["divingbell_good"]
+    assert good == "hugepages=16"
+    report(machines[worker], worker, "converged")
+    assert {m["state"] for m in fleet.admin.machines()} == {"ready"}
+
+    second = fleet.admin.push_document(BAD_KERNEL_DOC.encode())["revision"]
+    assert current(fleet)["waves"][0][0]["id"] == control
+    agent.tick()
+    (last, *_) = fleet.admin.call("GET", f"/v1/machines/{control}/reports")
+    assert (last["revision"], last["state"]) == (second, "rebooting")
+    # The tried line panics (init exits; panic=30 reboots) and GRUB boots the default.
+    assert "init=/bin/false" not in boot(grub_host, the_try_fails=True)
+    rebooted: list[str] = []
+    agent = agent_started()
+    agent.reboot = lambda: rebooted.append("reboot")
+    agent.tick()
+    assert not rebooted, "already back on the last-known-good line"
+    (last, *_) = fleet.admin.call("GET", f"/v1/machines/{control}/reports")
+    assert (last["revision"], last["state"]) == (second, "reverted")
+    assert "came back on the last-known-good command line" in \
+        last["modules"]["kernel"]["failures"][0]
+    rollout = current(fleet)
+    assert rollout["status"] == "halted"
+    assert rollout["waves"][0][0]["progress"] == "failed"
+    assert fleet.admin.machine(control)["state"] == "degraded"
+    assert served(machines[worker], worker) == second - 1, "the rollout stops at it"
+    shown = cli("fleet", "machine", control, "--server", fleet.url,
+                env={"DIVINGBELL_TOKEN": fleet.admin_token})
+    assert shown.returncode == 0, shown.stderr
+    assert f"  revision: {second} (outdated), last report " in shown.stdout
+    assert "(reverted)\n  kernel: reverted: the machine came back on the last-known-good " \
+        "command line" in shown.stdout
+    status = cli("fleet", "rollout", "status", "--server", fleet.url,
+                 env={"DIVINGBELL_TOKEN": fleet.admin_token})
+    assert "HALTED" in status.stdout
+    assert "kernel: reverted: the machine came back on the last-known-good" in status.stdout
+    # The node keeps the good line, and does not try the same line again.
+    agent.tick()
+    assert not parse_grubenv(grub_host.read_text(GRUBENV)).get("divingbell_try")
+
+
+def test_a_tried_line_that_leaves_the_fleet_unreachable_is_reverted_and_reported_later(
+        fleet: ThreadServer, grub_host: Host) -> None:
+    from divingbell.fleet.agent_source import FleetAgent, build
+    from divingbell.modules.kernel import GRUBENV, parse_grubenv
+    from tests.fleet.test_api import register
+    from tests.grubroot import boot
+
+    machine, client = register(fleet, 1)
+    assert client.token is not None
+    credential = client.token
+    revision = fleet.admin.push_document(
+        b"conf:\n  kernel:\n    cmdline: {hugepages: 16}\n    trial_timeout: 60\n")["revision"]
+
+    def agent_started(url: str, now: float) -> FleetAgent:
+        agent = build(url, credential, grub_host, poll_interval=1, fetch_interval=0,
+                      report_interval=0, drift_interval=3600, backoff_max=60)
+        agent.clock = lambda: now
+        return agent
+
+    agent_started(fleet.url, 0.0).tick()
+    boot(grub_host)
+    # The tried line boots, but the machine cannot reach its fleet (a bad ip=, a NIC driver
+    # option): the agent converges from its cached configuration, and does not commit.
+    rebooted: list[float] = []
+    clock = [1000.0]
+    agent = agent_started("http://127.0.0.1:9", 0.0)
+    agent.clock = lambda: clock[-1]
+    agent.reboot = lambda: rebooted.append(clock[-1])
+    for now in (1000.0, 1030.0, 1059.0):
+        clock.append(now)
+        agent.tick()
+        assert agent.ready, agent.reason
+    assert not rebooted
+    assert "divingbell_good" not in parse_grubenv(grub_host.read_text(GRUBENV))
+    clock.append(1060.0)
+    agent.tick()
+    assert rebooted == [1060.0], "reboots onto the last-known-good line"
+    assert "hugepages=16" not in boot(grub_host)
+    # Back on the good line and in reach: it says what happened.
+    agent_started(fleet.url, 2000.0).tick()
+    (last, *_) = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
+    assert (last["revision"], last["state"]) == (revision, "reverted")
+    assert ("not healthy 60s after booting the tried line: the fleet service cannot be "
+            "reached") in last["modules"]["kernel"]["failures"][0]

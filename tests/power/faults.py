@@ -21,7 +21,8 @@ class HttpFaults:
     hang: bool = False
     """Accept requests and never answer (the client times out)."""
     stop_after: int | None = None
-    """Forward this many requests, then hang on every later one (a BMC that froze)."""
+    """Forward this many requests, then hang on every later one (a BMC that froze, a
+    network cut)."""
     silent_after_commands: int | None = None
     """Forward this many POST/PATCH commands, then hang on every later request."""
     commands: int = 0
@@ -82,7 +83,8 @@ class HttpFaultProxy:
                     data = json.dumps(document).encode()
                 self._answer(answer.status, data, {k: v for k, v in answer.getheaders()
                                                    if k.lower() in ("content-type", "etag",
-                                                                    "location")})
+                                                                    "location")
+                                                   or k.lower().startswith("x-")})
                 upstream.close()
 
             def _answer(self, status: int, data: bytes, headers: dict[str, str]) -> None:

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
               metavar="SECONDS", help="Fleet mode: how often the configuration is fetched "
               "(a conditional GET) and the last report re-sent (a report also follows every "
               "converge).")
+@click.option("--revert-after", type=click.FloatRange(min=1), default=900.0,
+              show_default=True, metavar="SECONDS",
+              help="Fleet mode: a new revision after which the service has not answered for "
+              "this long is reverted on this machine to the last-known-good one (the last "
+              "reported converged) and reported `reverted` once the service answers.")
 @click.option("--labels-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Node labels as KEY=VALUE lines, re-read as they change (hosts without "
               "Kubernetes).")
@@ -68,7 +73,8 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
           kubeconfig: str | None, listen: str, poll_interval: float, label_interval: float,
           drift_interval: float, backoff_max: float, follow_document_changes: bool,
           document_digest: str | None, converge_timeout: float | None, log_level: str,
-          fleet_server: str | None, token_file: Path | None, fleet_interval: float) -> None:
+          fleet_server: str | None, token_file: Path | None, fleet_interval: float,
+          revert_after: float) -> None:
     """Keep this node converged: the process a DaemonSet pod or a systemd unit runs.
 
     Converges the document at start, then again whenever the node's labels change or drift
@@ -108,7 +114,8 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
 
     if fleet_server is not None or files == ():
         runner: Agent = _fleet_agent(fleet_server, token_file, files, console.host(root, proc_sys),
-                                     poll_interval, fleet_interval, drift_interval, backoff_max)
+                                     poll_interval, fleet_interval, drift_interval, backoff_max,
+                                     revert_after)
         server_http = listening(runner)
         stop_fleet = threading.Event()
 
@@ -161,7 +168,7 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
 
 def _fleet_agent(server: str | None, token_file: Path | None, files: tuple[Path, ...],
                  host: Host, poll_interval: float, fleet_interval: float,
-                 drift_interval: float, backoff_max: float) -> Agent:
+                 drift_interval: float, backoff_max: float, revert_after: float) -> Agent:
     """The agent's fleet mode (divingbell/fleet/agent_source.py): stdlib-only."""
     from divingbell.fleet.agent_source import build
     from divingbell.fleet.client import CREDENTIAL_PATH, FleetApiError, read_token
@@ -176,6 +183,7 @@ def _fleet_agent(server: str | None, token_file: Path | None, files: tuple[Path,
         return build(server, credential, host, poll_interval=poll_interval,
                      fetch_interval=fleet_interval, report_interval=fleet_interval,
                      drift_interval=drift_interval, backoff_max=backoff_max,
-                     credential_file=token_file or CREDENTIAL_PATH)
+                     credential_file=token_file or CREDENTIAL_PATH,
+                     revert_after=revert_after)
     except (FleetApiError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -468,7 +468,13 @@ def machine_cmd(server: str, token_file: Path | None, ca_file: str | None, machi
     click.echo(f"  labels:   {', '.join(f'{k}={v}' for k, v in data['labels'].items()) or '-'}")
     click.echo(f"  revision: {data['revision'] or '-'} "
                f"({'up to date' if data['up_to_date'] else 'outdated'}), "
-               f"last report {data['last_report_at'] or 'never'}")
+               f"last report {data['last_report_at'] or 'never'}"
+               + (f" ({data['last_report_state']})" if data.get("last_report_state") else ""))
+    for report in data.get("reports", [])[:1]:
+        if report["state"] == "reverted":  # the reason the rollout halted here
+            for name, module in sorted(report["modules"].items()):
+                for failure in module.get("failures", []):
+                    click.echo(f"  {name}: {failure}")
     for interface in data["interfaces"]:
         addresses = ", ".join(f"{a['address']}/{a['prefix']}" for a in interface["addresses"])
         click.echo(f"  nic {interface['name']}: {interface.get('mac') or '-'} {addresses}")

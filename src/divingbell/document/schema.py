@@ -651,6 +651,10 @@ class KernelConf(StrictModel):
     flags: Annotated[list[str], BeforeValidator(_check_kernel_names)] = []
     # Names from UNSAFE_KERNEL_PARAMS the document may set all the same.
     allow_unsafe: list[Literal[UNSAFE_KERNEL_PARAMS]] = []  # type: ignore[valid-type]
+    # A new line boots once on trial (with panic=trial_panic, 0: none added) and is committed
+    # when the node is healthy on it; not healthy within trial_timeout seconds: reverted.
+    trial_panic: Annotated[int, Field(ge=0, le=3600)] = 30
+    trial_timeout: Annotated[float, Field(ge=30, le=86400)] = 900.0
 
     @model_validator(mode="after")
     def _check(self) -> KernelConf:

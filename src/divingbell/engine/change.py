@@ -74,6 +74,7 @@ class Change:
     capture_original: bool = False  # record `before` as the target's original, once
     forget: bool = False        # once applied, the target is no longer owned
     disruption: str = NONE      # what carrying it out costs the node's workloads (see above)
+    notice: bool = False        # settled, but the operator must see it (a reverted line held)
     payload: Any = field(default=None, compare=False, repr=False)  # module-private
 
     @property

@@ -900,7 +900,7 @@ def add_report(connection: Connection, machine: View, active: int | None,
     # Ready means it converged what it is served: during a rollout, that may be the previous
     # revision (outdated, but healthy and available).
     served = rollouts.served_by(place, active)
-    wanted = states.DEGRADED if body.state == "failed" else (
+    wanted = states.DEGRADED if body.state in ("failed", "reverted") else (
         states.READY if up_to_date(after, served) else states.UPDATING)
     changes_state = (wanted != machine.state
                      and wanted in states.TRANSITIONS.get(machine.state, frozenset()))

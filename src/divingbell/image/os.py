@@ -85,6 +85,22 @@ menuentry "Debian ({kernel_version})" {{
 }}
 """
 
+# What update-grub reads on the installed machine (the kernel module, a kernel upgrade's
+# zz-update-grub): the same console and timeout as GRUB_CFG above. Without it grub-mkconfig's
+# defaults drop the serial console (no kernel messages, no login on ttyS0) at the first run.
+DEFAULT_GRUB = """\
+# Written by `divingbell image os`: update-grub keeps what the image's first grub.cfg had.
+GRUB_DEFAULT=0
+GRUB_TIMEOUT=1
+GRUB_DISTRIBUTOR=Debian
+GRUB_CMDLINE_LINUX_DEFAULT=""
+GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200n8"
+GRUB_TERMINAL="console serial"
+GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
+GRUB_DISABLE_OS_PROBER=true
+GRUB_DISABLE_RECOVERY=true
+"""
+
 
 class OsImageError(DivingbellError):
     """The OS image cannot be built; the message names the input or the step."""
@@ -254,6 +270,7 @@ def configure_root(root: Path, source: Path, wheels: Sequence[Path], mirror: str
     (root / "boot/grub").mkdir(parents=True, exist_ok=True)
     (root / "boot/grub/grub.cfg").write_text(
         GRUB_CFG.format(label=ROOT_LABEL, kernel_version=kernel_version))
+    (root / "etc/default/grub").write_text(DEFAULT_GRUB)
     (root / "etc/fstab").write_text(
         f"LABEL={ROOT_LABEL} / ext4 errors=remount-ro 0 1\n"
         f"LABEL={ESP_LABEL} /boot/efi vfat umask=0077,nofail 0 2\n")

@@ -275,7 +275,9 @@ class ReportBody(Strict):
     revision: Annotated[int, Field(ge=1, le=2**31 - 1)]
     # rebooting: applied, but what it applied takes effect only after a reboot (a kernel
     # command line, a kernel package) and the node has not rebooted yet: still updating.
-    state: Literal["converged", "rebooting", "failed"]
+    # reverted: a kernel command line tried once did not come back healthy; the machine holds
+    # its last-known-good line (a failure: the rollout halts at it).
+    state: Literal["converged", "rebooting", "failed", "reverted"]
     modules: Annotated[dict[Annotated[str, Field(max_length=64)], ModuleReport],
                        Field(max_length=64)] = {}
     drift: bool = False
