@@ -21,7 +21,7 @@ from divingbell.fleet.settings import FleetSettings
 from tests.fleet.conftest import postgres  # noqa: F401  (the session's PostgreSQL, shared)
 from tests.fleet.servers import ThreadServer, free_port, thread_server, wait_for
 from tests.power.faults import HttpFaultProxy, UdpFaultRelay
-from tests.power.redfish_bmc import VmSpec
+from tests.power.qemu_power import VmSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD = "bmcadmin", "S3cret-bmc-pass-7f1e"
@@ -36,6 +36,9 @@ class Emulator:
     state_file: Path | None = None
     qmp: Path | None = None
     """The QMP socket of the emulator's VM (QemuDriver), to hang it (`stop`) as a test."""
+    console: Path | None = None
+    """The serial console of the emulator's VM (IPMI; the Redfish fixtures keep it in
+    `state_file`)."""
 
     def state(self) -> dict[str, Any]:
         assert self.state_file is not None
@@ -140,19 +143,41 @@ def redfish_tls(tmp_path: Path) -> Iterator[TlsRedfish]:
         yield TlsRedfish(emulator, f"https://127.0.0.1:{emulator.port}", ca.pem.decode())
 
 
-@pytest.fixture
-def ipmi(tmp_path: Path) -> Iterator[Emulator]:
+@contextmanager
+def ipmi_emulator(tmp_path: Path, name: str, *extra: str, console: Path | None = None
+                  ) -> Iterator[Emulator]:
+    """pyghmi's BMC (tests/power/ipmi_bmc.py) as a process on loopback, up (its state file
+    written), stopped when done; `extra` are ipmi_bmc.py's own options."""
     port = free_port()
-    state = tmp_path / "ipmi-state.json"
-    log = tmp_path / "ipmi.log"
-    emulator = Emulator(_start(["tests.power.ipmi_bmc", str(port), USER, PASSWORD, str(state)],
-                               log), port, log, state)
+    state = tmp_path / f"{name}-state.json"
+    log = tmp_path / f"{name}.log"
+    emulator = Emulator(_start(["tests.power.ipmi_bmc", str(port), USER, PASSWORD, str(state),
+                                *extra], log), port, log, state, console=console)
     wait_for(lambda: state.exists() or emulator.process.poll() is not None, timeout=30)
     assert emulator.process.poll() is None, log.read_text()
     try:
         yield emulator
     finally:
         emulator.stop()
+
+
+@pytest.fixture
+def ipmi(tmp_path: Path) -> Iterator[Emulator]:
+    with ipmi_emulator(tmp_path, "ipmi") as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def ipmi_qemu(tmp_path: Path) -> Iterator[Emulator]:
+    """The IPMI BMC whose machine is a real qemu VM (QemuMachine in ipmi_bmc.py), without a
+    disk or a service to boot from: iPXE is all it runs."""
+    require_qemu()
+    workdir = tmp_path / "vm"
+    workdir.mkdir()
+    spec = VmSpec(str(workdir))
+    with ipmi_emulator(tmp_path, "ipmi-qemu", "--qemu", str(spec.write(tmp_path / "vm.json")),
+                       console=spec.console()) as emulator:
+        yield emulator
 
 
 @pytest.fixture

@@ -2,14 +2,22 @@
 own process, for a machine whose power takes `DELAY` seconds to change.
 
     python -m tests.power.ipmi_bmc PORT USER PASSWORD STATE_FILE
+    python -m tests.power.ipmi_bmc PORT USER PASSWORD STATE_FILE --qemu VM_JSON
 
 The machine's state (power, pending change, next boot device) is written to STATE_FILE as
 JSON after every request, so a test reads what the BMC was told without asking it.
+
+With `--qemu`, the machine is a real qemu VM (`QemuMachine`, on the same `QemuPower` as the
+Redfish emulator's): on starts its qemu, from the network once when the next boot device is
+`network`; off pulls the plug and answers before the power has gone, as a BMC does (its
+state says when); soft-off is the ACPI button; the power state is whether its qemu runs.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +26,10 @@ from typing import Any
 from pyghmi.ipmi import bmc
 from pyghmi.ipmi.private import serversession
 
+from tests.power.qemu_power import QemuPower, VmSpec
+
 DELAY = 0.5
+SYSTEM_UUID = "5d4f0c1e-6b7a-4f0e-9c1d-2a3b4c5d6e7f"
 NO_MATCHING_CIPHER_SUITE = 0x11
 _open_session = serversession.ServerSession.create_open_session_response
 
@@ -84,10 +95,46 @@ class Machine(bmc.Bmc):  # type: ignore[misc]
         self._save()
 
 
+class QemuMachine(Machine):
+    def __init__(self, authdata: dict[str, str], port: int, state_file: Path,
+                 power: QemuPower) -> None:
+        self.power = power
+        super().__init__(authdata, port, state_file)
+
+    def _record(self, command: str) -> None:
+        self.state["commands"].append(command)
+        self.state["power"] = self.get_power_state()
+        self._save()
+
+    def get_power_state(self) -> str:
+        return "on" if self.power.running() else "off"
+
+    def power_on(self) -> None:
+        network = self.state["bootdev"] == "network"
+        if network and not self.power.running():  # once: then from the disk again
+            self.state["bootdev"] = "default"
+        self.power.on(network)
+        self._record("on")
+
+    def power_off(self) -> None:
+        self.power.off(wait=False)
+        self._record("off")
+
+    def power_shutdown(self) -> None:
+        self.power.button()
+        self._record("shutdown")
+
+
 def main() -> None:
     port, user, password, state_file = (int(sys.argv[1]), sys.argv[2], sys.argv[3],
                                         Path(sys.argv[4]))
-    Machine({user: password}, port, state_file).listen()
+    if "--qemu" not in sys.argv:
+        Machine({user: password}, port, state_file).listen()
+        return
+    power = QemuPower(VmSpec.read(Path(sys.argv[sys.argv.index("--qemu") + 1])), SYSTEM_UUID)
+    atexit.register(power.close)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    QemuMachine({user: password}, port, state_file, power).listen()
 
 
 if __name__ == "__main__":

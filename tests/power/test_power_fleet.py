@@ -294,6 +294,37 @@ def test_a_qemu_vm_is_network_booted_and_switched_off_through_redfish(
     assert power(power_fleet, machine, "status")["state"] == "off"
 
 
+def test_a_qemu_vm_is_network_booted_cycled_and_switched_off_through_ipmi(
+        power_fleet: ThreadServer, ipmi_qemu: Emulator) -> None:
+    """IPMI drives a real VM as Redfish does: powered on with PXE once (it boots from the
+    network), cycled (off confirmed before on; the next boot is from its disk: the PXE was
+    once), switched off (confirmed when its qemu has gone)."""
+    console = ipmi_qemu.console
+    assert console is not None
+    machine, _ = register(power_fleet, 1)
+    set_bmc(power_fleet, machine, "ipmi", f"127.0.0.1:{ipmi_qemu.port}")
+    assert power(power_fleet, machine, "status")["state"] == "off" and not console.exists()
+
+    try:
+        on = power(power_fleet, machine, "on", boot_once="pxe")
+    except FleetApiError as exc:
+        seen = console.read_text(errors="replace") if console.exists() else "(no qemu started)"
+        raise AssertionError(f"{exc}\nconsole: {seen[-2000:]}\nemulator: "
+                             f"{ipmi_qemu.log.read_text(errors='replace')[-3000:]}") from None
+    assert on["ok"] and on["actions"] == ["boot-once pxe", "on"] and on["state"] == "on"
+    wait_for(lambda: "iPXE" in console.read_text(errors="replace"), timeout=60)
+    assert "boot from network" in console.read_text()
+
+    cycled = power(power_fleet, machine, "cycle")
+    assert cycled["actions"] == ["off", "on"] and cycled["state"] == "on"
+    wait_for(lambda: "boot from disk" in console.read_text(errors="replace"), timeout=30)
+
+    off = power(power_fleet, machine, "off")
+    assert off["ok"] and off["state"] == "off"
+    assert power(power_fleet, machine, "status")["state"] == "off"
+    assert ipmi_qemu.state()["commands"] == ["bootdev network", "on", "off", "on", "off"]
+
+
 def test_reprovision_re_enrols_the_machine_then_network_boots_it_through_its_bmc(
         power_fleet: ThreadServer, redfish_qemu: Emulator, cli: Cli) -> None:
     from tests.fleet.test_rollouts_api import fleet_of

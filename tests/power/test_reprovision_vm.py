@@ -41,7 +41,8 @@ from tests.boot.test_os_install import (  # noqa: F401  (the session's OS image)
 from tests.conftest import Cli
 from tests.fleet.servers import ThreadServer, thread_server
 from tests.power.conftest import PASSWORD, USER, Emulator, redfish_emulator, require_qemu
-from tests.power.redfish_bmc import SYSTEM_UUID, VmSpec
+from tests.power.qemu_power import VmSpec
+from tests.power.redfish_bmc import SYSTEM_UUID
 from tests.power.test_power_fleet import SYSTEM, audit_of, power, set_bmc
 
 pytestmark = pytest.mark.slow
