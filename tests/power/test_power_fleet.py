@@ -218,7 +218,7 @@ def test_wrong_credentials_are_a_clear_refusal(
     assert "wrong-password" not in json.dumps(detail)
 
 
-def test_the_machine_page_shows_the_power_state_and_powers_for_admins_only(
+def test_the_ui_shows_the_power_state_and_powers_for_admins_only(
         power_fleet: ThreadServer, ipmi: Emulator, udp_relay: UdpFaultRelay) -> None:
     from tests.fleet.test_ui import CHROMIUM, FLAGS, login, new_page
 
@@ -232,6 +232,12 @@ def test_the_machine_page_shows_the_power_state_and_powers_for_admins_only(
         {**facts(2), "bmc": {"address": "192.0.2.44", "source": "ipmitool"}})["machine_id"]
     set_bmc(power_fleet, machine, "ipmi", f"127.0.0.1:{udp_relay.port}")
     power(power_fleet, machine, "status")
+    # The machine list carries each one's last confirmed power state (None: no BMC), whole
+    # and paged.
+    listed = {m["id"]: m["power_state"] for m in power_fleet.reader.call("GET", "/v1/machines")}
+    assert listed == {machine: "off", other: None}
+    page_one = power_fleet.reader.call("GET", "/v1/machines?limit=1")
+    assert [m["power_state"] for m in page_one["machines"]] == ["off"]
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
@@ -245,6 +251,10 @@ def test_the_machine_page_shows_the_power_state_and_powers_for_admins_only(
             page.wait_for_selector("#machine-facts .card:has-text('Power') .badge.on",
                                    timeout=30_000)
             assert ipmi.state()["bootdev"] == "network"
+            page.goto(f"{power_fleet.url}/ui/machines")
+            power_cell = "td:nth-child(8)"  # the Power column
+            page.wait_for_selector(f"#machines tr[data-id={machine}] {power_cell} .badge.on")
+            assert page.inner_text(f"#machines tr[data-id={other}] {power_cell}") == "–"
             page.goto(f"{power_fleet.url}/ui/machines/{other}")
             page.wait_for_selector("#machine-facts .card:has-text('no BMC')")
             assert page.inner_text("#machine-facts .card:has-text('BMC (reported)')") == (

@@ -61,6 +61,7 @@ from divingbell.fleet.db import Prepared
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import (
     AuditEvent,
+    BmcRow,
     Lease,
     Machine,
     MachineMac,
@@ -575,7 +576,9 @@ def labels_of(machine: MachineLike) -> dict[str, str]:
     return node_labels(machine.roles or [], machine.rack)
 
 
-def machine_summary(machine: Machine, active: int | None) -> dict[str, Any]:
+def machine_summary(machine: Machine, active: int | None,
+                    power_state: str | None = None) -> dict[str, Any]:
+    """`power_state`: the last state its BMC confirmed (None: no BMC)."""
     return {
         "id": machine.id, "uuid": machine.uuid, "hostname": machine.hostname,
         "hostname_accepted": machine.hostname_accepted, "state": machine.state,
@@ -589,6 +592,7 @@ def machine_summary(machine: Machine, active: int | None) -> dict[str, Any]:
         "macs": [i["mac"] for i in machine.interfaces or [] if i.get("mac")],
         "ips": [a["address"] for i in machine.interfaces or [] for a in i.get("addresses") or []
                 if not str(a.get("address", "")).startswith("fe80:")],
+        "power_state": power_state,
     }
 
 
@@ -603,6 +607,9 @@ class MachinePage:
     machines: list[Machine]
     next: str | None
     """The cursor of the page after this one; None on the last page."""
+    power: dict[str, str]
+    """The last power state each machine's BMC confirmed, by machine id (from the store: a
+    list never queries a BMC); machines without a BMC are absent."""
 
 
 def list_machines(session: Session, state: str | None, limit: int | None,
@@ -620,11 +627,16 @@ def list_machines(session: Session, state: str | None, limit: int | None,
         query = query.where(or_(Machine.created_at > at,
                                 and_(Machine.created_at == at, Machine.id > machine_id)))
     if limit is None:
-        return MachinePage(list(session.scalars(query)), None)
-    rows = list(session.scalars(query.limit(limit + 1)))
-    if len(rows) <= limit:
-        return MachinePage(rows, None)
-    return MachinePage(rows[:limit], machine_cursor(rows[limit - 1]))
+        machines, cursor = list(session.scalars(query)), None
+    else:
+        rows = list(session.scalars(query.limit(limit + 1)))
+        machines = rows[:limit]
+        cursor = machine_cursor(rows[limit - 1]) if len(rows) > limit else None
+    power = select(BmcRow.machine_id, BmcRow.power_state)
+    if limit is not None:  # a page: its own BMCs (at most MACHINES_PAGE_MAX ids)
+        power = power.where(BmcRow.machine_id.in_([m.id for m in machines]))
+    return MachinePage(machines, cursor, {row.machine_id: row.power_state
+                                          for row in session.execute(power)})
 
 
 def machine_cursor(machine: Machine) -> str:

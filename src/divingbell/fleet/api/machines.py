@@ -85,7 +85,8 @@ def list_machines(
         page = service.list_machines(session, state,
                                      (limit or service.MACHINES_PAGE) if paged else None,
                                      position)
-        summaries = [service.machine_summary(m, active) for m in page.machines]
+        summaries = [service.machine_summary(m, active, page.power.get(m.id))
+                     for m in page.machines]
     if not paged:
         return summaries
     return {"machines": summaries, "next": page.next}

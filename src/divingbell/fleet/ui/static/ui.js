@@ -92,7 +92,7 @@ function machineRow(m) {
     rack: (m.labels || {})["divingbell.io/rack"] || m.rack || "–", state: m.state,
     revision: m.revision === null || m.revision === undefined ? "–" : m.revision,
     up_to_date: m.up_to_date === null || m.up_to_date === undefined ? "–" : (m.up_to_date ? "yes" : "no"),
-    report_age: m.last_report_at || "", mac: macs.join(" "), ip: ipv4.join(" "),
+    report_age: m.last_report_at || "", power: m.power_state || "–", mac: macs.join(" "), ip: ipv4.join(" "),
   };
 }
 
@@ -122,7 +122,7 @@ async function renderMachines() {
     el("td", {}, el("a", { href: prefix + "/ui/machines/" + encodeURIComponent(m.id) }, m.name)), el("td", {}, m.role),
     el("td", {}, m.rack), el("td", {}, badge(m.state)), el("td", {}, m.revision),
     el("td", {}, m.up_to_date === "no" ? badge("outdated") : m.up_to_date), el("td", {}, age(m.report_age)),
-    el("td", {}, m.mac), el("td", {}, m.ip))));
+    el("td", {}, m.power === "–" ? "–" : badge(m.power)), el("td", {}, m.mac), el("td", {}, m.ip))));
 }
 
 function setupMachines() {
