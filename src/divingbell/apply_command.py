@@ -163,7 +163,8 @@ def run_apply(options: ApplyOptions) -> NoReturn:
 
     host = console.host(options.root, options.proc_sys)
     # A kernel line on trial that did not boot is reverted (and held) before planning.
-    _settle_kernel_trial(host, "not applied yet")
+    console.guarded(lambda: _settle_kernel_trial(host, "not applied yet"), output_format,
+                    config.node)
     try:
         report = console.guarded(lambda: apply_node(
             host, config, resolved.revision,
@@ -175,7 +176,7 @@ def run_apply(options: ApplyOptions) -> NoReturn:
     console.signal_point("applied")
     if report.ok:
         # Converged on the line on trial, by an operator's own apply: commit it.
-        _settle_kernel_trial(host, None)
+        console.guarded(lambda: _settle_kernel_trial(host, None), output_format, config.node)
     if output_format == "json":
         console.print_json({**report.as_dict(), "notes": resolved.notes})
     else:
