@@ -37,6 +37,7 @@ PAUSE_TAG = "3.10"
 # The pod sandbox's process: sleeps until told to stop, reaping what is reparented to it.
 PAUSE_C = r"""
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -48,12 +49,14 @@ static void reap(int signal_number) {
 }
 
 int main(void) {
-    if (getpid() != 1) {
-        return 1;  /* only as a container's init */
-    }
     signal(SIGINT, stop);
     signal(SIGTERM, stop);
     signal(SIGCHLD, reap);
+    if (getpid() != 1) {
+        /* a pod with hostPID: true shares the node's PID namespace; Kubernetes' pause only
+           warns then too */
+        fprintf(stderr, "Warning: pause should be the first process\n");
+    }
     for (;;) {
         pause();
     }
@@ -172,7 +175,7 @@ def image_layouts() -> Path:
     """One OCI layout holding an image per control-plane component, tagged `<name>`: the
     static binary in /usr/local/bin, as the entrypoint. Built once with umoci."""
     require("umoci")
-    with _cached(f"kube-images-{_key()}-pause") as (directory, ready):
+    with _cached(_layouts_name()) as (directory, ready):
         if not ready:
             layout = directory / "layout"
             subprocess.run(["umoci", "init", "--layout", layout], check=True)
@@ -193,7 +196,12 @@ def image_layouts() -> Path:
                     subprocess.run(argv, check=True, capture_output=True)
                 shutil.rmtree(bundle)
             _pause_image(directory, layout)
-    return CACHE / f"kube-images-{_key()}-pause" / "layout"
+    return CACHE / _layouts_name() / "layout"
+
+
+def _layouts_name() -> str:
+    """The binaries' digests and the pause source's: a changed pause.c is a new image."""
+    return f"kube-images-{_key()}-pause-{hashlib.sha256(PAUSE_C.encode()).hexdigest()[:8]}"
 
 
 def _pause_image(directory: Path, layout: Path) -> None:
@@ -230,9 +238,14 @@ class Registry:
 
     def push(self, layout: Path, tag: str, repository: str) -> str:
         """Copy `layout:tag` to `repository` here; its manifest digest."""
+        return self.copy(f"oci:{layout}:{tag}", repository)
+
+    def copy(self, source: str, repository: str) -> str:
+        """Copy a skopeo `source` (`oci:...`, `docker-archive:...`) to `repository` here; its
+        manifest digest."""
         destination = f"docker://{self.address}/{repository}"
         subprocess.run(self._inside(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-                                     f"oci:{layout}:{tag}", destination]),
+                                     source, destination]),
                        check=True, capture_output=True)
         inspected = subprocess.run(
             self._inside(["skopeo", "inspect", "--tls-verify=false", destination]),
