@@ -142,8 +142,8 @@ def join_files(cli: Cli, tmp_path: Path, key: str) -> Path:
 
 def install_apt_files(files: Path, host: Host) -> None:
     host.path("/etc/apt/sources.list").write_text("")
-    for relative in ("etc/apt/sources.list.d/divingbell-kube.sources",
-                     "etc/apt/keyrings/divingbell-kube.asc"):
+    for relative in ("etc/apt/sources.list.d/bootstrap-kube.sources",
+                     "etc/apt/keyrings/bootstrap-kube.asc"):
         target = host.path("/" + relative)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes((files / relative).read_bytes())
@@ -162,7 +162,7 @@ def test_the_signed_apt_repository_installs_the_kubelet(cli: Cli, tmp_path: Path
 
     # A key the repository was not signed with: apt refuses it.
     other = build_repo(tmp_path / "other", packages=())
-    debian_host.path("/etc/apt/keyrings/divingbell-kube.asc").write_text(other.key)
+    debian_host.path("/etc/apt/keyrings/bootstrap-kube.asc").write_text(other.key)
     refused = subprocess.run(["chroot", root, "apt-get", "update"], capture_output=True,
                              text=True, check=False)
     assert "NO_PUBKEY" in refused.stderr + refused.stdout or "not signed" in refused.stderr

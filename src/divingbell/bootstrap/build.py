@@ -223,10 +223,12 @@ def _node_files(design: Design, node: Node, role: Role, credentials: NodeCredent
         if registry.ca:
             files[f"{directory}/ca.pem"] = (registry.ca if registry.ca.endswith("\n")
                                             else registry.ca + "\n", "0644")
+    # Not the agent's apt module's names (divingbell-<name>): the agent would take these for
+    # files of its own, and a node document's repository of the same name would replace them.
     for repo in design.apt_repositories:
-        files[f"/etc/apt/sources.list.d/divingbell-{repo.name}.sources"] = (
+        files[f"/etc/apt/sources.list.d/bootstrap-{repo.name}.sources"] = (
             _builtin("apt.sources.j2", {**context, "repo": repo}), "0644")
-        files[f"/etc/apt/keyrings/divingbell-{repo.name}.asc"] = (
+        files[f"/etc/apt/keyrings/bootstrap-{repo.name}.asc"] = (
             repo.key if repo.key.endswith("\n") else repo.key + "\n", "0644")
     if context["static_pod_path"] is not None:
         if not credentials.control_plane:
