@@ -24,22 +24,13 @@ import yaml
 
 from divingbell.bootstrap import controlplane
 from divingbell.bootstrap.design import COMPONENTS, Design, Node, Role, node_may_set
+from divingbell.bootstrap.paths import OWNED_ANNOTATION, PATHS
 from divingbell.errors import DivingbellError
 
 TEMPLATES = Path(__file__).with_name("templates")
-OWNED_ANNOTATION = "divingbell.io/bootstrap-labels"
 # Needed before anything is installed; curl (for the API steps) is installed with the packages.
 BASE_COMMANDS = ("systemctl", "apt-get", "dpkg-query", "tar", "gzip", "base64", "install",
                  "cmp", "stat", "df", "awk", "sed", "ip", "mktemp")
-PATHS = {
-    "ca": "/etc/kubernetes/pki/ca.pem",
-    "cert": "/etc/kubernetes/pki/kubelet.pem",
-    "key": "/etc/kubernetes/pki/kubelet-key.pem",
-    "kubelet_config": "/etc/kubernetes/kubelet/config.yaml",
-    "kubeconfig": "/etc/kubernetes/kubelet/kubeconfig",
-    "kubelet_dropin": "/etc/systemd/system/kubelet.service.d/10-divingbell.conf",
-    "containerd_config": "/etc/containerd/config.toml",
-}
 
 
 class BuildError(DivingbellError):
