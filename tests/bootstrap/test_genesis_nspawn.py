@@ -3,7 +3,10 @@ namespace of their own, never on this machine), a site's signed apt repository (
 kubectl, curl) in each, and a site registry on the bridge holding the control-plane and pause
 images. `divingbell bootstrap build` makes the scripts from the design; genesis on machine 1
 brings up etcd, the apiserver, the controller-manager and the scheduler as static pods under the
-real kubelet, from that registry; join scripts make machines 2 and 3 nodes of it.
+real kubelet, from that registry; join scripts make machines 2 and 3 nodes of it. Then the
+agent DaemonSet `divingbell manifests` prints, its image from the same registry, converges a
+net.* sysctl inside each machine, and `divingbell bootstrap teardown` (from the agent's image,
+on machine 3) leaves two healthy nodes. Each step's time is printed, never asserted.
 
 The machines are tests/kube/node.py's, started bare (no kubelet, no control plane of the
 session): the design's containerd configuration replaces the built-in one with what this host
@@ -25,12 +28,14 @@ from typing import Any
 import pytest
 import yaml
 
+from divingbell.manifests import build, to_yaml
 from tests.aptrepo import build_repo
 from tests.booted import extract
 from tests.bootstrap import airgap
 from tests.bootstrap.conftest import curl_debs
 from tests.conftest import Cli
-from tests.kube.node import Node, node_tarball
+from tests.kube.node import Node, divingbell_image, node_tarball
+from tests.kube.standin import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.kube, pytest.mark.kernel]
 
@@ -40,6 +45,7 @@ SCRIPT = "/var/lib/divingbell/bootstrap.sh"
 ADMIN = "/etc/kubernetes/admin.conf"
 DEB = airgap.DEB_VERSION
 MACHINES = ("m1", "m2", "m3")
+KEY = "net.ipv4.tcp_fin_timeout"
 
 # What this host needs from containerd (tests/kube/node.py): the design's override of the file
 # divingbell renders, as a site with such hosts would write it.
@@ -200,6 +206,22 @@ def ready(node: dict[str, Any]) -> bool:
                for c in node["status"].get("conditions", []))
 
 
+def kubernetes_service(machine: Node) -> None:
+    """No kube-proxy here: the `kubernetes` Service (10.96.0.1:443, what in-cluster clients
+    are told) DNATed to the apiserver in the machine's network namespace."""
+    for argv in (["ip", "route", "add", "10.96.0.1/32", "dev", "eth0"],
+                 ["iptables", "-t", "nat", "-A", "OUTPUT", "-d", "10.96.0.1/32", "-p", "tcp",
+                  "--dport", "443", "-j", "DNAT", "--to-destination", f"{ip(1)}:6443"]):
+        subprocess.run(["ip", "netns", "exec", machine.netns, *argv], check=True)
+
+
+def sysctl(machine: Node) -> str:
+    """The value inside the machine (its network namespace), not as any pod reports it."""
+    return subprocess.run(["ip", "netns", "exec", machine.netns, "cat",
+                           "/proc/sys/" + KEY.replace(".", "/")],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def run_script(machine: Node, text: str) -> subprocess.CompletedProcess[str]:
     target = machine.root / SCRIPT.lstrip("/")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -301,4 +323,82 @@ def test_genesis_and_joins_on_booted_machines(cli: Cli, tmp_path: Path, lan: Lan
             labels = nodes[name]["metadata"]["labels"]
             assert (labels["rack"], labels["team"]) == ("r2", "green")
         assert nodes[MACHINES[2]]["metadata"]["labels"]["topology.kubernetes.io/zone"] == "z3"
+
+        # 3. The agent DaemonSet as `divingbell manifests` prints it, its image from the site
+        # registry, converges a net.* sysctl inside each machine.
+        began = time.monotonic()
+        archive = divingbell_image()
+        reference = f"{REGISTRY}/kube/divingbell:{archive.stem.removeprefix('divingbell-')}"
+        site_registry.copy(f"docker-archive:{archive}", reference.split("/", 1)[1])
+        step("agent image built (or cached) and pushed", began)
+        for machine in machines:
+            kubernetes_service(machine)
+        began = time.monotonic()
+        objects = build({"site.yaml": f"conf:\n  sysctl:\n    {KEY}: 41\n"},
+                        namespace="divingbell", image=reference)
+        (daemonset,) = [o for o in objects if o["kind"] == "DaemonSet"]
+        daemonset["spec"]["minReadySeconds"] = 1
+        (first.root / "root/agent.yaml").write_text(to_yaml(objects))
+        first.run("kubectl", f"--kubeconfig={ADMIN}", "apply", "--server-side", "-f",
+                  "/root/agent.yaml")
+
+        def rolled_out(count: int) -> bool:
+            status = kubectl(first, "get", "daemonset", "-n", "divingbell", "divingbell"
+                             ).get("status", {})
+            return bool(status.get("desiredNumberScheduled") == count
+                        and status.get("updatedNumberScheduled") == count
+                        and status.get("numberAvailable") == count)
+
+        def explain() -> str:
+            pods = first.run("kubectl", f"--kubeconfig={ADMIN}", "get", "pods", "-A", "-o",
+                             "wide", check=False).stdout
+            logs = first.run("kubectl", f"--kubeconfig={ADMIN}", "logs", "-n", "divingbell",
+                             "-l", "app.kubernetes.io/name=divingbell", "--tail=15",
+                             "--prefix", check=False)
+            previous = first.run("kubectl", f"--kubeconfig={ADMIN}", "logs", "-n",
+                                 "divingbell", "-l", "app.kubernetes.io/name=divingbell",
+                                 "--tail=15", "--prefix", "--previous", check=False)
+            statuses = [p["status"].get("containerStatuses") for p in kubectl(
+                first, "get", "pods", "-n", "divingbell")["items"]]
+            errors = first.run("sh", "-c", "journalctl -u kubelet -u containerd --no-pager "
+                               "| grep -i 'error\\|fail' | grep -v 'filesystem info' "
+                               "| tail -n 12", check=False).stdout
+            return "\n".join([pods, logs.stdout, logs.stderr, previous.stdout, previous.stderr,
+                              json.dumps(statuses, indent=1), errors])
+
+        wait_for("the agent's rollout", lambda: rolled_out(3) and all(
+            sysctl(m) == "41" for m in machines), 180, explain)
+        step("the agent converged net.ipv4.tcp_fin_timeout on three nodes", began)
+        for name in MACHINES:
+            annotations = kubectl(first, "get", "node", name)["metadata"]["annotations"]
+            assert annotations.get("divingbell.io/state") == "Done", annotations
+
+        # Teardown of machine 3, run on it from the agent's image with an operator's
+        # kubeconfig (the host's root at /host, as the agent sees it).
+        third = machines[2]
+        admin_conf = third.root / "root/admin.conf"
+        # admin.conf names its certificate files on machine 1: flattened, they travel in it.
+        admin_conf.write_text(first.run("kubectl", f"--kubeconfig={ADMIN}", "config", "view",
+                                        "--raw", "--flatten").stdout)
+        admin_conf.chmod(0o600)
+        began = time.monotonic()
+        # In the machine's PID namespace, as the agent's hostPID pod is: systemd answers
+        # systemctl only then.
+        torn = third.run("ctr", "-n", "k8s.io", "run", "--rm", "--net-host", "--privileged",
+                         "--with-ns", "pid:/proc/1/ns/pid",
+                         "--runc-binary", "/usr/local/sbin/runc", "--mount",
+                         "type=bind,src=/,dst=/host,options=rbind:rw", "--mount",
+                         "type=bind,src=/root,dst=/operator,options=rbind:ro", reference,
+                         "teardown", "divingbell", "bootstrap", "teardown", "--node",
+                         third.name, "--root", "/host", "--kubeconfig", "/operator/admin.conf",
+                         check=False, timeout=600)
+        assert torn.returncode == 0, torn.stdout + torn.stderr
+        step(f"teardown of {third.name}", began)
+        print(torn.stdout)
+        assert third.run("systemctl", "is-active", "kubelet", check=False
+                         ).stdout.strip() == "inactive"
+        wait_for("the DaemonSet on two nodes", lambda: rolled_out(2), 120, explain)
+        nodes = {n["metadata"]["name"]: n for n in kubectl(first, "get", "nodes")["items"]}
+        assert sorted(nodes) == sorted(MACHINES[:2])
+        assert all(ready(node) for node in nodes.values())
     print("\ntimes: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
