@@ -24,7 +24,7 @@ import yaml
 
 from divingbell.bootstrap import controlplane
 from divingbell.bootstrap.design import COMPONENTS, Design, Node, Role, node_may_set
-from divingbell.bootstrap.paths import OWNED_ANNOTATION, PATHS
+from divingbell.bootstrap.paths import MANIFESTS, OWNED_ANNOTATION, PATHS
 from divingbell.errors import DivingbellError
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -162,7 +162,7 @@ def build_node_script(design: Design, node: Node, credentials: NodeCredentials, 
         "api_cert": controlplane.CONTROL_PLANE_PATHS["admin_cert"] if plane else PATHS["cert"],
         "api_key": controlplane.CONTROL_PLANE_PATHS["admin_key"] if plane else PATHS["key"],
         "static_labels": static, "dynamic_labels": wanted,
-        "static_pod_path": controlplane.MANIFESTS if plane is not None else None,
+        "static_pod_path": MANIFESTS if plane is not None else None,
     }
     files = _node_files(design, node, role, credentials, context)
     control_plane: dict[str, Any] = {}
