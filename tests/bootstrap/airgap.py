@@ -17,6 +17,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ PAUSE_TAG = "3.10"
 # The pod sandbox's process: sleeps until told to stop, reaping what is reparented to it.
 PAUSE_C = r"""
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -47,12 +49,14 @@ static void reap(int signal_number) {
 }
 
 int main(void) {
-    if (getpid() != 1) {
-        return 1;  /* only as a container's init */
-    }
     signal(SIGINT, stop);
     signal(SIGTERM, stop);
     signal(SIGCHLD, reap);
+    if (getpid() != 1) {
+        /* a pod with hostPID: true shares the node's PID namespace; Kubernetes' pause only
+           warns then too */
+        fprintf(stderr, "Warning: pause should be the first process\n");
+    }
     for (;;) {
         pause();
     }
@@ -171,7 +175,7 @@ def image_layouts() -> Path:
     """One OCI layout holding an image per control-plane component, tagged `<name>`: the
     static binary in /usr/local/bin, as the entrypoint. Built once with umoci."""
     require("umoci")
-    with _cached(f"kube-images-{_key()}-pause") as (directory, ready):
+    with _cached(_layouts_name()) as (directory, ready):
         if not ready:
             layout = directory / "layout"
             subprocess.run(["umoci", "init", "--layout", layout], check=True)
@@ -192,7 +196,12 @@ def image_layouts() -> Path:
                     subprocess.run(argv, check=True, capture_output=True)
                 shutil.rmtree(bundle)
             _pause_image(directory, layout)
-    return CACHE / f"kube-images-{_key()}-pause" / "layout"
+    return CACHE / _layouts_name() / "layout"
+
+
+def _layouts_name() -> str:
+    """The binaries' digests and the pause source's: a changed pause.c is a new image."""
+    return f"kube-images-{_key()}-pause-{hashlib.sha256(PAUSE_C.encode()).hexdigest()[:8]}"
 
 
 def _pause_image(directory: Path, layout: Path) -> None:
@@ -215,20 +224,32 @@ def _pause_image(directory: Path, layout: Path) -> None:
 
 @dataclass
 class Registry:
-    """Debian's docker-registry on loopback, storing in a test directory."""
+    """Debian's docker-registry on loopback (or in a network namespace), storing in a test
+    directory."""
 
     address: str
     process: subprocess.Popen[bytes]
     log: Path
     digests: dict[str, str] = field(default_factory=dict)  # repository:tag -> digest
+    netns: str | None = None  # where it listens, and where skopeo must run to reach it
+
+    def _inside(self, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
 
     def push(self, layout: Path, tag: str, repository: str) -> str:
         """Copy `layout:tag` to `repository` here; its manifest digest."""
+        return self.copy(f"oci:{layout}:{tag}", repository)
+
+    def copy(self, source: str, repository: str) -> str:
+        """Copy a skopeo `source` (`oci:...`, `docker-archive:...`) to `repository` here; its
+        manifest digest."""
         destination = f"docker://{self.address}/{repository}"
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-                        f"oci:{layout}:{tag}", destination], check=True, capture_output=True)
-        inspected = subprocess.run(["skopeo", "inspect", "--tls-verify=false", destination],
-                                   check=True, capture_output=True, text=True).stdout
+        subprocess.run(self._inside(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                                     source, destination]),
+                       check=True, capture_output=True)
+        inspected = subprocess.run(
+            self._inside(["skopeo", "inspect", "--tls-verify=false", destination]),
+            check=True, capture_output=True, text=True).stdout
         digest: str = json.loads(inspected)["Digest"]
         self.digests[repository] = digest
         return digest
@@ -244,29 +265,42 @@ class Registry:
 
 
 @contextlib.contextmanager
-def registry(directory: Path) -> Iterator[Registry]:
+def registry(directory: Path, netns: str | None = None, listen: str = "127.0.0.1",
+             port: int | None = None) -> Iterator[Registry]:
+    """The registry on `listen`:`port` (a free one by default), inside `netns` if given: a
+    site's registry that machines on a bridge reach."""
     require("docker-registry", "skopeo")
-    port = controlplane.free_port()
+    port = port or controlplane.free_port()
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "config.yml"
     config.write_text(json.dumps({
         "version": 0.1, "log": {"level": "warn"},
         "storage": {"filesystem": {"rootdirectory": str(directory / "storage")},
                     "delete": {"enabled": True}},
-        "http": {"addr": f"127.0.0.1:{port}"}}))
+        "http": {"addr": f"{listen}:{port}"}}))
     log = directory / "registry.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(["docker-registry", "serve", str(config)],
+        inside = ["ip", "netns", "exec", netns] if netns else []
+        process = subprocess.Popen([*inside, "docker-registry", "serve", str(config)],
                                    stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    running = Registry(f"127.0.0.1:{port}", process, log)
+    running = Registry(f"{listen}:{port}", process, log, netns=netns)
     try:
         deadline = time.monotonic() + 30
         while True:
             assert process.poll() is None, f"docker-registry exited: {log.read_text()[-2000:]}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://{running.address}/v2/", timeout=2).status_code == 200:
+            if netns:
+                probe = subprocess.run(
+                    [*inside, sys.executable, "-c", "import sys, urllib.request; "
+                     "urllib.request.urlopen(sys.argv[1], timeout=2)",
+                     f"http://{running.address}/v2/"], capture_output=True, check=False)
+                if probe.returncode == 0:
                     break
+            else:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"http://{running.address}/v2/",
+                                 timeout=2).status_code == 200:
+                        break
             assert time.monotonic() < deadline, "docker-registry did not answer in 30 s"
             time.sleep(0.1)
         yield running

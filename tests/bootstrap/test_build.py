@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from divingbell.engine.journal import find_owned_files
+from divingbell.host import Host
+from tests.aptrepo import build_repo
 from tests.conftest import Cli
 
 CATALOG = """\
@@ -220,3 +223,23 @@ def test_the_wait_for_ready_is_bounded(cli: Cli, workspace: Path, tmp_path: Path
     assert result.returncode == 1
     assert "waiting up to 2s for node n1 to be Ready at https://127.0.0.1:9" in result.stderr
     assert "error: node n1 is not Ready after 2s (journalctl -u kubelet)" in result.stderr
+
+
+def test_the_agent_does_not_take_a_scripts_files_for_its_own(cli: Cli, workspace: Path) -> None:
+    """Found on booted machines (test_genesis_nspawn.py): the script's apt sources and keyring
+    had the agent's apt module's names, so the agent DaemonSet on every bootstrapped node
+    refused to converge (journal missing, divingbell's files present) and would have taken
+    them for its own."""
+    key = build_repo(workspace / "repo", packages=()).key
+    design = workspace / "design.yaml"
+    design.write_text(DESIGN + "apt_repositories:\n  - name: site\n    uris: [file:/srv/repo]\n"
+                      "    suites: [./]\n    key: |\n"
+                      + "".join(f"      {line}\n" for line in key.strip().splitlines()))
+    out = workspace / "scripts"
+    result = cli("bootstrap", "build", design, "--pki", workspace / "pki", "-o", out,
+                 "--node", "n1")
+    assert result.returncode == 0, result.stderr
+    embedded_archive(out / "join-n1.sh", workspace / "unpacked").close()
+    root = workspace / "unpacked" / "files"
+    assert list(root.glob("etc/apt/sources.list.d/*.sources")), "the design's repository"
+    assert find_owned_files(Host(root=root)) == []

@@ -236,8 +236,8 @@ def test_join_script_on_a_booted_node(cli: Cli, node: BootedHost, api: ApiProces
         "/etc/kubernetes/pki/kubelet-key.pem": "600", "/etc/kubernetes/kubelet/kubeconfig": "600",
         "/etc/kubernetes/kubelet/config.yaml": "644", "/etc/containerd/config.toml": "644",
         "/etc/systemd/system/kubelet.service.d/10-divingbell.conf": "644",
-        "/etc/apt/sources.list.d/divingbell-standins.sources": "644",
-        "/etc/apt/keyrings/divingbell-standins.asc": "644",
+        "/etc/apt/sources.list.d/bootstrap-standins.sources": "644",
+        "/etc/apt/keyrings/bootstrap-standins.asc": "644",
         "/etc/divingbell/role": "640", "/etc/systemd/system/node-note.service": "644",
     }
     for path, mode in expected.items():

@@ -236,11 +236,13 @@ class Node:
 
     name: str
     index: int
-    plane: ControlPlane
+    # None: a bare machine (systemd, containerd, this machine's workarounds) that a test
+    # makes a node itself, e.g. with a bootstrap script that installs the kubelet.
+    plane: ControlPlane | None
     lower: Path  # the extracted node root (shared, never written)
     base: Path  # this node's tmpfs: overlay layers, containerd's state
     images: list[Path]
-    kubelet: Path
+    kubelet: Path | None
     netns: str = ""
     process: subprocess.Popen[bytes] | None = None
     cgroups: list[Path] = field(default_factory=list)
@@ -268,6 +270,10 @@ class Node:
                         f"workdir={self.base}/work", self.root], check=True)
         self.netns = f"dbnode-{os.getpid()}-{self.index}"
         subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        if self.plane is None:
+            subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
+            self._write_machine_files()
+            return
         # The Service range routed (to lo) so that connecting to it reaches the DNAT at all.
         for argv in (["link", "set", "lo", "up"],
                      ["addr", "add", f"{self.address}/32", "dev", "lo"],
@@ -281,7 +287,8 @@ class Node:
         port = int(self.plane.server.rsplit(":", 1)[1])
         self.forwarders = [Forwarder(self.netns, port),
                            Forwarder(self.netns, port, address=self.address)]
-        self._write_files(Ca.load(self.plane.ca_path))
+        self._write_machine_files()
+        self._write_kubelet_files(self.plane, Ca.load(self.plane.ca_path))
 
     def _write(self, path: str, text: str, mode: int = 0o644) -> None:
         target = self.root / path.lstrip("/")
@@ -296,33 +303,8 @@ class Node:
         (wants / unit).unlink(missing_ok=True)
         (wants / unit).symlink_to(f"/etc/systemd/system/{unit}")
 
-    def _write_files(self, ca: Ca) -> None:
-        pki = self.base / "pki"
-        cert, key = ca.issue(pki, "kubelet", f"system:node:{self.name}",
-                             organizations=("system:nodes",))
-        self._write("/etc/kubernetes/pki/ca.crt", self.plane.ca_path.read_text())
-        self._write("/etc/kubernetes/pki/kubelet.crt", cert.read_text())
-        self._write("/etc/kubernetes/pki/kubelet.key", key.read_text(), 0o600)
-        kubeconfig(pki / "kubelet.kubeconfig", f"https://127.0.0.1:{FORWARDED_PORT}",
-                   Path("/etc/kubernetes/pki/ca.crt"),
-                   cert=(Path("/etc/kubernetes/pki/kubelet.crt"),
-                         Path("/etc/kubernetes/pki/kubelet.key")))
-        self._write("/etc/kubernetes/kubelet.kubeconfig",
-                    (pki / "kubelet.kubeconfig").read_text(), 0o600)
-        self._write("/etc/kubernetes/kubelet.yaml", yaml.safe_dump({
-            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "failCgroupV1": False, "cgroupDriver": "cgroupfs",
-            "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
-            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False},
-                               "x509": {"clientCAFile": "/etc/kubernetes/pki/ca.crt"}},
-            "authorization": {"mode": "AlwaysAllow"},
-            "failSwapOn": False, "protectKernelDefaults": False,
-            "localStorageCapacityIsolation": False,
-            "resolvConf": "/etc/resolv.conf",
-            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
-                             "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
-            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
-            "shutdownGracePeriod": "0s"}))
+    def _write_machine_files(self) -> None:
+        """What every machine needs on this kind of host (the module's docstring)."""
         self._write("/etc/hostname", f"{self.name}\n")
         self._write("/etc/resolv.conf", "")
         self._write("/etc/systemd/system.conf.d/stop-timeout.conf",
@@ -377,6 +359,35 @@ ExecStart=/usr/local/sbin/import-images
 [Install]
 WantedBy=multi-user.target
 """)
+
+    def _write_kubelet_files(self, plane: ControlPlane, ca: Ca) -> None:
+        """The kubelet's credentials, configuration and unit: a node of `plane`."""
+        pki = self.base / "pki"
+        cert, key = ca.issue(pki, "kubelet", f"system:node:{self.name}",
+                             organizations=("system:nodes",))
+        self._write("/etc/kubernetes/pki/ca.crt", plane.ca_path.read_text())
+        self._write("/etc/kubernetes/pki/kubelet.crt", cert.read_text())
+        self._write("/etc/kubernetes/pki/kubelet.key", key.read_text(), 0o600)
+        kubeconfig(pki / "kubelet.kubeconfig", f"https://127.0.0.1:{FORWARDED_PORT}",
+                   Path("/etc/kubernetes/pki/ca.crt"),
+                   cert=(Path("/etc/kubernetes/pki/kubelet.crt"),
+                         Path("/etc/kubernetes/pki/kubelet.key")))
+        self._write("/etc/kubernetes/kubelet.kubeconfig",
+                    (pki / "kubelet.kubeconfig").read_text(), 0o600)
+        self._write("/etc/kubernetes/kubelet.yaml", yaml.safe_dump({
+            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+            "failCgroupV1": False, "cgroupDriver": "cgroupfs",
+            "containerRuntimeEndpoint": "unix:///run/containerd/containerd.sock",
+            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False},
+                               "x509": {"clientCAFile": "/etc/kubernetes/pki/ca.crt"}},
+            "authorization": {"mode": "AlwaysAllow"},
+            "failSwapOn": False, "protectKernelDefaults": False,
+            "localStorageCapacityIsolation": False,
+            "resolvConf": "/etc/resolv.conf",
+            "evictionHard": {"memory.available": "1Mi", "nodefs.available": "1%",
+                             "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+            "shutdownGracePeriod": "0s"}))
         self._enable("kubelet.service", f"""[Unit]
 Description=kubelet
 After=containerd.service import-images.service node-prep.service
@@ -408,7 +419,7 @@ WantedBy=multi-user.target
         argv = ["systemd-nspawn", "-q", "-D", str(self.root), "-b", "-M", self.name[:64],
                 "--register=no", "--keep-unit", "--console=passive", "--capability=all",
                 f"--network-namespace-path=/run/netns/{self.netns}", "--bind-ro=/dev/kmsg",
-                f"--bind-ro={self.kubelet}:/usr/local/bin/kubelet",
+                *([f"--bind-ro={self.kubelet}:/usr/local/bin/kubelet"] if self.kubelet else []),
                 f"--bind={self.base}/containerd:/var/lib/containerd",
                 *[f"--bind-ro={image}:{IMAGES_IN_NODE}/{image.name}" for image in self.images]]
         env = {**os.environ, "SYSTEMD_SECCOMP": "0",

@@ -24,22 +24,13 @@ import yaml
 
 from divingbell.bootstrap import controlplane
 from divingbell.bootstrap.design import COMPONENTS, Design, Node, Role, node_may_set
+from divingbell.bootstrap.paths import MANIFESTS, OWNED_ANNOTATION, PATHS
 from divingbell.errors import DivingbellError
 
 TEMPLATES = Path(__file__).with_name("templates")
-OWNED_ANNOTATION = "divingbell.io/bootstrap-labels"
 # Needed before anything is installed; curl (for the API steps) is installed with the packages.
 BASE_COMMANDS = ("systemctl", "apt-get", "dpkg-query", "tar", "gzip", "base64", "install",
                  "cmp", "stat", "df", "awk", "sed", "ip", "mktemp")
-PATHS = {
-    "ca": "/etc/kubernetes/pki/ca.pem",
-    "cert": "/etc/kubernetes/pki/kubelet.pem",
-    "key": "/etc/kubernetes/pki/kubelet-key.pem",
-    "kubelet_config": "/etc/kubernetes/kubelet/config.yaml",
-    "kubeconfig": "/etc/kubernetes/kubelet/kubeconfig",
-    "kubelet_dropin": "/etc/systemd/system/kubelet.service.d/10-divingbell.conf",
-    "containerd_config": "/etc/containerd/config.toml",
-}
 
 
 class BuildError(DivingbellError):
@@ -171,7 +162,7 @@ def build_node_script(design: Design, node: Node, credentials: NodeCredentials, 
         "api_cert": controlplane.CONTROL_PLANE_PATHS["admin_cert"] if plane else PATHS["cert"],
         "api_key": controlplane.CONTROL_PLANE_PATHS["admin_key"] if plane else PATHS["key"],
         "static_labels": static, "dynamic_labels": wanted,
-        "static_pod_path": controlplane.MANIFESTS if plane is not None else None,
+        "static_pod_path": MANIFESTS if plane is not None else None,
     }
     files = _node_files(design, node, role, credentials, context)
     control_plane: dict[str, Any] = {}
@@ -223,10 +214,12 @@ def _node_files(design: Design, node: Node, role: Role, credentials: NodeCredent
         if registry.ca:
             files[f"{directory}/ca.pem"] = (registry.ca if registry.ca.endswith("\n")
                                             else registry.ca + "\n", "0644")
+    # Not the agent's apt module's names (divingbell-<name>): the agent would take these for
+    # files of its own, and a node document's repository of the same name would replace them.
     for repo in design.apt_repositories:
-        files[f"/etc/apt/sources.list.d/divingbell-{repo.name}.sources"] = (
+        files[f"/etc/apt/sources.list.d/bootstrap-{repo.name}.sources"] = (
             _builtin("apt.sources.j2", {**context, "repo": repo}), "0644")
-        files[f"/etc/apt/keyrings/divingbell-{repo.name}.asc"] = (
+        files[f"/etc/apt/keyrings/bootstrap-{repo.name}.asc"] = (
             repo.key if repo.key.endswith("\n") else repo.key + "\n", "0644")
     if context["static_pod_path"] is not None:
         if not credentials.control_plane:

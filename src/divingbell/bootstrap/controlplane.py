@@ -17,9 +17,9 @@ from typing import Any
 import jinja2
 
 from divingbell.bootstrap.design import COMPONENTS, ControlPlane, Design, Node
+from divingbell.bootstrap.paths import MANIFESTS
 
 TEMPLATES = Path(__file__).with_name("templates") / "static-pods"
-MANIFESTS = "/etc/kubernetes/manifests"
 PKI = "/etc/kubernetes/pki"
 ETCD_DATA = "/var/lib/etcd"
 # Where each credential goes on the genesis node.

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from divingbell.bootstrap.build import OWNED_ANNOTATION
 from divingbell.bootstrap.design import is_protected, label_problem
+from divingbell.bootstrap.paths import OWNED_ANNOTATION
 from divingbell.kube import NodeLabelApi, NodeView
 
 

@@ -11,9 +11,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from divingbell.bootstrap.build import PATHS
-from divingbell.bootstrap.controlplane import MANIFESTS
 from divingbell.bootstrap.labels import remove_owned_labels
+from divingbell.bootstrap.paths import MANIFESTS, PATHS
 from divingbell.errors import CommandError, DivingbellError
 from divingbell.host import Host
 from divingbell.kube import KubeError, NodeLabelApi
