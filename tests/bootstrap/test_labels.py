@@ -4,6 +4,7 @@ API stand-in: the desired map, protected domains, the owned-labels annotation, e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -64,6 +65,20 @@ def test_labels_command_errors(cli: Cli, kube_api: KubeApiStandIn) -> None:
     assert "'no-equals': expected KEY=VALUE" in bad.stderr
     assert "'bad key' is not a valid label key" in bad.stderr
     assert len(kube_api.requests) == 1, "bad arguments never reach the API server"
+
+
+def test_an_unusable_kubeconfig_is_one_line_naming_it(cli: Cli, tmp_path: Path,
+                                                       debian_host: Host) -> None:
+    kubeconfig = tmp_path / "admin.conf"
+    kubeconfig.write_text("apiVersion: v1\nkind: Config\n")  # no clusters, no users
+    for argv in (("labels", "n1", "a=b"),
+                 ("teardown", "--node", "n1", "--root", str(debian_host.root))):
+        result = cli("bootstrap", *argv, "--kubeconfig", kubeconfig)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stderr.startswith("error: cannot configure the Kubernetes client from "
+                                        f"{kubeconfig}"), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_plan_is_pure_and_protected_domains_are_exact() -> None:

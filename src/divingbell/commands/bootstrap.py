@@ -176,8 +176,8 @@ def labels(node: str, labels: tuple[str, ...], dry_run: bool, kubeconfig: str | 
     desired, problems = parse_labels(labels)
     if problems:
         raise click.UsageError("; ".join(problems))
-    api = _api(kubeconfig, server)
     try:
+        api = _api(kubeconfig, server)
         change = (plan_labels(api.node(node), desired) if dry_run
                   else set_labels(api, node, desired))
     except KubeError as exc:
@@ -223,8 +223,8 @@ def teardown(node: str, no_drain: bool, keep_node: bool, root: Path, kubeconfig:
     from divingbell.host import Host
     from divingbell.kube import KubeError
 
-    api = _api(kubeconfig, server)
     try:
+        api = _api(kubeconfig, server)
         steps = run_teardown(api, Host(root=root), node, drain=not no_drain,
                              delete_node=not keep_node)
     except (TeardownError, KubeError) as exc:
