@@ -268,7 +268,9 @@ class Node:
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={self.lower},upperdir={self.base}/upper,"
                         f"workdir={self.base}/work", self.root], check=True)
-        self.netns = f"dbnode-{os.getpid()}-{self.index}"
+        # Unique per machine of this process: a session's real-node pair and a test's own
+        # machines (the genesis proof) are alive at the same time on one worker.
+        self.netns = f"dbn-{os.getpid()}-{self.name}"
         subprocess.run(["ip", "netns", "add", self.netns], check=True)
         if self.plane is None:
             subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
