@@ -106,7 +106,7 @@ def inside(runs: int) -> dict[str, dict[str, float]]:
     import compileall
 
     import divingbell as package
-    from divingbell.host import Host
+    from divingbell.core.host import Host
 
     # As installed (pip writes .pyc files): even under PYTHONDONTWRITEBYTECODE=1 no process
     # measured here spends its time compiling divingbell's sources.
@@ -127,10 +127,10 @@ def inside(runs: int) -> dict[str, dict[str, float]]:
 
 
 def measure(host: Any, name: str, document: dict[str, Any], runs: int) -> dict[str, float]:
-    from divingbell.document.api import node_config, revision
-    from divingbell.document.loader import load_text
-    from divingbell.document.validate import validate
-    from divingbell.engine.runner import apply_node
+    from divingbell.core.document.api import node_config, revision
+    from divingbell.core.document.loader import load_text
+    from divingbell.core.document.validate import validate
+    from divingbell.core.engine.runner import apply_node
 
     doc_path = host.root / f"tmp/dbbench-{name}.yaml"
     doc_path.write_text(json.dumps(document))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.kube.controlplane import Rest, assets, start
 from tests.kube.kubelet import add_node, add_pod, pod_token, set_ready
 
-from divingbell.manifests import build, to_yaml
+from divingbell.agent.manifests import build, to_yaml
 
 NAMESPACE = "divingbell"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.host import Host
+from divingbell.core.host import Host
 from tests.kube.fixtures import (  # noqa: F401
     kube_admin,
     kube_cluster,

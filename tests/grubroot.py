@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.host import Host
+from divingbell.core.host import Host
 from tests.booted import CACHE, debian_tarball, overlay
 
 GRUB_PACKAGES = ("grub2-common", "grub-pc-bin")
@@ -162,7 +162,7 @@ def grub_host(grub_image: Path, tmp_path: Path) -> Iterator[Host]:
 def next_boot_line(host: Host) -> list[str]:
     """GRUB's default entry as the next boot gets it (the environment block's line in place of
     divingbell's variable), without root=, which names this copy's loop backing file."""
-    from divingbell.modules.kernel import GRUB_CFG, GRUBENV, KernelObserved, default_entry
+    from divingbell.core.modules.kernel import GRUB_CFG, GRUBENV, KernelObserved, default_entry
 
     entry = default_entry(host.read_text(GRUB_CFG) or "", host.read_text(GRUBENV))
     assert entry is not None
@@ -182,7 +182,7 @@ def boot(host: Host, *, the_try_fails: bool = False) -> list[str]:
     and a new boot id, and an empty /run. Returns the booted parameters."""
     import uuid
 
-    from divingbell.modules.kernel import GRUBENV
+    from divingbell.core.modules.kernel import GRUBENV
 
     line = next_boot_line(host)
     if re.search(r"^divingbell_try=.", host.read_text(GRUBENV) or "", re.MULTILINE):

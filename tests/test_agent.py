@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.agent import Agent, AgentSettings, read_labels_file, serve
-from divingbell.host import Host
+from divingbell.agent.loop import Agent, AgentSettings, read_labels_file, serve
+from divingbell.core.host import Host
 from divingbell.kube import FakeKube
 from tests.conftest import Cli, NetNs
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.schema import AppArmorConf
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.runner import ApplyReport, apply_node
-from divingbell.host import Host
-from divingbell.modules.apparmor import profile_file
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.schema import AppArmorConf
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.runner import ApplyReport, apply_node
+from divingbell.core.host import Host
+from divingbell.core.modules.apparmor import profile_file
 
 pytestmark = [
     pytest.mark.kernel,

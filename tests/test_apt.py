@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import NodeConfig, resolve, validate
-from divingbell.engine.runner import ApplyReport, apply_node, plan_node
-from divingbell.errors import DocumentError
-from divingbell.host import Host
-from divingbell.modules.apt import PREFERENCES, PROTECTED, sources_file
-from divingbell.output import plan_text
+from divingbell.commands.output import plan_text
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import NodeConfig, resolve, validate
+from divingbell.core.engine.runner import ApplyReport, apply_node, plan_node
+from divingbell.core.errors import DocumentError
+from divingbell.core.host import Host
+from divingbell.core.modules.apt import PREFERENCES, PROTECTED, sources_file
 from tests.aptrepo import REPO_PATH, Repo, build_repo
 
 pytestmark = pytest.mark.kernel

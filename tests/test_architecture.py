@@ -10,6 +10,7 @@ shrink: an allowlisted cycle that is gone fails too, so its entry is deleted wit
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -18,7 +19,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # Cycles other work is removing (issue 30); each entry is one strongly connected component.
 KNOWN_CYCLES: dict[str, frozenset[str]] = {
     "the agent and its maintenance sequence": frozenset(
-        {"divingbell.agent", "divingbell.maintenance.sequence"}),
+        {"divingbell.agent.loop", "divingbell.maintenance.sequence"}),
     "fleet and rollout commands": frozenset(
         {"divingbell.commands.fleet", "divingbell.commands.rollout"}),
     "rollouts and the fleet service": frozenset(
@@ -160,3 +161,75 @@ def test_an_allowlisted_cycle_that_is_gone_fails(tmp_path: Path) -> None:
 def test_a_module_importing_itself_is_a_cycle(tmp_path: Path) -> None:
     src = _tree(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": "def f():\n    import pkg.a\n"})
     assert cycle_problems(src, {}) == ["import cycle: pkg.a"]
+
+
+# The architecture page draws the tree: one table row per part, its first column the part's
+# package (or modules), its text naming every module in it.
+PAGE = SRC.parent / "docs" / "architecture.md"
+PACKAGE = SRC / "divingbell"
+
+
+def table_rows(page: str) -> list[tuple[list[str], list[str]]]:
+    """The "Where each thing lives" table: per row, the paths of its first column and the
+    backticked names in its text."""
+    section = page.split("## Where each thing lives", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        where, what = line.strip("|").split("|", 1)
+        rows.append((re.findall(r"`([^`]+)`", where), re.findall(r"`([^`]+)`", what)))
+    return rows
+
+
+def page_problems(page: str, package: Path) -> list[str]:
+    """Where the page and the tree disagree: a path the page names that does not exist, a part
+    of the tree no row covers, a module no row names."""
+    problems = []
+    covered: set[Path] = set()
+    named: set[Path] = set()
+    for wheres, names in table_rows(page):
+        roots = [package / where for where in wheres]
+        for where, root in zip(wheres, roots, strict=True):
+            if not root.exists():
+                problems.append(f"row {where}: no such path in the tree")
+            covered.add(root)
+            named.add(root)
+        for name in names:
+            if not re.fullmatch(r"\w[\w/*.-]*\.py|\w[\w/-]*/", name):
+                continue
+            bases = [root for root in roots if root.is_dir()] + [package]
+            found = [hit for base in bases for hit in base.glob(name.rstrip("/"))]
+            if not found:
+                problems.append(f"row {wheres[0]}: names {name}, which is not in the tree")
+            named.update(found)
+    for path in sorted(package.iterdir()):
+        if path.name.startswith(("_", ".")) or path.name == "py.typed":
+            continue
+        if not any(path == root or path in root.parents for root in covered):
+            problems.append(f"{path.relative_to(package)}: no row of the page covers it")
+    for module in sorted(package.rglob("*.py")):
+        if module.name.startswith("_") or "migrations" in module.parts:
+            continue
+        if not any(module == root or root in module.parents for root in covered):
+            continue
+        if module not in named and not any(hit in module.parents for hit in named - covered):
+            problems.append(f"{module.relative_to(package)}: the page never names it")
+    return problems
+
+
+def test_the_architecture_page_and_the_tree_agree() -> None:
+    assert page_problems(PAGE.read_text(), PACKAGE) == []
+
+
+def test_the_page_check_finds_a_missing_and_an_unnamed_module(tmp_path: Path) -> None:
+    package = _tree(tmp_path, {"pkg/__init__.py": "", "pkg/core/__init__.py": "",
+                               "pkg/core/a.py": "", "pkg/core/b.py": "", "pkg/tool.py": ""})
+    page = ("## Where each thing lives\n\n| where | what |\n| --- | --- |\n"
+            "| `core/` | `a.py` and `gone.py` |\n| `cli/` | nothing |\n")
+    assert page_problems(page, package / "pkg") == [
+        "row core/: names gone.py, which is not in the tree",
+        "row cli/: no such path in the tree",
+        "tool.py: no row of the page covers it",
+        "core/b.py: the page never names it",
+    ]

@@ -27,7 +27,7 @@ def test_help_lists_every_command_group_without_importing_it(cli: Cli) -> None:
 
     import click
 
-    from divingbell.cli import LAZY_COMMANDS
+    from divingbell.commands.cli import LAZY_COMMANDS
     from tests.test_fast_path import imported_modules
 
     result = cli("--help", env={"PYTHONPROFILEIMPORTTIME": "1"})
@@ -37,7 +37,7 @@ def test_help_lists_every_command_group_without_importing_it(cli: Cli) -> None:
         command = getattr(importlib.import_module(module_name), attr)
         assert isinstance(command, click.Command) and command.name == name
     imported = imported_modules(result.stderr)
-    assert "divingbell.cli" in imported
+    assert "divingbell.commands.cli" in imported
     assert not {target.partition(":")[0] for target, _ in LAZY_COMMANDS.values()} & imported
     assert not imported & {"pydantic", "yaml", "fastapi"}, sorted(imported)
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from divingbell.document import schema
-from divingbell.engine.change import NONE, REBOOT, Action, Change, strongest
-from divingbell.engine.journal import ModuleRecord
-from divingbell.engine.runner import ModulePlan, Plan
-from divingbell.modules.apparmor import AppArmor, AppArmorObserved
-from divingbell.modules.apt import (
+from divingbell.core.document import schema
+from divingbell.core.engine.change import NONE, REBOOT, Action, Change, strongest
+from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.engine.runner import ModulePlan, Plan
+from divingbell.core.modules.apparmor import AppArmor, AppArmorObserved
+from divingbell.core.modules.apt import (
     Apt,
     AptObserved,
     AptRun,
@@ -24,13 +24,13 @@ from divingbell.modules.apt import (
     package_disruption,
     package_services,
 )
-from divingbell.modules.ethtool import Ethtool, EthtoolObserved, NicState
-from divingbell.modules.exec import Exec, ExecObserved
-from divingbell.modules.limits import Limits, LimitsObserved, limit_file
-from divingbell.modules.mounts import LiveMount, Mounts, MountsObserved
-from divingbell.modules.perm import Ids, Ownership, Perm, PermObserved
-from divingbell.modules.sysctl import Sysctl, SysctlObserved
-from divingbell.modules.uamlite import Uamlite, UamliteObserved
+from divingbell.core.modules.ethtool import Ethtool, EthtoolObserved, NicState
+from divingbell.core.modules.exec import Exec, ExecObserved
+from divingbell.core.modules.limits import Limits, LimitsObserved, limit_file
+from divingbell.core.modules.mounts import LiveMount, Mounts, MountsObserved
+from divingbell.core.modules.perm import Ids, Ownership, Perm, PermObserved
+from divingbell.core.modules.sysctl import Sysctl, SysctlObserved
+from divingbell.core.modules.uamlite import Uamlite, UamliteObserved
 from tests.conftest import Cli, write
 
 
@@ -100,7 +100,7 @@ def _mounts_unmount() -> list[Change]:
 
 def _ethtool() -> list[Change]:
     conf = schema.EthtoolConf.model_validate({"eth0": {"tx-checksumming": "off"}})
-    from divingbell.modules.ethtool import Feature
+    from divingbell.core.modules.ethtool import Feature
 
     nic = NicState({"tx-checksumming": Feature(True, fixed=False)})
     return Ethtool().plan(conf, EthtoolObserved({"eth0": nic}, {}, {}, "/usr/sbin/ethtool"),
@@ -159,7 +159,7 @@ def test_exec_disruption_is_what_the_script_declares(declared: dict[str, str],
 def test_exec_script_that_does_not_run_disrupts_nothing() -> None:
     conf = schema.ExecConf.model_validate(
         {"s.sh": {"data": "true\n", "rerun_policy": "never", "disruption": "reboot"}})
-    from divingbell.modules.exec import script_hash
+    from divingbell.core.modules.exec import script_hash
 
     record = _record(scripts={"s.sh": {"hash": script_hash(conf.root["s.sh"]), "exit": 0,
                                        "ran_at": 1.0, "timed_out": False}})

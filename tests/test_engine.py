@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import NodeConfig, resolve, validate
-from divingbell.engine.change import Action, Change
-from divingbell.engine.journal import JOURNAL_FILE, FileJournalStore
-from divingbell.engine.lock import host_lock
-from divingbell.engine.runner import apply_node, plan_node
-from divingbell.errors import LockTimeout
-from divingbell.host import Host
-from divingbell.modules.sysctl import DROPIN
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import NodeConfig, resolve, validate
+from divingbell.core.engine.change import Action, Change
+from divingbell.core.engine.journal import JOURNAL_FILE, FileJournalStore
+from divingbell.core.engine.lock import host_lock
+from divingbell.core.engine.runner import apply_node, plan_node
+from divingbell.core.errors import LockTimeout
+from divingbell.core.host import Host
+from divingbell.core.modules.sysctl import DROPIN
 
 
 def config(text: str, node: str = "n1", **labels: str) -> NodeConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.modules.ethtool import parse_features, parse_settings, render_unit
+from divingbell.core.modules.ethtool import parse_features, parse_settings, render_unit
 from tests.conftest import Cli, NetNs, require_root_tools, write
 
 pytestmark = pytest.mark.kernel
@@ -148,7 +148,7 @@ def test_parsers_on_captured_output() -> None:
 
 
 def test_unit_lists_every_setting_in_order() -> None:
-    from divingbell.document.schema import EthtoolInterface
+    from divingbell.core.document.schema import EthtoolInterface
 
     conf = EthtoolInterface.model_validate({"tso": False, "rx": True, "ring": {"tx": 512}})
     unit = render_unit("ens3", conf, "/usr/sbin/ethtool")

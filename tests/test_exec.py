@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.schema import Script
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.runner import ApplyReport, apply_node, plan_node
-from divingbell.host import Host, interrupt
-from divingbell.modules import IMPLEMENTED
-from divingbell.modules.exec import STORE, Exec, decide, script_hash
-from divingbell.output import plan_text
+from divingbell.commands.output import plan_text
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.schema import Script
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.runner import ApplyReport, apply_node, plan_node
+from divingbell.core.host import Host, interrupt
+from divingbell.core.modules import IMPLEMENTED
+from divingbell.core.modules.exec import STORE, Exec, decide, script_hash
 
 pytestmark = pytest.mark.kernel
 
@@ -282,7 +282,7 @@ def test_removed_script_is_forgotten_not_reverted(host: Host, clock: Clock) -> N
 
 
 def test_bad_input(host: Host) -> None:
-    from divingbell.errors import DocumentError
+    from divingbell.core.errors import DocumentError
 
     for bad, message in ((
         {"a.sh": {"data": "x", "rerun_policy": "sometimes"}}, "rerun_policy"),

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from divingbell.apply_command import ApplyOptions, parse_fast
+from divingbell.commands.apply import ApplyOptions, parse_fast
 from divingbell.commands.host import apply as apply_command
 from tests.conftest import Cli
 
@@ -111,12 +111,12 @@ def test_a_no_op_apply_imports_neither_click_nor_pydantic_nor_inspect(
                    env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert again.returncode == 0, again.stderr
     imported = imported_modules(again.stderr)
-    assert "divingbell.engine.runner" in imported, "proof the report lists the imports"
+    assert "divingbell.core.engine.runner" in imported, "proof the report lists the imports"
     assert not imported & {"click", "pydantic", "yaml", "ast", "dis"}, sorted(imported)
     # The same command through click prints the same thing.
     through_click = subprocess.run(
         ["ip", "netns", "exec", ns_cli.netns.name,  # type: ignore[union-attr]
-         sys.executable, "-c", "from divingbell.cli import cli; cli(prog_name='divingbell')",
+         sys.executable, "-c", "from divingbell.commands.cli import cli; cli(prog_name='divingbell')",
          "apply", str(doc), "--root", str(root), "--node", "n1"],
         check=False, capture_output=True, text=True)
     assert (through_click.returncode, through_click.stdout) == (0, again.stdout)
@@ -136,7 +136,7 @@ def test_usage_errors_on_the_fast_paths_command_are_clicks(cli: Cli, tmp_path: P
 def test_inspect_stand_in_loads_the_real_module_when_used() -> None:
     probe = (
         "import sys\n"
-        "from divingbell.entry import _ImportedOnFirstUse\n"
+        "from divingbell.commands.entry import _ImportedOnFirstUse\n"
         "sys.modules['inspect'] = _ImportedOnFirstUse('inspect')\n"
         "import dataclasses\n"
         "assert 'ast' not in sys.modules\n"

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.nodeconfig import NodeConfig
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.change import NONE, REBOOT, Action
-from divingbell.engine.journal import ModuleRecord
-from divingbell.engine.runner import ApplyReport, Plan, apply_node, plan_node
-from divingbell.errors import DocumentError
-from divingbell.host import Host
-from divingbell.modules.kernel import (
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.nodeconfig import NodeConfig
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.change import NONE, REBOOT, Action
+from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.engine.runner import ApplyReport, Plan, apply_node, plan_node
+from divingbell.core.errors import DocumentError
+from divingbell.core.host import Host
+from divingbell.core.modules.kernel import (
     BOOT_CONFIG,
     DROPIN,
     DROPIN_TEXT,
@@ -246,7 +246,7 @@ def test_plan_removal_unwires_and_waits_for_the_reboot() -> None:
 
 
 def test_apply_looks_for_the_trial_where_the_module_keeps_it() -> None:
-    from divingbell.apply_command import KERNEL_TRIAL_FILE
+    from divingbell.commands.apply import KERNEL_TRIAL_FILE
 
     assert KERNEL_TRIAL_FILE == TRIAL_FILE
 

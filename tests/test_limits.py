@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.change import Action
-from divingbell.engine.runner import ApplyReport, apply_node, plan_node
-from divingbell.host import Host
-from divingbell.modules.limits import limit_file
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.change import Action
+from divingbell.core.engine.runner import ApplyReport, apply_node, plan_node
+from divingbell.core.host import Host
+from divingbell.core.modules.limits import limit_file
 from tests.conftest import write
 
 DOC = """\

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import deep_merge, load_files, load_text
-from divingbell.errors import DocumentError
+from divingbell.core.document.loader import deep_merge, load_files, load_text
+from divingbell.core.errors import DocumentError
 from tests.conftest import write
 
 

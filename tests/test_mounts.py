@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.runner import ApplyReport, apply_node
-from divingbell.host import Host
-from divingbell.modules.mounts import (
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.runner import ApplyReport, apply_node
+from divingbell.core.host import Host
+from divingbell.core.modules.mounts import (
     LiveMount,
     normalise_options,
     parse_mountinfo,
     render_unit,
 )
-from divingbell.modules.systemd import escape_path
+from divingbell.core.modules.systemd import escape_path
 
 pytestmark = pytest.mark.kernel
 
@@ -149,7 +149,7 @@ def test_parse_mountinfo_unescapes_paths() -> None:
 
 
 def test_unit_without_options_has_no_options_line() -> None:
-    from divingbell.document.schema import Mount
+    from divingbell.core.document.schema import Mount
 
     unit = render_unit("m", Mount(mnt_tgt="/m", device="/dev/sdb1", type="ext4"))
     assert "Options=" not in unit

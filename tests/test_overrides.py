@@ -5,8 +5,8 @@ from typing import Any
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import resolve, validate
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import resolve, validate
 
 # Verbatim from seed 000 ("Overrides example with sysctl daemonset").
 SEED_EXAMPLE = dedent("""\

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from divingbell.bootstrap.design import load_design
-from divingbell.document.api import load_document
-from divingbell.errors import DocumentError
+from divingbell.core.document.api import load_document
+from divingbell.core.errors import DocumentError
 from divingbell.fleet.boot import BootProfileError, load_profiles
 from divingbell.pki.catalog import load_catalog
 from divingbell.policy.config import load_policy

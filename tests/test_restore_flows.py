@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.agent import Agent, AgentSettings
-from divingbell.host import Host
-from divingbell.modules.apt import APT_ENV
-from divingbell.modules.exec import STORE
-from divingbell.modules.limits import LIMITS_DIR
+from divingbell.agent.loop import Agent, AgentSettings
+from divingbell.core.host import Host
+from divingbell.core.modules.apt import APT_ENV
+from divingbell.core.modules.exec import STORE
+from divingbell.core.modules.limits import LIMITS_DIR
 from tests.aptrepo import REPO_PATH, Repo
 from tests.conftest import Cli, make_proc_sys, write
 from tests.test_apt import doc as apt_doc

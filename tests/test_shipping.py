@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from divingbell import __version__
-from divingbell.manifests import DEFAULT_IMAGE
+from divingbell.agent.manifests import DEFAULT_IMAGE
 
 REPO = Path(__file__).resolve().parent.parent
 

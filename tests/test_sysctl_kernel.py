@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.modules.sysctl import DROPIN
+from divingbell.core.modules.sysctl import DROPIN
 from tests.conftest import Cli, NetNs, write
 
 pytestmark = pytest.mark.kernel

@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from divingbell.document.schema import SysctlConf, canonical_sysctl_key, sysctl_components
-from divingbell.engine.change import Action
-from divingbell.engine.journal import ModuleRecord
-from divingbell.modules.sysctl import DROPIN, Sysctl, SysctlObserved, render_dropin
+from divingbell.core.document.schema import SysctlConf, canonical_sysctl_key, sysctl_components
+from divingbell.core.engine.change import Action
+from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.modules.sysctl import DROPIN, Sysctl, SysctlObserved, render_dropin
 
 A = Action
 

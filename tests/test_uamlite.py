@@ -9,12 +9,12 @@ import subprocess
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.journal import LAST_RUN_FILE
-from divingbell.engine.runner import ApplyReport, apply_node, plan_node
-from divingbell.host import Host
-from divingbell.output import plan_text
+from divingbell.commands.output import plan_text
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.journal import LAST_RUN_FILE
+from divingbell.core.engine.runner import ApplyReport, apply_node, plan_node
+from divingbell.core.host import Host
 
 pytestmark = pytest.mark.kernel
 

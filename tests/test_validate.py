@@ -4,9 +4,9 @@ from textwrap import dedent
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import validate
-from divingbell.errors import DocumentError
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import validate
+from divingbell.core.errors import DocumentError
 
 SEED_DIVINGBELL = dedent("""\
     conf:

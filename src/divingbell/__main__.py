@@ -1,3 +1,3 @@
-from divingbell.entry import main
+from divingbell.commands.entry import main
 
 main()

@@ -15,7 +15,7 @@ import pytest
 
 from divingbell.bootstrap.controlplane import image
 from divingbell.bootstrap.design import parse_design
-from divingbell.host import Host
+from divingbell.core.host import Host
 from tests.aptrepo import REPO_PATH, build_repo
 from tests.bootstrap import airgap
 from tests.bootstrap.test_build import embedded_archive

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.engine.journal import find_owned_files
-from divingbell.host import Host
+from divingbell.core.engine.journal import find_owned_files
+from divingbell.core.host import Host
 from tests.aptrepo import build_repo
 from tests.conftest import Cli
 

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from divingbell.manifests import build, to_yaml
+from divingbell.agent.manifests import build, to_yaml
 from tests.aptrepo import build_repo
 from tests.booted import extract
 from tests.bootstrap import airgap

@@ -10,7 +10,7 @@ import pytest
 
 from divingbell.bootstrap.labels import plan_labels, remove_owned_labels, set_labels
 from divingbell.bootstrap.teardown import TeardownError, run_teardown
-from divingbell.host import Host
+from divingbell.core.host import Host
 from divingbell.kube import FakeKube, NodeView
 from tests.bootstrap.kubeapi import KubeApiStandIn
 from tests.conftest import Cli

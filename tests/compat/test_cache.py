@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.api import load_document, node_config
-from divingbell.document.frozen import decode, encode
+from divingbell.core.document.api import load_document, node_config
+from divingbell.core.document.frozen import decode, encode
 from tests.compat.conftest import DATA
 from tests.conftest import Cli, write
 from tests.test_validate import SEED_DIVINGBELL
@@ -67,7 +67,7 @@ def test_a_cache_hit_plans_the_same_and_never_imports_pydantic(
     assert second.stdout == first.stdout and second.returncode == first.returncode
     probe = (
         "import sys\n"
-        "from divingbell.cli import cli\n"
+        "from divingbell.commands.cli import cli\n"
         "try:\n"
         f"    cli(['plan', {str(doc)!r}, '--root', {str(root)!r}, '--node', 'n1'],\n"
         "        standalone_mode=False)\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.host import Host
+from divingbell.core.host import Host
 from tests.conftest import Cli, NetNs, write
 
 pytestmark = pytest.mark.kernel

@@ -7,11 +7,11 @@ from textwrap import dedent
 
 import pytest
 
-from divingbell.document.api import load_document, node_config
-from divingbell.document.loader import load_text
-from divingbell.document.validate import validate
-from divingbell.errors import DocumentError
-from divingbell.modules.apt import render_source
+from divingbell.core.document.api import load_document, node_config
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import validate
+from divingbell.core.errors import DocumentError
+from divingbell.core.modules.apt import render_source
 from tests.compat.conftest import DATA
 
 

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.runner import plan_node
-from divingbell.errors import DocumentError
-from divingbell.host import Host
-from divingbell.modules import IMPLEMENTED
-from divingbell.modules.apt import APT_ENV
-from divingbell.modules.ethtool import parse_features
-from divingbell.modules.exec import STORE, Exec
-from divingbell.output import plan_text
+from divingbell.commands.output import plan_text
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.runner import plan_node
+from divingbell.core.errors import DocumentError
+from divingbell.core.host import Host
+from divingbell.core.modules import IMPLEMENTED
+from divingbell.core.modules.apt import APT_ENV
+from divingbell.core.modules.ethtool import parse_features
+from divingbell.core.modules.exec import STORE, Exec
 from tests.aptrepo import Repo
 from tests.conftest import Cli, NetNs, require_root_tools, write
 from tests.test_apt import apply as apt_apply

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.fleet.agent_source import build
-from divingbell.host import Host
+from divingbell.agent.fleet_source import build
+from divingbell.core.host import Host
 from tests.conftest import make_proc_sys
 from tests.fleet.servers import ThreadServer
 from tests.fleet.test_api import register

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from divingbell.document.api import load_document, load_document_text, node_config
+from divingbell.core.document.api import load_document, load_document_text, node_config
 from divingbell.fleet.client import FleetApiError, FleetClient
 from tests.fleet.servers import ThreadServer, wait_for
 

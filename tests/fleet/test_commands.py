@@ -185,7 +185,7 @@ def test_fact_parsers() -> None:
 
 
 def test_the_node_side_needs_none_of_the_service_dependencies(cli: Cli) -> None:
-    code = ("import sys, divingbell.cli, divingbell.fleet.agent_source, divingbell.fleet.client,"
+    code = ("import sys, divingbell.commands.cli, divingbell.agent.fleet_source, divingbell.fleet.client,"
             " divingbell.fleet.facts, divingbell.commands.discover\n"
             "heavy = [m for m in ('fastapi', 'sqlalchemy', 'alembic', 'uvicorn', 'psycopg',"
             " 'jinja2', 'cryptography') if m in sys.modules]\n"

@@ -162,8 +162,8 @@ def test_the_push_and_plan_commands_show_and_ask(cli: Cli, tmp_path: Path) -> No
 
 def test_a_fleet_agent_refuses_a_configuration_that_fails_to_parse(
         fleet: ThreadServer, tmp_path: Path, root: Path) -> None:
-    from divingbell.fleet.agent_source import build
-    from divingbell.host import Host
+    from divingbell.agent.fleet_source import build
+    from divingbell.core.host import Host
     from tests.conftest import make_proc_sys
 
     answer = fleet.bootstrap.discover(facts(1))

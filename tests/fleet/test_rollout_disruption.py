@@ -6,9 +6,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from divingbell.core.host import Host
 from divingbell.fleet.client import FleetClient
 from divingbell.fleet.settings import FleetSettings
-from divingbell.host import Host
 from tests.conftest import Cli
 from tests.fleet.servers import ThreadServer, thread_server
 from tests.fleet.test_push_removals import FULL, fleet_on, roles
@@ -101,7 +101,7 @@ conf:
 
 def test_a_fleet_agent_reports_rebooting_until_the_kernel_has_its_command_line(
         fleet: ThreadServer, grub_host: Host) -> None:
-    from divingbell.fleet.agent_source import build
+    from divingbell.agent.fleet_source import build
     from tests.fleet.test_api import facts
 
     answer = fleet.bootstrap.discover(facts(1))
@@ -137,8 +137,8 @@ conf:
 
 def test_a_kernel_line_that_does_not_boot_is_reverted_and_halts_the_rollout(
         fleet: ThreadServer, grub_host: Host, cli: Cli) -> None:
-    from divingbell.fleet.agent_source import FleetAgent, build
-    from divingbell.modules.kernel import GRUBENV, parse_grubenv
+    from divingbell.agent.fleet_source import FleetAgent, build
+    from divingbell.core.modules.kernel import GRUBENV, parse_grubenv
     from tests.fleet.test_api import register
     from tests.grubroot import boot
 
@@ -204,8 +204,8 @@ def test_a_kernel_line_that_does_not_boot_is_reverted_and_halts_the_rollout(
 
 def test_a_tried_line_that_leaves_the_fleet_unreachable_is_reverted_and_reported_later(
         fleet: ThreadServer, grub_host: Host) -> None:
-    from divingbell.fleet.agent_source import FleetAgent, build
-    from divingbell.modules.kernel import GRUBENV, parse_grubenv
+    from divingbell.agent.fleet_source import FleetAgent, build
+    from divingbell.core.modules.kernel import GRUBENV, parse_grubenv
     from tests.fleet.test_api import register
     from tests.grubroot import boot
 

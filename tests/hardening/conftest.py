@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from divingbell import safepath
+from divingbell.core import safepath
 
 TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}$")
 

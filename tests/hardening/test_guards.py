@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.runner import ApplyReport, apply_node
-from divingbell.host import Host
-from divingbell.modules.sudoers import parse_tree
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.runner import ApplyReport, apply_node
+from divingbell.core.host import Host
+from divingbell.core.modules.sudoers import parse_tree
 from tests.conftest import Cli, make_proc_sys, write
 
 THREE = "conf:\n  sysctl:\n    vm.swappiness: 10\n    net.core.somaxconn: 1024\n" \
@@ -77,7 +77,7 @@ def test_the_cli_refuses_only_a_file_without_conf(scratch_host: Host, cli: Cli,
 def test_the_agent_refuses_what_is_evidently_not_a_whole_document(
         tmp_path: Path, root: Path, caplog: pytest.LogCaptureFixture, text: str, reason: str,
         says: str) -> None:
-    from divingbell.agent import Agent, AgentSettings
+    from divingbell.agent.loop import Agent, AgentSettings
 
     host = Host(root=root, proc_sys=make_proc_sys(tmp_path / "ps", {
         "vm/swappiness": "60", "net/core/somaxconn": "4096", "net/ipv4/ip_forward": "0"}))

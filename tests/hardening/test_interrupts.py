@@ -112,7 +112,7 @@ def test_a_signal_during_a_script_kills_its_group_and_records_it(
 
 def test_a_user_created_just_before_a_kill_is_known_to_the_journal(debian_host: object,
                                                                     tmp_path: Path) -> None:
-    from divingbell.host import Host
+    from divingbell.core.host import Host
 
     assert isinstance(debian_host, Host)
     root = debian_host.root
@@ -154,7 +154,7 @@ def test_a_signal_very_early_or_very_late_is_said_with_what_was_done(
     no word (killed by SIGTERM, a silent exit 130, or exit 0). Whenever divingbell stops on a
     signal it says so, and what it did. The signal is real, sent by the process to itself at a
     named point (DIVINGBELL_FAULT_SIGNAL_AT), so every window is hit every time."""
-    from divingbell.host import Host
+    from divingbell.core.host import Host
 
     assert isinstance(scratch_host, Host)
     doc = write(tmp_path / "doc.yaml", "conf:\n  sysctl:\n    vm.swappiness: 10\n")

@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.journal import (
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.journal import (
     JOURNAL_FILE,
     PREVIOUS_FILE,
     FileJournalStore,
     JournalCorrupt,
     JournalMissing,
 )
-from divingbell.engine.runner import ApplyReport, apply_node
-from divingbell.host import Host
+from divingbell.core.engine.runner import ApplyReport, apply_node
+from divingbell.core.host import Host
 from tests.conftest import Cli, make_proc_sys, write
 
 DOC = "conf:\n  sysctl:\n    vm.swappiness: 10\n"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.runner import ApplyReport, apply_node
-from divingbell.errors import DocumentError, UnsafePath
-from divingbell.host import Host, UserDir
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.runner import ApplyReport, apply_node
+from divingbell.core.errors import DocumentError, UnsafePath
+from divingbell.core.host import Host, UserDir
 from tests.conftest import make_proc_sys, write
 from tests.hardening.conftest import snapshot
 

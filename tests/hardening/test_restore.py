@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import stat
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import resolve, validate
-from divingbell.engine.runner import ApplyReport, apply_node
-from divingbell.host import Host
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import resolve, validate
+from divingbell.core.engine.runner import ApplyReport, apply_node
+from divingbell.core.host import Host
 from tests.conftest import write
 
 LIMIT = "conf:\n  limits:\n    nofile: {domain: '*', type: soft, item: nofile, value: 1024}\n"

@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from divingbell.document.loader import load_text
-from divingbell.document.validate import validate
-from divingbell.errors import DocumentError
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.validate import validate
+from divingbell.core.errors import DocumentError
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGKv9eU0ZP4B9hTL2cHmy1oExGv3A0kQfJ9pA3d5m1Yh"
 HASH = "$6$salt$IxDD3jeSOb5eB1CX5LBsqZFVkJdido3OUILO5Ifz5iwMuTS4XMS130MTSuDDl3aCI6WouIL9AjRbLC"
@@ -126,8 +126,8 @@ def test_the_same_values_without_the_poison_are_fine() -> None:
 
 
 def test_a_percent_sign_reaches_the_unit_file_as_itself() -> None:
-    from divingbell.document.schema import Mount
-    from divingbell.modules.mounts import render_unit
+    from divingbell.core.document.schema import Mount
+    from divingbell.core.modules.mounts import render_unit
 
     unit = render_unit("m", Mount(mnt_tgt="/mnt/m", device="//srv/share%h", type="cifs"))
     assert "What=//srv/share%%h\n" in unit  # systemd reads %% as %, never a specifier

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.loader import MAX_NODES, load_file, load_text
-from divingbell.document.validate import validate
-from divingbell.errors import DocumentError
+from divingbell.core.document.loader import MAX_NODES, load_file, load_text
+from divingbell.core.document.validate import validate
+from divingbell.core.errors import DocumentError
 
 LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n"

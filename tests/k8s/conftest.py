@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from divingbell.manifests import build
+from divingbell.agent.manifests import build
 
 
 @pytest.fixture

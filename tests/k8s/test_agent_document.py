@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.agent import Agent, AgentSettings, configure_logging, serve
-from divingbell.engine.lock import host_lock
-from divingbell.host import Host
+from divingbell.agent.loop import Agent, AgentSettings, configure_logging, serve
+from divingbell.agent.manifests import document_digest
+from divingbell.core.engine.lock import host_lock
+from divingbell.core.host import Host
 from divingbell.kube import FakeKube, LightkubeApi
-from divingbell.manifests import document_digest
 from tests.conftest import NetNs
 from tests.test_agent import DOC, OVERRIDE, Clock, ConfigMapVolume, get, live, wait_for
 
@@ -165,10 +165,10 @@ def test_healthz_fails_when_no_pass_finished_for_five_minutes(
 
 
 def test_converge_budget_counts_the_documents_own_waits(scratch_host: Host) -> None:
-    from divingbell.agent import converge_budget
-    from divingbell.document.api import node_config
-    from divingbell.document.loader import load_text
-    from divingbell.document.validate import validate
+    from divingbell.agent.loop import converge_budget
+    from divingbell.core.document.api import node_config
+    from divingbell.core.document.loader import load_text
+    from divingbell.core.document.validate import validate
 
     document = validate(load_text(
         "conf:\n  exec:\n    a.sh: {data: 'x', timeout: 100}\n    b.sh: {data: 'x', "

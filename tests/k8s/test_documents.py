@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
+from divingbell.agent.manifests import build
 from divingbell.kube import FakeKube, KubeError, LightkubeApi, Request
-from divingbell.manifests import build
 
 NS = "ops"
 

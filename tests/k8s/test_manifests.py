@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from divingbell.manifests import (
+from divingbell.agent.manifests import (
     DIGEST_LABEL,
     DOCUMENT_LABEL,
     build,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from divingbell.document.secrets import MASK
+from divingbell.core.document.secrets import MASK
 from tests.conftest import Cli
 
 SECRETS = ("$6$salt$hashhashhash", "s3cr3t-token", "hunter2", "mirrorpass", "cifspass")

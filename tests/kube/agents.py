@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from divingbell.manifests import build, to_yaml
+from divingbell.agent.manifests import build, to_yaml
 from tests.kube.controlplane import ApiError, ControlPlane, Rest, kubeconfig
 from tests.kube.kubelet import add_node, add_pod, pod_token
 

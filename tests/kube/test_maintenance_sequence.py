@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from divingbell.host import Host
+from divingbell.agent.manifests import build, to_yaml
+from divingbell.core.host import Host
+from divingbell.core.modules.kernel import GRUBENV
 from divingbell.maintenance.decide import CORDONED_BY, lease_name
-from divingbell.manifests import build, to_yaml
-from divingbell.modules.kernel import GRUBENV
 from tests.grubroot import BOOTED, KERNEL, grub_root, next_boot_line
 from tests.kube.agents import Agents, put_back, revisions
 from tests.kube.controlplane import ApiError, ControlPlane, Rest

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from divingbell.agent.manifests import build, to_yaml
 from divingbell.maintenance.decide import CORDONED_BY, lease_name
-from divingbell.manifests import build, to_yaml
 from tests.kube.agents import Agents, put_back, revisions
 from tests.kube.controlplane import ControlPlane
 from tests.kube.node import Node, RealNodes, ready, wait_ready

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from divingbell.manifests import build, document_digest, to_yaml
+from divingbell.agent.manifests import build, document_digest, to_yaml
 from tests.conftest import Cli
 from tests.kube.agents import ROLLOUT_NODES, Agents, on_rollout_nodes
 from tests.kube.controlplane import ControlPlane

@@ -7,8 +7,8 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-from divingbell.agent import Agent, AgentSettings, serve
-from divingbell.host import Host
+from divingbell.agent.loop import Agent, AgentSettings, serve
+from divingbell.core.host import Host
 from divingbell.kube import FakeKube
 from divingbell.maintenance import decide
 from divingbell.maintenance.sequence import hook_for

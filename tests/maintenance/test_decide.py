@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from divingbell.document.schema import MaintenanceWindow
+from divingbell.core.document.schema import MaintenanceWindow
 from divingbell.kube import BudgetView, PodView
 from divingbell.maintenance import decide
 from divingbell.maintenance.decide import Claim, SlotState

@@ -7,11 +7,11 @@ from textwrap import dedent
 
 import pytest
 
-from divingbell.document.api import node_config
-from divingbell.document.loader import load_text
-from divingbell.document.schema import MaintenanceConf, parse_duration
-from divingbell.document.validate import validate
-from divingbell.errors import DocumentError
+from divingbell.core.document.api import node_config
+from divingbell.core.document.loader import load_text
+from divingbell.core.document.schema import MaintenanceConf, parse_duration
+from divingbell.core.document.validate import validate
+from divingbell.core.errors import DocumentError
 
 ISSUE_EXAMPLE = dedent("""\
     conf:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from divingbell.document.schema import MaintenanceConf
-from divingbell.host import Host
+from divingbell.core.document.schema import MaintenanceConf
+from divingbell.core.host import Host
 from divingbell.kube import FakeKube, FakePod, MaintenanceKube
 from divingbell.maintenance import decide
 from divingbell.maintenance.alerts import alert_blockers
@@ -363,7 +363,7 @@ def test_an_unreadable_record_starts_from_idle(node: Node) -> None:
                                                    (1, decide.WAITING), (127, decide.WAITING)])
 def test_a_reboot_command_killed_by_its_own_shutdown_is_not_a_failure(
         kube: FakeKube, clock: Clock, tmp_path: Path, returncode: int, phase: str) -> None:
-    from divingbell.errors import CommandError
+    from divingbell.core.errors import CommandError
 
     def reboot(strategy: str) -> None:
         raise CommandError(["systemctl", strategy, "--no-block"], returncode, "",

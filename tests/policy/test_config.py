@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.errors import DocumentError
+from divingbell.core.errors import DocumentError
 from divingbell.policy.config import LabelSelector, load_policy, normal_path
 
 EXAMPLE = """\

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from divingbell.document.api import load_document
+from divingbell.core.document.api import load_document
 from divingbell.fleet.configdiff import Target, fleet_diff, module_diff
 
 BASE = """\

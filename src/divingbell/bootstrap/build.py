@@ -25,7 +25,7 @@ import yaml
 from divingbell.bootstrap import controlplane
 from divingbell.bootstrap.design import COMPONENTS, Design, Node, Role, node_may_set
 from divingbell.bootstrap.paths import MANIFESTS, OWNED_ANNOTATION, PATHS
-from divingbell.errors import DivingbellError
+from divingbell.core.errors import DivingbellError
 
 TEMPLATES = Path(__file__).with_name("templates")
 # Needed before anything is installed; curl (for the API steps) is installed with the packages.

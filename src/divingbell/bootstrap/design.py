@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from divingbell.document.loader import Loaded, load_files, load_text
-from divingbell.document.problems import check_model, closest, problem_at
-from divingbell.errors import DocumentError, Problem
+from divingbell.core.document.loader import Loaded, load_files, load_text
+from divingbell.core.document.problems import check_model, closest, problem_at
+from divingbell.core.errors import DocumentError, Problem
 
 # Label syntax, as the API server checks it.
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")

@@ -31,7 +31,7 @@ from divingbell.bootstrap.design import (
     parse_design,
 )
 from divingbell.bootstrap.labels import set_labels
-from divingbell.errors import DocumentError, Problem
+from divingbell.core.errors import DocumentError, Problem
 from divingbell.kube import KubeError, NodeLabelApi
 
 SHELL = "text/x-shellscript"

@@ -13,8 +13,8 @@ from typing import Any
 
 from divingbell.bootstrap.labels import remove_owned_labels
 from divingbell.bootstrap.paths import MANIFESTS, PATHS
-from divingbell.errors import CommandError, DivingbellError
-from divingbell.host import Host
+from divingbell.core.errors import CommandError, DivingbellError
+from divingbell.core.host import Host
 from divingbell.kube import KubeError, NodeLabelApi
 
 KUBELET_UNIT = "kubelet.service"

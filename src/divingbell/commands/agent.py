@@ -1,5 +1,5 @@
 """`divingbell agent`: keep this node converged, in a DaemonSet pod, under systemd, or in
-fleet mode. A thin click wrapper around divingbell.agent (and divingbell.fleet.agent_source).
+fleet mode. A thin click wrapper around divingbell.agent.loop (and divingbell.agent.fleet_source).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from divingbell import console
+from divingbell.commands import console
 from divingbell.commands.host import host_options, node_name, node_options, parse_labels
 
 if TYPE_CHECKING:
-    from divingbell.agent import Agent
-    from divingbell.host import Host
+    from divingbell.agent.loop import Agent
+    from divingbell.core.host import Host
 
 
 @click.command(short_help="Keep this node converged (a DaemonSet pod or systemd unit).")
@@ -97,8 +97,8 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
     import threading
     from http.server import ThreadingHTTPServer
 
-    from divingbell.agent import Agent, AgentSettings, configure_logging, serve
-    from divingbell.host import interrupt
+    from divingbell.agent.loop import Agent, AgentSettings, configure_logging, serve
+    from divingbell.core.host import interrupt
 
     configure_logging(log_level)
     address, _, port_text = listen.rpartition(":")
@@ -169,8 +169,8 @@ def agent(files: tuple[Path, ...], root: Path, proc_sys: Path, node: str | None,
 def _fleet_agent(server: str | None, token_file: Path | None, files: tuple[Path, ...],
                  host: Host, poll_interval: float, fleet_interval: float,
                  drift_interval: float, backoff_max: float, revert_after: float) -> Agent:
-    """The agent's fleet mode (divingbell/fleet/agent_source.py): stdlib-only."""
-    from divingbell.fleet.agent_source import build
+    """The agent's fleet mode (divingbell/agent/fleet_source.py): stdlib-only."""
+    from divingbell.agent.fleet_source import build
     from divingbell.fleet.client import CREDENTIAL_PATH, FleetApiError, read_token
 
     if server is None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from divingbell.errors import DocumentError, Problem
+from divingbell.core.errors import DocumentError, Problem
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
 
@@ -220,7 +220,7 @@ def teardown(node: str, no_drain: bool, keep_node: bool, root: Path, kubeconfig:
     command stops unless --no-drain says the node may lose its pods as they are.
     """
     from divingbell.bootstrap.teardown import TeardownError, run_teardown
-    from divingbell.host import Host
+    from divingbell.core.host import Host
     from divingbell.kube import KubeError
 
     try:

@@ -50,7 +50,7 @@ def discover(server: str | None, bootstrap_token_file: Path | None, credential_f
       divingbell discover --server https://fleet:8500 --bootstrap-token-file bootstrap.token
       divingbell agent --server https://fleet:8500
     """
-    from divingbell.errors import CommandError
+    from divingbell.core.errors import CommandError
     from divingbell.fleet.client import FleetApiError, FleetClient, read_token, write_secret
     from divingbell.fleet.facts import gather
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from divingbell.manifests import APP, check_namespace
+from divingbell.agent.manifests import APP, check_namespace
 
 
 def _namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -60,7 +60,7 @@ def documents(namespace: str, kubeconfig: str | None, prune: bool, output_format
                            "used_by": list(s.used_by), "deleted": s.name in deleted}
                           for s in found]}, indent=2))
         return
-    from divingbell.output import table
+    from divingbell.commands.output import table
 
     click.echo(table(["NAME", "DIGEST", "CREATED", "USED BY"],
                      [[s.name, s.digest, s.created,

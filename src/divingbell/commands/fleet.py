@@ -396,8 +396,8 @@ def token_create(db_url: str, role: str, ttl: str | None, description: str,
 @_format_option
 def token_list(db_url: str, output_format: str) -> None:
     """List tokens (ids and roles; never the tokens themselves)."""
+    from divingbell.commands.output import table
     from divingbell.fleet.tokens import list_tokens
-    from divingbell.output import table
 
     db = _open_db(db_url)
     rows = list_tokens(db)
@@ -435,7 +435,7 @@ def machines(server: str, token_file: Path | None, ca_file: str | None, state: s
              limit: int | None, output_format: str) -> None:
     """List machines in the order they were first seen: state, roles, revision, up to date or
     not."""
-    from divingbell.output import table
+    from divingbell.commands.output import table
 
     rows = _call(_client(server, token_file, ca_file).machines, state, limit=limit)
     if output_format == "json":
@@ -523,7 +523,7 @@ def roles(server: str, token_file: Path | None, ca_file: str | None, machine_id:
 def revisions(server: str, token_file: Path | None, ca_file: str | None,
               activate_number: int | None, output_format: str) -> None:
     """List document revisions (or make one current again with --activate N)."""
-    from divingbell.output import table
+    from divingbell.commands.output import table
 
     client = _client(server, token_file, ca_file)
     if activate_number is not None:
@@ -802,7 +802,7 @@ def _accept_unadmitted(server: str, token_file: Path | None, ca_file: str | None
 def audit(server: str, token_file: Path | None, ca_file: str | None, limit: int,
           output_format: str) -> None:
     """What operators did: pushes, activations, role pins, decommissions, forced releases."""
-    from divingbell.output import table
+    from divingbell.commands.output import table
 
     rows = _call(_client(server, token_file, ca_file).call, "GET", f"/v1/audit?limit={limit}")
     if output_format == "json":

@@ -1,8 +1,8 @@
 """The host commands: validate, render, plan, apply, status, agent, manifests, schema.
 
 Thin click wrappers: what they share (errors, JSON, exit codes, labels, the document cache)
-is in divingbell.console, the apply body in divingbell.apply_command (which also runs without
-click on `apply`'s fast path).
+is in divingbell.commands.console, the apply body in divingbell.commands.apply (which
+also runs without click on `apply`'s fast path).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from divingbell import console
-from divingbell.apply_command import ApplyOptions, run_apply
+from divingbell.commands import console
+from divingbell.commands.apply import ApplyOptions, run_apply
 
 if TYPE_CHECKING:
-    from divingbell.document.cache import Resolved
-    from divingbell.document.nodeconfig import NodeConfig
-    from divingbell.document.validate import ValidDocument
-    from divingbell.engine.runner import Plan
+    from divingbell.core.document.cache import Resolved
+    from divingbell.core.document.nodeconfig import NodeConfig
+    from divingbell.core.document.validate import ValidDocument
+    from divingbell.core.engine.runner import Plan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,7 +79,7 @@ def validate(files: tuple[Path, ...], output_format: str) -> None:
     Later FILES deep-merge over earlier ones (mappings merge, lists are replaced), like
     layered values files. Exits 0 when valid, 2 when not.
     """
-    from divingbell.errors import DocumentError
+    from divingbell.core.errors import DocumentError
 
     try:
         document = _load(files)
@@ -153,8 +153,8 @@ def plan(
     Exits 1 if some module cannot be applied, 2 if the document is invalid (with
     --detailed-exitcode: 0 / 2 / 1, see below).
     """
-    from divingbell.engine.runner import plan_node
-    from divingbell.output import plan_text
+    from divingbell.commands.output import plan_text
+    from divingbell.core.engine.runner import plan_node
 
     invalid_exit = console.EXIT_FAILED if detailed_exitcode else console.EXIT_INVALID
     resolved = _resolve_or_exit(files, node, labels, root, output_format, invalid_exit)
@@ -223,9 +223,9 @@ def status(root: Path, kube: bool, kubeconfig: str | None, output_format: str) -
     if kube:
         _kube_status(kubeconfig, output_format)
         return
-    from divingbell.engine.journal import FileJournalStore
-    from divingbell.host import Host
-    from divingbell.output import status_text
+    from divingbell.commands.output import status_text
+    from divingbell.core.engine.journal import FileJournalStore
+    from divingbell.core.host import Host
 
     store = FileJournalStore(Host(root=root))
     journal = console.guarded(lambda: store.load().as_dict(), output_format)
@@ -254,7 +254,7 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
     if output_format == "json":
         console.print_json(rows)
         return
-    from divingbell.output import table
+    from divingbell.commands.output import table
 
     click.echo(table(["NODE", "REVISION", "STATE", "REASON"],
                      [[r["node"], r["revision"], r["state"], r["reason"]] for r in rows]))
@@ -264,7 +264,7 @@ def _kube_status(kubeconfig: str | None, output_format: str) -> None:
 
 
 def _check_namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from divingbell.manifests import check_namespace
+    from divingbell.agent.manifests import check_namespace
 
     try:
         return check_namespace(value)
@@ -274,7 +274,7 @@ def _check_namespace(ctx: click.Context, param: click.Parameter, value: str) -> 
 
 def check_image_option(ctx: click.Context, param: click.Parameter, value: str | None
                  ) -> str | None:
-    from divingbell.manifests import check_image
+    from divingbell.agent.manifests import check_image
 
     try:
         return None if value is None else check_image(value)
@@ -318,7 +318,7 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
           | kubectl apply -f -
       kubectl -n divingbell rollout status daemonset/divingbell
     """
-    from divingbell.manifests import DEFAULT_IMAGE, build, parse_max_unavailable, to_yaml
+    from divingbell.agent.manifests import DEFAULT_IMAGE, build, parse_max_unavailable, to_yaml
 
     document = _load_or_exit(files)
     if previous:
@@ -338,7 +338,7 @@ def manifests(files: tuple[Path, ...], namespace: str, image: str | None,
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--document-secret") from None
     if document_secret is None:
-        from divingbell.manifests import secret_size_problem, unreadable_reason
+        from divingbell.agent.manifests import secret_size_problem, unreadable_reason
 
         size = sum(len(f.read_bytes()) for f in files)
         error, note = secret_size_problem(size)
@@ -382,7 +382,7 @@ def _show_removals(previous: ValidDocument, document: ValidDocument, allowed: bo
 @click.command(short_help="Print the document's JSON Schema, for editors and CI.")
 def schema() -> None:
     """Print the document's JSON Schema, for editors and CI checks."""
-    from divingbell.document.schema import Document
+    from divingbell.core.document.schema import Document
 
     schema_doc = Document.model_json_schema(mode="validation")
     schema_doc["$schema"] = "https://json-schema.org/draft/2020-12/schema"
@@ -393,7 +393,7 @@ def schema() -> None:
 # helpers ------------------------------------------------------------------------------------
 
 def _load(files: tuple[Path, ...], allow_empty: bool = False) -> ValidDocument:
-    from divingbell.document.api import load_document
+    from divingbell.core.document.api import load_document
 
     return load_document(files, allow_empty=allow_empty)
 
@@ -401,7 +401,7 @@ def _load(files: tuple[Path, ...], allow_empty: bool = False) -> ValidDocument:
 def _load_or_exit(files: tuple[Path, ...], output_format: str = "text",
                   exit_code: int = console.EXIT_INVALID,
                   allow_empty: bool = False) -> ValidDocument:
-    from divingbell.errors import DocumentError
+    from divingbell.core.errors import DocumentError
 
     try:
         return _load(files, allow_empty)
@@ -418,7 +418,7 @@ def _warn_live_kernel(root: Path, proc_sys: Path, output_format: str) -> None:
 
 
 def _plan_json(plan: Plan, revision: str, notes: list[str], diff: bool) -> dict[str, Any]:
-    from divingbell.output import file_diff
+    from divingbell.commands.output import file_diff
 
     data = {"node": plan.node, "revision": revision,
             "result": "failed" if plan.errors else (
@@ -434,7 +434,7 @@ def _plan_json(plan: Plan, revision: str, notes: list[str], diff: bool) -> dict[
 
 
 def _node_config(document: ValidDocument, node: str | None, labels: tuple[str, ...]) -> NodeConfig:
-    from divingbell.document.api import node_config
+    from divingbell.core.document.api import node_config
 
     return node_config(document, node_name(node), parse_labels(labels))
 

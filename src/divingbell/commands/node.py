@@ -102,7 +102,7 @@ def uncordon(name: str, force: bool, who: str | None, kubeconfig: str | None) ->
 
 
 def _drain_options(func: F) -> F:
-    from divingbell.document.schema import parse_duration
+    from divingbell.core.document.schema import parse_duration
 
     def duration(_ctx: click.Context, _param: click.Parameter, value: str) -> float:
         try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from divingbell.errors import DocumentError
+from divingbell.core.errors import DocumentError
 
 EXIT_FAILED, EXIT_INVALID = 1, 2
 

@@ -23,8 +23,8 @@ _config_option = click.option(
 
 
 def _load(path: Path, output_format: str = "text") -> PolicyConfig:
-    from divingbell.console import invalid_file
-    from divingbell.errors import DocumentError
+    from divingbell.commands.console import invalid_file
+    from divingbell.core.errors import DocumentError
     from divingbell.policy.config import load_policy
 
     try:
@@ -106,7 +106,7 @@ def serve(config_path: Path, tls_cert: Path, tls_key: Path, listen: str,
     import ssl
     import threading
 
-    from divingbell.agent import configure_logging
+    from divingbell.agent.loop import configure_logging
     from divingbell.policy.server import make_server
 
     # The HTTP client logs every API request at INFO: only divingbell's own lines at
@@ -172,7 +172,7 @@ def manifests(config_path: Path, ca_bundle: Path | None, pki_dir: Path, image: s
           --cert tls.crt --key tls.key
       divingbell policy manifests --config policy.yaml --ca-bundle ca.crt | kubectl apply -f -
     """
-    from divingbell.manifests import to_yaml
+    from divingbell.agent.manifests import to_yaml
     from divingbell.policy.manifests import DEFAULT_IMAGE, build
 
     config = _load(config_path)

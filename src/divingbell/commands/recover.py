@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from divingbell.engine.journal import (
+from divingbell.core.engine.journal import (
     JOURNAL_FILE,
     PREVIOUS_FILE,
     FileJournalStore,
@@ -21,9 +21,9 @@ from divingbell.engine.journal import (
     JournalError,
     find_owned_files,
 )
-from divingbell.engine.lock import host_lock
-from divingbell.errors import DivingbellError
-from divingbell.host import Host
+from divingbell.core.engine.lock import host_lock
+from divingbell.core.errors import DivingbellError
+from divingbell.core.host import Host
 
 
 @click.command()

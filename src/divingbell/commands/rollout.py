@@ -72,7 +72,7 @@ def status(server: str, token_file: Path | None, ca_file: str | None,
 def history(server: str, token_file: Path | None, ca_file: str | None,
             output_format: str) -> None:
     """Past rollouts: who started each, when, and how it ended."""
-    from divingbell.output import table
+    from divingbell.commands.output import table
 
     rows = _call(_client(server, token_file, ca_file).call, "GET", "/v1/rollouts")
     if output_format == "json":

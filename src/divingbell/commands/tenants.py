@@ -54,9 +54,9 @@ def sync(source: str, config_path: Path | None, once: bool, interval: float,
     A source that cannot be read changes nothing. Results per tenant go to the status
     ConfigMap (status.namespace/status.configmap) and, with --once, to stdout.
     """
-    from divingbell.agent import configure_logging
-    from divingbell.console import invalid_file
-    from divingbell.errors import DivingbellError, DocumentError
+    from divingbell.agent.loop import configure_logging
+    from divingbell.commands.console import invalid_file
+    from divingbell.core.errors import DivingbellError, DocumentError
     from divingbell.kube import KubeError, LightkubeApi
     from divingbell.policy import FIELD_MANAGER
     from divingbell.policy.tenant_sources import open_source
@@ -158,8 +158,8 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
     Exits 0 when both are usable, 1 when the source cannot be read, 2 when the config is
     invalid.
     """
-    from divingbell.console import invalid_file
-    from divingbell.errors import DivingbellError, DocumentError
+    from divingbell.commands.console import invalid_file
+    from divingbell.core.errors import DivingbellError, DocumentError
     from divingbell.policy.tenant_sources import open_source
     from divingbell.policy.tenants import load_config
 
@@ -186,7 +186,7 @@ def check(source: str, config_path: Path | None, output_format: str) -> None:
         click.echo(json.dumps({"valid": True, "tenants": rows, "skipped": read.skipped},
                               indent=2))
         return
-    from divingbell.output import table
+    from divingbell.commands.output import table
 
     click.echo(table(["NAME", "NAMESPACE", "UID", "GID", "HOME", "STATE"],
                      [[str(r[k]) for k in ("name", "namespace", "uid", "gid", "home", "state")]

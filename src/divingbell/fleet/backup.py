@@ -26,8 +26,8 @@ from sqlalchemy import DateTime, Integer, Table, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from divingbell.document.api import load_document_text
-from divingbell.errors import DocumentError
+from divingbell.core.document.api import load_document_text
+from divingbell.core.errors import DocumentError
 from divingbell.fleet import migrations, service, states
 from divingbell.fleet.db import Database, normalise_url
 from divingbell.fleet.models import (

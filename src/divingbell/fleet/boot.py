@@ -34,7 +34,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from divingbell.errors import DivingbellError, Problem
+from divingbell.core.errors import DivingbellError, Problem
 
 PHASES = ("discovery", "install")
 ASSETS_PREFIX = "/v1/assets/"
@@ -136,8 +136,8 @@ class BootProfiles(BaseModel):
 
 def load_profiles(path: Path) -> BootProfiles:
     """A profiles YAML file, validated; BootProfileError lists every problem with file:line."""
-    from divingbell.document.problems import load_model
-    from divingbell.errors import DocumentError
+    from divingbell.core.document.problems import load_model
+    from divingbell.core.errors import DocumentError
 
     try:
         return load_model(BootProfiles, path)

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from divingbell.document.api import effective_document, node_config
-from divingbell.document.validate import ValidDocument
+from divingbell.core.document.api import effective_document, node_config
+from divingbell.core.document.validate import ValidDocument
 
 SENSITIVE_CHANGED = " (sensitive, changed)"
 """Appended to a masked value whose secret differs between the two sides."""
@@ -302,7 +302,7 @@ def _packages(settings: Any) -> dict[str, Any]:
 def _apt_disruption(before: Any, after: Any) -> tuple[str, str] | None:
     import re
 
-    from divingbell.document.keys import REBOOT_PACKAGES
+    from divingbell.core.document.keys import REBOOT_PACKAGES
 
     old, new = _packages(before), _packages(after)
     touched = sorted(name for name in set(old) | set(new)

@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from divingbell.errors import CommandError
-from divingbell.host import Host
+from divingbell.core.errors import CommandError
+from divingbell.core.host import Host
 
 SKIPPED_DISKS = ("loop", "ram", "zram", "sr", "fd", "nbd", "dm-", "md")
 

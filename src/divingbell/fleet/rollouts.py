@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, TypeAlias, cast
 from sqlalchemy import Connection, Row, bindparam, select
 from sqlalchemy.orm import Session
 
-from divingbell.document.validate import ValidDocument
+from divingbell.core.document.validate import ValidDocument
 from divingbell.fleet import rollout as logic
 from divingbell.fleet import states
 from divingbell.fleet.configdiff import (

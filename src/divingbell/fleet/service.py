@@ -39,9 +39,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
-from divingbell.document.api import effective_document, load_document_text, node_config
-from divingbell.document.validate import ValidDocument
-from divingbell.errors import DocumentError
+from divingbell.core.document.api import effective_document, load_document_text, node_config
+from divingbell.core.document.validate import ValidDocument
+from divingbell.core.errors import DocumentError
 from divingbell.fleet import leases, rollouts, states
 from divingbell.fleet.api.schemas import Discovery, ReportBody
 from divingbell.fleet.auth import (
@@ -758,8 +758,8 @@ def shown_text(text: str, principal: Principal) -> str:
     else, re-serialised with every secret masked (comments and layout are not kept)."""
     if sees_secrets(principal):
         return text
-    from divingbell.document.loader import load_text
-    from divingbell.document.secrets import mask_document
+    from divingbell.core.document.loader import load_text
+    from divingbell.core.document.secrets import mask_document
 
     data = load_text(text, "revision").data
     return yaml.safe_dump(mask_document(data), sort_keys=False, default_flow_style=False)

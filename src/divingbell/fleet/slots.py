@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from divingbell.document.api import node_config
-from divingbell.document.schema import Health
+from divingbell.core.document.api import node_config
+from divingbell.core.document.schema import Health
 from divingbell.fleet import rollouts, service
 from divingbell.fleet.models import Machine, Revision
 from divingbell.fleet.settings import FleetSettings

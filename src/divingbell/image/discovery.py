@@ -27,8 +27,8 @@ from importlib import resources
 from pathlib import Path
 
 from divingbell import __version__
-from divingbell.errors import CommandError, DivingbellError
-from divingbell.host import Host
+from divingbell.core.errors import CommandError, DivingbellError
+from divingbell.core.host import Host
 from divingbell.image.cpio import Entry, gzip_bytes, newc_archive
 from divingbell.image.efi import esp_head
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from divingbell import __version__
-from divingbell.errors import DivingbellError
+from divingbell.core.errors import DivingbellError
 
 DEFAULT_CACHE = Path("/var/cache/divingbell/os")
 DEFAULT_RELEASE = "bookworm"

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from divingbell.document.schema import WEEKDAYS, MaintenanceWindow
+from divingbell.core.document.schema import WEEKDAYS, MaintenanceWindow
 from divingbell.kube import BudgetView, PodView
 from divingbell.maintenance.selectors import from_label_selector, parse_selector
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from divingbell.document.schema import MaintenanceConf, Reboot
-from divingbell.errors import CommandError
-from divingbell.host import Host
+from divingbell.core.document.schema import MaintenanceConf, Reboot
+from divingbell.core.errors import CommandError
+from divingbell.core.host import Host
 from divingbell.kube import ANNOTATION_PREFIX, EvictionRefused, KubeError, MaintenanceKube
 from divingbell.maintenance import decide
 from divingbell.maintenance.alerts import alert_blockers
@@ -42,7 +42,7 @@ from divingbell.maintenance.slots import SlotBackend, SlotError
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from divingbell.agent import Agent, AgentSettings
+    from divingbell.agent.loop import Agent, AgentSettings
     from divingbell.kube import KubeApi
 
 log = logging.getLogger("divingbell.maintenance")
@@ -563,8 +563,8 @@ class AgentMaintenance:
         self._conf: MaintenanceConf | None = None
 
     def tick(self, agent: Agent) -> None:
-        from divingbell.document.api import load_document, node_config
-        from divingbell.errors import DivingbellError
+        from divingbell.core.document.api import load_document, node_config
+        from divingbell.core.errors import DivingbellError
 
         if agent.revision is None:
             return  # no valid document yet: nothing says what maintenance may do

@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from divingbell.document.loader import Loaded, load_all_text
-from divingbell.document.paths import PathKey
-from divingbell.document.problems import check_model, problem_at
-from divingbell.errors import DocumentError, Problem
+from divingbell.core.document.loader import Loaded, load_all_text
+from divingbell.core.document.paths import PathKey
+from divingbell.core.document.problems import check_model, problem_at
+from divingbell.core.errors import DocumentError, Problem
 
 SCHEMA = "promenade/PKICatalog/v1"
 Algorithm = Literal["ecdsa-p256", "rsa-2048", "rsa-3072", "rsa-4096"]

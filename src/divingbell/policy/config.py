@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from divingbell.document.problems import load_model
+from divingbell.core.document.problems import load_model
 
 _REGISTRY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]{1,5})?$")
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from divingbell.errors import DivingbellError
+from divingbell.core.errors import DivingbellError
 from divingbell.kube import KubeError, ObjectApi
 
 SIGNER = "kubernetes.io/kube-apiserver-client"

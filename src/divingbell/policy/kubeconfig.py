@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from divingbell.errors import DivingbellError
+from divingbell.core.errors import DivingbellError
 
 MAX_SIZE = 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

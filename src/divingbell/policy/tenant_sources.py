@@ -17,8 +17,8 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from divingbell.document.problems import load_model
-from divingbell.errors import DivingbellError, DocumentError
+from divingbell.core.document.problems import load_model
+from divingbell.core.errors import DivingbellError, DocumentError
 
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 

@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from divingbell.document.problems import load_model
-from divingbell.errors import DivingbellError
+from divingbell.core.document.problems import load_model
+from divingbell.core.errors import DivingbellError
 from divingbell.kube import KubeConflict, KubeError, KubeNotFound, Obj, ObjectApi
 from divingbell.policy import kubeconfig
 from divingbell.policy.credentials import (
