@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from divingbell.core.document.loader import load_text
-from divingbell.core.document.schema import AppArmorConf
 from divingbell.core.document.validate import resolve, validate
 from divingbell.core.engine.runner import ApplyReport, apply_node
 from divingbell.core.host import Host
 from divingbell.core.modules.apparmor import profile_file
+from divingbell.core.modules.apparmor_schema import AppArmorConf
 
 pytestmark = [
     pytest.mark.kernel,

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from divingbell.core.document import schema
 from divingbell.core.engine.change import NONE, REBOOT, Action, Change, strongest
 from divingbell.core.engine.journal import ModuleRecord
 from divingbell.core.engine.runner import ModulePlan, Plan
 from divingbell.core.modules.apparmor import AppArmor, AppArmorObserved
+from divingbell.core.modules.apparmor_schema import AppArmorConf
 from divingbell.core.modules.apt import (
     Apt,
     AptObserved,
@@ -24,13 +24,20 @@ from divingbell.core.modules.apt import (
     package_disruption,
     package_services,
 )
+from divingbell.core.modules.apt_schema import AptConf
 from divingbell.core.modules.ethtool import Ethtool, EthtoolObserved, NicState
+from divingbell.core.modules.ethtool_schema import EthtoolConf
 from divingbell.core.modules.exec import Exec, ExecObserved
+from divingbell.core.modules.exec_schema import ExecConf
 from divingbell.core.modules.limits import Limits, LimitsObserved, limit_file
+from divingbell.core.modules.limits_schema import LimitsConf
 from divingbell.core.modules.mounts import LiveMount, Mounts, MountsObserved
+from divingbell.core.modules.mounts_schema import MountsConf
 from divingbell.core.modules.perm import Ids, Ownership, Perm, PermObserved
 from divingbell.core.modules.sysctl import Sysctl, SysctlObserved
+from divingbell.core.modules.sysctl_schema import SysctlConf
 from divingbell.core.modules.uamlite import Uamlite, UamliteObserved
+from divingbell.core.modules.uamlite_schema import UamliteConf
 from tests.conftest import Cli, write
 
 
@@ -73,18 +80,18 @@ def _disruptions(changes: list[Change]) -> dict[str, str]:
 # The live modules: every change they plan is `none`.
 
 def _sysctl() -> list[Change]:
-    return Sysctl().plan(schema.SysctlConf({"vm.swappiness": "10"}),
+    return Sysctl().plan(SysctlConf({"vm.swappiness": "10"}),
                          SysctlObserved({"vm.swappiness": "60"}, None), _record())
 
 
 def _limits() -> list[Change]:
-    conf = schema.LimitsConf.model_validate(
+    conf = LimitsConf.model_validate(
         {"nofile": {"domain": "*", "type": "soft", "item": "nofile", "value": 4096}})
     return Limits().plan(conf, LimitsObserved({}), _record())
 
 
 def _mounts_remount() -> list[Change]:
-    conf = schema.MountsConf.model_validate(
+    conf = MountsConf.model_validate(
         {"data": {"mnt_tgt": "/data", "device": "/dev/sdb", "type": "ext4",
                   "options": "noatime"}})
     live = LiveMount("/dev/sdb", "ext4", ("rw", "relatime"))
@@ -99,7 +106,7 @@ def _mounts_unmount() -> list[Change]:
 
 
 def _ethtool() -> list[Change]:
-    conf = schema.EthtoolConf.model_validate({"eth0": {"tx-checksumming": "off"}})
+    conf = EthtoolConf.model_validate({"eth0": {"tx-checksumming": "off"}})
     from divingbell.core.modules.ethtool import Feature
 
     nic = NicState({"tx-checksumming": Feature(True, fixed=False)})
@@ -114,12 +121,12 @@ def _perm() -> list[Change]:
 
 
 def _apparmor() -> list[Change]:
-    conf = schema.AppArmorConf.model_validate({"profiles": {"p": "profile p {}\n"}})
+    conf = AppArmorConf.model_validate({"profiles": {"p": "profile p {}\n"}})
     return AppArmor().plan(conf, AppArmorObserved({}, True), _record())
 
 
 def _uamlite() -> list[Change]:
-    conf = schema.UamliteConf.model_validate({"users": [{"user_name": "ops"}]})
+    conf = UamliteConf.model_validate({"users": [{"user_name": "ops"}]})
     return Uamlite().plan(conf, UamliteObserved({}, {}, {}), _record())
 
 
@@ -151,13 +158,13 @@ def test_live_modules_plan_no_disruption(what: str, planned: Any) -> None:
 ])
 def test_exec_disruption_is_what_the_script_declares(declared: dict[str, str],
                                                      expected: str) -> None:
-    conf = schema.ExecConf.model_validate({"s.sh": {"data": "#!/bin/sh\ntrue\n", **declared}})
+    conf = ExecConf.model_validate({"s.sh": {"data": "#!/bin/sh\ntrue\n", **declared}})
     changes = Exec(clock=lambda: 100.0).plan(conf, ExecObserved(100.0), _record())
     assert _disruptions(changes) == {"script s.sh": expected}
 
 
 def test_exec_script_that_does_not_run_disrupts_nothing() -> None:
-    conf = schema.ExecConf.model_validate(
+    conf = ExecConf.model_validate(
         {"s.sh": {"data": "true\n", "rerun_policy": "never", "disruption": "reboot"}})
     from divingbell.core.modules.exec import script_hash
 
@@ -172,7 +179,7 @@ def test_exec_disruption_is_validated(bad: str) -> None:
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="restart:<unit>"):
-        schema.ExecConf.model_validate({"s.sh": {"data": "true\n", "disruption": bad}})
+        ExecConf.model_validate({"s.sh": {"data": "true\n", "disruption": bad}})
 
 
 # apt: what the host says: a kernel needs a reboot; a package's services restart on upgrade.
@@ -215,7 +222,7 @@ def test_apt_plan_carries_each_package_disruption_and_a_pending_reboot() -> None
     installed = {n: Installed("1", "amd64", False, "optional") for n in ("containerd", "less")}
     observed = AptObserved(installed, {}, [], {}, {}, run, planned=[(tx, steps, {})],
                            services={"containerd": ["containerd.service"], "less": []})
-    conf = schema.AptConf.model_validate({"upgrade": True})
+    conf = AptConf.model_validate({"upgrade": True})
     changes = Apt().plan(conf, observed, _record())
     assert _disruptions(changes) == {
         "package containerd": "restart:containerd.service",

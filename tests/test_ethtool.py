@@ -148,7 +148,7 @@ def test_parsers_on_captured_output() -> None:
 
 
 def test_unit_lists_every_setting_in_order() -> None:
-    from divingbell.core.document.schema import EthtoolInterface
+    from divingbell.core.modules.ethtool_schema import EthtoolInterface
 
     conf = EthtoolInterface.model_validate({"tso": False, "rx": True, "ring": {"tx": 512}})
     unit = render_unit("ens3", conf, "/usr/sbin/ethtool")

@@ -17,12 +17,12 @@ import pytest
 
 from divingbell.commands.output import plan_text
 from divingbell.core.document.loader import load_text
-from divingbell.core.document.schema import Script
 from divingbell.core.document.validate import resolve, validate
 from divingbell.core.engine.runner import ApplyReport, apply_node, plan_node
 from divingbell.core.host import Host, interrupt
 from divingbell.core.modules import IMPLEMENTED
 from divingbell.core.modules.exec import STORE, Exec, decide, script_hash
+from divingbell.core.modules.exec_schema import Script
 
 pytestmark = pytest.mark.kernel
 

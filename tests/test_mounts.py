@@ -149,7 +149,7 @@ def test_parse_mountinfo_unescapes_paths() -> None:
 
 
 def test_unit_without_options_has_no_options_line() -> None:
-    from divingbell.core.document.schema import Mount
+    from divingbell.core.modules.mounts_schema import Mount
 
     unit = render_unit("m", Mount(mnt_tgt="/m", device="/dev/sdb1", type="ext4"))
     assert "Options=" not in unit

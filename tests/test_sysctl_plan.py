@@ -6,10 +6,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from divingbell.core.document.schema import SysctlConf, canonical_sysctl_key, sysctl_components
+from divingbell.core.document.keys import canonical_sysctl_key, sysctl_components
 from divingbell.core.engine.change import Action
 from divingbell.core.engine.journal import ModuleRecord
 from divingbell.core.modules.sysctl import DROPIN, Sysctl, SysctlObserved, render_dropin
+from divingbell.core.modules.sysctl_schema import SysctlConf
 
 A = Action
 

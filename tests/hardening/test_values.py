@@ -126,8 +126,8 @@ def test_the_same_values_without_the_poison_are_fine() -> None:
 
 
 def test_a_percent_sign_reaches_the_unit_file_as_itself() -> None:
-    from divingbell.core.document.schema import Mount
     from divingbell.core.modules.mounts import render_unit
+    from divingbell.core.modules.mounts_schema import Mount
 
     unit = render_unit("m", Mount(mnt_tgt="/mnt/m", device="//srv/share%h", type="cifs"))
     assert "What=//srv/share%%h\n" in unit  # systemd reads %% as %, never a specifier

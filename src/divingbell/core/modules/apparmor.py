@@ -22,7 +22,7 @@ from divingbell.core.host import Host
 from divingbell.core.modules.base import HostModule
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import AppArmorConf
+    from divingbell.core.modules.apparmor_schema import AppArmorConf
 
 PROFILE_DIR = "/etc/apparmor.d"
 ENABLED_FLAG = "/sys/module/apparmor/parameters/enabled"

@@ -35,7 +35,7 @@ from divingbell.core.host import Host
 from divingbell.core.modules.base import HostModule
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import AptConf, Package, Repository
+    from divingbell.core.modules.apt_schema import AptConf, Package, Repository
 
 SOURCES_DIR = "/etc/apt/sources.list.d"
 SOURCES_LIST = "/etc/apt/sources.list"

@@ -26,7 +26,7 @@ from divingbell.core.modules.systemd import (
 )
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import EthtoolConf, EthtoolInterface
+    from divingbell.core.modules.ethtool_schema import EthtoolConf, EthtoolInterface
 
 WANTED_BY = "multi-user.target"
 

@@ -41,7 +41,7 @@ from divingbell.core.host import Host
 from divingbell.core.modules.base import HostModule
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import ExecConf, Script
+    from divingbell.core.modules.exec_schema import ExecConf, Script
 
 STORE = "/var/lib/divingbell/exec"
 OUTPUT_TAIL = 2000  # characters of each stream kept in the report

@@ -43,7 +43,7 @@ from divingbell.core.host import Host
 from divingbell.core.modules.base import HostModule
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import KernelConf
+    from divingbell.core.modules.kernel_schema import KernelConf
 
 DROPIN = "/etc/default/grub.d/divingbell.cfg"
 SCRIPT = "/etc/grub.d/01_divingbell"

@@ -15,7 +15,7 @@ from divingbell.core.host import Host
 from divingbell.core.modules.base import HostModule
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import Limit, LimitsConf
+    from divingbell.core.modules.limits_schema import Limit, LimitsConf
 
 LIMITS_DIR = "/etc/security/limits.d"
 HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"

@@ -30,7 +30,7 @@ from divingbell.core.modules.systemd import (
 )
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import Mount, MountsConf
+    from divingbell.core.modules.mounts_schema import Mount, MountsConf
 
 WANTED_BY = "local-fs.target"
 NOT_MOUNTED = "not mounted"

@@ -19,7 +19,7 @@ from divingbell.core.host import HARD_LINKED, Host, hard_linked
 from divingbell.core.modules.base import HostModule
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import PermConf
+    from divingbell.core.modules.perm_schema import PermConf
 
 
 @dataclass(frozen=True)

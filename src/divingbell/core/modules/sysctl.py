@@ -18,7 +18,7 @@ from divingbell.core.host import Host
 from divingbell.core.modules.base import HostModule
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import SysctlConf
+    from divingbell.core.modules.sysctl_schema import SysctlConf
 
 DROPIN = "/etc/sysctl.d/60-divingbell.conf"
 HEADER = (

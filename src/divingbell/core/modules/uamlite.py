@@ -32,7 +32,7 @@ from divingbell.core.modules.base import HostModule
 from divingbell.core.modules.sudoers import parse_tree
 
 if TYPE_CHECKING:
-    from divingbell.core.document.schema import UamliteConf, User
+    from divingbell.core.modules.uamlite_schema import UamliteConf, User
 
 SUDOERS_DIR = "/etc/sudoers.d"
 HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
