@@ -233,3 +233,12 @@ def test_the_page_check_finds_a_missing_and_an_unnamed_module(tmp_path: Path) ->
         "tool.py: no row of the page covers it",
         "core/b.py: the page never names it",
     ]
+
+
+def test_each_modules_configuration_model_lives_beside_it() -> None:
+    from divingbell.core.document.keys import MODULE_NAMES
+    from divingbell.core.document.schema import MODULE_MODELS
+
+    assert list(MODULE_MODELS) == list(MODULE_NAMES)
+    assert {name: model.__module__ for name, model in MODULE_MODELS.items()} == {
+        name: f"divingbell.core.modules.{name}_schema" for name in MODULE_NAMES}

@@ -123,6 +123,20 @@ def test_a_no_op_apply_imports_neither_click_nor_pydantic_nor_inspect(
     assert "No changes: the host already matches the document." in again.stdout
 
 
+def test_no_host_module_imports_pydantic_or_its_schema() -> None:
+    """A no-op apply runs the modules on the cached document's light objects: each module
+    names its pydantic model (beside it, `<name>_schema.py`) only for type checking."""
+    from divingbell.core.document.keys import MODULE_NAMES
+
+    imports = "; ".join(f"import divingbell.core.modules.{name}" for name in MODULE_NAMES)
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", imports],
+                          check=True, capture_output=True, text=True)
+    imported = imported_modules(done.stderr)
+    assert "divingbell.core.modules.exec" in imported, "proof the report lists the imports"
+    assert "pydantic" not in imported
+    assert sorted(name for name in imported if name.endswith(("_schema", ".schema"))) == []
+
+
 def test_usage_errors_on_the_fast_paths_command_are_clicks(cli: Cli, tmp_path: Path) -> None:
     doc = tmp_path / "d.yaml"
     doc.write_text("conf: {}\n")

@@ -1,14 +1,19 @@
 """Host modules, one file each, all with the interface in `base`. The registry is explicit and
 ordered: modules are planned and applied in `MODULE_NAMES` order. Each module is imported the
-first time it is used, so a run that touches only sysctls imports only that module."""
+first time it is used, so a run that touches only sysctls imports only that module.
+
+The package also holds each module's configuration model (`<name>_schema.py`), which the
+document's schema imports: importing the package itself stays light (no engine, no host)."""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from divingbell.core.document.keys import MODULE_NAMES
-from divingbell.core.modules.base import HostModule
+
+if TYPE_CHECKING:
+    from divingbell.core.modules.base import HostModule
 
 _CLASSES = {
     "sysctl": "divingbell.core.modules.sysctl:Sysctl",
@@ -25,7 +30,7 @@ _CLASSES = {
 assert tuple(_CLASSES) == MODULE_NAMES
 
 
-class _Registry(dict[str, HostModule[Any, Any]]):
+class _Registry(dict[str, "HostModule[Any, Any]"]):
     def __missing__(self, name: str) -> HostModule[Any, Any]:
         module_name, _, attr = _CLASSES[name].partition(":")
         module = getattr(importlib.import_module(module_name), attr)()
@@ -40,4 +45,4 @@ def get(name: str) -> HostModule[Any, Any]:
     return IMPLEMENTED[name]
 
 
-__all__ = ["IMPLEMENTED", "MODULE_NAMES", "HostModule", "get"]
+__all__ = ["IMPLEMENTED", "MODULE_NAMES", "get"]
