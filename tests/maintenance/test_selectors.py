@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from divingbell.maintenance.selectors import from_label_selector, matches, parse_selector
+from divingbell.core.document.selectors import from_label_selector, matches, parse_selector
 
 LABELS = {"app": "web", "tier": "front", "canary": ""}
 

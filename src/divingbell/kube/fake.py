@@ -275,7 +275,7 @@ class _FakeMaintenance:
             del state.pods[key]
 
     def _selects(self, namespace: str, name: str, pod: FakePod) -> bool:
-        from divingbell.maintenance.selectors import from_label_selector
+        from divingbell.core.document.selectors import from_label_selector
 
         selector = self._maint().budgets[(namespace, name)]["selector"]
         return pod.namespace == namespace and from_label_selector(selector).matches(pod.labels)

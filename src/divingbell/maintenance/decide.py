@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
 from divingbell.core.document.schema import WEEKDAYS, MaintenanceWindow
+from divingbell.core.document.selectors import from_label_selector, parse_selector
 from divingbell.kube import BudgetView, PodView
-from divingbell.maintenance.selectors import from_label_selector, parse_selector
 
 # Phases: the value of the node's `divingbell.io/maintenance` annotation. ---------------------
 

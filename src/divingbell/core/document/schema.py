@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
 from divingbell.core.document.fields import StrictModel, Text, plain_text
+from divingbell.core.document.selectors import parse_selector
 from divingbell.core.modules.apparmor_schema import AppArmorConf
 from divingbell.core.modules.apt_schema import AptConf
 from divingbell.core.modules.ethtool_schema import EthtoolConf
@@ -86,8 +87,6 @@ def _weekday(value: Any) -> str:
 
 
 def _label_selector(value: Any) -> str:
-    from divingbell.maintenance.selectors import parse_selector
-
     text = plain_text(value).strip()
     parse_selector(text)  # raises ValueError naming the bad requirement
     return text
