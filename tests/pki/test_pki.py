@@ -423,3 +423,16 @@ data:
                    "keypair needs its own name",
         "location": f"{second}:11"}]
     assert not out.exists()
+
+
+def test_a_window_that_is_not_a_finite_duration_is_refused_naming_the_option(
+        cli: Cli, catalog: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    for window in ("inf", "nan", "1e400", "-1d", "30x", ""):
+        generated = cli("pki", "generate", catalog, "-o", out, "--renewal-window", window)
+        checked = cli("pki", "check", tmp_path, "--within", window)
+        for result, option in ((generated, "--renewal-window"), (checked, "--within")):
+            assert result.returncode == 2, (window, result.stderr)
+            assert f"Invalid value for {option}: {window!r}" in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr
+    assert not out.exists()

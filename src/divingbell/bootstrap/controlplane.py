@@ -45,19 +45,15 @@ CONTROL_PLANE_PATHS = {
     "scheduler_kubeconfig": "/etc/kubernetes/scheduler.conf",
     "admin_kubeconfig": "/etc/kubernetes/admin.conf",
 }
-# path key -> (design field under cluster.control_plane.pki, kind in the PKI, mode)
+# Design fields under cluster.control_plane.pki naming a certificate (and its key).
+_CERTIFICATE_FIELDS = ("apiserver", "apiserver_kubelet_client", "controller_manager", "scheduler",
+                       "admin")
+# path key -> (design field under cluster.control_plane.pki, kind in the PKI, mode): private
+# keys 0600, certificates and public keys 0644.
 _CREDENTIALS = {
     "ca_key": ("ca", "ca_key", "0600"),
-    "apiserver_cert": ("apiserver", "cert", "0644"),
-    "apiserver_key": ("apiserver", "key", "0600"),
-    "apiserver_kubelet_client_cert": ("apiserver_kubelet_client", "cert", "0644"),
-    "apiserver_kubelet_client_key": ("apiserver_kubelet_client", "key", "0600"),
-    "controller_manager_cert": ("controller_manager", "cert", "0644"),
-    "controller_manager_key": ("controller_manager", "key", "0600"),
-    "scheduler_cert": ("scheduler", "cert", "0644"),
-    "scheduler_key": ("scheduler", "key", "0600"),
-    "admin_cert": ("admin", "cert", "0644"),
-    "admin_key": ("admin", "key", "0600"),
+    **{f"{field}_{kind}": (field, kind, mode) for field in _CERTIFICATE_FIELDS
+       for kind, mode in (("cert", "0644"), ("key", "0600"))},
     "service_account_public": ("service_account", "public", "0644"),
     "service_account_key": ("service_account", "private", "0600"),
 }

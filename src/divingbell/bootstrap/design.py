@@ -26,6 +26,10 @@ _UNIT = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|mount|path|targ
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+:~-]+)?$")
 _SAFE_PATH = re.compile(r"^(/[A-Za-z0-9._@+-]+)+$")
 _MODE = re.compile(r"^0?[0-7]{3}$")
+_COMMAND = re.compile(r"^[A-Za-z0-9._+-]+$")
+_OS_RELEASE = re.compile(r"^[a-z0-9._-]+ [A-Za-z0-9._-]+$")
+_REGISTRY_HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
+_ENDPOINT = re.compile(r"^https://[A-Za-z0-9.\-\[\]:]+(:[0-9]+)?$")
 # What the kubelet may set on its own Node (NodeRestriction); anything else in these domains
 # must be applied through the API, as a dynamic label.
 KUBELET_ALLOWED = ("kubernetes.io/hostname", "kubernetes.io/arch", "kubernetes.io/os",
@@ -61,6 +65,26 @@ def is_protected(key: str) -> bool:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _matching(pattern: re.Pattern[str], problem: str) -> Callable[[Any], Any]:
+    """A field validator: the string, or each string of the list, matches `pattern`; else
+    `problem`, with the repr of the first that does not in its {}."""
+    def check(value: str | list[str]) -> str | list[str]:
+        for text in [value] if isinstance(value, str) else value:
+            if not pattern.match(text):
+                raise ValueError(problem.format(repr(text)))
+        return value
+    return check
+
+
+def _ip_address(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+    return value
 
 
 def _labels(value: Mapping[str, Any]) -> dict[str, str]:
@@ -118,12 +142,8 @@ class UnitSpec(_Strict):
     name: str
     content: str | None = None  # None: the unit comes with a package
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _UNIT.match(value):
-            raise ValueError(f"{value!r} is not a systemd unit name (e.g. kubelet.service)")
-        return value
+    _name = field_validator("name")(_matching(
+        _UNIT, "{} is not a systemd unit name (e.g. kubelet.service)"))
 
 
 class Role(_Strict):
@@ -132,13 +152,8 @@ class Role(_Strict):
     units: list[UnitSpec] = Field(default_factory=list)
     labels: Labels = Field(default_factory=Labels)
 
-    @field_validator("packages")
-    @classmethod
-    def _packages(cls, value: list[str]) -> list[str]:
-        for package in value:
-            if not _PACKAGE.match(package):
-                raise ValueError(f"{package!r} is not a package name (optionally =version)")
-        return value
+    _packages = field_validator("packages")(_matching(
+        _PACKAGE, "{} is not a package name (optionally =version)"))
 
 
 class AptRepository(_Strict):
@@ -172,22 +187,10 @@ class HostRequirements(_Strict):
     min_disk_mb: int = Field(default=2048, ge=0)
     disk_path: str = "/var/lib"
 
-    @field_validator("commands")
-    @classmethod
-    def _commands(cls, value: list[str]) -> list[str]:
-        for command in value:
-            if not re.match(r"^[A-Za-z0-9._+-]+$", command):
-                raise ValueError(f"{command!r} is not a command name")
-        return value
+    _commands = field_validator("commands")(_matching(_COMMAND, "{} is not a command name"))
 
-    @field_validator("os_release")
-    @classmethod
-    def _releases(cls, value: list[str]) -> list[str]:
-        for release in value:
-            if not re.match(r"^[a-z0-9._-]+ [A-Za-z0-9._-]+$", release):
-                raise ValueError(f"{release!r} must be '<ID> <VERSION_ID>' from /etc/os-release,"
-                                 " e.g. 'debian 12'")
-        return value
+    _releases = field_validator("os_release")(_matching(
+        _OS_RELEASE, "{} must be '<ID> <VERSION_ID>' from /etc/os-release, e.g. 'debian 12'"))
 
 
 class RegistryHost(_Strict):
@@ -197,12 +200,8 @@ class RegistryHost(_Strict):
     plain_http: bool = False
     ca: str | None = Field(default=None, description="PEM of the CA that signed its certificate")
 
-    @field_validator("host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$", value):
-            raise ValueError(f"{value!r} is not a registry host like registry.example:5000")
-        return value
+    _host = field_validator("host")(_matching(
+        _REGISTRY_HOST, "{} is not a registry host like registry.example:5000"))
 
     @field_validator("ca")
     @classmethod
@@ -263,6 +262,11 @@ _IMAGE = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)+(:[A-Za-z0-9.
                     r"(@sha256:[0-9a-f]{64})?$")
 
 
+def _known_component(name: str) -> None:
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; components: {', '.join(COMPONENTS)}")
+
+
 class ControlPlanePorts(_Strict):
     apiserver: int = Field(default=6443, ge=1, le=65535)
     etcd_client: int = Field(default=2379, ge=1, le=65535)
@@ -309,20 +313,14 @@ class ControlPlane(_Strict):
     extra_args: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="component -> {flag: value}, added or replacing")
 
-    @field_validator("registry")
-    @classmethod
-    def _registry(cls, value: str) -> str:
-        if not _REGISTRY.match(value):
-            raise ValueError(f"{value!r} is not a registry like registry.example:5000/kube")
-        return value
+    _registry = field_validator("registry")(_matching(
+        _REGISTRY, "{} is not a registry like registry.example:5000/kube"))
 
     @field_validator("images")
     @classmethod
     def _images(cls, value: dict[str, str]) -> dict[str, str]:
         for component, image in value.items():
-            if component not in COMPONENTS:
-                raise ValueError(f"unknown component {component!r}; components: "
-                                 f"{', '.join(COMPONENTS)}")
+            _known_component(component)
             if not _IMAGE.match(image):
                 raise ValueError(f"{component}: {image!r} is not an image reference like "
                                  "registry.example:5000/kube-apiserver:v1.36.2")
@@ -332,23 +330,13 @@ class ControlPlane(_Strict):
     @classmethod
     def _extra_args(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
         for component, flags in value.items():
-            if component not in COMPONENTS:
-                raise ValueError(f"unknown component {component!r}; components: "
-                                 f"{', '.join(COMPONENTS)}")
+            _known_component(component)
             for flag in flags:
                 if not re.match(r"^[a-z0-9][a-z0-9-]*$", flag):
                     raise ValueError(f"{component}: {flag!r} is not a flag name (without --)")
         return value
 
-    @field_validator("bind_address")
-    @classmethod
-    def _bind(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                ipaddress.ip_address(value)
-            except ValueError:
-                raise ValueError(f"{value!r} is not an IP address") from None
-        return value
+    _bind = field_validator("bind_address")(_ip_address)
 
 
 class Cluster(_Strict):
@@ -367,13 +355,8 @@ class Cluster(_Strict):
     # Absent: genesis brings up no control plane (the operator's own files do).
     control_plane: ControlPlane | None = None
 
-    @field_validator("api_endpoints")
-    @classmethod
-    def _endpoints(cls, value: list[str]) -> list[str]:
-        for endpoint in value:
-            if not re.match(r"^https://[A-Za-z0-9.\-\[\]:]+(:[0-9]+)?$", endpoint):
-                raise ValueError(f"{endpoint!r} must be https://HOST[:PORT]")
-        return value
+    _endpoints = field_validator("api_endpoints")(_matching(
+        _ENDPOINT, "{} must be https://HOST[:PORT]"))
 
     @field_validator("pod_cidr", "service_cidr")
     @classmethod
@@ -432,14 +415,7 @@ class Node(_Strict):
             raise ValueError(f"{value!r} is not a valid node name (lower-case DNS name)")
         return value
 
-    @field_validator("ip")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IP address") from None
-        return value
+    _address = field_validator("ip")(_ip_address)
 
 
 class Design(_Strict):

@@ -8,9 +8,8 @@ from typing import Any
 
 import click
 
+from divingbell.commands.console import EXIT_FAILED, invalid_input
 from divingbell.core.errors import DocumentError, Problem
-
-EXIT_FAILED, EXIT_INVALID = 1, 2
 
 
 @click.group()
@@ -40,16 +39,6 @@ def _format(func: Any) -> Any:
                         help="Output for people or for scripts.")(func)
 
 
-def _print_problems(problems: list[Problem], output_format: str) -> None:
-    if output_format == "json":
-        click.echo(json.dumps({"ok": False, "problems": [
-            {"path": p.path, "message": p.message, "location": p.location}
-            for p in problems]}, indent=2))
-    else:
-        for problem in problems:
-            click.echo(f"error: {problem}", err=True)
-
-
 @bootstrap.command()
 @_design_files
 @_format
@@ -63,8 +52,7 @@ def validate(designs: tuple[Path, ...], output_format: str) -> None:
     try:
         design = load_design(designs)
     except DocumentError as exc:
-        _print_problems(exc.problems, output_format)
-        raise SystemExit(EXIT_INVALID) from None
+        invalid_input(exc.problems, output_format)
     if output_format == "json":
         click.echo(json.dumps({"ok": True, "cluster": design.cluster.name,
                                "nodes": [n.hostname for n in design.nodes]}, indent=2))
@@ -106,13 +94,11 @@ def build(designs: tuple[Path, ...], pki_dir: Path, out: Path, nodes: tuple[str,
     try:
         design = load_design(designs)
     except DocumentError as exc:
-        _print_problems(exc.problems, output_format)
-        raise SystemExit(EXIT_INVALID) from None
+        invalid_input(exc.problems, output_format)
     try:
         result = build_all(design, pki_dir, out, list(nodes) or None)
     except BuildError as exc:
-        _print_problems([Problem("", p) for p in exc.problems], output_format)
-        raise SystemExit(EXIT_INVALID) from None
+        invalid_input([Problem("", p) for p in exc.problems], output_format)
     if output_format == "json":
         click.echo(json.dumps({"ok": True, "output": str(out), "scripts": [
             {"node": s.node, "file": s.name, "bytes": len(s.text.encode()),

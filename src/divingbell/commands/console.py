@@ -12,13 +12,13 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from divingbell.core.document.cache import Resolved
-    from divingbell.core.errors import DocumentError
+    from divingbell.core.errors import DocumentError, Problem
     from divingbell.core.host import Host
 
 T = TypeVar("T")
@@ -80,6 +80,17 @@ def invalid_file(what: str, exc: DocumentError, output_format: str) -> NoReturn:
         echo(f"error: {what} is invalid ({len(exc.problems)} problem(s)):", err=True)
         for problem in exc.problems:
             echo(f"  {problem}", err=True)
+    sys.exit(EXIT_INVALID)
+
+
+def invalid_input(problems: Sequence[Problem], output_format: str) -> NoReturn:
+    """A design or PKI catalog that does not validate: `error:` and each problem with its path,
+    or `{"ok": false, "problems": [...]}` for scripts; exit 2."""
+    if output_format == "json":
+        print_json({"ok": False, "problems": [vars(p) for p in problems]})
+    else:
+        for problem in problems:
+            echo(f"error: {problem}", err=True)
     sys.exit(EXIT_INVALID)
 
 

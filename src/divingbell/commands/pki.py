@@ -7,9 +7,8 @@ from pathlib import Path
 
 import click
 
+from divingbell.commands.console import EXIT_FAILED, invalid_input
 from divingbell.core.errors import DocumentError
-
-EXIT_FAILED, EXIT_INVALID = 1, 2
 
 
 @click.group()
@@ -65,8 +64,7 @@ def generate(catalogs: tuple[Path, ...], out: Path, renewal_window: str,
     try:
         catalog = load_catalog(catalogs)
     except DocumentError as exc:
-        _problems(exc.problems, output_format)
-        raise SystemExit(EXIT_INVALID) from None
+        invalid_input(exc.problems, output_format)
     try:
         outcomes = run_generate(catalog, out, renewal_days=window.total_seconds() / 86400)
     except PkiError as exc:
@@ -143,13 +141,3 @@ def check(directory: Path, within: str, renew: bool, rekey: bool, output_format:
         click.echo(f"{len(statuses)} certificates, {len(failing)} with problems")
     if failing:
         raise SystemExit(EXIT_FAILED)
-
-
-def _problems(problems: list, output_format: str) -> None:  # type: ignore[type-arg]
-    if output_format == "json":
-        click.echo(json.dumps({"ok": False, "problems": [
-            {"path": p.path, "message": p.message, "location": p.location} for p in problems]},
-            indent=2))
-    else:
-        for problem in problems:
-            click.echo(f"error: {problem}", err=True)

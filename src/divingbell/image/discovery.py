@@ -31,6 +31,7 @@ from divingbell.core.errors import CommandError, DivingbellError
 from divingbell.core.host import Host
 from divingbell.image.cpio import Entry, gzip_bytes, newc_archive
 from divingbell.image.efi import esp_head
+from divingbell.image.os import sha256_file
 
 DEFAULT_CACHE = Path("/var/cache/divingbell/image")
 KERNEL_PACKAGE = "linux-image-amd64"
@@ -105,14 +106,6 @@ class DiscoveryImage:
         }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _run(host: Host, argv: Sequence[str], what: str, cwd: Path | None = None) -> str:
     try:
         if cwd is None:
@@ -142,13 +135,13 @@ def fetch_packages(host: Host, names: Sequence[str], cache: Path) -> list[Packag
             raise ImageError(f"apt-get download --print-uris named no .deb for {name}: {uris!r}")
         filename, version, sha = found[name]
         target = cache / filename
-        if not (target.is_file() and _sha256(target) == sha):
+        if not (target.is_file() and sha256_file(target) == sha):
             with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as scratch:
                 os.chmod(scratch, 0o755)  # apt's _apt user writes here when it can
                 _run(host, ["apt-get", "download", "-q", f"{name}={version}"],
                      f"downloading {name} {version}", cwd=Path(scratch))
                 downloaded = Path(scratch) / filename
-                if not downloaded.is_file() or _sha256(downloaded) != sha:
+                if not downloaded.is_file() or sha256_file(downloaded) != sha:
                     raise ImageError(f"apt-get download {name} did not give {filename} with "
                                      f"SHA256 {sha}")
                 downloaded.replace(target)
@@ -434,7 +427,7 @@ def build_discovery_image(
                     "built_in": list(bundle.built_in)},
         "install_hook": str(hook) if hook is not None else "built-in",
         "files": {
-            path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            path.name: {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
             for path in (kernel_path, initrd_path)
         },
     }

@@ -157,11 +157,8 @@ def _run(argv: Sequence[str], what: str, env: dict[str, str] | None = None) -> s
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def lock_constraints(source: Path) -> str:

@@ -327,9 +327,18 @@ class NodeState:
 
 
 @dataclass(frozen=True)
-class PodView:
+class _Namespaced:
     namespace: str
     name: str
+
+    @property
+    def ref(self) -> str:
+        """namespace/name, as kubectl names it."""
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class PodView(_Namespaced):
     node: str
     labels: dict[str, str]
     owner_kinds: tuple[str, ...] = ()
@@ -338,23 +347,13 @@ class PodView:
     deleting: bool = False
     ready: bool = True
 
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
 
 @dataclass(frozen=True)
-class BudgetView:
-    namespace: str
-    name: str
+class BudgetView(_Namespaced):
     selector: dict[str, Any] | None  # the PDB's LabelSelector as the API has it
     disruptions_allowed: int
     min_available: int | str | None = None
     max_unavailable: int | str | None = None
-
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import copy
 import itertools
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,27 +152,18 @@ class _FakeMaintenance:
             del self.node_objects[node]
 
     def pods_on_node(self, node: str) -> list[PodView]:
-        state = self._maint()
-        with state.lock:
-            self.sent.append(pods_on_node_request(node))
-            self._reap()
+        with self._answering(pods_on_node_request(node)) as state:
             now = self.clock()
             return [pod_view(p.body(now)) for _, p in sorted(state.pods.items())
                     if p.node == node]
 
     def budgets(self) -> list[BudgetView]:
-        state = self._maint()
-        with state.lock:
-            self.sent.append(budgets_request())
-            self._reap()
+        with self._answering(budgets_request()) as state:
             return [budget_view(self._budget_body(ns, name))
                     for ns, name in sorted(state.budgets)]
 
     def evict(self, namespace: str, pod: str, grace_seconds: int) -> None:
-        state = self._maint()
-        with state.lock:
-            self.sent.append(eviction_request(namespace, pod, grace_seconds))
-            self._reap()
+        with self._answering(eviction_request(namespace, pod, grace_seconds)) as state:
             target = state.pods.get((namespace, pod))
             if target is None:
                 return  # 404 on the wire: the pod is gone, which is what was asked
@@ -191,10 +183,7 @@ class _FakeMaintenance:
             self._terminate(target, grace_seconds)
 
     def delete_pod(self, namespace: str, pod: str, grace_seconds: int) -> None:
-        state = self._maint()
-        with state.lock:
-            self.sent.append(delete_pod_request(namespace, pod, grace_seconds))
-            self._reap()
+        with self._answering(delete_pod_request(namespace, pod, grace_seconds)) as state:
             target = state.pods.get((namespace, pod))
             if target is None:
                 raise KubeNotFound(f'pods "{pod}" not found (404)')
@@ -267,6 +256,16 @@ class _FakeMaintenance:
         # pod that is being deleted as healthy anyway (_allowed).
         pod.gone_at = self.clock() + min(float(grace_seconds), pod.stop_seconds)
         self._reap()
+
+    @contextmanager
+    def _answering(self, request: Request) -> Iterator[_FakeMaintenanceState]:
+        """Record `request` and hold the lock while it is answered, from the pods as they are
+        now (those whose grace period ended are gone)."""
+        state = self._maint()
+        with state.lock:
+            self.sent.append(request)
+            self._reap()
+            yield state
 
     def _reap(self) -> None:
         state, now = self._maint(), self.clock()

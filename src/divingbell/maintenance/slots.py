@@ -108,28 +108,25 @@ class LeaseSlots:
         return ClaimResult(None, [])
 
     def renew(self, slot: str, holder: str, ttl: float, rebooting: bool = False) -> bool:
-        group, index = _split(slot)
-        for _ in range(3):
-            lease = self.kube.get_lease(self.namespace, lease_name(group, index))
-            if lease is None or lease.holder != holder:
-                return False
-            try:
-                self.kube.replace_lease(self.namespace, LeaseView(
-                    lease.name, holder, max(1, round(ttl)), lease.acquired, self.clock(),
-                    lease.transitions, lease.resource_version, lease.labels))
-                return True
-            except KubeConflict:
-                continue
-        return False
+        def extend(lease: LeaseView) -> None:
+            self.kube.replace_lease(self.namespace, LeaseView(
+                lease.name, holder, max(1, round(ttl)), lease.acquired, self.clock(),
+                lease.transitions, lease.resource_version, lease.labels))
+        return self._change_held(slot, holder, extend)
 
     def release(self, slot: str, holder: str) -> bool:
+        return self._change_held(slot, holder, self._free)
+
+    def _change_held(self, slot: str, holder: str, change: Callable[[LeaseView], None]) -> bool:
+        """`change` the slot's Lease while `holder` holds it, reading it again after a conflict
+        (three tries); False once it is not the holder's."""
         group, index = _split(slot)
         for _ in range(3):
             lease = self.kube.get_lease(self.namespace, lease_name(group, index))
             if lease is None or lease.holder != holder:
                 return False
             try:
-                self._free(lease)
+                change(lease)
                 return True
             except KubeConflict:
                 continue

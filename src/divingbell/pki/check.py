@@ -45,11 +45,12 @@ def parse_window(text: str) -> datetime.timedelta:
     value, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "d")
     try:
         amount = float(value)
-    except ValueError:
+        window = datetime.timedelta(**{units[unit]: amount})
+    except (ValueError, OverflowError):  # not a number, nan, inf, or beyond what time holds
         raise ValueError(f"{text!r} is not a duration: use e.g. 30d, 12h or 90m") from None
     if amount < 0:
         raise ValueError(f"{text!r}: a window cannot be negative")
-    return datetime.timedelta(**{units[unit]: amount})
+    return window
 
 
 def check(out: Path, within: datetime.timedelta, *, renew: bool = False, rekey: bool = False,

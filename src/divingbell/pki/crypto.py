@@ -77,25 +77,30 @@ class LeafProfile:
         return x509.SubjectAlternativeName(general) if general else None
 
 
-def _validity(now: datetime.datetime, days: int) -> tuple[datetime.datetime, datetime.datetime]:
-    return now - BACKDATE, now + datetime.timedelta(days=days)
+def _new_certificate(subject: x509.Name, issuer: x509.Name, public: PublicKey, days: int,
+                     now: datetime.datetime, *, ca: bool) -> x509.CertificateBuilder:
+    """A new certificate's fields and constraints: a CA signs certificates and CRLs, a leaf
+    signs (and enciphers keys when its key is RSA)."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(issuer).public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE).not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False,
+            key_encipherment=not ca and isinstance(public, rsa.RSAPublicKey),
+            data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
+            encipher_only=False, decipher_only=False), critical=True)
+    )
 
 
 def issue_ca(common_name: str, key: PrivateKey, days: int, now: datetime.datetime
              ) -> x509.Certificate:
     subject = name(common_name)
-    not_before, not_after = _validity(now, days)
     public = key.public_key()
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject).public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-            encipher_only=False, decipher_only=False), critical=True)
+        _new_certificate(subject, subject, public, days, now, ca=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
     )
     return builder.sign(key, hashes.SHA256())
@@ -103,18 +108,8 @@ def issue_ca(common_name: str, key: PrivateKey, days: int, now: datetime.datetim
 
 def issue_leaf(profile: LeafProfile, public: PublicKey, ca_cert: x509.Certificate,
                ca_key: PrivateKey, days: int, now: datetime.datetime) -> x509.Certificate:
-    not_before, not_after = _validity(now, days)
-    rsa_key = isinstance(public, rsa.RSAPublicKey)
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(profile.subject).issuer_name(ca_cert.subject).public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=rsa_key,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False), critical=True)
+        _new_certificate(profile.subject, ca_cert.subject, public, days, now, ca=False)
         .add_extension(x509.ExtendedKeyUsage([USAGE_OIDS[u] for u in profile.usages]),
                        critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)

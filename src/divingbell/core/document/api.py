@@ -36,7 +36,7 @@ def read_documents(files: Iterable[Path]) -> list[tuple[str, bytes]]:
 def load_contents(contents: Sequence[tuple[str, bytes]], *,
                   allow_empty: bool = False) -> ValidDocument:
     """Parse, merge in order and validate; raises DocumentError listing every problem."""
-    from divingbell.core.document.loader import Loaded, deep_merge, load_text
+    from divingbell.core.document.loader import load_text, merge_layers
     from divingbell.core.document.validate import validate
 
     problems: list[Problem] = []
@@ -55,12 +55,7 @@ def load_contents(contents: Sequence[tuple[str, bytes]], *,
             problems.extend(exc.problems)
     if problems:
         raise DocumentError(problems)
-    merged = Loaded({})
-    for layer in layers:
-        merged.data = deep_merge(merged.data, layer.data)
-        merged.marks.update(layer.marks)
-        merged.sources.extend(layer.sources)
-    return validate(merged, allow_empty=allow_empty)
+    return validate(merge_layers(layers), allow_empty=allow_empty)
 
 
 def load_document(files: Iterable[Path], *, allow_empty: bool = False) -> ValidDocument:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,21 +57,28 @@ _STANDARD_TAGS = {f"tag:yaml.org,2002:{t}" for t in (
     "str", "int", "float", "bool", "null", "map", "seq", "timestamp", "merge")}
 
 
-def load_text(text: str, source: str = "<string>") -> Loaded:
+@contextmanager
+def _bounded_loader(text: str, source: str, what: str) -> Iterator[yaml.SafeLoader]:
+    """A loader for `text` once it passed the bounds above; inside the block, YAML errors and
+    too deep nesting become located problems, and the loader is disposed after it."""
     if len(text) > MAX_BYTES:
-        raise DocumentError([Problem("", f"the document is larger than {MAX_BYTES} bytes",
-                                     source)])
+        raise DocumentError([Problem("", f"{what} is larger than {MAX_BYTES} bytes", source)])
     _prescan(text, source)
-    problems: list[Problem] = []
     loader = _Loader(text)
     try:
-        node = loader.get_single_node()
+        yield loader
     except yaml.YAMLError as exc:
         raise DocumentError([_yaml_problem(exc, source)]) from None
     except RecursionError:
         raise DocumentError([Problem("", "nested too deeply", source)]) from None
     finally:
         loader.dispose()
+
+
+def load_text(text: str, source: str = "<string>") -> Loaded:
+    problems: list[Problem] = []
+    with _bounded_loader(text, source, "the document") as loader:
+        node = loader.get_single_node()
     if node is None:
         return Loaded({}, {(): f"{source}:1"}, [source])
     marks: dict[PathKey, str] = {}
@@ -222,14 +230,9 @@ def load_all_text(text: str, source: str = "<string>") -> list[Loaded]:
     """Every YAML document in `text` (separated by `---`), each with its own file:line marks,
     under the same bounds as `load_text`. Documents may be any YAML value; callers check the
     shape they expect."""
-    if len(text) > MAX_BYTES:
-        raise DocumentError([Problem("", f"the file is larger than {MAX_BYTES} bytes",
-                                     source)])
-    _prescan(text, source)
     problems: list[Problem] = []
-    loader = _Loader(text)
     documents: list[Loaded] = []
-    try:
+    with _bounded_loader(text, source, "the file") as loader:
         while loader.check_node():
             node = loader.get_node()
             if node is None:
@@ -237,12 +240,6 @@ def load_all_text(text: str, source: str = "<string>") -> list[Loaded]:
             marks: dict[PathKey, str] = {}
             data = _Builder(loader, source, marks, problems).construct(node, ())
             documents.append(Loaded(data, marks, [source]))
-    except yaml.YAMLError as exc:
-        raise DocumentError([_yaml_problem(exc, source)]) from None
-    except RecursionError:
-        raise DocumentError([Problem("", "nested too deeply", source)]) from None
-    finally:
-        loader.dispose()
     if problems:
         raise DocumentError(problems[:50])
     return documents
@@ -277,6 +274,12 @@ def load_files(paths: Iterable[Path]) -> Loaded:
             problems.extend(exc.problems)
     if problems:
         raise DocumentError(problems)
+    return merge_layers(layers)
+
+
+def merge_layers(layers: Iterable[Loaded]) -> Loaded:
+    """Deep-merge in order, later layers winning; each path keeps the file:line of the last
+    layer that wrote it."""
     merged = Loaded({})
     for layer in layers:
         merged.data = deep_merge(merged.data, layer.data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path as FsPath
 from typing import Annotated, Any
@@ -164,14 +165,25 @@ def _shell(request: Request, template: str, page: str, title: str,
     return _page(request, template, page, title, principal, data)
 
 
-@router.get("/ui", response_model=None)
-def overview(request: Request) -> Response:
-    return _shell(request, "overview.html", "overview", "Overview")
+# Pages with nothing of their own in the URL (their scripts fetch the API): path -> the page
+# (its template is <page>.html) and its title.
+_PLAIN_PAGES = {
+    "/ui": ("overview", "Overview"),
+    "/ui/machines": ("machines", "Machines"),
+    "/ui/rollout": ("rollout", "Rollout"),
+    "/ui/revisions": ("revisions", "Revisions"),
+}
 
 
-@router.get("/ui/machines", response_model=None)
-def machines(request: Request) -> Response:
-    return _shell(request, "machines.html", "machines", "Machines")
+def _plain_page(page: str, title: str) -> Callable[[Request], Response]:
+    def show(request: Request) -> Response:
+        return _shell(request, f"{page}.html", page, title)
+    return show
+
+
+for _path, (_name, _title) in _PLAIN_PAGES.items():
+    router.add_api_route(_path, _plain_page(_name, _title), methods=["GET"], name=_name,
+                         response_model=None)
 
 
 @router.get("/ui/machines/{machine_id}", response_model=None)
@@ -179,16 +191,6 @@ def machine(request: Request, machine_id: Annotated[str, Path(max_length=64,
                                                               pattern=r"^[A-Za-z0-9_-]+$")]
             ) -> Response:
     return _shell(request, "machine.html", "machine", machine_id, {"machine": machine_id})
-
-
-@router.get("/ui/rollout", response_model=None)
-def rollout(request: Request) -> Response:
-    return _shell(request, "rollout.html", "rollout", "Rollout")
-
-
-@router.get("/ui/revisions", response_model=None)
-def revisions(request: Request) -> Response:
-    return _shell(request, "revisions.html", "revisions", "Revisions")
 
 
 @router.get("/ui/revisions/diff", response_model=None)
