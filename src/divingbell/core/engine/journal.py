@@ -320,6 +320,8 @@ OWNED_PATTERNS: tuple[tuple[str, str], ...] = (
     ("uamlite", "/etc/sudoers.d/divingbell-*"),
 )
 OWNED_HEADER = "Managed by divingbell"
+# The first line of every file a module writes: how find_owned_files knows its own.
+MANAGED_LINE = f"# {OWNED_HEADER}; edits here are overwritten on its next apply."
 
 
 def find_owned_files(host: Host) -> list[tuple[str, str]]:

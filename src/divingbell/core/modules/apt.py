@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from divingbell.core.document.keys import REBOOT_PACKAGES as REBOOT_PACKAGE_NAMES
 from divingbell.core.engine.change import NONE, REBOOT, Action, Change, restart
 from divingbell.core.engine.files import FileSpec, plan_files
-from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.engine.journal import MANAGED_LINE, ModuleRecord
 from divingbell.core.engine.settings import converge, left_the_document, restore
 from divingbell.core.errors import CommandError, ModuleError
 from divingbell.core.host import Host
@@ -47,7 +47,7 @@ REBOOT_REQUIRED = "/run/reboot-required"
 DPKG_INFO = "/var/lib/dpkg/info"
 UNIT_DIRS = ("/lib/systemd/system/", "/usr/lib/systemd/system/")
 REBOOT_PACKAGES = re.compile(REBOOT_PACKAGE_NAMES)
-HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
+HEADER = MANAGED_LINE + "\n"
 DISABLED = "# Disabled by divingbell (apt.exclusive_sources); its original returns after.\n"
 
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEND": "none",

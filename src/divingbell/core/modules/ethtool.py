@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from divingbell.core.engine.change import Change
-from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.engine.journal import MANAGED_LINE, ModuleRecord
 from divingbell.core.engine.settings import converge, restore
 from divingbell.core.errors import CommandError, ModuleError
 from divingbell.core.host import Host
@@ -158,7 +158,7 @@ def wanted_settings(conf: EthtoolInterface) -> dict[tuple[str | None, str], str]
 def render_unit(iface: str, conf: EthtoolInterface, ethtool: str) -> str:
     wanted = wanted_settings(conf)
     lines = [
-        "# Managed by divingbell; edits here are overwritten on its next apply.",
+        MANAGED_LINE,
         "[Unit]",
         f"Description=divingbell: NIC settings for {iface}",
         # Ordering only: BindsTo= would never start where udev does not run (containers).

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from divingbell.core.engine.change import NONE, REBOOT, Action, Change
 from divingbell.core.engine.files import FileSpec, is_file_change, plan_file, undo_file
-from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.engine.journal import MANAGED_LINE, ModuleRecord
 from divingbell.core.errors import CommandError, ModuleError
 from divingbell.core.host import Host
 from divingbell.core.modules.base import HostModule
@@ -57,14 +57,14 @@ RUNNING = "running kernel"
 VARIABLE = "${divingbell_cmdline}"
 GOOD, TRY = "divingbell_good", "divingbell_try"
 DROPIN_TEXT = (
-    "# Managed by divingbell; edits here are overwritten on its next apply.\n"
+    MANAGED_LINE + "\n"
     "# The kernel parameters of the divingbell document (conf.kernel) come from GRUB's\n"
     "# environment block at boot (see /etc/grub.d/01_divingbell); update-grub reads this.\n"
     'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX \\${divingbell_cmdline}"\n'
 )
 SCRIPT_TEXT = (
     "#!/bin/sh\n"
-    "# Managed by divingbell; edits here are overwritten on its next apply.\n"
+    + MANAGED_LINE + "\n"
     "# After 00_header's load_env: a line on trial boots once (cleared before it boots, as\n"
     "# grub-reboot's next_entry is), otherwise the last-known-good line.\n"
     "cat <<'EOF'\n"

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from divingbell.core.engine.change import Change
 from divingbell.core.engine.files import FileSpec, plan_files
-from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.engine.journal import MANAGED_LINE, ModuleRecord
 from divingbell.core.host import Host
 from divingbell.core.modules.base import HostModule
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from divingbell.core.modules.limits_schema import Limit, LimitsConf
 
 LIMITS_DIR = "/etc/security/limits.d"
-HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
+HEADER = MANAGED_LINE + "\n"
 
 
 def limit_file(name: str) -> str:

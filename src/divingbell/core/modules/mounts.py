@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from divingbell.core.engine.change import Action, Change
 from divingbell.core.engine.files import prune_created_dirs
-from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.engine.journal import MANAGED_LINE, ModuleRecord
 from divingbell.core.errors import CommandError, ModuleError
 from divingbell.core.host import Host
 from divingbell.core.modules.base import HostModule
@@ -131,7 +131,7 @@ def render_unit(name: str, mount: Mount) -> str:
     text = {field: None if getattr(mount, field) is None else _unit_text(getattr(mount, field))
             for field in ("device", "type", "before", "after", "options")}
     lines = [
-        "# Managed by divingbell; edits here are overwritten on its next apply.",
+        MANAGED_LINE,
         "[Unit]",
         f"Description=divingbell mount {name}: {mount.mnt_tgt}",
         "Conflicts=umount.target",

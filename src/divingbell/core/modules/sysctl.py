@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from divingbell.core.document.keys import sysctl_components
 from divingbell.core.engine.change import Change
 from divingbell.core.engine.files import FileSpec, plan_file
-from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.engine.journal import MANAGED_LINE, ModuleRecord
 from divingbell.core.engine.settings import converge, left_the_document, restore
 from divingbell.core.errors import ModuleError
 from divingbell.core.host import Host
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 DROPIN = "/etc/sysctl.d/60-divingbell.conf"
 HEADER = (
-    "# Managed by divingbell; edits here are overwritten on its next apply.\n"
+    MANAGED_LINE + "\n"
     "# Change the divingbell document instead. Loaded at boot by systemd-sysctl.\n"
 )
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from divingbell.core.document.keys import CRYPT_PREFIXES
 from divingbell.core.engine.change import Action, Change
 from divingbell.core.engine.files import FileChange, FileSpec, plan_file
-from divingbell.core.engine.journal import ModuleRecord
+from divingbell.core.engine.journal import MANAGED_LINE, ModuleRecord
 from divingbell.core.errors import CommandError, ModuleError
 from divingbell.core.host import Host, UserDir
 from divingbell.core.modules.base import HostModule
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from divingbell.core.modules.uamlite_schema import UamliteConf, User
 
 SUDOERS_DIR = "/etc/sudoers.d"
-HEADER = "# Managed by divingbell; edits here are overwritten on its next apply.\n"
+HEADER = MANAGED_LINE + "\n"
 
 
 def sudoers_file(user: str) -> str:
