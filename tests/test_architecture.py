@@ -18,8 +18,6 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 
 # Cycles other work is removing (issue 30); each entry is one strongly connected component.
 KNOWN_CYCLES: dict[str, frozenset[str]] = {
-    "the agent and its maintenance sequence": frozenset(
-        {"divingbell.agent.loop", "divingbell.maintenance.sequence"}),
     "fleet and rollout commands": frozenset(
         {"divingbell.commands.fleet", "divingbell.commands.rollout"}),
     "rollouts and the fleet service": frozenset(
