@@ -3,8 +3,8 @@
 Every `import` in `src/` counts, also those inside functions (a lazy import is still a
 dependency, only a later one), and those under `TYPE_CHECKING`. The import graph's strongly
 connected components (Tarjan) of more than one module, or of a module importing itself, are
-cycles. The cycles that still exist are allowlisted by name below, and the list may only
-shrink: an allowlisted cycle that is gone fails too, so its entry is deleted with the fix.
+cycles, and there are none: a shared helper moves down to a module both sides can import, a
+borrowed private becomes a small public module of its own (issue 30).
 """
 
 from __future__ import annotations
@@ -15,16 +15,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-
-# Cycles other work is removing (issue 30); each entry is one strongly connected component.
-KNOWN_CYCLES: dict[str, frozenset[str]] = {
-    "the agent and its maintenance sequence": frozenset(
-        {"divingbell.agent.loop", "divingbell.maintenance.sequence"}),
-    "fleet and rollout commands": frozenset(
-        {"divingbell.commands.fleet", "divingbell.commands.rollout"}),
-    "rollouts and the fleet service": frozenset(
-        {"divingbell.fleet.rollouts", "divingbell.fleet.service"}),
-}
 
 
 def module_files(src: Path) -> dict[str, Path]:
@@ -117,8 +107,8 @@ def cycle_problems(src: Path, allowed: Mapping[str, frozenset[str]]) -> list[str
     return sorted(problems)
 
 
-def test_src_has_no_import_cycle_but_the_known_ones() -> None:
-    assert cycle_problems(SRC, KNOWN_CYCLES) == []
+def test_src_has_no_import_cycle() -> None:
+    assert cycle_problems(SRC, {}) == []
 
 
 def _tree(root: Path, files: Mapping[str, str]) -> Path:

@@ -28,7 +28,7 @@ gettext.find = functools.lru_cache(maxsize=64)(_gettext_find)  # type: ignore[as
 # whose module is absent (an optional part not installed) is simply not listed. Each has its
 # line for `divingbell --help` here, so listing them imports none of them.
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("divingbell.commands.fleet:serve",
+    "serve": ("divingbell.commands.serve:serve",
               "Run the fleet service: API, network boot, web UI."),
     "fleet": ("divingbell.commands.fleet:fleet",
               "Operate the fleet service: machines, revisions, rollouts."),

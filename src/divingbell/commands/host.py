@@ -360,7 +360,7 @@ def _show_removals(previous: ValidDocument, document: ValidDocument, allowed: bo
     """What `document` removes against `previous`, per kind of node (host and label
     overrides, any other node), on stderr; exit 1 when it removes more than it keeps on one
     of them and that was not `allowed`."""
-    from divingbell.commands.fleet import removal_lines
+    from divingbell.commands.fleetapi import removal_lines
     from divingbell.fleet.configdiff import override_targets, removals
 
     beyond = []

@@ -9,19 +9,19 @@ from typing import Any
 
 import click
 
-from divingbell.commands.fleet import (
-    _api_options,
-    _call,
-    _client,
-    _echo_json,
-    _format_option,
+from divingbell.commands.fleetapi import (
+    api_client,
+    api_options,
+    call,
+    echo_json,
+    format_option,
     power_answer,
 )
 from divingbell.fleet.client import FleetApiError
 
 
 @click.command()
-@_api_options
+@api_options
 @click.argument("machine_id")
 @click.option("--redfish", "redfish_url", metavar="URL",
               help="The BMC's Redfish system URL (https://bmc/redfish/v1/Systems/1), or its "
@@ -39,7 +39,7 @@ from divingbell.fleet.client import FleetApiError
 @click.option("--insecure", is_flag=True,
               help="Do not verify the BMC's TLS certificate (recorded in the audit log).")
 @click.option("--remove", is_flag=True, help="Forget the machine's BMC.")
-@_format_option
+@format_option
 def bmc(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
         redfish_url: str | None, ipmi_address: str | None, username: str | None,
         password_file: Path | None, bmc_ca: Path | None, insecure: bool, remove: bool,
@@ -55,10 +55,10 @@ def bmc(server: str, token_file: Path | None, ca_file: str | None, machine_id: s
     """
     from divingbell.fleet.client import read_token as read_first_line
 
-    client = _client(server, token_file, ca_file)
+    client = api_client(server, token_file, ca_file)
     path = f"/v1/machines/{machine_id}/bmc"
     if remove:
-        _call(client.call, "DELETE", path)
+        call(client.call, "DELETE", path)
         click.echo(f"{machine_id}: BMC removed")
         return
     if redfish_url and ipmi_address:
@@ -78,14 +78,14 @@ def bmc(server: str, token_file: Path | None, ca_file: str | None, machine_id: s
             "password": password, "insecure": insecure}
         if bmc_ca is not None:
             body["ca_pem"] = bmc_ca.read_text()
-        data = _call(client.call, "PUT", path, body)
+        data = call(client.call, "PUT", path, body)
     elif username or password_file or bmc_ca or insecure:
         raise click.UsageError("--username, --password-file, --bmc-ca-file and --insecure go "
                                "with --redfish or --ipmi")
     else:
-        data = _call(client.call, "GET", path)
+        data = call(client.call, "GET", path)
     if output_format == "json":
-        _echo_json(data)
+        echo_json(data)
         return
     trust = "" if data["protocol"] == "ipmi" else (
         "; TLS NOT verified" if not data["verify_tls"] else
@@ -96,7 +96,7 @@ def bmc(server: str, token_file: Path | None, ca_file: str | None, machine_id: s
 
 
 @click.command("power")
-@_api_options
+@api_options
 @click.argument("machine_id")
 @click.argument("action", type=click.Choice(["status", "on", "off", "soft-off", "cycle"]))
 @click.option("--boot-once", type=click.Choice(["pxe", "disk"]),
@@ -105,7 +105,7 @@ def bmc(server: str, token_file: Path | None, ca_file: str | None, machine_id: s
 @click.option("--wait", "wait_seconds", type=click.FloatRange(1, 3600), default=600,
               show_default=True, metavar="SECONDS",
               help="How long to wait for the service's answer.")
-@_format_option
+@format_option
 def power_cmd(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
               action: str, boot_once: str | None, wait_seconds: float,
               output_format: str) -> None:
@@ -120,7 +120,7 @@ def power_cmd(server: str, token_file: Path | None, ca_file: str | None, machine
       divingbell fleet power m0123 status
       divingbell fleet power m0123 cycle --boot-once pxe
     """
-    client = _client(server, token_file, ca_file)
+    client = api_client(server, token_file, ca_file)
     client.timeout = wait_seconds
     path = f"/v1/machines/{machine_id}/power"
     if action == "status" and boot_once is None:
@@ -129,7 +129,7 @@ def power_cmd(server: str, token_file: Path | None, ca_file: str | None, machine
         data = power_answer(client.call, "POST", path, {"action": action,
                                                         "boot_once": boot_once})
     if output_format == "json":
-        _echo_json(data)
+        echo_json(data)
     else:
         sent = ", ".join(data["actions"]) or "nothing"
         click.echo(f"{machine_id}: {data['state']} (sent: {sent}): {data['message']}",
@@ -138,12 +138,12 @@ def power_cmd(server: str, token_file: Path | None, ca_file: str | None, machine
 
 
 @click.command()
-@_api_options
+@api_options
 @click.argument("machine_id")
 @click.option("--wait", "wait_seconds", type=click.FloatRange(1, 3600), default=600,
               show_default=True, metavar="SECONDS",
               help="How long to wait for the service's answer.")
-@_format_option
+@format_option
 def reprovision(server: str, token_file: Path | None, ca_file: str | None, machine_id: str,
                 wait_seconds: float, output_format: str) -> None:
     """Install MACHINE_ID again, as the same machine (admin; audited).
@@ -155,11 +155,11 @@ def reprovision(server: str, token_file: Path | None, ca_file: str | None, machi
     off confirmed, then on confirmed; exit 1 when the BMC did not confirm (the machine then
     reinstalls at its next network boot). Without one, power-cycle it yourself.
     """
-    client = _client(server, token_file, ca_file)
+    client = api_client(server, token_file, ca_file)
     client.timeout = wait_seconds
     data = power_answer(client.call, "POST", f"/v1/machines/{machine_id}/reprovision")
     if output_format == "json":
-        _echo_json(data)
+        echo_json(data)
     elif "actions" not in data:
         click.echo(f"{machine_id}: {data['state']}; it installs again at its next network boot "
                    "(no BMC: power-cycle it to start)")

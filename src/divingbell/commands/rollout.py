@@ -7,12 +7,12 @@ from typing import Any
 
 import click
 
-from divingbell.commands.fleet import (
-    _api_options,
-    _call,
-    _client,
-    _echo_json,
-    _format_option,
+from divingbell.commands.fleetapi import (
+    api_client,
+    api_options,
+    call,
+    echo_json,
+    format_option,
     removal_lines,
 )
 
@@ -52,31 +52,31 @@ def _print_rollout(data: dict[str, Any]) -> None:
 
 
 @rollout.command()
-@_api_options
-@_format_option
+@api_options
+@format_option
 def status(server: str, token_file: Path | None, ca_file: str | None,
            output_format: str) -> None:
     """The current rollout: waves, each machine's progress, why it halted. Exit 1 if it is
     halted, 0 otherwise."""
-    data = _call(_client(server, token_file, ca_file).call, "GET", "/v1/rollouts/current")
+    data = call(api_client(server, token_file, ca_file).call, "GET", "/v1/rollouts/current")
     if output_format == "json":
-        _echo_json(data)
+        echo_json(data)
     else:
         _print_rollout(data)
     raise SystemExit(1 if data["status"] == "halted" else 0)
 
 
 @rollout.command()
-@_api_options
-@_format_option
+@api_options
+@format_option
 def history(server: str, token_file: Path | None, ca_file: str | None,
             output_format: str) -> None:
     """Past rollouts: who started each, when, and how it ended."""
     from divingbell.commands.output import table
 
-    rows = _call(_client(server, token_file, ca_file).call, "GET", "/v1/rollouts")
+    rows = call(api_client(server, token_file, ca_file).call, "GET", "/v1/rollouts")
     if output_format == "json":
-        _echo_json(rows)
+        echo_json(rows)
         return
     click.echo(table(["ID", "REVISION", "STATUS", "STARTED BY", "STARTED", "FINISHED"],
                      [[str(r["id"]), str(r["revision"]), r["status"], r["started_by"],
@@ -85,25 +85,25 @@ def history(server: str, token_file: Path | None, ca_file: str | None,
 
 def _verb(verb: str, server: str, token_file: Path | None, ca_file: str | None,
           output_format: str, rollback: bool = False) -> None:
-    data = _call(_client(server, token_file, ca_file).call,
-                 "POST", f"/v1/rollouts/current/{verb}", {"rollback": rollback})
+    data = call(api_client(server, token_file, ca_file).call,
+                "POST", f"/v1/rollouts/current/{verb}", {"rollback": rollback})
     if output_format == "json":
-        _echo_json(data)
+        echo_json(data)
     else:
         _print_rollout(data)
 
 
 @rollout.command()
-@_api_options
-@_format_option
+@api_options
+@format_option
 def pause(server: str, token_file: Path | None, ca_file: str | None, output_format: str) -> None:
     """Start no new machine; those updating finish."""
     _verb("pause", server, token_file, ca_file, output_format)
 
 
 @rollout.command()
-@_api_options
-@_format_option
+@api_options
+@format_option
 def resume(server: str, token_file: Path | None, ca_file: str | None,
            output_format: str) -> None:
     """Go on after a pause or a halt (failed machines are tried again)."""
@@ -111,10 +111,10 @@ def resume(server: str, token_file: Path | None, ca_file: str | None,
 
 
 @rollout.command()
-@_api_options
+@api_options
 @click.option("--rollback", is_flag=True,
               help="Also serve the previous revision to the machines already updated.")
-@_format_option
+@format_option
 def abort(server: str, token_file: Path | None, ca_file: str | None, rollback: bool,
           output_format: str) -> None:
     """Stop for good: machines not yet reached stay on their revision."""
@@ -126,10 +126,10 @@ DISRUPTION_WORDS = {"none": "live changes only", "restart": "restarts services",
 
 
 @rollout.command()
-@_api_options
+@api_options
 @click.argument("revision", type=click.IntRange(min=1))
 @click.option("--all", "show_all", is_flag=True, help="Also list machines that do not change.")
-@_format_option
+@format_option
 def plan(server: str, token_file: Path | None, ca_file: str | None, revision: int,
          show_all: bool, output_format: str) -> None:
     """Before a rollout: how REVISION would change each machine's effective configuration,
@@ -137,9 +137,10 @@ def plan(server: str, token_file: Path | None, ca_file: str | None, revision: in
     what it keeps, what it would do to each machine's workloads (live changes only, restart
     services, or reboot, with the reason, and how many machines of each), and which machines
     would not change at all."""
-    data = _call(_client(server, token_file, ca_file).call, "GET", f"/v1/rollouts/plan/{revision}")
+    data = call(api_client(server, token_file, ca_file).call,
+                "GET", f"/v1/rollouts/plan/{revision}")
     if output_format == "json":
-        _echo_json(data)
+        echo_json(data)
         return
     click.echo(f"revision {revision}: {data['changed']} machine(s) change, "
                f"{data['unchanged']} unchanged (active revision {data['active'] or 'none'})")
@@ -174,19 +175,19 @@ def plan(server: str, token_file: Path | None, ca_file: str | None, revision: in
 
 
 @rollout.command()
-@_api_options
+@api_options
 @click.option("--max-unavailable", metavar="N|P%",
               help="Workers updated at once: a number or a percentage such as 25%.")
 @click.option("--max-failures", type=click.IntRange(min=0),
               help="Failures tolerated before the rollout halts (default 0).")
 @click.option("--pause", "pause_seconds", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Wait between waves.")
-@_format_option
+@format_option
 def policy(server: str, token_file: Path | None, ca_file: str | None,
            max_unavailable: str | None, max_failures: int | None, pause_seconds: float | None,
            output_format: str) -> None:
     """Show the rollout policy, or change it for the next rollout."""
-    current = _call(_client(server, token_file, ca_file).call, "GET", "/v1/rollout-policy")
+    current = call(api_client(server, token_file, ca_file).call, "GET", "/v1/rollout-policy")
     if any(v is not None for v in (max_unavailable, max_failures, pause_seconds)):
         if max_unavailable is not None:
             current["max_unavailable"] = (int(max_unavailable) if max_unavailable.isdigit()
@@ -195,10 +196,10 @@ def policy(server: str, token_file: Path | None, ca_file: str | None,
             current["max_failures"] = max_failures
         if pause_seconds is not None:
             current["pause_seconds"] = pause_seconds
-        current = _call(_client(server, token_file, ca_file).call,
-                        "PUT", "/v1/rollout-policy", current)
+        current = call(api_client(server, token_file, ca_file).call,
+                       "PUT", "/v1/rollout-policy", current)
     if output_format == "json":
-        _echo_json(current)
+        echo_json(current)
         return
     for key, value in current.items():
         click.echo(f"{key}: {value}")

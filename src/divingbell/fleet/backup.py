@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from divingbell.core.document.api import load_document_text
 from divingbell.core.errors import DocumentError
-from divingbell.fleet import migrations, service, states
+from divingbell.fleet import migrations, revisions, service, states
 from divingbell.fleet.db import Database, normalise_url
 from divingbell.fleet.models import (
     Base,
@@ -247,8 +247,8 @@ def import_legacy(db: Database, data: dict[str, Any]) -> dict[str, int]:
             counts["revisions"] += 1
         session.flush()
         active = data.get("active_revision")
-        if active is not None and service.active_revision(session) is None:
-            service.set_active(session, int(active))
+        if active is not None and revisions.active_revision(session) is None:
+            revisions.set_active(session, int(active))
         for item in data.get("machines") or []:
             machine = session.scalars(select(Machine).where(Machine.uuid == item["uuid"])
                                       ).first()

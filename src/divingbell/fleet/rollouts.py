@@ -18,8 +18,8 @@ from sqlalchemy import Connection, Row, bindparam, select
 from sqlalchemy.orm import Session
 
 from divingbell.core.document.validate import ValidDocument
+from divingbell.fleet import revisions, states
 from divingbell.fleet import rollout as logic
-from divingbell.fleet import states
 from divingbell.fleet.configdiff import (
     DISRUPTION_KINDS,
     Removals,
@@ -293,9 +293,7 @@ def act(session: Session, verb: str, who: str, *, rollback: bool = False) -> Rol
     _save(row, members, rollout, now, reason)
     if verb == "abort" and rollback and row.from_revision is not None:
         # New machines get the revision the fleet is rolled back to, too.
-        from divingbell.fleet import service
-
-        service.set_active(session, row.from_revision)
+        revisions.set_active(session, row.from_revision)
     if verb == "resume":
         _step(session, row, members, now)
     return row
@@ -359,9 +357,7 @@ def _machines_with_served(session: Session
                           ) -> list[tuple[Target, int | None, ValidDocument | None]]:
     """Every machine not decommissioned, by name, with the revision it is served now and that
     revision's document (None before the first push). Two queries, whatever the fleet's size."""
-    from divingbell.fleet import service
-
-    active = service.active_revision(session)
+    active = revisions.active_revision(session)
     # The columns `membership` answers (read by name), with the machine's id in front.
     memberships = {row.machine_id: cast(Membership, row)
                    for row in session.execute(_SERVED_ALL)}
@@ -374,8 +370,9 @@ def _machines_with_served(session: Session
         if number is not None and number not in documents:
             old = session.get(Revision, number)
             if old is not None:
-                documents[number] = service.revision_document(old)
-        target = Target(machine.id, machine.hostname or machine.id, service.labels_of(machine))
+                documents[number] = revisions.revision_document(old)
+        target = Target(machine.id, machine.hostname or machine.id,
+                        revisions.labels_of(machine))
         found.append((target, number, documents.get(number) if number is not None else None))
     found.sort(key=lambda item: item[0].name)
     return found
@@ -399,12 +396,10 @@ def plan(session: Session, revision_number: int) -> dict[str, Any]:
     """Per machine, how its effective configuration would change if `revision_number` became
     current, and what it would remove (restored or removed on the host) against what it
     keeps: the blast radius before anything moves."""
-    from divingbell.fleet import service
-
     new = session.get(Revision, revision_number)
     if new is None:
         raise not_found("revision", revision_number)
-    new_document = service.revision_document(new)
+    new_document = revisions.revision_document(new)
     diffs: list[dict[str, Any]] = []
     served = _machines_with_served(session)
     configuration = _keyer(served, new_document)
@@ -421,7 +416,7 @@ def plan(session: Session, revision_number: int) -> dict[str, Any]:
                       "modules": modules, "from_revision": number, "removals": removed,
                       "disruption": disrupts})
     changed = [d for d in diffs if d["changed"]]
-    return {"revision": revision_number, "active": service.active_revision(session),
+    return {"revision": revision_number, "active": revisions.active_revision(session),
             "machines": diffs, "changed": len(changed), "unchanged": len(diffs) - len(changed),
             "exceeds_kept": [d["name"] for d in diffs if d["removals"]["exceeds_kept"]],
             "disruption": {kind: sum(1 for d in diffs if d["disruption"]["kind"] == kind)

@@ -15,17 +15,14 @@ import json
 import logging
 import re
 import secrets
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, NamedTuple, cast
 
 import yaml
 from sqlalchemy import (
     Connection,
-    Row,
     Table,
     and_,
     bindparam,
@@ -40,7 +37,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
 from divingbell.core.document.api import effective_document, load_document_text, node_config
-from divingbell.core.document.validate import ValidDocument
 from divingbell.core.errors import DocumentError
 from divingbell.fleet import leases, rollouts, states
 from divingbell.fleet.api.schemas import Discovery, ReportBody
@@ -75,11 +71,18 @@ from divingbell.fleet.models import (
     iso,
     utcnow,
 )
+from divingbell.fleet.revisions import (
+    ACTIVE_REVISION,
+    MachineLike,
+    active_revision,
+    labels_of,
+    revision_document,
+    set_active,
+)
 from divingbell.fleet.scheduler import (
     CONTROL_PLANE,
     UNASSIGNED,
     Candidate,
-    node_labels,
     rack_of,
     schedule,
 )
@@ -87,7 +90,6 @@ from divingbell.fleet.settings import FleetSettings
 
 log = logging.getLogger("divingbell.fleet")
 
-ACTIVE_REVISION = "active_revision"
 SCHEDULER_LOCK = "scheduler"
 INSTALL = "install"
 SLOT = "slot"
@@ -437,27 +439,6 @@ def run_scheduler(session: Session, settings: FleetSettings) -> dict[str, list[s
     return decided
 
 
-class MachineLike(Protocol):
-    """What the configuration and freshness decisions read: a Machine row or a View."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def hostname(self) -> str: ...
-    @property
-    def hostname_accepted(self) -> bool: ...
-    @property
-    def roles(self) -> list[Any]: ...
-    @property
-    def rack(self) -> str | None: ...
-    @property
-    def last_report_revision(self) -> int | None: ...
-    @property
-    def last_report_etag(self) -> str | None: ...
-    @property
-    def last_report_state(self) -> str | None: ...
-
-
 @dataclass(frozen=True)
 class View:
     """The few columns of a machine the hot paths need (no facts, no ORM)."""
@@ -570,10 +551,6 @@ def authorized_view(connection: Connection, credentials: Credentials, machine_id
         check_machine_or_admin(principal, machine_id)
     return Authorized(principal, machine_view(connection, machine_id),
                       active_revision(connection), rollouts.membership(connection, machine_id))
-
-
-def labels_of(machine: MachineLike) -> dict[str, str]:
-    return node_labels(machine.roles or [], machine.rack)
 
 
 def machine_summary(machine: Machine, active: int | None,
@@ -689,15 +666,6 @@ def report_dict(report: Report) -> dict[str, Any]:
 
 # Revisions and configuration -----------------------------------------------------------------
 
-_documents: OrderedDict[tuple[int, str], ValidDocument] = OrderedDict()
-_documents_lock = threading.Lock()
-
-
-def active_revision(session: Session | Connection) -> int | None:
-    value = session.scalar(select(Setting.value).where(Setting.key == ACTIVE_REVISION))
-    return int(value) if value else None
-
-
 def push_document(session: Session, data: bytes, name: str, who: str, *,
                   allow_removals: bool = False) -> tuple[int, bool, list[dict[str, Any]]]:
     """Validate exactly as `divingbell validate` does and store a new revision (made active).
@@ -765,13 +733,6 @@ def shown_text(text: str, principal: Principal) -> str:
     return yaml.safe_dump(mask_document(data), sort_keys=False, default_flow_style=False)
 
 
-def set_active(session: Session, number: int) -> None:
-    updated = session.execute(update(Setting).where(Setting.key == ACTIVE_REVISION)
-                              .values(value=str(number))).rowcount  # type: ignore[attr-defined]
-    if not updated:
-        session.add(Setting(key=ACTIVE_REVISION, value=str(number)))
-
-
 def activate(session: Session, number: int, who: str) -> None:
     if session.get(Revision, number) is None:
         raise not_found("revision", number)
@@ -781,21 +742,6 @@ def activate(session: Session, number: int, who: str) -> None:
     log.info("revision %d activated by %s", number, who)
     if previous != number:
         rollouts.start(session, number, previous, who)
-
-
-def revision_document(revision: Revision | Row[int, str, str, str]) -> ValidDocument:
-    key = (revision.number, revision.digest)
-    with _documents_lock:
-        cached = _documents.get(key)
-        if cached is not None:
-            _documents.move_to_end(key)
-            return cached
-    document = load_document_text(revision.text, revision.source_name)
-    with _documents_lock:
-        _documents[key] = document
-        while len(_documents) > 16:
-            _documents.popitem(last=False)
-    return document
 
 
 def config_etag(revision: int, hostname: str, labels: Mapping[str, str]) -> str:

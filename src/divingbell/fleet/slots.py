@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from divingbell.core.document.api import node_config
 from divingbell.core.document.schema import Health
-from divingbell.fleet import rollouts, service
+from divingbell.fleet import revisions, rollouts, service
 from divingbell.fleet.models import Machine, Revision
 from divingbell.fleet.settings import FleetSettings
 
@@ -29,13 +29,13 @@ def served_reboot(session: Session, holder: str) -> Any | None:
     machine = session.get(Machine, holder)
     if machine is None:
         return None
-    revision = rollouts.served_revision(session, machine.id, service.active_revision(session))
+    revision = rollouts.served_revision(session, machine.id, revisions.active_revision(session))
     if revision is None:
         return None
     row = session.execute(select(Revision.number, Revision.digest, Revision.text,
                                  Revision.source_name).where(Revision.number == revision)).one()
-    config = node_config(service.revision_document(row), service.served_name(machine),
-                         service.labels_of(machine))
+    config = node_config(revisions.revision_document(row), service.served_name(machine),
+                         revisions.labels_of(machine))
     return getattr(config.modules.get("maintenance"), "reboot", None)
 
 

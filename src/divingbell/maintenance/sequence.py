@@ -18,9 +18,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, cast
 
 from divingbell.core.document.schema import MaintenanceConf, Reboot
 from divingbell.core.errors import CommandError
@@ -42,7 +43,6 @@ from divingbell.maintenance.slots import SlotBackend, SlotError
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from divingbell.agent.loop import Agent, AgentSettings
     from divingbell.kube import KubeApi
 
 log = logging.getLogger("divingbell.maintenance")
@@ -552,6 +552,33 @@ def _stamp(seconds: float | None) -> str:
 
 
 # The agent's hook ------------------------------------------------------------------------------
+# What the hook reads from the agent, as protocols: the agent imports maintenance, never the
+# other way round.
+
+class NodeSettings(Protocol):
+    """The agent's settings the hook needs: the node, its host and its document files."""
+
+    @property
+    def node(self) -> str: ...
+    @property
+    def host(self) -> Host: ...
+    @property
+    def documents(self) -> Iterable[Path]: ...
+
+
+class TickingAgent(Protocol):
+    """The agent as the hook sees it after each pass (in fleet mode it also has a `source`
+    with the fleet `client` and its `machine_id`, looked up when present)."""
+
+    @property
+    def settings(self) -> NodeSettings: ...
+    @property
+    def revision(self) -> str | None: ...
+    @property
+    def labels(self) -> Mapping[str, str] | None: ...
+    @property
+    def ready(self) -> bool: ...
+
 
 class AgentMaintenance:
     """Called once per agent tick, after converging: runs the sequence with the node's
@@ -562,7 +589,7 @@ class AgentMaintenance:
         self._key: tuple[str, tuple[tuple[str, str], ...]] | None = None
         self._conf: MaintenanceConf | None = None
 
-    def tick(self, agent: Agent) -> None:
+    def tick(self, agent: TickingAgent) -> None:
         from divingbell.core.document.api import load_document, node_config
         from divingbell.core.errors import DivingbellError
 
@@ -585,7 +612,7 @@ class AgentMaintenance:
             log.exception("maintenance step failed")
 
 
-    def _wire_fleet(self, agent: Agent) -> None:
+    def _wire_fleet(self, agent: TickingAgent) -> None:
         """Fleet mode: the agent's fleet client and machine id (the slot holder)."""
         source = getattr(agent, "source", None)
         client = getattr(source, "client", None)
@@ -598,7 +625,7 @@ class AgentMaintenance:
         self.sequence.holder = str(machine_id)
 
 
-def hook_for(settings: AgentSettings, kube: KubeApi | None, registry: CollectorRegistry,
+def hook_for(settings: NodeSettings, kube: KubeApi | None, registry: CollectorRegistry,
              clock: Callable[[], float] = time.time,
              environ: Mapping[str, str] | None = None) -> AgentMaintenance:
     """The agent's maintenance. With Kubernetes, the slots are Leases in $POD_NAMESPACE
@@ -616,4 +643,5 @@ def hook_for(settings: AgentSettings, kube: KubeApi | None, registry: CollectorR
                                      metrics=MaintenanceMetrics(registry), clock=clock))
 
 
-__all__ = ["AgentMaintenance", "Record", "Sequence", "hook_for"]
+__all__ = ["AgentMaintenance", "NodeSettings", "Record", "Sequence", "TickingAgent",
+           "hook_for"]

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from divingbell.fleet import service
+from divingbell.fleet import revisions, service
 from divingbell.fleet.auth import Admin, Reader
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import Revision, iso
@@ -65,7 +65,7 @@ async def put_document(request: Request, principal: Admin, name: Annotated[
 @router.get("/revisions")
 def list_revisions(request: Request, _: Reader) -> list[dict[str, Any]]:
     with request.app.state.db.read() as session:
-        active = service.active_revision(session)
+        active = revisions.active_revision(session)
         rows = session.execute(select(Revision.number, Revision.source_name, Revision.digest,
                                       Revision.created_at, Revision.created_by)
                                .order_by(Revision.number)).all()
@@ -87,7 +87,7 @@ def get_revision(number: RevisionNumber, request: Request, principal: Reader) ->
                 "created_by": revision.created_by,
                 "text": service.shown_text(revision.text, principal),
                 "masked": not service.sees_secrets(principal),
-                "active": service.active_revision(session) == revision.number}
+                "active": revisions.active_revision(session) == revision.number}
 
 
 @router.post("/revisions/{number}/activate")

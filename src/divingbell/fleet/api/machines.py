@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from divingbell.fleet import admission, installs, service, states
+from divingbell.fleet import admission, installs, revisions, service, states
 from divingbell.fleet.api.schemas import (
     AcceptUnadmittedBody,
     Discovery,
@@ -81,7 +81,7 @@ def list_machines(
                                             "previous page's `next` as it is)"}) from None
     paged = limit is not None or after is not None
     with request.app.state.db.read() as session:
-        active = service.active_revision(session)
+        active = revisions.active_revision(session)
         page = service.list_machines(session, state,
                                      (limit or service.MACHINES_PAGE) if paged else None,
                                      position)
@@ -96,7 +96,7 @@ def list_machines(
 def get_machine(machine_id: MachineId, request: Request, _: MachineOrReader) -> dict[str, Any]:
     with request.app.state.db.read() as session:
         machine = service.get_machine(session, machine_id)
-        return service.machine_detail(session, machine, service.active_revision(session))
+        return service.machine_detail(session, machine, revisions.active_revision(session))
 
 
 @router.put("/machines/{machine_id}/roles")
