@@ -232,3 +232,48 @@ def test_each_modules_configuration_model_lives_beside_it() -> None:
     assert list(MODULE_MODELS) == list(MODULE_NAMES)
     assert {name: model.__module__ for name, model in MODULE_MODELS.items()} == {
         name: f"divingbell.core.modules.{name}_schema" for name in MODULE_NAMES}
+
+
+def part_graph(graph: Mapping[str, set[str]], depth: int = 2) -> dict[str, set[str]]:
+    """The import graph between the parts: each module counted as its top-level package."""
+    def part(name: str) -> str:
+        return ".".join(name.split(".")[:depth])
+    parts: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        parts.setdefault(part(name), set()).update(
+            part(target) for target in targets if part(target) not in (part(name), "divingbell"))
+    return parts
+
+
+def layer_problems(graph: Mapping[str, set[str]], root: str = "divingbell") -> list[str]:
+    """The parts import one way: no cycle between them, the host core imports no other part,
+    and only the CLI imports the CLI."""
+    parts = part_graph(graph)
+    problems = [f"parts import each other: {' <-> '.join(sorted(cycle))}"
+                for cycle in cycles(parts)]
+    problems += [f"{root}.core imports {target}: the core is the bottom layer"
+                 for target in sorted(parts.get(f"{root}.core", set()))]
+    problems += [f"{name} imports {root}.commands: only the CLI imports the CLI"
+                 for name, targets in sorted(parts.items())
+                 if f"{root}.commands" in targets and name != f"{root}.__main__"]
+    return problems
+
+
+def test_the_parts_are_layered() -> None:
+    assert layer_problems(import_graph(SRC)) == []
+
+
+def test_a_part_reaching_up_fails(tmp_path: Path) -> None:
+    src = _tree(tmp_path, {
+        "divingbell/__init__.py": "", "divingbell/core/__init__.py": "",
+        "divingbell/core/host.py": "def run():\n    from divingbell.fleet import app\n",
+        "divingbell/fleet/__init__.py": "", "divingbell/fleet/app.py": "import divingbell.core.host\n",
+        "divingbell/kube/__init__.py": "from divingbell.commands import cli\n",
+        "divingbell/commands/__init__.py": "", "divingbell/commands/cli.py": "import divingbell.kube\n",
+    })
+    assert layer_problems(import_graph(src)) == [
+        "parts import each other: divingbell.commands <-> divingbell.kube",
+        "parts import each other: divingbell.core <-> divingbell.fleet",
+        "divingbell.core imports divingbell.fleet: the core is the bottom layer",
+        "divingbell.kube imports divingbell.commands: only the CLI imports the CLI",
+    ]
