@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from divingbell.power.bmc import Action, BmcError
+from divingbell.power.bmc import Action, BmcError, split_host_port
 from divingbell.power.control import Policy, run
 
 ERROR = "error"
@@ -127,3 +127,19 @@ def test_bad_verbs_and_devices_are_refused_before_the_bmc_is_asked() -> None:
     with pytest.raises(ValueError, match="boot_once"):
         run(bmc, "on", "usb", POLICY)
     assert bmc.last == ""
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("192.0.2.9", ("192.0.2.9", 623)),
+    ("bmc-7.example:6230", ("bmc-7.example", 6230)),
+    ("fd00::9", ("fd00::9", 623)),
+    ("[fd00::9]:6230", ("fd00::9", 6230)),
+])
+def test_an_ipmi_address_is_a_host_and_a_port(address: str, expected: tuple[str, int]) -> None:
+    assert split_host_port(address) == expected
+
+
+@pytest.mark.parametrize("address", ["bmc:x:623", "[bmc:x]:623", "[fd00::9]623", "a b:623"])
+def test_a_colon_outside_an_ipv6_address_is_not_host_port(address: str) -> None:
+    with pytest.raises(ValueError, match=r"is not HOST\[:PORT\]"):
+        split_host_port(address)

@@ -215,3 +215,23 @@ def test_a_store_moved_without_its_key_cannot_open_bmc_credentials(tmp_path: Pat
             "POST", f"/v1/machines/{machine}/power", {"action": "off"}))
         assert failure.status == 502 and "cannot be decrypted" in str(failure)
         assert failure.detail["actions"] == [] and failure.detail["requests"] == 0
+
+
+def test_reprovision_says_what_was_sent_to_the_bmc(
+        power_fleet: ThreadServer, ipmi: Emulator, cli: Cli, tmp_path: Path) -> None:
+    from tests.fleet.test_rollouts_api import fleet_of
+
+    machine = next(iter(fleet_of(power_fleet, 1)))  # ready: it may be reprovisioned
+    password_file = tmp_path / "bmc.pass"
+    password_file.write_text(PASSWORD + "\n")
+    os.chmod(password_file, 0o600)
+    api = ["--server", power_fleet.url]
+    admin = {"DIVINGBELL_TOKEN": power_fleet.admin_token}
+    made = cli("fleet", "bmc", machine, *api, "--ipmi", f"127.0.0.1:{ipmi.port}",
+               "--username", USER, "--password-file", password_file, env=admin)
+    assert made.returncode == 0, made.stderr
+
+    result = cli("fleet", "reprovision", machine, *api, env=admin)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{machine}: reinstall at its next network boot; power on "
+                                    "(sent: boot-once pxe, on): "), result.stdout

@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from divingbell.core.document.fields import matching_text
 from divingbell.core.document.loader import Loaded, load_files, load_text
 from divingbell.core.document.problems import check_model, closest, problem_at
+from divingbell.core.document.types import is_ip_address
 from divingbell.core.errors import DocumentError, Problem
 
 # Label syntax, as the API server checks it.
@@ -72,18 +74,14 @@ def _matching(pattern: re.Pattern[str], problem: str) -> Callable[[Any], Any]:
     `problem`, with the repr of the first that does not in its {}."""
     def check(value: str | list[str]) -> str | list[str]:
         for text in [value] if isinstance(value, str) else value:
-            if not pattern.match(text):
-                raise ValueError(problem.format(repr(text)))
+            matching_text(text, pattern, problem)
         return value
     return check
 
 
 def _ip_address(value: str | None) -> str | None:
-    if value is not None:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            raise ValueError(f"{value!r} is not an IP address") from None
+    if value is not None and not is_ip_address(value):
+        raise ValueError(f"{value!r} is not an IP address")
     return value
 
 

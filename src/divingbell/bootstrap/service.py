@@ -10,7 +10,6 @@ rules (conflicts, protected labels, which certificate a node gets) live and are 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from divingbell.bootstrap.design import (
     parse_design,
 )
 from divingbell.bootstrap.labels import set_labels
+from divingbell.core.document.types import is_ip_address
 from divingbell.core.errors import DocumentError, Problem
 from divingbell.kube import KubeError, NodeLabelApi
 
@@ -91,11 +91,8 @@ def join_script(design_paths: Sequence[Path], pki_dir: Path, *, hostname: str, i
                                  "(lower-case DNS name)"))
     if not ip:
         problems.append(_problem("ip", "required"))
-    else:
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
-            problems.append(_problem("ip", f"{ip!r} is not an IP address"))
+    elif not is_ip_address(ip):
+        problems.append(_problem("ip", f"{ip!r} is not an IP address"))
     extra_static = _label_args(static, "labels.static", problems)
     extra_dynamic = _label_args(dynamic, "labels.dynamic", problems)
     if problems:

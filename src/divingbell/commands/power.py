@@ -131,9 +131,7 @@ def power_cmd(server: str, token_file: Path | None, ca_file: str | None, machine
     if output_format == "json":
         echo_json(data)
     else:
-        sent = ", ".join(data["actions"]) or "nothing"
-        click.echo(f"{machine_id}: {data['state']} (sent: {sent}): {data['message']}",
-                   err=not data["ok"])
+        click.echo(f"{machine_id}: {_outcome(data)}", err=not data["ok"])
     sys.exit(0 if data["ok"] else 1)
 
 
@@ -164,7 +162,12 @@ def reprovision(server: str, token_file: Path | None, ca_file: str | None, machi
         click.echo(f"{machine_id}: {data['state']}; it installs again at its next network boot "
                    "(no BMC: power-cycle it to start)")
     else:
-        sent = ", ".join(data["actions"]) or "nothing"
-        click.echo(f"{machine_id}: reinstall at its next network boot; power {data['state']} "
-                   f"(sent: {sent}): {data['message']}", err=not data["ok"])
+        click.echo(f"{machine_id}: reinstall at its next network boot; power {_outcome(data)}",
+                   err=not data["ok"])
     sys.exit(0 if data.get("ok", True) else 1)
+
+
+def _outcome(answer: dict[str, Any]) -> str:
+    """A power answer as its line ends: the state, what was sent to the BMC, the message."""
+    sent = ", ".join(answer["actions"]) or "nothing"
+    return f"{answer['state']} (sent: {sent}): {answer['message']}"

@@ -8,7 +8,6 @@ both. Every problem is reported with its path and file:line, like the node docum
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from divingbell.core.document.loader import Loaded, load_all_text
 from divingbell.core.document.paths import PathKey
 from divingbell.core.document.problems import check_model, problem_at
+from divingbell.core.document.types import is_ip_address
 from divingbell.core.errors import DocumentError, Problem
 
 SCHEMA = "promenade/PKICatalog/v1"
@@ -59,7 +59,7 @@ class CertificateSpec(_Strict):
     @classmethod
     def _hosts(cls, hosts: list[str]) -> list[str]:
         for host in hosts:
-            if not _is_ip(host) and not _DNS.match(host):
+            if not is_ip_address(host) and not _DNS.match(host):
                 raise ValueError(f"{host!r} is neither an IP address nor a DNS name")
         return hosts
 
@@ -78,7 +78,7 @@ class CertificateSpec(_Strict):
         dns: list[str] = []
         ips: list[str] = []
         for host in self.hosts:
-            target = ips if _is_ip(host) else dns
+            target = ips if is_ip_address(host) else dns
             if host not in target:
                 target.append(host)
         for name in self.kubernetes_service_names:
@@ -266,11 +266,3 @@ def _merge(parts: Iterable[tuple[Loaded, PathKey, CatalogData]]) -> Catalog:
     if problems:
         raise DocumentError(problems)
     return catalog
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True

@@ -8,13 +8,13 @@ credentials. An adapter does one request per call; deciding what to do with the 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
+from divingbell.core.document.types import is_ip_address
 from divingbell.power.secrets import Credentials
 
 PROTOCOLS: Final = ("redfish", "ipmi")
@@ -74,19 +74,11 @@ def split_host_port(address: str) -> tuple[str, int]:
         host, port_text = text.split(":")
     else:
         host, port_text = text, ""
-    if not host or any(c in host for c in "/@ ") or (":" in host and not _is_ip(host)):
+    if not host or any(c in host for c in "/@ ") or (":" in host and not is_ip_address(host)):
         raise ValueError(f"ipmi: {address!r} is not HOST[:PORT]")
     if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
         raise ValueError(f"ipmi: port {port_text!r} is not a port number")
     return host, int(port_text) if port_text else IPMI_PORT
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 class Bmc(Protocol):

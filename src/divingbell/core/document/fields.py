@@ -41,6 +41,14 @@ def plain_text(value: Any) -> str:
     raise ValueError(f"must be a string, not {value_kind(value)}")
 
 
+def matching_text(value: Any, pattern: re.Pattern[str], problem: str) -> str:
+    """A text field that must match `pattern`; else `problem`, with the text's repr in its {}."""
+    text = plain_text(value)
+    if not pattern.match(text):
+        raise ValueError(problem.format(repr(text)))
+    return text
+
+
 SWITCH_WORDS = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
 

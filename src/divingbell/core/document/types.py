@@ -13,6 +13,7 @@ cannot hold, so `validate` and `plan` catch it instead of `apply` tripping over 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Iterator
@@ -31,6 +32,15 @@ def _text(value: Any) -> str:
     if isinstance(value, int | float | str):
         return str(value)
     raise ValueError("must be a string")
+
+
+def is_ip_address(text: str) -> bool:
+    """An IPv4 or IPv6 address, as `ipaddress` reads one (no prefix length, no port)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def single_line(text: str) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Discriminator, Field, Tag, model_validator
 
-from divingbell.core.document.fields import StrictModel, Text, plain_text
+from divingbell.core.document.fields import StrictModel, Text, matching_text, plain_text
 from divingbell.core.document.types import SingleLine
 from divingbell.core.document.views import AptConfViews, RepositoryViews
 
@@ -18,10 +18,7 @@ _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(:[a-z0-9-]+)?$")
 def _package_name(value: Any) -> str:
     if isinstance(value, dict) and set(value) == {"name"}:
         value = value["name"]  # Divingbell's docs also wrote `- name: telnetd`
-    text = plain_text(value)
-    if not _PACKAGE.match(text):
-        raise ValueError(f"{text!r} is not a Debian package name")
-    return text
+    return matching_text(value, _PACKAGE, "{} is not a Debian package name")
 
 
 PackageName = Annotated[str, BeforeValidator(_package_name, json_schema_input_type=str)]
@@ -39,10 +36,7 @@ _VERSION = re.compile(r"^(\d+:)?[0-9][A-Za-z0-9.+~:-]*$")
 
 
 def _package_version(value: Any) -> str:
-    text = plain_text(value)
-    if not _VERSION.match(text):
-        raise ValueError(f"{text!r} is not a Debian version (like 1:9.2p1-2+deb12u3)")
-    return text
+    return matching_text(value, _VERSION, "{} is not a Debian version (like 1:9.2p1-2+deb12u3)")
 
 
 PackageVersion = Annotated[str, BeforeValidator(_package_version, json_schema_input_type=str)]
