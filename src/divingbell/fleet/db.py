@@ -126,6 +126,18 @@ class Database:
             self._check_store()
             yield connection
 
+    def pipeline(self, connection: Connection) -> contextlib.AbstractContextManager[Any]:
+        """On PostgreSQL, psycopg's pipeline mode on `connection`: statements are sent without
+        waiting for each answer (a write's answer comes back with the next read's), so a batch
+        of reports costs a round trip per report instead of one per statement. On SQLite
+        (no round trips) nothing."""
+        if self.sqlite:
+            return contextlib.nullcontext()
+        dbapi = connection.connection.dbapi_connection
+        assert dbapi is not None
+        pipeline: contextlib.AbstractContextManager[Any] = dbapi.pipeline()
+        return pipeline
+
     def dispose(self) -> None:
         self.engine.dispose()
         if self.write_engine is not self.engine:

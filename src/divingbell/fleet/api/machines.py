@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Connection
 
 from divingbell.fleet import admission, installs, service, states
 from divingbell.fleet.api.schemas import (
@@ -202,11 +204,64 @@ def store_report(db: Database, credentials: Credentials, machine_id: str, body: 
     """A report, in one worker thread and one write transaction. Shared by the route and the
     hot path (fleet/hotpath.py)."""
     with db.write_conn() as connection:
-        principal, machine, active, place = service.authorized_view(
-            connection, credentials, machine_id, readers=False)
-        machine = service.add_report(connection, machine, active, place, body, keep)
+        return _report_in(connection, credentials, machine_id, body, keep)
+
+
+def _report_in(connection: Connection, credentials: Credentials, machine_id: str,
+               body: ReportBody, keep: int) -> tuple[Principal, dict[str, Any]]:
+    principal, machine, active, place = service.authorized_view(
+        connection, credentials, machine_id, readers=False)
+    machine = service.add_report(connection, machine, active, place, body, keep)
     return principal, {"state": machine.state,
                        "up_to_date": service.up_to_date(machine, active), "revision": active}
+
+
+Report = tuple[Credentials, str, ReportBody]
+"""A machine's report waiting for the store: its credentials, the machine id, the body."""
+
+
+def store_reports(db: Database, reports: Sequence[Report], keep: int
+                  ) -> list[tuple[Principal, dict[str, Any]] | Exception]:
+    """Reports that arrived together, stored in one write transaction (group commit: one
+    commit, one write lock, one thread hand-off for all of them; on PostgreSQL in pipeline
+    mode, so a report's writes travel with the next one's read). The answer for each, in
+    order: its result or the exception it raised. Each report is committed before its answer
+    is given. If any of them fails, the transaction is rolled back and each one is stored on
+    its own, so a failing report (a revoked credential, an unknown revision, a deadlock with
+    another replica) only fails itself."""
+    if len(reports) > 1:
+        # Machine order: two replicas' batches then lock machine rows in the same order.
+        order = sorted(range(len(reports)), key=lambda index: reports[index][1])
+        answers: list[tuple[Principal, dict[str, Any]] | Exception] = [
+            Exception("not stored")] * len(reports)
+        try:
+            with db.write_conn() as connection, db.pipeline(connection):
+                for index in order:
+                    answers[index] = _report_in(connection, *reports[index], keep)
+        except Exception:  # each one on its own below says which failed
+            pass
+        else:
+            return answers
+    results: list[tuple[Principal, dict[str, Any]] | Exception] = []
+    for credentials, machine_id, body in reports:
+        try:
+            results.append(store_report(db, credentials, machine_id, body, keep))
+        except Exception as exc:  # handed to that report's request
+            results.append(exc)
+    return results
+
+
+def serve_configs(db: Database, polls: Sequence[tuple[Credentials, str, str | None]]
+                  ) -> list[tuple[Principal, service.Rendered] | Exception]:
+    """Configuration polls that arrived together, answered in one thread hand-off, each in
+    its own transaction as `serve_config`."""
+    results: list[tuple[Principal, service.Rendered] | Exception] = []
+    for credentials, machine_id, if_none_match in polls:
+        try:
+            results.append(serve_config(db, credentials, machine_id, if_none_match))
+        except Exception as exc:  # handed to that poll's request
+            results.append(exc)
+    return results
 
 
 @router.get("/machines/{machine_id}/config", response_class=Response, responses={

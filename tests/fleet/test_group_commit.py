@@ -1,0 +1,162 @@
+"""Reports that arrive together are stored together (fleet/hotpath.py `Lane`,
+api/machines.store_reports): one thread hand-off and one write transaction for the batch, each
+report committed before its 201, and a failing report fails only itself. On both stores, over
+HTTP to a real server.
+
+The batch is made deterministic, not hoped for: the first report's batch is held in the worker
+thread until the other reports have reached the service and wait in the lane behind it."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from divingbell.fleet import hotpath
+from divingbell.fleet.api.machines import store_reports
+from divingbell.fleet.app import FleetApp
+from tests.fleet.servers import ThreadServer
+from tests.fleet.test_api import DOC, register
+from tests.fleet.test_hotpath import Answer, send
+
+
+def the_app(fleet: ThreadServer) -> FleetApp:
+    assert fleet._server is not None
+    app = fleet._server.config.app
+    assert isinstance(app, FleetApp)
+    return app
+
+
+@contextmanager
+def held_first_batch(fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch,
+                     waiting: int) -> Iterator[tuple[list[int], list[int]]]:
+    """The first report batch waits in its worker thread until `waiting` more reports wait in
+    the lane; yields (the batch sizes, the write transactions committed) as they happen."""
+    app = the_app(fleet)
+    assert app.hot_paths is not None
+    lane = app.hot_paths.reports
+    sizes: list[int] = []
+    commits: list[int] = []
+
+    def batched(*args: Any, **kwargs: Any) -> Any:
+        if not sizes:
+            deadline = time.monotonic() + 30
+            while len(lane.pending) < waiting and time.monotonic() < deadline:
+                time.sleep(0.005)
+        sizes.append(len(args[1]))
+        return store_reports(*args, **kwargs)
+
+    def committed(_connection: Any) -> None:
+        commits.append(1)
+
+    monkeypatch.setattr(hotpath, "store_reports", batched)
+    engine = app.state.db.write_engine
+    event.listen(engine, "commit", committed)
+    try:
+        yield sizes, commits
+    finally:
+        event.remove(engine, "commit", committed)
+
+
+def report_of(etag: str, **changes: Any) -> bytes:
+    return json.dumps({"revision": 1, "etag": etag, "state": "converged",
+                       "modules": {"sysctl": {"changes": 1, "failures": []}},
+                       **changes}).encode()
+
+
+def concurrently(fleet: ThreadServer, reports: list[tuple[str, str, bytes]]) -> list[Answer]:
+    """POST each (machine, token, body) at once, each from its own thread."""
+    def one(report: tuple[str, str, bytes]) -> Answer:
+        machine, token, body = report
+        return send(fleet, "POST", f"/v1/machines/{machine}/reports", token, body)
+
+    with ThreadPoolExecutor(len(reports)) as pool:
+        return list(pool.map(one, reports))
+
+
+def machines(fleet: ThreadServer, count: int) -> list[tuple[str, str, str]]:
+    """`count` registered workers: (id, token, the ETag of its configuration), in id order."""
+    fleet.admin.push_document(DOC.encode())
+    register(fleet, 1)  # the control plane
+    found = []
+    for n in range(2, 2 + count):
+        machine, client = register(fleet, n)
+        etag = client.config(machine).etag
+        assert etag is not None
+        found.append((machine, str(client.token), etag))
+    return sorted(found)
+
+
+def test_concurrent_reports_share_one_transaction(
+        fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet_machines = machines(fleet, 6)
+    first, rest = fleet_machines[0], fleet_machines[1:]
+    with held_first_batch(fleet, monkeypatch, waiting=len(rest)) as (sizes, commits):
+        answers = concurrently(fleet, [(m[0], m[1], report_of(m[2])) for m in [first, *rest]])
+    assert [status for status, _, _ in answers] == [201] * 6
+    assert all(body == {"state": "ready", "up_to_date": True, "revision": 1}
+               for _, _, body in answers)
+    assert sizes == [1, 5]
+    assert len(commits) == 2  # five reports, one transaction
+    for machine, _, _ in fleet_machines:
+        assert len(fleet.admin.call("GET", f"/v1/machines/{machine}/reports")) == 1
+
+
+def test_a_failing_report_fails_only_itself(
+        fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    fleet_machines = machines(fleet, 6)
+    first, good_one, good_two, wrong_secret, good_three, unknown_revision = fleet_machines
+    # The failing reports sort after good ones: the batch had written those when it failed.
+    statuses_wanted = [201, 201, 201, 401, 201, 422]
+    bodies = [report_of(m[2]) for m in fleet_machines]
+    bodies[5] = report_of(unknown_revision[2], revision=99)
+    tokens = [m[1] for m in fleet_machines]
+    tokens[3] = wrong_secret[1][:-1] + ("A" if wrong_secret[1][-1] != "A" else "B")
+    with held_first_batch(fleet, monkeypatch, waiting=5) as (sizes, _commits):
+        answers = concurrently(fleet, [(fleet_machines[n][0], tokens[n], bodies[n])
+                                       for n in range(6)])
+    assert sizes == [1, 5]
+    assert [status for status, _, _ in answers] == statuses_wanted
+    assert answers[5][2]["detail"]["error"] == "unknown-revision"
+    # Each good report stored once (the failed batch was rolled back, then each one stored
+    # on its own), the failing ones not at all.
+    for (machine, _, _), wanted in zip(fleet_machines, statuses_wanted, strict=True):
+        stored = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
+        assert len(stored) == (1 if wanted == 201 else 0), machine
+    for machine, _, _ in (first, good_one, good_two, good_three):
+        assert fleet.admin.machine(machine)["state"] == "ready"
+
+
+def test_a_lane_answers_every_waiting_request_when_its_batch_cannot_run() -> None:
+    """A hand-off that fails (the pool shut down, the service stopping) fails every request
+    waiting in that batch and behind it; none waits forever, and the lane keeps working."""
+    import asyncio
+
+    failing = threading.Event()
+
+    async def in_thread(function: Callable[[], list[Any]]) -> list[Any]:
+        await asyncio.sleep(0)
+        if failing.is_set():
+            raise RuntimeError("cannot hand off")
+        return function()
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        lane: hotpath.Lane[int, int] = hotpath.Lane(lambda jobs: [j * 2 for j in jobs],
+                                                     in_thread)
+        failing.set()
+        failed = await asyncio.gather(*(lane.submit(n) for n in range(5)),
+                                      return_exceptions=True)
+        failing.clear()
+        worked = await asyncio.gather(*(lane.submit(n) for n in range(5)))
+        return failed, worked
+
+    failed, worked = asyncio.run(scenario())
+    assert all(isinstance(result, RuntimeError) for result in failed)
+    assert worked == [0, 2, 4, 6, 8]
