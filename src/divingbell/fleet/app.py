@@ -297,7 +297,7 @@ def create_app(settings: FleetSettings) -> FleetApp:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.db_url)
+        db = Database(settings.db_url, background_checkpoints=True)
         if settings.migrate_at_start:
             migrations.upgrade(db.write_engine)
         from divingbell.power.secrets import open_key
