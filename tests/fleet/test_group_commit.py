@@ -3,8 +3,9 @@ api/machines.store_reports): one thread hand-off and one write transaction for t
 report committed before its 201, and a failing report fails only itself. On both stores, over
 HTTP to a real server.
 
-The batch is made deterministic, not hoped for: the first report's batch is held in the worker
-thread until the other reports have reached the service and wait in the lane behind it."""
+The batch is made deterministic, not hoped for: a first report is sent alone and its batch held
+in the worker thread until the other reports have reached the service and wait in the lane
+behind it."""
 
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ def held_first_batch(fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch,
     lane = app.hot_paths.reports
     sizes: list[int] = []
     commits: list[int] = []
+    holding.clear()
 
     def batched(*args: Any, **kwargs: Any) -> Any:
         if not sizes:
+            holding.set()
             deadline = time.monotonic() + 30
             while len(lane.pending) < waiting and time.monotonic() < deadline:
                 time.sleep(0.005)
@@ -65,6 +68,10 @@ def held_first_batch(fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch,
         event.remove(engine, "commit", committed)
 
 
+holding = threading.Event()
+"""Set while the first batch is held."""
+
+
 def report_of(etag: str, **changes: Any) -> bytes:
     return json.dumps({"revision": 1, "etag": etag, "state": "converged",
                        "modules": {"sysctl": {"changes": 1, "failures": []}},
@@ -79,6 +86,21 @@ def concurrently(fleet: ThreadServer, reports: list[tuple[str, str, bytes]]) -> 
 
     with ThreadPoolExecutor(len(reports)) as pool:
         return list(pool.map(one, reports))
+
+
+def first_alone_then_together(fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch,
+                              first: tuple[str, str, bytes],
+                              together: list[tuple[str, str, bytes]]
+                              ) -> tuple[list[Answer], list[int], list[int]]:
+    """`first` reported alone and held in the worker thread while `together` arrive and wait
+    behind it; the answers (in the order given), the batch sizes and the commits."""
+    with held_first_batch(fleet, monkeypatch, waiting=len(together)) as (sizes, commits), \
+            ThreadPoolExecutor(1) as pool:
+        held = pool.submit(concurrently, fleet, [first])
+        assert holding.wait(30)
+        answers = concurrently(fleet, together)
+        answers.insert(0, held.result()[0])
+    return answers, sizes, commits
 
 
 def machines(fleet: ThreadServer, count: int) -> list[tuple[str, str, str]]:
@@ -98,8 +120,9 @@ def test_concurrent_reports_share_one_transaction(
         fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
     fleet_machines = machines(fleet, 6)
     first, rest = fleet_machines[0], fleet_machines[1:]
-    with held_first_batch(fleet, monkeypatch, waiting=len(rest)) as (sizes, commits):
-        answers = concurrently(fleet, [(m[0], m[1], report_of(m[2])) for m in [first, *rest]])
+    answers, sizes, commits = first_alone_then_together(
+        fleet, monkeypatch, (first[0], first[1], report_of(first[2])),
+        [(m[0], m[1], report_of(m[2])) for m in rest])
     assert [status for status, _, _ in answers] == [201] * 6
     assert all(body == {"state": "ready", "up_to_date": True, "revision": 1}
                for _, _, body in answers)
@@ -109,29 +132,34 @@ def test_concurrent_reports_share_one_transaction(
         assert len(fleet.admin.call("GET", f"/v1/machines/{machine}/reports")) == 1
 
 
+@pytest.mark.parametrize("failing", ["unknown-revision", "wrong-secret"])
 def test_a_failing_report_fails_only_itself(
-        fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """The failing report sorts last in its batch: an unknown revision fails after the good
+    ones before it were written in the batch's transaction, a wrong secret before anything
+    was written (the credentials are all checked first)."""
     fleet_machines = machines(fleet, 6)
-    first, good_one, good_two, wrong_secret, good_three, unknown_revision = fleet_machines
-    # The failing reports sort after good ones: the batch had written those when it failed.
-    statuses_wanted = [201, 201, 201, 401, 201, 422]
-    bodies = [report_of(m[2]) for m in fleet_machines]
-    bodies[5] = report_of(unknown_revision[2], revision=99)
-    tokens = [m[1] for m in fleet_machines]
-    tokens[3] = wrong_secret[1][:-1] + ("A" if wrong_secret[1][-1] != "A" else "B")
-    with held_first_batch(fleet, monkeypatch, waiting=5) as (sizes, _commits):
-        answers = concurrently(fleet, [(fleet_machines[n][0], tokens[n], bodies[n])
-                                       for n in range(6)])
+    requests = [(machine, token, report_of(etag)) for machine, token, etag in fleet_machines]
+    machine, token, etag = fleet_machines[5]
+    if failing == "unknown-revision":
+        requests[5] = (machine, token, report_of(etag, revision=99))
+    else:
+        requests[5] = (machine, token[:-1] + ("A" if token[-1] != "A" else "B"),
+                       report_of(etag))
+    answers, sizes, _commits = first_alone_then_together(fleet, monkeypatch, requests[0],
+                                                         requests[1:])
     assert sizes == [1, 5]
-    assert [status for status, _, _ in answers] == statuses_wanted
-    assert answers[5][2]["detail"]["error"] == "unknown-revision"
+    assert [status for status, _, _ in answers] == [201] * 5 + [
+        422 if failing == "unknown-revision" else 401]
+    if failing == "unknown-revision":
+        assert answers[5][2]["detail"]["error"] == "unknown-revision"
     # Each good report stored once (the failed batch was rolled back, then each one stored
-    # on its own), the failing ones not at all.
-    for (machine, _, _), wanted in zip(fleet_machines, statuses_wanted, strict=True):
+    # on its own), the failing one not at all.
+    for n, (machine, _, _) in enumerate(fleet_machines):
         stored = fleet.admin.call("GET", f"/v1/machines/{machine}/reports")
-        assert len(stored) == (1 if wanted == 201 else 0), machine
-    for machine, _, _ in (first, good_one, good_two, good_three):
-        assert fleet.admin.machine(machine)["state"] == "ready"
+        assert len(stored) == (1 if n < 5 else 0), machine
+        if n < 5:
+            assert fleet.admin.machine(machine)["state"] == "ready"
 
 
 def test_a_lane_answers_every_waiting_request_when_its_batch_cannot_run() -> None:
@@ -160,3 +188,19 @@ def test_a_lane_answers_every_waiting_request_when_its_batch_cannot_run() -> Non
     failed, worked = asyncio.run(scenario())
     assert all(isinstance(result, RuntimeError) for result in failed)
     assert worked == [0, 2, 4, 6, 8]
+
+
+def test_one_machine_twice_in_a_batch_is_stored_in_order(
+        fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine's two reports in one batch (a retry racing the original): each read what
+    the one before it wrote, as one after the other would."""
+    (first, first_token, first_etag), (twice, token, etag) = machines(fleet, 2)
+    answers, sizes, _commits = first_alone_then_together(
+        fleet, monkeypatch, (first, first_token, report_of(first_etag)),
+        [(twice, token, report_of(etag, state="failed"))] * 2)
+    assert [status for status, _, _ in answers] == [201] * 3
+    assert sizes == [1, 2]
+    assert len(fleet.admin.call("GET", f"/v1/machines/{twice}/reports")) == 2
+    # One transition to degraded, not one per report: the second saw the first's.
+    history = [h["to"] for h in fleet.admin.machine(twice)["history"]]
+    assert history.count("degraded") == 1

@@ -337,12 +337,30 @@ class Prepared:
 
     def first(self, connection: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
         """Run a query; its first row, converted as SQLAlchemy would, or None."""
+        return self.send(connection, params).first()
+
+    def send(self, connection: Connection, params: Mapping[str, Any]) -> Sent:
+        """Send a query and read its answer later (`Sent.first`): in PostgreSQL's pipeline
+        mode (`Database.pipeline`) several queries sent before any answer is read travel
+        together, one round trip for all."""
         cursor, compiled = self._run(connection, params)
+        return Sent(cursor, compiled)
+
+
+@dataclass
+class Sent:
+    """A query sent by `Prepared.send`, its answer not read yet."""
+
+    cursor: Any
+    compiled: _Compiled
+
+    def first(self) -> tuple[Any, ...] | None:
+        """The first row, converted as SQLAlchemy would, or None."""
         try:
-            row = cursor.fetchone()
+            row = self.cursor.fetchone()
         finally:
-            cursor.close()
+            self.cursor.close()
         if row is None:
             return None
         return tuple(value if convert is None or value is None else convert(value)
-                     for value, convert in zip(row, compiled.results, strict=True))
+                     for value, convert in zip(row, self.compiled.results, strict=True))

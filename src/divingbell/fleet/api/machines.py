@@ -19,6 +19,7 @@ from divingbell.fleet.api.schemas import (
     RolesBody,
 )
 from divingbell.fleet.auth import (
+    MACHINE_PREFIX,
     Admin,
     Bearer,
     Credentials,
@@ -216,6 +217,26 @@ def _report_in(connection: Connection, credentials: Credentials, machine_id: str
                        "up_to_date": service.up_to_date(machine, active), "revision": active}
 
 
+def _reports_in(connection: Connection, reports: Sequence[Report], keep: int
+                ) -> list[tuple[Principal, dict[str, Any]]]:
+    """Several reports in one transaction. Machines reporting with their own credentials,
+    each once, have their views read all at once (`service.own_views`: on PostgreSQL one round
+    trip for the batch, and the writes then go with the commit); otherwise one by one."""
+    machine_ids = [machine_id for _, machine_id, _ in reports]
+    if (len(set(machine_ids)) < len(reports)
+            or any(c.prefix != MACHINE_PREFIX or c.ident != machine_id
+                   for c, machine_id, _ in reports)):
+        return [_report_in(connection, *report, keep) for report in reports]
+    answers = []
+    for (_, _, body), (principal, before, active, place) in zip(
+            reports, service.own_views(connection, [c for c, _, _ in reports]), strict=True):
+        machine = service.add_report(connection, before, active, place, body, keep)
+        answers.append((principal, {"state": machine.state,
+                                    "up_to_date": service.up_to_date(machine, active),
+                                    "revision": active}))
+    return answers
+
+
 Report = tuple[Credentials, str, ReportBody]
 """A machine's report waiting for the store: its credentials, the machine id, the body."""
 
@@ -236,8 +257,9 @@ def store_reports(db: Database, reports: Sequence[Report], keep: int
             Exception("not stored")] * len(reports)
         try:
             with db.write_conn() as connection, db.pipeline(connection):
-                for index in order:
-                    answers[index] = _report_in(connection, *reports[index], keep)
+                for index, answer in zip(order, _reports_in(
+                        connection, [reports[index] for index in order], keep), strict=True):
+                    answers[index] = answer
         except Exception:  # each one on its own below says which failed
             pass
         else:
