@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -34,6 +35,7 @@ from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import iso
 
 router = APIRouter(prefix="/v1", tags=["machines"])
+log = logging.getLogger("divingbell.fleet")
 MachineId = Annotated[str, Path(max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
@@ -260,8 +262,9 @@ def store_reports(db: Database, reports: Sequence[Report], keep: int
                 for index, answer in zip(order, _reports_in(
                         connection, [reports[index] for index in order], keep), strict=True):
                     answers[index] = answer
-        except Exception:  # each one on its own below says which failed
-            pass
+        except Exception as exc:  # each one on its own below says which failed
+            log.info("a batch of %d reports failed (%s); storing each on its own",
+                     len(reports), type(exc).__name__)
         else:
             return answers
     results: list[tuple[Principal, dict[str, Any]] | Exception] = []
