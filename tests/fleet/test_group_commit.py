@@ -43,6 +43,8 @@ def held_first_batch(fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch,
     app = the_app(fleet)
     assert app.hot_paths is not None
     lane = app.hot_paths.reports
+    # One batch at a time (SQLite's; PostgreSQL's lanes run several): the rest must wait.
+    monkeypatch.setattr(lane, "parallel", 1)
     sizes: list[int] = []
     commits: list[int] = []
     holding.clear()
@@ -177,7 +179,7 @@ def test_a_lane_answers_every_waiting_request_when_its_batch_cannot_run() -> Non
 
     async def scenario() -> tuple[list[Any], list[Any]]:
         lane: hotpath.Lane[int, int] = hotpath.Lane(lambda jobs: [j * 2 for j in jobs],
-                                                     in_thread)
+                                                     in_thread, parallel=2)
         failing.set()
         failed = await asyncio.gather(*(lane.submit(n) for n in range(5)),
                                       return_exceptions=True)
