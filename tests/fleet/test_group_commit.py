@@ -206,3 +206,23 @@ def test_one_machine_twice_in_a_batch_is_stored_in_order(
     # One transition to degraded, not one per report: the second saw the first's.
     history = [h["to"] for h in fleet.admin.machine(twice)["history"]]
     assert history.count("degraded") == 1
+
+
+def test_a_request_right_after_a_batch_is_taken() -> None:
+    """A request submitted as soon as its previous one was answered (the drain that answered
+    it finishing in the same loop turn) starts a drain of its own; it never waits with none
+    running. (The 5 s bound only stops a hang from hanging the suite.)"""
+    import asyncio
+
+    async def in_thread(function: Callable[[], list[Any]]) -> list[Any]:
+        return await asyncio.to_thread(function)
+
+    async def one_after_another() -> list[int]:
+        lane: hotpath.Lane[int, int] = hotpath.Lane(lambda jobs: [j + 1 for j in jobs],
+                                                     in_thread)
+        return [await lane.submit(n) for n in range(20)]
+
+    async def bounded() -> list[int]:
+        return await asyncio.wait_for(one_after_another(), timeout=5)
+
+    assert asyncio.run(bounded()) == list(range(1, 21))

@@ -123,9 +123,7 @@ class Lane(Generic[J, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self.pending.append((job, future))
         if len(self.draining) < self.parallel:
-            task = asyncio.get_running_loop().create_task(self._drain())
-            self.draining.add(task)
-            task.add_done_callback(self.draining.discard)
+            self.draining.add(asyncio.get_running_loop().create_task(self._drain()))
         return await future
 
     async def _drain(self) -> None:
@@ -149,7 +147,13 @@ class Lane(Generic[J, R]):
         except BaseException:  # cancelled: the service is stopping
             self._fail(batch, RuntimeError("the service is stopping"))
             raise
-
+        finally:
+            # Out of the set in the same step that found nothing pending (not in a done
+            # callback, a loop turn later): a request arriving between them would otherwise
+            # count this drain as running and wait with none to take it.
+            task = asyncio.current_task()
+            if task is not None:
+                self.draining.discard(task)
 
     def _fail(self, batch: list[tuple[J, asyncio.Future[R]]], exc: Exception) -> None:
         for _, future in batch + self.pending:
