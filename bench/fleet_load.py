@@ -308,7 +308,7 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, worke
                 machines: list[SimMachine], bootstrap_token: str) -> dict[str, Any]:
     from tests.fleet.servers import ProcessServer
 
-    server = ProcessServer(url, args=("--workers", str(workers))).start(
+    server = ProcessServer(url, args=("--workers", str(workers), *args.serve_args.split())).start(
         work / f"serve-{name}-{workers}.log")
     assert server.process is not None
     host, port = server.host, server.port
@@ -392,6 +392,8 @@ def main() -> None:
                              "(sqlite,postgresql)")
     parser.add_argument("--registrations", type=int, default=50,
                         help="new machines registered one at a time after the ramp")
+    parser.add_argument("--serve-args", default="",
+                        help="more arguments for `divingbell serve`, e.g. '--reports-kept 5'")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
     args = parser.parse_args()
     summary = []

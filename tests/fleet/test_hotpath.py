@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from divingbell.fleet import hotpath
-from divingbell.fleet.api.machines import serve_config, store_report
+from divingbell.fleet.api.machines import serve_configs, store_reports
 from tests.fleet.servers import ThreadServer
 from tests.fleet.test_api import DOC, register
 
@@ -97,12 +97,12 @@ def test_hot_paths_answer_as_the_framework_routes(
 
     def counted(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            served.append(name)
+            served.extend([name] * len(args[1]))  # one per request in the batch
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(hotpath, "serve_config", counted("config", serve_config))
-    monkeypatch.setattr(hotpath, "store_report", counted("report", store_report))
+    monkeypatch.setattr(hotpath, "serve_configs", counted("config", serve_configs))
+    monkeypatch.setattr(hotpath, "store_reports", counted("report", store_reports))
 
     def through_framework() -> list[Answer]:
         with monkeypatch.context() as off:

@@ -38,7 +38,7 @@ from divingbell.fleet.api import (
     slots,
     ui,
 )
-from divingbell.fleet.db import Database, StoreReplaced, redact
+from divingbell.fleet.db import Database, StoreReplaced, is_sqlite, redact
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.hotpath import HotPaths
 from divingbell.fleet.settings import FleetSettings
@@ -297,7 +297,7 @@ def create_app(settings: FleetSettings) -> FleetApp:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db = Database(settings.db_url)
+        db = Database(settings.db_url, background_checkpoints=True)
         if settings.migrate_at_start:
             migrations.upgrade(db.write_engine)
         from divingbell.power.secrets import open_key
@@ -389,7 +389,8 @@ def create_app(settings: FleetSettings) -> FleetApp:
     app.add_middleware(JsonDepthGuard)
     app.add_middleware(RequestLog, metrics=metrics)
     app.hot_paths = HotPaths(app.framework, app, error_response=error_response,
-                             too_deep=json_too_deep, record=metrics.record)
+                             too_deep=json_too_deep, record=metrics.record,
+                             sqlite=is_sqlite(settings.db_url))
     return app
 
 

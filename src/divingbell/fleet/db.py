@@ -58,11 +58,20 @@ class Database:
     both use one pool; atomicity comes from conditional UPDATEs and row locks.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, background_checkpoints: bool = False) -> None:
+        """`background_checkpoints` (the service's store): on SQLite, commits never copy the
+        write-ahead log back into the database file (a checkpoint, with its fsync); a thread
+        of this store does, every `CHECKPOINT_SECONDS`. A checkpoint in a commit holds the one
+        write lock through an fsync: under disk load that took 100 ms to over a second, and
+        every report waited behind it (bench/fleet_load.py's p99)."""
         self.url = normalise_url(url)
         self.sqlite = make_url(self.url).get_backend_name() == "sqlite"
-        self.engine = _make_engine(self.url, immediate=False)
-        self.write_engine = _make_engine(self.url, immediate=True) if self.sqlite else self.engine
+        background_checkpoints = background_checkpoints and self.sqlite
+        self.engine = _make_engine(self.url, immediate=False,
+                                   autocheckpoint=not background_checkpoints)
+        self.write_engine = (_make_engine(self.url, immediate=True,
+                                          autocheckpoint=not background_checkpoints)
+                             if self.sqlite else self.engine)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.write_engine, expire_on_commit=False)
@@ -76,6 +85,9 @@ class Database:
         self._file = Path(database) if database and database != ":memory:" else None
         self._identity = _identity(self._file) if self._file is not None else None
         self._reported = False
+        self._checkpointer: Checkpointer | None = None
+        if background_checkpoints and self._file is not None:
+            self._checkpointer = Checkpointer(self._file, CHECKPOINT_SECONDS)
 
     def store_problem(self) -> str | None:
         """Why this SQLite store can no longer be trusted (its file removed or replaced since
@@ -126,10 +138,64 @@ class Database:
             self._check_store()
             yield connection
 
+    def pipeline(self, connection: Connection) -> contextlib.AbstractContextManager[Any]:
+        """On PostgreSQL, psycopg's pipeline mode on `connection`: statements are sent without
+        waiting for each answer (a write's answer comes back with the next read's), so a batch
+        of reports costs a round trip per report instead of one per statement. On SQLite
+        (no round trips) nothing."""
+        if self.sqlite:
+            return contextlib.nullcontext()
+        dbapi = connection.connection.dbapi_connection
+        assert dbapi is not None
+        pipeline: contextlib.AbstractContextManager[Any] = dbapi.pipeline()
+        return pipeline
+
     def dispose(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.engine.dispose()
         if self.write_engine is not self.engine:
             self.write_engine.dispose()
+
+
+CHECKPOINT_SECONDS = 1.0
+
+
+class Checkpointer:
+    """Copies an SQLite store's write-ahead log back into its file, in a thread of its own,
+    every `CHECKPOINT_SECONDS` (PASSIVE: it never blocks a reader or the writer; writers go on
+    appending to the log meanwhile, and the log starts over once all of it is copied). On its
+    own connection, outside the pools."""
+
+    def __init__(self, path: Path, interval: float) -> None:
+        self.path = path
+        self.interval = interval
+        self.checkpoints = 0
+        """Checkpoints run so far (for tests and curiosity)."""
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import sqlite3
+
+        connection: sqlite3.Connection | None = None
+        while not self._stopping.wait(self.interval):
+            try:
+                if connection is None:
+                    connection = sqlite3.connect(self.path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+                                                 isolation_level=None, check_same_thread=False)
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.checkpoints += 1
+            except sqlite3.Error as exc:
+                log.warning("SQLite checkpoint of %s failed (retried): %s", self.path, exc)
+        if connection is not None:
+            connection.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=30)
 
 
 def _identity(path: Path) -> tuple[int, int]:
@@ -137,7 +203,7 @@ def _identity(path: Path) -> tuple[int, int]:
     return found.st_dev, found.st_ino
 
 
-def _make_engine(url: str, *, immediate: bool) -> Engine:
+def _make_engine(url: str, *, immediate: bool, autocheckpoint: bool = True) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
@@ -152,6 +218,8 @@ def _make_engine(url: str, *, immediate: bool) -> Engine:
                                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
             pool_size=8 if immediate else 20, max_overflow=20)
         event.listen(engine, "connect", _sqlite_pragmas)
+        if not autocheckpoint:
+            event.listen(engine, "connect", _no_autocheckpoint)
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
         # pysqlite's own transaction handling is turned off (isolation_level None in
         # _sqlite_pragmas) so that this BEGIN is the one that runs.
@@ -180,6 +248,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")
 
 
 def file_mode_ok(url: str) -> bool:
@@ -265,12 +337,30 @@ class Prepared:
 
     def first(self, connection: Connection, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
         """Run a query; its first row, converted as SQLAlchemy would, or None."""
+        return self.send(connection, params).first()
+
+    def send(self, connection: Connection, params: Mapping[str, Any]) -> Sent:
+        """Send a query and read its answer later (`Sent.first`): in PostgreSQL's pipeline
+        mode (`Database.pipeline`) several queries sent before any answer is read travel
+        together, one round trip for all."""
         cursor, compiled = self._run(connection, params)
+        return Sent(cursor, compiled)
+
+
+@dataclass
+class Sent:
+    """A query sent by `Prepared.send`, its answer not read yet."""
+
+    cursor: Any
+    compiled: _Compiled
+
+    def first(self) -> tuple[Any, ...] | None:
+        """The first row, converted as SQLAlchemy would, or None."""
         try:
-            row = cursor.fetchone()
+            row = self.cursor.fetchone()
         finally:
-            cursor.close()
+            self.cursor.close()
         if row is None:
             return None
         return tuple(value if convert is None or value is None else convert(value)
-                     for value, convert in zip(row, compiled.results, strict=True))
+                     for value, convert in zip(row, self.compiled.results, strict=True))

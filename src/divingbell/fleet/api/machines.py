@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import Connection
 
 from divingbell.fleet import admission, installs, revisions, service, states
 from divingbell.fleet.api.schemas import (
@@ -17,6 +20,7 @@ from divingbell.fleet.api.schemas import (
     RolesBody,
 )
 from divingbell.fleet.auth import (
+    MACHINE_PREFIX,
     Admin,
     Bearer,
     Credentials,
@@ -31,6 +35,7 @@ from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import iso
 
 router = APIRouter(prefix="/v1", tags=["machines"])
+log = logging.getLogger("divingbell.fleet")
 MachineId = Annotated[str, Path(max_length=32, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
@@ -202,11 +207,86 @@ def store_report(db: Database, credentials: Credentials, machine_id: str, body: 
     """A report, in one worker thread and one write transaction. Shared by the route and the
     hot path (fleet/hotpath.py)."""
     with db.write_conn() as connection:
-        principal, machine, active, place = service.authorized_view(
-            connection, credentials, machine_id, readers=False)
-        machine = service.add_report(connection, machine, active, place, body, keep)
+        return _report_in(connection, credentials, machine_id, body, keep)
+
+
+def _report_in(connection: Connection, credentials: Credentials, machine_id: str,
+               body: ReportBody, keep: int) -> tuple[Principal, dict[str, Any]]:
+    principal, machine, active, place = service.authorized_view(
+        connection, credentials, machine_id, readers=False)
+    machine = service.add_report(connection, machine, active, place, body, keep)
     return principal, {"state": machine.state,
                        "up_to_date": service.up_to_date(machine, active), "revision": active}
+
+
+def _reports_in(connection: Connection, reports: Sequence[Report], keep: int
+                ) -> list[tuple[Principal, dict[str, Any]]]:
+    """Several reports in one transaction. Machines reporting with their own credentials,
+    each once, have their views read all at once (`service.own_views`: on PostgreSQL one round
+    trip for the batch, and the writes then go with the commit); otherwise one by one."""
+    machine_ids = [machine_id for _, machine_id, _ in reports]
+    if (len(set(machine_ids)) < len(reports)
+            or any(c.prefix != MACHINE_PREFIX or c.ident != machine_id
+                   for c, machine_id, _ in reports)):
+        return [_report_in(connection, *report, keep) for report in reports]
+    answers = []
+    for (_, _, body), (principal, before, active, place) in zip(
+            reports, service.own_views(connection, [c for c, _, _ in reports]), strict=True):
+        machine = service.add_report(connection, before, active, place, body, keep)
+        answers.append((principal, {"state": machine.state,
+                                    "up_to_date": service.up_to_date(machine, active),
+                                    "revision": active}))
+    return answers
+
+
+Report = tuple[Credentials, str, ReportBody]
+"""A machine's report waiting for the store: its credentials, the machine id, the body."""
+
+
+def store_reports(db: Database, reports: Sequence[Report], keep: int
+                  ) -> list[tuple[Principal, dict[str, Any]] | Exception]:
+    """Reports that arrived together, stored in one write transaction (group commit: one
+    commit, one write lock, one thread hand-off for all of them; on PostgreSQL in pipeline
+    mode, so a report's writes travel with the next one's read). The answer for each, in
+    order: its result or the exception it raised. Each report is committed before its answer
+    is given. If any of them fails, the transaction is rolled back and each one is stored on
+    its own, so a failing report (a revoked credential, an unknown revision, a deadlock with
+    another replica) only fails itself."""
+    if len(reports) > 1:
+        # Machine order: two replicas' batches then lock machine rows in the same order.
+        order = sorted(range(len(reports)), key=lambda index: reports[index][1])
+        answers: list[tuple[Principal, dict[str, Any]] | Exception] = [
+            Exception("not stored")] * len(reports)
+        try:
+            with db.write_conn() as connection, db.pipeline(connection):
+                for index, answer in zip(order, _reports_in(
+                        connection, [reports[index] for index in order], keep), strict=True):
+                    answers[index] = answer
+        except Exception as exc:  # each one on its own below says which failed
+            log.info("a batch of %d reports failed (%s); storing each on its own",
+                     len(reports), type(exc).__name__)
+        else:
+            return answers
+    results: list[tuple[Principal, dict[str, Any]] | Exception] = []
+    for credentials, machine_id, body in reports:
+        try:
+            results.append(store_report(db, credentials, machine_id, body, keep))
+        except Exception as exc:  # handed to that report's request
+            results.append(exc)
+    return results
+
+
+def serve_configs(db: Database, polls: Sequence[tuple[Credentials, str, str | None]]
+                  ) -> list[tuple[Principal, service.Rendered] | Exception]:
+    """Configuration polls that arrived together, answered in one thread hand-off, each in
+    its own transaction as `serve_config`."""
+    results: list[tuple[Principal, service.Rendered] | Exception] = []
+    for credentials, machine_id, if_none_match in polls:
+        try:
+            results.append(serve_config(db, credentials, machine_id, if_none_match))
+        except Exception as exc:  # handed to that poll's request
+            results.append(exc)
+    return results
 
 
 @router.get("/machines/{machine_id}/config", response_class=Response, responses={
