@@ -34,7 +34,7 @@ from tests.booted import extract
 from tests.bootstrap import airgap
 from tests.bootstrap.conftest import curl_debs
 from tests.conftest import Cli
-from tests.kube.node import Node, divingbell_image, node_tarball
+from tests.kube.node import Node, containerd_config, divingbell_image, node_tarball
 from tests.kube.standin import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.kube, pytest.mark.kernel]
@@ -49,22 +49,8 @@ KEY = "net.ipv4.tcp_fin_timeout"
 
 # What this host needs from containerd (tests/kube/node.py): the design's override of the file
 # divingbell renders, as a site with such hosts would write it.
-CONTAINERD = """\
-version = 2
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{{ cluster.container_runtime.sandbox_image }}"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "/etc/containerd/certs.d"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-      BinaryName = "/usr/local/sbin/runc"
-      SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "/etc/cni/net.d"
-"""
+CONTAINERD = containerd_config("{{ cluster.container_runtime.sandbox_image }}",
+                               registry_config_path="/etc/containerd/certs.d")
 
 
 def ip(machine: int) -> str:

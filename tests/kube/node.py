@@ -230,6 +230,26 @@ def _own_cgroups() -> dict[str, str]:
     return found
 
 
+def containerd_config(sandbox_image: str, registry_config_path: str | None = None) -> str:
+    """containerd as this host needs it: runc through the wrapper (RUNC_WRAPPER), cgroupfs
+    rather than systemd's cgroups, CNI from Debian's plugins."""
+    registry = ("" if registry_config_path is None else
+                '  [plugins."io.containerd.grpc.v1.cri".registry]\n'
+                f'    config_path = "{registry_config_path}"\n')
+    return f"""version = 2
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  restrict_oom_score_adj = true
+{registry}  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      BinaryName = "/usr/local/sbin/runc"
+      SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "/etc/cni/net.d"
+"""
+
 @dataclass
 class Node:
     """One real node: `boot` it, `stop` it (everything undone)."""
@@ -318,19 +338,7 @@ class Node:
         self._write("/usr/local/sbin/runc", RUNC_WRAPPER, 0o755)
         self._write("/usr/local/lib/oci-edit.jq", OCI_EDIT)
         self._write("/usr/local/sbin/node-boot-id", BOOT_ID_HOOK, 0o755)
-        self._write("/etc/containerd/config.toml", f"""version = 2
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{PAUSE_IMAGE}"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-      BinaryName = "/usr/local/sbin/runc"
-      SystemdCgroup = false
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "/etc/cni/net.d"
-""")
+        self._write("/etc/containerd/config.toml", containerd_config(PAUSE_IMAGE))
         self._write("/etc/cni/net.d/10-pods.conflist", json.dumps({
             "cniVersion": "1.0.0", "name": "pods", "plugins": [
                 {"type": "bridge", "bridge": "cni0", "isGateway": True, "ipMasq": False,
