@@ -280,12 +280,19 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def cpu_seconds(pid: int) -> float:
-    ticks = 0
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and kernel CPU seconds of `pid` and its children (the kernel share is mostly the
+    loopback's TCP stack, which the sender pays for the receiver too)."""
+    user = kernel = 0
     for one in process_tree(pid):
         fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])
+        kernel += int(fields[12])
+    return user / os.sysconf("SC_CLK_TCK"), kernel / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def seeded_store(url: str, count: int) -> tuple[list[SimMachine], str]:
@@ -319,9 +326,12 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, worke
         # The fleet load: every machine polls and reports once a minute.
         fleet_rate = 2 * args.machines / 60
         asyncio.run(run_load(host, port, mixed, fleet_rate, 3))  # warm-up (pools, caches)
-        cpu_before = cpu_seconds(server.process.pid)
+        user_before, kernel_before = cpu_split(server.process.pid)
         fleet = asyncio.run(run_load(host, port, mixed, fleet_rate, args.duration))
-        cpu_per_request = (cpu_seconds(server.process.pid) - cpu_before) / max(1, fleet.done)
+        user_after, kernel_after = cpu_split(server.process.pid)
+        user_per_request = (user_after - user_before) / max(1, fleet.done)
+        kernel_per_request = (kernel_after - kernel_before) / max(1, fleet.done)
+        cpu_per_request = user_per_request + kernel_per_request
         fleet_rss = rss_mb(server.process.pid)
         print(f"\n[{name}] {args.machines} machines, each polling (If-None-Match) and "
               f"reporting every 60 s, for {args.duration:.0f} s ({workers} service "
@@ -329,7 +339,8 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, worke
         print(f"  sustained {fleet.achieved:.0f} req/s (target {fleet_rate:.0f}), "
               f"p50 {fleet.pct(0.5):.1f} ms, p99 {fleet.pct(0.99):.1f} ms, "
               f"errors {fleet.errors}, statuses {fleet.statuses}, service RSS {fleet_rss:.0f} MB")
-        print(f"  service CPU per request (mixed poll/report): {cpu_per_request * 1000:.2f} ms")
+        print(f"  service CPU per request (mixed poll/report): {cpu_per_request * 1000:.2f} ms "
+              f"(user {user_per_request * 1000:.2f}, kernel {kernel_per_request * 1000:.2f})")
         if fleet.statuses.get(200):
             print("  WARNING: polls answered 200, not 304: the seeded ETags do not match the "
                   "service's, so this measured full renders")
@@ -355,16 +366,20 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, worke
                 best = rate
             elif not kept_up:
                 break  # the service no longer keeps up: its throughput is found
-        registration = registrations(server.url, bootstrap_token, args.registrations,
-                                     first=1000 * workers)
-        print(f"  {args.registrations} new machines registering one after another into the "
-              f"fleet (each runs a scheduling pass): median {registration['p50_ms']:.1f} ms, "
-              f"max {registration['max_ms']:.1f} ms")
+        registration: dict[str, float] = {}
+        if args.registrations:
+            registration = registrations(server.url, bootstrap_token, args.registrations,
+                                         first=1000 * workers)
+            print(f"  {args.registrations} new machines registering one after another into the "
+                  f"fleet (each runs a scheduling pass): median {registration['p50_ms']:.1f} ms, "
+                  f"max {registration['max_ms']:.1f} ms")
         rss = rss_mb(server.process.pid)
         print(f"  highest sustained report rate with p99 <= 100 ms: {best:.0f}/s "
               f"(service RSS after the ramp {rss:.0f} MB)")
         return {"store": name, "workers": workers, "fleet_rps": round(fleet.achieved),
                 "cpu_ms_per_request": round(cpu_per_request * 1000, 2),
+                "cpu_ms_per_request_user": round(user_per_request * 1000, 2),
+                "cpu_ms_per_request_kernel": round(kernel_per_request * 1000, 2),
                 "fleet_p50_ms": round(fleet.pct(0.5), 1), "fleet_p99_ms": round(fleet.pct(0.99), 1),
                 "fleet_errors": fleet.errors, "rss_mb": round(fleet_rss),
                 "max_report_rate": best, "steps": steps, "registration": registration}
