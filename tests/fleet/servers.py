@@ -23,6 +23,7 @@ import uvicorn
 from divingbell.fleet.app import create_app
 from divingbell.fleet.client import FleetClient
 from divingbell.fleet.db import Database
+from divingbell.fleet.front import HTTP_PROTOCOL
 from divingbell.fleet.settings import FleetSettings
 from divingbell.fleet.tokens import create_token
 
@@ -123,6 +124,9 @@ class ThreadServer:
     bootstrap_token: str = ""
     tls: tuple[str, str] | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    http: str = HTTP_PROTOCOL
+    """uvicorn's HTTP protocol: the service's own front, as `divingbell serve` runs it
+    ("httptools" for uvicorn's, with the hot paths as ASGI)."""
 
     def start(self) -> ThreadServer:
         sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
@@ -130,6 +134,7 @@ class ThreadServer:
         sock.bind((self.host, 0))
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(create_app(self.settings), log_config=None, access_log=False,
+                                http=self.http,
                                 ssl_certfile=self.tls[0] if self.tls else None,
                                 ssl_keyfile=self.tls[1] if self.tls else None)
         self._server = uvicorn.Server(config)

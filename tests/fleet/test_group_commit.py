@@ -171,15 +171,17 @@ def test_a_lane_answers_every_waiting_request_when_its_batch_cannot_run() -> Non
 
     failing = threading.Event()
 
-    async def in_thread(function: Callable[[], list[Any]]) -> list[Any]:
-        await asyncio.sleep(0)
-        if failing.is_set():
-            raise RuntimeError("cannot hand off")
-        return function()
+    class Threads(hotpath.StoreThreads):
+        def run(self, work: Callable[[], None]) -> None:
+            if failing.is_set():
+                raise RuntimeError("cannot hand off")
+            super().run(work)
+
+    threads = Threads(2)
 
     async def scenario() -> tuple[list[Any], list[Any]]:
         lane: hotpath.Lane[int, int] = hotpath.Lane(lambda jobs: [j * 2 for j in jobs],
-                                                     in_thread, parallel=2)
+                                                     threads, parallel=2)
         failing.set()
         failed = await asyncio.gather(*(lane.submit(n) for n in range(5)),
                                       return_exceptions=True)
@@ -187,9 +189,38 @@ def test_a_lane_answers_every_waiting_request_when_its_batch_cannot_run() -> Non
         worked = await asyncio.gather(*(lane.submit(n) for n in range(5)))
         return failed, worked
 
-    failed, worked = asyncio.run(scenario())
+    try:
+        failed, worked = asyncio.run(scenario())
+    finally:
+        threads.stop()
     assert all(isinstance(result, RuntimeError) for result in failed)
     assert worked == [0, 2, 4, 6, 8]
+
+
+def test_a_batch_that_raises_fails_its_requests_and_the_lane_goes_on() -> None:
+    """A batch whose store function itself raises (not one error per request): each of its
+    requests gets that error, and the next batch runs."""
+    import asyncio
+
+    def run(jobs: list[int]) -> list[int | Exception]:
+        if -1 in jobs:
+            raise ValueError("the store went away")
+        return [job + 1 for job in jobs]
+
+    threads = hotpath.StoreThreads(2)
+
+    async def scenario() -> tuple[list[Any], list[int]]:
+        lane: hotpath.Lane[int, int] = hotpath.Lane(run, threads)
+        failed = list(await asyncio.gather(lane.submit(-1), return_exceptions=True))
+        worked = await asyncio.gather(*(lane.submit(n) for n in range(3)))
+        return failed, worked
+
+    try:
+        failed, worked = asyncio.run(scenario())
+    finally:
+        threads.stop()
+    assert [type(result) for result in failed] == [ValueError]
+    assert worked == [1, 2, 3]
 
 
 def test_one_machine_twice_in_a_batch_is_stored_in_order(
@@ -214,15 +245,17 @@ def test_a_request_right_after_a_batch_is_taken() -> None:
     running. (The 5 s bound only stops a hang from hanging the suite.)"""
     import asyncio
 
-    async def in_thread(function: Callable[[], list[Any]]) -> list[Any]:
-        return await asyncio.to_thread(function)
+    threads = hotpath.StoreThreads(2)
 
     async def one_after_another() -> list[int]:
         lane: hotpath.Lane[int, int] = hotpath.Lane(lambda jobs: [j + 1 for j in jobs],
-                                                     in_thread)
+                                                     threads)
         return [await lane.submit(n) for n in range(20)]
 
     async def bounded() -> list[int]:
         return await asyncio.wait_for(one_after_another(), timeout=5)
 
-    assert asyncio.run(bounded()) == list(range(1, 21))
+    try:
+        assert asyncio.run(bounded()) == list(range(1, 21))
+    finally:
+        threads.stop()

@@ -63,6 +63,7 @@ class FleetMetrics:
             ["route"], registry=self.registry,
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.registry.register(_StoreCollector(db_getter))
+        self.series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -71,8 +72,14 @@ class FleetMetrics:
         """Count and log one answered request (the request log middleware and the hot paths,
         fleet/hotpath.py, which answer before the framework)."""
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        self.requests.labels(scope["method"], route, str(status)).inc()
-        self.latency.labels(route).observe(elapsed)
+        key = (scope["method"], route, status)
+        series = self.series.get(key)
+        if series is None:  # prometheus_client's label lookup takes a lock and builds tuples
+            series = self.series[key] = (self.requests.labels(scope["method"], route,
+                                                              str(status)),
+                                         self.latency.labels(route))
+        series[0].inc()
+        series[1].observe(elapsed)
         if access_log.isEnabledFor(logging.INFO):  # else do not build the line
             principal = getattr(scope.get("state", {}).get("principal"), "label", None)
             client = scope.get("client")
@@ -317,6 +324,8 @@ def create_app(settings: FleetSettings) -> FleetApp:
         finally:
             if rescue_loop is not None:
                 rescue_loop.stop()
+            if isinstance(app, FleetApp) and app.hot_paths is not None:
+                app.hot_paths.stop()
             db.dispose()
 
     app = FleetApp(

@@ -28,13 +28,14 @@ itself (`FleetMetrics.record`, the same line and counters as every other route):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import queue
 import re
+import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
@@ -49,7 +50,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-T = TypeVar("T")
 J = TypeVar("J")
 R = TypeVar("R")
 
@@ -78,11 +78,18 @@ CONFIG_ROUTE = RouteName("/v1/machines/{machine_id}/config")
 REPORTS_ROUTE = RouteName("/v1/machines/{machine_id}/reports")
 
 
-def machine_credentials(scope: Scope, machine_id: str) -> tuple[Credentials | None, str | None]:
+def hot_route(path: str) -> tuple[str, str] | None:
+    """The machine id and what ("config" or "reports") of a hot route's path, else None."""
+    found = _HOT.match(path)
+    return None if found is None else (found[1], found[2])
+
+
+def machine_credentials(headers: Iterable[tuple[bytes, bytes]], machine_id: str
+                        ) -> tuple[Credentials | None, str | None]:
     """The machine's own credential from the Authorization header (None for any other caller
     or shape), and If-None-Match (None when absent)."""
     authorization = if_none_match = None
-    for name, value in scope["headers"]:
+    for name, value in headers:
         if name == b"authorization":
             if authorization is not None:
                 return None, None
@@ -99,67 +106,120 @@ def machine_credentials(scope: Scope, machine_id: str) -> tuple[Credentials | No
     return Credentials(*parsed), if_none_match
 
 
+class StoreThreads:
+    """The threads the hot paths' store work runs in: a queue of callables and the threads
+    that take them, started as needed. Lighter than a ThreadPoolExecutor and an asyncio
+    future per batch (its locks, work item and future, then the asyncio future chained to it
+    were a tenth of a request's CPU): the work itself says when it is done."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+        self.idle = 0
+        self.lock = threading.Lock()
+
+    def run(self, work: Callable[[], None]) -> None:
+        """Run `work` in one of the threads (it must not raise)."""
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+            elif len(self.threads) < self.most:
+                thread = threading.Thread(target=self._serve, args=(self.queue,), daemon=True,
+                                          name=f"hot-{len(self.threads)}")
+                thread.start()
+                self.threads.append(thread)
+            self.queue.put(work)
+
+    def _serve(self, work_queue: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        me = threading.current_thread()
+        while True:
+            work = work_queue.get()
+            if work is None:
+                return
+            work()
+            with self.lock:
+                if me in self.threads:
+                    self.idle += 1
+
+    def stop(self, timeout: float = 10) -> None:
+        """Let the work queued finish, then end the threads (work handed over later starts
+        new ones)."""
+        with self.lock:
+            threads, work_queue = self.threads, self.queue
+            self.threads, self.queue, self.idle = [], queue.SimpleQueue(), 0
+        for _ in threads:
+            work_queue.put(None)
+        for thread in threads:
+            thread.join(timeout)
+
+
 class Lane(Generic[J, R]):
     """Requests of one kind on their way to the store, handed over in batches: while a batch
-    runs in the worker thread, the requests arriving meanwhile wait and go next, together.
+    runs in a store thread, the requests arriving meanwhile wait and go next, together.
     Under light load a batch is one request and it goes at once (no added wait); under load,
     one thread hand-off (and for reports one transaction) serves many, instead of one each
     (the hand-off and the transaction's fixed costs were a third of a report's service time,
-    and SQLite's writers queued on its one write lock). `run` answers a batch in the worker
+    and SQLite's writers queued on its one write lock). `run` answers a batch in the store
     thread: a result or an exception per job, in order."""
 
-    def __init__(self, run: Callable[[list[J]], list[R | Exception]],
-                 in_thread: Callable[[Callable[[], list[R | Exception]]],
-                                     Awaitable[list[R | Exception]]],
+    def __init__(self, run: Callable[[list[J]], list[R | Exception]], threads: StoreThreads,
                  parallel: int = 1) -> None:
         self.run = run
-        self.in_thread = in_thread
+        self.threads = threads
         self.parallel = parallel
         """Batches in the store at once at most."""
         self.pending: list[tuple[J, asyncio.Future[R]]] = []
-        self.draining: set[asyncio.Task[None]] = set()
+        self.running = 0
 
     async def submit(self, job: J) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        return await self.enqueue(job)
+
+    def enqueue(self, job: J) -> asyncio.Future[R]:
+        """The job's answer to come (called on the event loop's thread)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         self.pending.append((job, future))
-        if len(self.draining) < self.parallel:
-            self.draining.add(asyncio.get_running_loop().create_task(self._drain()))
-        return await future
+        if self.running < self.parallel:
+            self._next(loop)
+        return future
 
-    async def _drain(self) -> None:
-        batch: list[tuple[J, asyncio.Future[R]]] = []
+    def _next(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
+        self.running += 1
+
+        def work() -> None:
+            try:
+                results: list[R | Exception] | BaseException = self.run(
+                    [job for job, _ in batch])
+            except BaseException as exc:  # the batch itself failed: each request gets it
+                results = exc
+            # A closed loop (RuntimeError): the service stopped, nobody waits.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._done, loop, batch, results)
+
         try:
-            while self.pending:
-                batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
-                results = await self.in_thread(partial(self.run, [job for job, _ in batch]))
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():  # its request was cancelled (the client went away)
-                        continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-                batch = []
-        except Exception as exc:
-            # The hand-off itself failed: every waiting request gets the error (a 500, as
-            # any unexpected error), none waits forever.
-            self._fail(batch, exc)
-        except BaseException:  # cancelled: the service is stopping
-            self._fail(batch, RuntimeError("the service is stopping"))
-            raise
-        finally:
-            # Out of the set in the same step that found nothing pending (not in a done
-            # callback, a loop turn later): a request arriving between them would otherwise
-            # count this drain as running and wait with none to take it.
-            task = asyncio.current_task()
-            if task is not None:
-                self.draining.discard(task)
+            self.threads.run(work)
+        except Exception as exc:  # no thread to run it: its requests get the error
+            self._done(loop, batch, exc)
 
-    def _fail(self, batch: list[tuple[J, asyncio.Future[R]]], exc: Exception) -> None:
-        for _, future in batch + self.pending:
-            if not future.done():
-                future.set_exception(exc)
-        self.pending = []
+    def _done(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[J, asyncio.Future[R]]],
+              results: list[R | Exception] | BaseException) -> None:
+        self.running -= 1
+        if isinstance(results, BaseException):
+            # Every waiting request gets the error (a 500, as any unexpected error).
+            error = results if isinstance(results, Exception) else RuntimeError(
+                "the service is stopping")
+            results = [error] * len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its request was cancelled (the client went away)
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if self.pending and self.running < self.parallel:
+            self._next(loop)
 
 
 class HotPaths:
@@ -178,36 +238,35 @@ class HotPaths:
         self.error_response = error_response
         self.too_deep = too_deep
         self.record = record
-        self._executor: ThreadPoolExecutor | None = None
+        # Threads of their own: the loop's default pool is small and shared with the framework.
+        self.threads = StoreThreads(WORKER_THREADS)
         self.polls: Lane[tuple[Credentials, str, str | None], Any] = Lane(
-            lambda polls: serve_configs(self.state_app.state.db, polls), self._in_thread,
+            lambda polls: serve_configs(self.state_app.state.db, polls), self.threads,
             parallel=1 if sqlite else POSTGRESQL_BATCHES)
         self.reports: Lane[tuple[Credentials, str, ReportBody], Any] = Lane(
             lambda reports: store_reports(self.state_app.state.db, reports,
                                           self.state_app.state.settings.reports_kept),
-            self._in_thread, parallel=1 if sqlite else POSTGRESQL_BATCHES)
+            self.threads, parallel=1 if sqlite else POSTGRESQL_BATCHES)
 
-    async def _in_thread(self, function: Callable[[], T]) -> T:
-        # A pool of our own: the loop's default one is small and shared with the framework.
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="hot")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+    def stop(self) -> None:
+        """After the last request: the store threads end once their work is done."""
+        self.threads.stop()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        found = _HOT.match(scope["path"]) if scope["type"] == "http" else None
+        found = hot_route(scope["path"]) if scope["type"] == "http" else None
         if found is None:
             await self.app(scope, receive, send)
             return
-        machine_id, what = found.groups()
+        machine_id, what = found
         method = scope["method"]
         if what == "config" and method == "GET" and not scope.get("query_string"):
-            credentials, if_none_match = machine_credentials(scope, machine_id)
+            credentials, if_none_match = machine_credentials(scope["headers"], machine_id)
             if credentials is not None:
                 await self._observed(self._config(scope, receive, send, credentials,
                                                   machine_id, if_none_match), scope)
                 return
         elif what == "reports" and method == "POST":
-            credentials, _ = machine_credentials(scope, machine_id)
+            credentials, _ = machine_credentials(scope["headers"], machine_id)
             if credentials is not None:
                 await self._report(scope, receive, send, credentials, machine_id)
                 return
@@ -237,10 +296,8 @@ class HotPaths:
             response = config_response(rendered)
             await response(scope, receive, send)
             return response.status_code
-        # Not modified: what config_response answers, without building a Response.
-        await send({"type": "http.response.start", "status": 304, "headers": [
-            (b"etag", rendered.etag.encode("latin-1")),
-            (b"x-divingbell-revision", str(rendered.revision).encode())]})
+        await send({"type": "http.response.start", "status": 304,
+                    "headers": not_modified_headers(rendered)})
         await send({"type": "http.response.body", "body": b""})
         return 304
 
@@ -264,7 +321,8 @@ class HotPaths:
                 break
         body = b"".join(chunks)
         report: ReportBody | None = None
-        if complete and size <= MAX_REPORT_BYTES and _is_json(scope) and not self.too_deep(body):
+        if complete and size <= MAX_REPORT_BYTES and is_json(scope["headers"]) \
+                and not self.too_deep(body):
             try:
                 report = ReportBody.model_validate_json(body)
             except ValidationError:
@@ -287,9 +345,7 @@ class HotPaths:
                 status = await self._error(exc, scope, receive, send)
                 return
             scope.setdefault("state", {})["principal"] = principal
-            # As JSONResponse renders it (the route's answer), without building one.
-            content = json.dumps(answer, ensure_ascii=False, allow_nan=False, indent=None,
-                                 separators=(",", ":")).encode()
+            content = report_content(answer)
             await send({"type": "http.response.start", "status": 201, "headers": [
                 (b"content-length", str(len(content)).encode()),
                 (b"content-type", b"application/json")]})
@@ -306,9 +362,21 @@ class HotPaths:
         return response.status_code
 
 
-def _is_json(scope: Scope) -> bool:
+def not_modified_headers(rendered: Any) -> list[tuple[bytes, bytes]]:
+    """A 304's headers: what config_response answers, without building a Response."""
+    return [(b"etag", rendered.etag.encode("latin-1")),
+            (b"x-divingbell-revision", str(rendered.revision).encode())]
+
+
+def report_content(answer: Any) -> bytes:
+    """A stored report's answer as JSONResponse renders it (the route's), without one."""
+    return json.dumps(answer, ensure_ascii=False, allow_nan=False, indent=None,
+                      separators=(",", ":")).encode()
+
+
+def is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """FastAPI reads a body as JSON only with a JSON content type (or none at all)."""
-    for name, value in scope["headers"]:
+    for name, value in headers:
         if name == b"content-type":
             kind: bytes = value.split(b";", 1)[0].strip().lower()
             return kind == b"application/json"
