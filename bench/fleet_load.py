@@ -47,8 +47,8 @@ from divingbell.fleet.auth import MACHINE_PREFIX, format_token, hash_secret  # n
 from divingbell.fleet.db import Database  # noqa: E402
 from divingbell.fleet.models import Machine, Revision, Setting, utcnow  # noqa: E402
 from divingbell.fleet.scheduler import node_labels  # noqa: E402
-from divingbell.fleet.service import config_etag  # noqa: E402
 from divingbell.fleet.tokens import create_token  # noqa: E402
+from divingbell.fleet.views import config_etag  # noqa: E402
 
 DOC = """\
 conf:

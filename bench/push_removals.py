@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy import insert  # noqa: E402
 
-from divingbell.fleet import migrations, rollouts, service  # noqa: E402
+from divingbell.fleet import documents, migrations, rollouts  # noqa: E402
 from divingbell.fleet.db import Database  # noqa: E402
 from divingbell.fleet.errors import ApiError  # noqa: E402
 from divingbell.fleet.models import Machine, utcnow  # noqa: E402
@@ -48,7 +48,7 @@ TRIMMED = FULL.replace("    net.core.somaxconn: 4096\n    vm.swappiness: 10\n", 
 def seed(db: Database, count: int) -> None:
     """`count` machines in service, converged on revision 1 (pushed as FULL)."""
     with db.write() as session:
-        service.push_document(session, FULL.encode(), "site.yaml", "bench")
+        documents.push_document(session, FULL.encode(), "site.yaml", "bench")
     now = utcnow()
     rows = [{"id": f"m{n:012x}", "uuid": f"00000000-0000-4000-8000-{n:012d}",
              "hostname": f"node{n}", "state": "ready", "state_changed_at": now,
@@ -72,15 +72,15 @@ def main() -> None:
         started = time.perf_counter()
         try:
             with db.write() as session:
-                service.push_document(session, TRIMMED.encode(), "site.yaml", "bench")
+                documents.push_document(session, TRIMMED.encode(), "site.yaml", "bench")
             raise SystemExit("the push was not refused")
         except ApiError as exc:
             refused = time.perf_counter() - started
             named = sum(len(g["machines"]) for g in exc.detail["removals"])
         started = time.perf_counter()
         with db.write() as session:
-            number, _, removed = service.push_document(session, TRIMMED.encode(), "site.yaml",
-                                                       "bench", allow_removals=True)
+            number, _, removed = documents.push_document(session, TRIMMED.encode(), "site.yaml",
+                                                         "bench", allow_removals=True)
         stored = time.perf_counter() - started
         started = time.perf_counter()
         with db.read() as session:

@@ -459,17 +459,17 @@ def test_one_log_line_per_request_and_never_a_token(fleet: ThreadServer,
 
 def test_a_boot_request_creates_a_booting_machine_that_discovery_completes(
         fleet: ThreadServer) -> None:
-    from divingbell.fleet import service
+    from divingbell.fleet import lifecycle
     from divingbell.fleet.db import Database
 
     db = Database(fleet.settings.db_url)
     try:
         uuid = facts(7)["uuid"]
         with db.write() as session:
-            booting = service.record_boot(session, uuid.upper(), "52:54:00:00:00:07")
+            booting = lifecycle.record_boot(session, uuid.upper(), "52:54:00:00:00:07")
             assert booting.state == "booting" and booting.credential_hash == ""
         with db.read() as session:
-            found = service.machine_by_mac(session, "52:54:00:00:00:07")
+            found = lifecycle.machine_by_mac(session, "52:54:00:00:00:07")
             assert found is not None and found.id == booting.id
         # A booting machine has no credential: nothing authenticates as it.
         assert error_of(lambda: fleet.client(f"dbm_{booting.id}_x").machine(booting.id)

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
-from divingbell.fleet import migrations, service
+from divingbell.fleet import migrations, views
 from divingbell.fleet.db import Database
 from divingbell.fleet.models import Report, utcnow
 from tests.fleet.servers import ThreadServer
@@ -29,8 +29,8 @@ def test_a_prepared_statement_reads_and_writes_what_sqlalchemy_does(fleet: Threa
         with db.read_conn() as connection:
             for machine_id in (control, worker, "unknown"):
                 through_sqlalchemy = connection.execute(
-                    service._SELF_VIEW, {"id": machine_id}).first()
-                prepared = service._SELF_VIEW_RUN.first(connection, {"id": machine_id})
+                    views._SELF_VIEW, {"id": machine_id}).first()
+                prepared = views._SELF_VIEW_RUN.first(connection, {"id": machine_id})
                 assert prepared == (None if through_sqlalchemy is None
                                     else tuple(through_sqlalchemy)), machine_id
         # Booleans, JSON, times and NULLs written by each way read back alike.
@@ -38,7 +38,7 @@ def test_a_prepared_statement_reads_and_writes_what_sqlalchemy_does(fleet: Threa
                   "modules": {"sysctl": {"changes": 1, "failures": ["x"]}}, "drift": True,
                   "duration_seconds": 0.5, "boot_id": None, "received_at": utcnow()}
         with db.write_conn() as connection:
-            service._INSERT_REPORT.execute(connection, values)
+            views._INSERT_REPORT.execute(connection, values)
             connection.execute(insert(Report), values)
         with db.read() as session:
             rows = session.execute(select(Report).where(Report.machine_id == worker)
@@ -55,7 +55,7 @@ def test_a_prepared_statement_that_fails_raises_sqlalchemy_errors(store_url: str
     try:
         migrations.upgrade(db.write_engine)
         with pytest.raises(IntegrityError), db.write_conn() as connection:
-            service._INSERT_REPORT.execute(connection, {  # no such machine
+            views._INSERT_REPORT.execute(connection, {  # no such machine
                 "machine_id": "nobody", "revision": 1, "etag": None, "state": "converged",
                 "modules": {}, "drift": False, "duration_seconds": 0.0, "boot_id": None,
                 "received_at": utcnow()})

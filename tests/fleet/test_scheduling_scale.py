@@ -11,9 +11,9 @@ from sqlalchemy import insert, select, text
 
 from divingbell.fleet import backup, migrations
 from divingbell.fleet.db import Database
+from divingbell.fleet.lifecycle import _SCHEDULER_CANDIDATES
 from divingbell.fleet.models import Machine, utcnow
 from divingbell.fleet.scheduler import scheduling_class
-from divingbell.fleet.service import _SCHEDULER_CANDIDATES
 from tests.fleet.servers import ThreadServer
 from tests.fleet.test_api import register
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, and_, func, select
 from sqlalchemy.orm import Session
 
-from divingbell.fleet import service, states
+from divingbell.fleet import lifecycle, states
 from divingbell.fleet.api.schemas import check_hostname
 from divingbell.fleet.auth import BOOT, Principal
 from divingbell.fleet.errors import ApiError
@@ -58,7 +58,7 @@ def check_room(session: Session, uuid: str, settings: FleetSettings,
     scheduler's lock, so replicas enrolling at once cannot pass the cap together)."""
     if principal.kind != "token" or principal.role != BOOT:
         return
-    service.lock_scheduler(session)
+    lifecycle.lock_scheduler(session)
     machine = session.scalars(select(Machine).where(Machine.uuid == uuid)).first()
     if is_new_enrolment(machine) and at_cap(session, settings):
         raise ApiError(429, {"error": "too-many-unadmitted", "field": "max_unadmitted",
@@ -83,7 +83,7 @@ def accept_all_unadmitted(session: Session, who: str) -> BulkAcceptance:
     """Accept the claimed host name of every unadmitted machine whose name is valid and free
     (in the order the machines were first seen: the first claimer of a name gets it); one audit
     event with the count. The others are reported with why."""
-    service.lock_scheduler(session)
+    lifecycle.lock_scheduler(session)
     # Names are unique among active machines when claimed; this also covers rows older
     # than that rule.
     candidates = session.scalars(select(Machine).where(UNADMITTED).order_by(
@@ -91,7 +91,7 @@ def accept_all_unadmitted(session: Session, who: str) -> BulkAcceptance:
     waiting = {machine.id for machine in candidates}
     taken = {hostname for ident, hostname in session.execute(
         select(Machine.id, Machine.hostname).where(
-            Machine.hostname != "", Machine.state.not_in(service.ACTIVE_EXCLUDED)))
+            Machine.hostname != "", Machine.state.not_in(lifecycle.ACTIVE_EXCLUDED)))
         if ident not in waiting}
     now = utcnow()
     accepted: list[dict[str, str]] = []
@@ -108,14 +108,14 @@ def accept_all_unadmitted(session: Session, who: str) -> BulkAcceptance:
                                 to_state=machine.state,
                                 reason=f"hostname {machine.hostname} accepted by {who} "
                                        "(all unadmitted)", at=now))
-    service.audit(session, who, "accept-unadmitted", "machines",
-                  f"{len(accepted)} accepted, {len(refused)} refused")
+    lifecycle.audit(session, who, "accept-unadmitted", "machines",
+                    f"{len(accepted)} accepted, {len(refused)} refused")
     session.flush()
     return BulkAcceptance(accepted, refused)
 
 
 def _refusal(machine: Machine, taken: set[str]) -> str | None:
-    if machine.state in service.ACTIVE_EXCLUDED:
+    if machine.state in lifecycle.ACTIVE_EXCLUDED:
         return f"{machine.state}: accept its name once it enrolled"
     if not machine.hostname:
         return "claimed no hostname: accept it with `fleet accept ID --hostname NAME`"

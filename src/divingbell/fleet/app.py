@@ -27,7 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 
 from divingbell import __version__
-from divingbell.fleet import admission, migrations, revisions, service
+from divingbell.fleet import admission, listing, migrations, revisions
 from divingbell.fleet.api import (
     boot,
     bootstrap,
@@ -102,8 +102,8 @@ class _StoreCollector(Collector):
             return
         try:
             with db.read() as session:
-                counts = service.counts_by_state(session)
-                fresh, outdated = service.up_to_date_counts(session)
+                counts = listing.counts_by_state(session)
+                fresh, outdated = listing.up_to_date_counts(session)
                 active = revisions.active_revision(session)
                 from divingbell.fleet.power import counts_by_power_state
 

@@ -189,7 +189,7 @@ def enroller(principal: CurrentPrincipal) -> Principal:
     """Who may call POST /v1/discovery: a boot token (enrols the machine that booted), an
     operator's bootstrap or admin token (enrols a machine without a credential), or a
     machine's own credential (updates its facts). The enrolment rules are in
-    service.discover."""
+    lifecycle.discover."""
     if principal.kind == "machine" or principal.role in ("admin", "bootstrap", BOOT):
         return principal
     raise ApiError(403, {"error": "forbidden",

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from divingbell.core.document.api import load_document_text
 from divingbell.core.errors import DocumentError
-from divingbell.fleet import migrations, revisions, service, states
+from divingbell.fleet import lifecycle, migrations, revisions, states
 from divingbell.fleet.db import Database, normalise_url
 from divingbell.fleet.models import (
     Base,
@@ -167,7 +167,7 @@ def import_(db: Database, data: Any) -> dict[str, int]:
                           "divingbell? import with that version)")
     counts: dict[str, int] = {}
     with db.write() as session:
-        service.lock_scheduler(session)
+        lifecycle.lock_scheduler(session)
         for name, table in known.items():
             items = tables.get(name) or []
             if not isinstance(items, list):
@@ -227,7 +227,7 @@ def import_legacy(db: Database, data: dict[str, Any]) -> dict[str, int]:
     counts = {"revisions": 0, "machines": 0}
     now = utcnow()
     with db.write() as session:
-        service.lock_scheduler(session)
+        lifecycle.lock_scheduler(session)
         for item in data.get("revisions") or []:
             number, text = int(item["revision"]), str(item["text"])
             name = str(item.get("name") or "document.yaml")

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from divingbell.fleet import leases, states
 from divingbell.fleet.errors import ApiError
+from divingbell.fleet.lifecycle import INSTALL, lock_scheduler, transition
 from divingbell.fleet.models import Lease, Machine, iso, utcnow
-from divingbell.fleet.service import INSTALL, lock_scheduler, transition
 from divingbell.fleet.settings import FleetSettings
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from divingbell.fleet import leases, service
+from divingbell.fleet import leases, lifecycle
 from divingbell.fleet.db import Database
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import BmcRow, iso, utcnow
@@ -59,7 +59,7 @@ def bmc_view(row: BmcRow) -> dict[str, Any]:
 
 
 def get_bmc(session: Session, machine_id: str) -> BmcRow:
-    service.get_machine(session, machine_id)
+    lifecycle.get_machine(session, machine_id)
     row = session.get(BmcRow, machine_id)
     if row is None:
         raise not_found("BMC for machine", machine_id)
@@ -68,7 +68,7 @@ def get_bmc(session: Session, machine_id: str) -> BmcRow:
 
 def set_bmc(session: Session, machine_id: str, wanted: BmcSettings, box: SecretBox,
             who: str) -> BmcRow:
-    service.get_machine(session, machine_id)
+    lifecycle.get_machine(session, machine_id)
     row = session.get(BmcRow, machine_id)
     if row is None:
         row = BmcRow(machine_id=machine_id, power_state="unknown")
@@ -79,14 +79,14 @@ def set_bmc(session: Session, machine_id: str, wanted: BmcSettings, box: SecretB
     row.updated_at, row.updated_by = utcnow(), who[:64]
     trust = ("TLS verified with its CA" if wanted.ca_pem else "TLS verified"
              ) if wanted.verify_tls else "TLS NOT verified (insecure)"
-    service.audit(session, who, "bmc", machine_id,
-                  f"{wanted.protocol} {wanted.address}; {trust}; credentials replaced")
+    lifecycle.audit(session, who, "bmc", machine_id,
+                    f"{wanted.protocol} {wanted.address}; {trust}; credentials replaced")
     return row
 
 
 def remove_bmc(session: Session, machine_id: str, who: str) -> None:
     session.delete(get_bmc(session, machine_id))
-    service.audit(session, who, "bmc-removed", machine_id)
+    lifecycle.audit(session, who, "bmc-removed", machine_id)
 
 
 def lease_ttl(settings: FleetSettings) -> float:
@@ -137,7 +137,7 @@ def power(db: Database, settings: FleetSettings, box_or_none: SecretBox | None,
             row.power_state, row.power_checked_at = outcome.state, utcnow()
         elif outcome.actions:
             row.power_state = "unknown"  # something was sent and not confirmed
-        service.audit(session, who, f"power {verb}", machine_id, json.dumps({
+        lifecycle.audit(session, who, f"power {verb}", machine_id, json.dumps({
             "ok": outcome.ok, "boot_once": boot_once, "sent": outcome.actions,
             "before": outcome.before, "state": outcome.state, "message": outcome.message}))
     log.info("power %s %s by %s: %s", verb, machine_id, who, outcome.message)
@@ -146,21 +146,21 @@ def power(db: Database, settings: FleetSettings, box_or_none: SecretBox | None,
 
 def reprovision(db: Database, settings: FleetSettings, box_or_none: SecretBox | None,
                 machine_id: str, who: str) -> tuple[str, control.Outcome | None]:
-    """Install a machine again, as itself (`service.reprovision`: its credential revoked, its
+    """Install a machine again, as itself (`lifecycle.reprovision`: its credential revoked, its
     next boot enrols it and installs), then, when it has a BMC, without hands: PXE once and a
     confirmed power cycle. The state changes first: a machine that booted before it would be
     sent to its disk. Without a BMC, or when the BMC does not confirm, the machine installs at
     its next network boot. Returns its state and the power outcome (None without a BMC)."""
     with db.write() as session:
-        machine = service.get_machine(session, machine_id)
-        if machine.state not in service.REPROVISIONABLE:
+        machine = lifecycle.get_machine(session, machine_id)
+        if machine.state not in lifecycle.REPROVISIONABLE:
             raise ApiError(409, {"error": "bad-transition", "message": (
                 f"machine {machine.id} is {machine.state}, not installed: only "
-                f"{', '.join(sorted(service.REPROVISIONABLE))} machines can be reprovisioned")})
+                f"{', '.join(sorted(lifecycle.REPROVISIONABLE))} machines can be reprovisioned")})
         has_bmc = session.get(BmcRow, machine_id) is not None
         if has_bmc:
             require_box(box_or_none)
-        service.reprovision(session, machine, who)
+        lifecycle.reprovision(session, machine, who)
         state = machine.state
     if not has_bmc:
         return state, None

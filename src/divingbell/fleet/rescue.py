@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from divingbell.fleet import service, states
+from divingbell.fleet import lifecycle, states
 from divingbell.fleet import slots as fleet_slots
 from divingbell.fleet.db import Database
 from divingbell.fleet.errors import ApiError
@@ -127,11 +127,11 @@ def _rescue(db: Database, settings: FleetSettings, box: SecretBox | None, machin
         machine = session.get(Machine, machine_id)
         if machine is not None:
             if states.DEGRADED in states.TRANSITIONS.get(machine.state, frozenset()):
-                service.transition(session, machine, states.DEGRADED, message)
+                lifecycle.transition(session, machine, states.DEGRADED, message)
             else:
-                service.record_event(session, machine, message)
-        service.audit(session, ACTOR, "reboot-rescue", machine_id,
-                      json.dumps({"cycled": cycled, "message": message, "power": detail}))
+                lifecycle.record_event(session, machine, message)
+        lifecycle.audit(session, ACTOR, "reboot-rescue", machine_id,
+                        json.dumps({"cycled": cycled, "message": message, "power": detail}))
     log.warning("machine %s: %s", machine_id, message)
     return Rescue(machine_id, cycled, message)
 

@@ -1,7 +1,8 @@
 """A fleet's revisions as both the service and its rollouts read them: which revision is active
 (a row of `settings`), a revision's validated document (cached in memory: derived and
 immutable, keyed by its number and digest, as a revision's text never changes) and the node
-labels a machine's roles and rack give it. Below `service` and `rollouts`, which both use them.
+labels a machine's roles and rack give it. Below `views`, `listing`, `documents` and `rollouts`,
+which all use them.
 """
 
 from __future__ import annotations

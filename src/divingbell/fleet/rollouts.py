@@ -218,7 +218,7 @@ LATEST = select(RolloutRow.id).order_by(RolloutRow.id.desc()).limit(1).scalar_su
 
 class Place(NamedTuple):
     """A machine's place in the latest rollout, read along with the machine itself on the
-    hot paths (service.authorized_view)."""
+    hot paths (views.authorized_view)."""
 
     status: str
     revision: int

@@ -1,5 +1,5 @@
 """Roles for machines: a pure function of the machines, so it is easy to test and to reason
-about. The service runs it inside one locked transaction (see service.schedule).
+about. The service runs it inside one locked transaction (see lifecycle.run_scheduler).
 
 Rules (Enjoliver's, made safer):
 - `control-plane` goes to an odd quorum, and only when that many machines are available: all

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from divingbell.core.document.api import node_config
 from divingbell.core.document.schema import Health
-from divingbell.fleet import revisions, rollouts, service
+from divingbell.fleet import revisions, rollouts, views
 from divingbell.fleet.models import Machine, Revision
 from divingbell.fleet.settings import FleetSettings
 
@@ -34,7 +34,7 @@ def served_reboot(session: Session, holder: str) -> Any | None:
         return None
     row = session.execute(select(Revision.number, Revision.digest, Revision.text,
                                  Revision.source_name).where(Revision.number == revision)).one()
-    config = node_config(revisions.revision_document(row), service.served_name(machine),
+    config = node_config(revisions.revision_document(row), views.served_name(machine),
                          revisions.labels_of(machine))
     return getattr(config.modules.get("maintenance"), "reboot", None)
 

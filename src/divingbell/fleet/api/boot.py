@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, Response
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from divingbell.fleet import admission, service, states
+from divingbell.fleet import admission, lifecycle, states
 from divingbell.fleet.auth import BOOT, TOKEN_PREFIX, format_token, hash_secret, new_secret
 from divingbell.fleet.boot import (
     ASSET_PATH,
@@ -97,7 +97,8 @@ def _find_machine(session: Session, query: BootQuery) -> Machine | None:
 
 def _install_granted(session: Session, machine: Machine, now: datetime) -> bool:
     lease = session.scalars(select(Lease).where(
-        Lease.kind == service.INSTALL, Lease.holder == machine.id, Lease.expires_at > now)).first()
+        Lease.kind == lifecycle.INSTALL, Lease.holder == machine.id,
+        Lease.expires_at > now)).first()
     return lease is not None
 
 
@@ -222,7 +223,7 @@ def ipxe(request: Request, uuid: str | None = None, mac: str | None = None,
         elif machine is not None and machine.state == states.DECOMMISSIONED \
                 and decision.action == "discovery":
             # Booting is how a retired machine comes back: it enrols again from here.
-            service.transition(session, machine, states.BOOTING, reason, now)
+            lifecycle.transition(session, machine, states.BOOTING, reason, now)
         elif machine is not None:
             # A boot of a known machine is history, not a state change (an installed machine
             # that reboots is still installed); anyone can send one, so only the last few

@@ -16,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
-from divingbell.fleet import scheduler, service
+from divingbell.fleet import lifecycle, scheduler
 from divingbell.fleet.auth import Admin, CurrentPrincipal, Principal, Reader
 from divingbell.fleet.errors import ApiError
 from divingbell.fleet.models import Machine
@@ -75,7 +75,7 @@ def join_scripts(
             # Only a name an operator accepted: a claimed one is the machine's own word.
             machine = session.execute(select(Machine).where(
                 Machine.hostname == name, Machine.hostname_accepted.is_(True),
-                Machine.state.not_in(service.ACTIVE_EXCLUDED)).limit(1)).scalar_one_or_none()
+                Machine.state.not_in(lifecycle.ACTIVE_EXCLUDED)).limit(1)).scalar_one_or_none()
             if machine is None:
                 return None
             roles = [str(r) for r in machine.roles or []]

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from divingbell.fleet import revisions, service
+from divingbell.fleet import documents, listing, revisions
 from divingbell.fleet.auth import Admin, Reader
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import Revision, iso
@@ -52,8 +52,8 @@ async def put_document(request: Request, principal: Admin, name: Annotated[
 
     def store() -> tuple[int, bool, list[dict[str, Any]]]:
         with request.app.state.db.write() as session:
-            return service.push_document(session, data, source, principal.label,
-                                         allow_removals=allow_removals)
+            return documents.push_document(session, data, source, principal.label,
+                                           allow_removals=allow_removals)
 
     number, created, removals = await run_in_threadpool(store)
     answer: dict[str, Any] = {"revision": number, "created": created}
@@ -85,8 +85,8 @@ def get_revision(number: RevisionNumber, request: Request, principal: Reader) ->
         return {"revision": revision.number, "name": revision.source_name,
                 "digest": revision.digest, "created_at": iso(revision.created_at),
                 "created_by": revision.created_by,
-                "text": service.shown_text(revision.text, principal),
-                "masked": not service.sees_secrets(principal),
+                "text": documents.shown_text(revision.text, principal),
+                "masked": not documents.sees_secrets(principal),
                 "active": revisions.active_revision(session) == revision.number}
 
 
@@ -95,7 +95,7 @@ def activate_revision(number: RevisionNumber, request: Request, principal: Admin
                       ) -> dict[str, Any]:
     """Make an earlier (or later) revision the current one again."""
     with request.app.state.db.write() as session:
-        service.activate(session, number, principal.label)
+        documents.activate(session, number, principal.label)
         return {"revision": number, "active": True}
 
 
@@ -105,4 +105,4 @@ def audit(request: Request, _: Reader, limit: Annotated[int, Query(ge=1, le=1000
     """What operators did, newest first: pushes, activations, role pins, decommissions,
     forced slot releases."""
     with request.app.state.db.read() as session:
-        return service.audit_events(session, limit)
+        return listing.audit_events(session, limit)

@@ -10,7 +10,16 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection
 
-from divingbell.fleet import admission, installs, revisions, service, states
+from divingbell.fleet import (
+    admission,
+    documents,
+    installs,
+    lifecycle,
+    listing,
+    revisions,
+    states,
+    views,
+)
 from divingbell.fleet.api.schemas import (
     AcceptUnadmittedBody,
     Discovery,
@@ -51,7 +60,7 @@ def discovery(facts: Discovery, request: Request, response: Response,
     `--max-unadmitted` anonymous enrolments await an operator's acceptance gets 429."""
     with request.app.state.db.write() as session:
         admission.check_room(session, facts.uuid, request.app.state.settings, principal)
-        enrolment = service.discover(session, facts, request.app.state.settings, principal)
+        enrolment = lifecycle.discover(session, facts, request.app.state.settings, principal)
         machine = enrolment.machine
         result = {"machine_id": machine.id, "state": machine.state, "roles": machine.roles,
                   "hostname_accepted": machine.hostname_accepted,
@@ -66,9 +75,9 @@ def list_machines(
         state: Annotated[str | None, Query(max_length=32,
                                            description="only machines in this state")] = None,
         limit: Annotated[int | None, Query(
-            ge=1, le=service.MACHINES_PAGE_MAX,
-            description=f"machines per page (at most {service.MACHINES_PAGE_MAX}; "
-                        f"{service.MACHINES_PAGE} when only `after` is given)")] = None,
+            ge=1, le=listing.MACHINES_PAGE_MAX,
+            description=f"machines per page (at most {listing.MACHINES_PAGE_MAX}; "
+                        f"{listing.MACHINES_PAGE} when only `after` is given)")] = None,
         after: Annotated[str | None, Query(
             min_length=1, max_length=200,
             description="the `next` cursor of the previous page")] = None,
@@ -79,7 +88,7 @@ def list_machines(
     position = None
     if after is not None:
         try:
-            position = service.parse_machine_cursor(after)
+            position = listing.parse_machine_cursor(after)
         except ValueError:
             raise ApiError(422, {"error": "invalid-cursor", "field": "after",
                                  "message": "after: not a cursor from this service (pass the "
@@ -87,10 +96,10 @@ def list_machines(
     paged = limit is not None or after is not None
     with request.app.state.db.read() as session:
         active = revisions.active_revision(session)
-        page = service.list_machines(session, state,
-                                     (limit or service.MACHINES_PAGE) if paged else None,
+        page = listing.list_machines(session, state,
+                                     (limit or listing.MACHINES_PAGE) if paged else None,
                                      position)
-        summaries = [service.machine_summary(m, active, page.power.get(m.id))
+        summaries = [listing.machine_summary(m, active, page.power.get(m.id))
                      for m in page.machines]
     if not paged:
         return summaries
@@ -100,8 +109,8 @@ def list_machines(
 @router.get("/machines/{machine_id}")
 def get_machine(machine_id: MachineId, request: Request, _: MachineOrReader) -> dict[str, Any]:
     with request.app.state.db.read() as session:
-        machine = service.get_machine(session, machine_id)
-        return service.machine_detail(session, machine, revisions.active_revision(session))
+        machine = lifecycle.get_machine(session, machine_id)
+        return listing.machine_detail(session, machine, revisions.active_revision(session))
 
 
 @router.put("/machines/{machine_id}/roles")
@@ -110,9 +119,9 @@ def put_roles(machine_id: MachineId, body: RolesBody, request: Request,
     """Pin roles (`pinned: true`), or set them and let the scheduler keep them (`false`);
     `{"roles": [], "pinned": false}` hands the machine back to the scheduler."""
     with request.app.state.db.write() as session:
-        machine = service.get_machine(session, machine_id)
-        service.set_roles(session, machine, body.roles, body.pinned,
-                          request.app.state.settings, principal.label)
+        machine = lifecycle.get_machine(session, machine_id)
+        lifecycle.set_roles(session, machine, body.roles, body.pinned,
+                            request.app.state.settings, principal.label)
         return {"id": machine.id, "roles": machine.roles, "pinned": machine.pinned,
                 "state": machine.state}
 
@@ -122,9 +131,9 @@ def decommission(machine_id: MachineId, request: Request, principal: Admin) -> d
     """Take a machine out of the fleet: roles, grants and slots released; the scheduler tops
     the control plane up if it was a member."""
     with request.app.state.db.write() as session:
-        machine = service.get_machine(session, machine_id)
+        machine = lifecycle.get_machine(session, machine_id)
         try:
-            service.decommission(session, machine, request.app.state.settings, principal.label)
+            lifecycle.decommission(session, machine, request.app.state.settings, principal.label)
         except states.TransitionError as exc:
             raise ApiError(409, {"error": "bad-transition", "message": str(exc)}) from None
         return {"id": machine.id, "state": machine.state}
@@ -136,8 +145,8 @@ def reenroll(machine_id: MachineId, request: Request, principal: Admin) -> dict[
     credential): its credential is revoked at once, its grants and slots released, and it is
     `booting` until it enrols. Audited."""
     with request.app.state.db.write() as session:
-        machine = service.get_machine(session, machine_id)
-        service.reenroll(session, machine, principal.label)
+        machine = lifecycle.get_machine(session, machine_id)
+        lifecycle.reenroll(session, machine, principal.label)
         return {"id": machine.id, "state": machine.state}
 
 
@@ -148,8 +157,8 @@ def accept_hostname(machine_id: MachineId, body: HostnameBody, request: Request,
     from then on it selects the document's host overrides for it and its join script.
     Unique among active machines: a conflict is a 409 naming both."""
     with request.app.state.db.write() as session:
-        machine = service.get_machine(session, machine_id)
-        service.accept_hostname(session, machine, body.hostname, principal.label)
+        machine = lifecycle.get_machine(session, machine_id)
+        lifecycle.accept_hostname(session, machine, body.hostname, principal.label)
         return {"id": machine.id, "hostname": machine.hostname,
                 "hostname_accepted": machine.hostname_accepted}
 
@@ -173,29 +182,29 @@ def accept_unadmitted(body: AcceptUnadmittedBody, request: Request,
 def run_scheduler(request: Request, _: Admin) -> dict[str, Any]:
     """Run a scheduling pass now (it also runs after every discovery and role change)."""
     with request.app.state.db.write() as session:
-        return {"assigned": service.run_scheduler(session, request.app.state.settings)}
+        return {"assigned": lifecycle.run_scheduler(session, request.app.state.settings)}
 
 
 def serve_config(db: Database, credentials: Credentials, machine_id: str,
-                 if_none_match: str | None) -> tuple[Principal, service.Rendered]:
+                 if_none_match: str | None) -> tuple[Principal, views.Rendered]:
     """A configuration poll, in one worker thread: credentials, machine and configuration in
     one transaction; a running machine fetching a configuration it has not converged is then
     marked updating. Shared by the route and the hot path (fleet/hotpath.py)."""
     with db.read_conn() as connection:
-        principal, machine, active, place = service.authorized_view(
+        principal, machine, active, place = views.authorized_view(
             connection, credentials, machine_id, readers=True)
-        masked = principal.kind != "machine" and not service.sees_secrets(principal)
-        rendered = service.render_config(connection, machine, if_none_match, active, place,
-                                         masked=masked)
+        masked = principal.kind != "machine" and not documents.sees_secrets(principal)
+        rendered = views.render_config(connection, machine, if_none_match, active, place,
+                                       masked=masked)
     if (rendered.text is not None and principal.kind == "machine"
             and machine.state in (states.READY, states.DEGRADED)):
         with db.write() as session:
-            service.note_config_served(session, service.get_machine(session, machine_id),
-                                       rendered)
+            views.note_config_served(session, lifecycle.get_machine(session, machine_id),
+                                     rendered)
     return principal, rendered
 
 
-def config_response(rendered: service.Rendered) -> Response:
+def config_response(rendered: views.Rendered) -> Response:
     headers = {"ETag": rendered.etag, "X-Divingbell-Revision": str(rendered.revision)}
     if rendered.text is None:
         return Response(status_code=304, headers=headers)
@@ -212,17 +221,17 @@ def store_report(db: Database, credentials: Credentials, machine_id: str, body: 
 
 def _report_in(connection: Connection, credentials: Credentials, machine_id: str,
                body: ReportBody, keep: int) -> tuple[Principal, dict[str, Any]]:
-    principal, machine, active, place = service.authorized_view(
+    principal, machine, active, place = views.authorized_view(
         connection, credentials, machine_id, readers=False)
-    machine = service.add_report(connection, machine, active, place, body, keep)
+    machine = views.add_report(connection, machine, active, place, body, keep)
     return principal, {"state": machine.state,
-                       "up_to_date": service.up_to_date(machine, active), "revision": active}
+                       "up_to_date": views.up_to_date(machine, active), "revision": active}
 
 
 def _reports_in(connection: Connection, reports: Sequence[Report], keep: int
                 ) -> list[tuple[Principal, dict[str, Any]]]:
     """Several reports in one transaction. Machines reporting with their own credentials,
-    each once, have their views read all at once (`service.own_views`: on PostgreSQL one round
+    each once, have their views read all at once (`views.own_views`: on PostgreSQL one round
     trip for the batch, and the writes then go with the commit); otherwise one by one."""
     machine_ids = [machine_id for _, machine_id, _ in reports]
     if (len(set(machine_ids)) < len(reports)
@@ -231,10 +240,10 @@ def _reports_in(connection: Connection, reports: Sequence[Report], keep: int
         return [_report_in(connection, *report, keep) for report in reports]
     answers = []
     for (_, _, body), (principal, before, active, place) in zip(
-            reports, service.own_views(connection, [c for c, _, _ in reports]), strict=True):
-        machine = service.add_report(connection, before, active, place, body, keep)
+            reports, views.own_views(connection, [c for c, _, _ in reports]), strict=True):
+        machine = views.add_report(connection, before, active, place, body, keep)
         answers.append((principal, {"state": machine.state,
-                                    "up_to_date": service.up_to_date(machine, active),
+                                    "up_to_date": views.up_to_date(machine, active),
                                     "revision": active}))
     return answers
 
@@ -277,10 +286,10 @@ def store_reports(db: Database, reports: Sequence[Report], keep: int
 
 
 def serve_configs(db: Database, polls: Sequence[tuple[Credentials, str, str | None]]
-                  ) -> list[tuple[Principal, service.Rendered] | Exception]:
+                  ) -> list[tuple[Principal, views.Rendered] | Exception]:
     """Configuration polls that arrived together, answered in one thread hand-off, each in
     its own transaction as `serve_config`."""
-    results: list[tuple[Principal, service.Rendered] | Exception] = []
+    results: list[tuple[Principal, views.Rendered] | Exception] = []
     for credentials, machine_id, if_none_match in polls:
         try:
             results.append(serve_config(db, credentials, machine_id, if_none_match))
@@ -325,10 +334,10 @@ def get_reports(machine_id: MachineId, request: Request, _: MachineOrReader
     from divingbell.fleet.models import Report
 
     with request.app.state.db.read() as session:
-        service.get_machine(session, machine_id)
+        lifecycle.get_machine(session, machine_id)
         rows = session.scalars(select(Report).where(Report.machine_id == machine_id)
                                .order_by(Report.id.desc()))
-        return [service.report_dict(r) for r in rows]
+        return [listing.report_dict(r) for r in rows]
 
 
 @router.post("/machines/{machine_id}/install/grant")
@@ -336,7 +345,7 @@ def install_grant(machine_id: MachineId, request: Request, _: MachineOrAdmin) ->
     """Ask to install. At most K machines hold a grant at once; a grant is a lease that
     expires if no result comes (the machine is then `failed`, and the grant free)."""
     with request.app.state.db.write() as session:
-        machine = service.get_machine(session, machine_id)
+        machine = lifecycle.get_machine(session, machine_id)
         held = installs.grant_install(session, machine, request.app.state.settings)
         return {"granted": True, "grant": held.name, "expires_at": iso(held.expires_at),
                 "roles": machine.roles}
@@ -346,6 +355,6 @@ def install_grant(machine_id: MachineId, request: Request, _: MachineOrAdmin) ->
 def post_install_result(machine_id: MachineId, body: InstallResult, request: Request,
                         _: MachineOrAdmin) -> dict[str, Any]:
     with request.app.state.db.write() as session:
-        machine = service.get_machine(session, machine_id)
+        machine = lifecycle.get_machine(session, machine_id)
         installs.install_result(session, machine, body.success, body.output)
         return {"id": machine.id, "state": machine.state}

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator, model_validator
 
-from divingbell.fleet import power, service
+from divingbell.fleet import lifecycle, power
 from divingbell.fleet.api.schemas import Strict
 from divingbell.fleet.auth import Admin, Reader
 from divingbell.power.bmc import check_address
@@ -62,7 +62,7 @@ def put_bmc(machine_id: MachineId, body: BmcBody, request: Request,
                                Credentials(body.username, body.password),
                                verify_tls=not body.insecure, ca_pem=body.ca_pem)
     with request.app.state.db.write() as session:
-        service.get_machine(session, machine_id)  # 404 before 503: the request's fault first
+        lifecycle.get_machine(session, machine_id)  # 404 before 503: the request's fault first
         box = power.require_box(request.app.state.secret_box)
         return power.bmc_view(power.set_bmc(session, machine_id, wanted, box,
                                             principal.label))

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from divingbell.fleet import rollouts, service
+from divingbell.fleet import documents, rollouts
 from divingbell.fleet.auth import Admin, Reader
 from divingbell.fleet.errors import ApiError, not_found
 from divingbell.fleet.models import Revision
@@ -108,7 +108,7 @@ def diff(old: RevisionNumber, new: RevisionNumber, request: Request, principal: 
             if revision is None:
                 raise not_found("revision", number)
             texts.append((revision.source_name,
-                          service.shown_text(revision.text, principal)))
+                          documents.shown_text(revision.text, principal)))
     lines = difflib.unified_diff(texts[0][1].splitlines(), texts[1][1].splitlines(),
                                  f"revision {old} ({texts[0][0]})",
                                  f"revision {new} ({texts[1][0]})", lineterm="")

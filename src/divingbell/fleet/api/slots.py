@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 
-from divingbell.fleet import leases, rescue, service
+from divingbell.fleet import leases, lifecycle, listing, rescue
 from divingbell.fleet import slots as fleet_slots
 from divingbell.fleet.api.schemas import SlotClaim, SlotRelease, SlotRenew
 from divingbell.fleet.auth import Admin, CurrentPrincipal, Principal, Reader
@@ -43,13 +43,13 @@ def claim(body: SlotClaim, request: Request, principal: CurrentPrincipal) -> dic
     with request.app.state.db.write() as session:
         # One slot per holder is read-then-claim: claims serialise (replicas included) on the
         # scheduler's lock, or two claims of different groups at once would both find none.
-        service.lock_scheduler(session)
+        lifecycle.lock_scheduler(session)
         count = fleet_slots.slot_count(session, body.holder, settings)
-        result = leases.claim(session, service.SLOT, body.group, count, body.holder, ttl,
+        result = leases.claim(session, lifecycle.SLOT, body.group, count, body.holder, ttl,
                               utcnow(), one_per_holder=True)
         if isinstance(result, leases.Busy):
             raise ApiError(409, {"error": "no-free-slot", "slots": count,
-                                 "holders": [service.lease_dict(h) for h in result.holders]})
+                                 "holders": [listing.lease_dict(h) for h in result.holders]})
         if isinstance(result, leases.HoldsAnother):
             raise ApiError(409, {"error": "holds-another-slot", "field": "group",
                                  "slot": result.held.name,
@@ -58,7 +58,7 @@ def claim(body: SlotClaim, request: Request, principal: CurrentPrincipal) -> dic
         if result.taken_over_from:
             log.warning("slot %s taken over from %s (expired) by %s", result.name,
                         result.taken_over_from, result.holder)
-        return {**service.lease_dict(result), "taken_over_from": result.taken_over_from}
+        return {**listing.lease_dict(result), "taken_over_from": result.taken_over_from}
 
 
 @router.post("/{group}/{index}/renew")
@@ -66,14 +66,14 @@ def renew(group: Group, index: Index, body: SlotRenew, request: Request,
           principal: CurrentPrincipal) -> dict[str, Any]:
     _may_hold(principal, body.holder)
     with request.app.state.db.write() as session:
-        held = leases.renew(session, service.SLOT, group, index, body.holder,
+        held = leases.renew(session, lifecycle.SLOT, group, index, body.holder,
                             fleet_slots.capped_ttl(body.ttl_seconds,
                                                    request.app.state.settings), utcnow())
         if held is None:
             raise ApiError(409, {"error": "not-holder", "field": "holder",
                                  "message": f"{body.holder} does not hold slot {group}/{index}"})
         rescue.heard(session, body.holder, body.rebooting, utcnow())
-        return service.lease_dict(held)
+        return listing.lease_dict(held)
 
 
 @router.post("/{group}/{index}/release")
@@ -81,7 +81,7 @@ def release(group: Group, index: Index, body: SlotRelease, request: Request,
             principal: CurrentPrincipal) -> dict[str, Any]:
     _may_hold(principal, body.holder)
     with request.app.state.db.write() as session:
-        if not leases.release(session, service.SLOT, group, index, body.holder):
+        if not leases.release(session, lifecycle.SLOT, group, index, body.holder):
             raise ApiError(409, {"error": "not-holder", "field": "holder",
                                  "message": f"{body.holder} does not hold slot {group}/{index}"})
         rescue.released(session, body.holder)
@@ -92,21 +92,21 @@ def release(group: Group, index: Index, body: SlotRelease, request: Request,
 def list_slots(request: Request, _: Reader) -> list[dict[str, Any]]:
     now = utcnow()
     with request.app.state.db.read() as session:
-        return [{**service.lease_dict(lease),
+        return [{**listing.lease_dict(lease),
                  "live": lease.expires_at is not None and lease.expires_at > now}
-                for lease in leases.holders(session, service.SLOT) if lease.holder is not None]
+                for lease in leases.holders(session, lifecycle.SLOT) if lease.holder is not None]
 
 
 @router.delete("/{group}/{index}")
 def force_release(group: Group, index: Index, request: Request, principal: Admin
                   ) -> dict[str, Any]:
     with request.app.state.db.write() as session:
-        holder = next((lease.holder for lease in leases.holders(session, service.SLOT, group)
+        holder = next((lease.holder for lease in leases.holders(session, lifecycle.SLOT, group)
                        if lease.index == index), None)
-        released = leases.release(session, service.SLOT, group, index, None)
+        released = leases.release(session, lifecycle.SLOT, group, index, None)
         if released:
             rescue.released(session, holder)
-            service.audit(session, principal.label, "force-release", f"slot {group}/{index}")
+            lifecycle.audit(session, principal.label, "force-release", f"slot {group}/{index}")
     if not released:
         raise ApiError(404, {"error": "not-held", "message": f"slot {group}/{index} is free"})
     log.warning("slot %s/%s force-released by %s", group, index, principal.label)
