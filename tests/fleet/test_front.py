@@ -717,3 +717,36 @@ def test_a_hot_request_in_flight_is_answered_before_the_server_stops(
     with thread_server(settings) as again:  # both reports were stored
         for worker in (twins_.front, twins_.plain):
             assert len(again.admin.call("GET", f"/v1/machines/{worker.id}/reports")) == 1
+
+
+def test_a_report_the_framework_answers_after_shutdown_began_closes_the_connection(
+        servers: tuple[ThreadServer, ThreadServer], taken: Taken,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A report whose headers arrived before the server began stopping and whose body, once
+    complete, is not valid: the framework answers it, with `connection: close` (uvicorn told
+    the request in progress to end its connection), and the server stops."""
+    twins_ = twins(*servers)
+    caplog.set_level(logging.INFO, logger="uvicorn.error")
+    answered: list[bytes] = []
+    before = len(taken.by_front)
+    for n, worker in enumerate((twins_.front, twins_.plain), start=1):
+        server = worker.server
+        assert server._server is not None and server._thread is not None
+        head, body = worker.report(worker.report_body(state="maybe")).split(b"\r\n\r\n", 1)
+        connection = Connection(server)
+        try:
+            connection.send(head + b"\r\n\r\n" + body[:10])
+            server._server.should_exit = True
+            wait_for(lambda n=n: caplog.text.count(
+                "Waiting for connections to close") == n, timeout=10)
+            connection.send(body[10:])
+            answer = connection.answer("POST")
+        finally:
+            connection.close()
+        server._thread.join(30)
+        assert not server._thread.is_alive()
+        assert status_of(answer) == 422
+        assert header(answer, b"connection") == b"close"
+        answered.append(worker.normalised(answer))
+    assert answered[0] == answered[1]
+    assert len(taken.by_front) == before

@@ -204,6 +204,8 @@ class FleetHttpProtocol(HttpToolsProtocol):
         self.hot = None
         self.cycle = hot.previous
         super().on_headers_complete()
+        if not hot.keep_alive:  # the server began stopping meanwhile (uvicorn's `shutdown`)
+            self.cycle.keep_alive = False
         self.cycle.body += b"".join(hot.body)
         if complete:
             self.cycle.more_body = False
