@@ -7,6 +7,7 @@ its own (`FleetHttpProtocol._answer` counted), so none can pass with the front l
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
@@ -750,3 +751,23 @@ def test_a_report_the_framework_answers_after_shutdown_began_closes_the_connecti
         answered.append(worker.normalised(answer))
     assert answered[0] == answered[1]
     assert len(taken.by_front) == before
+
+
+# The front's own bookkeeping
+def test_a_keep_alive_connection_holds_only_its_current_request(
+        servers: tuple[ThreadServer, ThreadServer], taken: Taken) -> None:
+    """A connection polling for hours keeps one request's state, not every one it made."""
+    twins_ = twins(*servers)
+    worker = twins_.front
+    before = len(taken.requests)
+    connection = Connection(worker.server)
+    try:
+        for _ in range(5):
+            connection.send(worker.config(**{"If-None-Match": worker.etag}))
+            assert status_of(connection.answer()) == 304
+        gc.collect()
+        alive = [ref() is not None for ref in taken.requests[before:]]
+    finally:
+        connection.close()
+    assert len(alive) == 5
+    assert alive[:4] == [False] * 4  # only the last may still be the connection's current one

@@ -136,6 +136,7 @@ class FleetHttpProtocol(HttpToolsProtocol):
         else:
             lane = self.hot_paths.polls
         self.hot = None
+        hot.previous = None  # else each request holds the one before: a chain per connection
         hot.started = time.perf_counter()
         lane.enqueue(hot.job).add_done_callback(partial(self._answer, hot))
 
