@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -19,15 +20,18 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from divingbell.fleet import front, hotpath
 from divingbell.fleet.api.machines import serve_configs, store_reports
 from divingbell.fleet.settings import FleetSettings
 from tests.fleet.servers import ThreadServer, thread_server, wait_for
 from tests.fleet.test_api import DOC, register
+from tests.policy.pki import ScratchCa
 
 CONFIG = "/v1/machines/{machine_id}/config"
 REPORTS = "/v1/machines/{machine_id}/reports"
@@ -91,10 +95,11 @@ def read_answer(reader: BinaryIO, method: str = "GET") -> bytes:
 class Connection:
     """A client's TCP connection to one server."""
 
-    def __init__(self, server: ThreadServer, source: str | None = None) -> None:
-        self.sock = socket.create_connection(
-            (server.host, server.port), timeout=30,
-            source_address=(source, 0) if source else None)
+    def __init__(self, server: ThreadServer, source: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection((server.host, server.port), timeout=30,
+                                        source_address=(source, 0) if source else None)
+        self.sock = tls.wrap_socket(sock, server_hostname=server.host) if tls else sock
         self.reader = self.sock.makefile("rb")
 
     def send(self, data: bytes) -> None:
@@ -527,6 +532,37 @@ def test_a_body_in_several_writes_is_answered_once_complete(
     assert by_front == [2, 0]  # the good report and the poll; the large one the framework's
 
 
+def test_over_tls_the_front_answers_as_uvicorn(
+        servers: tuple[ThreadServer, ThreadServer], settings: FleetSettings, taken: Taken,
+        tmp_path: Path) -> None:
+    """The same on TLS connections: pipelined requests, then one that ends the connection."""
+    twins_ = twins(*servers)
+    authority = ScratchCa.create()
+    certificate, key = authority.server_cert(tmp_path)
+    tls = ssl.create_default_context(cadata=authority.pem.decode())
+    answered: list[list[bytes]] = []
+    by_front = []
+    for worker, http in ((twins_.front, front.HTTP_PROTOCOL), (twins_.plain, "httptools")):
+        with thread_server(settings, http=http, tls=(str(certificate), str(key))) as server:
+            before = len(taken.by_front)
+            sent = pipelined(worker)
+            connection = Connection(server, tls=tls)
+            try:
+                connection.send(b"".join(data for data, _ in sent))
+                answers = [connection.answer(method) for _, method in sent]
+                connection.send(worker.config(**{"If-None-Match": worker.etag,
+                                                 "Connection": "close"}))
+                answers.append(connection.answer())
+                assert connection.closed_by_server()
+            finally:
+                connection.close()
+        assert [status_of(answer) for answer in answers] == [304, 201, 200, 304, 422, 201, 304]
+        answered.append([worker.normalised(answer) for answer in answers])
+        by_front.append(len(taken.by_front) - before)
+    assert answered[0] == answered[1]
+    assert by_front[0] >= 2 and by_front[1] == 0
+
+
 # 5. X-Forwarded-For in the access log
 def test_the_access_log_names_the_forwarded_client_as_uvicorn_does(
         servers: tuple[ThreadServer, ThreadServer], taken: Taken,
@@ -679,6 +715,45 @@ def test_an_unexpected_error_is_a_500_that_closes_the_connection_and_is_counted(
               and isinstance(r.exc_info[1], RuntimeError)
               and str(r.exc_info[1]) == "the store broke"]
     assert [r.name for r in errors] == ["divingbell.fleet", "uvicorn.error"]
+
+
+@pytest.mark.parametrize("what", ["config", "reports"])
+def test_the_store_away_is_a_503_to_retry_on_the_same_connection(
+        servers: tuple[ThreadServer, ThreadServer], taken: Taken,
+        monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    """An error the app maps (here the store unreachable) is the app's answer, and the
+    connection stays open for the retry."""
+    twins_ = twins(*servers)
+
+    def away(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("SELECT 1", {}, ConnectionRefusedError("the store is away"))
+
+    answered: list[list[bytes]] = []
+    by_front = []
+    for worker in (twins_.front, twins_.plain):
+        before = len(taken.by_front)
+        data = worker.config(**{"If-None-Match": worker.etag}) if what == "config" \
+            else worker.report()
+        method = data.split(b" ", 1)[0].decode()
+        connection = Connection(worker.server)
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(hotpath, "serve_configs" if what == "config" else "store_reports",
+                              away)
+                connection.send(data)
+                unavailable = connection.answer(method)
+            connection.send(data)
+            retried = connection.answer(method)
+        finally:
+            connection.close()
+        assert status_of(unavailable) == 503
+        assert header(unavailable, b"retry-after") == b"5"
+        assert json.loads(body_of(unavailable))["detail"]["error"] == "store-unavailable"
+        assert status_of(retried) == (304 if what == "config" else 201)
+        answered.append([worker.normalised(answer) for answer in (unavailable, retried)])
+        by_front.append(len(taken.by_front) - before)
+    assert answered[0] == answered[1]
+    assert by_front == [2, 0]
 
 
 # 8. Graceful shutdown
