@@ -671,6 +671,35 @@ def test_a_client_gone_while_its_report_is_stored_leaves_it_stored_and_counted(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_a_client_gone_before_its_report_arrived_leaves_nothing(
+        servers: tuple[ThreadServer, ThreadServer], taken: Taken,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Gone with its body half sent: nothing stored, the server goes on. (The front never
+    answered it, so it logs and counts nothing for it; through ASGI the framework logs a 400
+    for the body it could not read.)"""
+    twins_ = twins(*servers)
+    caplog.set_level(logging.INFO, logger="divingbell.fleet.access")
+    outcome = []
+    for worker in (twins_.front, twins_.plain):
+        data = worker.report()
+        connection = Connection(worker.server)
+        connection.send(data[:-20])  # the headers and most of the body
+        time.sleep(0.2)  # read by the server before the client goes (not a bound on it)
+        connection.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                   struct.pack("ii", 1, 0))
+        connection.close()
+        wait_for(lambda worker=worker: connections_of(worker.server) == 0, timeout=10)
+        after = exchange(worker.server, worker.config(**{"If-None-Match": worker.etag}))
+        stored = worker.server.admin.call("GET", f"/v1/machines/{worker.id}/reports")
+        outcome.append((len(stored), status_of(after)))
+    assert outcome[0] == outcome[1] == (0, 304)
+    # For the front's machine: the poll after and the admin's read, no POST.
+    wait_for(lambda: len(access_lines(caplog, twins_.front)) >= 2, timeout=10)
+    assert [(line["method"], line["route"]) for line in access_lines(caplog, twins_.front)
+            ] == [("GET", CONFIG), ("GET", REPORTS)]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 # 7. A store function that fails unexpectedly
 @pytest.mark.parametrize("what", ["config", "reports"])
 def test_an_unexpected_error_is_a_500_that_closes_the_connection_and_is_counted(
