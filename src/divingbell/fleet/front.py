@@ -136,6 +136,7 @@ class FleetHttpProtocol(HttpToolsProtocol):
         else:
             lane = self.hot_paths.polls
         self.hot = None
+        hot.previous = None  # else each request holds the one before: a chain per connection
         hot.started = time.perf_counter()
         lane.enqueue(hot.job).add_done_callback(partial(self._answer, hot))
 
@@ -204,6 +205,8 @@ class FleetHttpProtocol(HttpToolsProtocol):
         self.hot = None
         self.cycle = hot.previous
         super().on_headers_complete()
+        if not hot.keep_alive:  # the server began stopping meanwhile (uvicorn's `shutdown`)
+            self.cycle.keep_alive = False
         self.cycle.body += b"".join(hot.body)
         if complete:
             self.cycle.more_body = False
