@@ -19,11 +19,21 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.expression import Executable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 log = logging.getLogger("divingbell.fleet")
+_this_thread = threading.local()
+
+
+def keep_connections_in_this_thread() -> None:
+    """For a long-lived thread that runs one hot statement after another (the hot paths'
+    store threads): on SQLite, `read_conn` and `write_conn` in this thread reuse connections
+    of its own instead of taking one from the pool and giving it back each time (that
+    checkout and check-in cost about as much as a poll's statement). Closed by `dispose`."""
+    _this_thread.keeps = True
 
 
 class StoreReplaced(Exception):
@@ -91,6 +101,8 @@ class Database:
         self._file = Path(database) if database and database != ":memory:" else None
         self._identity = _identity(self._file) if self._file is not None else None
         self._reported = False
+        self._kept_lock = threading.Lock()
+        self._kept_connections: list[Connection] = []
         self._checkpointer: Checkpointer | None = None
         if background_checkpoints and self._file is not None:
             self._checkpointer = Checkpointer(self._file, CHECKPOINT_SECONDS)
@@ -135,14 +147,53 @@ class Database:
         """A Core connection for the hot read paths (no ORM unit of work), in autocommit:
         each of these reads is one statement (or reads immutable rows), and BEGIN/COMMIT would
         double the round trips (PostgreSQL) or the driver calls (SQLite)."""
-        with self._autocommit.connect() as connection:
-            yield connection
+        kept = self._kept("read")
+        if kept is None:
+            with self._autocommit.connect() as connection:
+                yield connection
+            return
+        with self._dropped_on_error("read", kept):
+            yield kept
 
     @contextmanager
     def write_conn(self) -> Iterator[Connection]:
-        with self._writer, self.write_engine.begin() as connection:
+        kept = self._kept("write")
+        if kept is None:
+            with self._writer, self.write_engine.begin() as connection:
+                self._check_store()
+                yield connection
+            return
+        with self._writer, self._dropped_on_error("write", kept), kept.begin():
             self._check_store()
-            yield connection
+            yield kept
+
+    def _kept(self, kind: str) -> Connection | None:
+        """This thread's own connection of `kind` when it keeps them (SQLite only)."""
+        if not self.sqlite or not getattr(_this_thread, "keeps", False):
+            return None
+        key = (id(self), kind)
+        connections: dict[tuple[int, str], Connection] = _this_thread.__dict__.setdefault(
+            "connections", {})
+        connection = connections.get(key)
+        if connection is None or connection.closed:  # closed: by dispose
+            engine = self._autocommit if kind == "read" else self.write_engine
+            connection = connections[key] = engine.connect()
+            with self._kept_lock:
+                self._kept_connections.append(connection)
+        return connection
+
+    @contextmanager
+    def _dropped_on_error(self, kind: str, connection: Connection) -> Iterator[None]:
+        """A kept connection that met a driver error is closed, not reused."""
+        try:
+            yield
+        except DBAPIError:
+            _this_thread.__dict__.get("connections", {}).pop((id(self), kind), None)
+            with self._kept_lock:
+                if connection in self._kept_connections:
+                    self._kept_connections.remove(connection)
+            connection.close()
+            raise
 
     def pipeline(self, connection: Connection) -> contextlib.AbstractContextManager[Any]:
         """On PostgreSQL, psycopg's pipeline mode on `connection`: statements are sent without
@@ -159,6 +210,10 @@ class Database:
     def dispose(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
+        with self._kept_lock:
+            kept, self._kept_connections = self._kept_connections, []
+        for connection in kept:
+            connection.close()
         self.engine.dispose()
         if self.write_engine is not self.engine:
             self.write_engine.dispose()

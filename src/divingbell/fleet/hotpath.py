@@ -44,6 +44,7 @@ from starlette.responses import Response
 from divingbell.fleet.api.machines import config_response, serve_configs, store_reports
 from divingbell.fleet.api.schemas import ReportBody
 from divingbell.fleet.auth import MACHINE_PREFIX, Credentials, parse_token
+from divingbell.fleet.db import keep_connections_in_this_thread
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -132,6 +133,7 @@ class StoreThreads:
             self.queue.put(work)
 
     def _serve(self, work_queue: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        keep_connections_in_this_thread()
         me = threading.current_thread()
         while True:
             work = work_queue.get()
