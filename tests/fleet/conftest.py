@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from divingbell.fleet.settings import FleetSettings
+from tests.fleet.front_helpers import servers, taken  # noqa: F401  (the HTTP front's tests')
 from tests.fleet.servers import PostgresCluster, ThreadServer, thread_server
 
 
