@@ -259,3 +259,59 @@ def test_a_request_right_after_a_batch_is_taken() -> None:
         assert asyncio.run(bounded()) == list(range(1, 21))
     finally:
         threads.stop()
+
+
+class _Forgets(set[Any]):
+    """A revision cache that remembers nothing: every report reads its revision."""
+
+    def __contains__(self, _item: object) -> bool:
+        return False
+
+
+def test_a_batch_reading_its_revision_is_one_transaction(
+        fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every statement a batch runs answers in PostgreSQL's pipeline mode: a revision read in
+    the batch (not yet remembered by the process) does not fail the batch into one
+    transaction per report."""
+    from divingbell.fleet import views
+
+    monkeypatch.setattr(views, "_known_revisions", _Forgets())
+    (first, first_token, first_etag), *others = machines(fleet, 3)
+    answers, sizes, commits = first_alone_then_together(
+        fleet, monkeypatch, (first, first_token, report_of(first_etag)),
+        [(machine, token, report_of(etag)) for machine, token, etag in others])
+    assert [status for status, _, _ in answers] == [201] * 3
+    assert sizes == [1, 2]
+    assert len(commits) == 2  # one per batch: the batch of two did not fall back
+
+
+def test_reports_settling_rollout_turns_in_one_batch_advance_the_rollout(
+        fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two machines of a rollout's wave report the new revision together: their batch is one
+    transaction (the rollout's steps run after the pipeline, in the same transaction), and
+    the wave it completes lets the next one be served the new revision."""
+    from tests.fleet.test_rollouts_api import DOC as ROLLOUT_DOC
+    from tests.fleet.test_rollouts_api import converge, current, fleet_of, served
+
+    clients = fleet_of(fleet, 5)  # a control plane of one, four workers
+    fleet.admin.call("PUT", "/v1/rollout-policy", {"max_unavailable": 2})
+    second = fleet.admin.push_document(ROLLOUT_DOC.format(value=20).encode())["revision"]
+    waves = [[m["id"] for m in wave] for wave in current(fleet)["waves"]]
+    assert [len(wave) for wave in waves] == [1, 2, 2]
+    converge(clients[waves[0][0]], waves[0][0])
+    wave, last = waves[1], waves[2]
+
+    def report(machine: str) -> tuple[str, str, bytes]:
+        config = clients[machine].config(machine)
+        assert config.etag is not None and config.revision is not None
+        return (machine, str(clients[machine].token),
+                report_of(config.etag, revision=config.revision))
+
+    assert all(served(clients[machine], machine) == second - 1 for machine in last)
+    answers, sizes, commits = first_alone_then_together(
+        fleet, monkeypatch, report(last[0]), [report(machine) for machine in wave])
+    assert [status for status, _, _ in answers] == [201] * 3
+    assert sizes == [1, 2]
+    assert len(commits) == 2
+    assert {fleet.admin.machine(machine)["state"] for machine in wave} == {"ready"}
+    assert all(served(clients[machine], machine) == second for machine in last)

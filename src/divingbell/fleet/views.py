@@ -132,6 +132,8 @@ _UPDATE_AFTER_REPORT = {
             *_REPORT_COLUMNS, *(("state", "state_changed_at") if with_state else ()))}))
     for with_state in (False, True)}
 _trims: dict[int, Prepared] = {}
+_REVISION_NUMBER = Prepared(select(cast(Table, Revision.__table__).c.number).where(
+    cast(Table, Revision.__table__).c.number == bindparam("number")))
 
 
 def _trim_statement(keep: int) -> Prepared:
@@ -279,17 +281,21 @@ def revision_exists(connection: Connection, number: int) -> bool:
     key = (str(connection.engine.url), number)
     if key in _known_revisions:
         return True
-    found = connection.execute(select(Revision.number).where(Revision.number == number)
-                               ).first() is not None
+    # On the driver (Prepared): it also answers in PostgreSQL's pipeline mode.
+    found = _REVISION_NUMBER.first(connection, {"number": number}) is not None
     if found:
         _known_revisions.add(key)
     return found
 
 
 def add_report(connection: Connection, machine: View, active: int | None,
-               place: rollouts.Membership | None, body: ReportBody, keep: int) -> View:
+               place: rollouts.Membership | None, body: ReportBody, keep: int, *,
+               step_rollout: bool = True) -> View:
     """Store a report, update the machine's freshness and state, keep the last `keep`.
-    Prebuilt Core statements only: this is the busiest write path of the service."""
+    Prebuilt Core statements only: this is the busiest write path of the service (they also
+    run in PostgreSQL's pipeline mode). `step_rollout`: then let the report settle the
+    machine's turn in the open rollout (`step_rollout`, which reads through the ORM: after
+    the pipeline when there is one)."""
     machine_id = machine.id
     if not revision_exists(connection, body.revision):
         raise ApiError(422, {"error": "unknown-revision", "field": "revision",
@@ -321,10 +327,18 @@ def add_report(connection: Connection, machine: View, active: int | None,
     _UPDATE_AFTER_REPORT[changes_state].execute(connection, values)
     # Keep the newest `keep`: delete everything at or below the (keep+1)-th newest id.
     _trim_statement(keep).execute(connection, {"mid": machine_id})
+    if step_rollout:
+        step_rollout_after(connection, machine_id, place, body)
+    return after
+
+
+def step_rollout_after(connection: Connection, machine_id: str,
+                       place: rollouts.Membership | None, body: ReportBody) -> None:
+    """A stored report's effect on the open rollout (none unless it settles the machine's
+    turn: then the rollout is re-decided under its row lock)."""
+    if body.state == "rebooting":  # a machine waiting for its reboot is still updating
+        return
     failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
                 for failure in module.failures]
-    if body.state != "rebooting":  # a machine waiting for its reboot is still updating
-        rollouts.on_report(connection, machine_id, place, body.revision,
-                           body.state == "converged",
-                           "; ".join(failures) or f"report: {body.state}")
-    return after
+    rollouts.on_report(connection, machine_id, place, body.revision,
+                       body.state == "converged", "; ".join(failures) or f"report: {body.state}")
