@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from divingbell.fleet import front, hotpath
-from divingbell.fleet.api.machines import serve_configs, store_reports
+from divingbell.fleet.api.machines import serve_configs, store_reports, unchanged_config
 from divingbell.fleet.settings import FleetSettings
 from tests.fleet.servers import ThreadServer, thread_server
 from tests.fleet.test_api import DOC, register
@@ -241,4 +242,22 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> Taken:
     monkeypatch.setattr(front.FleetHttpProtocol, "_answer", answer)
     monkeypatch.setattr(hotpath, "serve_configs", counted("config", serve_configs))
     monkeypatch.setattr(hotpath, "store_reports", counted("report", store_reports))
+    monkeypatch.setattr(hotpath, "unchanged_config", answered_at_once(seen.by_lanes))
     return seen
+
+
+def answered_at_once(served: list[str]) -> Callable[..., Any]:
+    """`unchanged_config` (a 304 answered on the event loop's thread, SQLite), counted as
+    "config" in `served` when it answered (the poll did not go on to its lane)."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            found = unchanged_config(*args, **kwargs)
+        except OperationalError:
+            raise
+        except Exception:
+            served.append("config")
+            raise
+        if found is not None:
+            served.append("config")
+        return found
+    return call

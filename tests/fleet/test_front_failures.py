@@ -158,6 +158,7 @@ def test_an_unexpected_error_is_a_500_that_closes_the_connection_and_is_counted(
         with monkeypatch.context() as patch:
             patch.setattr(hotpath, "serve_configs" if what == "config" else "store_reports",
                           broken)
+            patch.setattr(hotpath, "unchanged_config", broken)
             connection = Connection(worker.server)
             try:
                 connection.send(data)
@@ -208,6 +209,7 @@ def test_the_store_away_is_a_503_to_retry_on_the_same_connection(
             with monkeypatch.context() as patch:
                 patch.setattr(hotpath, "serve_configs" if what == "config" else "store_reports",
                               away)
+                patch.setattr(hotpath, "unchanged_config", away)
                 connection.send(data)
                 unavailable = connection.answer(method)
             connection.send(data)
@@ -314,3 +316,36 @@ def test_a_keep_alive_connection_holds_only_its_current_request(
         connection.close()
     assert len(alive) == 5
     assert alive[:4] == [False] * 4  # only the last may still be the connection's current one
+
+
+# 4. A poll answered on the event loop never waits there for the store
+def test_a_poll_the_store_cannot_answer_at_once_waits_in_its_lane_not_on_the_loop(
+        servers: tuple[ThreadServer, ThreadServer], taken: Taken,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SQLite a 304 is answered on the event loop's thread (`HotPaths.poll_at_once`), on
+    a connection that never waits for a lock. When that read fails as a locked store fails it
+    (SQLite answers BUSY at once there: a process holding the file in exclusive locking mode),
+    the poll goes to its lane and waits there, held here: the event loop keeps answering
+    (/healthz), and the poll is answered when its lane is."""
+    with_front, _ = servers
+    worker = twins(*servers).front
+    poll = worker.config(**{"If-None-Match": worker.etag})
+    before = len(taken.by_lanes)
+    assert status_of(exchange(with_front, poll)) == 304
+    assert taken.by_lanes[before:] == ["config"]  # at once on SQLite, by its lane on PostgreSQL
+
+    def locked(*_args: Any, **_kwargs: Any) -> Any:
+        raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(hotpath, "unchanged_config", locked)
+    with held(monkeypatch, "serve_configs") as hold:
+        waiting = Connection(with_front)
+        try:
+            waiting.send(poll)
+            assert hold.entered.wait(30)
+            assert status_of(exchange(with_front, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")) \
+                == 200  # the loop is free while the poll waits
+            hold.release.set()
+            assert status_of(waiting.answer("GET")) == 304
+        finally:
+            waiting.close()

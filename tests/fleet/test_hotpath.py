@@ -14,6 +14,7 @@ import pytest
 
 from divingbell.fleet import hotpath
 from divingbell.fleet.api.machines import serve_configs, store_reports
+from tests.fleet.front_helpers import answered_at_once
 from tests.fleet.servers import ThreadServer
 from tests.fleet.test_api import DOC, register
 
@@ -103,6 +104,7 @@ def test_hot_paths_answer_as_the_framework_routes(
 
     monkeypatch.setattr(hotpath, "serve_configs", counted("config", serve_configs))
     monkeypatch.setattr(hotpath, "store_reports", counted("report", store_reports))
+    monkeypatch.setattr(hotpath, "unchanged_config", answered_at_once(served))
 
     def through_framework() -> list[Answer]:
         with monkeypatch.context() as off:

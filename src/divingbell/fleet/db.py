@@ -103,6 +103,8 @@ class Database:
         self._reported = False
         self._kept_lock = threading.Lock()
         self._kept_connections: list[Connection] = []
+        self._nonblocking: Connection | None = None
+        self._nonblocking_busy = False
         self._checkpointer: Checkpointer | None = None
         if background_checkpoints and self._file is not None:
             self._checkpointer = Checkpointer(self._file, CHECKPOINT_SECONDS)
@@ -154,6 +156,37 @@ class Database:
             return
         with self._dropped_on_error("read", kept):
             yield kept
+
+    @contextmanager
+    def nonblocking_read(self) -> Iterator[Connection | None]:
+        """On SQLite, an autocommit connection of the store's own that never waits: no busy
+        timeout, so a read that would wait for a lock fails at once (and the caller goes
+        the usual way instead). For reads on the event loop's thread, which must not block;
+        one at a time (the loop is one thread). None on PostgreSQL (a round trip each) or
+        while that connection is in use."""
+        if not self.sqlite or self._nonblocking_busy:
+            yield None
+            return
+        self._nonblocking_busy = True
+        try:
+            if self._nonblocking is None or self._nonblocking.closed:
+                self._nonblocking = self._autocommit.connect()
+                dbapi = self._nonblocking.connection.dbapi_connection
+                assert dbapi is not None
+                dbapi.execute("PRAGMA busy_timeout=0")
+                with self._kept_lock:
+                    self._kept_connections.append(self._nonblocking)
+            try:
+                yield self._nonblocking
+            except DBAPIError:
+                with self._kept_lock:
+                    if self._nonblocking in self._kept_connections:
+                        self._kept_connections.remove(self._nonblocking)
+                self._nonblocking.close()
+                self._nonblocking = None
+                raise
+        finally:
+            self._nonblocking_busy = False
 
     @contextmanager
     def write_conn(self) -> Iterator[Connection]:

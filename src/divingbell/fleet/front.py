@@ -138,6 +138,11 @@ class FleetHttpProtocol(HttpToolsProtocol):
         self.hot = None
         hot.previous = None  # else each request holds the one before: a chain per connection
         hot.started = time.perf_counter()
+        if lane is self.hot_paths.polls:
+            answered = self.hot_paths.poll_at_once(hot.job)
+            if answered is not None:
+                self._answer(hot, answered)
+                return
         lane.enqueue(hot.job).add_done_callback(partial(self._answer, hot))
 
     # Ours

@@ -39,9 +39,15 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.responses import Response
 
-from divingbell.fleet.api.machines import config_response, serve_configs, store_reports
+from divingbell.fleet.api.machines import (
+    config_response,
+    serve_configs,
+    store_reports,
+    unchanged_config,
+)
 from divingbell.fleet.api.schemas import ReportBody
 from divingbell.fleet.auth import MACHINE_PREFIX, Credentials, parse_token
 from divingbell.fleet.db import keep_connections_in_this_thread
@@ -250,6 +256,26 @@ class HotPaths:
                                           self.state_app.state.settings.reports_kept),
             self.threads, parallel=1 if sqlite else POSTGRESQL_BATCHES)
 
+    def poll_at_once(self, job: tuple[Credentials, str, str | None]
+                     ) -> asyncio.Future[Any] | None:
+        """A poll answered on the event loop's thread, done already, when that is quick and
+        certain: SQLite, the machine's own credential, a configuration that did not change
+        (a 304: one indexed read that never waits for a lock, 26 us of store CPU where the
+        hand-off to a store thread and back cost more). None: the poll goes to its lane."""
+        try:
+            found = unchanged_config(self.state_app.state.db, *job)
+        except OperationalError:  # the store busy (or away): the lane waits, and says so
+            return None
+        except Exception as exc:  # the caller's error (401, 404): as the lane would answer
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+            return future
+        if found is None:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(found)
+        return future
+
     def stop(self) -> None:
         """After the last request: the store threads end once their work is done."""
         self.threads.stop()
@@ -289,8 +315,8 @@ class HotPaths:
         scope["route"] = CONFIG_ROUTE
         scope["app"] = self.state_app
         try:
-            principal, rendered = await self.polls.submit(
-                (credentials, machine_id, if_none_match))
+            job = (credentials, machine_id, if_none_match)
+            principal, rendered = await (self.poll_at_once(job) or self.polls.enqueue(job))
         except Exception as exc:
             return await self._error(exc, scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal

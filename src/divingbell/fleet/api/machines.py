@@ -205,6 +205,25 @@ def serve_config(db: Database, credentials: Credentials, machine_id: str,
     return principal, rendered
 
 
+def unchanged_config(db: Database, credentials: Credentials, machine_id: str,
+                     if_none_match: str | None) -> tuple[Principal, views.Rendered] | None:
+    """A machine's own poll answered on the calling thread when its configuration did not
+    change (the 304 nearly every poll gets): the credential checked and the machine read in
+    one statement, on SQLite only, never waiting for a lock (`Database.nonblocking_read`).
+    None when it must go the whole way (`serve_config` in a store thread): another caller,
+    PostgreSQL, a configuration to render, or the store busy."""
+    if (not db.sqlite or credentials.prefix != MACHINE_PREFIX
+            or credentials.ident != machine_id or if_none_match is None):
+        return None
+    with db.nonblocking_read() as connection:
+        if connection is None:
+            return None
+        principal, machine, active, place = views.authorized_view(
+            connection, credentials, machine_id, readers=True)
+    rendered = views.unchanged_config(machine, if_none_match, active, place)
+    return None if rendered is None else (principal, rendered)
+
+
 def config_response(rendered: views.Rendered) -> Response:
     headers = {"ETag": rendered.etag, "X-Divingbell-Revision": str(rendered.revision)}
     if rendered.text is None:
