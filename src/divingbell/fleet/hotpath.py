@@ -398,8 +398,13 @@ def not_modified_headers(rendered: Any) -> list[tuple[bytes, bytes]]:
 
 def report_content(answer: Any) -> bytes:
     """A stored report's answer as JSONResponse renders it (the route's), without one."""
-    return json.dumps(answer, ensure_ascii=False, allow_nan=False, indent=None,
-                      separators=(",", ":")).encode()
+    return _AS_JSON_RESPONSE.encode(answer).encode()
+
+
+_AS_JSON_RESPONSE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None,
+                                     separators=(",", ":"))
+"""JSONResponse's rendering, its encoder built once (`json.dumps` with these options builds
+one on every call: 2.4 against 1.7 us)."""
 
 
 def is_json(headers: Iterable[tuple[bytes, bytes]]) -> bool:
