@@ -47,8 +47,8 @@ def _parse_listen(listen: str) -> tuple[str, int]:
 @click.option("--http-front", type=click.Choice(["divingbell", "uvicorn"]),
               default="divingbell", show_default=True,
               help="The HTTP protocol: divingbell's answers a machine's own polls and reports "
-              "in the protocol itself (about a third less CPU per request); uvicorn's takes "
-              "every request through ASGI. The answers are the same.")
+              "in the protocol itself (a little less CPU per request); uvicorn's takes every "
+              "request through ASGI. The answers are the same.")
 @click.option("--assets", type=click.Path(exists=True, file_okay=False), metavar="DIR",
               help="Serve DIR under /v1/assets/ for network boot (`divingbell image discovery "
               "-o DIR` puts the discovery image there). See docs/boot.md.")

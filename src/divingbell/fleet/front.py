@@ -1,10 +1,10 @@
 """The service's HTTP front: uvicorn's httptools protocol, answering a machine's own poll and
 report from the parser's callbacks.
 
-After the hot paths left the framework (fleet/hotpath.py), most of a poll's or report's CPU
-was the ASGI machinery around them, measured with bench/fleet_profile.py: a task, an event, a
-scope and a request cycle per request, the body through `receive`, the answer as two ASGI
-messages and so two socket writes. `FleetHttpProtocol` is uvicorn's own protocol class (its
+After the hot paths left the framework (fleet/hotpath.py), uvicorn's ASGI machinery around
+them was the largest layer py-spy saw: a task, an event, a scope and a request cycle per
+request, the body through `receive`, the answer as two ASGI messages and so two socket writes
+(measured end to end, the front saves a few percent of the CPU: docs/performance.md). `FleetHttpProtocol` is uvicorn's own protocol class (its
 parser, keep-alive, pipelining, flow control, TLS, graceful shutdown all unchanged) with one
 difference: when a request is a machine's own well-formed poll or report, it is handed to
 the same lanes as the ASGI hot path (`HotPaths.polls` / `.reports`, the same store functions)

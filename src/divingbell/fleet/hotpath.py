@@ -116,8 +116,9 @@ def machine_credentials(headers: Iterable[tuple[bytes, bytes]], machine_id: str
 class StoreThreads:
     """The threads the hot paths' store work runs in: a queue of callables and the threads
     that take them, started as needed. Lighter than a ThreadPoolExecutor and an asyncio
-    future per batch (its locks, work item and future, then the asyncio future chained to it
-    were a tenth of a request's CPU): the work itself says when it is done."""
+    future per batch (its locks, work item and future, then the asyncio future chained to it:
+    65 us of CPU a round trip on this VM against 22 for a bare queue and thread): the work
+    itself says when it is done."""
 
     def __init__(self, most: int) -> None:
         self.most = most
