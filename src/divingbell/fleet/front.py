@@ -4,16 +4,17 @@ report from the parser's callbacks.
 After the hot paths left the framework (fleet/hotpath.py), uvicorn's ASGI machinery around
 them was the largest layer py-spy saw: a task, an event, a scope and a request cycle per
 request, the body through `receive`, the answer as two ASGI messages and so two socket writes
-(measured end to end, the front saves a few percent of the CPU: docs/performance.md). `FleetHttpProtocol` is uvicorn's own protocol class (its
-parser, keep-alive, pipelining, flow control, TLS, graceful shutdown all unchanged) with one
-difference: when a request is a machine's own well-formed poll or report, it is handed to
-the same lanes as the ASGI hot path (`HotPaths.polls` / `.reports`, the same store functions)
-when its last byte arrives, and the answer is written in one `transport.write` from the
-lane's future callback. Everything else, and anything that turns out not to be ours once its
-body is read (not JSON, invalid, too large), becomes an ordinary uvicorn request cycle at
-that moment, body included, so the framework answers it as before. The answers are the
-ASGI hot path's bytes (tests/fleet/test_front.py compares them), logged and counted by the
-same `record`.
+(measured end to end, the front saves a few percent of the CPU: docs/performance.md).
+`FleetHttpProtocol` is uvicorn's own protocol class (its parser, keep-alive, pipelining, flow
+control, TLS, graceful shutdown all unchanged) with one difference: when a request is a
+machine's own well-formed poll or report, it is handed to the same lanes as the ASGI hot path
+(`HotPaths.polls` / `.reports`, the same store functions; a 304 on SQLite answered at once,
+`HotPaths.poll_at_once`) when its last byte arrives, and the answer is written in one
+`transport.write` from the lane's future callback. Everything else, and anything that turns
+out not to be ours once its body is read (not JSON, invalid, too large), becomes an ordinary
+uvicorn request cycle at that moment, body included, so the framework answers it as before.
+The answers are the ASGI hot path's bytes (tests/fleet/test_front.py compares them), logged
+and counted by the same `record`.
 """
 
 from __future__ import annotations
