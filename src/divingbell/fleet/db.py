@@ -154,7 +154,7 @@ class Database:
             with self._autocommit.connect() as connection:
                 yield connection
             return
-        with self._dropped_on_error("read", kept):
+        with self._dropped_on_error(kept):
             yield kept
 
     @contextmanager
@@ -170,21 +170,12 @@ class Database:
         self._nonblocking_busy = True
         try:
             if self._nonblocking is None or self._nonblocking.closed:
-                self._nonblocking = self._autocommit.connect()
+                self._nonblocking = self._keep(self._autocommit)
                 dbapi = self._nonblocking.connection.dbapi_connection
                 assert dbapi is not None
                 dbapi.execute("PRAGMA busy_timeout=0")
-                with self._kept_lock:
-                    self._kept_connections.append(self._nonblocking)
-            try:
+            with self._dropped_on_error(self._nonblocking):
                 yield self._nonblocking
-            except DBAPIError:
-                with self._kept_lock:
-                    if self._nonblocking in self._kept_connections:
-                        self._kept_connections.remove(self._nonblocking)
-                self._nonblocking.close()
-                self._nonblocking = None
-                raise
         finally:
             self._nonblocking_busy = False
 
@@ -196,7 +187,7 @@ class Database:
                 self._check_store()
                 yield connection
             return
-        with self._writer, self._dropped_on_error("write", kept), kept.begin():
+        with self._writer, self._dropped_on_error(kept), kept.begin():
             self._check_store()
             yield kept
 
@@ -211,20 +202,25 @@ class Database:
         connections: dict[tuple[int, str], Connection] = _this_thread.__dict__.setdefault(
             "connections", {})
         connection = connections.get(key)
-        if connection is None or connection.closed:  # closed: by dispose
+        if connection is None or connection.closed:  # closed: by dispose, or a driver error
             engine = self._autocommit if kind == "read" else self.write_engine
-            connection = connections[key] = engine.connect()
-            with self._kept_lock:
-                self._kept_connections.append(connection)
+            connection = connections[key] = self._keep(engine)
+        return connection
+
+    def _keep(self, engine: Engine) -> Connection:
+        """A connection out of `engine`'s pool for good, closed by `dispose`."""
+        connection = engine.connect()
+        with self._kept_lock:
+            self._kept_connections.append(connection)
         return connection
 
     @contextmanager
-    def _dropped_on_error(self, kind: str, connection: Connection) -> Iterator[None]:
-        """A kept connection that met a driver error is closed, not reused."""
+    def _dropped_on_error(self, connection: Connection) -> Iterator[None]:
+        """A kept connection that met a driver error is closed (its holder opens another),
+        not reused."""
         try:
             yield
         except DBAPIError:
-            _this_thread.__dict__.get("connections", {}).pop((id(self), kind), None)
             with self._kept_lock:
                 if connection in self._kept_connections:
                     self._kept_connections.remove(connection)

@@ -241,11 +241,9 @@ def unchanged_config(machine: MachineLike, if_none_match: str | None, active: in
     if active is None or if_none_match is None:
         return None
     etag = config_etag(active, served_name(machine), labels_of(machine))
-    return Rendered(active, etag, None) if _matches(etag, if_none_match) else None
-
-
-def _matches(etag: str, if_none_match: str | None) -> bool:
-    return if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]
+    if etag in [tag.strip() for tag in if_none_match.split(",")]:
+        return Rendered(active, etag, None)
+    return None
 
 
 def render_config(connection: Connection, machine: MachineLike, if_none_match: str | None,
@@ -253,6 +251,9 @@ def render_config(connection: Connection, machine: MachineLike, if_none_match: s
                   masked: bool = False) -> Rendered:
     """The document this machine is served (`place`: its place in the latest rollout).
     `masked`: secrets masked, for readers."""
+    unchanged = unchanged_config(machine, if_none_match, active, place)
+    if unchanged is not None:
+        return unchanged
     # What this machine is served: its rollout's decision (machines wait for their wave).
     active = rollouts.served_by(place, active)
     if active is None:
@@ -261,8 +262,6 @@ def render_config(connection: Connection, machine: MachineLike, if_none_match: s
     labels = labels_of(machine)
     name = served_name(machine)
     etag = config_etag(active, name, labels)
-    if _matches(etag, if_none_match):
-        return Rendered(active, etag, None)
     revision = connection.execute(select(
         Revision.number, Revision.digest, Revision.text, Revision.source_name).where(
         Revision.number == active)).one()
