@@ -18,8 +18,14 @@ from typing import Any, BinaryIO
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from divingbell.fleet import front, hotpath
-from divingbell.fleet.api.machines import serve_configs, store_reports, unchanged_config
+from divingbell.fleet import front, hotpath, pgloop
+from divingbell.fleet.api.machines import (
+    report_on_loop,
+    serve_configs,
+    store_reports,
+    unchanged_config,
+    unchanged_config_on_loop,
+)
 from divingbell.fleet.settings import FleetSettings
 from tests.fleet.servers import ThreadServer, thread_server
 from tests.fleet.test_api import DOC, register
@@ -233,17 +239,40 @@ def taken(monkeypatch: pytest.MonkeyPatch) -> Taken:
         seen.by_front.append(hot.route.path)
         seen.requests.append(weakref.ref(hot))
 
+    monkeypatch.setattr(front.FleetHttpProtocol, "_answer", answer)
+    count_hot_answers(monkeypatch, seen.by_lanes)
+    return seen
+
+
+def count_hot_answers(monkeypatch: pytest.MonkeyPatch, served: list[str]) -> None:
+    """Count in `served` ("config", "report") every request the hot paths answered, in a
+    lane's batch or on the event loop (SQLite's 304s, PostgreSQL's `pgloop`)."""
     def counted(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
-            seen.by_lanes.extend([name] * len(args[1]))  # one per request in the batch
+            served.extend([name] * len(args[1]))  # one per request in the batch
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(front.FleetHttpProtocol, "_answer", answer)
+    def on_loop(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                found = await real(*args, **kwargs)
+            except pgloop.Unavailable:
+                raise
+            except Exception:  # an answer (401, 404) all the same
+                served.append(name)
+                raise
+            if found is not None:
+                served.append(name)
+            return found
+        return call
+
     monkeypatch.setattr(hotpath, "serve_configs", counted("config", serve_configs))
     monkeypatch.setattr(hotpath, "store_reports", counted("report", store_reports))
-    monkeypatch.setattr(hotpath, "unchanged_config", answered_at_once(seen.by_lanes))
-    return seen
+    monkeypatch.setattr(hotpath, "unchanged_config", answered_at_once(served))
+    monkeypatch.setattr(hotpath, "unchanged_config_on_loop",
+                        on_loop("config", unchanged_config_on_loop))
+    monkeypatch.setattr(hotpath, "report_on_loop", on_loop("report", report_on_loop))
 
 
 def answered_at_once(served: list[str]) -> Callable[..., Any]:

@@ -45,6 +45,9 @@ def held_first_batch(fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch,
     lane = app.hot_paths.reports
     # One batch at a time (SQLite's; PostgreSQL's lanes run several): the rest must wait.
     monkeypatch.setattr(lane, "parallel", 1)
+    # The lanes' batches, which PostgreSQL's reports take only when the event loop's own
+    # connections (fleet/pgloop.py) cannot answer them: switched off here.
+    monkeypatch.setattr(app.hot_paths, "loop_connections", 0)
     sizes: list[int] = []
     commits: list[int] = []
     holding.clear()

@@ -7,14 +7,12 @@ from __future__ import annotations
 import http.client
 import json
 import re
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from divingbell.fleet import hotpath
-from divingbell.fleet.api.machines import serve_configs, store_reports
-from tests.fleet.front_helpers import answered_at_once
+from tests.fleet.front_helpers import count_hot_answers
 from tests.fleet.servers import ThreadServer
 from tests.fleet.test_api import DOC, register
 
@@ -96,15 +94,7 @@ def test_hot_paths_answer_as_the_framework_routes(
     hot_token, twin_token, witness_token = (str(token) for token in tokens)
     served: list[str] = []
 
-    def counted(name: str, real: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            served.extend([name] * len(args[1]))  # one per request in the batch
-            return real(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(hotpath, "serve_configs", counted("config", serve_configs))
-    monkeypatch.setattr(hotpath, "store_reports", counted("report", store_reports))
-    monkeypatch.setattr(hotpath, "unchanged_config", answered_at_once(served))
+    count_hot_answers(monkeypatch, served)
 
     def through_framework() -> list[Answer]:
         with monkeypatch.context() as off:

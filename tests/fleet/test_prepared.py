@@ -29,7 +29,7 @@ def test_a_prepared_statement_reads_and_writes_what_sqlalchemy_does(fleet: Threa
         with db.read_conn() as connection:
             for machine_id in (control, worker, "unknown"):
                 through_sqlalchemy = connection.execute(
-                    views._SELF_VIEW, {"id": machine_id}).first()
+                    views.SELF_VIEW, {"id": machine_id}).first()
                 prepared = views._SELF_VIEW_RUN.first(connection, {"id": machine_id})
                 assert prepared == (None if through_sqlalchemy is None
                                     else tuple(through_sqlalchemy)), machine_id

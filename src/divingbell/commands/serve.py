@@ -37,6 +37,12 @@ def _parse_listen(listen: str) -> tuple[str, int]:
               help="An install grant expires after this long without a result.")
 @click.option("--reports-kept", type=click.IntRange(1, 10000), default=20, show_default=True,
               help="Reports kept per machine.")
+@click.option("--loop-connections", type=click.IntRange(0, 64), default=4, show_default=True,
+              metavar="N",
+              help="PostgreSQL: connections each worker's event loop keeps for machines' own "
+              "polls and reports, answered without a thread (besides its pool of up to 40; "
+              "count both against the server's max_connections). 0: all of them go to the "
+              "store threads. See docs/performance.md.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes (like replicas, sharing the store; use PostgreSQL for "
               "more than one: SQLite has one writer at a time).")
@@ -93,7 +99,7 @@ def _parse_listen(listen: str) -> tuple[str, int]:
 @bootstrap_serve_options
 def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
           control_plane_size: str, install_parallel: int, install_ttl: str, reports_kept: int,
-          workers: int, no_migrate: bool, log_level: str, http_front: str,
+          loop_connections: int, workers: int, no_migrate: bool, log_level: str, http_front: str,
           assets: str | None,
           public_url: str | None, boot_profiles: str | None, boot_token_ttl: str,
           max_pending_boots: int, max_unadmitted: int, slot_concurrency: int,
@@ -139,7 +145,8 @@ def serve(db_url: str, listen: str, tls_cert: str | None, tls_key: str | None,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = FleetSettings(db_url=db_url, control_plane_size=int(control_plane_size),
                              install_parallel=install_parallel, install_ttl_seconds=ttl,
-                             reports_kept=reports_kept, migrate_at_start=not no_migrate,
+                             reports_kept=reports_kept, loop_connections=loop_connections,
+                             migrate_at_start=not no_migrate,
                              assets_dir=assets, public_url=public_url,
                              boot_profiles=boot_profiles, boot_token_ttl_seconds=boot_ttl,
                              max_pending_boots=max_pending_boots,

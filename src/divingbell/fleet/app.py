@@ -325,7 +325,7 @@ def create_app(settings: FleetSettings) -> FleetApp:
             if rescue_loop is not None:
                 rescue_loop.stop()
             if isinstance(app, FleetApp) and app.hot_paths is not None:
-                app.hot_paths.stop()
+                await app.hot_paths.stop()
             db.dispose()
 
     app = FleetApp(
@@ -399,7 +399,8 @@ def create_app(settings: FleetSettings) -> FleetApp:
     app.add_middleware(RequestLog, metrics=metrics)
     app.hot_paths = HotPaths(app.framework, app, error_response=error_response,
                              too_deep=json_too_deep, record=metrics.record,
-                             sqlite=is_sqlite(settings.db_url))
+                             sqlite=is_sqlite(settings.db_url),
+                             loop_connections=settings.loop_connections)
     return app
 
 

@@ -367,14 +367,46 @@ def file_mode_ok(url: str) -> bool:
         return True
 
 
+def compile_for(statement: Executable, dialect: Dialect) -> Compiled:
+    """`statement`'s SQL for `dialect`, with the conversions SQLAlchemy itself would apply to
+    its parameters and results."""
+    compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+    binds = {}
+    constants = {}
+    for name, bind in compiled.binds.items():
+        convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if convert is not None:
+            binds[name] = convert
+        if not bind.required:
+            constants[name] = bind.effective_value
+    results = [column.type.dialect_impl(dialect).result_processor(dialect, None)
+               for column in compiled._result_columns]
+    return Compiled(compiled.string, constants,
+                     tuple(compiled.positiontup) if dialect.positional else None, binds, results)
+
+
 @dataclass(frozen=True)
-class _Compiled:
+class Compiled:
+    """A statement compiled for one dialect (`compile_for`)."""
+
     sql: str
     constants: dict[str, Any]
     order: Sequence[str] | None
     """Parameter names in the order of a positional driver (SQLite's `?`); None: by name."""
     binds: dict[str, Callable[[Any], Any]]
     results: list[Callable[[Any], Any] | None]
+
+    def values(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The parameters with the statement's constants, converted for the driver."""
+        values = {**self.constants, **params}
+        for name, convert in self.binds.items():
+            values[name] = convert(values[name])
+        return values
+
+    def row(self, row: Sequence[Any]) -> tuple[Any, ...]:
+        """A result row converted as SQLAlchemy would."""
+        return tuple(value if convert is None or value is None else convert(value)
+                     for value, convert in zip(row, self.results, strict=True))
 
 
 class Prepared:
@@ -389,34 +421,18 @@ class Prepared:
 
     def __init__(self, statement: Executable) -> None:
         self.statement = statement
-        self._by_dialect: weakref.WeakKeyDictionary[Dialect, _Compiled] = (
+        self._by_dialect: weakref.WeakKeyDictionary[Dialect, Compiled] = (
             weakref.WeakKeyDictionary())
 
-    def _compiled(self, dialect: Dialect) -> _Compiled:
+    def _compiled(self, dialect: Dialect) -> Compiled:
         found = self._by_dialect.get(dialect)
         if found is None:
-            compiled = self.statement.compile(dialect=dialect)  # type: ignore[attr-defined]
-            binds = {}
-            constants = {}
-            for name, bind in compiled.binds.items():
-                convert = bind.type.dialect_impl(dialect).bind_processor(dialect)
-                if convert is not None:
-                    binds[name] = convert
-                if not bind.required:
-                    constants[name] = bind.effective_value
-            results = [column.type.dialect_impl(dialect).result_processor(dialect, None)
-                       for column in compiled._result_columns]
-            found = _Compiled(compiled.string, constants,
-                              tuple(compiled.positiontup) if dialect.positional else None,
-                              binds, results)
-            self._by_dialect[dialect] = found
+            found = self._by_dialect[dialect] = compile_for(self.statement, dialect)
         return found
 
     def _run(self, connection: Connection, params: Mapping[str, Any]) -> tuple[Any, Any]:
         compiled = self._compiled(connection.dialect)
-        values = {**compiled.constants, **params}
-        for name, convert in compiled.binds.items():
-            values[name] = convert(values[name])
+        values = compiled.values(params)
         arguments: Any = (values if compiled.order is None
                           else tuple(values[name] for name in compiled.order))
         cursor = connection.connection.cursor()
@@ -454,7 +470,7 @@ class Sent:
     """A query sent by `Prepared.send`, its answer not read yet."""
 
     cursor: Any
-    compiled: _Compiled
+    compiled: Compiled
 
     def first(self) -> tuple[Any, ...] | None:
         """The first row, converted as SQLAlchemy would, or None."""
@@ -462,7 +478,4 @@ class Sent:
             row = self.cursor.fetchone()
         finally:
             self.cursor.close()
-        if row is None:
-            return None
-        return tuple(value if convert is None or value is None else convert(value)
-                     for value, convert in zip(row, self.compiled.results, strict=True))
+        return None if row is None else self.compiled.row(row)

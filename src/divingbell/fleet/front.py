@@ -133,18 +133,15 @@ class FleetHttpProtocol(HttpToolsProtocol):
                 self._to_framework(hot, complete=True)
                 return
             hot.job = (*hot.job, report)
-            lane: Any = self.hot_paths.reports
-        else:
-            lane = self.hot_paths.polls
         self.hot = None
         hot.previous = None  # else each request holds the one before: a chain per connection
         hot.started = time.perf_counter()
-        if lane is self.hot_paths.polls:
-            answered = self.hot_paths.poll_at_once(hot.job)
-            if answered is not None:
-                self._answer(hot, answered)
-                return
-        lane.enqueue(hot.job).add_done_callback(partial(self._answer, hot))
+        answer = (self.hot_paths.report(hot.job) if hot.route is REPORTS_ROUTE
+                  else self.hot_paths.poll(hot.job))
+        if answer.done():  # answered on the loop already
+            self._answer(hot, answer)
+        else:
+            answer.add_done_callback(partial(self._answer, hot))
 
     # Ours
     def _hot_request(self) -> HotRequest | None:

@@ -22,7 +22,10 @@ itself (`FleetMetrics.record`, the same line and counters as every other route):
 - polls and reports go to the store through a `Lane` each: those that arrive while the
   previous batch is in the store go together, in one thread hand-off, and a batch of reports
   in one transaction (group commit, `api/machines.store_reports`), each committed before its
-  201; a failing report fails only itself.
+  201; a failing report fails only itself;
+- on PostgreSQL, the event loop answers them itself when it can, on connections of its own
+  (`fleet/pgloop.py`: no thread, one round trip for a 304, two for a report), and hands the
+  rest to the lanes.
 """
 
 from __future__ import annotations
@@ -44,13 +47,16 @@ from starlette.responses import Response
 
 from divingbell.fleet.api.machines import (
     config_response,
+    report_on_loop,
     serve_configs,
     store_reports,
     unchanged_config,
+    unchanged_config_on_loop,
 )
 from divingbell.fleet.api.schemas import ReportBody
 from divingbell.fleet.auth import MACHINE_PREFIX, Credentials, parse_token
 from divingbell.fleet.db import keep_connections_in_this_thread
+from divingbell.fleet.pgloop import LoopStore, Unavailable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -241,7 +247,10 @@ class HotPaths:
     def __init__(self, app: ASGIApp, state_app: Any,
                  error_response: Callable[[Exception], Response | None],
                  too_deep: Callable[[bytes], bool],
-                 record: Callable[[Scope, int, float], None], *, sqlite: bool = True) -> None:
+                 record: Callable[[Scope, int, float], None], *, sqlite: bool = True,
+                 loop_connections: int = 0) -> None:
+        """`loop_connections`: on PostgreSQL, connections the event loop keeps for these
+        requests (fleet/pgloop.py; 0: every one goes to the store threads)."""
         self.app = app
         self.state_app = state_app
         self.error_response = error_response
@@ -256,6 +265,64 @@ class HotPaths:
             lambda reports: store_reports(self.state_app.state.db, reports,
                                           self.state_app.state.settings.reports_kept),
             self.threads, parallel=1 if sqlite else POSTGRESQL_BATCHES)
+        self.sqlite = sqlite
+        self.loop_connections = 0 if sqlite else loop_connections
+        self.loop_store: LoopStore | None = None
+        self.answered_on_loop = 0
+        """Requests the event loop answered itself (PostgreSQL: the 304s, and reports)."""
+
+    def poll(self, job: tuple[Credentials, str, str | None]) -> asyncio.Future[Any]:
+        """A machine's own poll's answer to come: on the event loop when it can (SQLite's
+        `poll_at_once`, PostgreSQL's `pgloop`), else from its lane."""
+        if self.sqlite:
+            answered = self.poll_at_once(job)
+            if answered is not None:
+                return answered
+        store = self._loop_store()
+        if store is None:
+            return self.polls.enqueue(job)
+        return asyncio.ensure_future(self._poll_on_loop(store, job))
+
+    def report(self, job: tuple[Credentials, str, ReportBody]) -> asyncio.Future[Any]:
+        """A machine's own report's answer to come: from the event loop on PostgreSQL when it
+        can (`pgloop`), else from its lane."""
+        store = self._loop_store()
+        if store is None:
+            return self.reports.enqueue(job)
+        return asyncio.ensure_future(self._report_on_loop(store, job))
+
+    def _loop_store(self) -> LoopStore | None:
+        if not self.loop_connections:
+            return None
+        store = self.loop_store
+        if store is None:
+            db = getattr(self.state_app.state, "db", None)
+            if db is None:
+                return None
+            store = self.loop_store = LoopStore(db.engine, self.loop_connections)
+        return store if store.usable() else None
+
+    async def _poll_on_loop(self, store: LoopStore, job: tuple[Credentials, str, str | None]
+                            ) -> Any:
+        try:
+            found = await unchanged_config_on_loop(store, *job)
+        except Unavailable:
+            found = None
+        if found is None:
+            return await self.polls.enqueue(job)
+        self.answered_on_loop += 1
+        return found
+
+    async def _report_on_loop(self, store: LoopStore, job: tuple[Credentials, str, ReportBody]
+                              ) -> Any:
+        try:
+            found = await report_on_loop(store, *job, self.state_app.state.settings.reports_kept)
+        except Unavailable:
+            found = None
+        if found is None:
+            return await self.reports.enqueue(job)
+        self.answered_on_loop += 1
+        return found
 
     def poll_at_once(self, job: tuple[Credentials, str, str | None]
                      ) -> asyncio.Future[Any] | None:
@@ -277,9 +344,12 @@ class HotPaths:
         future.set_result(found)
         return future
 
-    def stop(self) -> None:
-        """After the last request: the store threads end once their work is done."""
+    async def stop(self) -> None:
+        """After the last request: the store threads end once their work is done, the event
+        loop's connections are closed."""
         self.threads.stop()
+        if self.loop_store is not None:
+            await self.loop_store.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = hot_route(scope["path"]) if scope["type"] == "http" else None
@@ -317,7 +387,7 @@ class HotPaths:
         scope["app"] = self.state_app
         try:
             job = (credentials, machine_id, if_none_match)
-            principal, rendered = await (self.poll_at_once(job) or self.polls.enqueue(job))
+            principal, rendered = await self.poll(job)
         except Exception as exc:
             return await self._error(exc, scope, receive, send)
         scope.setdefault("state", {})["principal"] = principal
@@ -368,8 +438,7 @@ class HotPaths:
         status = 500
         try:
             try:
-                principal, answer = await self.reports.submit(
-                    (credentials, machine_id, report))
+                principal, answer = await self.report((credentials, machine_id, report))
             except Exception as exc:
                 status = await self._error(exc, scope, receive, send)
                 return

@@ -261,12 +261,18 @@ def served_by(found: Membership | None, active: int | None) -> int | None:
     return int(found.revision)
 
 
+def settles_turn(found: Membership | None, revision: int) -> bool:
+    """Whether a report of `revision` by a machine with this `membership` may settle its turn
+    in the open rollout (its wave waits for it): only then does a report touch the rollout."""
+    return (found is not None and found.status in OPEN and int(found.revision) == revision
+            and found.progress == logic.Progress.UPDATING.value)
+
+
 def on_report(connection: Session | Connection, machine_id: str, found: Membership | None,
               revision: int, converged: bool, error: str) -> None:
     """A report, with the machine's `membership`: if it settles this machine's turn in the
     open rollout, re-decide the rollout (under its row lock). Other reports cost no query."""
-    if (found is None or found.status not in OPEN or int(found.revision) != revision
-            or found.progress != logic.Progress.UPDATING.value):
+    if not settles_turn(found, revision):
         return
     session = connection if isinstance(connection, Session) else Session(bind=connection)
     row = current_row(session, lock=True)

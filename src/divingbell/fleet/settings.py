@@ -17,6 +17,9 @@ class FleetSettings:
     """A grant not ended by a result within this time expires (the machine died mid-install)."""
     reports_kept: int = 20
     """Reports kept per machine; older ones are deleted as new ones arrive."""
+    loop_connections: int = 4
+    """PostgreSQL: connections each process's event loop keeps for machines' own polls and
+    reports (fleet/pgloop.py), besides its pool; 0: they all go to the store threads."""
     migrate_at_start: bool = True
     # Bootstrap (fleet/api/bootstrap.py): where join scripts come from, and the cluster's API.
     bootstrap_design: tuple[str, ...] = ()

@@ -18,6 +18,7 @@ import hmac
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, NamedTuple, cast
 
 import yaml
@@ -27,11 +28,14 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    func,
     insert,
     select,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.expression import Executable, Insert
 
 from divingbell.core.document.api import effective_document, node_config
 from divingbell.fleet import rollouts, states
@@ -108,7 +112,7 @@ _MEMBERS = cast(Table, RolloutMember.__table__)
 _ROLLOUTS = cast(Table, RolloutRow.__table__)
 # The machine asking about itself: its credential hash, the active revision, its view and its
 # place in the latest rollout (NULLs when it has none), in one statement.
-_SELF_VIEW = select(
+SELF_VIEW = select(
     _MACHINES.c.credential_hash, _ACTIVE, *_VIEW_COLUMNS,
     _ROLLOUTS.c.status, _ROLLOUTS.c.revision, _ROLLOUTS.c.rollback, _MEMBERS.c.progress,
     _MEMBERS.c.previous_revision,  # rollouts.Place, in its order
@@ -118,12 +122,14 @@ _SELF_VIEW = select(
     .outerjoin(_ROLLOUTS, _ROLLOUTS.c.id == _MEMBERS.c.rollout_id)
 ).where(_MACHINES.c.id == bindparam("id"))
 _PLACE_AT = 2 + len(_VIEW_COLUMNS)
-_SELF_VIEW_RUN = Prepared(_SELF_VIEW)
-_INSERT_REPORT = Prepared(insert(_REPORTS).values({name: bindparam(name) for name in (
-    "machine_id", "revision", "etag", "state", "modules", "drift", "duration_seconds",
-    "boot_id", "received_at")}))
-_INSERT_HISTORY = Prepared(insert(_HISTORY).values({name: bindparam(name) for name in (
-    "machine_id", "from_state", "to_state", "reason", "at")}))
+_SELF_VIEW_RUN = Prepared(SELF_VIEW)
+_REPORT_ROW = ("machine_id", "revision", "etag", "state", "modules", "drift",
+               "duration_seconds", "boot_id", "received_at")
+_HISTORY_ROW = ("machine_id", "from_state", "to_state", "reason", "at")
+_INSERT_REPORT = Prepared(insert(_REPORTS).values({name: bindparam(name)
+                                                   for name in _REPORT_ROW}))
+_INSERT_HISTORY = Prepared(insert(_HISTORY).values({name: bindparam(name)
+                                                    for name in _HISTORY_ROW}))
 _REPORT_COLUMNS = ("last_report_at", "last_report_revision", "last_report_etag",
                    "last_report_state")
 _UPDATE_AFTER_REPORT = {
@@ -167,7 +173,7 @@ def authorized_view(connection: Connection, credentials: Credentials, machine_id
     in the latest rollout: one query when the machine asks about itself (every poll and
     report). `readers`: reader tokens may read."""
     if credentials.prefix == MACHINE_PREFIX and credentials.ident == machine_id:
-        return _own_view(credentials, _SELF_VIEW_RUN.first(connection, {"id": machine_id}))
+        return own_view(credentials, _SELF_VIEW_RUN.first(connection, {"id": machine_id}))
     principal = verify(connection, credentials)
     if readers:
         check_machine_or_reader(principal, machine_id)
@@ -185,10 +191,12 @@ def own_views(connection: Connection, credentials: Sequence[Credentials]) -> lis
         raise ValueError("own_views is for machines' own credentials")
     sent = [_SELF_VIEW_RUN.send(connection, {"id": c.ident}) for c in credentials]
     rows = [query.first() for query in sent]  # every answer read before any check may raise
-    return [_own_view(c, row) for c, row in zip(credentials, rows, strict=True)]
+    return [own_view(c, row) for c, row in zip(credentials, rows, strict=True)]
 
 
-def _own_view(credentials: Credentials, row: tuple[Any, ...] | None) -> Authorized:
+def own_view(credentials: Credentials, row: tuple[Any, ...] | None) -> Authorized:
+    """A machine's own credential checked against its row of `SELF_VIEW` (401 when it does not
+    match, or there is no such machine), and what the row says."""
     if row is None or not hmac.compare_digest(row[0], hash_secret(credentials.secret)):
         raise unauthorized("invalid token")
     active = int(row[1]) if row[1] else None
@@ -289,6 +297,11 @@ def note_config_served(session: Session, machine: Machine, rendered: Rendered) -
 _known_revisions: set[tuple[str, int]] = set()
 
 
+def revision_known(url: str, number: int) -> bool:
+    """Whether revision `number` was already seen in the store at `url` (no query)."""
+    return (url, number) in _known_revisions
+
+
 def revision_exists(connection: Connection, number: int) -> bool:
     """Revisions are never deleted, so a number once seen in a store is remembered (an
     immutable fact, safe to keep in one process)."""
@@ -302,6 +315,47 @@ def revision_exists(connection: Connection, number: int) -> bool:
     return found
 
 
+class ReportEffect(NamedTuple):
+    """What storing a report changes, decided from the machine's view before any write."""
+
+    after: View
+    """The machine's view once the report is stored."""
+    machine: dict[str, Any]
+    """The machine's new column values, by name."""
+    state_change: dict[str, Any] | None
+    """Its history row, when the report moves its state."""
+    report: dict[str, Any]
+    """The report's row."""
+
+
+def report_effect(machine: View, active: int | None, place: rollouts.Membership | None,
+                  body: ReportBody, now: datetime) -> ReportEffect:
+    """A report's effect on its machine: its freshness, and its state (ready when it converged
+    what it is served, degraded when it failed, else updating), along the allowed transitions."""
+    after = replace(machine, last_report_revision=body.revision, last_report_etag=body.etag,
+                    last_report_state=body.state)
+    values: dict[str, Any] = {
+        "last_report_at": now, "last_report_revision": body.revision,
+        "last_report_etag": body.etag, "last_report_state": body.state}
+    # Ready means it converged what it is served: during a rollout, that may be the previous
+    # revision (outdated, but healthy and available).
+    served = rollouts.served_by(place, active)
+    wanted = states.DEGRADED if body.state in ("failed", "reverted") else (
+        states.READY if up_to_date(after, served) else states.UPDATING)
+    change = None
+    if wanted != machine.state and wanted in states.TRANSITIONS.get(machine.state, frozenset()):
+        values.update(state=wanted, state_changed_at=now)
+        change = {"machine_id": machine.id, "from_state": machine.state, "to_state": wanted,
+                  "reason": f"report: revision {body.revision} {body.state}", "at": now}
+        after = replace(after, state=wanted)
+    report = {"machine_id": machine.id, "revision": body.revision, "etag": body.etag,
+              "state": body.state,
+              "modules": {k: v.model_dump() for k, v in body.modules.items()},
+              "drift": body.drift, "duration_seconds": body.duration_seconds,
+              "boot_id": body.boot_id, "received_at": now}
+    return ReportEffect(after, values, change, report)
+
+
 def add_report(connection: Connection, machine: View, active: int | None,
                place: rollouts.Membership | None, body: ReportBody, keep: int, *,
                step_rollout: bool = True) -> View:
@@ -310,49 +364,78 @@ def add_report(connection: Connection, machine: View, active: int | None,
     run in PostgreSQL's pipeline mode). `step_rollout`: then let the report settle the
     machine's turn in the open rollout (`step_rollout`, which reads through the ORM: after
     the pipeline when there is one)."""
-    machine_id = machine.id
     if not revision_exists(connection, body.revision):
         raise ApiError(422, {"error": "unknown-revision", "field": "revision",
                              "message": f"revision {body.revision} does not exist"})
-    now = utcnow()
-    _INSERT_REPORT.execute(connection, {
-        "machine_id": machine_id, "revision": body.revision, "etag": body.etag,
-        "state": body.state, "modules": {k: v.model_dump() for k, v in body.modules.items()},
-        "drift": body.drift, "duration_seconds": body.duration_seconds,
-        "boot_id": body.boot_id, "received_at": now})
-    after = replace(machine, last_report_revision=body.revision, last_report_etag=body.etag,
-                    last_report_state=body.state)
-    values: dict[str, Any] = {
-        "mid": machine_id, "v_last_report_at": now, "v_last_report_revision": body.revision,
-        "v_last_report_etag": body.etag, "v_last_report_state": body.state}
-    # Ready means it converged what it is served: during a rollout, that may be the previous
-    # revision (outdated, but healthy and available).
-    served = rollouts.served_by(place, active)
-    wanted = states.DEGRADED if body.state in ("failed", "reverted") else (
-        states.READY if up_to_date(after, served) else states.UPDATING)
-    changes_state = (wanted != machine.state
-                     and wanted in states.TRANSITIONS.get(machine.state, frozenset()))
-    if changes_state:
-        values.update(v_state=wanted, v_state_changed_at=now)
-        _INSERT_HISTORY.execute(connection, {
-            "machine_id": machine_id, "from_state": machine.state, "to_state": wanted,
-            "reason": f"report: revision {body.revision} {body.state}", "at": now})
-        after = replace(after, state=wanted)
-    _UPDATE_AFTER_REPORT[changes_state].execute(connection, values)
+    effect = report_effect(machine, active, place, body, utcnow())
+    _INSERT_REPORT.execute(connection, effect.report)
+    if effect.state_change is not None:
+        _INSERT_HISTORY.execute(connection, effect.state_change)
+    _UPDATE_AFTER_REPORT[effect.state_change is not None].execute(
+        connection, {"mid": machine.id, **{f"v_{k}": v for k, v in effect.machine.items()}})
     # Keep the newest `keep`: delete everything at or below the (keep+1)-th newest id.
-    _trim_statement(keep).execute(connection, {"mid": machine_id})
+    _trim_statement(keep).execute(connection, {"mid": machine.id})
     if step_rollout:
-        step_rollout_after(connection, machine_id, place, body)
-    return after
+        step_rollout_after(connection, machine.id, place, body)
+    return effect.after
+
+
+def settles_turn(place: rollouts.Membership | None, body: ReportBody) -> bool:
+    """Whether this report may settle its machine's turn in the open rollout
+    (`step_rollout_after` then re-decides the rollout)."""
+    # A machine waiting for its reboot is still updating.
+    return body.state != "rebooting" and rollouts.settles_turn(place, body.revision)
 
 
 def step_rollout_after(connection: Connection, machine_id: str,
                        place: rollouts.Membership | None, body: ReportBody) -> None:
     """A stored report's effect on the open rollout (none unless it settles the machine's
     turn: then the rollout is re-decided under its row lock)."""
-    if body.state == "rebooting":  # a machine waiting for its reboot is still updating
+    if not settles_turn(place, body):
         return
     failures = [f"{name}: {failure}" for name, module in sorted(body.modules.items())
                 for failure in module.failures]
     rollouts.on_report(connection, machine_id, place, body.revision,
                        body.state == "converged", "; ".join(failures) or f"report: {body.state}")
+
+
+_at_once: dict[tuple[int, bool], Executable] = {}
+
+
+def report_at_once(keep: int, changes_state: bool) -> Executable:
+    """PostgreSQL: a report's writes (`report_effect`, then the trim to the newest `keep`) as
+    one statement, one round trip in autocommit, on condition that the machine is still as it
+    was read: the same credential and state. It answers the number of machines it changed:
+    1 when all was written, 0 when the machine changed meanwhile (then nothing was written).
+    Parameters: `mid`, `credential_hash`, `from_state`, `v_<machine column>`, `r_<report
+    column>` and, when `changes_state`, `h_<history column>`."""
+    found = _at_once.get((keep, changes_state))
+    if found is not None:
+        return found
+    changed = (update(_MACHINES).where(_MACHINES.c.id == bindparam("mid"),
+                                       _MACHINES.c.credential_hash == bindparam("credential_hash"),
+                                       _MACHINES.c.state == bindparam("from_state"))
+               .values({name: bindparam(f"v_{name}") for name in (
+                   *_REPORT_COLUMNS, *(("state", "state_changed_at") if changes_state else ()))})
+               .returning(_MACHINES.c.id).cte("changed"))
+
+    def rows_of(table: Table, prefix: str, names: Sequence[str]) -> Insert:
+        # Typed: parameters in a SELECT list get no type from the columns they go into.
+        values = select(changed.c.id, *(
+            sql_cast(bindparam(f"{prefix}{name}", type_=table.c[name].type), table.c[name].type)
+            for name in names[1:]))
+        return insert(table).from_select(list(names), values)
+
+    stored = rows_of(_REPORTS, "r_", _REPORT_ROW).cte("stored")
+    # One snapshot for the whole statement: the trim does not see the report just stored, so
+    # it keeps the newest keep - 1 of those before it.
+    cutoff = (select(_REPORTS.c.id).where(_REPORTS.c.machine_id == bindparam("mid"))
+              .order_by(_REPORTS.c.id.desc()).offset(keep - 1).limit(1).scalar_subquery())
+    trimmed = delete(_REPORTS).where(_REPORTS.c.machine_id.in_(select(changed.c.id)),
+                                     _REPORTS.c.id <= cutoff).cte("trimmed")
+    ctes = [stored, trimmed]
+    if changes_state:
+        ctes.append(rows_of(_HISTORY, "h_", _HISTORY_ROW).cte("history"))
+    statement = select(func.count()).select_from(changed).add_cte(*ctes)
+    _at_once[(keep, changes_state)] = statement
+    return statement

@@ -42,7 +42,8 @@ from divingbell.fleet.auth import (
 )
 from divingbell.fleet.db import Database
 from divingbell.fleet.errors import ApiError
-from divingbell.fleet.models import iso
+from divingbell.fleet.models import iso, utcnow
+from divingbell.fleet.pgloop import LoopStatement, LoopStore
 
 router = APIRouter(prefix="/v1", tags=["machines"])
 log = logging.getLogger("divingbell.fleet")
@@ -224,6 +225,70 @@ def unchanged_config(db: Database, credentials: Credentials, machine_id: str,
     return None if rendered is None else (principal, rendered)
 
 
+_SELF_VIEW_ON_LOOP = LoopStatement(views.SELF_VIEW)
+_at_once_on_loop: dict[tuple[int, bool], LoopStatement] = {}
+
+
+def _own(credentials: Credentials, machine_id: str) -> bool:
+    return credentials.prefix == MACHINE_PREFIX and credentials.ident == machine_id
+
+
+async def unchanged_config_on_loop(store: LoopStore, credentials: Credentials, machine_id: str,
+                                   if_none_match: str | None
+                                   ) -> tuple[Principal, views.Rendered] | None:
+    """`unchanged_config` on PostgreSQL, from the event loop (fleet/pgloop.py): the machine's
+    own poll, one query. None when it must go the whole way (`serve_config`); `Unavailable`
+    when the loop's way cannot ask now."""
+    if not _own(credentials, machine_id) or if_none_match is None:
+        return None
+    principal, machine, active, place = views.own_view(
+        credentials, await store.first(_SELF_VIEW_ON_LOOP, {"id": machine_id}))
+    rendered = views.unchanged_config(machine, if_none_match, active, place)
+    return None if rendered is None else (principal, rendered)
+
+
+async def report_on_loop(store: LoopStore, credentials: Credentials, machine_id: str,
+                         body: ReportBody, keep: int) -> tuple[Principal, dict[str, Any]] | None:
+    """`store_report` on PostgreSQL, from the event loop (fleet/pgloop.py): the machine's own
+    report in two round trips without a transaction. Its view is read (the credential
+    checked), then every write goes in one statement on condition that the machine still has
+    that credential and state (`views.report_at_once`), so a change in between (a revocation,
+    an operator's transition, another report) is never overwritten. None when it must go the
+    whole way in a transaction (`store_report`): a revision this process has not seen, a
+    report that may settle a rollout turn, a machine changed in between; `Unavailable` when
+    the loop's way cannot ask now."""
+    if not _own(credentials, machine_id):
+        return None
+    row = await store.first(_SELF_VIEW_ON_LOOP, {"id": machine_id})
+    principal, machine, active, place = views.own_view(credentials, row)
+    assert row is not None  # else own_view raised
+    if (not views.revision_known(store.url, body.revision)
+            or views.settles_turn(place, body)):
+        return None
+    effect = views.report_effect(machine, active, place, body, utcnow())
+    changes_state = effect.state_change is not None
+    statement = _at_once_on_loop.get((keep, changes_state))
+    if statement is None:
+        statement = _at_once_on_loop[(keep, changes_state)] = LoopStatement(
+            views.report_at_once(keep, changes_state))
+    params = {"mid": machine_id, "credential_hash": row[0],  # the caller's, own_view checked
+              "from_state": machine.state,
+              **{f"v_{name}": value for name, value in effect.machine.items()},
+              **{f"r_{name}": value for name, value in effect.report.items()}}
+    if effect.state_change is not None:
+        params.update({f"h_{name}": value for name, value in effect.state_change.items()})
+    changed = await store.first(statement, params)
+    if changed is None or changed[0] != 1:
+        return None
+    return principal, report_answer(effect.after, active)
+
+
+def report_answer(machine: views.View, active: int | None) -> dict[str, Any]:
+    """A stored report's answer: the machine's state after it, and whether it is up to date."""
+    return {"state": machine.state, "up_to_date": views.up_to_date(machine, active),
+            "revision": active}
+
+
 def config_response(rendered: views.Rendered) -> Response:
     headers = {"ETag": rendered.etag, "X-Divingbell-Revision": str(rendered.revision)}
     if rendered.text is None:
@@ -264,9 +329,7 @@ def _settled(connection: Connection, stored: _Stored) -> tuple[Principal, dict[s
     answer."""
     machine, active = stored.machine, stored.active
     views.step_rollout_after(connection, machine.id, stored.place, stored.body)
-    return stored.principal, {"state": machine.state,
-                              "up_to_date": views.up_to_date(machine, active),
-                              "revision": active}
+    return stored.principal, report_answer(machine, active)
 
 
 def _reports_in(connection: Connection, reports: Sequence[Report], keep: int
