@@ -29,7 +29,7 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -79,8 +79,11 @@ class _Connection:
     """One libpq connection the loop drives: one statement in flight at a time."""
 
     def __init__(self, connection: psycopg.AsyncConnection[Any],
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop,
+                 on_close: Callable[[_Connection], None] = lambda _: None) -> None:
+        """`on_close` is told when it closes (the server went away, or a failure)."""
         self.connection = connection
+        self.on_close = on_close
         self.pgconn = connection.pgconn
         self.loop = loop
         self.socket = self.pgconn.socket
@@ -107,9 +110,12 @@ class _Connection:
             raise Unavailable(str(type(exc).__name__)) from None
         result = self._check(await self._round_trip(
             lambda: self.pgconn.send_query_prepared(statement.name, dumped)))
-        self.transformer.set_pgresult(result)
-        return [statement.compiled.row(row)
-                for row in self.transformer.load_rows(0, result.ntuples, tuple)]
+        try:
+            self.transformer.set_pgresult(result)
+            rows = self.transformer.load_rows(0, result.ntuples, tuple)
+        except psycopg.Error as exc:  # a value psycopg cannot read
+            raise Unavailable(f"reading the answer failed: {type(exc).__name__}") from None
+        return [statement.compiled.row(row) for row in rows]
 
     def _round_trip(self, send: Any) -> asyncio.Future[pq.abc.PGresult]:
         future: asyncio.Future[pq.abc.PGresult] = self.loop.create_future()
@@ -169,6 +175,7 @@ class _Connection:
         self.loop.remove_reader(self.socket)
         self.loop.remove_writer(self.socket)
         self.pgconn.finish()
+        self.on_close(self)
 
 
 class LoopStore:
@@ -196,6 +203,11 @@ class LoopStore:
         connection = await self._take()
         try:
             rows = await connection.rows(statement, params)
+        except Unavailable:
+            raise
+        except BaseException:  # cancelled, or a bug: its statement may still be in flight
+            connection.close()
+            raise
         finally:
             self._give_back(connection)
         return rows[0] if rows else None
@@ -214,9 +226,11 @@ class LoopStore:
         """A connection (for the loop `usable` said yes to)."""
         if self.closed:
             raise Unavailable("closed")
-        if self.idle:
-            self.busy += 1
-            return self.idle.pop()
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.broken:  # closed by the server while idle
+                self.busy += 1
+                return connection
         if self.opening is None and self.busy + len(self.idle) < self.size:
             self.opening = asyncio.ensure_future(self._open())
         if not self.busy or len(self.waiting) >= MAX_WAITING:
@@ -247,6 +261,11 @@ class LoopStore:
                 return
         self.idle.append(connection)
 
+    def _forget(self, connection: _Connection) -> None:
+        """A connection closed while idle (the server ended it) is no longer offered."""
+        if connection in self.idle:
+            self.idle.remove(connection)
+
     def _fail_waiting(self, why: str) -> None:
         waiting, self.waiting = self.waiting, collections.deque()
         for waiter in waiting:
@@ -273,7 +292,7 @@ class LoopStore:
         if self.closed:
             await connection.close()
             return
-        self._hand_over(_Connection(connection, self.loop))
+        self._hand_over(_Connection(connection, self.loop, self._forget))
 
     async def close(self) -> None:
         """Close the idle connections (after the last request; busy ones close when given
