@@ -13,13 +13,14 @@ import pytest
 
 from divingbell.fleet import hotpath
 from tests.fleet.front_helpers import count_hot_answers
-from tests.fleet.servers import ThreadServer
+from tests.fleet.servers import ProcessServer, ThreadServer
 from tests.fleet.test_api import DOC, register
 
 Answer = tuple[int, dict[str, str], Any]
 
 
-def send(fleet: ThreadServer, method: str, path: str, token: str, body: bytes | None = None,
+def send(fleet: ThreadServer | ProcessServer, method: str, path: str, token: str,
+         body: bytes | None = None,
          headers: dict[str, str] | None = None) -> Answer:
     connection = http.client.HTTPConnection(fleet.host, fleet.port, timeout=30)
     try:

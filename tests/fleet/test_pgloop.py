@@ -18,7 +18,7 @@ from divingbell.fleet import pgloop, views
 from divingbell.fleet.db import normalise_url
 from divingbell.fleet.settings import FleetSettings
 from tests.fleet.front_helpers import count_hot_answers
-from tests.fleet.servers import PostgresCluster, ThreadServer, thread_server
+from tests.fleet.servers import PostgresCluster, ProcessServer, ThreadServer, thread_server
 from tests.fleet.test_group_commit import machines, report_of, the_app
 from tests.fleet.test_hotpath import send
 
@@ -37,12 +37,12 @@ def on_loop(fleet: ThreadServer) -> int:
     return hot_paths.answered_on_loop
 
 
-def poll(fleet: ThreadServer, machine: str, token: str, etag: str) -> int:
+def poll(fleet: ThreadServer | ProcessServer, machine: str, token: str, etag: str) -> int:
     return send(fleet, "GET", f"/v1/machines/{machine}/config", token,
                 headers={"If-None-Match": etag})[0]
 
 
-def report(fleet: ThreadServer, machine: str, token: str, body: bytes) -> tuple[int, Any]:
+def report(fleet: ThreadServer | ProcessServer, machine: str, token: str, body: bytes) -> tuple[int, Any]:
     status, _, content = send(fleet, "POST", f"/v1/machines/{machine}/reports", token, body)
     return status, content
 
@@ -280,3 +280,30 @@ def test_the_hot_paths_use_the_loop_only_on_postgresql(tmp_path: Any) -> None:
         (machine, token, etag), = machines(fleet, 1)
         assert report(fleet, machine, token, report_of(etag))[0] == 201
         assert hot_paths.loop_store is None and hot_paths.answered_on_loop == 0
+
+
+def test_serve_keeps_at_most_loop_connections_per_process(postgres: PostgresCluster,
+                                                          tmp_path: Any) -> None:
+    """`divingbell serve --loop-connections 1`: under concurrent polls and reports, one
+    connection of the loop's, never more (the rest wait for it, or take the lanes)."""
+    url = postgres.create_database()
+    with thread_server(FleetSettings(db_url=url, control_plane_size=1)) as setup:
+        fleet_machines = machines(setup, 6)
+    server = ProcessServer(url, args=("--loop-connections", "1")).start(tmp_path / "serve.log")
+    try:
+        def both(job: tuple[str, str, str]) -> tuple[int, int]:
+            machine, token, etag = job
+            return (poll(server, machine, token, etag),
+                    report(server, machine, token, report_of(etag))[0])
+
+        with ThreadPoolExecutor(12) as pool:
+            for _ in range(3):
+                assert set(pool.map(both, fleet_machines * 4)) == {(304, 201)}
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"),
+                             autocommit=True) as connection:
+            (count,), = connection.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                (pgloop.APPLICATION_NAME,)).fetchall()
+        assert count == 1
+    finally:
+        server.stop()
