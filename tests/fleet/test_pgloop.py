@@ -5,6 +5,7 @@ way (the lanes), which then answers as it always did. Against a real PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,8 @@ def test_polls_and_reports_are_answered_on_the_loop_as_the_lanes_would(
     assert report(pg_fleet, machine, token, report_of(etag)) == (
         201, {"state": "ready", "up_to_date": True, "revision": 1})
     assert on_loop(pg_fleet) - before == 3
+    metrics = pg_fleet.admin.request("GET", "/metrics").body.decode()
+    assert f'divingbell_fleet_hot_answers_total{{way="loop"}} {on_loop(pg_fleet)}.0' in metrics
     detail = pg_fleet.admin.machine(machine)
     assert detail["state"] == "ready"
     assert [(h["from"], h["to"], h["reason"]) for h in detail["history"][-2:]] == [
@@ -150,7 +153,10 @@ def test_a_machine_changed_between_the_read_and_the_write_is_never_overwritten(
     assert len(pg_fleet.admin.call("GET", f"/v1/machines/{machine}/reports")) == count_before
 
 
-def test_a_lost_connection_costs_no_request_and_is_replaced(pg_fleet: ThreadServer) -> None:
+def test_a_lost_connection_costs_no_request_and_is_replaced(
+        pg_fleet: ThreadServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="divingbell.fleet")
+    pgloop._warned.clear()
     (machine, token, etag), = machines(pg_fleet, 1)
     warm(pg_fleet, machine, token, etag)
     pids = loop_pids(pg_fleet)
@@ -168,6 +174,8 @@ def test_a_lost_connection_costs_no_request_and_is_replaced(pg_fleet: ThreadServ
             break
     assert on_loop(pg_fleet) > before
     assert set(loop_pids(pg_fleet)).isdisjoint(pids)
+    lost = [r.getMessage() for r in caplog.records if "connection was lost" in r.getMessage()]
+    assert len(lost) == 1  # once a minute at most, however many were lost
 
 
 def test_many_machines_at_once_are_all_answered(pg_fleet: ThreadServer) -> None:
@@ -198,6 +206,10 @@ def test_switched_off_everything_takes_the_lanes(postgres: PostgresCluster) -> N
             assert poll(fleet, machine, token, etag) == 304
         assert on_loop(fleet) == 0
         assert loop_pids(fleet) == []
+        metrics = fleet.admin.request("GET", "/metrics").body.decode()
+        assert 'divingbell_fleet_hot_answers_total{way="loop"} 0.0' in metrics
+        # Its first fetch (machines()), then three reports and three polls.
+        assert 'divingbell_fleet_hot_answers_total{way="lanes"} 7.0' in metrics
 
 
 # The store itself, on a loop of this test's own ------------------------------------------------

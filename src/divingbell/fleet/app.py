@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
@@ -87,6 +87,25 @@ class FleetMetrics:
                 "method": scope["method"], "route": route, "path": scope["path"],
                 "status": status, "ms": round(elapsed * 1000, 2),
                 "client": client[0] if client else None, "caller": principal}))
+
+
+class _HotPathCollector(Collector):
+    """Where a machine's own polls and reports were answered, counted at scrape time from the
+    hot paths' own counters (nothing per request)."""
+
+    def __init__(self, hot_paths: HotPaths) -> None:
+        self.hot_paths = hot_paths
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily(
+            "divingbell_fleet_hot_answers",
+            "A machine's own polls and reports by where they were answered: on the event loop "
+            "(SQLite's 304s; PostgreSQL's 304s and reports on the loop's own connections) or "
+            "by the store threads' lanes (everything the loop could not decide)",
+            labels=["way"])
+        family.add_metric(["loop"], self.hot_paths.answered_on_loop)
+        family.add_metric(["lanes"], self.hot_paths.sent_to_lanes)
+        yield family
 
 
 class _StoreCollector(Collector):
@@ -401,6 +420,7 @@ def create_app(settings: FleetSettings) -> FleetApp:
                              too_deep=json_too_deep, record=metrics.record,
                              sqlite=is_sqlite(settings.db_url),
                              loop_connections=settings.loop_connections)
+    metrics.registry.register(_HotPathCollector(app.hot_paths))
     return app
 
 

@@ -269,7 +269,10 @@ class HotPaths:
         self.loop_connections = 0 if sqlite else loop_connections
         self.loop_store: LoopStore | None = None
         self.answered_on_loop = 0
-        """Requests the event loop answered itself (PostgreSQL: the 304s, and reports)."""
+        """Requests the event loop answered itself (SQLite's 304s; PostgreSQL's 304s and
+        reports, fleet/pgloop.py)."""
+        self.sent_to_lanes = 0
+        """Requests handed to the store threads' lanes."""
 
     def poll(self, job: tuple[Credentials, str, str | None]) -> asyncio.Future[Any]:
         """A machine's own poll's answer to come: on the event loop when it can (SQLite's
@@ -277,9 +280,11 @@ class HotPaths:
         if self.sqlite:
             answered = self.poll_at_once(job)
             if answered is not None:
+                self.answered_on_loop += 1
                 return answered
         store = self._loop_store()
         if store is None:
+            self.sent_to_lanes += 1
             return self.polls.enqueue(job)
         return asyncio.ensure_future(self._poll_on_loop(store, job))
 
@@ -288,6 +293,7 @@ class HotPaths:
         can (`pgloop`), else from its lane."""
         store = self._loop_store()
         if store is None:
+            self.sent_to_lanes += 1
             return self.reports.enqueue(job)
         return asyncio.ensure_future(self._report_on_loop(store, job))
 
@@ -309,6 +315,7 @@ class HotPaths:
         except Unavailable:
             found = None
         if found is None:
+            self.sent_to_lanes += 1
             return await self.polls.enqueue(job)
         self.answered_on_loop += 1
         return found
@@ -320,6 +327,7 @@ class HotPaths:
         except Unavailable:
             found = None
         if found is None:
+            self.sent_to_lanes += 1
             return await self.reports.enqueue(job)
         self.answered_on_loop += 1
         return found

@@ -60,6 +60,21 @@ class Unavailable(Exception):
     """The loop's way cannot answer this request: take the store threads' way."""
 
 
+WARN_EVERY_SECONDS = 60.0
+_warned: dict[str, float] = {}
+
+
+def problem(what: str) -> Unavailable:
+    """`Unavailable` for something that should not happen (a lost connection, a failed
+    statement), logged as a warning at most once a minute for each kind: at thousands of
+    requests a second, once per request would drown the log."""
+    now = time.monotonic()
+    if now - _warned.get(what, -WARN_EVERY_SECONDS) >= WARN_EVERY_SECONDS:
+        _warned[what] = now
+        log.warning("the event loop's store: %s; the store threads answer instead", what)
+    return Unavailable(what)
+
+
 class LoopStatement:
     """A Core statement compiled once for the loop's connections."""
 
@@ -105,16 +120,14 @@ class _Connection:
         try:
             dumped = self.transformer.dump_sequence(arguments, [PyFormat.TEXT] * len(arguments))
         except psycopg.Error as exc:  # a value psycopg cannot send: the store threads' way
-            log.warning("the event loop's store cannot send this statement's values (%s)",
-                        type(exc).__name__)
-            raise Unavailable(str(type(exc).__name__)) from None
+            raise problem(f"a value could not be sent ({type(exc).__name__})") from None
         result = self._check(await self._round_trip(
             lambda: self.pgconn.send_query_prepared(statement.name, dumped)))
         try:
             self.transformer.set_pgresult(result)
             rows = self.transformer.load_rows(0, result.ntuples, tuple)
         except psycopg.Error as exc:  # a value psycopg cannot read
-            raise Unavailable(f"reading the answer failed: {type(exc).__name__}") from None
+            raise problem(f"an answer could not be read ({type(exc).__name__})") from None
         return [statement.compiled.row(row) for row in rows]
 
     def _round_trip(self, send: Any) -> asyncio.Future[pq.abc.PGresult]:
@@ -125,7 +138,7 @@ class _Connection:
                 self.loop.add_writer(self.socket, self._writable)
         except psycopg.Error as exc:
             self.close()
-            raise Unavailable(f"sending failed: {type(exc).__name__}") from None
+            raise problem(f"sending failed ({type(exc).__name__})") from None
         self.waiting = future
         return future
 
@@ -133,7 +146,7 @@ class _Connection:
         if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
             # The SQLSTATE only: a message may quote the values in the statement.
             state = result.error_field(pq.DiagnosticField.SQLSTATE) or b"?"
-            raise Unavailable(f"the statement failed (SQLSTATE {state.decode()})")
+            raise problem(f"a statement failed (SQLSTATE {state.decode()})")
         return result
 
     def _writable(self) -> None:
@@ -164,8 +177,9 @@ class _Connection:
     def _fail(self, exc: Exception) -> None:
         waiting, self.waiting = self.waiting, None
         self.close()
+        lost = problem(f"a connection was lost ({type(exc).__name__})")
         if waiting is not None and not waiting.done():
-            waiting.set_exception(Unavailable(f"connection lost: {type(exc).__name__}"))
+            waiting.set_exception(lost)
 
     def close(self) -> None:
         """Stop watching the socket and close the connection (at once, without waiting)."""
