@@ -286,7 +286,8 @@ class HotPaths:
         if store is None:
             self.sent_to_lanes += 1
             return self.polls.enqueue(job)
-        return asyncio.ensure_future(self._poll_on_loop(store, job))
+        return asyncio.ensure_future(self._on_loop(unchanged_config_on_loop(store, *job),
+                                                   self.polls, job))
 
     def report(self, job: tuple[Credentials, str, ReportBody]) -> asyncio.Future[Any]:
         """A machine's own report's answer to come: from the event loop on PostgreSQL when it
@@ -295,7 +296,9 @@ class HotPaths:
         if store is None:
             self.sent_to_lanes += 1
             return self.reports.enqueue(job)
-        return asyncio.ensure_future(self._report_on_loop(store, job))
+        kept = self.state_app.state.settings.reports_kept
+        return asyncio.ensure_future(self._on_loop(report_on_loop(store, *job, kept),
+                                                   self.reports, job))
 
     def _loop_store(self) -> LoopStore | None:
         if not self.loop_connections:
@@ -308,27 +311,15 @@ class HotPaths:
             store = self.loop_store = LoopStore(db.engine, self.loop_connections)
         return store if store.usable() else None
 
-    async def _poll_on_loop(self, store: LoopStore, job: tuple[Credentials, str, str | None]
-                            ) -> Any:
+    async def _on_loop(self, asking: Awaitable[Any], lane: Lane[Any, Any], job: Any) -> Any:
+        """The loop's answer (`asking`), or the lane's when it has none."""
         try:
-            found = await unchanged_config_on_loop(store, *job)
+            found = await asking
         except Unavailable:
             found = None
         if found is None:
             self.sent_to_lanes += 1
-            return await self.polls.enqueue(job)
-        self.answered_on_loop += 1
-        return found
-
-    async def _report_on_loop(self, store: LoopStore, job: tuple[Credentials, str, ReportBody]
-                              ) -> Any:
-        try:
-            found = await report_on_loop(store, *job, self.state_app.state.settings.reports_kept)
-        except Unavailable:
-            found = None
-        if found is None:
-            self.sent_to_lanes += 1
-            return await self.reports.enqueue(job)
+            return await lane.enqueue(job)
         self.answered_on_loop += 1
         return found
 
