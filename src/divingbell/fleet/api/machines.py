@@ -257,7 +257,7 @@ async def report_on_loop(store: LoopStore, credentials: Credentials, machine_id:
     whole way in a transaction (`store_report`): a revision this process has not seen, a
     report that may settle a rollout turn, a machine changed in between; `Unavailable` when
     the loop's way cannot ask now."""
-    if not _own(credentials, machine_id):
+    if not _own(credentials, machine_id) or keep < 1:
         return None
     row = await store.first(_SELF_VIEW_ON_LOOP, {"id": machine_id})
     principal, machine, active, place = views.own_view(credentials, row)
