@@ -188,6 +188,30 @@ def test_label_change_reconverges_with_the_label_override(scratch_host: Host,
     assert live(scratch_host, "vm.swappiness") == "1"
 
 
+def test_labels_unreadable_after_a_converge_keep_the_node_ready(
+        scratch_host: Host, volume: ConfigMapVolume, kube: FakeKube,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A failed re-read (the API server busy) changes nothing on the host: the node stays
+    ready (a rolling update would replace an unready pod at once), keeps its labels, says so
+    once, and reads them again on the next pass."""
+    clock = Clock()
+    volume.publish(OVERRIDE)
+    agent = make_agent(scratch_host, volume, kube, clock)
+    agent.tick()
+    assert agent.ready
+    node = kube.node_objects.pop("n1")
+    for _ in range(3):
+        clock.now += 35
+        agent.tick()
+        assert agent.ready and agent.labels == {"role": "compute"}
+    assert sum("cannot re-read node labels" in r.getMessage() for r in caplog.records) == 1
+    kube.node_objects["n1"] = node
+    kube.set_labels("n1", {"role": "storage"})
+    clock.now += 1
+    agent.tick()
+    assert agent.labels == {"role": "storage"} and live(scratch_host, "vm.swappiness") == "1"
+
+
 def test_labels_unreadable_means_wait_not_guess(scratch_host: Host, volume: ConfigMapVolume
                                                 ) -> None:
     clock = Clock()

@@ -188,6 +188,7 @@ class Agent:
         self.monotonic = monotonic  # for how long things run (liveness)
         self.metrics = Metrics()
         self.ready = False
+        self._labels_problem: str | None = None
         self.state = WORKING
         self.reason = "starting"
         self.revision: str | None = None
@@ -346,8 +347,19 @@ class Agent:
         except (OSError, ValueError, KubeError) as exc:
             # Without the labels, overrides cannot be resolved: converging now could apply
             # another role's settings. Wait instead.
+            if self.ready and self.labels is not None:
+                # Converged with the labels it had, and a re-read failed (the API server busy
+                # or away): nothing changed on this host, so the node stays ready. Unready, a
+                # rolling update would take it for unavailable and replace its pod at once,
+                # past the one it halted at.
+                if self._labels_problem != str(exc):
+                    self._labels_problem = str(exc)
+                    log.warning("cannot re-read node labels (kept the last ones; still "
+                                "ready; retried on the next pass): %s", exc)
+                return None
             self._set(DEGRADED, f"cannot read node labels: {exc}", ready=False)
             return None
+        self._labels_problem = None
         return labels
 
     # Converge and drift ---------------------------------------------------------------------

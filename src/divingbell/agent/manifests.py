@@ -382,8 +382,11 @@ def _daemonset(meta: dict[str, Any], labels: dict[str, str], names: list[str], d
                secret_name: str, image: str, max_unavailable: int | str) -> dict[str, Any]:
     probe = {"httpGet": {"path": "/healthz", "port": PORT}, "periodSeconds": 20,
              "timeoutSeconds": 5, "failureThreshold": 3}
+    # Three misses before a ready pod counts as unavailable: a rolling update replaces an
+    # unavailable old pod at once, so one slow answer on a busy node must not let a failing
+    # document past the node it halted at.
     ready = {"httpGet": {"path": "/readyz", "port": PORT}, "periodSeconds": 5,
-             "timeoutSeconds": 3, "failureThreshold": 1}
+             "timeoutSeconds": 3, "failureThreshold": 3}
     container = {
         "name": "agent",
         "image": image,
