@@ -186,10 +186,10 @@ def test_a_lane_answers_every_waiting_request_when_its_batch_cannot_run() -> Non
         lane: hotpath.Lane[int, int] = hotpath.Lane(lambda jobs: [j * 2 for j in jobs],
                                                      threads, parallel=2)
         failing.set()
-        failed = await asyncio.gather(*(lane.submit(n) for n in range(5)),
+        failed = await asyncio.gather(*(lane.enqueue(n) for n in range(5)),
                                       return_exceptions=True)
         failing.clear()
-        worked = await asyncio.gather(*(lane.submit(n) for n in range(5)))
+        worked = await asyncio.gather(*(lane.enqueue(n) for n in range(5)))
         return failed, worked
 
     try:
@@ -214,8 +214,8 @@ def test_a_batch_that_raises_fails_its_requests_and_the_lane_goes_on() -> None:
 
     async def scenario() -> tuple[list[Any], list[int]]:
         lane: hotpath.Lane[int, int] = hotpath.Lane(run, threads)
-        failed = list(await asyncio.gather(lane.submit(-1), return_exceptions=True))
-        worked = await asyncio.gather(*(lane.submit(n) for n in range(3)))
+        failed = list(await asyncio.gather(lane.enqueue(-1), return_exceptions=True))
+        worked = await asyncio.gather(*(lane.enqueue(n) for n in range(3)))
         return failed, worked
 
     try:
@@ -253,7 +253,7 @@ def test_a_request_right_after_a_batch_is_taken() -> None:
     async def one_after_another() -> list[int]:
         lane: hotpath.Lane[int, int] = hotpath.Lane(lambda jobs: [j + 1 for j in jobs],
                                                      threads)
-        return [await lane.submit(n) for n in range(20)]
+        return [await lane.enqueue(n) for n in range(20)]
 
     async def bounded() -> list[int]:
         return await asyncio.wait_for(one_after_another(), timeout=5)

@@ -187,9 +187,6 @@ class Lane(Generic[J, R]):
         self.pending: list[tuple[J, asyncio.Future[R]]] = []
         self.running = 0
 
-    async def submit(self, job: J) -> R:
-        return await self.enqueue(job)
-
     def enqueue(self, job: J) -> asyncio.Future[R]:
         """The job's answer to come (called on the event loop's thread)."""
         loop = asyncio.get_running_loop()

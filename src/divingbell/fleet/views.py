@@ -399,19 +399,14 @@ def step_rollout_after(connection: Connection, machine_id: str,
                        body.state == "converged", "; ".join(failures) or f"report: {body.state}")
 
 
-_at_once: dict[tuple[int, bool], Executable] = {}
-
-
 def report_at_once(keep: int, changes_state: bool) -> Executable:
     """PostgreSQL: a report's writes (`report_effect`, then the trim to the newest `keep`) as
     one statement, one round trip in autocommit, on condition that the machine is still as it
     was read: the same credential and state. It answers the number of machines it changed:
     1 when all was written, 0 when the machine changed meanwhile (then nothing was written).
     Parameters: `mid`, `credential_hash`, `from_state`, `v_<machine column>`, `r_<report
-    column>` and, when `changes_state`, `h_<history column>`."""
-    found = _at_once.get((keep, changes_state))
-    if found is not None:
-        return found
+    column>` and, when `changes_state`, `h_<history column>`. (Built once per kind by its
+    caller, `api/machines.report_on_loop`.)"""
     changed = (update(_MACHINES).where(_MACHINES.c.id == bindparam("mid"),
                                        _MACHINES.c.credential_hash == bindparam("credential_hash"),
                                        _MACHINES.c.state == bindparam("from_state"))
@@ -436,6 +431,4 @@ def report_at_once(keep: int, changes_state: bool) -> Executable:
     ctes = [stored, trimmed]
     if changes_state:
         ctes.append(rows_of(_HISTORY, "h_", _HISTORY_ROW).cte("history"))
-    statement = select(func.count()).select_from(changed).add_cte(*ctes)
-    _at_once[(keep, changes_state)] = statement
-    return statement
+    return select(func.count()).select_from(changed).add_cte(*ctes)
