@@ -16,6 +16,7 @@ from divingbell.fleet.db import Database
 from divingbell.fleet.models import Report, utcnow
 from tests.fleet.servers import ThreadServer
 from tests.fleet.test_api import DOC, register
+from tests.fleet.test_group_commit import the_app
 
 
 def test_a_prepared_statement_reads_and_writes_what_sqlalchemy_does(fleet: ThreadServer
@@ -76,8 +77,12 @@ def hot_poll(fleet: ThreadServer, machine: str, token: str, etag: str
 
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
-def test_a_lost_postgresql_connection_is_a_503_then_the_pool_is_fresh(fleet: ThreadServer
-                                                                      ) -> None:
+def test_a_lost_postgresql_connection_is_a_503_then_the_pool_is_fresh(
+        fleet: ThreadServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The store threads' pool, which polls take when the event loop's own connections cannot
+    # answer (their losses: tests/fleet/test_pgloop.py); those are switched off here, else one
+    # opened after the kill below answers the poll at once.
+    monkeypatch.setattr(the_app(fleet).hot_paths, "loop_connections", 0)
     fleet.admin.push_document(DOC.encode())
     machine, client = register(fleet, 1)
     etag = client.config(machine).etag
