@@ -49,6 +49,16 @@ class Hold:
     release: threading.Event = field(default_factory=threading.Event)
 
 
+def without_the_loop(patch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL's event-loop way (fleet/pgloop.py) made unavailable: requests go to the
+    lanes, whose store functions the test holds or breaks."""
+    async def unavailable(*_args: Any, **_kwargs: Any) -> Any:
+        raise pgloop.Unavailable("switched off by the test")
+
+    patch.setattr(hotpath, "unchanged_config_on_loop", unavailable)
+    patch.setattr(hotpath, "report_on_loop", unavailable)
+
+
 @contextmanager
 def held(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[Hold]:
     """The hot paths' store function `name` (serve_configs, store_reports) held. On
@@ -63,13 +73,9 @@ def held(monkeypatch: pytest.MonkeyPatch, name: str) -> Iterator[Hold]:
             raise AssertionError("never released")
         return real(*args, **kwargs)
 
-    async def unavailable(*_args: Any, **_kwargs: Any) -> Any:
-        raise pgloop.Unavailable("held")
-
     with monkeypatch.context() as patch:
         patch.setattr(hotpath, name, holding)
-        patch.setattr(hotpath, "unchanged_config_on_loop", unavailable)
-        patch.setattr(hotpath, "report_on_loop", unavailable)
+        without_the_loop(patch)
         try:
             yield hold
         finally:
@@ -217,6 +223,7 @@ def test_the_store_away_is_a_503_to_retry_on_the_same_connection(
                 patch.setattr(hotpath, "serve_configs" if what == "config" else "store_reports",
                               away)
                 patch.setattr(hotpath, "unchanged_config", away)
+                without_the_loop(patch)
                 connection.send(data)
                 unavailable = connection.answer(method)
             connection.send(data)
