@@ -295,6 +295,74 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_split(pid))
 
 
+def cpu_per_request(host: str, port: int, pid: int, requests: list[bytes], rate: float,
+                    seconds: float) -> tuple[Result, float]:
+    """The load at `rate` and the CPU seconds `pid` (and its children) spent per request."""
+    asyncio.run(run_load(host, port, requests, rate, 2))  # warm-up at this rate
+    before = cpu_seconds(pid)
+    result = asyncio.run(run_load(host, port, requests, rate, seconds))
+    return result, (cpu_seconds(pid) - before) / max(1, result.done)
+
+
+def cpu_by_rate(host: str, port: int, pid: int, mixed: list[bytes],
+                args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Service CPU per request, mixed polls and reports, at each of `--cpu-rates`: at a
+    fleet's rate every request wakes an idle process whose caches went cold meanwhile, which
+    costs more than the work itself on a shared VM; at the rates where the CPU matters for
+    sizing (a larger fleet) the wake-ups are shared."""
+    rows = []
+    for rate in args.cpu_rates:
+        result, cpu = cpu_per_request(host, port, pid, mixed, rate, args.cpu_seconds)
+        kept_up = result.errors == 0 and result.achieved >= 0.95 * rate
+        floor = args.floor.get(rate)
+        rows.append({"rate": rate, "achieved": round(result.achieved),
+                     "cpu_ms_per_request": round(cpu * 1000, 3),
+                     "floor_ms_per_request": None if floor is None else round(floor * 1000, 3),
+                     "p99_ms": round(result.pct(0.99), 1), "kept_up": kept_up})
+        print(f"  mixed at {rate:.0f}/s: achieved {result.achieved:.0f}/s, p99 "
+              f"{result.pct(0.99):.1f} ms, service CPU {cpu * 1000:.3f} ms/request"
+              + ("" if floor is None else f" (floor {floor * 1000:.3f} ms: "
+                 f"{cpu / floor:.1f}x)")
+              + ("" if kept_up else "  <- did not keep up"))
+    return rows
+
+
+def measure_floor(args: argparse.Namespace, work: Path) -> dict[float, float]:
+    """CPU per request of bench/floor_app.py under uvicorn at each of `--cpu-rates`."""
+    import subprocess
+
+    from tests.fleet.servers import free_port, wait_for
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(REPO / "bench"), "floor_app:app",
+         "--host", "127.0.0.1", "--port", str(port), "--http", "httptools", "--loop", "uvloop",
+         "--log-level", "warning", "--no-access-log"],
+        stdout=subprocess.DEVNULL, stderr=(work / "floor.log").open("w"))
+    floor = {}
+    try:
+        wait_for(lambda: _listening(port))
+        request = poll_request(SimMachine("floor", "dbm_floor_x", '"1-x"'), "127.0.0.1")
+        print("\nfloor: an ASGI app that does nothing, under uvicorn (bench/floor_app.py):")
+        for rate in args.cpu_rates:
+            result, cpu = cpu_per_request("127.0.0.1", port, server.pid, [request], rate,
+                                          args.cpu_seconds)
+            floor[rate] = cpu
+            print(f"  at {rate:.0f}/s: achieved {result.achieved:.0f}/s, "
+                  f"{cpu * 1000:.3f} ms of CPU a request")
+    finally:
+        server.terminate()
+        server.wait(10)
+    return floor
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def seeded_store(url: str, count: int) -> tuple[list[SimMachine], str]:
     """A migrated store with `count` machines and a bootstrap token."""
     db = Database(url)
@@ -344,6 +412,7 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, worke
         if fleet.statuses.get(200):
             print("  WARNING: polls answered 200, not 304: the seeded ETags do not match the "
                   "service's, so this measured full renders")
+        by_rate = cpu_by_rate(host, port, server.process.pid, mixed, args)
         best = 0.0
         steps = []
         for rate in RAMP:
@@ -382,7 +451,8 @@ def bench_store(name: str, url: str, args: argparse.Namespace, work: Path, worke
                 "cpu_ms_per_request_kernel": round(kernel_per_request * 1000, 2),
                 "fleet_p50_ms": round(fleet.pct(0.5), 1), "fleet_p99_ms": round(fleet.pct(0.99), 1),
                 "fleet_errors": fleet.errors, "rss_mb": round(fleet_rss),
-                "max_report_rate": best, "steps": steps, "registration": registration}
+                "max_report_rate": best, "steps": steps, "registration": registration,
+                "cpu_by_rate": by_rate}
     finally:
         server.stop()
 
@@ -409,11 +479,19 @@ def main() -> None:
                         help="new machines registered one at a time after the ramp")
     parser.add_argument("--serve-args", default="",
                         help="more arguments for `divingbell serve`, e.g. '--reports-kept 5'")
+    parser.add_argument("--cpu-rates", default="fleet,1000,2000,3333",
+                        help="mixed request rates at which the service's CPU per request is "
+                             "measured ('fleet': the fleet's own; 3333/s is a fleet of "
+                             "100,000 machines; '' to skip)")
+    parser.add_argument("--cpu-seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
     args = parser.parse_args()
+    args.cpu_rates = [2 * args.machines / 60 if rate == "fleet" else float(rate)
+                      for rate in args.cpu_rates.split(",") if rate]
     summary = []
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
         work = Path(tmp)
+        args.floor = measure_floor(args, work) if args.cpu_rates and args.store else {}
         for store in (s for s in args.store.split(",") if s):
             if store == "sqlite":
                 url = f"sqlite:///{work / 'fleet.db'}"
