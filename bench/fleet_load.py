@@ -5,10 +5,13 @@ throwaway PostgreSQL; then report rates stepped up until the service no longer k
     sudo .venv/bin/python bench/fleet_load.py [--machines 10000] [--duration 30]
          [--store sqlite,postgresql] [--step-seconds 10] [--max-rate 3000]
          [--processes 1,2,4] [--registration-fleets 1000,100000]
-         [--registration-stores sqlite,postgresql]
+         [--registration-stores sqlite,postgresql] [--cpu-rates fleet,1000,2000,3333]
 
-Prints, per store: sustained requests/s, p50/p99 latency and the service's RSS at the fleet
-load; then each step of the ramp (it goes on while the service keeps up, achieved >= 95% of
+Prints first what a do-nothing ASGI app under uvicorn costs per request at each of
+`--cpu-rates` (bench/floor_app.py: the floor of any Python HTTP service on this machine that
+day); then, per store: sustained requests/s, p50/p99 latency and the service's RSS at the fleet
+load; its CPU per request at each of `--cpu-rates`, mixed polls and reports, beside the
+floor; then each step of the ramp (it goes on while the service keeps up, achieved >= 95% of
 the target: the most achieved is its throughput) and the highest report rate sustained with
 p99 under 100 ms; then how long a new machine's registration takes in that
 fleet. On PostgreSQL all of that runs once per service process count (`--processes`), against
@@ -516,8 +519,10 @@ def main() -> None:
                         per_count.append(result)
                     print(f"\n[postgresql] {args.machines} machines, by service processes "
                           "(one PostgreSQL, same machine):")
+                    rates = " / ".join(f"{rate:.0f}" for rate in args.cpu_rates)
                     print("  processes | fleet req/s | fleet p50/p99 ms | CPU ms/request | "
-                          "reports/s with p99 <= 100 ms | most reports/s achieved (p99 ms)")
+                          "reports/s with p99 <= 100 ms | most reports/s achieved (p99 ms)"
+                          + (f" | CPU ms/request, mixed at {rates}/s" if rates else ""))
                     for result in per_count:
                         peak = max(result["steps"], key=lambda step: step["achieved"],
                                    default=None)
@@ -525,7 +530,11 @@ def main() -> None:
                               f"{result['fleet_p50_ms']:7.1f} / {result['fleet_p99_ms']:6.1f} | "
                               f"{result['cpu_ms_per_request']:14.2f} | "
                               f"{result['max_report_rate']:28.0f} | "
-                              + (f"{peak['achieved']} ({peak['p99_ms']})" if peak else "-"))
+                              + (f"{peak['achieved']} ({peak['p99_ms']})" if peak else "-")
+                              + "".join(f"{' | ' if i == 0 else ' / '}"
+                                        f"{row['cpu_ms_per_request']:.2f}"
+                                        f"{'' if row['kept_up'] else '*'}"
+                                        for i, row in enumerate(result["cpu_by_rate"])))
                 finally:
                     cluster.stop()
             else:
