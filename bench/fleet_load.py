@@ -324,8 +324,7 @@ def cpu_by_rate(host: str, port: int, pid: int, mixed: list[bytes],
                      "p99_ms": round(result.pct(0.99), 1), "kept_up": kept_up})
         print(f"  mixed at {rate:.0f}/s: achieved {result.achieved:.0f}/s, p99 "
               f"{result.pct(0.99):.1f} ms, service CPU {cpu * 1000:.3f} ms/request"
-              + ("" if floor is None else f" (floor {floor * 1000:.3f} ms: "
-                 f"{cpu / floor:.1f}x)")
+              + (f" (floor {floor * 1000:.3f} ms: {cpu / floor:.1f}x)" if floor else "")
               + ("" if kept_up else "  <- did not keep up"))
     return rows
 
@@ -337,25 +336,38 @@ def measure_floor(args: argparse.Namespace, work: Path) -> dict[float, float]:
     from tests.fleet.servers import free_port, wait_for
 
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(REPO / "bench"), "floor_app:app",
-         "--host", "127.0.0.1", "--port", str(port), "--http", "httptools", "--loop", "uvloop",
-         "--log-level", "warning", "--no-access-log"],
-        stdout=subprocess.DEVNULL, stderr=(work / "floor.log").open("w"))
+    log_path = work / "floor.log"
+    with log_path.open("w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(REPO / "bench"),
+             "floor_app:app", "--host", "127.0.0.1", "--port", str(port), "--http",
+             "httptools", "--loop", "uvloop", "--log-level", "warning", "--no-access-log"],
+            stdout=subprocess.DEVNULL, stderr=log_file)
     floor = {}
     try:
-        wait_for(lambda: _listening(port))
-        request = poll_request(SimMachine("floor", "dbm_floor_x", '"1-x"'), "127.0.0.1")
-        print("\nfloor: an ASGI app that does nothing, under uvicorn (bench/floor_app.py):")
+        try:
+            wait_for(lambda: _listening(port))
+        except Exception:
+            print(f"the floor app did not start:\n{log_path.read_text()}", file=sys.stderr)
+            raise
+        # The same mix as the service's: a poll, then a report with its body.
+        stand_in = SimMachine("floor", "dbm_floor_x", '"1-x"')
+        requests = [poll_request(stand_in, "127.0.0.1"), report_request(stand_in, "127.0.0.1")]
+        print("\nfloor: an ASGI app that does nothing, under uvicorn (bench/floor_app.py), "
+              "mixed polls and reports:")
         for rate in args.cpu_rates:
-            result, cpu = cpu_per_request("127.0.0.1", port, server.pid, [request], rate,
+            result, cpu = cpu_per_request("127.0.0.1", port, server.pid, requests, rate,
                                           args.cpu_seconds)
             floor[rate] = cpu
             print(f"  at {rate:.0f}/s: achieved {result.achieved:.0f}/s, "
                   f"{cpu * 1000:.3f} ms of CPU a request")
     finally:
         server.terminate()
-        server.wait(10)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     return floor
 
 

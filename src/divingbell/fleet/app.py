@@ -65,8 +65,8 @@ class RequestTally(Collector):
     """Requests counted and timed in plain Python, turned into the two request families at
     scrape time: `divingbell_fleet_requests_total{method,route,status}` and the histogram
     `divingbell_fleet_request_duration_seconds{route}`. prometheus_client's Counter and
-    Histogram take a lock and walk their buckets on every request: at the fleet's rate,
-    about a sixth of a 304's CPU (bench/fleet_load.py). Every request is counted on the
+    Histogram take a lock and walk their buckets on every request: about 45 us of a 304's
+    CPU when each request comes alone (docs/performance.md). Every request is counted on the
     event loop's thread (the request log middleware and the hot paths run there); a scrape
     from a worker thread reads copies."""
 
@@ -88,13 +88,13 @@ class RequestTally(Collector):
     def collect(self) -> Any:
         requests = CounterMetricFamily("divingbell_fleet_requests", "HTTP requests served",
                                        labels=["method", "route", "status"])
-        for (method, route, status), count in list(self.counts.items()):
+        for (method, route, status), count in self.counts.copy().items():
             requests.add_metric([method, route, str(status)], count)
         yield requests
         latency = HistogramMetricFamily("divingbell_fleet_request_duration_seconds",
                                         "Time to answer a request", labels=["route"])
         bounds = [repr(float(bound)) for bound in self.buckets] + ["+Inf"]
-        for route, timing in list(self.timings.items()):
+        for route, timing in self.timings.copy().items():
             copy = list(timing)
             latency.add_metric([route], list(zip(bounds, accumulate(copy[1:]), strict=True)),
                                sum_value=copy[0])
