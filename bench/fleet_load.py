@@ -333,7 +333,7 @@ def measure_floor(args: argparse.Namespace, work: Path) -> dict[float, float]:
     """CPU per request of bench/floor_app.py under uvicorn at each of `--cpu-rates`."""
     import subprocess
 
-    from tests.fleet.servers import free_port, wait_for
+    from tests.fleet.servers import free_port, stop_processes, wait_for
 
     port = free_port()
     log_path = work / "floor.log"
@@ -342,7 +342,7 @@ def measure_floor(args: argparse.Namespace, work: Path) -> dict[float, float]:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(REPO / "bench"),
              "floor_app:app", "--host", "127.0.0.1", "--port", str(port), "--http",
              "httptools", "--loop", "uvloop", "--log-level", "warning", "--no-access-log"],
-            stdout=subprocess.DEVNULL, stderr=log_file)
+            stdout=subprocess.DEVNULL, stderr=log_file, text=True, start_new_session=True)
     floor = {}
     try:
         try:
@@ -362,12 +362,7 @@ def measure_floor(args: argparse.Namespace, work: Path) -> dict[float, float]:
             print(f"  at {rate:.0f}/s: achieved {result.achieved:.0f}/s, "
                   f"{cpu * 1000:.3f} ms of CPU a request")
     finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_processes([server], grace=10)
     return floor
 
 
