@@ -178,6 +178,7 @@ def test_the_static_pods_bring_up_a_control_plane_that_signs_csrs(
         commands[component] = [str(binaries / container["command"][0]),
                                *(mapped(arg, root) for arg in container["command"][1:])]
     restarts = dict.fromkeys(commands, 0)
+    restart_after: dict[str, float] = {}
 
     def run(component: str) -> None:
         """Start (or, as the kubelet does for a static pod, restart) a component."""
@@ -188,13 +189,20 @@ def test_the_static_pods_bring_up_a_control_plane_that_signs_csrs(
 
     def keep_running() -> None:
         # The controller-manager exits when it starts before the apiserver has made RBAC's
-        # bootstrap roles; the kubelet restarts a static pod's container, and so does this.
-        for name, process in processes.items():
-            if process.poll() is not None:
+        # bootstrap roles; the kubelet restarts a static pod's container, and so does this,
+        # after a back-off doubling from 0.5 s as the kubelet's does (restarted at once, five
+        # exits came within a second, before the roles existed: a CI failure).
+        for name, process in list(processes.items()):
+            if process.poll() is None:
+                continue
+            if name not in restart_after:
                 restarts[name] += 1
                 assert restarts[name] <= 5, (
                     f"{name} exited ({process.returncode}) {restarts[name]} times:\n"
                     + (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:])
+                restart_after[name] = time.monotonic() + 0.5 * 2 ** (restarts[name] - 1)
+            elif time.monotonic() >= restart_after[name]:
+                del restart_after[name]
                 run(name)
 
     began = time.monotonic()
